@@ -1,0 +1,36 @@
+"""``csa::consistent_attention``: the Triton forward as a typed torch.library custom op.
+
+The fake implementation lets torch.compile(fullgraph=True) trace calls without a graph break. Only CUDA
+tensors (or CPU tensors under TRITON_INTERPRET=1, in eager mode) reach it; see ``api.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+@torch.library.custom_op("csa::consistent_attention", mutates_args=())
+def consistent_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ref_idx: torch.Tensor,
+    groups: int,
+    window: Optional[int],  # noqa: UP045 - torch.library's schema inference wants typing.Optional
+    bank_k: Optional[torch.Tensor],  # noqa: UP045
+    bank_v: Optional[torch.Tensor],  # noqa: UP045
+    scale: float,
+) -> torch.Tensor:
+    # Imported here: Triton reads TRITON_INTERPRET when the kernel module is first imported.
+    from .triton_kernel import triton_consistent_attention
+
+    return triton_consistent_attention(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale)
+
+
+@consistent_attention_op.register_fake
+def _(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale):
+    from .triton_kernel import new_output
+
+    return new_output(q)

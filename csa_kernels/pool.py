@@ -1,0 +1,30 @@
+"""The reference pool: every frame's sampled K/V rows, gathered once per call.
+
+Because K/V are per-token projections, a sampled token's key is just a row of its frame's K. Gathering
+those rows once into a small contiguous pool lets each frame attend to [own K/V] plus a contiguous slice
+of the pool, without per-frame concatenation, masks or re-projection.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gather_reference_pool(x: torch.Tensor, ref_idx: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, D) keys or values → (B, S, H, D) contiguous pool.
+
+    Frame j's sampled token s sits at row j·S + s of the (B·S, H, D) view, so the pool tokens of a run
+    of consecutive frames form one contiguous block of rows.
+    """
+    num_frames = x.shape[0]
+    frames = torch.arange(num_frames, device=x.device)[:, None]
+    return x.transpose(1, 2)[frames, ref_idx]  # advanced indexing → fresh contiguous (B, S, H, D)
+
+
+def visible_frame_range(frame: int, num_frames: int, groups: int, window: int | None) -> tuple[int, int]:
+    """[lo, hi): the frames whose pool tokens ``frame`` may see are lo..hi-1 except ``frame`` itself."""
+    per_group = num_frames // groups
+    start = (frame // per_group) * per_group
+    if window is None:
+        return start, start + per_group
+    return max(start, frame - window), min(start + per_group, frame + window + 1)

@@ -1,0 +1,82 @@
+"""Plain PyTorch ground truth for consistent attention.
+
+Everything else (the Triton kernel, the memory-efficient torch path, benchmarks, the diffusers
+processors' tests) is checked against :func:`consistent_attention_reference`. It builds, for every
+frame, the explicit concatenation of its own keys, the sampled keys of the frames it may see and the
+bank, then does one softmax over that set. It is slow and memory hungry on purpose: it is obviously
+right.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def visible_frames(frame: int, num_frames: int, groups: int, window: int | None) -> list[int]:
+    """Frames whose reference tokens ``frame`` attends to (never ``frame`` itself).
+
+    ``num_frames`` splits into ``groups`` contiguous groups; a frame sees only frames of its own group,
+    and with a ``window`` only those at story distance ``1 <= |i - j| <= window``.
+    """
+    per_group = num_frames // groups
+    start = (frame // per_group) * per_group
+    return [
+        j
+        for j in range(start, start + per_group)
+        if j != frame and (window is None or abs(j - frame) <= window)
+    ]
+
+
+def attended_keys(
+    num_frames: int,
+    num_tokens: int,
+    num_refs: int,
+    *,
+    groups: int = 1,
+    window: int | None = None,
+    bank_tokens: int = 0,
+) -> int:
+    """Total number of keys attended, summed over frames (for FLOP counts: 4·H·N·D per key)."""
+    return sum(
+        num_tokens + num_refs * len(visible_frames(i, num_frames, groups, window)) + bank_tokens
+        for i in range(num_frames)
+    )
+
+
+def consistent_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ref_idx: torch.Tensor,
+    *,
+    groups: int = 1,
+    window: int | None = None,
+    bank_k: torch.Tensor | None = None,
+    bank_v: torch.Tensor | None = None,
+    scale: float | None = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Consistent attention by explicit per-frame concatenation (see ``consistent_attention``).
+
+    With ``upcast=True`` (the default) all math is fp32; ``upcast=False`` does the same math in the
+    inputs' dtype, which measures PyTorch's own low-precision error for test tolerances.
+    Returns (B, H, N, D) in the dtype of ``q``.
+    """
+    num_frames, _, _, head_dim = q.shape
+    scale = head_dim**-0.5 if scale is None else scale
+    cast = (lambda t: t.float()) if upcast else (lambda t: t)
+    qc, kc, vc = cast(q), cast(k), cast(v)
+    per_group = num_frames // groups
+    outs = []
+    for i in range(num_frames):
+        keys, values = [kc[i]], [vc[i]]
+        for j in visible_frames(i, num_frames, groups, window):
+            keys.append(kc[j][:, ref_idx[j]])
+            values.append(vc[j][:, ref_idx[j]])
+        if bank_k is not None:
+            keys.append(cast(bank_k[i // per_group]))
+            values.append(cast(bank_v[i // per_group]))
+        key, value = torch.cat(keys, dim=1), torch.cat(values, dim=1)  # [H, L, D]
+        logits = (qc[i] @ key.transpose(-1, -2)) * scale
+        outs.append(logits.softmax(dim=-1) @ value)
+    return torch.stack(outs).to(q.dtype)

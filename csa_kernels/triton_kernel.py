@@ -1,0 +1,337 @@
+"""Fused Triton forward for consistent attention.
+
+One program computes a BLOCK_M tile of queries of one (frame, head). It runs an online softmax
+(FlashAttention-2 style, exp2 domain, fp32 statistics) over up to four contiguous key ranges:
+
+  1. the frame's own N keys,
+  2. pool rows of the visible frames before it,   } the reference pool (pool.py): (B·S, H, D),
+  3. pool rows of the visible frames after it,    } frame j's tokens at rows j·S .. j·S + S - 1
+  4. its group's M bank tokens.
+
+Nothing is concatenated or masked per frame: each range is walked in full BLOCK_N tiles plus at most
+one masked tail tile. Importing this module reads TRITON_INTERPRET (Triton decides at decoration time
+whether kernels are compiled or interpreted on the CPU).
+
+Reads top to bottom: tile step → range walk → kernel → autotune configs → launcher.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from .pool import gather_reference_pool
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attn_tile(
+    acc,
+    l_i,
+    m_i,
+    b_q,
+    p_k,
+    p_v,
+    stride_kn,
+    stride_vn,
+    n0,
+    end,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_N: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    o_n = n0 + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, HEAD_DIM_P)
+    m_k = o_d[:, None] < HEAD_DIM
+    m_v = o_d[None, :] < HEAD_DIM
+    if MASK_N:
+        m_k = m_k & (o_n[None, :] < end)
+        m_v = m_v & (o_n[:, None] < end)
+    # [HEAD_DIM_P, BLOCK_N]: K loaded transposed so the dot needs no permute
+    b_kt = tl.load(p_k + o_n[None, :] * stride_kn + o_d[:, None], mask=m_k, other=0.0)
+    if DOT_F32:
+        b_kt = b_kt.to(tl.float32)
+    # [BLOCK_M, BLOCK_N]
+    b_s = tl.dot(b_q, b_kt, input_precision=INPUT_PRECISION)
+    if MASK_N:
+        b_s = tl.where(o_n[None, :] < end, b_s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        b_s = b_s - m_new[:, None]
+    else:
+        m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
+        b_s = b_s * qk_scale - m_new[:, None]
+    b_p = tl.math.exp2(b_s)
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    # [BLOCK_N, HEAD_DIM_P]
+    b_v = tl.load(p_v + o_n[:, None] * stride_vn + o_d[None, :], mask=m_v, other=0.0)
+    if DOT_F32:
+        b_v = b_v.to(tl.float32)
+    acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_range(
+    acc,
+    l_i,
+    m_i,
+    b_q,
+    p_k,
+    p_v,
+    stride_kn,
+    stride_vn,
+    start,
+    end,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Keys/values rows [start, end): full tiles unmasked, then one masked tail tile if needed."""
+    full_end = start + (end - start) // BLOCK_N * BLOCK_N
+    for n0 in range(start, full_end, BLOCK_N):
+        acc, l_i, m_i = _attn_tile(
+            acc, l_i, m_i, b_q, p_k, p_v, stride_kn, stride_vn, n0, end, qk_scale,
+            HEAD_DIM, HEAD_DIM_P, BLOCK_N, False, DOT_F32, INPUT_PRECISION,
+        )  # fmt: skip
+    if full_end < end:
+        acc, l_i, m_i = _attn_tile(
+            acc, l_i, m_i, b_q, p_k, p_v, stride_kn, stride_vn, full_end, end, qk_scale,
+            HEAD_DIM, HEAD_DIM_P, BLOCK_N, True, DOT_F32, INPUT_PRECISION,
+        )  # fmt: skip
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _consistent_attn_fwd(
+    Q, K, V, PK, PV, BK, BV, Out,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_pn, stride_ph,
+    stride_bg, stride_bh, stride_bm,
+    stride_ob, stride_oh, stride_on,
+    H, N, S, M, frames_per_group, window, qk_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BANK: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_g = i_b // frames_per_group
+    # Visible frames: [lo, hi) of the group, clipped to the window; the frame itself is skipped.
+    g_start = i_g * frames_per_group
+    lo = tl.maximum(i_b - window, g_start)
+    hi = tl.minimum(i_b + window + 1, g_start + frames_per_group)
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, HEAD_DIM_P)
+    m_q = (o_m[:, None] < N) & (o_d[None, :] < HEAD_DIM)
+    # [BLOCK_M, HEAD_DIM_P]
+    b_q = tl.load(
+        Q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qn + o_d[None, :], mask=m_q, other=0.0
+    )
+    if DOT_F32:
+        b_q = b_q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
+
+    # Own tokens first: every query row then has a finite running max before any masked tile.
+    acc, l_i, m_i = _attn_range(
+        acc, l_i, m_i, b_q, K + i_b * stride_kb + i_h * stride_kh, V + i_b * stride_vb + i_h * stride_vh,
+        stride_kn, stride_vn, 0, N, qk_scale, HEAD_DIM, HEAD_DIM_P, BLOCK_N, DOT_F32, INPUT_PRECISION,
+    )  # fmt: skip
+    p_pk = PK + i_h * stride_ph
+    p_pv = PV + i_h * stride_ph
+    acc, l_i, m_i = _attn_range(
+        acc, l_i, m_i, b_q, p_pk, p_pv, stride_pn, stride_pn, lo * S, i_b * S, qk_scale,
+        HEAD_DIM, HEAD_DIM_P, BLOCK_N, DOT_F32, INPUT_PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _attn_range(
+        acc, l_i, m_i, b_q, p_pk, p_pv, stride_pn, stride_pn, (i_b + 1) * S, hi * S, qk_scale,
+        HEAD_DIM, HEAD_DIM_P, BLOCK_N, DOT_F32, INPUT_PRECISION,
+    )  # fmt: skip
+    if HAS_BANK:
+        o_bank = i_g * stride_bg + i_h * stride_bh
+        acc, l_i, m_i = _attn_range(
+            acc, l_i, m_i, b_q, BK + o_bank, BV + o_bank, stride_bm, stride_bm, 0, M, qk_scale,
+            HEAD_DIM, HEAD_DIM_P, BLOCK_N, DOT_F32, INPUT_PRECISION,
+        )  # fmt: skip
+
+    acc = acc / l_i[:, None]
+    p_o = Out + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_on + o_d[None, :]
+    tl.store(p_o, acc.to(Out.dtype.element_ty), mask=m_q)
+
+
+def _autotune_configs() -> list[triton.Config]:
+    """Hopper search space (FA2-style tiles); pruned per head dim so tiles fit in registers."""
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm in (64, 128)
+        for bn in (32, 64, 128)
+        for w in (4, 8)
+        for s in (2, 3, 4)
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    head_dim_p = kwargs["HEAD_DIM_P"]
+    kept = [
+        c
+        for c in configs
+        # Big head dims: the fp32 accumulator and K/V tiles must fit; small tiles with 4 warps spill.
+        if c.kwargs["BLOCK_N"] * head_dim_p <= 128 * 128
+        and c.kwargs["BLOCK_M"] * head_dim_p <= 128 * 128
+        and (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 128 or c.num_warps == 8)
+        and (head_dim_p < 256 or c.num_stages <= 2)
+    ]
+    return kept or configs[:1]
+
+
+_consistent_attn_fwd_tuned = triton.autotune(
+    configs=_autotune_configs(),
+    key=["N", "S", "M", "frames_per_group", "HEAD_DIM", "HAS_BANK"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_consistent_attn_fwd)
+
+# The interpreter runs programs one by one in numpy, paying per tile op: one fixed, fairly large tile
+# keeps CPU tests fast. Tests shrink it to walk many full tiles plus tails on small shapes.
+INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64}
+INTERPRETED = isinstance(_consistent_attn_fwd, InterpretedFunction)
+
+
+def new_output(q: torch.Tensor) -> torch.Tensor:
+    """Output buffer: q's memory layout when its last dim is contiguous (e.g. diffusers' (B, N, H, D)
+    view), else contiguous. Shared with the op's fake implementation so strides always agree."""
+    return torch.empty_like(q) if q.stride(-1) == 1 else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def triton_consistent_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ref_idx: torch.Tensor,
+    groups: int,
+    window: int | None,
+    bank_k: torch.Tensor | None,
+    bank_v: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Launch the fused forward. Inputs are assumed validated (see validation.py)."""
+    if q.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before csa_kernels' Triton "
+            f"kernel is first used to run on the CPU; got tensors on {q.device}"
+        )
+    out = new_output(q)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    num_frames, num_heads, num_tokens, head_dim = q.shape
+    num_refs = ref_idx.shape[1]
+    pool_k = gather_reference_pool(k, ref_idx)  # [B, S, H, D]
+    pool_v = gather_reference_pool(v, ref_idx)
+    has_bank = bank_k is not None and bank_k.shape[2] > 0
+    if has_bank:
+        # The kernel takes one set of bank strides for K and V.
+        if bank_k.stride() != bank_v.stride() or bank_k.stride(-1) != 1:
+            bank_k, bank_v = bank_k.contiguous(), bank_v.contiguous()
+    else:
+        bank_k = bank_v = pool_k  # never read: HAS_BANK=False
+    num_bank = bank_k.shape[2] if has_bank else 0
+    frames_per_group = num_frames // groups
+    head_dim_p = max(16, triton.next_power_of_2(head_dim))
+    dtype = q.dtype
+    # fp32 inputs get true fp32 products (ieee), not TF32, to stay within 2x of PyTorch's fp32 error.
+    # The interpreter's tl.dot is wrong on bf16 operands (DESIGN.md §5): upcast there, loads stay bf16.
+    input_precision = "ieee" if dtype == torch.float32 else "tf32"
+    dot_f32 = INTERPRETED and dtype == torch.bfloat16
+    if dot_f32:
+        input_precision = "ieee"
+
+    def grid(meta):
+        return (triton.cdiv(num_tokens, meta["BLOCK_M"]), num_frames * num_heads)
+
+    kernel = _consistent_attn_fwd if INTERPRETED else _consistent_attn_fwd_tuned
+    extra = dict(INTERPRETER_CONFIG) if INTERPRETED else {}
+    kernel[grid](
+        q, k, v, pool_k, pool_v, bank_k, bank_v, out,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        pool_k.stride(1), pool_k.stride(2),
+        bank_k.stride(0), bank_k.stride(1), bank_k.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        num_heads, num_tokens, num_refs, num_bank, frames_per_group,
+        frames_per_group if window is None else window,
+        scale * LOG2E,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_P=head_dim_p,
+        HAS_BANK=has_bank,
+        DOT_F32=dot_f32,
+        INPUT_PRECISION=input_precision,
+        **extra,
+    )  # fmt: skip
+    return out
+
+
+def compile_for_target(
+    dtype: torch.dtype,
+    head_dim: int,
+    *,
+    block_m: int = 128,
+    block_n: int = 64,
+    num_warps: int = 8,
+    num_stages: int = 3,
+    has_bank: bool = True,
+    arch: int = 90,
+):
+    """Compile the kernel ahead of time for an NVIDIA target (default sm_90, Hopper); needs no GPU.
+
+    Returns Triton's compiled kernel: ``.asm["ptx"]`` / ``.asm["ttgir"]`` show what the GPU would run
+    (e.g. ``wgmma`` instructions on Hopper). Needs the compiled (not interpreted) kernel.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if INTERPRETED:
+        raise RuntimeError("compile_for_target needs TRITON_INTERPRET unset when csa_kernels is imported")
+    pointer = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+    constexprs = {
+        "HEAD_DIM": head_dim,
+        "HEAD_DIM_P": max(16, triton.next_power_of_2(head_dim)),
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "HAS_BANK": has_bank,
+        "DOT_F32": False,
+        "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+    }
+    names = _consistent_attn_fwd.arg_names
+    pointers = {"Q", "K", "V", "PK", "PV", "BK", "BV", "Out"}
+    signature = {
+        name: "constexpr" if name in constexprs else pointer if name in pointers else "i32" for name in names
+    }
+    signature["qk_scale"] = "fp32"
+    source = ASTSource(
+        fn=_consistent_attn_fwd,
+        signature=signature,
+        constexprs={(names.index(name),): value for name, value in constexprs.items()},
+    )
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)

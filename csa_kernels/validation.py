@@ -1,0 +1,111 @@
+"""Argument checks for ``consistent_attention``: clear errors instead of crashes deep in a kernel."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPES = (*TRITON_DTYPES, torch.float64)  # float64: torch path only (gradcheck, gold answers)
+MAX_TRITON_HEAD_DIM = 256
+
+
+def triton_supports(q: torch.Tensor) -> bool:
+    head_dim = q.shape[-1]
+    return q.dtype in TRITON_DTYPES and head_dim <= MAX_TRITON_HEAD_DIM and head_dim % 8 == 0
+
+
+def check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ref_idx: torch.Tensor,
+    groups: int,
+    window: int | None,
+    bank_k: torch.Tensor | None,
+    bank_v: torch.Tensor | None,
+    scale: float | None,
+    backend: str,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the bad argument and what was expected."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("ref_idx", ref_idx)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D (B, H, N, D), got shape {tuple(q.shape)}")
+    num_frames, num_heads, num_tokens, head_dim = q.shape
+    if min(q.shape) < 1:
+        raise ValueError(f"q must have B, H, N, D >= 1, got shape {tuple(q.shape)}")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 (or float64 on the torch path), got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+
+    if ref_idx.dtype != torch.int64:
+        raise TypeError(f"ref_idx must be int64, got {ref_idx.dtype}")
+    if ref_idx.dim() != 2 or ref_idx.shape[0] != num_frames:
+        raise ValueError(f"ref_idx must have shape (B={num_frames}, S), got {tuple(ref_idx.shape)}")
+    if ref_idx.device != q.device:
+        raise ValueError(f"ref_idx must be on the device of q ({q.device}), got {ref_idx.device}")
+    # A range check reads the data (a device sync); torch.compile cannot trace it, so it runs eagerly only.
+    if ref_idx.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(ref_idx.min()), int(ref_idx.max())
+        if lo < 0 or hi >= num_tokens:
+            raise ValueError(
+                f"ref_idx values must be token positions in [0, N={num_tokens}), got range [{lo}, {hi}]"
+            )
+
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    if num_frames % groups:
+        raise ValueError(f"B % groups must be 0: B={num_frames} frames do not split into groups={groups}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None or an int >= 1, got {window!r}")
+
+    if (bank_k is None) != (bank_v is None):
+        raise ValueError("bank_k and bank_v must be given together (or both None)")
+    if bank_k is not None:
+        for name, t in (("bank_k", bank_k), ("bank_v", bank_v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 4 or t.shape[0] != groups or t.shape[1] != num_heads or t.shape[3] != head_dim:
+                raise ValueError(
+                    f"{name} must have shape (groups={groups}, H={num_heads}, M, D={head_dim}), "
+                    f"got {tuple(t.shape)}"
+                )
+            if t.dtype != q.dtype:
+                raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+        if bank_k.shape != bank_v.shape:
+            raise ValueError(
+                f"bank_v must have the shape of bank_k {tuple(bank_k.shape)}, got {tuple(bank_v.shape)}"
+            )
+
+    if scale is not None and (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float))
+        or not math.isfinite(scale)
+        or scale <= 0
+    ):
+        raise ValueError(f"scale must be None or a finite number > 0, got {scale!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_triton_inputs(q: torch.Tensor) -> None:
+    """What backend='triton' adds to ``check_inputs`` (not checked when autograd sends it to torch)."""
+    if q.dtype not in TRITON_DTYPES:
+        raise TypeError(f"backend='triton' supports float16, bfloat16 and float32, got {q.dtype}")
+    if not triton_supports(q):
+        raise ValueError(
+            f"backend='triton' supports head dims D <= {MAX_TRITON_HEAD_DIM} with D % 8 == 0, "
+            f"got D={q.shape[-1]}"
+        )

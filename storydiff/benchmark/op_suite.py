@@ -1,0 +1,144 @@
+"""Op suite: one consistent-attention layer call per provider, at SDXL / SD1.5 / hd128 shapes.
+
+Every provider except the speed-of-light SDPA is first checked against the fp32 reference on the same
+inputs; a provider that disagrees is reported as failed and not timed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from csa_kernels import attended_keys, consistent_attention_reference, sample_reference_indices
+
+from .providers import UNGATED, setup_provider
+from .timing import median_ms, peak_extra_mib
+
+# max |out - reference| allowed per dtype for the correctness gate (outputs are O(1) averages of V)
+GATE_ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+@dataclass(frozen=True)
+class OpCase:
+    name: str
+    frames: int  # story frames; CFG doubles the batch
+    heads: int
+    tokens: int
+    head_dim: int
+    rate: float
+    cfg: bool = True
+
+    @property
+    def batch(self) -> int:
+        return self.frames * (2 if self.cfg else 1)
+
+    @property
+    def groups(self) -> int:
+        return 2 if self.cfg else 1
+
+
+def gpu_cases() -> list[OpCase]:
+    """Real sizes: SDXL levels at 768² and 1024², SD1.5 head dims, an hd128 case."""
+    cases = [
+        OpCase(f"sdxl{res}-1/{level}-f{frames}-r{rate}", frames, heads, (res // level) ** 2, 64, rate)
+        for res in (768, 1024)
+        for level, heads in ((16, 10), (32, 20))
+        for frames in (2, 4, 8)
+        for rate in (0.3, 0.5, 0.7)
+    ]
+    cases += [
+        OpCase("sd15-512-1/8-hd40", 4, 8, 4096, 40, 0.5),
+        OpCase("sd15-512-1/16-hd80", 4, 8, 1024, 80, 0.5),
+        OpCase("sd15-512-1/32-hd160", 4, 8, 256, 160, 0.5),
+        OpCase("hd128-4096", 4, 24, 4096, 128, 0.5),
+    ]
+    return cases
+
+
+def headline_cases() -> list[OpCase]:
+    """Issue targets: SDXL 1024², 1/16 level, 4 frames x CFG, rate 0.5, at hd64 (10 heads) and hd128."""
+    return [
+        OpCase("sdxl1024-1/16-f4-r0.5", 4, 10, 4096, 64, 0.5),
+        OpCase("sdxl1024-1/16-f4-r0.5-hd128", 4, 5, 4096, 128, 0.5),
+    ]
+
+
+def cpu_cases() -> list[OpCase]:
+    """Scaled-down shapes that finish in about a minute on a 2-core CPU."""
+    return [
+        OpCase("tiny-1/32-f4-r0.5", 4, 2, 256, 64, 0.5),
+        OpCase("tiny-1/16-f4-r0.5", 4, 1, 1024, 64, 0.5),
+        OpCase("tiny-1/16-f8-r0.3", 8, 1, 576, 64, 0.3),
+        OpCase("tiny-sd15-hd40", 4, 2, 256, 40, 0.5),
+    ]
+
+
+def make_case_inputs(case: OpCase, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (case.batch, case.heads, case.tokens, case.head_dim)
+    q, k, v = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
+    ref_idx = sample_reference_indices(case.batch, case.tokens, case.rate, generator=gen, device=device)
+    return {"q": q, "k": k, "v": v, "ref_idx": ref_idx, "groups": case.groups}
+
+
+def run_op_suite(
+    cases: list[OpCase],
+    providers: list[str],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    env: dict,
+) -> list[dict]:
+    """One row per (case, provider): median ms, effective TFLOP/s, peak extra MiB, status."""
+    rows = []
+    progress = tqdm(total=len(cases) * len(providers), desc="op suite", unit="run")
+    for case in cases:
+        inputs = make_case_inputs(case, dtype, device)
+        keys = attended_keys(case.batch, case.tokens, inputs["ref_idx"].shape[1], groups=case.groups)
+        flops = 4 * case.heads * case.tokens * case.head_dim * keys
+        expected = None
+        for name in providers:
+            progress.set_postfix_str(f"{case.name} {name}")
+            row = {**asdict(case), "provider": name, "dtype": str(dtype).removeprefix("torch."), **env}
+            row.update(gflop=flops / 1e9, ms=None, tflops=None, peak_extra_mib=None, max_err=None)
+            try:
+                fn = setup_provider(name, inputs)
+                if name not in UNGATED:
+                    if expected is None:
+                        expected = consistent_attention_reference(**inputs).float()
+                    err = (fn().float() - expected).abs().max().item()
+                    row["max_err"] = err
+                    if not err <= GATE_ATOL[dtype]:  # also catches NaN
+                        raise AssertionError(f"disagrees with the reference (max error {err:.3g})")
+                row["ms"] = median_ms(fn, device)
+                row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+                row["peak_extra_mib"] = peak_extra_mib(fn, device)
+                row["status"] = "ok"
+            except NotImplementedError as exc:
+                row["status"] = f"n/a: {exc}"
+            except torch.OutOfMemoryError:
+                row["status"] = "out of memory"
+            except AssertionError as exc:
+                row["status"] = f"failed: {exc}"
+            rows.append(row)
+            progress.update()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        del inputs, expected
+    progress.close()
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """speedup_vs_<provider>: this provider's speed over that provider's, for the same case."""
+    by_case: dict[str, dict[str, float]] = {}
+    for row in rows:
+        if row["ms"]:
+            by_case.setdefault(row["name"], {})[row["provider"]] = row["ms"]
+    for row in rows:
+        for other, ms in by_case.get(row["name"], {}).items():
+            if other != row["provider"] and row["ms"]:
+                row[f"speedup_vs_{other}"] = ms / row["ms"]

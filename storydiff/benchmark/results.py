@@ -1,0 +1,72 @@
+"""Benchmark results as data: JSON + CSV files, a readable table, and plots drawn only from stored rows."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import time
+from pathlib import Path
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def save_rows(rows: list[dict], out_dir: Path, suite: str, device: str) -> tuple[Path, Path]:
+    """Write rows as ``<suite>_<device>_<time>.json`` and ``.csv``; returns both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{suite}_{slug(device)}_{time.strftime('%Y%m%d-%H%M%S')}"
+    json_path, csv_path = stem.with_suffix(".json"), stem.with_suffix(".csv")
+    json_path.write_text(json.dumps(rows, indent=1) + "\n")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return json_path, csv_path
+
+
+def load_rows(path: Path) -> list[dict]:
+    return json.loads(Path(path).read_text())
+
+
+def format_table(rows: list[dict]) -> str:
+    """Case x provider table of median ms and TFLOP/s (status text where a provider did not run)."""
+    header = f"{'case':<28} {'provider':<12} {'ms':>10} {'TFLOP/s':>9} {'peak MiB':>9}  status"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        ms = f"{row['ms']:.3f}" if row["ms"] else "-"
+        tflops = f"{row['tflops']:.3g}" if row["tflops"] else "-"
+        peak = f"{row['peak_extra_mib']:.0f}" if row["peak_extra_mib"] is not None else "-"
+        name, provider = row["name"], row["provider"]
+        lines.append(f"{name:<28} {provider:<12} {ms:>10} {tflops:>9} {peak:>9}  {row['status']}")
+    return "\n".join(lines)
+
+
+def plot_rows(rows: list[dict], path: Path, title: str = "") -> Path:
+    """Grouped bars: effective TFLOP/s per case, one bar per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(row["name"] for row in rows))
+    providers = list(dict.fromkeys(row["provider"] for row in rows))
+    width = 0.8 / max(len(providers), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(cases) + 2), 4.5))
+    for p, provider in enumerate(providers):
+        values = {row["name"]: row["tflops"] or 0.0 for row in rows if row["provider"] == provider}
+        xs = [c + (p - (len(providers) - 1) / 2) * width for c in range(len(cases))]
+        ax.bar(xs, [values.get(case, 0.0) for case in cases], width, label=provider)
+    ax.set_xticks(range(len(cases)), cases, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("effective TFLOP/s (attended keys only)")
+    first = rows[0] if rows else {}
+    ax.set_title(title or f"consistent attention, {first.get('device', '?')} ({first.get('dtype', '?')})")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,50 @@
+"""Real sizes on a CUDA GPU (bf16 tensor-core dots included) and torch.compile with Inductor.
+
+Skipped without CUDA (conftest.py). Run on the GPU machine with `pytest -m gpu`.
+"""
+
+import pytest
+import torch
+from utils import Case, assert_matches_reference, make_inputs
+
+from csa_kernels import consistent_attention
+
+pytestmark = pytest.mark.gpu
+
+REAL_CASES = [
+    Case(8, 10, 4096, 64, 2048, groups=2),  # SDXL 1024², 1/16 level, 4 frames x CFG, rate 0.5
+    Case(8, 20, 1024, 64, 512, groups=2),  # SDXL 1024², 1/32 level
+    Case(8, 20, 988, 64, 692, groups=2, bank=1000),  # SDXL 832x1216, rate 0.7, with an id bank
+    Case(4, 8, 4096, 40, 2048, window=1),  # SD1.5 512², 1/8 level
+    Case(6, 8, 1024, 80, 307, groups=2, window=2),  # SD1.5 1/16 level, rate 0.3
+    Case(4, 8, 256, 160, 128, bank=64),  # SD1.5 1/32 level
+    Case(4, 24, 4096, 128, 2048, groups=2),  # hd128 (FLUX-like width)
+    Case(3, 4, 257, 256, 0),  # largest head dim, no references
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", REAL_CASES, ids=lambda c: c.id)
+def test_real_sizes_match_reference(case, dtype, poisoned_outputs):
+    inputs = make_inputs(case, dtype, device="cuda")
+    out = consistent_attention(**inputs, backend="auto")
+    assert_matches_reference(out, inputs)
+
+
+def test_bit_identical_runs():
+    inputs = make_inputs(REAL_CASES[0], torch.bfloat16, device="cuda")
+    first = consistent_attention(**inputs)
+    assert torch.equal(first, consistent_attention(**inputs))
+
+
+def test_torch_compile_inductor_fullgraph():
+    inputs = make_inputs(Case(8, 10, 1024, 64, 512, groups=2, bank=77), torch.float16, device="cuda")
+
+    def layer(q, k, v, ref_idx, bank_k, bank_v):
+        out = consistent_attention(q, k, v, ref_idx, groups=2, bank_k=bank_k, bank_v=bank_v)
+        return out.transpose(1, 2).flatten(2) * 2.0
+
+    args = [inputs[key] for key in ("q", "k", "v", "ref_idx", "bank_k", "bank_v")]
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(*args), layer(*args), rtol=0, atol=0)

@@ -1,0 +1,140 @@
+"""What consistent attention means, checked independently of the reference's own formulation."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from utils import Case, assert_matches_reference, make_inputs
+
+from csa_kernels import (
+    attended_keys,
+    consistent_attention,
+    consistent_attention_reference,
+    sample_reference_indices,
+)
+from csa_kernels.pool import visible_frame_range
+from csa_kernels.reference import visible_frames
+
+BACKENDS = ["triton", "torch"]
+
+
+def dense_mask_oracle(q, k, v, ref_idx, groups, window, bank_k=None, bank_v=None):
+    """Official-variant-A style: one (B·N) x (B·N + banks) boolean mask over all tokens, fp64."""
+    num_frames, heads, tokens, dim = q.shape
+    per_group = num_frames // groups
+    keys = k.double().transpose(0, 1).reshape(heads, -1, dim)
+    values = v.double().transpose(0, 1).reshape(heads, -1, dim)
+    frame_of = torch.arange(num_frames * tokens) // tokens
+    sampled = torch.zeros(num_frames, tokens, dtype=torch.bool)
+    sampled.scatter_(1, ref_idx, True)
+    i, j = frame_of[:, None], frame_of[None, :]
+    near = (i - j).abs() <= (window if window is not None else num_frames)
+    mask = (i == j) | ((i // per_group == j // per_group) & near & sampled.reshape(-1)[None, :])
+    if bank_k is not None:
+        bank_tokens = bank_k.shape[2]
+        keys = torch.cat([keys, bank_k.double().transpose(0, 1).reshape(heads, -1, dim)], dim=1)
+        values = torch.cat([values, bank_v.double().transpose(0, 1).reshape(heads, -1, dim)], dim=1)
+        bank_group = torch.arange(groups * bank_tokens) // bank_tokens
+        mask = torch.cat([mask, (frame_of[:, None] // per_group) == bank_group[None, :]], dim=1)
+    queries = q.double().transpose(0, 1).reshape(heads, -1, dim)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
+    return out.reshape(heads, num_frames, tokens, dim).transpose(0, 1)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [Case(4, 2, 20, 8, 7), Case(6, 1, 13, 16, 5, groups=2, window=1, bank=3), Case(5, 1, 9, 8, 9, window=2)],
+    ids=lambda c: c.id,
+)
+def test_reference_equals_dense_mask_oracle(case):
+    inputs = make_inputs(case, torch.float64)
+    ours = consistent_attention_reference(**inputs, upcast=False)  # float64 math
+    torch.testing.assert_close(ours, dense_mask_oracle(**inputs), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_references_is_plain_attention(backend):
+    """S = 0, no bank, window None: every frame attends to itself only."""
+    inputs = make_inputs(Case(3, 2, 70, 64, 0), torch.float32)
+    out = consistent_attention(**inputs, backend=backend)
+    plain = F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"])
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=2e-6)
+
+
+def test_visible_frame_range_matches_reference_rule():
+    for frames in range(1, 9):
+        for groups in (g for g in range(1, frames + 1) if frames % g == 0):
+            for window in (None, 1, 2, 3, 10):
+                for i in range(frames):
+                    lo, hi = visible_frame_range(i, frames, groups, window)
+                    assert [j for j in range(lo, hi) if j != i] == visible_frames(i, frames, groups, window)
+
+
+def test_attended_keys_counts():
+    # SDXL 1/16 level, 4 frames x CFG, rate 0.5: 4096 · (1 + 0.5 · 3) = 10240 keys per frame (DESIGN.md §3).
+    assert attended_keys(8, 4096, 2048, groups=2) == 8 * 10240
+    assert attended_keys(4, 10, 3, window=1, bank_tokens=2) == 4 * 12 + 3 * 6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_diffusers_layout_and_output_strides(backend):
+    """Projections come as (B, N, H·D) viewed as (B, H, N, D): non-contiguous inputs must work."""
+    frames, tokens, heads, dim = 4, 37, 2, 40
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(frames, tokens, heads * dim, generator=gen) for _ in range(3))
+    view = lambda x: x.view(frames, tokens, heads, dim).transpose(1, 2)  # noqa: E731
+    idx = sample_reference_indices(frames, tokens, 0.5, generator=gen)
+    inputs = {"q": view(q), "k": view(k), "v": view(v), "ref_idx": idx, "groups": 2}
+    out = consistent_attention(**inputs, backend=backend)
+    assert_matches_reference(out, inputs)
+    expected = consistent_attention_reference(
+        **{key: (t.contiguous() if key in "qkv" else t) for key, t in inputs.items()}
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=2e-6)
+    if backend == "triton":  # written in q's own layout, so diffusers' transpose back is free
+        assert out.stride() == inputs["q"].stride()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits_fp16_stay_finite(backend):
+    inputs = make_inputs(Case(4, 1, 65, 64, 30, groups=2, bank=5), torch.float16, std=6.0)
+    out = consistent_attention(**inputs, backend=backend)
+    assert torch.isfinite(out).all()
+    # logits reach ~ ±36²·8 = 10^4 · 0.125: far outside fp16's exp range without max subtraction
+    assert_matches_reference(out, inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_repeated_runs_bit_identical(backend):
+    inputs = make_inputs(Case(4, 2, 63, 40, 20, groups=2, window=1, bank=3), torch.float16)
+    first = consistent_attention(**inputs, backend=backend)
+    second = consistent_attention(**inputs, backend=backend)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_scale(backend):
+    inputs = make_inputs(Case(3, 1, 30, 16, 10, bank=4), torch.float32)
+    out = consistent_attention(**inputs, scale=0.37, backend=backend)
+    expected = consistent_attention_reference(**inputs, scale=0.37)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=2e-6)
+
+
+def test_autograd_uses_torch_path_and_matches_reference_gradients():
+    inputs = make_inputs(Case(4, 1, 12, 8, 5, groups=2, window=1, bank=3), torch.float64)
+    for key in ("q", "k", "v", "bank_k", "bank_v"):
+        inputs[key].requires_grad_(True)
+    out = consistent_attention(**inputs, backend="triton")  # requires grad: falls back to the torch path
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, [inputs[key] for key in ("q", "k", "v", "bank_k")], grad)
+    expected_out = consistent_attention_reference(**inputs, upcast=False)
+    expected = torch.autograd.grad(expected_out, [inputs[key] for key in ("q", "k", "v", "bank_k")], grad)
+    for a, b in zip(ours, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_flop_count_example():
+    """4·B·H·N·L·D over attended keys, as the benchmarks report it (SDXL 1/16 level, CFG)."""
+    flops = 4 * 10 * 4096 * 64 * attended_keys(8, 4096, 2048, groups=2)
+    assert math.isclose(flops / 1e9, 859.0, rel_tol=1e-3)

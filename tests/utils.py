@@ -1,0 +1,78 @@
+"""Input builders and the tolerance rule shared by the correctness tests.
+
+Tolerance is earned, not picked (STYLE.md): the gold answer is the reference computed in float64;
+PyTorch's own error is the same reference computed in the test dtype; a fused path passes when its error
+is at most twice PyTorch's own plus a few ulps of slack (summation order differs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from csa_kernels import consistent_attention_reference, sample_reference_indices
+
+ATOL = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+@dataclass(frozen=True)
+class Case:
+    frames: int
+    heads: int
+    tokens: int
+    head_dim: int
+    refs: int  # S, sampled tokens per frame
+    groups: int = 1
+    window: int | None = None
+    bank: int | None = None  # M bank tokens per group, None for no bank
+
+    @property
+    def id(self) -> str:
+        return (
+            f"B{self.frames}-H{self.heads}-N{self.tokens}-D{self.head_dim}-S{self.refs}"
+            f"-g{self.groups}-w{self.window}-M{self.bank}"
+        )
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device="cpu", seed: int = 0, std: float = 1.0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (case.frames, case.heads, case.tokens, case.head_dim)
+
+    def randn(*s):
+        return (torch.randn(*s, generator=gen) * std).to(device=device, dtype=dtype)
+
+    inputs = {
+        "q": randn(*shape),
+        "k": randn(*shape),
+        "v": randn(*shape),
+        "ref_idx": sample_reference_indices(
+            case.frames, case.tokens, case.refs / case.tokens, generator=gen, device=device
+        ),
+        "groups": case.groups,
+        "window": case.window,
+    }
+    assert inputs["ref_idx"].shape == (case.frames, case.refs)
+    if case.bank is not None:
+        bank_shape = (case.groups, case.heads, case.bank, case.head_dim)
+        inputs["bank_k"], inputs["bank_v"] = randn(*bank_shape), randn(*bank_shape)
+    return inputs
+
+
+def as_float64(inputs: dict) -> dict:
+    return {
+        key: val.double() if isinstance(val, torch.Tensor) and val.is_floating_point() else val
+        for key, val in inputs.items()
+    }
+
+
+def assert_matches_reference(out: torch.Tensor, inputs: dict) -> None:
+    """out must be finite, q-shaped and q-typed, and within 2x PyTorch's own error of the fp64 gold."""
+    q = inputs["q"]
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all(), "non-finite (or never written) outputs"
+    gold = consistent_attention_reference(**as_float64(inputs), upcast=False)
+    ours = consistent_attention_reference(**inputs, upcast=False)
+    err = (out.double() - gold).abs().max().item()
+    pt_err = (ours.double() - gold).abs().max().item()
+    assert err <= 2 * pt_err + ATOL[q.dtype], f"max error {err:.3g} > 2 x PyTorch's {pt_err:.3g} + atol"
