@@ -182,7 +182,7 @@ def _consistent_attn_fwd(
 
 
 def _autotune_configs() -> list[triton.Config]:
-    """Hopper search space (FA2-style tiles); pruned per head dim so tiles fit in registers."""
+    """Hopper search space (FA2-style tiles); pruned per head dim and dtype (_prune_configs)."""
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm in (64, 128)
@@ -194,16 +194,23 @@ def _autotune_configs() -> list[triton.Config]:
 
 def _prune_configs(configs, named_args, **kwargs):
     head_dim_p = kwargs["HEAD_DIM_P"]
-    kept = [
-        c
-        for c in configs
-        # Big head dims: the fp32 accumulator and K/V tiles must fit; small tiles with 4 warps spill.
-        if c.kwargs["BLOCK_N"] * head_dim_p <= 128 * 128
-        and c.kwargs["BLOCK_M"] * head_dim_p <= 128 * 128
-        and (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 128 or c.num_warps == 8)
-        and (head_dim_p < 256 or c.num_stages <= 2)
-    ]
-    return kept or configs[:1]
+    q = named_args.get("Q")
+    elem = q.element_size() if hasattr(q, "element_size") else 2
+    kept = []
+    for c in configs:
+        block_m, block_n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        # shared memory: Q tile + num_stages K and V tiles must fit Hopper's 227 KB per block
+        smem = elem * head_dim_p * (block_m + 2 * block_n * c.num_stages)
+        fits = (
+            smem <= 200 * 1024
+            # register budget: the fp32 accumulator and the score tile per thread stay spill-free
+            and block_m * head_dim_p * max(elem, 2) <= 128 * 128 * 2
+            and block_n * head_dim_p * elem <= 128 * 128 * 2
+            and (block_m * block_n < 128 * 128 or c.num_warps == 8)
+        )
+        if fits:
+            kept.append(c)
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
 
 
 _consistent_attn_fwd_tuned = triton.autotune(
