@@ -1,0 +1,78 @@
+"""The output folder of a story run: frames as they finish, comic pages, metadata.
+
+Every file is written under a temporary name and renamed into place, so a killed run never leaves a
+truncated file under a final name. ``metadata.json`` says ``"status": "running"`` from the start and only
+says ``"complete"`` once everything else is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from PIL import Image
+
+METADATA = "metadata.json"
+
+
+def _atomic_write(path: Path, write) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: Path, data: dict) -> Path:
+    return _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
+
+
+def save_image(image: Image.Image, path: Path) -> Path:
+    return _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+class StoryOutput:
+    """Layout: ``frames/frame_000.png``, ``pages/page_000.png``, ``banks/<name>.safetensors``, metadata."""
+
+    def __init__(self, root: str | os.PathLike, *, overwrite: bool = False) -> None:
+        self.root = Path(root)
+        meta = self.root / METADATA
+        if meta.exists() and not overwrite:
+            status = json.loads(meta.read_text()).get("status", "?") if meta.stat().st_size else "?"
+            raise FileExistsError(
+                f"{self.root} already holds a story run (status {status!r}); choose a new folder or overwrite"
+            )
+        self.frames_dir, self.pages_dir, self.banks_dir = (
+            self.root / d for d in ("frames", "pages", "banks")
+        )
+        self.metadata: dict = {}
+
+    def start(self, metadata: dict) -> None:
+        self.frames_dir.mkdir(parents=True, exist_ok=True)
+        for stale in [*self.frames_dir.glob("frame_*.png"), *self.pages_dir.glob("page_*.png")]:
+            stale.unlink()  # an overwritten run must not keep frames of the previous story
+        self.metadata = {**metadata, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_json(self.root / METADATA, self.metadata)
+
+    def frame_path(self, index: int) -> Path:
+        return self.frames_dir / f"frame_{index:03d}.png"
+
+    def save_frame(self, index: int, image: Image.Image) -> Path:
+        return save_image(image, self.frame_path(index))
+
+    def save_pages(self, pages: list[Image.Image]) -> list[Path]:
+        self.pages_dir.mkdir(parents=True, exist_ok=True)
+        return [save_image(page, self.pages_dir / f"page_{i:03d}.png") for i, page in enumerate(pages)]
+
+    def bank_path(self, character: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in character)
+        return self.banks_dir / f"{safe}.safetensors"
+
+    def finish(self, **extra) -> None:
+        self.metadata.update(extra, status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_json(self.root / METADATA, self.metadata)
+
+    def fail(self, error: BaseException) -> None:
+        self.metadata.update(status="failed", error=f"{type(error).__name__}: {error}")
+        write_json(self.root / METADATA, self.metadata)

@@ -1,0 +1,259 @@
+"""Story files: characters, one frame per line, captions — the official StoryDiffusion UI syntax.
+
+A story file looks like this::
+
+    // characters first, then a line with three dashes, then one frame per line
+    [Bob] a man, wearing a black suit
+    [Alice] a woman with red hair, in a green coat
+    ---
+    [Bob] wakes up in a small flat #Monday.
+    [Bob] walks in the park
+    [NC] an empty bench under a tree, autumn leaves #Nobody came.
+    [Bob] and [Alice] have dinner by candlelight #At last.
+
+``[Name]`` tags a character (its description is pasted into the prompt in place of the tag), ``[NC]``
+marks a frame without any character, and text after the last ``#`` is the panel caption. Unlike the
+official UI we allow any number of characters; identity frames (the frames that fill the id bank) are
+chosen per character among the frames where it appears alone, so that the bank holds one identity only.
+
+Every error is a ``ValueError`` that names the 1-based line and what was expected there, because story
+files are written by hand and "invalid story" alone would leave the user guessing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+#: The tag that marks a frame without characters (official syntax). Reserved: no character may use it.
+NO_CHARACTER = "NC"
+
+#: Separates the character block from the frames in a single story text.
+SEPARATOR = "---"
+
+# Any bracketed run without nested brackets is a tag. We do not try to guess which brackets are "meant" as
+# tags: a typo such as ``[bob]`` must fail loudly rather than reach the prompt verbatim.
+_TAG = re.compile(r"\[([^\[\]]*)\]")
+# Letters (any script), digits, spaces, '_' and '-'; no leading/trailing space so that `[ Bob]` and `[Bob]`
+# cannot silently name two different characters.
+_NAME = re.compile(r"[\w\- ]{1,40}")
+_WORD_CHAR = re.compile(r"\w")
+
+
+@dataclass(frozen=True)
+class Character:
+    """A character: its tag name and the description that replaces the tag in prompts."""
+
+    name: str
+    description: str
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame of the story.
+
+    ``text`` is the prompt body as written (tags still in place, caption removed, stripped);
+    ``characters`` the tagged names in order of first appearance (empty for ``[NC]`` / untagged frames);
+    ``line`` the 1-based line in the source text, kept so that later stages can point the user at it.
+    """
+
+    index: int
+    text: str
+    characters: tuple[str, ...]
+    caption: str | None
+    line: int
+
+
+@dataclass(frozen=True)
+class Story:
+    """A parsed story: characters in definition order and the frames in story order."""
+
+    characters: dict[str, Character]
+    frames: tuple[Frame, ...]
+
+    def prompt(self, frame: Frame) -> str:
+        """The frame's prompt: ``[Name]`` tags replaced by descriptions, ``[NC]`` dropped, spaces tidied."""
+
+        def substitute(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name == NO_CHARACTER:
+                return " "
+            # A space only where the tag touches a word ("[Bob]walks"), so "[A], [B]" stays "alpha, beta".
+            text, start, end = match.string, match.start(), match.end()
+            before = " " if start > 0 and _WORD_CHAR.match(text[start - 1]) else ""
+            after = " " if end < len(text) and _WORD_CHAR.match(text[end]) else ""
+            return f"{before}{self.characters[name].description}{after}"
+
+        return " ".join(_TAG.sub(substitute, frame.text).split())
+
+    def prompts(self) -> list[str]:
+        """All frame prompts in story order."""
+        return [self.prompt(frame) for frame in self.frames]
+
+    def captions(self) -> list[str | None]:
+        """All frame captions in story order (None where a frame has none)."""
+        return [frame.caption for frame in self.frames]
+
+    def frames_of(self, name: str) -> list[int]:
+        """Indices of the frames in which character ``name`` appears (alone or not)."""
+        if name not in self.characters:
+            raise ValueError(f"undefined character {name!r} (defined: {_names(self.characters)})")
+        return [frame.index for frame in self.frames if name in frame.characters]
+
+    def identity_frames(self, count: int, names: Iterable[str] | None = None) -> dict[str, list[int]]:
+        """For each character that appears in the story, the indices of its first ``count`` solo frames.
+
+        Identity frames seed the id bank, so a frame showing two characters would mix their identities;
+        hence only frames where the character is the *only* one qualify. Characters that are defined but
+        never used are left out: there is nothing to keep consistent for them. Keys follow definition order.
+        ``names`` restricts the result (and the check) to those characters, e.g. the ones with no stored bank.
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"id_frames must be an integer >= 1, got {count!r}")
+        result: dict[str, list[int]] = {}
+        wanted = set(self.characters if names is None else names)
+        for name in self.characters:
+            if name not in wanted or not any(name in frame.characters for frame in self.frames):
+                continue
+            solo = [frame.index for frame in self.frames if frame.characters == (name,)]
+            if len(solo) < count:
+                raise ValueError(
+                    f"character {name!r} appears alone in only {len(solo)} frame(s), but {count} identity "
+                    f"frames are needed (id_frames={count})"
+                )
+            result[name] = solo[:count]
+        return result
+
+
+def _names(characters: dict[str, Character]) -> str:
+    return ", ".join(repr(name) for name in characters) if characters else "none"
+
+
+def _content_lines(text: str) -> list[tuple[int, str]]:
+    """(1-based line number, stripped line) for every line that is neither blank nor a ``//`` comment."""
+    lines = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if line and not line.startswith("//"):
+            lines.append((number, line))
+    return lines
+
+
+def _check_name(name: str, where: str) -> None:
+    if not _NAME.fullmatch(name) or name != name.strip():
+        raise ValueError(
+            f"{where}: invalid character name {name!r}; expected 1-40 letters, digits, spaces, '_' or '-' "
+            "(no leading or trailing space)"
+        )
+    # Case-insensitive so that a definition like `[nc]` cannot be confused with the no-character tag.
+    if name.upper() == NO_CHARACTER:
+        raise ValueError(
+            f"{where}: the name {name!r} is reserved ([{NO_CHARACTER}] marks a frame without characters)"
+        )
+
+
+def _parse_characters(lines: list[tuple[int, str]], label: str) -> dict[str, Character]:
+    characters: dict[str, Character] = {}
+    for number, line in lines:
+        where = f"{label} {number}"
+        match = _TAG.match(line)
+        if match is None:
+            raise ValueError(f"{where}: expected a character definition '[Name] description', got {line!r}")
+        name = match.group(1)
+        _check_name(name, where)
+        description = line[match.end() :].strip()
+        if not description:
+            raise ValueError(
+                f"{where}: character {name!r} has an empty description; expected '[{name}] description'"
+            )
+        if name in characters:
+            raise ValueError(f"{where}: character {name!r} is defined twice")
+        characters[name] = Character(name, description)
+    return characters
+
+
+def _parse_frame(index: int, number: int, line: str, characters: dict[str, Character], hint: str) -> Frame:
+    where = f"line {number}"
+    body, hash_mark, caption_text = line.rpartition("#")
+    if not hash_mark:  # no '#': rpartition puts the whole line last
+        body, caption_text = line, ""
+    caption = caption_text.strip() or None
+    body = body.strip()
+
+    names: list[str] = []
+    no_character = False
+    for match in _TAG.finditer(body):
+        name = match.group(1)
+        if name == NO_CHARACTER:
+            no_character = True
+            continue
+        if name not in characters:
+            raise ValueError(f"{where}: undefined character [{name}] (defined: {_names(characters)}){hint}")
+        if name not in names:
+            names.append(name)
+    if no_character and names:
+        raise ValueError(
+            f"{where}: [{NO_CHARACTER}] marks a frame without characters and cannot be combined with "
+            f"{', '.join(f'[{n}]' for n in names)}"
+        )
+    if not names and not _TAG.sub(" ", body).strip():
+        raise ValueError(f"{where}: frame has no prompt text (only tags and/or a caption)")
+    return Frame(index=index, text=body, characters=tuple(names), caption=caption, line=number)
+
+
+def parse_story(text: str, characters: str | None = None) -> Story:
+    """Parse a story text (format in the module docstring).
+
+    With ``characters`` given, that string is the character block and ``text`` holds only frames (a ``---``
+    line in ``text`` is then an error). Without it, the character block is whatever precedes the first
+    ``---`` line; a text without ``---`` is all frames and may then only use ``[NC]`` or untagged frames.
+    Line numbers in errors refer to ``text`` ("line N") or to ``characters`` ("characters line N").
+    """
+    lines = _content_lines(text)
+    separators = [i for i, (_, line) in enumerate(lines) if line == SEPARATOR]
+    if characters is not None:
+        if separators:
+            number = lines[separators[0]][0]
+            raise ValueError(
+                f"line {number}: unexpected '{SEPARATOR}': characters were given separately, so the story "
+                "text must hold only frames"
+            )
+        defined = _parse_characters(_content_lines(characters), "characters line")
+        frame_lines = lines
+    elif separators:
+        if len(separators) > 1:
+            number = lines[separators[1]][0]
+            raise ValueError(f"line {number}: unexpected second '{SEPARATOR}'; expected one frame per line")
+        defined = _parse_characters(lines[: separators[0]], "line")
+        frame_lines = lines[separators[0] + 1 :]
+    else:
+        defined = {}
+        frame_lines = lines
+
+    # Forgetting the separator is the likeliest reason for an undefined name in a file without characters.
+    hint = (
+        f"; character definitions go before a '{SEPARATOR}' line"
+        if not defined and characters is None
+        else ""
+    )
+    frames = tuple(
+        _parse_frame(index, number, line, defined, hint) for index, (number, line) in enumerate(frame_lines)
+    )
+    if not frames:
+        raise ValueError("empty story: expected at least one frame line (after the '---' line, if any)")
+    return Story(characters=defined, frames=frames)
+
+
+def load_story(path: str | os.PathLike[str], characters: str | None = None) -> Story:
+    """Read a UTF-8 story file and parse it; parse errors are prefixed with the file's path."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"story file not found: {os.fspath(path)}") from None
+    try:
+        return parse_story(text, characters)
+    except ValueError as error:
+        raise ValueError(f"{os.fspath(path)}: {error}") from error
