@@ -1,0 +1,101 @@
+"""`storydiff generate` end to end on the tiny offline models."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from storydiff.cli import main
+
+STORY = """\
+[Bob] a man with red hair, wearing a black suit
+[Alice] a woman in a yellow dress
+---
+[Bob] walks in the park #Bob takes a walk
+[Alice] waters the flowers #Alice at home
+[Bob] reads a newspaper
+[Alice] rides a bicycle
+[Bob] and [Alice] have dinner #Dinner
+[NC] a quiet street at night #Night falls
+"""
+
+
+def generate(tmp_path, out, *extra, story=STORY):
+    story_file = tmp_path / "story.txt"
+    story_file.write_text(story)
+    return main(
+        ["generate", "--story", str(story_file), "--out", str(tmp_path / out), "--steps", "2", *extra]
+    )
+
+
+def frames(folder):
+    return [np.asarray(Image.open(p)) for p in sorted((folder / "frames").glob("frame_*.png"))]
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-sd15"])
+@pytest.mark.parametrize("guidance", ["5.0", "1.0"], ids=["cfg-on", "cfg-off"])
+def test_generate_writes_frames_pages_metadata(tmp_path, model, guidance, capsys):
+    assert generate(tmp_path, "a", "--model", model, "--guidance", guidance, "--layout", "classic") == 0
+    assert generate(tmp_path, "b", "--model", model, "--guidance", guidance, "--layout", "classic") == 0
+    out = tmp_path / "a"
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["status"] == "complete" and meta["model"] == model
+    assert meta["captions"] == ["Bob takes a walk", "Alice at home", None, None, "Dinner", "Night falls"]
+    assert meta["settings"]["guidance_scale"] == float(guidance) and meta["consistency"]["rate"] == 0.5
+    assert meta["bank_bytes"]["Bob"] > 0 and meta["versions"]["diffusers"]
+    assert len(frames(out)) == 6 and list((out / "pages").glob("page_*.png"))
+    for first, second in zip(frames(out), frames(tmp_path / "b"), strict=True):
+        assert np.array_equal(first, second)  # same seed, same images
+    assert "identity bank of 'Bob'" in capsys.readouterr().out
+
+
+def test_generate_saves_and_loads_banks(tmp_path):
+    assert generate(tmp_path, "a", "--model", "tiny-sd15", "--save-banks") == 0
+    bob = tmp_path / "a" / "banks" / "Bob.safetensors"
+    assert bob.is_file()
+    solo = "[Bob] a man with red hair, wearing a black suit\n---\n[Bob] sails a boat #Bob at sea\n"
+    assert generate(tmp_path, "b", "--model", "tiny-sd15", "--load-bank", str(bob), story=solo) == 0
+    assert len(frames(tmp_path / "b")) == 1
+
+
+@pytest.mark.parametrize(
+    ("story", "extra", "message"),
+    [
+        ("[Bob] a man\n---\n[Carol] sings\n", [], "Carol"),
+        ("[Bob] a man\n---\n[Bob] sings\n", [], "appears alone in only 1 frame"),
+        ("", [], "empty story"),
+        (STORY, ["--rate", "1.5"], "rate must be a number in"),
+        (STORY, ["--id-frames", "3"], "appears alone in only 2 frame"),
+        (STORY, ["--style", "baroque"], "unknown style"),
+    ],
+)
+def test_generate_bad_input_is_a_clear_error(tmp_path, capsys, story, extra, message):
+    assert generate(tmp_path, "out", "--model", "tiny-sd15", *extra, story=story) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_rejects_a_model_that_is_not_a_unet_pipeline(tmp_path, capsys):
+    assert generate(tmp_path, "out", "--model", str(tmp_path / "no-such-model")) == 2
+    assert "cannot load model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_refuses_to_overwrite_a_finished_run(tmp_path, capsys):
+    assert generate(tmp_path, "a", "--model", "tiny-sd15") == 0
+    assert generate(tmp_path, "a", "--model", "tiny-sd15") == 2
+    assert "already holds a story run" in capsys.readouterr().err
+    assert generate(tmp_path, "a", "--model", "tiny-sd15", "--overwrite") == 0
+
+
+def test_generate_rejects_a_non_unet_pipeline(tmp_path, capsys, monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    class VideoOnly:  # e.g. a transformer-based pipeline: no `unet`
+        transformer = object()
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda *a, **k: VideoOnly())
+    assert generate(tmp_path, "out", "--model", "some-org/some-video-model") == 2
+    assert "is not a UNet2DConditionModel text-to-image pipeline" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
