@@ -1,7 +1,33 @@
 """storydiff: StoryDiffusion's Consistent Self-Attention for Hugging Face diffusers.
 
-The kernels live in ``csa_kernels``; this package holds the integration layers above them and the CLI
-(``storydiff --help``).
+    state = storydiff.apply_consistent_attention(pipe, storydiff.ConsistencyConfig(rate=0.5))
+    storydiff.remove_consistent_attention(pipe)
+    story = storydiff.StoryDiffusionPipeline(pipe)("story.txt", out_dir="out")
+
+The kernels live in ``csa_kernels``. Names are imported lazily so that ``storydiff --help`` and the
+benchmark harness start without importing diffusers.
 """
 
+from importlib import import_module
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "apply_consistent_attention": "attention",
+    "remove_consistent_attention": "attention",
+    "ConsistentAttnProcessor": "attention",
+    "ConsistencyConfig": "config",
+    "ConsistencyState": "state",
+    "IdBank": "bank",
+    "StoryDiffusionPipeline": "pipeline",
+    "parse_story": "story",
+    "load_story": "story",
+    "load_pipeline": "models",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'storydiff' has no attribute {name!r}")

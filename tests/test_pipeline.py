@@ -96,10 +96,13 @@ def test_levels_come_from_the_unet(pipe):
 
 
 def test_remove_restores_processor_objects(pipe):
+    import storydiff  # the package-level one-call API
+
     before = dict(pipe.unet.attn_processors)
-    apply_consistent_attention(pipe, ConsistencyConfig())
-    assert any(type(p).__name__ == "ConsistentAttnProcessor" for p in pipe.unet.attn_processors.values())
-    remove_consistent_attention(pipe)
+    state = storydiff.apply_consistent_attention(pipe, storydiff.ConsistencyConfig())
+    assert isinstance(state, storydiff.ConsistencyState)
+    assert any(isinstance(p, storydiff.ConsistentAttnProcessor) for p in pipe.unet.attn_processors.values())
+    storydiff.remove_consistent_attention(pipe)
     after = pipe.unet.attn_processors
     assert all(after[name] is proc for name, proc in before.items())
     assert all(isinstance(p, AttnProcessor2_0) for p in after.values())
