@@ -9,27 +9,22 @@ from pathlib import Path
 import torch
 
 
-def git_commit() -> str:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=Path(__file__).resolve().parent,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=Path(__file__).resolve().parent,
+        proc = subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(__file__).resolve().parent
         )
     except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def git_commit() -> str:
+    """Short commit of the storydiff sources, "-dirty" if tracked files changed, "unknown" outside git."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    if commit is None:
         return "unknown"
-    if out.returncode:
-        return "unknown"
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    return commit + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def environment(device: torch.device) -> dict:
