@@ -12,31 +12,48 @@ DTYPES = ("float16", "bfloat16", "float32")
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
+    from .benchmark import op_suite, unet_suite
     from .benchmark.environment import environment
-    from .benchmark.op_suite import cpu_cases, gpu_cases, headline_cases, run_op_suite
     from .benchmark.providers import PROVIDERS, default_providers
-    from .benchmark.results import format_table, plot_rows, save_rows
+    from .benchmark.results import UNET_PANELS, format_table, plot_rows, save_rows
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda given but no CUDA device is available", file=sys.stderr)
         return 2
     size = args.size if args.size != "auto" else ("full" if device.type == "cuda" else "cpu")
-    cases = {"cpu": cpu_cases, "full": gpu_cases, "headline": headline_cases}[size]()
-    dtype_name = args.dtype or ("float16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     providers = args.providers.split(",") if args.providers else default_providers(device)
     unknown = [p for p in providers if p not in PROVIDERS]
     if unknown:
         print(f"error: unknown provider(s) {unknown}; choose from {list(PROVIDERS)}", file=sys.stderr)
         return 2
     env = environment(device)
-    print(f"op suite: {len(cases)} cases x {len(providers)} providers on {env['device']} ({dtype_name})")
-    rows = run_op_suite(cases, providers, device=device, dtype=getattr(torch, dtype_name), env=env)
-    print(format_table(rows))
-    json_path, csv_path = save_rows(rows, Path(args.out), f"op-{size}", env["device"])
-    print(f"results: {json_path} and {csv_path}")
-    if not args.no_plot:
-        print(f"plot: {plot_rows(rows, json_path.with_suffix('.png'))}")
+    out = Path(args.out)
+    written = []
+    if args.suite in ("op", "all"):
+        cases = {"cpu": op_suite.cpu_cases, "full": op_suite.gpu_cases, "headline": op_suite.headline_cases}[
+            size
+        ]()
+        print(f"op suite: {len(cases)} cases x {len(providers)} providers on {env['device']} ({dtype})")
+        rows = op_suite.run_op_suite(cases, providers, device=device, dtype=dtype, env=env)
+        print(format_table(rows))
+        written += [*save_rows(rows, out, f"op-{size}", env["device"])]
+        if not args.no_plot:
+            written.append(plot_rows(rows, written[-2].with_suffix(".png")))
+    if args.suite in ("unet", "all"):
+        model = "tiny" if size == "cpu" else "full"
+        cases = unet_suite.cpu_cases() if model == "tiny" else unet_suite.gpu_cases()
+        print(f"unet suite: {model} SDXL UNet, {len(cases)} cases on {env['device']} ({dtype})")
+        rows = unet_suite.run_unet_suite(
+            cases, list(unet_suite.PROVIDERS), size=model, device=device, dtype=dtype, env=env
+        )
+        print(unet_suite.format_unet_table(rows))
+        written += [*save_rows(rows, out, f"unet-{model}", env["device"])]
+        if not args.no_plot:
+            title = f"SDXL UNet ({model}) step, 4 identity frames, {env['device']}"
+            written.append(plot_rows(rows, written[-2].with_suffix(".png"), title, UNET_PANELS))
+    print("written:\n  " + "\n  ".join(str(p) for p in written))
     return 0
 
 
@@ -111,13 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="benchmark consistent attention against the official variants and dense SDPA",
-        description="Times one layer call per provider after checking it against the fp32 reference. "
-        "Default: real sizes on a GPU, a small configuration (about a minute) on a CPU.",
+        description="Op suite: one layer call per provider, each first checked against the fp32 reference. "
+        "UNet suite: one SDXL UNet step of 4 identity frames with official-A, official-B and our processors, "
+        "and the identity bank each keeps. Default: real sizes on a GPU, a small configuration (about a "
+        "minute) on a CPU.",
     )
-    bench.add_argument("--size", choices=("auto", "cpu", "full", "headline"), default="auto")
+    bench.add_argument("--suite", choices=("op", "unet", "all"), default="all")
+    bench.add_argument(
+        "--size",
+        choices=("auto", "cpu", "full", "headline"),
+        default="auto",
+        help="auto: full on a GPU, cpu otherwise; headline: the op cases the README quotes",
+    )
     bench.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     bench.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on GPU, fp32 on CPU")
-    bench.add_argument("--providers", default=None, help="comma-separated subset (default: all that apply)")
+    bench.add_argument("--providers", default=None, help="op suite providers, comma-separated (default: all)")
     bench.add_argument("--out", default="benchmarks/results", help="results folder (JSON, CSV, PNG)")
     bench.add_argument("--no-plot", action="store_true")
     bench.set_defaults(run=_bench)

@@ -2,12 +2,13 @@
 
 import json
 
+import pytest
 import torch
 from utils import Case, assert_matches_reference, make_inputs
 
 import storydiff.benchmark.op_suite as op_suite
 from storydiff.benchmark.op_suite import OpCase
-from storydiff.benchmark.providers import official_a, official_b
+from storydiff.benchmark.providers import flex, official_a, official_b
 from storydiff.cli import main
 
 
@@ -15,17 +16,19 @@ def test_official_variants_match_reference():
     inputs = make_inputs(Case(8, 2, 50, 16, 20, groups=2), torch.float32)
     assert_matches_reference(official_a(**inputs), inputs)
     assert_matches_reference(official_b(**inputs), inputs)
+    assert_matches_reference(flex(**inputs), inputs)
 
 
 def test_bench_writes_results_and_plot(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(op_suite, "cpu_cases", lambda: [OpCase("tiny", 2, 2, 64, 16, 0.5)])
-    assert main(["bench", "--size", "cpu", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "--suite", "op", "--size", "cpu", "--out", str(tmp_path)]) == 0
     (json_path,) = tmp_path.glob("op-cpu_*.json")
     rows = json.loads(json_path.read_text())
     assert {row["provider"] for row in rows} == {
         "reference",
         "official_a",
         "official_b",
+        "flex",
         "sdpa_dense",
         "ours_torch",
     }
@@ -42,7 +45,21 @@ def test_bench_gate_reports_wrong_provider(tmp_path, monkeypatch):
 
     monkeypatch.setattr(op_suite, "cpu_cases", lambda: [OpCase("tiny", 2, 1, 32, 8, 0.5)])
     monkeypatch.setattr(providers, "official_b", lambda q, k, v, ref_idx, **kw: v)
-    assert main(["bench", "--out", str(tmp_path), "--providers", "official_b,ours_torch", "--no-plot"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--suite",
+                "op",
+                "--out",
+                str(tmp_path),
+                "--providers",
+                "official_b,ours_torch",
+                "--no-plot",
+            ]
+        )
+        == 0
+    )
     rows = {row["provider"]: row for row in json.loads(next(tmp_path.glob("*.json")).read_text())}
     assert rows["official_b"]["status"].startswith("failed") and rows["official_b"]["ms"] is None
     assert rows["ours_torch"]["status"] == "ok"
@@ -51,3 +68,37 @@ def test_bench_gate_reports_wrong_provider(tmp_path, monkeypatch):
 def test_bench_rejects_unknown_provider(tmp_path, capsys):
     assert main(["bench", "--out", str(tmp_path), "--providers", "flash9"]) == 2
     assert "unknown provider" in capsys.readouterr().err
+
+
+def test_bench_unet_suite_on_tiny_sdxl(tmp_path, monkeypatch, capsys):
+    """Official A, official B and ours each run one tiny SDXL UNet step and report their bank."""
+    import storydiff.benchmark.unet_suite as unet_suite
+
+    monkeypatch.setattr(unet_suite, "cpu_cases", lambda: [unet_suite.UNetCase("tiny-128", 128, frames=2)])
+    assert main(["bench", "--suite", "unet", "--out", str(tmp_path)]) == 0
+    (json_path,) = tmp_path.glob("unet-tiny_*.json")
+    rows = {row["provider"]: row for row in json.loads(json_path.read_text())}
+    assert set(rows) == {"official_a", "official_b", "ours"}
+    assert all(row["status"] == "ok" and row["ms"] > 0 for row in rows.values())
+    # A banks full hidden states (C per token), B sampled ones (rate·C), ours sampled K and V (2·rate·C)
+    a, b, ours = (rows[p]["bank_mib_per_step"] for p in ("official_a", "official_b", "ours"))
+    assert ours == pytest.approx(a, rel=1e-6) and b == pytest.approx(a / 2, rel=0.2)
+    assert rows["ours"]["bank_gib_total"] == pytest.approx(ours * 50 / 1024)
+    assert json_path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert "bank GiB/run" in capsys.readouterr().out
+
+
+def test_embedded_sdxl_config_is_the_real_architecture():
+    from collections import Counter
+
+    from diffusers import UNet2DConditionModel
+
+    from storydiff.benchmark.unet_suite import SDXL_UNET_CONFIG
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+    up = Counter(
+        n.split(".attentions")[0] for n in unet.attn_processors if n.startswith("up_") and ".attn1." in n
+    )
+    assert up == {"up_blocks.0": 30, "up_blocks.1": 6}  # DESIGN.md §2: 30 layers at 1/32, 6 at 1/16

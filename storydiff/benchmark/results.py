@@ -44,8 +44,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_rows(rows: list[dict], path: Path, title: str = "") -> Path:
-    """Grouped bars: effective TFLOP/s per case, one bar per provider."""
+def plot_rows(
+    rows: list[dict],
+    path: Path,
+    title: str = "",
+    panels: tuple[tuple[str, str], ...] = (("tflops", "effective TFLOP/s (attended keys only)"),),
+) -> Path:
+    """Grouped bars per case, one bar per provider; one subplot per (row key, axis label) in ``panels``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,19 +59,27 @@ def plot_rows(rows: list[dict], path: Path, title: str = "") -> Path:
     cases = list(dict.fromkeys(row["name"] for row in rows))
     providers = list(dict.fromkeys(row["provider"] for row in rows))
     width = 0.8 / max(len(providers), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(cases) + 2), 4.5))
-    for p, provider in enumerate(providers):
-        values = {row["name"]: row["tflops"] or 0.0 for row in rows if row["provider"] == provider}
-        xs = [c + (p - (len(providers) - 1) / 2) * width for c in range(len(cases))]
-        ax.bar(xs, [values.get(case, 0.0) for case in cases], width, label=provider)
-    ax.set_xticks(range(len(cases)), cases, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("effective TFLOP/s (attended keys only)")
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(max(6.0, 1.2 * len(cases) + 2), 4.0 * len(panels)), squeeze=False
+    )
+    for ax, (key, label) in zip(axes[:, 0], panels, strict=True):
+        for p, provider in enumerate(providers):
+            values = {row["name"]: row.get(key) or 0.0 for row in rows if row["provider"] == provider}
+            xs = [c + (p - (len(providers) - 1) / 2) * width for c in range(len(cases))]
+            ax.bar(xs, [values.get(case, 0.0) for case in cases], width, label=provider)
+        ax.set_xticks(range(len(cases)), cases, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
     first = rows[0] if rows else {}
-    ax.set_title(title or f"consistent attention, {first.get('device', '?')} ({first.get('dtype', '?')})")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].set_title(
+        title or f"consistent attention, {first.get('device', '?')} ({first.get('dtype', '?')})"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+UNET_PANELS = (("ms", "ms per denoising step"), ("bank_gib_total", "identity bank for the run (GiB)"))

@@ -1,0 +1,194 @@
+"""UNet suite: one denoising step of identity frames (write mode) with official-A, official-B and our
+processors, on the real SDXL UNet architecture (embedded config, random weights, no download), plus the
+identity bank each keeps for a whole run.
+
+Bank bytes are measured after one step and scaled to ``bank_steps`` steps: every step stores the same
+shapes (variant B's Bernoulli counts vary by a fraction of a percent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..attention import apply_consistent_attention, remove_consistent_attention
+from ..config import ConsistencyConfig
+from .official import install_official
+from .timing import median_ms, peak_extra_mib
+
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (architecture only; weights stay random).
+# "attention_head_dim" is diffusers' legacy name for the number of heads: 320/5 = 640/10 = 1280/20 = 64.
+SDXL_UNET_CONFIG = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+TEXT_TOKENS = 77
+PROVIDERS = ("official_a", "official_b", "ours")
+
+
+@dataclass(frozen=True)
+class UNetCase:
+    name: str
+    resolution: int  # image side in pixels
+    frames: int = 4  # identity frames, denoised together (x2 under CFG)
+    rate: float = 0.5
+    bank_steps: int = 50
+
+
+def gpu_cases() -> list[UNetCase]:
+    return [UNetCase("sdxl-768-f4", 768), UNetCase("sdxl-1024-f4", 1024)]
+
+
+def cpu_cases() -> list[UNetCase]:
+    return [UNetCase("tiny-sdxl-128-f4", 128), UNetCase("tiny-sdxl-256-f4", 256)]
+
+
+def build_unet(size: str, device: torch.device, dtype: torch.dtype):
+    """ "full": the SDXL UNet built directly on ``device`` (2.6 B random parameters); "tiny": tiny-sdxl's."""
+    from diffusers import UNet2DConditionModel
+
+    if size == "tiny":
+        from ..models import build_tiny_pipeline
+
+        return build_tiny_pipeline("tiny-sdxl").unet.to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # allocate on the GPU directly: no 10 GB fp32 detour through host memory
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    return unet.to(dtype=dtype).eval()
+
+
+def unet_inputs(unet, case: UNetCase, device: torch.device, dtype: torch.dtype) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    batch, side = 2 * case.frames, case.resolution // 8
+    config = unet.config
+    text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    return {
+        "sample": randn(batch, config.in_channels, side, side),
+        "timestep": torch.tensor(500, device=device),
+        "encoder_hidden_states": randn(batch, TEXT_TOKENS, config.cross_attention_dim),
+        "added_cond_kwargs": {"text_embeds": randn(batch, text_dim), "time_ids": randn(batch, 6)},
+    }
+
+
+def _install(unet, provider: str, case: UNetCase) -> tuple[Callable[[], int], Callable[[], None], Callable]:
+    """Install a provider in write mode; returns (bank bytes of the current step, reset, remove)."""
+    if provider == "ours":
+        config = ConsistencyConfig(rate=case.rate, warmup_steps=0, skip_prob_early=0.0, skip_prob_late=0.0)
+        config.offload_bank = False
+        state = apply_consistent_attention(unet, config)
+        state.begin_write("id", case.frames)
+        return (
+            (lambda: state.bank.nbytes()),
+            (lambda: state.begin_write("id", case.frames)),
+            (lambda: remove_consistent_attention(unet)),
+        )
+    state, restore = install_official(unet, "a" if provider == "official_a" else "b", case.rate)
+    state.num_frames = case.frames
+    return state.bank_bytes, state.bank.clear, restore
+
+
+def _step_fn(unet, inputs: dict, reset: Callable[[], None]) -> Callable:
+    def step():
+        reset()  # time a step, not a growing bank
+        return unet(**inputs)
+
+    return step
+
+
+def run_unet_suite(
+    cases: list[UNetCase],
+    providers: list[str],
+    *,
+    size: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    env: dict,
+) -> list[dict]:
+    rows = []
+    unet = build_unet(size, device, dtype)
+    progress = tqdm(total=len(cases) * len(providers), desc="unet suite", unit="run")
+    for case in cases:
+        inputs = unet_inputs(unet, case, device, dtype)
+        for provider in providers:
+            progress.set_postfix_str(f"{case.name} {provider}")
+            row = {
+                **asdict(case),
+                "provider": provider,
+                "model": size,
+                "dtype": str(dtype).removeprefix("torch."),
+            }
+            row.update(env, ms=None, peak_extra_mib=None, bank_mib_per_step=None, bank_gib_total=None)
+            bank_bytes, reset, remove = _install(unet, provider, case)
+            step = _step_fn(unet, inputs, reset)
+            try:
+                with torch.no_grad():
+                    unet(**inputs)  # one step fills one step's bank
+                    per_step = bank_bytes()
+                    row["ms"] = median_ms(step, device)
+                    row["peak_extra_mib"] = peak_extra_mib(step, device)
+                row["bank_mib_per_step"] = per_step / 2**20
+                row["bank_gib_total"] = per_step * case.bank_steps / 2**30
+                row["status"] = "ok"
+            except torch.OutOfMemoryError:
+                row["status"] = "out of memory"
+            finally:
+                reset()
+                remove()
+            rows.append(row)
+            progress.update()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    progress.close()
+    for row in rows:  # speedups against the other providers of the same case
+        for other in rows:
+            if other["name"] == row["name"] and other is not row and row["ms"] and other["ms"]:
+                row[f"speedup_vs_{other['provider']}"] = other["ms"] / row["ms"]
+    return rows
+
+
+def format_unet_table(rows: list[dict]) -> str:
+    columns = [  # (row key, title, width, precision)
+        ("ms", "ms/step", 9, 2),
+        ("peak_extra_mib", "peak MiB", 9, 0),
+        ("bank_mib_per_step", "bank MiB/step", 13, 1),
+        ("bank_gib_total", "bank GiB/run", 12, 2),
+    ]
+    header = f"{'case':<20} {'provider':<11} " + " ".join(
+        f"{title:>{width}}" for _, title, width, _ in columns
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        cells = [
+            f"{row[key]:{width}.{digits}f}" if row.get(key) is not None else f"{'-':>{width}}"
+            for key, _, width, digits in columns
+        ]
+        lines.append(f"{row['name']:<20} {row['provider']:<11} " + " ".join(cells) + f"  {row['status']}")
+    return "\n".join(lines)
