@@ -22,9 +22,12 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+# Reserved model names, built offline with random weights. tiny-*: tiny widths (tests, demos).
+# random-sdxl: the real SDXL UNet (2.6 B parameters, for memory and speed measurements on a GPU).
 TINY_MODELS = ("tiny-sdxl", "tiny-sd15")
+RESERVED_MODELS = (*TINY_MODELS, "random-sdxl")
 
-__all__ = ["TINY_MODELS", "ModelLoadError", "build_tiny_pipeline", "load_pipeline"]
+__all__ = ["RESERVED_MODELS", "TINY_MODELS", "ModelLoadError", "build_tiny_pipeline", "load_pipeline"]
 
 # CLIP's context length: prompt-truncation behaviour must match the real models.
 _MAX_TOKENS = 77
@@ -67,14 +70,17 @@ def _tiny_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=_tiny_clip_vocab(), merges=[], model_max_length=_MAX_TOKENS)
 
 
-def _text_config(tokenizer: CLIPTokenizer, hidden: int, *, act: str, projection_dim: int) -> CLIPTextConfig:
+def _text_config(
+    tokenizer: CLIPTokenizer, hidden: int, *, act: str, projection_dim: int, layers: int = 2
+) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         projection_dim=projection_dim,
-        # Two layers: SDXL reads the penultimate hidden state, which must differ from the embeddings.
-        num_hidden_layers=2,
+        # Two layers by default: SDXL reads the penultimate hidden state, which should differ from the
+        # embeddings in the tiny models' tests.
+        num_hidden_layers=layers,
         num_attention_heads=2,
         max_position_embeddings=_MAX_TOKENS,
         hidden_act=act,
@@ -115,7 +121,7 @@ def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
     )
 
 
-def _build_tiny_sdxl() -> StableDiffusionXLPipeline:
+def _build_tiny_sdxl(device: torch.device) -> StableDiffusionXLPipeline:
     tokenizer, tokenizer_2 = _tiny_tokenizer(), _tiny_tokenizer()
     # Real SDXL: CLIP-L (768, quick_gelu) + OpenCLIP bigG (1280, gelu, projected pooled output); the UNet's
     # cross-attention width is their concatenation. Unequal tiny widths keep a swapped order detectable.
@@ -160,7 +166,7 @@ def _build_tiny_sdxl() -> StableDiffusionXLPipeline:
     )
 
 
-def _build_tiny_sd15() -> StableDiffusionPipeline:
+def _build_tiny_sd15(device: torch.device) -> StableDiffusionPipeline:
     tokenizer = _tiny_tokenizer()
     hidden = 32  # real SD1.5: CLIP-L, 768
     text_encoder = CLIPTextModel(_text_config(tokenizer, hidden, act="quick_gelu", projection_dim=hidden))
@@ -190,11 +196,81 @@ def _build_tiny_sd15() -> StableDiffusionPipeline:
     )
 
 
-_TINY_BUILDERS = {"tiny-sdxl": _build_tiny_sdxl, "tiny-sd15": _build_tiny_sd15}
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (architecture only; weights stay random).
+# "attention_head_dim" is diffusers' legacy name for the number of heads: 320/5 = 640/10 = 1280/20 = 64.
+SDXL_UNET_CONFIG = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+
+
+def _build_random_sdxl(device: torch.device) -> StableDiffusionXLPipeline:
+    """The real SDXL UNet (random weights) with one-layer text encoders of SDXL's widths and a tiny VAE.
+
+    For memory and speed measurements of the UNet without a download: the UNet, its activations and the
+    consistent-attention banks have their real sizes; text encoding and VAE decoding are nearly free.
+    """
+    tokenizer, tokenizer_2 = _tiny_tokenizer(), _tiny_tokenizer()
+    with torch.device(device):  # build the 2.6 B parameters where they will run
+        text_encoder = CLIPTextModel(
+            _text_config(tokenizer, 768, act="quick_gelu", projection_dim=768, layers=1)
+        )
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _text_config(tokenizer_2, 1280, act="gelu", projection_dim=1280, layers=1)
+        )
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+        vae = _tiny_vae(scaling_factor=0.13025)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=_ddim_scheduler(),
+        image_encoder=None,
+        feature_extractor=None,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+_TINY_BUILDERS = {
+    "tiny-sdxl": _build_tiny_sdxl,
+    "tiny-sd15": _build_tiny_sd15,
+    "random-sdxl": _build_random_sdxl,
+}
 
 
 def build_tiny_pipeline(
-    name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, progress_bar: bool = True
+    name: str,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    progress_bar: bool = True,
+    device: str | torch.device = "cpu",
 ) -> DiffusionPipeline:
     """Build ``tiny-sdxl`` or ``tiny-sd15`` offline with random weights; the same seed gives the same weights.
 
@@ -202,11 +278,13 @@ def build_tiny_pipeline(
     ``progress_bar=False`` silences this pipeline's progress bar (global logging is left alone).
     """
     if name not in _TINY_BUILDERS:
-        raise ValueError(f"unknown tiny model {name!r}; choose from {TINY_MODELS}")
+        raise ValueError(f"unknown reserved model {name!r}; choose from {RESERVED_MODELS}")
     # A private RNG stream: seeding must not disturb the caller's global torch RNG.
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device)
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)
-        pipe = _TINY_BUILDERS[name]()
+        pipe = _TINY_BUILDERS[name](device)
     if dtype != torch.float32:
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
@@ -251,8 +329,8 @@ def load_pipeline(
     """
     device = torch.device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    if model in TINY_MODELS:
-        pipe = build_tiny_pipeline(model, seed=seed, dtype=dtype, progress_bar=progress_bar)
+    if model in RESERVED_MODELS:
+        pipe = build_tiny_pipeline(model, seed=seed, dtype=dtype, progress_bar=progress_bar, device=device)
     else:
         offline_hint = f"(for offline use, the built-in random-weight models {', '.join(TINY_MODELS)} exist)"
         if _looks_like_local_path(model) and not os.path.exists(os.path.expanduser(model)):

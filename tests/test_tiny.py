@@ -113,7 +113,7 @@ def test_dtype_and_load_pipeline_tiny() -> None:
     # Weights are drawn in float32 and then cast, so a seed names the same model in every dtype.
     torch.testing.assert_close(pipe.unet.conv_in.weight, fp32.unet.conv_in.weight.to(torch.bfloat16))
     assert load_pipeline("tiny-sdxl").unet.dtype == torch.float32
-    with pytest.raises(ValueError, match="unknown tiny model"):
+    with pytest.raises(ValueError, match="unknown reserved model"):
         build_tiny_pipeline("tiny-sd3")
 
 

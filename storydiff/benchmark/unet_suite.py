@@ -16,37 +16,10 @@ from tqdm.auto import tqdm
 
 from ..attention import apply_consistent_attention, remove_consistent_attention
 from ..config import ConsistencyConfig
+from ..models import SDXL_UNET_CONFIG, build_tiny_pipeline
 from .official import install_official
 from .timing import median_ms, peak_extra_mib
 
-# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (architecture only; weights stay random).
-# "attention_head_dim" is diffusers' legacy name for the number of heads: 320/5 = 640/10 = 1280/20 = 64.
-SDXL_UNET_CONFIG = {
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 2048,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816,
-    "sample_size": 128,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "use_linear_projection": True,
-}
 TEXT_TOKENS = 77
 PROVIDERS = ("official_a", "official_b", "ours")
 
@@ -73,12 +46,10 @@ def build_unet(size: str, device: torch.device, dtype: torch.dtype):
     from diffusers import UNet2DConditionModel
 
     if size == "tiny":
-        from ..models import build_tiny_pipeline
-
         return build_tiny_pipeline("tiny-sdxl").unet.to(device=device, dtype=dtype).eval()
     with torch.device(device):  # allocate on the GPU directly: no 10 GB fp32 detour through host memory
         unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
-    return unet.to(dtype=dtype).eval()
+    return torch.nn.Module.to(unet, dtype=dtype).eval()
 
 
 def unet_inputs(unet, case: UNetCase, device: torch.device, dtype: torch.dtype) -> dict:
