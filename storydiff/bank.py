@@ -33,6 +33,12 @@ class IdBank:
         self._store.pop(character, None)
         self._meta.pop(character, None)
 
+    def start(self, character: str) -> None:
+        """Begin a fresh bank for ``character``: it exists from now on, even before (or without) any
+        stored step, e.g. when every step of a short run falls in the warm-up."""
+        self.clear(character)
+        self._store[character] = {}
+
     def store(self, character: str, step: int, layer: str, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.offload and k.is_cuda:
             # stream-ordered copy into pinned memory: later kernels reuse k's memory only after it

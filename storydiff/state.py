@@ -56,7 +56,7 @@ class ConsistencyState:
     def begin_write(self, character: str, num_frames: int) -> None:
         self._begin("write", num_frames)
         self.writing = character
-        self.bank.clear(character)
+        self.bank.start(character)
 
     def begin_read(self, frame_characters: list[tuple[str, ...]]) -> None:
         """One entry per frame of the batch: the characters it shows (empty for an [NC] frame)."""

@@ -102,3 +102,25 @@ def test_embedded_sdxl_config_is_the_real_architecture():
         n.split(".attentions")[0] for n in unet.attn_processors if n.startswith("up_") and ".attn1." in n
     )
     assert up == {"up_blocks.0": 30, "up_blocks.1": 6}  # DESIGN.md §2: 30 layers at 1/32, 6 at 1/16
+
+
+def test_profile_vram_without_gpu_profiles_host_memory(tmp_path, capsys):
+    args = ["profile-vram", "--out", str(tmp_path), "--lengths", "2,3", "--id-frames", "2", "--steps", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "NVML unavailable" in out and "host memory" in out
+    (json_path,) = tmp_path.glob("vram-tiny-sdxl_*[0-9].json")
+    rows = json.loads(json_path.read_text())
+    assert {(row["mode"], row["frames"]) for row in rows} == {
+        (mode, n) for mode in ("official_a", "official_b", "ours", "ours_offload") for n in (2, 3)
+    }
+    assert all(row["source"] == "host-rss" and row["peak_bytes"] > 0 for row in rows)
+    timeline = json.loads(json_path.with_name(json_path.stem + "_timeline.json").read_text())
+    assert set(timeline) == {"official_a", "official_b", "ours", "ours_offload"} and timeline["ours"]
+    for suffix in ("_timeline.png", "_peak.png"):
+        assert json_path.with_name(json_path.stem + suffix).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_profile_vram_rejects_stories_shorter_than_identity(tmp_path, capsys):
+    assert main(["profile-vram", "--out", str(tmp_path), "--lengths", "2", "--id-frames", "4"]) == 2
+    assert "shorter than id_frames=4" in capsys.readouterr().err

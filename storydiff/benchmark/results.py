@@ -27,6 +27,11 @@ def save_rows(rows: list[dict], out_dir: Path, suite: str, device: str) -> tuple
     return json_path, csv_path
 
 
+def write_json_file(path: Path, data) -> Path:
+    path.write_text(json.dumps(data) + "\n")
+    return path
+
+
 def load_rows(path: Path) -> list[dict]:
     return json.loads(Path(path).read_text())
 

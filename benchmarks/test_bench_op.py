@@ -1,0 +1,34 @@
+"""pytest-benchmark view of the op suite, for CI-style runs and history comparison.
+
+    python -m pytest benchmarks/ --benchmark-enable                  # CPU: tiny shapes
+    python -m pytest benchmarks/ --benchmark-enable --benchmark-autosave   # on a GPU: real shapes
+
+Same providers and shapes as `storydiff bench` (storydiff/benchmark/), with the same correctness gate:
+a provider is benchmarked only after it matches the fp32 reference.
+"""
+
+import pytest
+import torch
+
+from csa_kernels import consistent_attention_reference
+from storydiff.benchmark.op_suite import GATE_ATOL, cpu_cases, headline_cases, make_case_inputs
+from storydiff.benchmark.providers import UNGATED, default_providers, setup_provider
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
+CASES = headline_cases() if DEVICE.type == "cuda" else cpu_cases()[:2]
+
+
+@pytest.mark.parametrize("provider", default_providers(DEVICE))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_op(benchmark, case, provider):
+    inputs = make_case_inputs(case, DTYPE, DEVICE)
+    fn = setup_provider(provider, inputs)
+    if provider not in UNGATED:
+        expected = consistent_attention_reference(**inputs).float()
+        assert (fn().float() - expected).abs().max().item() <= GATE_ATOL[DTYPE]
+    benchmark.group = case.name
+    if DEVICE.type == "cuda":
+        benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=20, warmup_rounds=3)
+    else:
+        benchmark(fn)

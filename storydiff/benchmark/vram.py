@@ -1,0 +1,130 @@
+"""VRAM profiler: device memory over time and peak memory vs story length, per consistency mode.
+
+A one-character story of L frames (identity frames + L - id read frames) is generated once per mode and
+length while a ``MemorySampler`` records memory. Modes:
+
+    official_a     official variant A: full hidden-state bank, dense-mask identity attention
+    official_b     official variant B: sampled hidden-state bank, per-frame loop
+    ours           our processors: sampled K/V bank on the GPU, read frames batched
+    ours_offload   ours with the bank in pinned CPU memory, prefetched layer by layer
+
+Without NVML (no GPU) the sampler falls back to host RSS, which only shows that the plumbing works.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import ConsistencyConfig
+from ..pipeline import StoryDiffusionPipeline
+from .memory import MemorySampler, plot_memory_timeline, plot_peak_vs_length
+from .official import install_official
+
+MODES = ("official_a", "official_b", "ours", "ours_offload")
+
+
+def story_text(frames: int) -> str:
+    lines = ["[Hero] a young explorer with a red scarf and a leather backpack", "---"]
+    return "\n".join(lines + [f"[Hero] scene {i} of the long journey" for i in range(frames)]) + "\n"
+
+
+def _run_official(
+    pipe, variant: str, frames: int, call: dict, id_frames: int, sampler: MemorySampler
+) -> None:
+    state, restore = install_official(pipe.unet, variant)
+    prompts = [f"a young explorer with a red scarf, scene {i} of the long journey" for i in range(frames)]
+    try:
+        sampler.mark("write")
+        state.phase, state.step, state.num_frames = "write", 0, id_frames
+        pipe(prompts[:id_frames], callback_on_step_end=state.step_callback, **call)
+        sampler.mark("read")
+        for prompt in prompts[id_frames:]:  # the official code reads one frame at a time
+            state.phase, state.step, state.num_frames = "read", 0, 1
+            pipe([prompt], callback_on_step_end=state.step_callback, **call)
+    finally:
+        restore()
+        state.bank.clear()
+
+
+def _run_ours(pipe, offload: bool, frames: int, call: dict, id_frames: int, read_batch: int, sampler) -> None:
+    story = StoryDiffusionPipeline(pipe, ConsistencyConfig(offload_bank=offload))
+    try:
+        sampler.mark("write + read")
+        story(story_text(frames), id_frames=id_frames, read_batch_size=read_batch, progress=False, **call)
+    finally:
+        story.close()
+
+
+def profile_story_lengths(
+    pipe,
+    *,
+    lengths: list[int],
+    modes: list[str],
+    steps: int,
+    height: int | None,
+    width: int | None,
+    id_frames: int,
+    read_batch: int,
+    device: torch.device,
+    interval_s: float = 0.02,
+) -> tuple[list[dict], dict[str, MemorySampler]]:
+    """Rows (mode, frames, peak bytes, ...) and, per mode, the sampler of its longest story."""
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown mode(s) {unknown}; choose from {MODES}")
+    too_short = [n for n in lengths if n < id_frames]
+    if too_short:
+        raise ValueError(f"story lengths {too_short} are shorter than id_frames={id_frames}")
+    pipe.set_progress_bar_config(disable=True)
+    rows, timelines = [], {}
+    bar = tqdm(total=len(modes) * len(lengths), desc="profile-vram", unit="story")
+    for mode in modes:
+        for frames in sorted(lengths):
+            bar.set_postfix_str(f"{mode} L={frames}")
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            call = {"num_inference_steps": steps, "height": height, "width": width, "guidance_scale": 5.0}
+            start = time.perf_counter()
+            with MemorySampler(device, interval_s=interval_s) as sampler:
+                if mode.startswith("official"):
+                    _run_official(pipe, mode[-1], frames, call, id_frames, sampler)
+                else:
+                    _run_ours(pipe, mode == "ours_offload", frames, call, id_frames, read_batch, sampler)
+            rows.append(
+                {
+                    "mode": mode,
+                    "frames": frames,
+                    "peak_bytes": sampler.peak_bytes,
+                    "torch_peak_bytes": sampler.torch_peak_bytes,
+                    "source": sampler.source,
+                    "seconds": round(time.perf_counter() - start, 2),
+                    "steps": steps,
+                    "id_frames": id_frames,
+                    "read_batch": read_batch,
+                }
+            )
+            timelines[mode] = sampler  # the longest story of each mode ends up here
+            bar.update()
+    bar.close()
+    return rows, timelines
+
+
+def timeline_rows(timelines: dict[str, MemorySampler]) -> dict[str, list]:
+    """JSON-friendly samples: {mode: [[t, used_bytes, torch_allocated], ...]}."""
+    return {
+        mode: [[s.t, s.used_bytes, s.torch_allocated] for s in sampler.samples]
+        for mode, sampler in timelines.items()
+    }
+
+
+def save_plots(rows: list[dict], timelines: dict[str, MemorySampler], stem: Path) -> list[Path]:
+    return [
+        plot_memory_timeline(timelines, stem.with_name(stem.name + "_timeline.png")),
+        plot_peak_vs_length(rows, stem.with_name(stem.name + "_peak.png")),
+    ]
