@@ -46,7 +46,7 @@ def build_unet(size: str, device: torch.device, dtype: torch.dtype):
     from diffusers import UNet2DConditionModel
 
     if size == "tiny":
-        return build_tiny_pipeline("tiny-sdxl").unet.to(device=device, dtype=dtype).eval()
+        return torch.nn.Module.to(build_tiny_pipeline("tiny-sdxl").unet, device=device, dtype=dtype).eval()
     with torch.device(device):  # allocate on the GPU directly: no 10 GB fp32 detour through host memory
         unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
     return torch.nn.Module.to(unet, dtype=dtype).eval()
