@@ -16,6 +16,7 @@ from diffusers.models.attention_processor import Attention
 
 from csa_kernels import consistent_attention
 from csa_kernels.pool import gather_reference_pool
+from csa_kernels.tiled import tiled_consistent_attention
 
 from .config import ConsistencyConfig
 from .state import ConsistencyState, LayerInfo
@@ -89,14 +90,17 @@ class ConsistentAttnProcessor:
         if not state.consistent_now(layer):
             return F.scaled_dot_product_attention(q, k, v)
         batch, _, tokens, _ = q.shape
-        if batch % state.num_frames:
+        frames = state.chunk[1] - state.chunk[0] if state.phase == "window" else state.num_frames
+        if batch % frames:
             raise RuntimeError(
-                f"{layer.name}: batch of {batch} is not a multiple of the {state.num_frames} frames the "
-                "state was told about (begin_joint / begin_write / begin_read)"
+                f"{layer.name}: batch of {batch} is not a multiple of the {frames} frames the "
+                "state was told about (begin_joint / begin_write / begin_read / begin_chunk)"
             )
-        groups = batch // state.num_frames  # 2 under classifier-free guidance: [uncond frames; cond frames]
+        groups = batch // frames  # 2 under classifier-free guidance: [uncond frames; cond frames]
         if state.phase == "read":
             return self._read(q, k, v, groups)
+        if state.phase == "window":
+            return self._window(q, k, v, groups, tokens)
 
         ref_idx = state.reference_indices(layer, tokens, q.device).repeat(groups, 1)
         out = consistent_attention(q, k, v, ref_idx, groups=groups, window=state.config.window)
@@ -114,6 +118,66 @@ class ConsistentAttnProcessor:
         """(B, H, N, D) → (groups, H, frames·S, D): the sampled tokens of each CFG half."""
         pool = gather_reference_pool(x, ref_idx)  # [B, S, H, D]
         return pool.reshape(groups, -1, *pool.shape[2:]).transpose(1, 2).contiguous()
+
+    def _window(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int, tokens: int
+    ) -> torch.Tensor:
+        """Long-story mode: each frame's bank is the sampled K/V of its visible window neighbours."""
+        state, layer = self.state, self.layer
+        start, stop = state.chunk
+        count = stop - start
+        ref_idx = state.frame_reference_indices(layer, range(start, stop), tokens, q.device)
+        if state.config.tile is not None:  # the paper's tiled form, within this chunk
+            return tiled_consistent_attention(
+                q, k, v, ref_idx.repeat(groups, 1), tile=state.config.tile, stride=1, groups=groups
+            )
+        # [G, F, H, S, D]: each chunk frame's sampled tokens, per CFG half
+        pools = [
+            gather_reference_pool(x, ref_idx.repeat(groups, 1)).unflatten(0, (groups, count)).transpose(2, 3)
+            for x in (k, v)
+        ]
+        window = state.config.window
+        for local, frame in enumerate(range(start, stop)):  # offer tokens to frames of later chunks
+            later = (j for j in state.pending if not start <= j < stop and abs(j - frame) <= window)
+            if state.active[frame] and any(state.active[j] for j in later):
+                state.ref_cache[(layer.name, frame)] = (pools[0][:, local], pools[1][:, local])
+
+        def tokens_of(frame: int, kind: int) -> torch.Tensor:  # [G, H, S, D]
+            if start <= frame < stop:
+                return pools[kind][:, frame - start]
+            return state.ref_cache[(layer.name, frame)][kind]
+
+        by_count: dict[int, list[int]] = {}
+        visible = {}
+        for frame in range(start, stop):  # neighbours in this chunk or already computed at this step
+            visible[frame] = [
+                j for j in state.window_neighbours(frame) if start <= j < stop or j not in state.pending
+            ]
+            by_count.setdefault(len(visible[frame]), []).append(frame)
+        out = None if len(by_count) == 1 else torch.empty_like(q)
+        for num, members in by_count.items():
+            rows = [g * count + (f - start) for g in range(groups) for f in members]
+            rows_t = torch.tensor(rows, device=q.device)
+            sub = (q, k, v) if out is None else (q[rows_t], k[rows_t], v[rows_t])
+            if num == 0:
+                result = F.scaled_dot_product_attention(*sub)
+            else:
+                bank_k, bank_v = (
+                    torch.stack(
+                        [
+                            torch.cat([tokens_of(j, kind)[g] for j in visible[f]], dim=1)
+                            for g in range(groups)
+                            for f in members
+                        ]
+                    )
+                    for kind in (0, 1)
+                )
+                no_refs = torch.empty(len(rows), 0, dtype=torch.int64, device=q.device)
+                result = consistent_attention(*sub, no_refs, groups=len(rows), bank_k=bank_k, bank_v=bank_v)
+            if out is None:
+                return result
+            out.index_copy_(0, rows_t, result)
+        return out
 
     def _read(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
         state, layer = self.state, self.layer

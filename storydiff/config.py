@@ -32,6 +32,8 @@ class ConsistencyConfig:
             (seed, step, layer), so batching never changes them.
         window: None lets a frame see every other frame of its batch; w >= 1 only story neighbours
             within w frames (identity frames are written as one such batch).
+        tile: long-story (window) mode only: the paper's tiled form instead of the sliding window,
+            tiles of ``tile`` consecutive frames (stride 1) within each UNet chunk, outputs averaged.
         seed: seeds every random choice (token samples, layer skips).
         offload_bank: keep the identity bank in (pinned) CPU memory and prefetch it layer by layer;
             None means "on when running on CUDA".
@@ -45,6 +47,7 @@ class ConsistencyConfig:
     skip_prob_late: float = 0.1
     skip_switch_step: int = 20
     window: int | None = None
+    tile: int | None = None
     seed: int = 0
     offload_bank: bool | None = None
 
@@ -66,6 +69,10 @@ class ConsistencyConfig:
             isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1
         ):
             raise ValueError(f"window must be None or an int >= 1, got {self.window!r}")
+        if self.tile is not None and (
+            isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1
+        ):
+            raise ValueError(f"tile must be None or an int >= 1, got {self.tile!r}")
 
     def rate_for(self, level_factor: int) -> float:
         return float(self.level_rates.get(level_factor, self.rate))

@@ -17,6 +17,15 @@ from PIL import Image
 METADATA = "metadata.json"
 
 
+def read_metadata(root: str | os.PathLike) -> dict:
+    """A run folder's metadata; ValueError if it is not readable JSON."""
+    path = Path(root) / METADATA
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+
+
 def _atomic_write(path: Path, write) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
@@ -35,13 +44,18 @@ def save_image(image: Image.Image, path: Path) -> Path:
 class StoryOutput:
     """Layout: ``frames/frame_000.png``, ``pages/page_000.png``, ``banks/<name>.safetensors``, metadata."""
 
-    def __init__(self, root: str | os.PathLike, *, overwrite: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> None:
         self.root = Path(root)
-        meta = self.root / METADATA
-        if meta.exists() and not overwrite:
-            status = json.loads(meta.read_text()).get("status", "?") if meta.stat().st_size else "?"
+        self.resume = resume
+        status = read_metadata(self.root).get("status", "?") if (self.root / METADATA).exists() else None
+        if resume and status is None:
+            raise FileNotFoundError(f"nothing to resume in {self.root}: no {METADATA}")
+        if resume and status == "complete":
+            raise FileExistsError(f"{self.root} holds a complete run: nothing to resume")
+        if status is not None and not (overwrite or resume):
             raise FileExistsError(
-                f"{self.root} already holds a story run (status {status!r}); choose a new folder or overwrite"
+                f"{self.root} already holds a story run (status {status!r}); choose a new folder, overwrite, "
+                "or resume"
             )
         self.frames_dir, self.pages_dir, self.banks_dir = (
             self.root / d for d in ("frames", "pages", "banks")
@@ -50,8 +64,9 @@ class StoryOutput:
 
     def start(self, metadata: dict) -> None:
         self.frames_dir.mkdir(parents=True, exist_ok=True)
-        for stale in [*self.frames_dir.glob("frame_*.png"), *self.pages_dir.glob("page_*.png")]:
-            stale.unlink()  # an overwritten run must not keep frames of the previous story
+        if not self.resume:  # an overwritten run must not keep frames of the previous story
+            for stale in [*self.frames_dir.glob("frame_*.png"), *self.pages_dir.glob("page_*.png")]:
+                stale.unlink()
         self.metadata = {**metadata, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_json(self.root / METADATA, self.metadata)
 

@@ -257,3 +257,14 @@ def load_story(path: str | os.PathLike[str], characters: str | None = None) -> S
         return parse_story(text, characters)
     except ValueError as error:
         raise ValueError(f"{os.fspath(path)}: {error}") from error
+
+
+def story_source(story: Story) -> str:
+    """Story text that parses back to ``story`` (stored in run metadata so a run can be resumed from it)."""
+    lines = [f"[{c.name}] {c.description}" for c in story.characters.values()]
+    if lines:
+        lines.append(SEPARATOR)
+    for frame in story.frames:
+        text = frame.text if frame.characters or "[NC]" in frame.text else f"[{NO_CHARACTER}] {frame.text}"
+        lines.append(text + (f" #{frame.caption}" if frame.caption else ""))
+    return "\n".join(lines) + "\n"

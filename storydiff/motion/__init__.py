@@ -1,0 +1,1 @@
+"""Semantic Motion Predictor and transition videos between story frames (Stable Video Diffusion)."""

@@ -1,0 +1,440 @@
+"""Training the Semantic Motion Predictor on videos: MSE on the intermediate-frame embeddings.
+
+``train_motion`` encodes every frame once (cached on disk), then runs AdamW with a cosine schedule and
+linear warm-up on (start, intermediate, end) clips. The batch order is a pure function of (seed, step)
+and checkpoints carry optimizer, scheduler and RNG state, so a resumed run continues exactly where the
+interrupted one stopped (on the CPU the final weights are bit-identical to an uninterrupted run's).
+
+Output folder::
+
+    train_config.json        settings that a resume must match
+    embedding_cache/         per-video embeddings (unless cache_dir points elsewhere)
+    checkpoint-<step>/       config.json + diffusion_pytorch_model.safetensors + training_state.pt
+    model/                   final weights (SemanticMotionPredictor.from_pretrained(out_dir / "model"))
+    eval.json                held-out (and train) cosine similarity: predictor vs linear interpolation
+    loss.png                 training loss curve
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import ClipDataset, build_datasets
+from .encoder import ImageEncoder, build_tiny_encoder
+from .evaluate import evaluate
+from .model import SemanticMotionPredictor
+
+__all__ = ["TrainResult", "evaluate", "train_motion", "train_motion_cli"]
+
+# Paper-sized transformer (≈ 8 layers, hidden 1024); everything here can be overridden.
+DEFAULT_MODEL = {"hidden_dim": 1024, "num_layers": 8, "num_heads": 16, "dropout": 0.0}
+# Settings that change what a run computes: resuming with any of them changed would not continue the
+# same run, so it is refused.
+_RESUME_KEYS = (
+    "data_dir", "encoder", "tokens", "num_frames", "stride", "holdout", "seed", "steps", "batch_size",
+    "lr", "weight_decay", "warmup_steps", "max_grad_norm", "model",
+)  # fmt: skip
+
+
+@dataclass
+class TrainResult:
+    """What ``train_motion`` produced. ``eval`` is ``evaluate`` on the held-out videos."""
+
+    out_dir: Path
+    model_dir: Path
+    steps: int
+    losses: list[float]
+    eval: dict[str, Any]
+    resumed_from: int | None
+    seconds: float
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1] if self.losses else math.nan
+
+
+class _BatchOrder:
+    """Clip indices of each step: a seeded permutation per epoch, so step k's batch never depends on
+    how many steps this process has run (what makes resuming exact)."""
+
+    def __init__(self, num_clips: int, batch_size: int, seed: int) -> None:
+        self.num_clips, self.batch_size, self.seed = num_clips, batch_size, seed
+        self.per_epoch = num_clips // batch_size  # the ragged tail is dropped: every batch is full-size
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> Tensor:
+        epoch, position = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.num_clips, generator=gen)
+        return self._perm[position * self.batch_size : (position + 1) * self.batch_size]
+
+
+def _collate(dataset: ClipDataset, indices: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    starts, mids, ends = zip(*(dataset[i] for i in indices.tolist()), strict=True)
+    return tuple(torch.stack(x).to(device, non_blocking=True) for x in (starts, mids, ends))
+
+
+def _resolve_encoder(encoder: ImageEncoder | str, device: torch.device) -> ImageEncoder:
+    if isinstance(encoder, ImageEncoder):
+        return encoder
+    if encoder == "tiny":
+        return build_tiny_encoder()
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return ImageEncoder.from_pretrained(encoder, device=device, dtype=dtype)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_final_model(model: SemanticMotionPredictor, out_dir: Path) -> Path:
+    final, tmp = out_dir / "model", out_dir / f".model.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def _plot_losses(losses: Sequence[float], heldout: dict[str, Any], path: Path) -> None:
+    # Figure + Agg canvas directly: no pyplot, so no global backend switch and no GUI.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    steps = range(1, len(losses) + 1)
+    ax.plot(steps, losses, lw=0.6, alpha=0.4, label="train MSE (per step)")
+    smooth, ema = [], losses[0] if losses else 0.0
+    for value in losses:
+        ema = 0.95 * ema + 0.05 * value
+        smooth.append(ema)
+    ax.plot(steps, smooth, lw=1.5, label="train MSE (EMA 0.95)")
+    ax.axhline(heldout["mse_interpolation"], color="gray", ls="--", label="held-out: linear interpolation")
+    ax.axhline(heldout["mse_predictor"], color="C3", ls=":", label="held-out: final predictor")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE on intermediate embeddings")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def train_motion(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    encoder: ImageEncoder | str = "tiny",
+    tokens: bool = False,
+    num_frames: int = 14,
+    stride: int = 1,
+    steps: int = 1000,
+    epochs: int | None = None,
+    batch_size: int = 32,
+    lr: float = 1e-4,
+    weight_decay: float = 0.01,
+    warmup_steps: int | None = None,
+    max_grad_norm: float = 1.0,
+    mixed_precision: bool | None = None,
+    seed: int = 0,
+    checkpoint_every: int = 500,
+    keep_checkpoints: int = 3,
+    resume: bool = False,
+    holdout: float = 0.15,
+    cache_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    model_config: dict[str, Any] | None = None,
+    progress: bool = True,
+    callback: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train a ``SemanticMotionPredictor`` on the videos in ``data_dir``; write everything to ``out_dir``.
+
+    Args:
+        data_dir: videos (see ``storydiff.motion.video_sources``); some are held out for evaluation.
+        out_dir: output folder (layout in this module's docstring).
+        encoder: an ``ImageEncoder``, ``"tiny"`` (random, offline) or a CLIP vision checkpoint path / id.
+        tokens: train on the encoder's token sequence (T = patches + 1) instead of pooled embeds (T = 1).
+        num_frames: L, intermediate frames per clip.
+        stride: frame step inside a clip.
+        steps: optimizer steps; ``epochs`` (passes over the training clips), when given, replaces it.
+        batch_size: clips per step (capped at the number of training clips).
+        lr, weight_decay: AdamW.
+        warmup_steps: linear warm-up before the cosine decay; default 5 % of the steps.
+        max_grad_norm: gradient-norm clip.
+        mixed_precision: bf16 autocast; default on for CUDA. Never used on the CPU.
+        seed: model init, batch order, dropout and the held-out split.
+        checkpoint_every: steps between checkpoints (the last step is always saved).
+        keep_checkpoints: newest checkpoints to keep.
+        resume: continue from the newest checkpoint in ``out_dir`` (same settings required).
+        holdout: fraction of videos held out (at least one).
+        cache_dir: embedding cache; default ``out_dir/embedding_cache``.
+        device: default CUDA when available.
+        model_config: overrides of the model's config (``hidden_dim``, ``num_layers``, ``num_heads``, ...).
+        progress: tqdm progress bar.
+        callback: called as ``callback(step, loss)`` after every step (and after its checkpoint).
+
+    Raises:
+        FileNotFoundError, NotADirectoryError, ValueError: bad data folder or settings.
+        FileExistsError: ``out_dir`` holds checkpoints and ``resume`` is False.
+    """
+    began = time.perf_counter()
+    out = Path(out_dir)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if steps < 1 and epochs is None:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    latest = latest_checkpoint(out)
+    if latest is not None and not resume:
+        raise FileExistsError(
+            f"{out} already holds checkpoints (latest: {latest.name}); pass resume=True (--resume) to "
+            "continue that run, or choose another output folder"
+        )
+    amp = dev.type == "cuda" if mixed_precision is None else mixed_precision and dev.type == "cuda"
+
+    image_encoder = _resolve_encoder(encoder, dev)
+    data = build_datasets(
+        data_dir,
+        image_encoder,
+        num_frames=num_frames,
+        cache_dir=cache_dir if cache_dir is not None else out / "embedding_cache",
+        tokens=tokens,
+        stride=stride,
+        holdout=holdout,
+        seed=seed,
+    )
+    if len(data.train) < batch_size:
+        batch_size = len(data.train)
+    order = _BatchOrder(len(data.train), batch_size, seed)
+    if epochs is not None:
+        steps = epochs * order.per_epoch
+    warmup = round(0.05 * steps) if warmup_steps is None else warmup_steps
+
+    sample_start = data.train[0][0]
+    config = {
+        **DEFAULT_MODEL,
+        **(model_config or {}),
+        "embed_dim": sample_start.shape[-1],
+        "num_frames": num_frames,
+        "max_tokens": sample_start.shape[0],
+    }
+    run = {
+        "data_dir": str(Path(data_dir).resolve()),
+        "encoder": image_encoder.identity,
+        "tokens": tokens,
+        "num_frames": num_frames,
+        "stride": stride,
+        "holdout": holdout,
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "warmup_steps": warmup,
+        "max_grad_norm": max_grad_norm,
+        "model": config,
+    }
+
+    torch.manual_seed(seed)
+    model = SemanticMotionPredictor(**config)
+    start_step, losses, state = 0, [], None
+    if latest is not None:
+        model, state = load_checkpoint(latest)
+        changed = [k for k in _RESUME_KEYS if state["run"].get(k) != run[k]]
+        if changed:
+            details = "; ".join(f"{k}: {state['run'].get(k)!r} → {run[k]!r}" for k in changed)
+            raise ValueError(f"cannot resume {latest}: settings differ from the checkpoint's ({details})")
+        start_step, losses = state["step"], list(state["losses"])
+    model.to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps({**run, "device": str(dev), "bf16": amp}, indent=2))
+    bar = tqdm(total=steps, initial=start_step, disable=not progress, desc="train-motion", unit="step")
+    model.train()
+    for step in range(start_step, steps):
+        start, target, end = _collate(data.train, order.indices(step), dev)
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+            pred = model(start, end)
+        loss = F.mse_loss(pred.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4g}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if done % checkpoint_every == 0 or done == steps:
+            train_state = {
+                "step": done,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(),
+                "losses": losses,
+                "run": run,
+            }
+            save_checkpoint(out, done, model, train_state, keep_last=keep_checkpoints)
+        if callback is not None:
+            callback(done, losses[-1])
+    bar.close()
+
+    model_dir = _save_final_model(model, out)
+    heldout = evaluate(model, data.heldout)
+    train_eval = evaluate(model, ClipDataset(data.train.embeddings[:64], num_frames, stride=stride))
+    report = {
+        "heldout": heldout,
+        "train": train_eval,
+        "steps": steps,
+        "final_loss": losses[-1] if losses else None,
+        "heldout_videos": [str(s.path) for s in data.heldout_sources],
+        "train_videos": len(data.train_sources),
+    }
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    if losses:
+        _plot_losses(losses, heldout, out / "loss.png")
+    return TrainResult(
+        out_dir=out,
+        model_dir=model_dir,
+        steps=steps,
+        losses=losses,
+        eval=heldout,
+        resumed_from=start_step if latest is not None else None,
+        seconds=time.perf_counter() - began,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="storydiff train-motion",
+        description="Train the Semantic Motion Predictor on a folder of videos (GIFs, frame folders, "
+        "or video files with imageio installed).",
+    )
+    p.add_argument("--data", required=True, metavar="DIR", help="folder of videos")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (checkpoints, model, eval)")
+    p.add_argument(
+        "--encoder",
+        default="tiny",
+        metavar="tiny|PATH_OR_ID",
+        help="CLIP vision encoder; 'tiny' builds a random one offline (default: tiny)",
+    )
+    p.add_argument(
+        "--tokens", action="store_true", help="use the encoder's token sequence instead of pooled embeds"
+    )
+    p.add_argument("--frames", type=int, default=14, help="intermediate frames L per clip (default: 14)")
+    p.add_argument("--stride", type=int, default=1, help="frame step inside a clip (default: 1)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: 1000)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the clips (replaces --steps)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of the steps)")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=int, default=DEFAULT_MODEL["hidden_dim"], help="transformer width")
+    p.add_argument("--layers", type=int, default=DEFAULT_MODEL["num_layers"])
+    p.add_argument("--heads", type=int, default=DEFAULT_MODEL["num_heads"])
+    p.add_argument("--dropout", type=float, default=DEFAULT_MODEL["dropout"])
+    p.add_argument("--holdout", type=float, default=0.15, help="fraction of videos held out (default: 0.15)")
+    p.add_argument("--cache-dir", default=None, help="embedding cache (default: OUT/embedding_cache)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="bf16 autocast is CUDA-only (default: auto = bf16 on CUDA)",
+    )
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def train_motion_cli(argv: list[str] | None = None) -> int:
+    """``storydiff train-motion``: returns 0 on success, 2 on bad arguments or data (message on stderr)."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help (0) and on usage errors (2)
+        return int(exc.code or 0)
+    try:
+        result = train_motion(
+            args.data,
+            args.out,
+            encoder=args.encoder,
+            tokens=args.tokens,
+            num_frames=args.frames,
+            stride=args.stride,
+            steps=args.steps,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            warmup_steps=args.warmup,
+            mixed_precision={"auto": None, "bf16": True, "fp32": False}[args.precision],
+            seed=args.seed,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            holdout=args.holdout,
+            cache_dir=args.cache_dir,
+            device=args.device,
+            model_config={
+                "hidden_dim": args.hidden,
+                "num_layers": args.layers,
+                "num_heads": args.heads,
+                "dropout": args.dropout,
+            },
+            progress=not args.no_progress,
+        )
+    except (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ev = result.eval
+    print(f"model: {result.model_dir}")
+    print(
+        f"held-out cosine similarity ({ev['clips']} clips, {ev['videos']} videos): predictor "
+        f"{ev['cosine_predictor']:.4f} vs linear interpolation {ev['cosine_interpolation']:.4f} "
+        f"(gain {ev['cosine_gain']:+.4f})"
+    )
+    print(f"eval: {result.out_dir / 'eval.json'}  loss curve: {result.out_dir / 'loss.png'}")
+    return 0

@@ -1,0 +1,691 @@
+"""Transition videos between story frames: Stable Video Diffusion conditioned on one embedding per frame.
+
+Stable Video Diffusion (SVD) conditions every frame of a clip on the same CLIP image embedding of its input
+image: the pipeline hands the UNet one embedding per video, (B, 1, C), and the UNet repeats it for each frame
+before the spatial transformer blocks see it as (B·F, 1, C). StoryDiffusion's video stage instead conditions
+frame i on its own embedding — the start frame's, the end frame's, and in between those predicted by the
+Semantic Motion Predictor (or a linear interpolation) — so the clip is steered from one story frame towards
+the next. We do that by swapping the processors of SVD's *spatial* cross-attention layers for
+``PerFrameCrossAttnProcessor``, which reads the per-frame embeddings from an explicit
+``PerFrameEmbeddingState`` and otherwise runs the layer's own processor unchanged.
+
+The temporal blocks keep SVD's own embedding: SVD feeds them the first frame's embedding at every position
+(``TransformerSpatioTemporalModel``), which here is the start image's, exactly as in stock SVD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import StableVideoDiffusionPipeline
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
+from PIL import Image
+from torch import Tensor
+
+from ..output import write_json
+from .baselines import linear_interpolation
+
+__all__ = [
+    "MP4_PACKAGES",
+    "PerFrameCrossAttnProcessor",
+    "PerFrameEmbeddingState",
+    "PredictorLoadError",
+    "StoryVideoResult",
+    "TransitionResult",
+    "TransitionVideoPipeline",
+    "check_predictor",
+    "mp4_available",
+    "per_frame_conditioning",
+    "read_story_frames",
+    "spatial_cross_attention_layers",
+    "story_transitions",
+    "video_cli",
+    "write_video",
+]
+
+# What enables MP4 output: imageio's ffmpeg plugin, and imageio-ffmpeg, which ships an ffmpeg binary in its
+# wheel, so no system ffmpeg is needed.
+MP4_PACKAGES = ("imageio", "imageio-ffmpeg")
+
+ImageInput = Image.Image | str | os.PathLike
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-frame cross-attention
+# --------------------------------------------------------------------------------------------------------
+
+
+class PerFrameEmbeddingState:
+    """The per-frame image embeddings that the spatial cross-attention layers use during one SVD call.
+
+    Set with ``set(embeddings)`` before the call and cleared afterwards; while empty, the processors run the
+    stock computation. ``calls`` counts the layer calls that substituted embeddings, so tests can tell that
+    the embeddings really reached the UNet.
+    """
+
+    def __init__(self) -> None:
+        self.embeddings: Tensor | None = None
+        self.calls = 0
+
+    def set(self, embeddings: Tensor) -> None:
+        """``embeddings``: (B, F, T, C) — video, frame, token, channel — or (F, T, C) for one video."""
+        if embeddings.ndim == 3:
+            embeddings = embeddings.unsqueeze(0)
+        if embeddings.ndim != 4:
+            raise ValueError(
+                f"per-frame embeddings must be (B, F, T, C) or (F, T, C), got shape {tuple(embeddings.shape)}"
+            )
+        self.embeddings = embeddings
+        self.calls = 0
+
+    def clear(self) -> None:
+        self.embeddings = None
+
+    def conditioning(self, encoder_hidden_states: Tensor) -> Tensor:
+        """Replace the conditional half of SVD's (repeated) image embedding with the per-frame embeddings.
+
+        ``encoder_hidden_states`` is what the UNet gives a spatial cross-attention layer: (B·F, 1, C) without
+        classifier-free guidance, or (2·B·F, 1, C) as [uncond; cond] with it, where SVD's uncond embedding
+        is all zeros. The uncond half is kept as SVD made it, so guidance still pushes away from "no image".
+        """
+        assert self.embeddings is not None
+        b, f, t, c = self.embeddings.shape
+        n = b * f
+        if encoder_hidden_states.shape[-1] != c:
+            raise ValueError(
+                f"per-frame embeddings have {c} channels but the UNet's cross-attention receives "
+                f"{encoder_hidden_states.shape[-1]}; they must come from the pipeline's own image encoder"
+            )
+        cond = self.embeddings.reshape(n, t, c).to(encoder_hidden_states.device, encoder_hidden_states.dtype)
+        if encoder_hidden_states.shape[0] == n:
+            return cond
+        if encoder_hidden_states.shape[0] == 2 * n:
+            uncond = encoder_hidden_states[:n]
+            if uncond.shape[1] != t:
+                if uncond.shape[1] != 1:
+                    raise ValueError(
+                        f"cannot pair {uncond.shape[1]} unconditional tokens with {t} per-frame tokens"
+                    )
+                # One key/value token repeated T times gives the same attention output as the single token
+                # (T equal logits → weights 1/T), so the uncond half keeps SVD's meaning in a batch of T.
+                uncond = uncond.expand(n, t, c)
+            return torch.cat([uncond, cond])
+        raise ValueError(
+            f"the UNet's cross-attention batch is {encoder_hidden_states.shape[0]}, but the per-frame "
+            f"embeddings are for {b} video(s) × {f} frames = {n} (or {2 * n} with classifier-free guidance); "
+            "num_frames and the embeddings must agree"
+        )
+
+
+class PerFrameCrossAttnProcessor:
+    """Spatial cross-attention processor of SVD that conditions each frame on its own image embedding.
+
+    Wraps the layer's original processor and changes only its ``encoder_hidden_states``, so with per-frame
+    embeddings all equal to SVD's own embedding it computes exactly what the original computes.
+    """
+
+    def __init__(self, state: PerFrameEmbeddingState, processor: Any | None = None) -> None:
+        self.state = state
+        self.processor = processor if processor is not None else AttnProcessor2_0()
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+    ) -> Tensor:
+        if self.state.embeddings is not None and encoder_hidden_states is not None:
+            encoder_hidden_states = self.state.conditioning(encoder_hidden_states)
+            self.state.calls += 1
+        # temb only when given: some processors (not SVD's) have no such parameter.
+        extra = {"temb": temb} if temb is not None else {}
+        return self.processor(
+            attn,
+            hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            attention_mask=attention_mask,
+            **extra,
+        )
+
+
+def spatial_cross_attention_layers(unet: torch.nn.Module) -> list[str]:
+    """Processor names of the spatial cross-attention layers of an SVD UNet.
+
+    Read from the model's structure rather than matched by name: every ``TransformerSpatioTemporalModel``
+    holds its spatial blocks in ``transformer_blocks`` (per-frame tokens, (B·F, H·W, C)) and its temporal
+    blocks in ``temporal_transformer_blocks`` (per-position frames, (B·H·W, F, C)); only the spatial blocks'
+    ``attn2`` sees one embedding per frame.
+    """
+    names = [
+        f"{name}.transformer_blocks.{i}.attn2.processor"
+        for name, module in unet.named_modules()
+        if isinstance(module, TransformerSpatioTemporalModel)
+        for i, block in enumerate(module.transformer_blocks)
+        if getattr(block, "attn2", None) is not None
+    ]
+    if not names:
+        raise ValueError(
+            f"{type(unet).__name__} has no spatial cross-attention layers; expected Stable Video Diffusion's "
+            "UNetSpatioTemporalConditionModel"
+        )
+    return names
+
+
+@contextmanager
+def per_frame_conditioning(unet: torch.nn.Module, state: PerFrameEmbeddingState) -> Iterator[list[str]]:
+    """Install ``PerFrameCrossAttnProcessor`` on the spatial cross-attention layers for the ``with`` body.
+
+    The original processors (the same objects) are restored and the state cleared on exit, also on error.
+    Yields the names of the layers that were swapped.
+    """
+    original = unet.attn_processors
+    names = spatial_cross_attention_layers(unet)
+    swapped = {name: PerFrameCrossAttnProcessor(state, original[name]) for name in names}
+    # set_attn_processor pops entries from the dict it is given, so it always gets a copy.
+    unet.set_attn_processor({**original, **swapped})
+    try:
+        yield names
+    finally:
+        unet.set_attn_processor(dict(original))
+        state.clear()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Video files
+# --------------------------------------------------------------------------------------------------------
+
+
+def mp4_available() -> bool:
+    """Whether MP4 files can be written: needs ``imageio`` and ``imageio-ffmpeg`` (``MP4_PACKAGES``)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("imageio", "imageio_ffmpeg"))
+
+
+def _temp_path(path: Path) -> Path:
+    # Same suffix, because ffmpeg picks the container from it.
+    return path.with_name(f".{path.stem}.tmp{path.suffix}")
+
+
+def _write_gif(frames: Sequence[Image.Image], path: Path, fps: float) -> Path:
+    tmp = _temp_path(path)
+    first, *rest = [f.convert("RGB") for f in frames]
+    # GIF stores frame durations in 10 ms units; loop=0 loops forever, as a video preview should.
+    first.save(tmp, format="GIF", save_all=True, append_images=rest, duration=round(1000 / fps), loop=0)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_mp4(frames: Sequence[Image.Image], path: Path, fps: float) -> Path:
+    import imageio.v2 as imageio
+
+    tmp = _temp_path(path)
+    # yuv420p plays everywhere; SVD sizes are multiples of 8, so a macro block of 8 never resizes frames.
+    writer = imageio.get_writer(
+        tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=8
+    )
+    try:
+        for frame in frames:
+            writer.append_data(np.asarray(frame.convert("RGB")))
+    finally:
+        writer.close()
+    os.replace(tmp, path)
+    return path
+
+
+def write_video(
+    frames: Sequence[Image.Image], out_dir: str | os.PathLike, name: str, fps: float
+) -> tuple[Path, Path | None]:
+    """Write ``name.gif`` and, when ``mp4_available()``, ``name.mp4``; returns both paths (MP4 or None).
+
+    Files appear under their final names only when complete. Without an MP4 encoder a warning names the
+    packages to install and only the GIF is written.
+    """
+    if not frames:
+        raise ValueError("no frames to write")
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gif = _write_gif(frames, out / f"{name}.gif", fps)
+    if not mp4_available():
+        warnings.warn(
+            # One message for every clip, so Python's default filter shows it once, not per clip.
+            f"MP4 not written: it needs the PyPI packages {' and '.join(MP4_PACKAGES)} "
+            f"(pip install {' '.join(MP4_PACKAGES)}); writing GIF files only",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return gif, None
+    return gif, _write_mp4(frames, out / f"{name}.mp4", fps)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Transition pipeline
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TransitionResult:
+    """One transition clip: its frames, the (F, T, C) per-frame embeddings that conditioned it, its files."""
+
+    frames: list[Image.Image]
+    embeddings: Tensor
+    gif_path: Path | None = None
+    mp4_path: Path | None = None
+
+
+def check_predictor(predictor: torch.nn.Module, num_frames: int, embed_dim: int) -> None:
+    """Raise ``ValueError`` unless the predictor makes ``num_frames - 2`` embeddings of width ``embed_dim``.
+
+    The predictor's ``config.num_frames`` counts the intermediate frames only (endpoints excluded), and its
+    ``config.embed_dim`` must be the width of the video model's image embeddings.
+    """
+    config = getattr(predictor, "config", None)
+    if config is None:
+        return  # a plain module: its output shape is checked after the call
+    want, have = num_frames - 2, getattr(config, "num_frames", None)
+    if have is not None and have != want:
+        raise ValueError(
+            f"the motion predictor predicts {have} intermediate frames, but a {num_frames}-frame video needs "
+            f"{want} (num_frames - 2); use num_frames={have + 2} or a predictor trained for {want}"
+        )
+    dim = getattr(config, "embed_dim", None)
+    if dim is not None and dim != embed_dim:
+        raise ValueError(
+            f"the motion predictor works on {dim}-dim embeddings, but this video model's image encoder makes "
+            f"{embed_dim}-dim ones; the predictor must be trained on the same image encoder"
+        )
+
+
+def _load_image(image: ImageInput) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+class TransitionVideoPipeline:
+    """A clip from one image to another: SVD conditioned on the start image and on per-frame embeddings.
+
+    Frame 0 is conditioned on the start image's CLIP embedding, the last frame on the end image's, and the
+    frames between on the ``predictor``'s output (a ``SemanticMotionPredictor``, or any module mapping
+    (B, T, C) start and end embeddings to (B, L, T, C)) or, without one, on the linear interpolation of the
+    two. Embeddings come from SVD's own image encoder, the encoder the predictor is trained on (OpenCLIP
+    ViT-H/14 image embeds, 1024-dim, in real SVD). The predictor is put in eval mode.
+    """
+
+    def __init__(
+        self, svd_pipe: StableVideoDiffusionPipeline, predictor: torch.nn.Module | None = None
+    ) -> None:
+        self.svd_pipe = svd_pipe
+        self.predictor = predictor.eval() if predictor is not None else None
+        self.state = PerFrameEmbeddingState()
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.svd_pipe.image_encoder.config.projection_dim)
+
+    @torch.no_grad()
+    def encode_image(self, image: ImageInput) -> Tensor:
+        """(1, 1, C) image embedding, computed exactly as SVD computes its own conditioning embedding."""
+        pipe = self.svd_pipe
+        # SVD's own preprocessing (antialiased resize to 224², CLIP normalisation), so the start frame's
+        # embedding is bit-identical to the one SVD conditions on.
+        return pipe._encode_image(
+            _load_image(image),
+            pipe._execution_device,
+            num_videos_per_prompt=1,
+            do_classifier_free_guidance=False,
+        )
+
+    @torch.no_grad()
+    def frame_embeddings(self, start: Tensor, end: Tensor, num_frames: int) -> Tensor:
+        """(B, num_frames, T, C): start, the predicted (or interpolated) intermediates, end."""
+        if num_frames < 3:
+            raise ValueError(
+                f"num_frames must be >= 3 (start, at least one intermediate, end), got {num_frames}"
+            )
+        if start.shape != end.shape or start.ndim != 3:
+            raise ValueError(
+                "start and end embeddings must both be (B, T, C), "
+                f"got {tuple(start.shape)} and {tuple(end.shape)}"
+            )
+        steps = num_frames - 2
+        if self.predictor is None:
+            middle = linear_interpolation(start.float(), end.float(), steps)
+        else:
+            check_predictor(self.predictor, num_frames, start.shape[-1])
+            param = next(self.predictor.parameters(), None)
+            device, dtype = (param.device, param.dtype) if param is not None else (start.device, start.dtype)
+            middle = self.predictor(start.to(device, dtype), end.to(device, dtype))
+            expected = (start.shape[0], steps, *start.shape[1:])
+            if tuple(middle.shape) != expected:
+                raise ValueError(
+                    f"the motion predictor returned shape {tuple(middle.shape)}, "
+                    f"expected (B, L, T, C) = {expected}"
+                )
+        middle = middle.to(start.device, start.dtype)
+        return torch.cat([start.unsqueeze(1), middle, end.unsqueeze(1)], dim=1)
+
+    def __call__(
+        self,
+        start_image: ImageInput,
+        end_image: ImageInput,
+        *,
+        num_frames: int | None = None,
+        num_inference_steps: int = 25,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int = 0,
+        fps: int = 7,
+        motion_bucket_id: int = 127,
+        noise_aug_strength: float = 0.02,
+        decode_chunk_size: int | None = None,
+        min_guidance_scale: float = 1.0,
+        max_guidance_scale: float = 3.0,
+        out_dir: str | os.PathLike | None = None,
+        name: str = "transition",
+    ) -> TransitionResult:
+        """Generate the clip from ``start_image`` to ``end_image`` (PIL images or paths).
+
+        ``num_frames`` defaults to the predictor's frame count + 2, else to SVD's own default. ``height`` and
+        ``width`` (multiples of 8) default to the start image's size rounded down to multiples of 8.
+        ``max_guidance_scale <= 1`` turns classifier-free guidance off, as in SVD. The other settings are
+        SVD's. The same ``seed`` gives the same clip. With ``out_dir``, writes ``{name}.gif`` and, when an
+        encoder is installed (see ``MP4_PACKAGES``), ``{name}.mp4``.
+        """
+        start, end = _load_image(start_image), _load_image(end_image)
+        if num_frames is None:
+            config = getattr(self.predictor, "config", None)
+            predicted = getattr(config, "num_frames", None)
+            num_frames = predicted + 2 if predicted is not None else int(self.svd_pipe.unet.config.num_frames)
+        width = width or start.width // 8 * 8
+        height = height or start.height // 8 * 8
+        if height <= 0 or width <= 0 or height % 8 or width % 8:
+            raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
+        embeddings = self.frame_embeddings(self.encode_image(start), self.encode_image(end), num_frames)
+
+        with per_frame_conditioning(self.svd_pipe.unet, self.state):
+            self.state.set(embeddings)  # inside: leaving the block clears it, also on error
+            # A CPU generator draws the same noise on every device, so a seed names one clip everywhere.
+            output = self.svd_pipe(
+                start,
+                height=height,
+                width=width,
+                num_frames=num_frames,
+                num_inference_steps=num_inference_steps,
+                min_guidance_scale=min_guidance_scale,
+                max_guidance_scale=max_guidance_scale,
+                fps=fps,
+                motion_bucket_id=motion_bucket_id,
+                noise_aug_strength=noise_aug_strength,
+                decode_chunk_size=decode_chunk_size,
+                generator=torch.Generator("cpu").manual_seed(seed),
+                output_type="pil",
+            )
+        frames = list(output.frames[0])
+        result = TransitionResult(frames, embeddings[0].detach().float().cpu())
+        if out_dir is not None:
+            result.gif_path, result.mp4_path = write_video(frames, out_dir, name, fps)
+        return result
+
+
+# --------------------------------------------------------------------------------------------------------
+# Whole stories
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StoryVideoResult:
+    """Transitions between consecutive story frames and the concatenated story video."""
+
+    frame_paths: list[Path]
+    transitions: list[TransitionResult]
+    frames: list[Image.Image]
+    gif_path: Path
+    mp4_path: Path | None
+    metadata: dict = field(default_factory=dict)
+
+
+def _natural_key(path: Path) -> list[Any]:
+    # frame_1000 must come after frame_999, which a plain string sort gets wrong.
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path.name)]
+
+
+def read_story_frames(story_dir: str | os.PathLike) -> list[Path]:
+    """The frame images of a story, in story order.
+
+    Either a ``storydiff generate`` folder (``frames/frame_000.png ...`` and ``metadata.json``) or a plain
+    folder of PNGs, sorted by name (numbers in names compare as numbers). Raises ``FileNotFoundError`` for a
+    missing folder and ``ValueError`` for fewer than 2 frames; warns when the story run did not complete.
+    """
+    root = Path(story_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"story folder {root} does not exist")
+    frames_dir = root / "frames"
+    source = frames_dir if frames_dir.is_dir() else root
+    paths = sorted((p for p in source.glob("*.png") if not p.name.startswith(".")), key=_natural_key)
+    if len(paths) < 2:
+        raise ValueError(
+            f"{source} holds {len(paths)} PNG frame(s); a transition video needs at least 2 frames"
+        )
+    meta_path = root / "metadata.json"
+    if meta_path.is_file():
+        try:
+            status = json.loads(meta_path.read_text()).get("status")
+        except (json.JSONDecodeError, AttributeError):
+            status = "unreadable"
+        if status not in (None, "complete"):
+            warnings.warn(
+                f"story run in {root} has status {status!r}; using the {len(paths)} frames present",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return paths
+
+
+def story_transitions(
+    story_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    svd_pipe: StableVideoDiffusionPipeline,
+    predictor: torch.nn.Module | None = None,
+    *,
+    seed: int = 0,
+    fps: int = 7,
+    **kwargs: Any,
+) -> StoryVideoResult:
+    """Chain transition clips between consecutive story frames; write each clip and one story video.
+
+    Transition i goes from frame i to frame i+1 with seed ``seed + i`` and is written to
+    ``out_dir/transition_{i:03d}.gif`` (and ``.mp4``) before the next one starts, so an interrupted run keeps
+    its finished clips. ``story.gif`` / ``story.mp4`` concatenate them without repeating a story frame: each
+    clip but the last drops its final frame, which only approaches the next story frame, while the next
+    clip's first frame is conditioned on that frame itself. ``video.json`` records the settings and files.
+    Other keyword arguments go to ``TransitionVideoPipeline.__call__``.
+    """
+    paths = read_story_frames(story_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline = TransitionVideoPipeline(svd_pipe, predictor)
+    started = time.perf_counter()
+    transitions: list[TransitionResult] = []
+    for i, (a, b) in enumerate(itertools.pairwise(paths)):
+        name = f"transition_{i:03d}"
+        transitions.append(pipeline(a, b, seed=seed + i, fps=fps, out_dir=out, name=name, **kwargs))
+    frames = [f for t in transitions[:-1] for f in t.frames[:-1]] + transitions[-1].frames
+    gif, mp4 = write_video(frames, out, "story", fps)
+    metadata = {
+        "story_dir": str(Path(story_dir)),
+        "frames": [str(p) for p in paths],
+        "transitions": [
+            {
+                "from": str(a),
+                "to": str(b),
+                "seed": seed + i,
+                "gif": str(t.gif_path),
+                "mp4": str(t.mp4_path) if t.mp4_path else None,
+            }
+            for i, (a, b, t) in enumerate(zip(paths[:-1], paths[1:], transitions, strict=True))
+        ],
+        "story_gif": str(gif),
+        "story_mp4": str(mp4) if mp4 else None,
+        "predictor": type(predictor).__name__ if predictor is not None else "linear_interpolation",
+        "frames_per_clip": len(transitions[0].frames),
+        "settings": {
+            "seed": seed,
+            "fps": fps,
+            **{k: v for k, v in kwargs.items() if not isinstance(v, Tensor)},
+        },
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_json(out / "video.json", metadata)
+    return StoryVideoResult(paths, transitions, frames, gif, mp4, metadata)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)[xX](\d+)", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 1024x576, got {text!r}")
+    width, height = int(match[1]), int(match[2])
+    if width <= 0 or height <= 0 or width % 8 or height % 8:
+        raise argparse.ArgumentTypeError(f"width and height must be positive multiples of 8, got {text!r}")
+    return width, height
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _video_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="storydiff video",
+        description="Transition videos between consecutive frames of a story (a `storydiff generate` folder "
+        "or a folder of PNGs) with Stable Video Diffusion, each frame conditioned on its own CLIP embedding: "
+        "predicted by a Semantic Motion Predictor (--predictor) or linearly interpolated.",
+    )
+    parser.add_argument("--story-dir", required=True, help="story folder (frames/ + metadata.json, or PNGs)")
+    parser.add_argument("--out", required=True, help="output folder for the clips and the story video")
+    parser.add_argument(
+        "--svd",
+        required=True,
+        help="Stable Video Diffusion path or hub id, or tiny-svd (random weights, offline)",
+    )
+    parser.add_argument("--predictor", default=None, help="SemanticMotionPredictor folder (save_pretrained)")
+    parser.add_argument(
+        "--frames",
+        type=_positive_int,
+        default=None,
+        help="frames per clip (default: predictor's + 2, else SVD's)",
+    )
+    parser.add_argument("--steps", type=_positive_int, default=25, help="denoising steps")
+    parser.add_argument(
+        "--size", type=_parse_size, default=None, help="WxH (default: 64x64 for tiny-svd, else 1024x576)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first clip; clip i uses seed + i")
+    parser.add_argument("--fps", type=_positive_int, default=7)
+    parser.add_argument("--motion-bucket-id", type=int, default=127, help="SVD's amount-of-motion condition")
+    parser.add_argument("--noise-aug-strength", type=float, default=0.02)
+    parser.add_argument("--decode-chunk-size", type=_positive_int, default=None, help="frames per VAE decode")
+    parser.add_argument("--device", default=None, help="default: cuda if available")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None)
+    return parser
+
+
+class PredictorLoadError(RuntimeError):
+    """A path could not be loaded as a ``SemanticMotionPredictor``."""
+
+
+def _load_predictor(path: str, device: torch.device) -> torch.nn.Module:
+    try:
+        from .model import SemanticMotionPredictor
+    except ImportError as exc:
+        raise PredictorLoadError(
+            f"cannot load a motion predictor: storydiff.motion.model is unavailable ({exc})"
+        ) from exc
+    if not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(f"motion predictor folder {path} does not exist")
+    try:
+        predictor = SemanticMotionPredictor.from_pretrained(str(Path(path).expanduser()))
+    except Exception as exc:
+        raise PredictorLoadError(
+            f"cannot load motion predictor {path!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    # The predictor is small; float32 keeps its output close to how it was trained.
+    return predictor.to(device)
+
+
+def video_cli(argv: list[str]) -> int:
+    """``storydiff video``: returns 0 on success, 2 with an ``error:`` line on stderr otherwise."""
+    from .svd import TINY_SVD, SVDLoadError, load_svd_pipeline
+
+    parser = _video_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has already printed usage and its error (or the help)
+        return int(exc.code or 0)
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda given but no CUDA device is available")
+        read_story_frames(args.story_dir)  # fail on a bad story before loading any model
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        # The predictor first: it loads in a moment, and a bad path should not wait for the video model.
+        predictor = _load_predictor(args.predictor, device) if args.predictor else None
+        svd_pipe = load_svd_pipeline(args.svd, device, dtype)
+        width, height = args.size or ((64, 64) if args.svd == TINY_SVD else (1024, 576))
+        with warnings.catch_warnings():
+            # The note printed below says it once; the per-file warning would repeat it.
+            warnings.filterwarnings("ignore", message="MP4 not written", category=RuntimeWarning)
+            result = story_transitions(
+                args.story_dir,
+                args.out,
+                svd_pipe,
+                predictor,
+                seed=args.seed,
+                fps=args.fps,
+                num_frames=args.frames,
+                num_inference_steps=args.steps,
+                height=height,
+                width=width,
+                motion_bucket_id=args.motion_bucket_id,
+                noise_aug_strength=args.noise_aug_strength,
+                decode_chunk_size=args.decode_chunk_size,
+            )
+    except (FileNotFoundError, ValueError, SVDLoadError, PredictorLoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    written = [p for t in result.transitions for p in (t.gif_path, t.mp4_path) if p]
+    written += [p for p in (result.gif_path, result.mp4_path) if p]
+    print(f"{len(result.transitions)} transitions from {len(result.frame_paths)} frames; written:")
+    print("  " + "\n  ".join(str(p) for p in written))
+    if result.mp4_path is None:
+        print(f"note: no MP4 encoder; pip install {' '.join(MP4_PACKAGES)} to also write MP4 files")
+    return 0

@@ -1,0 +1,297 @@
+"""Long stories: window mode, chunked denoising, the tiled variant, checkpoints and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention
+from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from utils import Case, make_inputs
+
+from csa_kernels import consistent_attention, consistent_attention_reference
+from csa_kernels.tiled import tile_starts, tiled_consistent_attention
+from storydiff.attention import (
+    ConsistentAttnProcessor,
+    apply_consistent_attention,
+    remove_consistent_attention,
+)
+from storydiff.cli import main
+from storydiff.config import ConsistencyConfig
+from storydiff.longstory import CHECKPOINT, denoise_long_story
+from storydiff.models import build_tiny_pipeline
+from storydiff.state import ConsistencyState, LayerInfo
+
+NO_SKIP = {"warmup_steps": 0, "skip_prob_early": 0.0, "skip_prob_late": 0.0}
+
+
+def run(pipe, state, frames, chunk, steps=3, active=None):
+    return denoise_long_story(
+        pipe,
+        state,
+        prompts=[f"a man with a red scarf, scene {i}" for i in range(frames)],
+        negatives=[""] * frames,
+        active=active or [True] * frames,
+        seeds=list(range(frames)),
+        num_inference_steps=steps,
+        guidance_scale=5.0,
+        height=None,
+        width=None,
+        chunk_size=chunk,
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="module", params=["tiny-sdxl", "tiny-sd15"])
+def windowed(request):
+    pipe = build_tiny_pipeline(request.param, progress_bar=False)
+    state = apply_consistent_attention(pipe, ConsistencyConfig(window=2, seed=1, **NO_SKIP))
+    yield pipe, state
+    remove_consistent_attention(pipe)
+
+
+def test_one_chunk_equals_the_unchunked_pipeline_exactly(windowed):
+    """chunk_size >= frames: bit-identical to all frames in one diffusers pipeline call."""
+    pipe, state = windowed
+    frames, active = 6, [True, True, False, True, True, True]
+    ours = run(pipe, state, frames, chunk=frames, active=active)
+    assert torch.equal(ours, run(pipe, state, frames, chunk=50, active=active))
+
+    def next_step(pipe_, step, timestep, kwargs):
+        state.set_step(step + 1)
+        state.begin_chunk(0, frames)
+        return kwargs
+
+    state.begin_window(active)
+    state.begin_chunk(0, frames)
+    unchunked = pipe(
+        [f"a man with a red scarf, scene {i}" for i in range(frames)],
+        negative_prompt=[""] * frames,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        generator=[torch.Generator().manual_seed(i) for i in range(frames)],
+        output_type="latent",
+        callback_on_step_end=next_step,
+    ).images
+    state.end()
+    assert torch.equal(ours, unchunked)
+
+
+def test_small_chunks_run_and_stay_close(windowed):
+    pipe, state = windowed
+    whole, chunked = run(pipe, state, 6, chunk=6), run(pipe, state, 6, chunk=2)
+    relative = ((whole - chunked).norm() / whole.norm()).item()
+    assert 0 < relative < 0.05, relative
+
+
+def make_attention(window=1, seed=0):
+    torch.manual_seed(seed)
+    attn = Attention(query_dim=32, heads=2, dim_head=16).eval()
+    layer = LayerInfo("up_blocks.0.attentions.0.transformer_blocks.0.attn1.processor", 0, 16)
+    state = ConsistencyState(
+        ConsistencyConfig(rate=0.5, window=window, **NO_SKIP), [layer], offload_bank=False
+    )
+    attn.set_processor(ConsistentAttnProcessor(state, layer))
+    return attn, state, layer
+
+
+def project(attn, hidden):
+    return [
+        x.view(hidden.shape[0], -1, 2, 16).transpose(1, 2)
+        for x in (attn.to_q(hidden), attn.to_k(hidden), attn.to_v(hidden))
+    ]
+
+
+def finish(attn, out):
+    return attn.to_out[0](out.transpose(1, 2).flatten(2))
+
+
+def test_window_one_three_frames_matches_the_op():
+    attn, state, layer = make_attention(window=1)
+    hidden = torch.randn(3, 20, 32, generator=torch.Generator().manual_seed(2))
+    state.begin_window([True, True, True])
+    state.begin_chunk(0, 3)
+    with torch.no_grad():
+        ours = attn(hidden)
+        ref_idx = state.frame_reference_indices(layer, range(3), 20, hidden.device)
+        q, k, v = project(attn, hidden)
+        expected = finish(attn, consistent_attention(q, k, v, ref_idx, window=1))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_chunks_see_only_neighbours_computed_at_this_step():
+    """Forward sweep, chunks [0, 2) then [2, 3): frame 1 cannot see frame 2 yet; frame 2 sees frame 1."""
+    attn, state, layer = make_attention(window=1)
+    hidden = torch.randn(3, 20, 32, generator=torch.Generator().manual_seed(3))
+    state.begin_window([True, True, True])
+    with torch.no_grad():
+        state.begin_chunk(0, 2)
+        first = attn(hidden[:2])
+        state.end_chunk()
+        state.begin_chunk(2, 3)
+        second = attn(hidden[2:])
+        ref_idx = state.frame_reference_indices(layer, range(3), 20, hidden.device)
+        q, k, v = project(attn, hidden)
+        frame1 = consistent_attention_reference(q[:2], k[:2], v[:2], ref_idx[:2], window=1)
+        frame2 = consistent_attention_reference(q[1:], k[1:], v[1:], ref_idx[1:], window=1)
+    torch.testing.assert_close(first, finish(attn, frame1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(second, finish(attn, frame2[1:]), rtol=1e-5, atol=1e-6)
+
+
+class AllocationTracker(TorchDispatchMode):
+    """Live and peak bytes of CPU tensor storages created while active (views share their storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs, self.size, self.live, self.peak = {}, {}, 0, 0
+
+    def _release(self, ptr):
+        self.refs[ptr] -= 1
+        if self.refs[ptr] == 0:
+            self.live -= self.size.pop(ptr)
+            del self.refs[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr():
+                ptr = tensor.untyped_storage().data_ptr()
+                if ptr not in self.refs:
+                    self.refs[ptr], self.size[ptr] = 0, tensor.untyped_storage().nbytes()
+                    self.live += self.size[ptr]
+                    self.peak = max(self.peak, self.live)
+                self.refs[ptr] += 1
+                weakref.finalize(tensor, self._release, ptr)
+        return out
+
+
+def test_peak_memory_does_not_grow_with_story_length():
+    pipe = build_tiny_pipeline("tiny-sd15", progress_bar=False)
+    state = apply_consistent_attention(pipe, ConsistencyConfig(window=1, **NO_SKIP))
+    run(pipe, state, 2, chunk=1, steps=1)  # warm-up: lazy initialisations are not the story's memory
+
+    def peak(frames, chunk):
+        with AllocationTracker() as tracker:
+            run(pipe, state, frames, chunk=chunk, steps=1)
+        return tracker.peak
+
+    short, long, unchunked = peak(3, 1), peak(9, 1), peak(9, 9)
+    # what does grow: each frame's latents (4 x 16 x 16 floats) and each chunk's scheduler copy
+    assert long - short <= 6 * (4 * 16 * 16 * 4 + 32 * 1024), (short, long)
+    assert unchunked > 2 * long  # the measurement does see batch size
+
+
+def test_tiled_variant_averages_tiles():
+    inputs = make_inputs(Case(5, 2, 12, 8, 4), torch.float64)
+    q, k, v, ref_idx = (inputs[key] for key in ("q", "k", "v", "ref_idx"))
+    ours = tiled_consistent_attention(q, k, v, ref_idx, tile=3, stride=1)
+    expected = torch.zeros_like(q)
+    counts = torch.zeros(5)
+    for start in tile_starts(5, 3, 1):
+        frames = slice(start, start + 3)
+        expected[frames] += consistent_attention_reference(
+            q[frames], k[frames], v[frames], ref_idx[frames], upcast=False
+        )
+        counts[frames] += 1
+    torch.testing.assert_close(ours, expected / counts[:, None, None, None], rtol=1e-10, atol=1e-10)
+    assert (
+        tile_starts(7, 3, 2) == [0, 2, 4]
+        and tile_starts(8, 3, 2) == [0, 2, 4, 5]
+        and tile_starts(2, 3, 1) == [0]
+    )
+
+
+STORY = "[Bob] a man with red hair, wearing a black suit\n---\n" + "".join(
+    f"[Bob] scene {i} of the journey #part {i}\n" if i != 3 else "[NC] a quiet street\n" for i in range(7)
+)
+
+
+def generate(tmp_path, out, *extra):
+    story = tmp_path / "story.txt"
+    story.write_text(STORY)
+    args = ["generate", "--model", "tiny-sd15", "--story", str(story), "--out", str(tmp_path / out)]
+    return main([*args, "--mode", "window", "--window", "1", "--chunk-size", "3", *extra])
+
+
+def frames(folder):
+    return [np.asarray(Image.open(p)) for p in sorted((folder / "frames").glob("frame_*.png"))]
+
+
+def test_window_mode_cli_and_tiled_option(tmp_path):
+    assert generate(tmp_path, "a", "--steps", "3", "--checkpoint-every", "1") == 0
+    meta = json.loads((tmp_path / "a" / "metadata.json").read_text())
+    assert meta["status"] == "complete" and meta["mode"] == "window" and meta["consistency"]["window"] == 1
+    assert len(frames(tmp_path / "a")) == 7 and not (tmp_path / "a" / CHECKPOINT).exists()
+    assert generate(tmp_path, "b", "--steps", "3", "--tile", "3") == 0
+    assert len(frames(tmp_path / "b")) == 7
+
+
+def test_kill_then_resume_gives_the_uninterrupted_frames(tmp_path):
+    assert generate(tmp_path, "whole", "--steps", "40") == 0
+    story = tmp_path / "story.txt"
+    command = [
+        sys.executable,
+        "-m",
+        "storydiff.cli",
+        "generate",
+        "--model",
+        "tiny-sd15",
+        "--story",
+        str(story),
+    ]
+    command += ["--out", str(tmp_path / "killed"), "--mode", "window", "--window", "1", "--chunk-size", "3"]
+    command += ["--steps", "40", "--checkpoint-every", "2"]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ)
+    )
+    checkpoint = tmp_path / "killed" / CHECKPOINT
+    deadline = time.time() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    meta = json.loads((tmp_path / "killed" / "metadata.json").read_text())
+    assert meta["status"] == "running" and not list((tmp_path / "killed" / "frames").glob("*.png"))
+    assert main(["generate", "--resume", str(tmp_path / "killed")]) == 0
+    resumed, whole = frames(tmp_path / "killed"), frames(tmp_path / "whole")
+    assert len(resumed) == 7 and all(np.array_equal(a, b) for a, b in zip(resumed, whole, strict=True))
+
+
+def test_corrupt_or_foreign_checkpoint_is_a_clear_error(windowed, tmp_path):
+    pipe, state = windowed
+    path = tmp_path / CHECKPOINT
+    settings = {
+        "prompts": ["a man, scene 0", "a man, scene 1", "a man, scene 2"],
+        "negatives": [""] * 3,
+        "active": [True] * 3,
+        "seeds": [0, 1, 2],
+        "num_inference_steps": 2,
+        "guidance_scale": 5.0,
+        "height": None,
+        "width": None,
+        "chunk_size": 2,
+        "progress": False,
+    }
+    denoise_long_story(pipe, state, checkpoint_path=path, checkpoint_every=1, **settings)
+    assert path.exists()
+    with pytest.raises(ValueError, match=r"different run .*seeds"):
+        denoise_long_story(pipe, state, checkpoint_path=path, resume=True, **{**settings, "seeds": [5, 6, 7]})
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt checkpoint"):
+        denoise_long_story(pipe, state, checkpoint_path=path, resume=True, **settings)
+
+
+def test_resume_needs_an_unfinished_window_run(tmp_path, capsys):
+    assert generate(tmp_path, "a", "--steps", "2") == 0
+    assert main(["generate", "--resume", str(tmp_path / "a")]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert main(["generate", "--resume", str(tmp_path / "missing")]) == 2
