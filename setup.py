@@ -24,6 +24,8 @@ setup(
         "diffusers>=0.30",
         "transformers>=4.40",
         "nvidia-ml-py",
+        "imageio",  # transition videos: MP4 through imageio-ffmpeg's bundled ffmpeg, GIF through PIL
+        "imageio-ffmpeg",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark", "hypothesis", "ruff"],

@@ -311,10 +311,42 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="default: cuda if available")
     gen.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on CUDA, fp32 on CPU")
     gen.set_defaults(run=_generate)
+
+    # These two parse their own options (`storydiff video --help`, `storydiff train-motion --help`).
+    video = sub.add_parser(
+        "video",
+        add_help=False,
+        help="transition videos between consecutive frames of a story (Stable Video Diffusion)",
+    )
+    video.add_argument("args", nargs=argparse.REMAINDER)
+    video.set_defaults(run=_video)
+    train = sub.add_parser(
+        "train-motion", add_help=False, help="train the Semantic Motion Predictor on videos or frame folders"
+    )
+    train.add_argument("args", nargs=argparse.REMAINDER)
+    train.set_defaults(run=_train_motion)
     return parser
 
 
+def _video(args: argparse.Namespace) -> int:
+    from .motion.video import video_cli
+
+    return video_cli(args.args)
+
+
+def _train_motion(args: argparse.Namespace) -> int:
+    from .motion.train import train_motion_cli
+
+    return train_motion_cli(args.args)
+
+
+_SELF_PARSING = {"video": _video, "train-motion": _train_motion}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in _SELF_PARSING:  # argparse's REMAINDER cannot pass on a leading --help
+        return _SELF_PARSING[argv[0]](argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.run(args)
 

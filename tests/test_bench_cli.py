@@ -9,6 +9,7 @@ from utils import Case, assert_matches_reference, make_inputs
 import storydiff.benchmark.op_suite as op_suite
 from storydiff.benchmark.op_suite import OpCase
 from storydiff.benchmark.providers import flex, official_a, official_b
+from storydiff.benchmark.vram import MODES
 from storydiff.cli import main
 
 
@@ -111,12 +112,10 @@ def test_profile_vram_without_gpu_profiles_host_memory(tmp_path, capsys):
     assert "NVML unavailable" in out and "host memory" in out
     (json_path,) = tmp_path.glob("vram-tiny-sdxl_*[0-9].json")
     rows = json.loads(json_path.read_text())
-    assert {(row["mode"], row["frames"]) for row in rows} == {
-        (mode, n) for mode in ("official_a", "official_b", "ours", "ours_offload") for n in (2, 3)
-    }
+    assert {(row["mode"], row["frames"]) for row in rows} == {(mode, n) for mode in MODES for n in (2, 3)}
     assert all(row["source"] == "host-rss" and row["peak_bytes"] > 0 for row in rows)
     timeline = json.loads(json_path.with_name(json_path.stem + "_timeline.json").read_text())
-    assert set(timeline) == {"official_a", "official_b", "ours", "ours_offload"} and timeline["ours"]
+    assert set(timeline) == set(MODES) and timeline["ours"]
     for suffix in ("_timeline.png", "_peak.png"):
         assert json_path.with_name(json_path.stem + suffix).read_bytes()[:4] == b"\x89PNG"
 

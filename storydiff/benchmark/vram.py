@@ -7,6 +7,8 @@ length while a ``MemorySampler`` records memory. Modes:
     official_b     official variant B: sampled hidden-state bank, per-frame loop
     ours           our processors: sampled K/V bank on the GPU, read frames batched
     ours_offload   ours with the bank in pinned CPU memory, prefetched layer by layer
+    window         long-story mode: neighbours within 2 frames, chunks of 4 frames per UNet call
+    window_unchunked  the same consistency with the whole story in one UNet batch (for contrast)
 
 Without NVML (no GPU) the sampler falls back to host RSS, which only shows that the plumbing works.
 """
@@ -25,7 +27,8 @@ from ..pipeline import StoryDiffusionPipeline
 from .memory import MemorySampler, plot_memory_timeline, plot_peak_vs_length
 from .official import install_official
 
-MODES = ("official_a", "official_b", "ours", "ours_offload")
+MODES = ("official_a", "official_b", "ours", "ours_offload", "window", "window_unchunked")
+WINDOW, CHUNK = 2, 4
 
 
 def story_text(frames: int) -> str:
@@ -51,11 +54,21 @@ def _run_official(
         state.bank.clear()
 
 
-def _run_ours(pipe, offload: bool, frames: int, call: dict, id_frames: int, read_batch: int, sampler) -> None:
-    story = StoryDiffusionPipeline(pipe, ConsistencyConfig(offload_bank=offload))
+def _run_ours(pipe, mode: str, frames: int, call: dict, id_frames: int, read_batch: int, sampler) -> None:
+    window = mode.startswith("window")
+    config = ConsistencyConfig(offload_bank=mode == "ours_offload", window=WINDOW if window else None)
+    story = StoryDiffusionPipeline(pipe, config)
+    extra = {"mode": "window", "chunk_size": CHUNK if mode == "window" else frames} if window else {}
     try:
-        sampler.mark("write + read")
-        story(story_text(frames), id_frames=id_frames, read_batch_size=read_batch, progress=False, **call)
+        sampler.mark(mode)
+        story(
+            story_text(frames),
+            id_frames=id_frames,
+            read_batch_size=read_batch,
+            progress=False,
+            **call,
+            **extra,
+        )
     finally:
         story.close()
 
@@ -95,7 +108,7 @@ def profile_story_lengths(
                 if mode.startswith("official"):
                     _run_official(pipe, mode[-1], frames, call, id_frames, sampler)
                 else:
-                    _run_ours(pipe, mode == "ours_offload", frames, call, id_frames, read_batch, sampler)
+                    _run_ours(pipe, mode, frames, call, id_frames, read_batch, sampler)
             rows.append(
                 {
                     "mode": mode,

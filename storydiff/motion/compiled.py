@@ -194,7 +194,9 @@ def benchmark_compiled(
     """
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = dtype if dtype is not None else (torch.float16 if dev.type == "cuda" else torch.float32)
-    model = model.to(dev, dt).eval()
+    # nn.Module.to, not ModelMixin.to: diffusers 0.42 warns about fp32-pinned modules on every dtype cast,
+    # even when (as here) there are none.
+    model = torch.nn.Module.to(model, dev, dt).eval()
     return [
         _benchmark_one(model, batch, num_tokens, mode=mode, warmup=warmup, iters=iters)
         for batch in batch_sizes
