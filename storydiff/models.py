@@ -308,7 +308,7 @@ def _check_text_to_image(pipe: Any, model: str) -> None:
         )
 
 
-def _looks_like_local_path(model: str) -> bool:
+def looks_like_local_path(model: str) -> bool:
     # Hub ids are "name" or "org/name" and never start like this, so these can only mean a local path.
     return model.startswith(("/", ".", "~")) or os.path.isabs(model) or os.path.exists(model)
 
@@ -333,7 +333,7 @@ def load_pipeline(
         pipe = build_tiny_pipeline(model, seed=seed, dtype=dtype, progress_bar=progress_bar, device=device)
     else:
         offline_hint = f"(for offline use, the built-in random-weight models {', '.join(TINY_MODELS)} exist)"
-        if _looks_like_local_path(model) and not os.path.exists(os.path.expanduser(model)):
+        if looks_like_local_path(model) and not os.path.exists(os.path.expanduser(model)):
             # Caught here so that a mistyped path never turns into a hub request.
             raise ModelLoadError(f"cannot load model {model!r}: local path does not exist {offline_hint}")
         try:

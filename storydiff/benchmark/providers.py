@@ -16,14 +16,19 @@ import torch.nn.functional as F
 from csa_kernels import attended_keys, consistent_attention, consistent_attention_reference
 
 
+def _sampled(ref_idx: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(B, N) bool: which tokens each frame offers (the official code's per-token draw, as a mask)."""
+    sampled = torch.zeros(ref_idx.shape[0], tokens, dtype=torch.bool, device=ref_idx.device)
+    return sampled.scatter_(1, ref_idx, True)
+
+
 def official_a(q, k, v, ref_idx, *, groups=1, window=None, bank_k=None, bank_v=None):
     """Variant A: all frames of a CFG half in one SDPA call with a dense (F·N)² boolean mask."""
     if window is not None or bank_k is not None:
         raise NotImplementedError("official variant A has no window and no bank at op level")
     frames, heads, tokens, dim = q.shape
     per_group = frames // groups
-    sampled = torch.zeros(frames, tokens, dtype=torch.bool, device=q.device)
-    sampled.scatter_(1, ref_idx, True)
+    sampled = _sampled(ref_idx, tokens)
     frame_of = torch.arange(per_group * tokens, device=q.device) // tokens
     # a frame sees all its own tokens and the sampled tokens of every frame of its half
     own = frame_of[:, None] == frame_of[None, :]
@@ -70,9 +75,7 @@ def flex(q, k, v, ref_idx, *, groups=1, window=None, bank_k=None, bank_v=None):
         raise NotImplementedError("the flex provider covers the official-A mask (no window, no bank)")
     frames, heads, tokens, dim = q.shape
     per_group = frames // groups
-    sampled = torch.zeros(frames, tokens, dtype=torch.bool, device=q.device)
-    sampled.scatter_(1, ref_idx, True)
-    sampled = sampled.reshape(groups, per_group * tokens)
+    sampled = _sampled(ref_idx, tokens).reshape(groups, per_group * tokens)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (q_idx // tokens == kv_idx // tokens) | sampled[b, kv_idx]

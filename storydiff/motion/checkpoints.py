@@ -68,7 +68,8 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path) -> tuple[SemanticMotionPredictor, dict[str, Any]]:
     """The model and the training state saved in one checkpoint folder."""
     path = Path(path)
-    model = SemanticMotionPredictor.from_pretrained(path)
+    # low_cpu_mem_usage=False: the model is small, and without accelerate diffusers would log a warning.
+    model = SemanticMotionPredictor.from_pretrained(path, low_cpu_mem_usage=False)
     # weights_only: the state is tensors, numbers, strings and containers of them — nothing to unpickle.
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     return model, state

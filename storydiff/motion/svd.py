@@ -20,6 +20,8 @@ from diffusers import (
 )
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from ..models import looks_like_local_path
+
 try:
     # transformers 5: the PIL/numpy backend; the default class would warn that torchvision is missing
     # (there is no CPU build of torchvision on our machines) and then fall back to this one anyway.
@@ -140,11 +142,6 @@ def build_tiny_svd_pipeline(
     return pipe.to(torch.device(device))
 
 
-def _looks_like_local_path(model: str) -> bool:
-    # Hub ids are "name" or "org/name" and never start like this, so these can only mean a local path.
-    return model.startswith(("/", ".", "~")) or os.path.isabs(model) or os.path.exists(model)
-
-
 def load_svd_pipeline(
     model: str,
     device: str | torch.device = "cpu",
@@ -164,7 +161,7 @@ def load_svd_pipeline(
         return build_tiny_svd_pipeline(seed, dtype=dtype, device=device, progress_bar=progress_bar)
     hint = f"(for offline use, the built-in random-weight model {TINY_SVD!r} exists)"
     path = os.path.expanduser(model)
-    if _looks_like_local_path(model) and not os.path.exists(path):
+    if looks_like_local_path(model) and not os.path.exists(path):
         # Caught here so that a mistyped path never turns into a hub request.
         raise SVDLoadError(f"cannot load SVD model {model!r}: local path does not exist {hint}")
     try:
