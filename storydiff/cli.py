@@ -53,6 +53,23 @@ def _bench(args: argparse.Namespace) -> int:
         if not args.no_plot:
             title = f"SDXL UNet ({model}) step, 4 identity frames, {env['device']}"
             written.append(plot_rows(rows, written[-2].with_suffix(".png"), title, UNET_PANELS))
+    if args.suite == "motion":
+        from .motion.compiled import benchmark_compiled
+        from .motion.model import SemanticMotionPredictor
+
+        # paper-like predictor on a GPU (CLIP ViT-H/14 width 1024, 8 layers); a small one on a CPU
+        gpu_size = {"embed_dim": 1024, "hidden_dim": 1024, "num_layers": 8}
+        cpu_size = {"embed_dim": 64, "hidden_dim": 64, "num_layers": 2, "num_heads": 4}
+        size = gpu_size if device.type == "cuda" else cpu_size
+        model = SemanticMotionPredictor(num_frames=14, **size)
+        rows = [{**row, **env} for row in benchmark_compiled(model, (1, 8), device)]
+        for row in rows:
+            eager, compiled, speedup = row["eager_ms"], row["compiled_ms"], row["speedup"]
+            print(
+                f"motion predictor batch {row['batch_size']}: eager {eager:.2f} ms, "
+                f"compiled {compiled:.2f} ms ({speedup:.2f}x, outputs match: {row['match']})"
+            )
+        written += [*save_rows(rows, out, "motion-compiled", env["device"])]
     print("written:\n  " + "\n  ".join(str(p) for p in written))
     return 0
 
@@ -223,7 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
         "and the identity bank each keeps. Default: real sizes on a GPU, a small configuration (about a "
         "minute) on a CPU.",
     )
-    bench.add_argument("--suite", choices=("op", "unet", "all"), default="all")
+    bench.add_argument(
+        "--suite",
+        choices=("op", "unet", "all", "motion"),
+        default="all",
+        help="all = op + unet; motion: compiled vs eager Semantic Motion Predictor at batch 1 and 8",
+    )
     bench.add_argument(
         "--size",
         choices=("auto", "cpu", "full", "headline"),
