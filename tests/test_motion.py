@@ -11,6 +11,7 @@ import os
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,17 +21,18 @@ from storydiff.motion.data import build_datasets, split_videos
 from storydiff.motion.encoder import build_tiny_encoder
 from storydiff.motion.model import SemanticMotionPredictor
 from storydiff.motion.synthetic import make_synthetic_videos
-from storydiff.motion.train import train_motion, train_motion_cli
+from storydiff.motion.train import train_motion
+from storydiff.motion.train_cli import train_motion_cli
 from storydiff.motion.video_sources import find_videos
 
 SMALL = {"embed_dim": 32, "num_frames": 4, "hidden_dim": 32, "num_layers": 2, "num_heads": 4, "max_tokens": 8}
 TINY_TRAIN = {"hidden_dim": 32, "num_layers": 1, "num_heads": 4}
 
 
-def _small_model(seed: int = 0, **overrides) -> SemanticMotionPredictor:
+def _small_model(seed: int = 0) -> SemanticMotionPredictor:
     """A small predictor whose residual branch is switched on (random output projection)."""
     torch.manual_seed(seed)
-    model = SemanticMotionPredictor(**{**SMALL, **overrides}).eval()
+    model = SemanticMotionPredictor(**SMALL).eval()
     with torch.no_grad():
         model.out_proj.weight.normal_(0, 0.2)
         model.out_proj.bias.normal_(0, 0.2)
@@ -98,6 +100,8 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(loaded(start, end), model(start, end))
 
 
+# Inductor's CPU backend imports torch.utils.mkldnn, which uses the deprecated torch.jit.script_method.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_matches_eager():
     from storydiff.motion.compiled import compile_predictor
 
@@ -138,6 +142,29 @@ def test_bad_config_raises(overrides, match):
         SemanticMotionPredictor(**{**SMALL, **overrides})
 
 
+# --- encoder -------------------------------------------------------------------------------------------
+
+
+def test_encoder_outputs_and_loading_from_a_folder(tmp_path):
+    from storydiff.motion.encoder import ImageEncoder
+    from storydiff.motion.synthetic import render_orbit_frames
+
+    frames = render_orbit_frames(3, rng=np.random.default_rng(0))
+    tiny = build_tiny_encoder(embed_dim=32)
+    pooled, tokens = tiny.encode(frames), tiny.encode_tokens(frames)
+    assert pooled.shape == (3, 1, 32) and tokens.shape == (3, tiny.num_tokens, tiny.token_dim)
+    assert not any(p.requires_grad for p in tiny.model.parameters())
+    # Embeddings must depend on where the shape is, or there is no motion to predict.
+    assert torch.nn.functional.cosine_similarity(pooled[0, 0], pooled[2, 0], dim=0) < 0.99
+
+    tiny.model.save_pretrained(tmp_path / "clip")  # no preprocessor_config.json: CLIP defaults at 32²
+    loaded = ImageEncoder.from_pretrained(tmp_path / "clip")
+    assert torch.equal(loaded.encode(frames), pooled)
+    assert loaded.identity != tiny.identity
+    with pytest.raises(FileNotFoundError, match="could not load a CLIP vision model"):
+        ImageEncoder.from_pretrained(tmp_path / "missing")
+
+
 # --- data ----------------------------------------------------------------------------------------------
 
 
@@ -152,14 +179,33 @@ def test_missing_empty_and_unreadable_data_folders(tmp_path):
     junk.mkdir()
     (junk / "broken.gif").write_bytes(b"not a gif")
     (junk / "no_frames").mkdir()
+    (junk / "clip.mp4").write_bytes(b"not a video")  # skipped: imageio missing, or it cannot read it
     with (
         pytest.warns(UserWarning) as caught,
         pytest.raises(ValueError, match=re.escape(f"no readable videos in data folder {junk}")),
     ):
         find_videos(junk)
-    messages = sorted(str(w.message) for w in caught)
+    # Only our skip notices: a failed ffmpeg probe can also leak ResourceWarnings from inside imageio.
+    messages = sorted(str(w.message) for w in caught if issubclass(w.category, UserWarning))
+    assert len(messages) == 3
     assert "broken.gif: not a readable GIF" in messages[0]
-    assert "no_frames: folder has no frame images" in messages[1]
+    assert "clip.mp4: " in messages[1] and "imageio" in messages[1]
+    assert "no_frames: folder has no frame images" in messages[2]
+
+
+def test_mp4_is_read_when_imageio_is_installed(tmp_path):
+    pytest.importorskip("imageio_ffmpeg", reason="mp4 support is optional (imageio + imageio-ffmpeg)")
+    import imageio.v3 as iio
+
+    from storydiff.motion.synthetic import render_orbit_frames
+    from storydiff.motion.video_sources import read_frames
+
+    frames = render_orbit_frames(12, rng=np.random.default_rng(0))
+    iio.imwrite(tmp_path / "orbit.mp4", np.stack([np.asarray(f) for f in frames]), fps=8)
+    (source,) = find_videos(tmp_path)
+    assert (source.kind, source.num_frames) == ("video", 12)
+    decoded = read_frames(source)
+    assert len(decoded) == 12 and decoded[0].size == (32, 32)
 
 
 def test_short_videos_are_skipped_then_refused(small_videos, tmp_path):
@@ -198,6 +244,16 @@ def test_embedding_cache_is_reused(small_videos, tmp_path):
     os.utime(frame, ns=(frame.stat().st_atime_ns, frame.stat().st_mtime_ns + 10**9))
     build_datasets(small_videos, encoder, num_frames=4, cache_dir=tmp_path / "cache")
     assert calls == [10]
+
+
+def test_clip_dataset_indexing():
+    from storydiff.motion.data import ClipDataset
+
+    videos = [torch.arange(12.0).view(12, 1, 1), 100 + torch.arange(5.0).view(5, 1, 1)]
+    clips = ClipDataset(videos, num_frames=2, stride=2)  # a clip spans (2 + 1)·2 + 1 = 7 frames
+    assert len(clips) == 12 - 7 + 1  # the 5-frame video is too short for any clip
+    start, middle, end = clips[3]
+    assert (start.item(), middle.flatten().tolist(), end.item()) == (3.0, [5.0, 7.0], 9.0)
 
 
 def test_split_is_by_video_and_seeded(small_videos):

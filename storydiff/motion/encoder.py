@@ -64,8 +64,8 @@ class ImageEncoder:
             model = CLIPVisionModelWithProjection.from_pretrained(str(path_or_id), **kwargs)
         except OSError as exc:
             raise FileNotFoundError(
-                f"could not load a CLIP vision model from {str(path_or_id)!r}: {exc}. Pass a local folder "
-                "with config.json and weights (nothing is downloaded on offline machines), or 'tiny'."
+                f"could not load a CLIP vision model from {str(path_or_id)!r} (pass a local folder with "
+                f"config.json and weights — nothing is downloaded on offline machines — or 'tiny'): {exc}"
             ) from exc
         try:
             processor = _processor_class().from_pretrained(str(path_or_id), **kwargs)

@@ -17,13 +17,12 @@ Output folder::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
-import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +35,12 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import ClipDataset, build_datasets
+from .data import ClipDataset, MotionData, build_datasets
 from .encoder import ImageEncoder, build_tiny_encoder
 from .evaluate import evaluate
 from .model import SemanticMotionPredictor
 
-__all__ = ["TrainResult", "evaluate", "train_motion", "train_motion_cli"]
+__all__ = ["DEFAULT_MODEL", "TrainResult", "evaluate", "train_motion"]
 
 # Paper-sized transformer (≈ 8 layers, hidden 1024); everything here can be overridden.
 DEFAULT_MODEL = {"hidden_dim": 1024, "num_layers": 8, "num_heads": 16, "dropout": 0.0}
@@ -148,6 +147,35 @@ def _plot_losses(losses: Sequence[float], heldout: dict[str, Any], path: Path) -
     fig.savefig(path)
 
 
+def _load_for_resume(checkpoint: Path, run: dict[str, Any]) -> tuple[SemanticMotionPredictor, dict[str, Any]]:
+    model, state = load_checkpoint(checkpoint)
+    changed = [k for k in _RESUME_KEYS if state["run"].get(k) != run[k]]
+    if changed:
+        details = "; ".join(f"{k}: {state['run'].get(k)!r} → {run[k]!r}" for k in changed)
+        raise ValueError(f"cannot resume {checkpoint}: settings differ from the checkpoint's ({details})")
+    return model, state
+
+
+def _write_report(
+    model: SemanticMotionPredictor, data: MotionData, losses: list[float], out: Path
+) -> dict[str, Any]:
+    """eval.json (held-out and, to show over-fitting, up to 64 training videos) and loss.png."""
+    heldout = evaluate(model, data.heldout)
+    train_subset = ClipDataset(data.train.embeddings[:64], data.train.num_frames, stride=data.train.stride)
+    report = {
+        "heldout": heldout,
+        "train": evaluate(model, train_subset),
+        "steps": len(losses),
+        "final_loss": losses[-1] if losses else None,
+        "heldout_videos": [str(s.path) for s in data.heldout_sources],
+        "train_videos": len(data.train_sources),
+    }
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    if losses:
+        _plot_losses(losses, heldout, out / "loss.png")
+    return heldout
+
+
 def train_motion(
     data_dir: str | Path,
     out_dir: str | Path,
@@ -193,11 +221,13 @@ def train_motion(
         seed: model init, batch order, dropout and the held-out split.
         checkpoint_every: steps between checkpoints (the last step is always saved).
         keep_checkpoints: newest checkpoints to keep.
-        resume: continue from the newest checkpoint in ``out_dir`` (same settings required).
+        resume: continue from the newest checkpoint in ``out_dir`` (same settings required); without
+            one, start fresh.
         holdout: fraction of videos held out (at least one).
         cache_dir: embedding cache; default ``out_dir/embedding_cache``.
         device: default CUDA when available.
-        model_config: overrides of the model's config (``hidden_dim``, ``num_layers``, ``num_heads``, ...).
+        model_config: overrides of the model's config (``hidden_dim``, ``num_layers``, ``num_heads``,
+            ``dropout``, ``mlp_ratio``); ``embed_dim``, ``num_frames`` and ``max_tokens`` follow the data.
         progress: tqdm progress bar.
         callback: called as ``callback(step, loss)`` after every step (and after its checkpoint).
 
@@ -240,6 +270,10 @@ def train_motion(
         seed=seed,
     )
     if len(data.train) < batch_size:
+        warnings.warn(
+            f"batch_size {batch_size} > {len(data.train)} training clips; using {len(data.train)}",
+            stacklevel=2,
+        )
         batch_size = len(data.train)
     order = _BatchOrder(len(data.train), batch_size, seed)
     if epochs is not None:
@@ -275,11 +309,7 @@ def train_motion(
     model = SemanticMotionPredictor(**config)
     start_step, losses, state = 0, [], None
     if latest is not None:
-        model, state = load_checkpoint(latest)
-        changed = [k for k in _RESUME_KEYS if state["run"].get(k) != run[k]]
-        if changed:
-            details = "; ".join(f"{k}: {state['run'].get(k)!r} → {run[k]!r}" for k in changed)
-            raise ValueError(f"cannot resume {latest}: settings differ from the checkpoint's ({details})")
+        model, state = _load_for_resume(latest, run)
         start_step, losses = state["step"], list(state["losses"])
     model.to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -291,50 +321,37 @@ def train_motion(
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps({**run, "device": str(dev), "bf16": amp}, indent=2))
-    bar = tqdm(total=steps, initial=start_step, disable=not progress, desc="train-motion", unit="step")
     model.train()
-    for step in range(start_step, steps):
-        start, target, end = _collate(data.train, order.indices(step), dev)
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-            pred = model(start, end)
-        loss = F.mse_loss(pred.float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        done = step + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4g}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        if done % checkpoint_every == 0 or done == steps:
-            train_state = {
-                "step": done,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(),
-                "losses": losses,
-                "run": run,
-            }
-            save_checkpoint(out, done, model, train_state, keep_last=keep_checkpoints)
-        if callback is not None:
-            callback(done, losses[-1])
-    bar.close()
+    with tqdm(total=steps, initial=start_step, disable=not progress, desc="train-motion", unit="step") as bar:
+        for step in range(start_step, steps):
+            start, target, end = _collate(data.train, order.indices(step), dev)
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+                pred = model(start, end)
+            loss = F.mse_loss(pred.float(), target)  # fp32 loss even under autocast
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4g}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if done % checkpoint_every == 0 or done == steps:
+                train_state = {
+                    "step": done,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(),
+                    "losses": losses,
+                    "run": run,
+                }
+                save_checkpoint(out, done, model, train_state, keep_last=keep_checkpoints)
+            if callback is not None:
+                callback(done, losses[-1])
 
     model_dir = _save_final_model(model, out)
-    heldout = evaluate(model, data.heldout)
-    train_eval = evaluate(model, ClipDataset(data.train.embeddings[:64], num_frames, stride=stride))
-    report = {
-        "heldout": heldout,
-        "train": train_eval,
-        "steps": steps,
-        "final_loss": losses[-1] if losses else None,
-        "heldout_videos": [str(s.path) for s in data.heldout_sources],
-        "train_videos": len(data.train_sources),
-    }
-    (out / "eval.json").write_text(json.dumps(report, indent=2))
-    if losses:
-        _plot_losses(losses, heldout, out / "loss.png")
+    heldout = _write_report(model, data, losses, out)
     return TrainResult(
         out_dir=out,
         model_dir=model_dir,
@@ -346,95 +363,10 @@ def train_motion(
     )
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="storydiff train-motion",
-        description="Train the Semantic Motion Predictor on a folder of videos (GIFs, frame folders, "
-        "or video files with imageio installed).",
-    )
-    p.add_argument("--data", required=True, metavar="DIR", help="folder of videos")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (checkpoints, model, eval)")
-    p.add_argument(
-        "--encoder",
-        default="tiny",
-        metavar="tiny|PATH_OR_ID",
-        help="CLIP vision encoder; 'tiny' builds a random one offline (default: tiny)",
-    )
-    p.add_argument(
-        "--tokens", action="store_true", help="use the encoder's token sequence instead of pooled embeds"
-    )
-    p.add_argument("--frames", type=int, default=14, help="intermediate frames L per clip (default: 14)")
-    p.add_argument("--stride", type=int, default=1, help="frame step inside a clip (default: 1)")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: 1000)")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the clips (replaces --steps)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of the steps)")
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hidden", type=int, default=DEFAULT_MODEL["hidden_dim"], help="transformer width")
-    p.add_argument("--layers", type=int, default=DEFAULT_MODEL["num_layers"])
-    p.add_argument("--heads", type=int, default=DEFAULT_MODEL["num_heads"])
-    p.add_argument("--dropout", type=float, default=DEFAULT_MODEL["dropout"])
-    p.add_argument("--holdout", type=float, default=0.15, help="fraction of videos held out (default: 0.15)")
-    p.add_argument("--cache-dir", default=None, help="embedding cache (default: OUT/embedding_cache)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument(
-        "--precision",
-        choices=("auto", "bf16", "fp32"),
-        default="auto",
-        help="bf16 autocast is CUDA-only (default: auto = bf16 on CUDA)",
-    )
-    p.add_argument("--no-progress", action="store_true")
-    return p
+def __getattr__(name: str) -> Any:
+    # The CLI lives in train_cli.py (it imports this module); keep ``train.train_motion_cli`` working.
+    if name == "train_motion_cli":
+        from .train_cli import train_motion_cli
 
-
-def train_motion_cli(argv: list[str] | None = None) -> int:
-    """``storydiff train-motion``: returns 0 on success, 2 on bad arguments or data (message on stderr)."""
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:  # argparse exits on --help (0) and on usage errors (2)
-        return int(exc.code or 0)
-    try:
-        result = train_motion(
-            args.data,
-            args.out,
-            encoder=args.encoder,
-            tokens=args.tokens,
-            num_frames=args.frames,
-            stride=args.stride,
-            steps=args.steps,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            warmup_steps=args.warmup,
-            mixed_precision={"auto": None, "bf16": True, "fp32": False}[args.precision],
-            seed=args.seed,
-            checkpoint_every=args.checkpoint_every,
-            resume=args.resume,
-            holdout=args.holdout,
-            cache_dir=args.cache_dir,
-            device=args.device,
-            model_config={
-                "hidden_dim": args.hidden,
-                "num_layers": args.layers,
-                "num_heads": args.heads,
-                "dropout": args.dropout,
-            },
-            progress=not args.no_progress,
-        )
-    except (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    ev = result.eval
-    print(f"model: {result.model_dir}")
-    print(
-        f"held-out cosine similarity ({ev['clips']} clips, {ev['videos']} videos): predictor "
-        f"{ev['cosine_predictor']:.4f} vs linear interpolation {ev['cosine_interpolation']:.4f} "
-        f"(gain {ev['cosine_gain']:+.4f})"
-    )
-    print(f"eval: {result.out_dir / 'eval.json'}  loss curve: {result.out_dir / 'loss.png'}")
-    return 0
+        return train_motion_cli
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
