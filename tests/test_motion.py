@@ -359,3 +359,15 @@ def test_predictor_beats_interpolation_on_heldout_videos(tmp_path):
     assert ev["mse_predictor"] < 0.9 * ev["mse_interpolation"]
     per_frame = zip(ev["cosine_predictor_per_frame"], ev["cosine_interpolation_per_frame"], strict=True)
     assert all(p > i for p, i in per_frame)  # every intermediate frame improves, not just the average
+
+
+def test_train_motion_subcommand(tmp_path, capsys):
+    from storydiff.cli import main
+    from storydiff.motion.synthetic import make_synthetic_videos
+
+    make_synthetic_videos(tmp_path / "videos", num_videos=6, num_frames=8, seed=1)
+    args = ["train-motion", "--data", str(tmp_path / "videos"), "--out", str(tmp_path / "run")]
+    assert main([*args, "--frames", "4", "--steps", "3", "--batch-size", "4", "--no-progress"]) == 0
+    assert (tmp_path / "run" / "model").is_dir() and (tmp_path / "run" / "loss.png").is_file()
+    assert main(["train-motion", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
+    assert "error" in capsys.readouterr().err

@@ -321,8 +321,11 @@ def test_video_cli(tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--story-dir", str(story), "--out", str(out), "--svd", "tiny-svd", "--frames", "4"]
     args += ["--steps", "1"]
-    assert video_cli(args) == 0
+    from storydiff.cli import main
+
+    assert main(["video", *args]) == 0  # through the `storydiff video` subcommand
     assert (out / "transition_000.gif").is_file() and (out / "story.gif").is_file()
+    assert (out / "story.mp4").is_file() == mp4_available()
     out_text = capsys.readouterr().out
     assert "1 transitions from 2 frames" in out_text
     assert ("note: no MP4 encoder" in out_text) == (not mp4_available())
