@@ -118,7 +118,10 @@ def _profile_vram(args: argparse.Namespace) -> int:
     for row in rows:
         peak = row["peak_bytes"] / 2**30 if row["peak_bytes"] else float("nan")
         source, seconds = row["source"], row["seconds"]
-        print(f"{row['mode']:<13} {row['frames']:>4} frames  peak {peak:7.2f} GiB ({source})  {seconds} s")
+        print(
+            f"{row['mode']:<16} {row['frames']:>4} frames  peak {peak:7.2f} GiB ({source})  {seconds} s  "
+            f"{row['status']}"
+        )
     json_path, csv_path = save_rows(rows, Path(args.out), f"vram-{model}", env["device"])
     timeline = write_json_file(
         json_path.with_name(json_path.stem + "_timeline.json"), timeline_rows(timelines)

@@ -104,16 +104,21 @@ def profile_story_lengths(
                 torch.cuda.empty_cache()
             call = {"num_inference_steps": steps, "height": height, "width": width, "guidance_scale": 5.0}
             start = time.perf_counter()
+            status = "ok"
             with MemorySampler(device, interval_s=interval_s) as sampler:
-                if mode.startswith("official"):
-                    _run_official(pipe, mode[-1], frames, call, id_frames, sampler)
-                else:
-                    _run_ours(pipe, mode, frames, call, id_frames, read_batch, sampler)
+                try:
+                    if mode.startswith("official"):
+                        _run_official(pipe, mode[-1], frames, call, id_frames, sampler)
+                    else:
+                        _run_ours(pipe, mode, frames, call, id_frames, read_batch, sampler)
+                except torch.OutOfMemoryError:  # a finding, not a failure: record it and go on
+                    status = "out of memory"
             rows.append(
                 {
                     "mode": mode,
                     "frames": frames,
-                    "peak_bytes": sampler.peak_bytes,
+                    "status": status,
+                    "peak_bytes": sampler.peak_bytes if status == "ok" else None,
                     "torch_peak_bytes": sampler.torch_peak_bytes,
                     "source": sampler.source,
                     "seconds": round(time.perf_counter() - start, 2),
