@@ -127,7 +127,7 @@ class ConsistentAttnProcessor:
         start, stop = state.chunk
         count = stop - start
         ref_idx = state.frame_reference_indices(layer, range(start, stop), tokens, q.device)
-        if state.config.tile is not None:  # the paper's tiled form, within this chunk
+        if state.config.tile is not None:  # the paper's tiled form, within this chunk (all its frames)
             return tiled_consistent_attention(
                 q, k, v, ref_idx.repeat(groups, 1), tile=state.config.tile, stride=1, groups=groups
             )
@@ -140,7 +140,11 @@ class ConsistentAttnProcessor:
         for local, frame in enumerate(range(start, stop)):  # offer tokens to frames of later chunks
             later = (j for j in state.pending if not start <= j < stop and abs(j - frame) <= window)
             if state.active[frame] and any(state.active[j] for j in later):
-                state.ref_cache[(layer.name, frame)] = (pools[0][:, local], pools[1][:, local])
+                # clone: a view would keep the whole chunk's pool alive after the chunk is done
+                state.ref_cache[(layer.name, frame)] = (
+                    pools[0][:, local].clone(),
+                    pools[1][:, local].clone(),
+                )
 
         def tokens_of(frame: int, kind: int) -> torch.Tensor:  # [G, H, S, D]
             if start <= frame < stop:
@@ -190,8 +194,7 @@ class ConsistentAttnProcessor:
             if bank is None:  # an [NC] frame, or the writer skipped this (step, layer)
                 result = F.scaled_dot_product_attention(*sub)
             else:
-                if characters:
-                    state.bank.prefetch(characters, *state.next_layer(layer), q.device)
+                state.bank.prefetch(characters, *state.next_layer(layer), q.device)
                 bank_k, bank_v = (t.to(q.dtype) for t in bank)
                 if bank_k.shape[0] != groups:
                     raise RuntimeError(

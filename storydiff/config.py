@@ -33,7 +33,8 @@ class ConsistencyConfig:
         window: None lets a frame see every other frame of its batch; w >= 1 only story neighbours
             within w frames (identity frames are written as one such batch).
         tile: long-story (window) mode only: the paper's tiled form instead of the sliding window,
-            tiles of ``tile`` consecutive frames (stride 1) within each UNet chunk, outputs averaged.
+            tiles of ``tile`` consecutive frames (stride 1) within each UNet chunk, outputs averaged;
+            tiles take every frame of the chunk, [NC] frames included.
         seed: seeds every random choice (token samples, layer skips).
         offload_bank: keep the identity bank in (pinned) CPU memory and prefetch it layer by layer;
             None means "on when running on CUDA".
