@@ -356,3 +356,26 @@ def test_video_cli_with_saved_predictor(svd, tmp_path, capsys):
         assert gif.n_frames == 5  # predictor's 3 intermediate frames + start + end
     assert video_cli([*base, "--out", str(tmp_path / "bad"), "--frames", "6"]) == 2
     assert "predicts 3 intermediate frames" in capsys.readouterr().err
+
+
+def test_compiled_predictor_is_used_when_asked(svd, images, monkeypatch):
+    """The compiled path is chosen (GPU default; forced here) without a second real compile on CI."""
+    import storydiff.motion.compiled as compiled
+    from storydiff.motion.model import SemanticMotionPredictor
+
+    dim = svd.image_encoder.config.projection_dim
+    predictor = SemanticMotionPredictor(embed_dim=dim, num_frames=3, hidden_dim=32, num_layers=1)
+    calls = []
+
+    def fake_compile(model, *, batch_size, num_tokens):
+        calls.append((batch_size, num_tokens))
+        return model
+
+    monkeypatch.setattr(compiled, "compile_predictor", fake_compile)
+    assert TransitionVideoPipeline(svd, predictor).compile_predictor is False  # CPU: eager by default
+    pipeline = TransitionVideoPipeline(svd, predictor, compile_predictor=True)
+    start, end = pipeline.encode_image(images[0]), pipeline.encode_image(images[1])
+    eager = TransitionVideoPipeline(svd, predictor).frame_embeddings(start, end, 5)
+    assert torch.equal(pipeline.frame_embeddings(start, end, 5), eager)
+    pipeline.frame_embeddings(start, end, 5)
+    assert calls == [(1, 1)]  # compiled once per input shape, then reused

@@ -24,7 +24,7 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,11 +335,30 @@ class TransitionVideoPipeline:
     """
 
     def __init__(
-        self, svd_pipe: StableVideoDiffusionPipeline, predictor: torch.nn.Module | None = None
+        self,
+        svd_pipe: StableVideoDiffusionPipeline,
+        predictor: torch.nn.Module | None = None,
+        *,
+        compile_predictor: bool | None = None,
     ) -> None:
         self.svd_pipe = svd_pipe
         self.predictor = predictor.eval() if predictor is not None else None
         self.state = PerFrameEmbeddingState()
+        # torch.compile'd predictor (static shapes, full graph) by default when it runs on a GPU
+        param = next(predictor.parameters(), None) if predictor is not None else None
+        on_gpu = param is not None and param.device.type == "cuda"
+        self.compile_predictor = on_gpu if compile_predictor is None else compile_predictor
+        self._compiled: dict[tuple[int, int], Callable] = {}
+
+    def _predict(self, start: Tensor, end: Tensor) -> Tensor:
+        if not self.compile_predictor or not hasattr(self.predictor, "config"):
+            return self.predictor(start, end)
+        from .compiled import compile_predictor
+
+        key = (start.shape[0], start.shape[1])
+        if key not in self._compiled:  # one compile per input shape
+            self._compiled[key] = compile_predictor(self.predictor, batch_size=key[0], num_tokens=key[1])
+        return self._compiled[key](start, end)
 
     @property
     def embed_dim(self) -> int:
@@ -377,7 +396,7 @@ class TransitionVideoPipeline:
             check_predictor(self.predictor, num_frames, start.shape[-1])
             param = next(self.predictor.parameters(), None)
             device, dtype = (param.device, param.dtype) if param is not None else (start.device, start.dtype)
-            middle = self.predictor(start.to(device, dtype), end.to(device, dtype))
+            middle = self._predict(start.to(device, dtype), end.to(device, dtype))
             expected = (start.shape[0], steps, *start.shape[1:])
             if tuple(middle.shape) != expected:
                 raise ValueError(
