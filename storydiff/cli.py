@@ -23,7 +23,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     size = args.size if args.size != "auto" else ("full" if device.type == "cuda" else "cpu")
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
-    providers = args.providers.split(",") if args.providers else default_providers(device)
+    providers = args.providers.split(",") if args.providers else default_providers(device, size)
     unknown = [p for p in providers if p not in PROVIDERS]
     if unknown:
         print(f"error: unknown provider(s) {unknown}; choose from {list(PROVIDERS)}", file=sys.stderr)
