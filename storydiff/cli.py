@@ -288,7 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
         "line with [Name] tags ([NC]: no character) and an optional `#caption`. Models: a diffusers path "
         "or hub id, or tiny-sdxl / tiny-sd15 (random weights, offline, for smoke tests).",
     )
-    gen.add_argument("--model", help="diffusers model path or hub id, or tiny-sdxl / tiny-sd15")
+    gen.add_argument(
+        "--model",
+        help="diffusers model path or hub id; offline random weights: tiny-sdxl, tiny-sd15, random-sdxl",
+    )
     gen.add_argument("--story", help="story file")
     gen.add_argument("--characters", default=None, help="character file (instead of a block in --story)")
     gen.add_argument("--out", help="output folder")
@@ -306,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted window-mode run")
     gen.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
-    gen.add_argument("--style", default="comic book")
+    gen.add_argument("--style", default="comic book", help="style template (storydiff/styles.py), or 'none'")
     gen.add_argument("--negative", default="", help="extra negative prompt")
     gen.add_argument("--steps", type=int, default=30)
     gen.add_argument("--guidance", type=float, default=5.0, help="<= 1 turns classifier-free guidance off")

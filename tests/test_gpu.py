@@ -50,7 +50,7 @@ def test_torch_compile_inductor_fullgraph():
     torch.testing.assert_close(compiled(*args), layer(*args), rtol=0, atol=0)
 
 
-def test_story_on_gpu_offload_and_backends_agree(tmp_path):
+def test_story_on_gpu_with_and_without_bank_offload(tmp_path):
     """Tiny SDXL in fp16 on CUDA: the Triton path through the processors, with and without bank offload."""
     import numpy as np
 
