@@ -16,7 +16,6 @@ The temporal blocks keep SVD's own embedding: SVD feeds them the first frame's e
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
 import os
@@ -24,22 +23,25 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import StableVideoDiffusionPipeline
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
 from PIL import Image
 from torch import Tensor
 
 from ..output import write_json
 from .baselines import linear_interpolation
+from .conditioning import (
+    PerFrameCrossAttnProcessor,
+    PerFrameEmbeddingState,
+    per_frame_conditioning,
+    spatial_cross_attention_layers,
+)
+from .video_io import MP4_PACKAGES, mp4_available, write_video
 
 __all__ = [
     "MP4_PACKAGES",
@@ -59,221 +61,8 @@ __all__ = [
     "write_video",
 ]
 
-# What enables MP4 output: imageio's ffmpeg plugin, and imageio-ffmpeg, which ships an ffmpeg binary in its
-# wheel, so no system ffmpeg is needed.
-MP4_PACKAGES = ("imageio", "imageio-ffmpeg")
 
 ImageInput = Image.Image | str | os.PathLike
-
-
-# --------------------------------------------------------------------------------------------------------
-# Per-frame cross-attention
-# --------------------------------------------------------------------------------------------------------
-
-
-class PerFrameEmbeddingState:
-    """The per-frame image embeddings that the spatial cross-attention layers use during one SVD call.
-
-    Set with ``set(embeddings)`` before the call and cleared afterwards; while empty, the processors run the
-    stock computation. ``calls`` counts the layer calls that substituted embeddings, so tests can tell that
-    the embeddings really reached the UNet.
-    """
-
-    def __init__(self) -> None:
-        self.embeddings: Tensor | None = None
-        self.calls = 0
-
-    def set(self, embeddings: Tensor) -> None:
-        """``embeddings``: (B, F, T, C) — video, frame, token, channel — or (F, T, C) for one video."""
-        if embeddings.ndim == 3:
-            embeddings = embeddings.unsqueeze(0)
-        if embeddings.ndim != 4:
-            raise ValueError(
-                f"per-frame embeddings must be (B, F, T, C) or (F, T, C), got shape {tuple(embeddings.shape)}"
-            )
-        self.embeddings = embeddings
-        self.calls = 0
-
-    def clear(self) -> None:
-        self.embeddings = None
-
-    def conditioning(self, encoder_hidden_states: Tensor) -> Tensor:
-        """Replace the conditional half of SVD's (repeated) image embedding with the per-frame embeddings.
-
-        ``encoder_hidden_states`` is what the UNet gives a spatial cross-attention layer: (B·F, 1, C) without
-        classifier-free guidance, or (2·B·F, 1, C) as [uncond; cond] with it, where SVD's uncond embedding
-        is all zeros. The uncond half is kept as SVD made it, so guidance still pushes away from "no image".
-        """
-        assert self.embeddings is not None
-        b, f, t, c = self.embeddings.shape
-        n = b * f
-        if encoder_hidden_states.shape[-1] != c:
-            raise ValueError(
-                f"per-frame embeddings have {c} channels but the UNet's cross-attention receives "
-                f"{encoder_hidden_states.shape[-1]}; they must come from the pipeline's own image encoder"
-            )
-        cond = self.embeddings.reshape(n, t, c).to(encoder_hidden_states.device, encoder_hidden_states.dtype)
-        if encoder_hidden_states.shape[0] == n:
-            return cond
-        if encoder_hidden_states.shape[0] == 2 * n:
-            uncond = encoder_hidden_states[:n]
-            if uncond.shape[1] != t:
-                if uncond.shape[1] != 1:
-                    raise ValueError(
-                        f"cannot pair {uncond.shape[1]} unconditional tokens with {t} per-frame tokens"
-                    )
-                # One key/value token repeated T times gives the same attention output as the single token
-                # (T equal logits → weights 1/T), so the uncond half keeps SVD's meaning in a batch of T.
-                uncond = uncond.expand(n, t, c)
-            return torch.cat([uncond, cond])
-        raise ValueError(
-            f"the UNet's cross-attention batch is {encoder_hidden_states.shape[0]}, but the per-frame "
-            f"embeddings are for {b} video(s) × {f} frames = {n} (or {2 * n} with classifier-free guidance); "
-            "num_frames and the embeddings must agree"
-        )
-
-
-class PerFrameCrossAttnProcessor:
-    """Spatial cross-attention processor of SVD that conditions each frame on its own image embedding.
-
-    Wraps the layer's original processor and changes only its ``encoder_hidden_states``, so with per-frame
-    embeddings all equal to SVD's own embedding it computes exactly what the original computes.
-    """
-
-    def __init__(self, state: PerFrameEmbeddingState, processor: Any | None = None) -> None:
-        self.state = state
-        self.processor = processor if processor is not None else AttnProcessor2_0()
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        temb: Tensor | None = None,
-    ) -> Tensor:
-        if self.state.embeddings is not None and encoder_hidden_states is not None:
-            encoder_hidden_states = self.state.conditioning(encoder_hidden_states)
-            self.state.calls += 1
-        # temb only when given: some processors (not SVD's) have no such parameter.
-        extra = {"temb": temb} if temb is not None else {}
-        return self.processor(
-            attn,
-            hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
-            attention_mask=attention_mask,
-            **extra,
-        )
-
-
-def spatial_cross_attention_layers(unet: torch.nn.Module) -> list[str]:
-    """Processor names of the spatial cross-attention layers of an SVD UNet.
-
-    Read from the model's structure rather than matched by name: every ``TransformerSpatioTemporalModel``
-    holds its spatial blocks in ``transformer_blocks`` (per-frame tokens, (B·F, H·W, C)) and its temporal
-    blocks in ``temporal_transformer_blocks`` (per-position frames, (B·H·W, F, C)); only the spatial blocks'
-    ``attn2`` sees one embedding per frame.
-    """
-    names = [
-        f"{name}.transformer_blocks.{i}.attn2.processor"
-        for name, module in unet.named_modules()
-        if isinstance(module, TransformerSpatioTemporalModel)
-        for i, block in enumerate(module.transformer_blocks)
-        if getattr(block, "attn2", None) is not None
-    ]
-    if not names:
-        raise ValueError(
-            f"{type(unet).__name__} has no spatial cross-attention layers; expected Stable Video Diffusion's "
-            "UNetSpatioTemporalConditionModel"
-        )
-    return names
-
-
-@contextmanager
-def per_frame_conditioning(unet: torch.nn.Module, state: PerFrameEmbeddingState) -> Iterator[list[str]]:
-    """Install ``PerFrameCrossAttnProcessor`` on the spatial cross-attention layers for the ``with`` body.
-
-    The original processors (the same objects) are restored and the state cleared on exit, also on error.
-    Yields the names of the layers that were swapped.
-    """
-    original = unet.attn_processors
-    names = spatial_cross_attention_layers(unet)
-    swapped = {name: PerFrameCrossAttnProcessor(state, original[name]) for name in names}
-    # set_attn_processor pops entries from the dict it is given, so it always gets a copy.
-    unet.set_attn_processor({**original, **swapped})
-    try:
-        yield names
-    finally:
-        unet.set_attn_processor(dict(original))
-        state.clear()
-
-
-# --------------------------------------------------------------------------------------------------------
-# Video files
-# --------------------------------------------------------------------------------------------------------
-
-
-def mp4_available() -> bool:
-    """Whether MP4 files can be written: needs ``imageio`` and ``imageio-ffmpeg`` (``MP4_PACKAGES``)."""
-    return all(importlib.util.find_spec(m) is not None for m in ("imageio", "imageio_ffmpeg"))
-
-
-def _temp_path(path: Path) -> Path:
-    # Same suffix, because ffmpeg picks the container from it.
-    return path.with_name(f".{path.stem}.tmp{path.suffix}")
-
-
-def _write_gif(frames: Sequence[Image.Image], path: Path, fps: float) -> Path:
-    tmp = _temp_path(path)
-    first, *rest = [f.convert("RGB") for f in frames]
-    # GIF stores frame durations in 10 ms units; loop=0 loops forever, as a video preview should.
-    first.save(tmp, format="GIF", save_all=True, append_images=rest, duration=round(1000 / fps), loop=0)
-    os.replace(tmp, path)
-    return path
-
-
-def _write_mp4(frames: Sequence[Image.Image], path: Path, fps: float) -> Path:
-    import imageio.v2 as imageio
-
-    tmp = _temp_path(path)
-    # yuv420p plays everywhere; SVD sizes are multiples of 8, so a macro block of 8 never resizes frames.
-    writer = imageio.get_writer(
-        tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=8
-    )
-    try:
-        for frame in frames:
-            writer.append_data(np.asarray(frame.convert("RGB")))
-    finally:
-        writer.close()
-    os.replace(tmp, path)
-    return path
-
-
-def write_video(
-    frames: Sequence[Image.Image], out_dir: str | os.PathLike, name: str, fps: float
-) -> tuple[Path, Path | None]:
-    """Write ``name.gif`` and, when ``mp4_available()``, ``name.mp4``; returns both paths (MP4 or None).
-
-    Files appear under their final names only when complete. Without an MP4 encoder a warning names the
-    packages to install and only the GIF is written.
-    """
-    if not frames:
-        raise ValueError("no frames to write")
-    if fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    gif = _write_gif(frames, out / f"{name}.gif", fps)
-    if not mp4_available():
-        warnings.warn(
-            # One message for every clip, so Python's default filter shows it once, not per clip.
-            f"MP4 not written: it needs the PyPI packages {' and '.join(MP4_PACKAGES)} "
-            f"(pip install {' '.join(MP4_PACKAGES)}); writing GIF files only",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return gif, None
-    return gif, _write_mp4(frames, out / f"{name}.mp4", fps)
 
 
 # --------------------------------------------------------------------------------------------------------
