@@ -150,12 +150,17 @@ def _build_tiny_sdxl(device: torch.device) -> StableDiffusionXLPipeline:
         projection_class_embeddings_input_dim=6 * time_embed_dim + hidden_2,
         norm_num_groups=8,
     )
+    vae = _tiny_vae(scaling_factor=0.13025)
+    return _sdxl_pipeline(unet, text_encoder, text_encoder_2, vae, (tokenizer, tokenizer_2))
+
+
+def _sdxl_pipeline(unet, text_encoder, text_encoder_2, vae, tokenizers) -> StableDiffusionXLPipeline:
     return StableDiffusionXLPipeline(
-        vae=_tiny_vae(scaling_factor=0.13025),
+        vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
         unet=unet,
         scheduler=_ddim_scheduler(),
         image_encoder=None,
@@ -242,19 +247,7 @@ def _build_random_sdxl(device: torch.device) -> StableDiffusionXLPipeline:
         )
         unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
         vae = _tiny_vae(scaling_factor=0.13025)
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=_ddim_scheduler(),
-        image_encoder=None,
-        feature_extractor=None,
-        force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )
+    return _sdxl_pipeline(unet, text_encoder, text_encoder_2, vae, (tokenizer, tokenizer_2))
 
 
 _TINY_BUILDERS = {
@@ -285,6 +278,13 @@ def build_tiny_pipeline(
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)
         pipe = _TINY_BUILDERS[name](device)
+    return finish_random_pipeline(pipe, dtype, progress_bar)
+
+
+def finish_random_pipeline(
+    pipe: DiffusionPipeline, dtype: torch.dtype, progress_bar: bool
+) -> DiffusionPipeline:
+    """Cast a pipeline built in float32 (so a seed names the same weights in every dtype) to ``dtype``."""
     if dtype != torch.float32:
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):

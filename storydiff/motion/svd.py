@@ -20,7 +20,7 @@ from diffusers import (
 )
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from ..models import looks_like_local_path
+from ..models import finish_random_pipeline, looks_like_local_path
 
 try:
     # transformers 5: the PIL/numpy backend; the default class would warn that torchvision is missing
@@ -131,15 +131,7 @@ def build_tiny_svd_pipeline(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pipe = _build_tiny_svd()
-    if dtype != torch.float32:
-        for component in pipe.components.values():
-            if isinstance(component, torch.nn.Module):
-                # Not ModelMixin.to: diffusers 0.42 warns there about modules to keep in float32 even when a
-                # model has none, as here.
-                torch.nn.Module.to(component, dtype=dtype)
-    if not progress_bar:
-        pipe.set_progress_bar_config(disable=True)
-    return pipe.to(torch.device(device))
+    return finish_random_pipeline(pipe, dtype, progress_bar).to(torch.device(device))
 
 
 def load_svd_pipeline(
