@@ -254,15 +254,18 @@ def triton_consistent_attention(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     num_frames, num_heads, num_tokens, head_dim = q.shape
     num_refs = ref_idx.shape[1]
-    pool_k = gather_reference_pool(k, ref_idx)  # [B, S, H, D]
-    pool_v = gather_reference_pool(v, ref_idx)
+    if num_refs:
+        pool_k = gather_reference_pool(k, ref_idx)  # [B, S, H, D]
+        pool_v = gather_reference_pool(v, ref_idx)
+    else:  # never read (empty ranges); an empty tensor may have a null data pointer, which launchers reject
+        pool_k, pool_v = k.transpose(1, 2), v.transpose(1, 2)
     has_bank = bank_k is not None and bank_k.shape[2] > 0
     if has_bank:
         # The kernel takes one set of bank strides for K and V.
         if bank_k.stride() != bank_v.stride() or bank_k.stride(-1) != 1:
             bank_k, bank_v = bank_k.contiguous(), bank_v.contiguous()
     else:
-        bank_k = bank_v = pool_k  # never read: HAS_BANK=False
+        bank_k = bank_v = k  # never read: HAS_BANK=False
     num_bank = bank_k.shape[2] if has_bank else 0
     frames_per_group = num_frames // groups
     head_dim_p = max(16, triton.next_power_of_2(head_dim))
