@@ -17,6 +17,8 @@ Reads top to bottom: tile step → range walk → kernel → autotune configs �
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -225,6 +227,16 @@ _consistent_attn_fwd_tuned = triton.autotune(
 # keeps CPU tests fast. Tests shrink it to walk many full tiles plus tails on small shapes.
 INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64}
 INTERPRETED = isinstance(_consistent_attn_fwd, InterpretedFunction)
+# CSA_AUTOTUNE=0 skips autotuning (one fixed, safe config per head dim): for GPU test runs, where tuning every
+# new shape would take longer than the tests themselves. Benchmarks leave it on.
+AUTOTUNE = os.environ.get("CSA_AUTOTUNE", "1") != "0"
+
+
+def fixed_config(head_dim_p: int, dtype: torch.dtype) -> dict:
+    """A config inside the pruned search space for every head dim and dtype (see _prune_configs)."""
+    if head_dim_p <= 128 and dtype != torch.float32:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 
 
 def new_output(q: torch.Tensor) -> torch.Tensor:
@@ -280,8 +292,12 @@ def triton_consistent_attention(
     def grid(meta):
         return (triton.cdiv(num_tokens, meta["BLOCK_M"]), num_frames * num_heads)
 
-    kernel = _consistent_attn_fwd if INTERPRETED else _consistent_attn_fwd_tuned
-    extra = dict(INTERPRETER_CONFIG) if INTERPRETED else {}
+    if INTERPRETED:
+        kernel, extra = _consistent_attn_fwd, dict(INTERPRETER_CONFIG)
+    elif AUTOTUNE:
+        kernel, extra = _consistent_attn_fwd_tuned, {}
+    else:
+        kernel, extra = _consistent_attn_fwd, fixed_config(head_dim_p, dtype)
     kernel[grid](
         q, k, v, pool_k, pool_v, bank_k, bank_v, out,
         q.stride(0), q.stride(1), q.stride(2),

@@ -70,3 +70,18 @@ def test_compile_fullgraph_cpu(backend):
         bank_v=inputs["bank_v"],
     ).relu()
     torch.testing.assert_close(compiled(*args), expected, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_fixed_config_lies_in_the_pruned_autotune_space(dtype):
+    """CSA_AUTOTUNE=0 uses one config per head dim; it must be one the autotuner would also allow."""
+    from csa_kernels.triton_kernel import _autotune_configs, _prune_configs, fixed_config
+
+    for head_dim_p in (16, 32, 64, 128, 256):
+        fixed = fixed_config(head_dim_p, dtype)
+        allowed = _prune_configs(
+            _autotune_configs(), {"Q": torch.empty(1, dtype=dtype)}, HEAD_DIM_P=head_dim_p
+        )
+        assert any(
+            {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} == fixed for c in allowed
+        ), (head_dim_p, fixed)
