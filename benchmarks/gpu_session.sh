@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything a session with the GPU machine should run, in one call (device tool: run "bash benchmarks/gpu_session.sh").
 # Writes results into benchmarks/results/ and, when $OUT is set (the device tool), packs them into $OUT/results.tgz.
+# The GPU image has torch/triton/transformers but not diffusers: carry its wheel (device README, ".whl") and
+# install it first. All of it takes longer than one 10-minute device call: run the sections in separate calls.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
