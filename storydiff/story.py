@@ -266,5 +266,6 @@ def story_source(story: Story) -> str:
         lines.append(SEPARATOR)
     for frame in story.frames:
         text = frame.text if frame.characters or "[NC]" in frame.text else f"[{NO_CHARACTER}] {frame.text}"
-        lines.append(text + (f" #{frame.caption}" if frame.caption else ""))
+        # a '#' inside the text needs a trailing (empty) caption marker, or its tail would read as caption
+        lines.append(text + (f" #{frame.caption}" if frame.caption else " #" if "#" in text else ""))
     return "\n".join(lines) + "\n"

@@ -241,3 +241,20 @@ def test_style_name_spellings() -> None:
 def test_unknown_style() -> None:
     with pytest.raises(ValueError, match=r"unknown style 'oil'.*'comic book'.*'watercolor'"):
         apply_style("a cat", "oil")
+
+
+def test_story_source_round_trips():
+    """Resume re-parses the story text stored in the run metadata: it must give back the same story."""
+    from storydiff.story import story_source
+
+    text = (
+        "[Bob] a man\n[Ann Lee] a woman\n---\n[Bob] walks #Walk\nno tag at all\n[NC] a #1 fan #\n"
+        "[Bob] and [Ann Lee] meet #They meet #again\n[Ann Lee] reads a #2 book\n"
+    )
+    story = parse_story(text)
+    again = parse_story(story_source(story))
+    assert again.characters == story.characters
+    assert [(f.characters, f.caption) for f in again.frames] == [
+        (f.characters, f.caption) for f in story.frames
+    ]
+    assert again.prompts() == story.prompts()
