@@ -27,7 +27,15 @@ def cases(draw):
     )
 
 
-FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same 25 draws every run, so CI never fails on a draw nobody saw before; explore more
+# shapes locally by raising max_examples or dropping derandomize.
+FUZZ = settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
