@@ -132,8 +132,9 @@ class ConsistentAttnProcessor:
                 q, k, v, ref_idx.repeat(groups, 1), tile=state.config.tile, stride=1, groups=groups
             )
         # [G, F, H, S, D]: each chunk frame's sampled tokens, per CFG half
+        both_halves = ref_idx.repeat(groups, 1)
         pools = [
-            gather_reference_pool(x, ref_idx.repeat(groups, 1)).unflatten(0, (groups, count)).transpose(2, 3)
+            gather_reference_pool(x, both_halves).unflatten(0, (groups, count)).transpose(2, 3)
             for x in (k, v)
         ]
         window = state.config.window

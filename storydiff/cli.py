@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
         "profile-vram",
         help="memory over time and peak memory vs story length, official banks vs ours",
         description="Generates one-character stories of growing length per mode (official_a, official_b, "
-        "ours, ours_offload) while sampling device memory with NVML and torch's counters. Default on a GPU: "
+        "ours, ours_offload, window, window_unchunked) while sampling device memory with NVML and torch's "
+        "counters. Default on a GPU: "
         "random-sdxl (the real SDXL UNet, random weights) at 1024². Without NVML: host memory, tiny-sdxl.",
     )
     vram.add_argument("--model", default=None, help="default: random-sdxl on a GPU, tiny-sdxl otherwise")
