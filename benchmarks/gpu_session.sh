@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, triton, diffusers; print(torch.__version__, triton.__version__, diffusers.__version__)"
-CSA_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -15  # fixed configs: tuning each shape is slow
+CSA_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/ops/test_gpu.py 2>&1 | tail -15  # fixed configs: tuning each shape is slow
 # the op suite below autotunes, and its correctness gate checks the tuned kernel at the headline sizes
 python3 -m storydiff.cli bench --suite op --size headline
 python3 -m storydiff.cli bench --suite unet

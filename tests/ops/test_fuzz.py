@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from utils import Case, assert_matches_reference, make_inputs
+from helpers import Case, assert_matches_reference, make_inputs
 
 import csa_kernels.triton_kernel as tk
 from csa_kernels import consistent_attention

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from utils import Case, make_inputs
+from helpers import Case, make_inputs
 
 from csa_kernels import consistent_attention
 

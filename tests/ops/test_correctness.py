@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from utils import Case, assert_matches_reference, make_inputs
+from helpers import Case, assert_matches_reference, make_inputs
 
 import csa_kernels.triton_kernel as tk
 from csa_kernels import consistent_attention

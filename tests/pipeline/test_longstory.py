@@ -15,7 +15,7 @@ from diffusers.models.attention_processor import Attention
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from utils import Case, make_inputs
+from helpers import Case, make_inputs
 
 from csa_kernels import consistent_attention, consistent_attention_reference
 from csa_kernels.tiled import tile_starts, tiled_consistent_attention

@@ -5,7 +5,7 @@ Skipped without CUDA (conftest.py). Run on the GPU machine with `pytest -m gpu`.
 
 import pytest
 import torch
-from utils import Case, assert_matches_reference, make_inputs
+from helpers import Case, assert_matches_reference, make_inputs
 
 from csa_kernels import consistent_attention
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import Case, assert_matches_reference, make_inputs
+from helpers import Case, assert_matches_reference, make_inputs
 
 from csa_kernels import (
     attended_keys,

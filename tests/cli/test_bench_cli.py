@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from utils import Case, assert_matches_reference, make_inputs
+from helpers import Case, assert_matches_reference, make_inputs
 
 import storydiff.benchmark.op_suite as op_suite
 from storydiff.benchmark.op_suite import OpCase
