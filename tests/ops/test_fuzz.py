@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import Case, assert_matches_reference, make_inputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from helpers import Case, assert_matches_reference, make_inputs
 
 import csa_kernels.triton_kernel as tk
 from csa_kernels import consistent_attention

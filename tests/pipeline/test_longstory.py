@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention
+from helpers import Case, make_inputs
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from helpers import Case, make_inputs
 
 from csa_kernels import consistent_attention, consistent_attention_reference
 from csa_kernels.tiled import tile_starts, tiled_consistent_attention
