@@ -81,7 +81,7 @@ def _profile_vram(args: argparse.Namespace) -> int:
     from .benchmark.memory import MemorySampler
     from .benchmark.results import save_rows, write_json_file
     from .benchmark.vram import MODES, profile_story_lengths, save_plots, timeline_rows
-    from .models import load_pipeline
+    from .loading import load_pipeline
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     probe = MemorySampler(device)

@@ -76,7 +76,7 @@ class StoryDiffusionPipeline:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
     ) -> StoryDiffusionPipeline:
-        from .models import load_pipeline
+        from .loading import load_pipeline
 
         pipe = load_pipeline(model, device=device, dtype=dtype, seed=config.seed if config else 0)
         instance = cls(pipe, config)

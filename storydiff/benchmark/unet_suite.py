@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..attention import apply_consistent_attention, remove_consistent_attention
 from ..config import ConsistencyConfig
-from ..models import SDXL_UNET_CONFIG, build_tiny_pipeline
+from ..tiny_models import SDXL_UNET_CONFIG, build_tiny_pipeline
 from .official import install_official
 from .timing import median_ms, peak_extra_mib
 

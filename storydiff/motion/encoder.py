@@ -13,24 +13,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import transformers
 from PIL import Image
 from torch import Tensor
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPVisionModelWithProjection
+
+from ..compat import clip_image_processor_class
+from ..tiny_models import tiny_clip_vision_model
 
 __all__ = ["ImageEncoder", "build_tiny_encoder"]
 
 
-def _processor_class() -> type:
-    # transformers 5 splits CLIP preprocessing into a torchvision backend and a PIL one; the default class
-    # warns and falls back when torchvision is missing (it always is on our CPU machines). Asking for the
-    # PIL class directly avoids that detour; transformers 4 only has the PIL-based CLIPImageProcessor.
-    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-
-
 def _default_processor(image_size: int):
     crop = {"height": image_size, "width": image_size}
-    return _processor_class()(size={"shortest_edge": image_size}, crop_size=crop)
+    return clip_image_processor_class()(size={"shortest_edge": image_size}, crop_size=crop)
 
 
 class ImageEncoder:
@@ -68,7 +63,7 @@ class ImageEncoder:
                 f"config.json and weights — nothing is downloaded on offline machines — or 'tiny'): {exc}"
             ) from exc
         try:
-            processor = _processor_class().from_pretrained(str(path_or_id), **kwargs)
+            processor = clip_image_processor_class().from_pretrained(str(path_or_id), **kwargs)
         except OSError:
             processor = _default_processor(model.config.image_size)
         # Cast after loading instead of passing the dtype kwarg, whose name changed between transformers 4
@@ -122,26 +117,8 @@ class ImageEncoder:
 
 
 def build_tiny_encoder(embed_dim: int = 32, image_size: int = 32, seed: int = 0) -> ImageEncoder:
-    """A tiny random CLIP vision encoder, built offline and deterministically from ``seed``.
-
-    At CLIP's default initialization a random ViT's output is dominated by the (image-independent) class
-    token, so every image gets nearly the same embedding (cosine ≈ 0.9999). A larger initializer factor
-    and small patches make the embeddings actually depend on what is where in the image, which the motion
-    tests need.
-    """
-    config = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        projection_dim=embed_dim,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=4,
-        initializer_factor=4.0,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPVisionModelWithProjection(config)
+    """A tiny random CLIP vision encoder (``tiny_models.tiny_clip_vision_model``), built offline."""
+    model = tiny_clip_vision_model(embed_dim, image_size, seed)
     # The weights are a function of the seed, config and library versions; hashing the weights themselves
     # (tiny) makes the cache key exact.
     digest = hashlib.sha256()

@@ -452,7 +452,8 @@ def _load_predictor(path: str, device: torch.device) -> torch.nn.Module:
 
 def video_cli(argv: list[str]) -> int:
     """``storydiff video``: returns 0 on success, 2 with an ``error:`` line on stderr otherwise."""
-    from .svd import TINY_SVD, SVDLoadError, load_svd_pipeline
+    from ..loading import ModelLoadError, load_svd_pipeline
+    from ..tiny_models import TINY_SVD
 
     parser = _video_parser()
     try:
@@ -487,7 +488,7 @@ def video_cli(argv: list[str]) -> int:
                 noise_aug_strength=args.noise_aug_strength,
                 decode_chunk_size=args.decode_chunk_size,
             )
-    except (FileNotFoundError, ValueError, SVDLoadError, PredictorLoadError) as exc:
+    except (FileNotFoundError, ValueError, ModelLoadError, PredictorLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     written = [p for t in result.transitions for p in (t.gif_path, t.mp4_path) if p]

@@ -19,7 +19,10 @@ from diffusers import (
 )
 from PIL import Image
 
-from storydiff.models import TINY_MODELS, ModelLoadError, build_tiny_pipeline, load_pipeline
+from storydiff.compat import dtype_kwargs
+from storydiff.loading import ModelLoadError, load_pipeline
+from storydiff.tiny_models import TINY_TEXT_TO_IMAGE as TINY_MODELS
+from storydiff.tiny_models import build_tiny_pipeline
 
 SIZE = 128
 PROMPTS = ['A man, wearing a hat! (smiling) at 42°; "quoted" text: café?', "a dog"]
@@ -168,4 +171,4 @@ def test_load_pipeline_default_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(DiffusionPipeline, "from_pretrained", fake)
     assert load_pipeline("org/sd15") is tiny
-    assert seen == {"model": "org/sd15", "torch_dtype": torch.float32}
+    assert seen == {"model": "org/sd15", **dtype_kwargs(torch.float32)}

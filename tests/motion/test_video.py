@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from storydiff.motion.svd import SVDLoadError, build_tiny_svd_pipeline, load_svd_pipeline
+from storydiff.loading import ModelLoadError, load_svd_pipeline
 from storydiff.motion.video import (
     PerFrameCrossAttnProcessor,
     PerFrameEmbeddingState,
@@ -21,6 +21,7 @@ from storydiff.motion.video import (
     story_transitions,
     video_cli,
 )
+from storydiff.tiny_models import build_tiny_pipeline
 
 SIZE, FRAMES, STEPS = 32, 6, 2
 RUN = {"height": SIZE, "width": SIZE, "num_frames": FRAMES, "num_inference_steps": STEPS}
@@ -53,7 +54,7 @@ class RepeatStart(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def svd():
-    return build_tiny_svd_pipeline(seed=0, progress_bar=False)
+    return build_tiny_pipeline("tiny-svd", seed=0, progress_bar=False)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def stock_svd(svd, image, output_type="pil", **kw):
 
 
 def test_tiny_svd_builds_offline_and_is_seeded():
-    a, b, c = (build_tiny_svd_pipeline(seed=s, progress_bar=False) for s in (0, 0, 1))
+    a, b, c = (build_tiny_pipeline("tiny-svd", seed=s, progress_bar=False) for s in (0, 0, 1))
     wa, wb, wc = (next(p.unet.parameters()) for p in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
     assert a.image_encoder.config.projection_dim == a.unet.config.cross_attention_dim
@@ -81,10 +82,10 @@ def test_tiny_svd_builds_offline_and_is_seeded():
 
 def test_load_svd_pipeline_errors_name_the_model(tmp_path):
     missing = str(tmp_path / "no-such-svd")
-    with pytest.raises(SVDLoadError, match="no-such-svd"):
+    with pytest.raises(ModelLoadError, match="no-such-svd"):
         load_svd_pipeline(missing, "cpu")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SVDLoadError, match="empty"):
+    with pytest.raises(ModelLoadError, match="empty"):
         load_svd_pipeline(str(tmp_path / "empty"), "cpu")
 
 

@@ -27,8 +27,8 @@ from storydiff.attention import (
 from storydiff.cli import main
 from storydiff.config import ConsistencyConfig
 from storydiff.longstory import CHECKPOINT, denoise_long_story
-from storydiff.models import build_tiny_pipeline
 from storydiff.state import ConsistencyState, LayerInfo
+from storydiff.tiny_models import build_tiny_pipeline
 
 NO_SKIP = {"warmup_steps": 0, "skip_prob_early": 0.0, "skip_prob_late": 0.0}
 

@@ -10,8 +10,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from storydiff.attention import apply_consistent_attention, remove_consistent_attention
 from storydiff.bank import IdBank
 from storydiff.config import ConsistencyConfig
-from storydiff.models import build_tiny_pipeline
 from storydiff.pipeline import StoryDiffusionPipeline
+from storydiff.tiny_models import build_tiny_pipeline
 
 STORY = """\
 [Bob] a man with red hair, wearing a black suit

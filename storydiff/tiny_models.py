@@ -1,42 +1,51 @@
-"""Pipelines to run Consistent Self-Attention on: tiny offline ones for tests, real ones from disk or the hub.
+"""Every model this project builds offline with seeded random weights, in one place.
 
-``tiny-sdxl`` and ``tiny-sd15`` are built entirely in code with seeded random weights, because nothing can be
-downloaded on the CPU machines. They keep the real block structure (which levels have attention, how many
-transformer layers, two text encoders for SDXL, a VAE that downsamples by 8) at tiny widths, since our
-attention processors pick layers by UNet level and token count; only the widths are shrunk.
+Nothing can be downloaded on our CPU machines, so tests, demos and the benchmarks' memory runs use models
+built in code. They keep the real architectures' structure — which UNet levels have attention, how many
+transformer layers, two text encoders for SDXL, VAEs that downsample by 8, SVD's spatio-temporal blocks and
+EDM scheduler — at tiny widths, since our processors pick layers by level and token count; only the widths
+are shrunk. ``random-sdxl`` is the exception: the real SDXL UNet (2.6 B parameters) for GPU memory and speed.
+
+Names: ``tiny-sdxl``, ``tiny-sd15``, ``random-sdxl`` (text-to-image), ``tiny-svd`` (image-to-video);
+``tiny_clip_vision_model`` is the motion predictor's tiny image encoder. The same seed builds the same
+weights in every dtype and on every device (built in float32 under a private RNG stream, then cast).
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLTemporalDecoder,
     DDIMScheduler,
     DiffusionPipeline,
+    EulerDiscreteScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    StableVideoDiffusionPipeline,
     UNet2DConditionModel,
+    UNetSpatioTemporalConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
-# Reserved model names, built offline with random weights. tiny-*: tiny widths (tests, demos).
-# random-sdxl: the real SDXL UNet (2.6 B parameters, for memory and speed measurements on a GPU).
-TINY_MODELS = ("tiny-sdxl", "tiny-sd15")
-RESERVED_MODELS = (*TINY_MODELS, "random-sdxl")
+from .compat import clip_image_processor_class
 
-__all__ = ["RESERVED_MODELS", "TINY_MODELS", "ModelLoadError", "build_tiny_pipeline", "load_pipeline"]
+TEXT_TO_IMAGE = ("tiny-sdxl", "tiny-sd15", "random-sdxl")
+TINY_TEXT_TO_IMAGE = ("tiny-sdxl", "tiny-sd15")  # small enough for a CPU
+TINY_SVD = "tiny-svd"
+RESERVED_MODELS = (*TEXT_TO_IMAGE, TINY_SVD)
 
 # CLIP's context length: prompt-truncation behaviour must match the real models.
 _MAX_TOKENS = 77
 # Latent side length; the pipelines' default image size is sample_size × vae_scale_factor = 128.
 _SAMPLE_SIZE = 16
-
-
-class ModelLoadError(RuntimeError):
-    """A model name or path could not be loaded as a diffusers pipeline."""
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -250,10 +259,91 @@ def _build_random_sdxl(device: torch.device) -> StableDiffusionXLPipeline:
     return _sdxl_pipeline(unet, text_encoder, text_encoder_2, vae, (tokenizer, tokenizer_2))
 
 
-_TINY_BUILDERS = {
+# -- Stable Video Diffusion ------------------------------------------------------------------------------
+
+# Real SVD: OpenCLIP ViT-H/14 image embeds of width 1024 = the UNet's cross-attention width.
+_EMBED_DIM = 32
+# Real SVD's VAE downsamples by 8; so does the tiny one (four blocks), so a 64² video has 8² latents. 32 is
+# the narrowest width: the temporal VAE hard-codes GroupNorm with 32 groups.
+_VAE_CHANNELS = (32, 32, 32, 32)
+# SVD always resizes the conditioning image to 224² for CLIP (pipeline._encode_image), so the tiny vision
+# tower must accept 224² too; 32-pixel patches keep it at 49 tokens.
+_CLIP_IMAGE_SIZE, _CLIP_PATCH = 224, 32
+# Default video side: sample_size latents × 8.
+_SVD_SAMPLE_SIZE = 8
+
+
+def _svd_scheduler() -> EulerDiscreteScheduler:
+    # The scheduler config shipped with stabilityai/stable-video-diffusion-img2vid(-xt): v-prediction on
+    # continuous (EDM) timesteps with Karras sigmas between 0.002 and 700.
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        interpolation_type="linear",
+        use_karras_sigmas=True,
+        sigma_min=0.002,
+        sigma_max=700.0,
+        steps_offset=1,
+        timestep_spacing="leading",
+        timestep_type="continuous",
+    )
+
+
+def _build_tiny_svd(device: torch.device) -> StableVideoDiffusionPipeline:
+    time_embed_dim = 8  # per added time id; SVD has three (fps, motion bucket, noise augmentation)
+    unet = UNetSpatioTemporalConditionModel(
+        sample_size=_SVD_SAMPLE_SIZE,
+        in_channels=8,  # noisy latents + the conditioning image's latents, concatenated on channels
+        out_channels=4,
+        # Real SVD: three cross-attention levels, then a plain one; two levels keep both kinds here.
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=_EMBED_DIM,
+        num_attention_heads=(2, 4),
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=3 * time_embed_dim,
+        num_frames=8,
+    )
+    vae = AutoencoderKLTemporalDecoder(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(_VAE_CHANNELS),
+        block_out_channels=_VAE_CHANNELS,
+        layers_per_block=1,
+        latent_channels=4,
+        sample_size=_SVD_SAMPLE_SIZE * 8,
+    )
+    image_encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            projection_dim=_EMBED_DIM,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=_CLIP_IMAGE_SIZE,
+            patch_size=_CLIP_PATCH,
+        )
+    )
+    feature_extractor = clip_image_processor_class()(crop_size=_CLIP_IMAGE_SIZE, size=_CLIP_IMAGE_SIZE)
+    return StableVideoDiffusionPipeline(
+        vae=vae,
+        image_encoder=image_encoder,
+        unet=unet,
+        scheduler=_svd_scheduler(),
+        feature_extractor=feature_extractor,
+    )
+
+
+_BUILDERS = {
     "tiny-sdxl": _build_tiny_sdxl,
     "tiny-sd15": _build_tiny_sd15,
     "random-sdxl": _build_random_sdxl,
+    TINY_SVD: _build_tiny_svd,
 }
 
 
@@ -265,25 +355,23 @@ def build_tiny_pipeline(
     progress_bar: bool = True,
     device: str | torch.device = "cpu",
 ) -> DiffusionPipeline:
-    """Build ``tiny-sdxl`` or ``tiny-sd15`` offline with random weights; the same seed gives the same weights.
+    """Build one of ``RESERVED_MODELS`` offline with random weights; the same seed gives the same weights.
 
     Weights are initialised in float32 and then cast, so a seed names the same model in every dtype.
     ``progress_bar=False`` silences this pipeline's progress bar (global logging is left alone).
     """
-    if name not in _TINY_BUILDERS:
-        raise ValueError(f"unknown reserved model {name!r}; choose from {RESERVED_MODELS}")
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown reserved model {name!r}; choose from {', '.join(RESERVED_MODELS)}")
     # A private RNG stream: seeding must not disturb the caller's global torch RNG.
     device = torch.device(device)
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)
-        pipe = _TINY_BUILDERS[name](device)
-    return finish_random_pipeline(pipe, dtype, progress_bar)
+        pipe = _BUILDERS[name](device)
+    return _finish(pipe, dtype, progress_bar).to(device)
 
 
-def finish_random_pipeline(
-    pipe: DiffusionPipeline, dtype: torch.dtype, progress_bar: bool
-) -> DiffusionPipeline:
+def _finish(pipe: DiffusionPipeline, dtype: torch.dtype, progress_bar: bool) -> DiffusionPipeline:
     """Cast a pipeline built in float32 (so a seed names the same weights in every dtype) to ``dtype``."""
     if dtype != torch.float32:
         for component in pipe.components.values():
@@ -296,54 +384,24 @@ def finish_random_pipeline(
     return pipe
 
 
-def _check_text_to_image(pipe: Any, model: str) -> None:
-    unet = getattr(pipe, "unet", None)
-    text_encoder = getattr(pipe, "text_encoder", None)
-    if not isinstance(unet, UNet2DConditionModel) or text_encoder is None:
-        got = type(pipe).__name__
-        raise ValueError(
-            f"{model!r} is not a UNet2DConditionModel text-to-image pipeline (got {got}): Consistent "
-            "Self-Attention needs a pipeline with a `unet` (UNet2DConditionModel) and a `text_encoder`, "
-            "such as Stable Diffusion 1.x/2.x or SDXL"
-        )
+def tiny_clip_vision_model(embed_dim: int = 32, image_size: int = 32, seed: int = 0):
+    """A tiny random ``CLIPVisionModelWithProjection`` (the motion predictor's test encoder).
 
-
-def looks_like_local_path(model: str) -> bool:
-    # Hub ids are "name" or "org/name" and never start like this, so these can only mean a local path.
-    return model.startswith(("/", ".", "~")) or os.path.isabs(model) or os.path.exists(model)
-
-
-def load_pipeline(
-    model: str,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    seed: int = 0,
-    progress_bar: bool = True,
-) -> DiffusionPipeline:
-    """Load a UNet text-to-image pipeline (tiny name, local path or hub id) and move it to ``device``.
-
-    ``dtype`` defaults to float16 on CUDA and float32 elsewhere. ``seed`` only matters for the tiny models
-    (their random weights). Raises ``ModelLoadError`` when loading fails and ``ValueError`` when the loaded
-    pipeline has no ``UNet2DConditionModel`` or no text encoder.
+    At CLIP's default initialization a random ViT's output is dominated by the (image-independent) class
+    token, so every image gets nearly the same embedding (cosine ≈ 0.9999). A larger initializer factor
+    and small patches make the embeddings actually depend on what is where in the image, which the motion
+    tests need.
     """
-    device = torch.device(device)
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    if model in RESERVED_MODELS:
-        pipe = build_tiny_pipeline(model, seed=seed, dtype=dtype, progress_bar=progress_bar, device=device)
-    else:
-        offline_hint = f"(for offline use, the built-in random-weight models {', '.join(TINY_MODELS)} exist)"
-        if looks_like_local_path(model) and not os.path.exists(os.path.expanduser(model)):
-            # Caught here so that a mistyped path never turns into a hub request.
-            raise ModelLoadError(f"cannot load model {model!r}: local path does not exist {offline_hint}")
-        try:
-            pipe = DiffusionPipeline.from_pretrained(os.path.expanduser(model), torch_dtype=dtype)
-        except Exception as exc:
-            raise ModelLoadError(
-                f"cannot load model {model!r} as a diffusers pipeline: {type(exc).__name__}: {exc} "
-                f"{offline_hint}"
-            ) from exc
-        _check_text_to_image(pipe, model)
-        if not progress_bar:
-            pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    config = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        projection_dim=embed_dim,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=4,
+        initializer_factor=4.0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIPVisionModelWithProjection(config)

@@ -1,0 +1,54 @@
+"""The private diffusers and transformers details this project relies on, in one place.
+
+diffusers keeps a few things we need behind underscore names (the device a pipeline runs on, SDXL's
+micro-conditioning ids, SVD's image embedding). Every use goes through here, so a diffusers release that
+renames one breaks one small module, not the pipeline, the long-story loop and the video stage. Tested with
+the diffusers range stated in ``setup.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+
+def execution_device(pipe) -> torch.device:
+    """The device a diffusers pipeline runs its models on (respects model CPU offload)."""
+    return pipe._execution_device
+
+
+def sdxl_time_ids(pipe, height: int, width: int, dtype: torch.dtype, pooled_dim: int) -> torch.Tensor:
+    """SDXL's (1, 6) micro-conditioning ids for an uncropped ``height`` x ``width`` image, as its pipeline
+    computes them for a plain text-to-image call (``pooled_dim``: the pooled text embedding's width, used
+    when the pipeline has no second text encoder)."""
+    encoder_2 = pipe.text_encoder_2
+    projection = encoder_2.config.projection_dim if encoder_2 is not None else pooled_dim
+    return pipe._get_add_time_ids(
+        (height, width), (0, 0), (height, width), dtype=dtype, text_encoder_projection_dim=projection
+    )
+
+
+def svd_image_embedding(pipe, image) -> torch.Tensor:
+    """(1, 1, C) CLIP image embedding exactly as Stable Video Diffusion conditions on it (its own resize
+    to 224² and CLIP normalisation), without classifier-free guidance doubling."""
+    return pipe._encode_image(
+        image, execution_device(pipe), num_videos_per_prompt=1, do_classifier_free_guidance=False
+    )
+
+
+def clip_image_processor_class() -> type:
+    """CLIP's PIL-based image processor class.
+
+    transformers 5 splits CLIP preprocessing into a torchvision backend and a PIL one; the default class
+    warns and falls back when torchvision is missing (there is no CPU build of torchvision on our
+    machines). transformers 4 only has the PIL-based ``CLIPImageProcessor``.
+    """
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``from_pretrained``'s dtype keyword: ``dtype`` where diffusers has it (it deprecated ``torch_dtype``
+    and warns on every load), ``torch_dtype`` on older releases."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}

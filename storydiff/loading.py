@@ -1,0 +1,127 @@
+"""Loading models by name: the offline random-weight ones, local folders and files, hub ids.
+
+One error type, ``ModelLoadError``, with a one-line message that names the model and says what to do; a
+mistyped local path never turns into a hub request, and a hub id without a network says so instead of
+printing a connection traceback. Reserved names (``tiny_models.RESERVED_MODELS``) build offline.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .compat import dtype_kwargs
+from .tiny_models import RESERVED_MODELS, TEXT_TO_IMAGE, TINY_SVD, TINY_TEXT_TO_IMAGE, build_tiny_pipeline
+
+__all__ = ["ModelLoadError", "default_dtype", "load_pipeline", "load_svd_pipeline", "looks_like_local_path"]
+
+
+class ModelLoadError(ValueError):
+    """A model name, folder or file could not be loaded as what was asked for."""
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float16 on CUDA (the real models' own precision), float32 elsewhere (CPUs lack fast fp16)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def looks_like_local_path(model: str) -> bool:
+    # Hub ids are "name" or "org/name" and never start like this, so these can only mean a local path.
+    return model.startswith(("/", ".", "~")) or os.path.isabs(model) or os.path.exists(model)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _is_offline(exc: BaseException) -> bool:
+    """Whether loading failed because the hub could not be reached (no network, or offline mode)."""
+    names = {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectionError", "ConnectError"}
+    names |= {"ConnectTimeout", "ReadTimeout", "TimeoutException", "NameResolutionError", "MaxRetryError"}
+    while exc is not None:
+        if type(exc).__name__ in names or "offline" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def from_pretrained(cls: Any, model: str, what: str, hint: str = "", **kwargs: Any) -> Any:
+    """``cls.from_pretrained(model, **kwargs)`` with ``ModelLoadError`` for every way it can fail.
+
+    ``what`` names what was expected ("text-to-image pipeline"); ``hint`` is appended.
+    """
+    hint = f" ({hint})" if hint else ""
+    path = os.path.expanduser(model)
+    if looks_like_local_path(model) and not os.path.exists(path):
+        raise ModelLoadError(f"cannot load {what} {model!r}: no such file or folder{hint}")
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except Exception as exc:
+        if not os.path.exists(path) and _is_offline(exc):
+            raise ModelLoadError(
+                f"cannot load {what} {model!r}: it is not a local folder, and the Hugging Face hub cannot be "
+                f"reached from here (no network, or HF_HUB_OFFLINE set); download it where a network "
+                f"exists and pass the local folder{hint}"
+            ) from exc
+        raise ModelLoadError(f"cannot load {what} {model!r}: {_one_line(exc)}{hint}") from exc
+
+
+def load_pipeline(
+    model: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    progress_bar: bool = True,
+):
+    """A UNet text-to-image pipeline (reserved name, local folder or hub id) on ``device``.
+
+    ``dtype`` defaults to ``default_dtype(device)``; ``seed`` only matters for the reserved models (their
+    random weights). Raises ``ModelLoadError`` when loading fails or the pipeline has no
+    ``UNet2DConditionModel`` and text encoder.
+    """
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    device = torch.device(device)
+    dtype = dtype or default_dtype(device)
+    if model in TEXT_TO_IMAGE:
+        return build_tiny_pipeline(model, seed=seed, dtype=dtype, progress_bar=progress_bar, device=device)
+    if model in RESERVED_MODELS:
+        raise ModelLoadError(f"{model!r} is a video model; text-to-image models: {', '.join(TEXT_TO_IMAGE)}")
+    hint = f"offline random-weight models: {', '.join(TINY_TEXT_TO_IMAGE)}"
+    pipe = from_pretrained(DiffusionPipeline, model, "text-to-image pipeline", hint, **dtype_kwargs(dtype))
+    unet, text_encoder = getattr(pipe, "unet", None), getattr(pipe, "text_encoder", None)
+    if not isinstance(unet, UNet2DConditionModel) or text_encoder is None:
+        raise ModelLoadError(
+            f"{model!r} is not a UNet2DConditionModel text-to-image pipeline (got {type(pipe).__name__}): "
+            "Consistent Self-Attention needs a pipeline with a `unet` (UNet2DConditionModel) and a "
+            "`text_encoder`, such as Stable Diffusion 1.x/2.x or SDXL"
+        )
+    if not progress_bar:
+        pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_svd_pipeline(
+    model: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    seed: int = 0,
+    progress_bar: bool = True,
+):
+    """Stable Video Diffusion: ``"tiny-svd"`` (offline, random weights), a local folder or a hub id."""
+    from diffusers import StableVideoDiffusionPipeline
+
+    device = torch.device(device)
+    dtype = dtype or default_dtype(device)
+    if model == TINY_SVD:
+        return build_tiny_pipeline(model, seed=seed, dtype=dtype, progress_bar=progress_bar, device=device)
+    hint = f"offline random-weight model: {TINY_SVD}"
+    pipe = from_pretrained(StableVideoDiffusionPipeline, model, "SVD model", hint, **dtype_kwargs(dtype))
+    if not progress_bar:
+        pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
