@@ -51,7 +51,7 @@ def _is_offline(exc: BaseException) -> bool:
 def from_pretrained(cls: Any, model: str, what: str, hint: str = "", **kwargs: Any) -> Any:
     """``cls.from_pretrained(model, **kwargs)`` with ``ModelLoadError`` for every way it can fail.
 
-    ``what`` names what was expected ("text-to-image pipeline"); ``hint`` is appended.
+    ``what`` names what was expected ("model", "SVD model"); ``hint`` is appended.
     """
     hint = f" ({hint})" if hint else ""
     path = os.path.expanduser(model)
@@ -92,7 +92,7 @@ def load_pipeline(
     if model in RESERVED_MODELS:
         raise ModelLoadError(f"{model!r} is a video model; text-to-image models: {', '.join(TEXT_TO_IMAGE)}")
     hint = f"offline random-weight models: {', '.join(TINY_TEXT_TO_IMAGE)}"
-    pipe = from_pretrained(DiffusionPipeline, model, "text-to-image pipeline", hint, **dtype_kwargs(dtype))
+    pipe = from_pretrained(DiffusionPipeline, model, "model", hint, **dtype_kwargs(dtype))
     unet, text_encoder = getattr(pipe, "unet", None), getattr(pipe, "text_encoder", None)
     if not isinstance(unet, UNet2DConditionModel) or text_encoder is None:
         raise ModelLoadError(

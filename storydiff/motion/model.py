@@ -19,6 +19,8 @@ traces the whole forward (see ``compiled.py``).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
@@ -140,3 +142,19 @@ class SemanticMotionPredictor(ModelMixin, ConfigMixin):
         h = self.transformer(h.reshape(batch, (frames + 2) * tokens, -1))
         h = h.view(batch, frames + 2, tokens, -1)[:, 1:-1]  # only the intermediate frames are predicted
         return interpolated + self.out_proj(h)
+
+
+def load_predictor(path: str, device: str | torch.device = "cpu") -> SemanticMotionPredictor:
+    """A predictor saved with ``save_pretrained`` (a local folder), in float32 on ``device``.
+
+    Raises ``ModelLoadError`` naming the folder when it is missing or not a predictor.
+    """
+    from ..loading import from_pretrained
+
+    # The predictor is small; float32 keeps its output close to how it was trained. Local folders only:
+    # there are no published weights to fetch.
+    if not Path(path).expanduser().is_dir():
+        from ..loading import ModelLoadError
+
+        raise ModelLoadError(f"cannot load motion predictor {path!r}: no such folder")
+    return from_pretrained(SemanticMotionPredictor, str(path), "motion predictor").to(device)

@@ -36,14 +36,13 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import ClipDataset, MotionData, build_datasets
+from .defaults import DEFAULT_MODEL
 from .encoder import ImageEncoder, build_tiny_encoder
 from .evaluate import evaluate
 from .model import SemanticMotionPredictor
 
 __all__ = ["DEFAULT_MODEL", "TrainResult", "evaluate", "train_motion"]
 
-# Paper-sized transformer (≈ 8 layers, hidden 1024); everything here can be overridden.
-DEFAULT_MODEL = {"hidden_dim": 1024, "num_layers": 8, "num_heads": 16, "dropout": 0.0}
 # Settings that change what a run computes: resuming with any of them changed would not continue the
 # same run, so it is refused.
 _RESUME_KEYS = (
@@ -123,6 +122,12 @@ def _save_final_model(model: SemanticMotionPredictor, out_dir: Path) -> Path:
 
 
 def _plot_losses(losses: Sequence[float], heldout: dict[str, Any], path: Path) -> None:
+    _loss_figure(losses, heldout).savefig(path)
+
+
+def _loss_figure(losses: Sequence[float], heldout: dict[str, Any]) -> Any:
+    """loss.png as a Figure: lines for the per-step train loss and its EMA (0.95), then horizontal lines at
+    the held-out MSE of linear interpolation and of the final predictor (log y)."""
     # Figure + Agg canvas directly: no pyplot, so no global backend switch and no GUI.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -144,7 +149,7 @@ def _plot_losses(losses: Sequence[float], heldout: dict[str, Any], path: Path) -
     ax.set_ylabel("MSE on intermediate embeddings")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    return fig
 
 
 def _load_for_resume(checkpoint: Path, run: dict[str, Any]) -> tuple[SemanticMotionPredictor, dict[str, Any]]:
@@ -361,12 +366,3 @@ def train_motion(
         resumed_from=start_step if latest is not None else None,
         seconds=time.perf_counter() - began,
     )
-
-
-def __getattr__(name: str) -> Any:
-    # The CLI lives in train_cli.py (it imports this module); keep ``train.train_motion_cli`` working.
-    if name == "train_motion_cli":
-        from .train_cli import train_motion_cli
-
-        return train_motion_cli
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

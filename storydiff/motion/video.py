@@ -15,12 +15,10 @@ The temporal blocks keep SVD's own embedding: SVD feeds them the first frame's e
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
 import re
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -47,7 +45,6 @@ __all__ = [
     "MP4_PACKAGES",
     "PerFrameCrossAttnProcessor",
     "PerFrameEmbeddingState",
-    "PredictorLoadError",
     "StoryVideoResult",
     "TransitionResult",
     "TransitionVideoPipeline",
@@ -57,7 +54,6 @@ __all__ = [
     "read_story_frames",
     "spatial_cross_attention_layers",
     "story_transitions",
-    "video_cli",
     "write_video",
 ]
 
@@ -368,133 +364,3 @@ def story_transitions(
     }
     write_json(out / "video.json", metadata)
     return StoryVideoResult(paths, transitions, frames, gif, mp4, metadata)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------------
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"(\d+)[xX](\d+)", text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 1024x576, got {text!r}")
-    width, height = int(match[1]), int(match[2])
-    if width <= 0 or height <= 0 or width % 8 or height % 8:
-        raise argparse.ArgumentTypeError(f"width and height must be positive multiples of 8, got {text!r}")
-    return width, height
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _video_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="storydiff video",
-        description="Transition videos between consecutive frames of a story (a `storydiff generate` folder "
-        "or a folder of PNGs) with Stable Video Diffusion, each frame conditioned on its own CLIP embedding: "
-        "predicted by a Semantic Motion Predictor (--predictor) or linearly interpolated.",
-    )
-    parser.add_argument("--story-dir", required=True, help="story folder (frames/ + metadata.json, or PNGs)")
-    parser.add_argument("--out", required=True, help="output folder for the clips and the story video")
-    parser.add_argument(
-        "--svd",
-        required=True,
-        help="Stable Video Diffusion path or hub id, or tiny-svd (random weights, offline)",
-    )
-    parser.add_argument("--predictor", default=None, help="SemanticMotionPredictor folder (save_pretrained)")
-    parser.add_argument(
-        "--frames",
-        type=_positive_int,
-        default=None,
-        help="frames per clip (default: predictor's + 2, else SVD's)",
-    )
-    parser.add_argument("--steps", type=_positive_int, default=25, help="denoising steps")
-    parser.add_argument(
-        "--size", type=_parse_size, default=None, help="WxH (default: 64x64 for tiny-svd, else 1024x576)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first clip; clip i uses seed + i")
-    parser.add_argument("--fps", type=_positive_int, default=7)
-    parser.add_argument("--motion-bucket-id", type=int, default=127, help="SVD's amount-of-motion condition")
-    parser.add_argument("--noise-aug-strength", type=float, default=0.02)
-    parser.add_argument("--decode-chunk-size", type=_positive_int, default=None, help="frames per VAE decode")
-    parser.add_argument("--device", default=None, help="default: cuda if available")
-    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None)
-    return parser
-
-
-class PredictorLoadError(RuntimeError):
-    """A path could not be loaded as a ``SemanticMotionPredictor``."""
-
-
-def _load_predictor(path: str, device: torch.device) -> torch.nn.Module:
-    try:
-        from .model import SemanticMotionPredictor
-    except ImportError as exc:
-        raise PredictorLoadError(
-            f"cannot load a motion predictor: storydiff.motion.model is unavailable ({exc})"
-        ) from exc
-    if not Path(path).expanduser().is_dir():
-        raise FileNotFoundError(f"motion predictor folder {path} does not exist")
-    try:
-        predictor = SemanticMotionPredictor.from_pretrained(str(Path(path).expanduser()))
-    except Exception as exc:
-        raise PredictorLoadError(
-            f"cannot load motion predictor {path!r}: {type(exc).__name__}: {exc}"
-        ) from exc
-    # The predictor is small; float32 keeps its output close to how it was trained.
-    return predictor.to(device)
-
-
-def video_cli(argv: list[str]) -> int:
-    """``storydiff video``: returns 0 on success, 2 with an ``error:`` line on stderr otherwise."""
-    from ..loading import ModelLoadError, load_svd_pipeline
-    from ..tiny_models import TINY_SVD
-
-    parser = _video_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse has already printed usage and its error (or the help)
-        return int(exc.code or 0)
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda given but no CUDA device is available")
-        read_story_frames(args.story_dir)  # fail on a bad story before loading any model
-        dtype = getattr(torch, args.dtype) if args.dtype else None
-        # The predictor first: it loads in a moment, and a bad path should not wait for the video model.
-        predictor = _load_predictor(args.predictor, device) if args.predictor else None
-        svd_pipe = load_svd_pipeline(args.svd, device, dtype)
-        width, height = args.size or ((64, 64) if args.svd == TINY_SVD else (1024, 576))
-        with warnings.catch_warnings():
-            # The note printed below says it once; the per-file warning would repeat it.
-            warnings.filterwarnings("ignore", message="MP4 not written", category=RuntimeWarning)
-            result = story_transitions(
-                args.story_dir,
-                args.out,
-                svd_pipe,
-                predictor,
-                seed=args.seed,
-                fps=args.fps,
-                num_frames=args.frames,
-                num_inference_steps=args.steps,
-                height=height,
-                width=width,
-                motion_bucket_id=args.motion_bucket_id,
-                noise_aug_strength=args.noise_aug_strength,
-                decode_chunk_size=args.decode_chunk_size,
-            )
-    except (FileNotFoundError, ValueError, ModelLoadError, PredictorLoadError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    written = [p for t in result.transitions for p in (t.gif_path, t.mp4_path) if p]
-    written += [p for p in (result.gif_path, result.mp4_path) if p]
-    print(f"{len(result.transitions)} transitions from {len(result.frame_paths)} frames; written:")
-    print("  " + "\n  ".join(str(p) for p in written))
-    if result.mp4_path is None:
-        print(f"note: no MP4 encoder; pip install {' '.join(MP4_PACKAGES)} to also write MP4 files")
-    return 0

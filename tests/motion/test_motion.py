@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from storydiff.cli import main
+from storydiff.motion import train as motion_train
 from storydiff.motion.baselines import linear_interpolation
 from storydiff.motion.checkpoints import latest_checkpoint
 from storydiff.motion.data import build_datasets, split_videos
@@ -22,7 +24,6 @@ from storydiff.motion.encoder import build_tiny_encoder
 from storydiff.motion.model import SemanticMotionPredictor
 from storydiff.motion.synthetic import make_synthetic_videos
 from storydiff.motion.train import train_motion
-from storydiff.motion.train_cli import train_motion_cli
 from storydiff.motion.video_sources import find_videos
 
 SMALL = {"embed_dim": 32, "num_frames": 4, "hidden_dim": 32, "num_layers": 2, "num_heads": 4, "max_tokens": 8}
@@ -310,20 +311,45 @@ def test_resume_reproduces_uninterrupted_run(small_videos, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical weights
 
 
-def test_cli_runs_and_reports_errors(small_videos, tmp_path, capsys):
+def test_loss_figure_draws_losses_ema_and_heldout():
+    losses = [4.0, 2.0, 1.0, 3.0]
+    fig = motion_train._loss_figure(losses, {"mse_interpolation": 0.5, "mse_predictor": 0.25})
+    (ax,) = fig.axes
+    per_step, ema, interpolation, predictor = ax.lines
+    assert list(per_step.get_xdata()) == [1, 2, 3, 4] and list(per_step.get_ydata()) == losses
+    assert list(ema.get_xdata()) == [1, 2, 3, 4]
+    # EMA 0.95 started at the first loss: 4, 0.95·4 + 0.05·2 = 3.9, 0.95·3.9 + 0.05·1 = 3.755, ...
+    assert list(ema.get_ydata()) == pytest.approx([4.0, 3.9, 3.755, 3.71725])
+    assert list(interpolation.get_ydata()) == [0.5, 0.5] and list(predictor.get_ydata()) == [0.25, 0.25]
+    assert ax.get_yscale() == "log"
+
+
+def test_cli_runs_and_reports_errors(small_videos, tmp_path, capsys, monkeypatch):
+    figures, loss_figure = [], motion_train._loss_figure
+
+    def recording(*args):
+        figures.append(loss_figure(*args))
+        return figures[-1]
+
+    monkeypatch.setattr(motion_train, "_loss_figure", recording)
     out = tmp_path / "run"
     argv = ["--data", str(small_videos), "--out", str(out), "--frames", "3", "--steps", "4"]
     argv += ["--batch-size", "4", "--hidden", "32", "--layers", "1", "--heads", "4", "--lr", "1e-3"]
     argv += ["--no-progress"]
-    assert train_motion_cli(argv) == 0
+    assert main(["train-motion", *argv]) == 0
     assert "held-out cosine similarity" in capsys.readouterr().out
     assert (out / "model" / "config.json").is_file() and (out / "loss.png").is_file()
     report = json.loads((out / "eval.json").read_text())
     assert {"cosine_predictor", "cosine_interpolation", "cosine_gain"} <= report["heldout"].keys()
+    per_step, _, interpolation, predictor = figures[0].axes[0].lines  # loss.png shows this run's numbers
+    assert len(per_step.get_ydata()) == report["steps"] == 4
+    assert per_step.get_ydata()[-1] == report["final_loss"]
+    assert interpolation.get_ydata()[0] == report["heldout"]["mse_interpolation"]
+    assert predictor.get_ydata()[0] == report["heldout"]["mse_predictor"]
 
-    assert train_motion_cli(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert main(["train-motion", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "data folder not found" in capsys.readouterr().err
-    assert train_motion_cli(["--out", str(tmp_path / "x")]) == 2  # argparse: --data is required
+    assert main(["train-motion", "--out", str(tmp_path / "x")]) == 2  # argparse: --data is required
 
 
 def test_predictor_beats_interpolation_on_heldout_videos(tmp_path):
@@ -362,7 +388,6 @@ def test_predictor_beats_interpolation_on_heldout_videos(tmp_path):
 
 
 def test_train_motion_subcommand(tmp_path, capsys):
-    from storydiff.cli import main
     from storydiff.motion.synthetic import make_synthetic_videos
 
     make_synthetic_videos(tmp_path / "videos", num_videos=6, num_frames=8, seed=1)

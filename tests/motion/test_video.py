@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from storydiff.cli import main
 from storydiff.loading import ModelLoadError, load_svd_pipeline
 from storydiff.motion.video import (
     PerFrameCrossAttnProcessor,
@@ -19,7 +20,6 @@ from storydiff.motion.video import (
     read_story_frames,
     spatial_cross_attention_layers,
     story_transitions,
-    video_cli,
 )
 from storydiff.tiny_models import build_tiny_pipeline
 
@@ -322,7 +322,6 @@ def test_video_cli(tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--story-dir", str(story), "--out", str(out), "--svd", "tiny-svd", "--frames", "4"]
     args += ["--steps", "1"]
-    from storydiff.cli import main
 
     assert main(["video", *args]) == 0  # through the `storydiff video` subcommand
     assert (out / "transition_000.gif").is_file() and (out / "story.gif").is_file()
@@ -331,14 +330,14 @@ def test_video_cli(tmp_path, capsys):
     assert "1 transitions from 2 frames" in out_text
     assert ("note: no MP4 encoder" in out_text) == (not mp4_available())
 
-    assert video_cli([*args[:1], str(tmp_path / "nope"), *args[2:]]) == 2
+    assert main(["video", *args[:1], str(tmp_path / "nope"), *args[2:]]) == 2
     err = capsys.readouterr().err
     assert "error: story folder" in err and "does not exist" in err
-    assert video_cli([*args, "--predictor", str(tmp_path / "no-predictor")]) == 2
-    assert "motion predictor folder" in capsys.readouterr().err
-    assert video_cli([*args, "--size", "63x64"]) == 2
+    assert main(["video", *args, "--predictor", str(tmp_path / "no-predictor")]) == 2
+    assert "cannot load motion predictor" in capsys.readouterr().err
+    assert main(["video", *args, "--size", "63x64"]) == 2
     assert "multiples of 8" in capsys.readouterr().err
-    assert video_cli([*args[:4], "--svd", str(tmp_path / "no-svd")]) == 2
+    assert main(["video", *args[:4], "--svd", str(tmp_path / "no-svd")]) == 2
     assert "error: cannot load SVD model" in capsys.readouterr().err
 
 
@@ -352,10 +351,10 @@ def test_video_cli_with_saved_predictor(svd, tmp_path, capsys):
     )
     base = ["--story-dir", str(story), "--svd", "tiny-svd", "--steps", "1"]
     base += ["--predictor", str(tmp_path / "smp")]
-    assert video_cli([*base, "--out", str(tmp_path / "out")]) == 0
+    assert main(["video", *base, "--out", str(tmp_path / "out")]) == 0
     with Image.open(tmp_path / "out" / "transition_000.gif") as gif:
         assert gif.n_frames == 5  # predictor's 3 intermediate frames + start + end
-    assert video_cli([*base, "--out", str(tmp_path / "bad"), "--frames", "6"]) == 2
+    assert main(["video", *base, "--out", str(tmp_path / "bad"), "--frames", "6"]) == 2
     assert "predicts 3 intermediate frames" in capsys.readouterr().err
 
 

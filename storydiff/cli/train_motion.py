@@ -1,4 +1,4 @@
-"""``storydiff train-motion``: the command line for ``train_motion``.
+"""``storydiff train-motion``: train the Semantic Motion Predictor.
 
 storydiff train-motion --data videos/ --out runs/smp --encoder PATH_TO_CLIP --frames 14 --steps 20000
 storydiff train-motion --data videos/ --out runs/smp --resume        # same flags, continues the run
@@ -8,16 +8,15 @@ storydiff train-motion --data demo/ --out runs/tiny --encoder tiny --hidden 64 -
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .train import DEFAULT_MODEL, train_motion
-
-__all__ = ["train_motion_cli"]
+from ..motion.defaults import DEFAULT_MODEL
+from .common import fail
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="storydiff train-motion",
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train-motion",
+        help="train the Semantic Motion Predictor on videos or frame folders",
         description="Train the Semantic Motion Predictor on a folder of videos (GIFs, frame folders, "
         "or video files with imageio installed).",
     )
@@ -57,15 +56,13 @@ def _parser() -> argparse.ArgumentParser:
         help="bf16 autocast is CUDA-only (default: auto = bf16 on CUDA)",
     )
     p.add_argument("--no-progress", action="store_true")
-    return p
+    p.set_defaults(run=run)
 
 
-def train_motion_cli(argv: list[str] | None = None) -> int:
-    """``storydiff train-motion``: returns 0 on success, 2 on bad arguments or data (message on stderr)."""
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:  # argparse exits on --help (0) and on usage errors (2)
-        return int(exc.code or 0)
+def run(args: argparse.Namespace) -> int:
+    from ..loading import ModelLoadError
+    from ..motion.train import train_motion
+
     try:
         result = train_motion(
             args.data,
@@ -95,9 +92,8 @@ def train_motion_cli(argv: list[str] | None = None) -> int:
             },
             progress=not args.no_progress,
         )
-    except (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError, ModelLoadError) as exc:
+        return fail(str(exc))
     ev = result.eval
     print(f"model: {result.model_dir}")
     print(

@@ -1,0 +1,101 @@
+"""``storydiff bench``: the op, UNet and motion-predictor benchmark suites."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import DTYPES, fail, resolve_device
+
+
+def register(subparsers) -> None:
+    bench = subparsers.add_parser(
+        "bench",
+        help="benchmark consistent attention against the official variants and dense SDPA",
+        description="Op suite: one layer call per provider, each first checked against the fp32 reference. "
+        "UNet suite: one SDXL UNet step of 4 identity frames with official-A, official-B and our processors, "
+        "and the identity bank each keeps. Default: real sizes on a GPU, a small configuration (about a "
+        "minute) on a CPU.",
+    )
+    bench.add_argument(
+        "--suite",
+        choices=("op", "unet", "all", "motion"),
+        default="all",
+        help="all = op + unet; motion: compiled vs eager Semantic Motion Predictor at batch 1 and 8",
+    )
+    bench.add_argument(
+        "--size",
+        choices=("auto", "cpu", "full", "headline"),
+        default="auto",
+        help="auto: full on a GPU, cpu otherwise; headline: the op cases the README quotes",
+    )
+    bench.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    bench.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on GPU, fp32 on CPU")
+    bench.add_argument("--providers", default=None, help="op suite providers, comma-separated (default: all)")
+    bench.add_argument("--out", default="benchmarks/results", help="results folder (JSON, CSV, PNG)")
+    bench.add_argument("--no-plot", action="store_true")
+    bench.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..benchmark import op_suite, unet_suite
+    from ..benchmark.environment import environment
+    from ..benchmark.providers import PROVIDERS, default_providers
+    from ..benchmark.results import UNET_PANELS, format_table, plot_rows, save_rows
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        return fail(str(exc))
+    size = args.size if args.size != "auto" else ("full" if device.type == "cuda" else "cpu")
+    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    providers = args.providers.split(",") if args.providers else default_providers(device, size)
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown:
+        return fail(f"unknown provider(s) {unknown}; choose from {list(PROVIDERS)}")
+    env = environment(device)
+    out = Path(args.out)
+    written = []
+    if args.suite in ("op", "all"):
+        cases = {"cpu": op_suite.cpu_cases, "full": op_suite.gpu_cases, "headline": op_suite.headline_cases}[
+            size
+        ]()
+        print(f"op suite: {len(cases)} cases x {len(providers)} providers on {env['device']} ({dtype})")
+        rows = op_suite.run_op_suite(cases, providers, device=device, dtype=dtype, env=env)
+        print(format_table(rows))
+        written += [*save_rows(rows, out, f"op-{size}", env["device"])]
+        if not args.no_plot:
+            written.append(plot_rows(rows, written[-2].with_suffix(".png")))
+    if args.suite in ("unet", "all"):
+        model = "tiny" if size == "cpu" else "full"
+        cases = unet_suite.cpu_cases() if model == "tiny" else unet_suite.gpu_cases()
+        print(f"unet suite: {model} SDXL UNet, {len(cases)} cases on {env['device']} ({dtype})")
+        rows = unet_suite.run_unet_suite(
+            cases, list(unet_suite.PROVIDERS), size=model, device=device, dtype=dtype, env=env
+        )
+        print(unet_suite.format_unet_table(rows))
+        written += [*save_rows(rows, out, f"unet-{model}", env["device"])]
+        if not args.no_plot:
+            title = f"SDXL UNet ({model}) step, 4 identity frames, {env['device']}"
+            written.append(plot_rows(rows, written[-2].with_suffix(".png"), title, UNET_PANELS))
+    if args.suite == "motion":
+        from ..motion.compiled import benchmark_compiled
+        from ..motion.model import SemanticMotionPredictor
+
+        # paper-like predictor on a GPU (CLIP ViT-H/14 width 1024, 8 layers); a small one on a CPU
+        gpu_size = {"embed_dim": 1024, "hidden_dim": 1024, "num_layers": 8}
+        cpu_size = {"embed_dim": 64, "hidden_dim": 64, "num_layers": 2, "num_heads": 4}
+        size = gpu_size if device.type == "cuda" else cpu_size
+        model = SemanticMotionPredictor(num_frames=14, **size)
+        rows = [{**row, **env} for row in benchmark_compiled(model, (1, 8), device)]
+        for row in rows:
+            eager, compiled, speedup = row["eager_ms"], row["compiled_ms"], row["speedup"]
+            print(
+                f"motion predictor batch {row['batch_size']}: eager {eager:.2f} ms, "
+                f"compiled {compiled:.2f} ms ({speedup:.2f}x, outputs match: {row['match']})"
+            )
+        written += [*save_rows(rows, out, "motion-compiled", env["device"])]
+    print("written:\n  " + "\n  ".join(str(p) for p in written))
+    return 0

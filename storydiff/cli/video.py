@@ -1,0 +1,87 @@
+"""``storydiff video``: transition videos between consecutive frames of a story (Stable Video Diffusion)."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+from .common import DTYPES, fail, positive_int, resolve_device, resolve_dtype, video_size
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "video",
+        help="transition videos between consecutive frames of a story (Stable Video Diffusion)",
+        description="Transition videos between consecutive frames of a story (a `storydiff generate` folder "
+        "or a folder of PNGs) with Stable Video Diffusion, each frame conditioned on its own CLIP embedding: "
+        "predicted by a Semantic Motion Predictor (--predictor) or linearly interpolated.",
+    )
+    parser.add_argument("--story-dir", required=True, help="story folder (frames/ + metadata.json, or PNGs)")
+    parser.add_argument("--out", required=True, help="output folder for the clips and the story video")
+    parser.add_argument(
+        "--svd",
+        required=True,
+        help="Stable Video Diffusion path or hub id, or tiny-svd (random weights, offline)",
+    )
+    parser.add_argument("--predictor", default=None, help="SemanticMotionPredictor folder (save_pretrained)")
+    parser.add_argument(
+        "--frames",
+        type=positive_int,
+        default=None,
+        help="frames per clip (default: predictor's + 2, else SVD's)",
+    )
+    parser.add_argument("--steps", type=positive_int, default=25, help="denoising steps")
+    parser.add_argument(
+        "--size", type=video_size, default=None, help="WxH (default: 64x64 for tiny-svd, else 1024x576)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first clip; clip i uses seed + i")
+    parser.add_argument("--fps", type=positive_int, default=7)
+    parser.add_argument("--motion-bucket-id", type=int, default=127, help="SVD's amount-of-motion condition")
+    parser.add_argument("--noise-aug-strength", type=float, default=0.02)
+    parser.add_argument("--decode-chunk-size", type=positive_int, default=None, help="frames per VAE decode")
+    parser.add_argument("--device", default=None, help="default: cuda if available")
+    parser.add_argument("--dtype", choices=DTYPES, default=None)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..loading import ModelLoadError, load_svd_pipeline
+    from ..motion.model import load_predictor
+    from ..motion.video import read_story_frames, story_transitions
+    from ..motion.video_io import MP4_PACKAGES
+    from ..tiny_models import TINY_SVD
+
+    try:
+        device = resolve_device(args.device)
+        read_story_frames(args.story_dir)  # fail on a bad story before loading any model
+        # The predictor first: it loads in a moment, and a bad path should not wait for the video model.
+        predictor = load_predictor(args.predictor, device) if args.predictor else None
+        svd_pipe = load_svd_pipeline(args.svd, device, resolve_dtype(args.dtype))
+        width, height = args.size or ((64, 64) if args.svd == TINY_SVD else (1024, 576))
+        with warnings.catch_warnings():
+            # The note printed below says it once; the per-file warning would repeat it.
+            warnings.filterwarnings("ignore", message="MP4 not written", category=RuntimeWarning)
+            result = story_transitions(
+                args.story_dir,
+                args.out,
+                svd_pipe,
+                predictor,
+                seed=args.seed,
+                fps=args.fps,
+                num_frames=args.frames,
+                num_inference_steps=args.steps,
+                height=height,
+                width=width,
+                motion_bucket_id=args.motion_bucket_id,
+                noise_aug_strength=args.noise_aug_strength,
+                decode_chunk_size=args.decode_chunk_size,
+            )
+    except (FileNotFoundError, ValueError, ModelLoadError) as exc:
+        return fail(str(exc))
+    written = [p for t in result.transitions for p in (t.gif_path, t.mp4_path) if p]
+    written += [p for p in (result.gif_path, result.mp4_path) if p]
+    print(f"{len(result.transitions)} transitions from {len(result.frame_paths)} frames; written:")
+    print("  " + "\n  ".join(str(p) for p in written))
+    if result.mp4_path is None:
+        print(f"note: no MP4 encoder; pip install {' '.join(MP4_PACKAGES)} to also write MP4 files")
+    return 0
