@@ -8,9 +8,18 @@ from dataclasses import asdict, dataclass, field
 LAYER_PRESETS = ("up", "up+mid", "all")
 
 
+class InvalidSetting(ValueError):
+    """A setting's value is not allowed. ``field`` names the setting, ``problem`` says what is wrong, so
+    the CLI can name its own flag instead of the Python name."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
 def _check_rate(name: str, rate: object) -> None:
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= float(rate) <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {rate!r}")
+        raise InvalidSetting(name, f"must be a number in [0, 1], got {rate!r}")
 
 
 @dataclass
@@ -56,30 +65,38 @@ class ConsistencyConfig:
         _check_rate("rate", self.rate)
         for level, rate in self.level_rates.items():
             if level not in (8, 16, 32, 64):
-                raise ValueError(f"level_rates keys must be level factors 8, 16, 32 or 64, got {level!r}")
+                problem = f"keys must be level factors 8, 16, 32 or 64, got {level!r}"
+                raise InvalidSetting("level_rates", problem)
             _check_rate(f"level_rates[{level}]", rate)
         _check_rate("skip_prob_early", self.skip_prob_early)
         _check_rate("skip_prob_late", self.skip_prob_late)
         if isinstance(self.layers, str) and self.layers not in LAYER_PRESETS:
-            raise ValueError(f"layers must be one of {LAYER_PRESETS}, a list of names or a predicate")
+            raise InvalidSetting("layers", f"must be one of {LAYER_PRESETS}, a list of names or a predicate")
         for name in ("warmup_steps", "skip_switch_step", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+                raise InvalidSetting(name, f"must be a whole number >= 0, got {value!r}")
         if self.window is not None and (
             isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1
         ):
-            raise ValueError(f"window must be None or an int >= 1, got {self.window!r}")
+            raise InvalidSetting("window", f"must be None or a whole number >= 1, got {self.window!r}")
         if self.tile is not None and (
             isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1
         ):
-            raise ValueError(f"tile must be None or an int >= 1, got {self.tile!r}")
+            raise InvalidSetting("tile", f"must be None or a whole number >= 1, got {self.tile!r}")
 
     def rate_for(self, level_factor: int) -> float:
         return float(self.level_rates.get(level_factor, self.rate))
 
     def skip_prob(self, step: int) -> float:
         return self.skip_prob_early if step < self.skip_switch_step else self.skip_prob_late
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ConsistencyConfig:
+        """The inverse of ``to_dict`` (level keys back to ints); a predicate ``layers`` cannot come back."""
+        data = dict(data)
+        data["level_rates"] = {int(k): v for k, v in data.get("level_rates", {}).items()}
+        return cls(**data)
 
     def to_dict(self) -> dict:
         """JSON-friendly form for metadata (a predicate ``layers`` is recorded by name)."""

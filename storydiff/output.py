@@ -1,8 +1,8 @@
 """The output folder of a story run: frames as they finish, comic pages, metadata.
 
-Every file is written under a temporary name and renamed into place, so a killed run never leaves a
-truncated file under a final name. ``metadata.json`` says ``"status": "running"`` from the start and only
-says ``"complete"`` once everything else is written.
+Every file is written under a temporary name and renamed into place (``atomic.py``), so a killed run never
+leaves a truncated file under a final name. ``metadata.json`` says ``"status": "running"`` from the start
+and only says ``"complete"`` once everything else is written (``"failed"`` or ``"interrupted"`` otherwise).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from .atomic import atomic_path, write_json
+
 METADATA = "metadata.json"
 
 
@@ -21,24 +23,41 @@ def read_metadata(root: str | os.PathLike) -> dict:
     """A run folder's metadata; ValueError if it is not readable JSON."""
     path = Path(root) / METADATA
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read {path}: {exc}") from exc
 
 
-def _atomic_write(path: Path, write) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def save_image(image: Image.Image, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
     return path
 
 
-def write_json(path: Path, data: dict) -> Path:
-    return _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
+def check_output_folder(
+    root: str | os.PathLike, *, overwrite: bool = False, resume: bool = False
+) -> str | None:
+    """Whether ``root`` can take this run; returns the status of the run already there (None if none).
 
-
-def save_image(image: Image.Image, path: Path) -> Path:
-    return _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    Raises ``FileExistsError`` / ``FileNotFoundError`` / ``NotADirectoryError`` with what to do instead.
+    Nothing is created, so it can run before any model is loaded.
+    """
+    root = Path(root)
+    for parent in (root, *root.parents):
+        if parent.exists() and not parent.is_dir():
+            what = "is a file" if parent == root else f"is inside {parent}, which is a file"
+            raise NotADirectoryError(f"output folder {root} {what}; choose a folder")
+    status = read_metadata(root).get("status", "?") if (root / METADATA).is_file() else None
+    if resume and status is None:
+        raise FileNotFoundError(f"nothing to resume in {root}: no {METADATA}")
+    if resume and status == "complete":
+        raise FileExistsError(f"{root} holds a complete run: nothing to resume")
+    if status is not None and not (overwrite or resume):
+        raise FileExistsError(
+            f"{root} already holds a story run (status {status!r}); choose a new folder, or replace it "
+            "with --overwrite (overwrite=True)"
+        )
+    return status
 
 
 class StoryOutput:
@@ -47,16 +66,7 @@ class StoryOutput:
     def __init__(self, root: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> None:
         self.root = Path(root)
         self.resume = resume
-        status = read_metadata(self.root).get("status", "?") if (self.root / METADATA).exists() else None
-        if resume and status is None:
-            raise FileNotFoundError(f"nothing to resume in {self.root}: no {METADATA}")
-        if resume and status == "complete":
-            raise FileExistsError(f"{self.root} holds a complete run: nothing to resume")
-        if status is not None and not (overwrite or resume):
-            raise FileExistsError(
-                f"{self.root} already holds a story run (status {status!r}); choose a new folder, overwrite, "
-                "or resume"
-            )
+        check_output_folder(self.root, overwrite=overwrite, resume=resume)
         self.frames_dir, self.pages_dir, self.banks_dir = (
             self.root / d for d in ("frames", "pages", "banks")
         )
@@ -89,5 +99,8 @@ class StoryOutput:
         write_json(self.root / METADATA, self.metadata)
 
     def fail(self, error: BaseException) -> None:
-        self.metadata.update(status="failed", error=f"{type(error).__name__}: {error}")
+        if isinstance(error, KeyboardInterrupt):
+            self.metadata.update(status="interrupted", error="interrupted by the user (Ctrl-C)")
+        else:
+            self.metadata.update(status="failed", error=f"{type(error).__name__}: {error}")
         write_json(self.root / METADATA, self.metadata)

@@ -1,24 +1,27 @@
-"""Explicit, seeded state shared by the consistent-attention processors of one UNet.
+"""Explicit, seeded state shared by the consistent-attention processors of one denoiser.
 
-The pipeline sets the phase and the step; the processors only read them. Nothing is inferred from call
+The pipeline sets the mode and the step; the processors only read them. Nothing is inferred from call
 counts, and every random choice is a pure function of (seed, what, step, layer or level), so batching
 frames differently never changes a result.
+
+A *mode* says what the frames now in the denoiser's batch attend to (``modes.py``: joint, write, read;
+``longstory/window.py``: story neighbours). The processors compute the host's own projections and hand
+q, k, v to :meth:`ConsistencyState.attend`, which asks the mode.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from csa_kernels import sample_reference_indices
 
 from .bank import IdBank
 from .config import ConsistencyConfig
-
-Phase = Literal["off", "joint", "write", "read", "window"]
 
 
 @dataclass(frozen=True)
@@ -28,147 +31,132 @@ class LayerInfo:
     level: int  # downsampling factor relative to the image: 8, 16, 32 or 64
 
 
-class ConsistencyState:
-    """Phase, step, frames and bank for one UNet's consistent-attention processors.
+class Mode(Protocol):
+    """What the frames of the current denoiser batch attend to."""
 
-    Phases:
-        off:   stock self-attention.
-        joint: the frames of a batch attend to each other's sampled tokens (no bank).
-        write: like joint, and each consistent layer stores the sampled K/V in the bank of ``writing``.
-        read:  every frame attends to its own tokens plus the banks of the characters it shows.
-        window: long stories (longstory.py). Every frame with a character attends to the sampled tokens of
-               story neighbours within ``config.window`` frames that also show one; the UNet sees one
-               chunk of frames at a time (``begin_chunk``). Neighbours outside the chunk are seen only if
-               their chunk was already computed at this step: their sampled K/V wait in ``ref_cache``
-               (current step only). See longstory.py for the sweep order that makes this symmetric.
+    name: str
+    #: story frames in the batch now; the batch holds ``groups`` copies of them (CFG halves)
+    num_frames: int
+
+    def attend(
+        self, state: ConsistencyState, layer: LayerInfo, q: torch.Tensor, k, v, groups: int
+    ) -> torch.Tensor:
+        """(B, H, N, D) attention output for this batch; only called when consistency is on."""
+        ...
+
+    def on_step(self) -> None:
+        """A new denoising step begins: drop whatever belonged to the previous one."""
+        ...
+
+
+class ConsistencyState:
+    """Mode, step and bank for one denoiser's consistent-attention processors.
+
+    ``mode`` is None when the processors compute stock self-attention. ``begin_joint``, ``begin_write``
+    and ``begin_read`` set the identity-bank modes; ``set_step`` (or ``step_callback`` as diffusers'
+    ``callback_on_step_end``) advances the step.
     """
 
     def __init__(self, config: ConsistencyConfig, layers: list[LayerInfo], *, offload_bank: bool) -> None:
         self.config = config
         self.layers = layers
         self.bank = IdBank(offload=offload_bank)
-        self.phase: Phase = "off"
+        self.mode: Mode | None = None
         self.step = 0
-        self.num_frames = 0
-        self.writing: str | None = None
-        self.read_sets: dict[tuple[str, ...], list[int]] = {}
-        self._ref_cache: dict[tuple, torch.Tensor] = {}
-        # window phase
-        self.active: list[bool] = []  # per story frame: takes part in consistency (shows a character)
-        self.chunk: tuple[int, int] = (0, 0)  # story frames [a, b) in the UNet batch now
-        self.pending: set[int] = set()  # story frames not yet computed at this step
-        self.ref_cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (layer, frame)
+        self._draws: dict[tuple, torch.Tensor] = {}  # token draws of the current step, shared by layers
 
     # -- driven by the pipeline ----------------------------------------------------------------------
+    def begin(self, mode: Mode) -> None:
+        """Start ``mode`` at step 0 (the caller sets later steps)."""
+        if mode.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {mode.num_frames}")
+        self.end()
+        self.mode, self.step = mode, 0
+
     def begin_joint(self, num_frames: int) -> None:
-        self._begin("joint", num_frames)
+        """The frames of each batch attend to each other's sampled tokens (no bank)."""
+        from .modes import JointMode
+
+        self.begin(JointMode(num_frames))
 
     def begin_write(self, character: str, num_frames: int) -> None:
-        self._begin("write", num_frames)
-        self.writing = character
+        """Like joint, and every consistent layer banks the frames' sampled K/V under ``character``."""
+        from .modes import JointMode
+
         self.bank.start(character)
+        self.begin(JointMode(num_frames, writing=character))
 
     def begin_read(self, frame_characters: list[tuple[str, ...]]) -> None:
-        """One entry per frame of the batch: the characters it shows (empty for an [NC] frame)."""
+        """Each frame attends to its own tokens plus the banks of the characters it shows; one entry per
+        frame of the batch (empty for an [NC] frame)."""
+        from .modes import ReadMode
+
         missing = sorted({c for chars in frame_characters for c in chars if not self.bank.has(c)})
         if missing:
             raise ValueError(f"no identity bank for character(s) {missing}: write or load them first")
-        self._begin("read", len(frame_characters))
-        self.read_sets = {}
-        for frame, chars in enumerate(frame_characters):
-            self.read_sets.setdefault(tuple(chars), []).append(frame)
-
-    def begin_window(self, active: list[bool]) -> None:
-        """Long-story mode over ``len(active)`` story frames; inactive ([NC]) frames stay stock."""
-        if self.config.window is None and self.config.tile is None:
-            raise ValueError("window mode needs config.window >= 1 (story neighbours to draw tokens from)")
-        self._begin("window", len(active))
-        self.active = list(active)
-        self.pending = set(range(len(active)))
-
-    def begin_chunk(self, start: int, stop: int) -> None:
-        """The next UNet call computes story frames [start, stop) at the current step."""
-        self.chunk = (start, stop)
-
-    def end_chunk(self) -> None:
-        start, stop = self.chunk
-        self.pending.difference_update(range(start, stop))
-        # keep only tokens some still-pending frame within the window can read
-        window = self.config.window or 0
-        self.ref_cache = {
-            key: kv
-            for key, kv in self.ref_cache.items()
-            if any(abs(key[1] - j) <= window for j in self.pending)
-        }
+        self.begin(ReadMode(frame_characters))
 
     def end(self) -> None:
-        self.phase, self.writing, self.read_sets = "off", None, {}
-        self._ref_cache.clear()
-        self.ref_cache.clear()
+        self.mode = None
+        self._draws.clear()
 
     def set_step(self, step: int) -> None:
         self.step = step
-        self._ref_cache.clear()
-        self.ref_cache.clear()
-        self.pending = set(range(len(self.active))) if self.phase == "window" else set()
+        self._draws.clear()
+        if self.mode is not None:
+            self.mode.on_step()
 
     def step_callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         """For diffusers' ``callback_on_step_end``: step ``step`` just finished."""
         self.set_step(step + 1)
         return callback_kwargs
 
-    def _begin(self, phase: Phase, num_frames: int) -> None:
-        if num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        self.end()
-        self.phase, self.num_frames, self.step = phase, num_frames, 0
-
     # -- read by the processors ----------------------------------------------------------------------
+    def attend(self, layer: LayerInfo, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Self-attention of (B, H, N, D) q, k, v under the current mode (stock when off or skipped)."""
+        mode = self.mode
+        if mode is None or not self.consistent_now(layer):
+            return F.scaled_dot_product_attention(q, k, v)
+        if q.shape[0] % mode.num_frames:
+            raise RuntimeError(
+                f"{layer.name}: batch of {q.shape[0]} is not a multiple of the {mode.num_frames} frames "
+                f"the state was told about ({mode.name} mode)"
+            )
+        # 2 under classifier-free guidance: [uncond frames; cond frames]
+        return mode.attend(self, layer, q, k, v, q.shape[0] // mode.num_frames)
+
     def consistent_now(self, layer: LayerInfo) -> bool:
         """False during warm-up and when this (step, layer) randomly falls back to plain attention."""
-        if self.phase == "off" or self.step < self.config.warmup_steps:
+        if self.mode is None or self.step < self.config.warmup_steps:
             return False
         prob = self.config.skip_prob(self.step)
         return not (prob > 0 and self.uniform("skip", self.step, layer.index) < prob)
 
     def reference_indices(self, layer: LayerInfo, num_tokens: int, device: torch.device) -> torch.Tensor:
-        """(num_frames, S) token positions each frame offers; one draw per (step, level), shared by the
-        level's layers and by both CFG halves, as in the official code."""
-        key = (self.step, layer.level, self.num_frames, num_tokens, self.writing)
-        if key not in self._ref_cache:
+        """(num_frames, S) token positions each frame of the batch offers; one draw per (step, level),
+        shared by the level's layers and by both CFG halves, as in the official code."""
+        writing = getattr(self.mode, "writing", None)
+        key = (self.step, layer.level, self.mode.num_frames, num_tokens, writing)
+        if key not in self._draws:
             gen = torch.Generator().manual_seed(self.seed_for("ref", *key))
-            idx = sample_reference_indices(
-                self.num_frames, num_tokens, self.config.rate_for(layer.level), generator=gen
-            )
-            self._ref_cache[key] = idx.to(device)
-        return self._ref_cache[key]
+            rate = self.config.rate_for(layer.level)
+            self._draws[key] = sample_reference_indices(key[2], num_tokens, rate, generator=gen).to(device)
+        return self._draws[key]
 
     def frame_reference_indices(
         self, layer: LayerInfo, frames: range, num_tokens: int, device: torch.device
     ) -> torch.Tensor:
         """(len(frames), S) tokens offered by each story frame: one draw per (step, level, frame), so a
-        frame offers the same tokens whichever chunk it is computed in."""
+        frame offers the same tokens whichever batch it is computed in."""
         rows = []
         for frame in frames:
             key = ("frame", self.step, layer.level, frame, num_tokens)
-            if key not in self._ref_cache:
+            if key not in self._draws:
                 gen = torch.Generator().manual_seed(self.seed_for("ref", *key))
                 rate = self.config.rate_for(layer.level)
-                self._ref_cache[key] = sample_reference_indices(1, num_tokens, rate, generator=gen).to(device)
-            rows.append(self._ref_cache[key])
+                self._draws[key] = sample_reference_indices(1, num_tokens, rate, generator=gen).to(device)
+            rows.append(self._draws[key])
         return torch.cat(rows)
-
-    def window_neighbours(self, frame: int) -> list[int]:
-        """Active story frames within the window of active ``frame``, ascending (the order in which
-        their tokens are concatenated)."""
-        if not self.active[frame]:
-            return []
-        window, total = self.config.window, len(self.active)
-        return [
-            j
-            for j in range(max(0, frame - window), min(total, frame + window + 1))
-            if j != frame and self.active[j]
-        ]
 
     def next_layer(self, layer: LayerInfo) -> tuple[int, LayerInfo]:
         """(step, layer) that follows ``layer`` in forward order, for bank prefetch."""

@@ -247,12 +247,20 @@ def parse_story(text: str, characters: str | None = None) -> Story:
 
 
 def load_story(path: str | os.PathLike[str], characters: str | None = None) -> Story:
-    """Read a UTF-8 story file and parse it; parse errors are prefixed with the file's path."""
+    """Read a UTF-8 story file and parse it; every error names the file."""
+    name = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"story file not found: {os.fspath(path)}") from None
+        raise FileNotFoundError(f"story file not found: {name}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{name} is not a UTF-8 text file (byte 0x{error.object[error.start]:02x} at offset "
+            f"{error.start}); save the story as UTF-8 text"
+        ) from None
+    except OSError as error:
+        raise ValueError(f"cannot read story file {name}: {error.strerror or error}") from None
     try:
         return parse_story(text, characters)
     except ValueError as error:

@@ -1,4 +1,10 @@
-"""``storydiff generate``: a story file in; frames, comic pages and metadata out."""
+"""``storydiff generate``: a story file in; frames, comic pages and metadata out.
+
+Everything a user types is checked before any model loads or any folder is created: the story, the
+settings (``RunSettings`` and ``ConsistencyConfig`` own the rules; errors name this command's flags), the
+output folder, the banks to load. ``--resume DIR`` reruns exactly the settings stored in ``DIR``'s metadata
+and refuses flags that would change them.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,63 @@ from pathlib import Path
 
 from .common import DTYPES, fail
 
+# Settings fields (RunSettings, ConsistencyConfig) and the flags that set them, for error messages.
+FLAGS = {
+    "mode": "--mode",
+    "style": "--style",
+    "negative_prompt": "--negative",
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "height": "--height",
+    "width": "--width",
+    "seed": "--seed",
+    "layout": "--layout",
+    "id_frames": "--id-frames",
+    "read_batch_size": "--read-batch",
+    "save_banks": "--save-banks",
+    "chunk_size": "--chunk-size",
+    "checkpoint_every": "--checkpoint-every",
+    "rate": "--rate",
+    "level_rates": "--level-rate",
+    "warmup_steps": "--warmup-steps",
+    "window": "--window",
+    "tile": "--tile",
+}
+# Flags that describe the run itself: stored in the metadata, so --resume refuses them.
+RUN_FLAGS = (
+    "model",
+    "story",
+    "characters",
+    "out",
+    "overwrite",
+    "mode",
+    "style",
+    "negative",
+    "steps",
+    "guidance",
+    "height",
+    "width",
+    "seed",
+    "layout",
+    "id_frames",
+    "read_batch",
+    "save_banks",
+    "chunk_size",
+    "checkpoint_every",
+    "rate",
+    "level_rate",
+    "warmup_steps",
+    "window",
+    "tile",
+    "no_skip",
+    "load_bank",
+)
+
 
 def register(subparsers) -> None:
+    from ..settings import BANK_DEFAULTS, WINDOW_DEFAULTS, RunSettings
+
+    d = RunSettings()
     gen = subparsers.add_parser(
         "generate",
         help="generate a consistent story: frames, comic pages and metadata",
@@ -20,52 +81,105 @@ def register(subparsers) -> None:
         "--model",
         help="diffusers model path or hub id; offline random weights: tiny-sdxl, tiny-sd15, random-sdxl",
     )
-    gen.add_argument("--story", help="story file")
+    gen.add_argument("--story", help="story file (UTF-8 text)")
     gen.add_argument("--characters", default=None, help="character file (instead of a block in --story)")
     gen.add_argument("--out", help="output folder")
     gen.add_argument(
         "--mode",
         choices=("bank", "window"),
-        default="bank",
+        default=None,
         help="bank: identity frames write a bank the others read (official); window: long stories, "
-        "neighbours within --window, chunked denoising with checkpoints",
+        f"neighbours within --window, chunked denoising with checkpoints (default: {d.mode})",
     )
-    gen.add_argument("--chunk-size", type=int, default=8, help="window mode: frames per UNet call")
+    gen.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help=f"window mode: frames per denoiser call (default: {WINDOW_DEFAULTS['chunk_size']})",
+    )
     gen.add_argument("--tile", type=int, default=None, help="window mode: the paper's tiled form, tile size")
     gen.add_argument(
         "--checkpoint-every", type=int, default=None, help="window mode: checkpoint every N steps"
     )
-    gen.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted window-mode run")
-    gen.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
-    gen.add_argument("--style", default="comic book", help="style template (storydiff/styles.py), or 'none'")
-    gen.add_argument("--negative", default="", help="extra negative prompt")
-    gen.add_argument("--steps", type=int, default=30)
-    gen.add_argument("--guidance", type=float, default=5.0, help="<= 1 turns classifier-free guidance off")
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--rate", type=float, default=0.5, help="share of tokens each frame offers (0..1)")
+    gen.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue an interrupted window-mode run with its stored settings",
+    )
+    gen.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier run in --out")
+    gen.add_argument(
+        "--style", default=None, help=f"style template (storydiff/styles.py), or 'none' (default: {d.style})"
+    )
+    gen.add_argument("--negative", default=None, help="extra negative prompt")
+    gen.add_argument(
+        "--steps", type=int, default=None, help=f"denoising steps (default: {d.num_inference_steps})"
+    )
+    gen.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help=f"classifier-free guidance scale; <= 1 turns it off (default: {d.guidance_scale})",
+    )
+    gen.add_argument(
+        "--height", type=int, default=None, help="image height in pixels (default: the model's size)"
+    )
+    gen.add_argument(
+        "--width", type=int, default=None, help="image width in pixels (default: the model's size)"
+    )
+    gen.add_argument(
+        "--seed", type=int, default=None, help=f"seed; frame i starts from seed + i (default: {d.seed})"
+    )
+    gen.add_argument(
+        "--rate", type=float, default=None, help="share of tokens each frame offers, 0..1 (default: 0.5)"
+    )
     gen.add_argument(
         "--level-rate",
         action="append",
-        default=[],
+        default=None,
         metavar="LEVEL=RATE",
-        help="per-level rate, LEVEL in 8, 16, 32, 64 (official sa32 = 32, sa64 = 16)",
+        help="per-level rate, LEVEL in 8, 16, 32, 64 (official sa32 = 32, sa64 = 16); repeatable",
     )
     gen.add_argument(
-        "--window", type=int, default=None, help="neighbours within W frames (window mode default 2)"
+        "--window", type=int, default=None, help="neighbours within W frames (default: 2 in window mode)"
     )
-    gen.add_argument("--warmup-steps", type=int, default=1)
-    gen.add_argument("--no-skip", action="store_true", help="disable the random layer-skip schedule")
-    gen.add_argument("--id-frames", type=int, default=2, help="identity frames per character")
-    gen.add_argument("--read-batch", type=int, default=4, help="frames per UNet batch after the identities")
-    gen.add_argument("--layout", choices=("grid", "classic"), default="grid")
-    gen.add_argument("--save-banks", action="store_true", help="write each character's bank (safetensors)")
     gen.add_argument(
-        "--load-bank", action="append", default=[], metavar="[NAME=]PATH", help="reuse a character from a run"
+        "--warmup-steps", type=int, default=None, help="first steps without consistency (default: 1)"
     )
-    gen.add_argument("--device", default=None, help="default: cuda if available")
-    gen.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    gen.add_argument(
+        "--no-skip", action="store_true", default=None, help="disable the random layer-skip schedule"
+    )
+    gen.add_argument(
+        "--id-frames",
+        type=int,
+        default=None,
+        help=f"bank mode: identity frames per character (default: {BANK_DEFAULTS['id_frames']})",
+    )
+    gen.add_argument(
+        "--read-batch",
+        type=int,
+        default=None,
+        help=f"bank mode: frames per denoiser call after the identities (default: "
+        f"{BANK_DEFAULTS['read_batch_size']})",
+    )
+    gen.add_argument(
+        "--layout", choices=("grid", "classic"), default=None, help=f"comic page layout (default: {d.layout})"
+    )
+    gen.add_argument(
+        "--save-banks",
+        action="store_true",
+        default=None,
+        help="bank mode: write each character's bank (safetensors) into OUT/banks",
+    )
+    gen.add_argument(
+        "--load-bank",
+        action="append",
+        default=None,
+        metavar="[NAME=]PATH",
+        help="bank mode: reuse a character's bank from an earlier run (--save-banks); repeatable",
+    )
+    gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    gen.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on CUDA, float32 on CPU")
     gen.set_defaults(run=run)
 
 
@@ -80,88 +194,121 @@ def _parse_level_rates(items: list[str]) -> dict[int, float]:
     return rates
 
 
-def _resume_args(args: argparse.Namespace) -> None:
-    """Fill every run setting from the metadata of the run being resumed (its story text included)."""
-    from ..output import read_metadata
+def _given(args: argparse.Namespace, names) -> list[str]:
+    return [name for name in names if getattr(args, name) is not None]
 
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _from_resume(args: argparse.Namespace):
+    """(model, out, story, settings, config) of the run being resumed, exactly as its metadata stores it."""
+    from ..config import ConsistencyConfig
+    from ..output import check_output_folder, read_metadata
+    from ..settings import RunSettings
+    from ..story import parse_story
+
+    conflicts = _given(args, RUN_FLAGS)
+    if conflicts:
+        flags = ", ".join(_flag(name) for name in conflicts)
+        raise ValueError(
+            f"--resume continues the run stored in {args.resume} with its own settings; drop {flags} "
+            "(or start a new run in another folder)"
+        )
+    check_output_folder(args.resume, resume=True)
     meta = read_metadata(args.resume)
-    settings, consistency = meta["settings"], meta["consistency"]
-    args.model, args.out, args.story_text = meta["model"], args.resume, meta["story_text"]
-    args.mode, args.seed, args.style, args.negative = (
-        meta["mode"],
-        meta["seed"],
-        meta["style"],
-        meta["negative_prompt"],
-    )
-    args.steps, args.guidance = settings["num_inference_steps"], settings["guidance_scale"]
-    args.height, args.width, args.layout = settings["height"], settings["width"], settings["layout"]
-    args.id_frames, args.read_batch = settings["id_frames"], settings["read_batch_size"]
-    args.chunk_size, args.checkpoint_every = settings["chunk_size"], settings["checkpoint_every"]
-    args.consistency = consistency
+    try:
+        settings = RunSettings.from_dict(meta["settings"])
+        config = ConsistencyConfig.from_dict(meta["consistency"])
+        story = parse_story(meta["story_text"])
+        model = meta["model"]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{args.resume}: metadata.json lacks what a resume needs ({exc})") from None
+    return model, args.resume, story, settings, config
+
+
+def _from_flags(args: argparse.Namespace):
+    """(model, out, story, settings, config) of a new run, from the flags."""
+    from ..config import ConsistencyConfig
+    from ..output import check_output_folder
+    from ..settings import RunSettings
+    from ..story import load_story
+
+    missing = [_flag(name) for name in ("model", "story", "out") if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required (or --resume DIR)")
+    characters = None
+    if args.characters is not None:
+        try:
+            characters = Path(args.characters).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read --characters {args.characters}: {exc}") from None
+    story = load_story(args.story, characters)
+    given = {
+        "mode": args.mode,
+        "style": args.style,
+        "negative_prompt": args.negative,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "height": args.height,
+        "width": args.width,
+        "seed": args.seed,
+        "layout": args.layout,
+        "id_frames": args.id_frames,
+        "read_batch_size": args.read_batch,
+        "save_banks": args.save_banks,
+        "chunk_size": args.chunk_size,
+        "checkpoint_every": args.checkpoint_every,
+    }
+    settings = RunSettings().replace(**{k: v for k, v in given.items() if v is not None}).resolved()
+    consistency = {
+        "rate": args.rate,
+        "level_rates": _parse_level_rates(args.level_rate) if args.level_rate else None,
+        "warmup_steps": args.warmup_steps,
+        "window": args.window if args.window is not None else (2 if settings.mode == "window" else None),
+        "tile": args.tile,
+    }
+    if args.no_skip:
+        consistency.update(skip_prob_early=0.0, skip_prob_late=0.0)
+    config = ConsistencyConfig(seed=settings.seed, **{k: v for k, v in consistency.items() if v is not None})
+    check_output_folder(args.out, overwrite=bool(args.overwrite))
+    return args.model, args.out, story, settings, config
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from ..config import InvalidSetting
+    from ..loading import ModelLoadError
+    from ..pipeline import check_run
 
-    from ..config import ConsistencyConfig
+    try:
+        model, out, story, settings, config = (_from_resume if args.resume else _from_flags)(args)
+        check_run(story, settings, config, out_dir=out, resume=bool(args.resume))
+    except InvalidSetting as exc:
+        return fail(f"{FLAGS.get(exc.field, exc.field)} {exc.problem}")
+    except (OSError, ValueError) as exc:
+        return fail(str(exc))
+    try:
+        return _generate(args, model, out, story, settings, config)
+    except InvalidSetting as exc:
+        return fail(f"{FLAGS.get(exc.field, exc.field)} {exc.problem}")
+    except (ModelLoadError, ValueError, OSError, RuntimeError) as exc:
+        return fail(str(exc))
+
+
+def _generate(args, model, out, story, settings, config) -> int:
     from ..pipeline import StoryDiffusionPipeline
-    from ..story import load_story, parse_story
+    from .common import resolve_device, resolve_dtype
 
-    try:
-        if args.resume:
-            _resume_args(args)
-            story = parse_story(args.story_text)
-            consistency = dict(args.consistency)
-            consistency["level_rates"] = {int(k): v for k, v in consistency["level_rates"].items()}
-            config = ConsistencyConfig(**consistency)
-        else:
-            missing = [f"--{name}" for name in ("model", "story", "out") if getattr(args, name) is None]
-            if missing:
-                raise ValueError(f"{', '.join(missing)} required (or --resume DIR)")
-            story = load_story(args.story, Path(args.characters).read_text() if args.characters else None)
-            window = args.window if args.window is not None else (2 if args.mode == "window" else None)
-            config = ConsistencyConfig(
-                rate=args.rate,
-                level_rates=_parse_level_rates(args.level_rate),
-                warmup_steps=args.warmup_steps,
-                skip_prob_early=0.0 if args.no_skip else 0.3,
-                skip_prob_late=0.0 if args.no_skip else 0.1,
-                window=window,
-                tile=args.tile,
-                seed=args.seed,
-            )
-    except (OSError, ValueError, KeyError) as exc:
-        return fail(str(exc))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    try:
-        pipeline = StoryDiffusionPipeline.from_pretrained(args.model, config, device=device, dtype=dtype)
-        for item in args.load_bank:
-            name, _, path = item.rpartition("=")
-            print(f"loaded bank of {pipeline.load_bank(path, name or None)!r} from {path}")
-        pipeline.pipe.set_progress_bar_config(leave=False)
-        result = pipeline(
-            story,
-            out_dir=args.out,
-            overwrite=args.overwrite,
-            mode=args.mode,
-            style=args.style,
-            negative_prompt=args.negative,
-            id_frames=args.id_frames,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            height=args.height,
-            width=args.width,
-            seed=args.seed,
-            read_batch_size=args.read_batch,
-            chunk_size=args.chunk_size,
-            checkpoint_every=args.checkpoint_every,
-            resume=bool(args.resume),
-            layout=args.layout,
-            save_banks=args.save_banks,
-        )
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as exc:
-        return fail(str(exc))
+    device = resolve_device(args.device)
+    pipeline = StoryDiffusionPipeline.from_pretrained(
+        model, config, device=device, dtype=resolve_dtype(args.dtype)
+    )
+    for item in args.load_bank or ():
+        name, _, path = item.rpartition("=")
+        print(f"loaded bank of {pipeline.load_bank(path, name or None)!r} from {path}")
+    pipeline.pipe.set_progress_bar_config(leave=False)
+    result = pipeline(story, settings, out_dir=out, overwrite=bool(args.overwrite), resume=bool(args.resume))
     for name, size in result.bank_bytes.items():
         print(f"identity bank of {name!r}: {size / 2**20:.1f} MiB")
     print(f"{len(result.images)} frames and {len(result.pages)} page(s) written to {result.out_dir}")

@@ -1,11 +1,9 @@
 """Long stories: window mode, chunked denoising, the tiled variant, checkpoints and resume."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 import weakref
 
 import numpy as np
@@ -26,7 +24,9 @@ from storydiff.attention import (
 )
 from storydiff.cli import main
 from storydiff.config import ConsistencyConfig
-from storydiff.longstory import CHECKPOINT, denoise_long_story
+from storydiff.longstory.checkpoint import CHECKPOINT
+from storydiff.longstory.denoise import denoise_long_story
+from storydiff.longstory.window import WindowMode
 from storydiff.state import ConsistencyState, LayerInfo
 from storydiff.tiny_models import build_tiny_pipeline
 
@@ -65,13 +65,7 @@ def test_one_chunk_equals_the_unchunked_pipeline_exactly(windowed):
     ours = run(pipe, state, frames, chunk=frames, active=active)
     assert torch.equal(ours, run(pipe, state, frames, chunk=50, active=active))
 
-    def next_step(pipe_, step, timestep, kwargs):
-        state.set_step(step + 1)
-        state.begin_chunk(0, frames)
-        return kwargs
-
-    state.begin_window(active)
-    state.begin_chunk(0, frames)
+    state.begin(WindowMode(active, window=2))  # one chunk: the whole story
     unchunked = pipe(
         [f"a man with a red scarf, scene {i}" for i in range(frames)],
         negative_prompt=[""] * frames,
@@ -79,7 +73,7 @@ def test_one_chunk_equals_the_unchunked_pipeline_exactly(windowed):
         guidance_scale=5.0,
         generator=[torch.Generator().manual_seed(i) for i in range(frames)],
         output_type="latent",
-        callback_on_step_end=next_step,
+        callback_on_step_end=state.step_callback,
     ).images
     state.end()
     assert torch.equal(ours, unchunked)
@@ -117,8 +111,7 @@ def finish(attn, out):
 def test_window_one_three_frames_matches_the_op():
     attn, state, layer = make_attention(window=1)
     hidden = torch.randn(3, 20, 32, generator=torch.Generator().manual_seed(2))
-    state.begin_window([True, True, True])
-    state.begin_chunk(0, 3)
+    state.begin(WindowMode([True, True, True], window=1))
     with torch.no_grad():
         ours = attn(hidden)
         ref_idx = state.frame_reference_indices(layer, range(3), 20, hidden.device)
@@ -131,12 +124,13 @@ def test_chunks_see_only_neighbours_computed_at_this_step():
     """Forward sweep, chunks [0, 2) then [2, 3): frame 1 cannot see frame 2 yet; frame 2 sees frame 1."""
     attn, state, layer = make_attention(window=1)
     hidden = torch.randn(3, 20, 32, generator=torch.Generator().manual_seed(3))
-    state.begin_window([True, True, True])
+    mode = WindowMode([True, True, True], window=1)
+    state.begin(mode)
     with torch.no_grad():
-        state.begin_chunk(0, 2)
+        mode.begin_chunk(0, 2)
         first = attn(hidden[:2])
-        state.end_chunk()
-        state.begin_chunk(2, 3)
+        mode.end_chunk()
+        mode.begin_chunk(2, 3)
         second = attn(hidden[2:])
         ref_idx = state.frame_reference_indices(layer, range(3), 20, hidden.device)
         q, k, v = project(attn, hidden)
@@ -228,37 +222,42 @@ def frames(folder):
 def test_window_mode_cli_and_tiled_option(tmp_path):
     assert generate(tmp_path, "a", "--steps", "3", "--checkpoint-every", "1") == 0
     meta = json.loads((tmp_path / "a" / "metadata.json").read_text())
-    assert meta["status"] == "complete" and meta["mode"] == "window" and meta["consistency"]["window"] == 1
+    assert (
+        meta["status"] == "complete"
+        and meta["settings"]["mode"] == "window"
+        and meta["consistency"]["window"] == 1
+    )
     assert len(frames(tmp_path / "a")) == 7 and not (tmp_path / "a" / CHECKPOINT).exists()
     assert generate(tmp_path, "b", "--steps", "3", "--tile", "3") == 0
     assert len(frames(tmp_path / "b")) == 7
 
 
+# The child process is killed (SIGKILL: no cleanup, no exception handler) right after its first
+# checkpoint is on disk: deterministic, whatever the machine's load.
+KILL_AFTER_FIRST_CHECKPOINT = """
+import os, signal, sys
+import storydiff.longstory.denoise as denoise
+from storydiff.cli import main
+
+save = denoise.save_checkpoint
+
+def save_then_die(*args, **kwargs):
+    save(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+denoise.save_checkpoint = save_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_kill_then_resume_gives_the_uninterrupted_frames(tmp_path):
-    assert generate(tmp_path, "whole", "--steps", "40") == 0
-    story = tmp_path / "story.txt"
-    command = [
-        sys.executable,
-        "-m",
-        "storydiff.cli",
-        "generate",
-        "--model",
-        "tiny-sd15",
-        "--story",
-        str(story),
-    ]
-    command += ["--out", str(tmp_path / "killed"), "--mode", "window", "--window", "1", "--chunk-size", "3"]
-    command += ["--steps", "40", "--checkpoint-every", "2"]
-    proc = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ)
-    )
-    checkpoint = tmp_path / "killed" / CHECKPOINT
-    deadline = time.time() + 120
-    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert generate(tmp_path, "whole", "--steps", "6") == 0
+    args = ["generate", "--model", "tiny-sd15", "--story", str(tmp_path / "story.txt")]
+    args += ["--out", str(tmp_path / "killed"), "--mode", "window", "--window", "1", "--chunk-size", "3"]
+    args += ["--steps", "6", "--checkpoint-every", "2"]
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_CHECKPOINT, *args], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert torch.load(tmp_path / "killed" / CHECKPOINT, weights_only=False)["step"] == 2
     meta = json.loads((tmp_path / "killed" / "metadata.json").read_text())
     assert meta["status"] == "running" and not list((tmp_path / "killed" / "frames").glob("*.png"))
     assert main(["generate", "--resume", str(tmp_path / "killed")]) == 0

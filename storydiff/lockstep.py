@@ -1,0 +1,131 @@
+"""Step-synchronous denoising: every frame advances one step at a time, a chunk of frames per call.
+
+``LockstepDenoiser`` holds the latents of all frames (host memory: 64 KiB a frame at 1024²) and runs the
+denoiser on any chunk of them at a given step, with classifier-free guidance batched as the diffusers
+pipelines batch it ([uncond; cond]). Each chunk has its own copy of the scheduler (schedulers keep per-step
+state); text conditioning is encoded when a chunk comes (a few ms against a denoiser step) instead of being
+kept for every frame, unless one chunk holds the whole story. So memory depends on the chunk size, not on
+the number of frames. Long stories (window mode) drive it; frame i's starting noise comes from seed i alone,
+so results never depend on chunking.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from PIL import Image
+
+from .compat import execution_device, sdxl_time_ids
+
+
+def encode_prompts(pipe, prompts: list[str], negatives: list[str], cfg: bool, height: int, width: int):
+    """Denoiser conditioning of some frames: (encoder_hidden_states, added_cond_kwargs or None), with the
+    uncond half first under classifier-free guidance, exactly as the diffusers pipelines batch it."""
+    from diffusers import StableDiffusionXLPipeline
+
+    device = execution_device(pipe)
+    if not isinstance(pipe, StableDiffusionXLPipeline):
+        cond, uncond = pipe.encode_prompt(prompts, device, 1, cfg, negatives)
+        return (torch.cat([uncond, cond]) if cfg else cond), None
+    cond, uncond, pooled, neg_pooled = pipe.encode_prompt(
+        prompt=prompts,
+        device=device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=cfg,
+        negative_prompt=negatives,
+    )
+    time_ids = sdxl_time_ids(pipe, height, width, cond.dtype, pooled.shape[-1]).to(device)
+    if cfg:
+        cond, pooled = torch.cat([uncond, cond]), torch.cat([neg_pooled, pooled])
+    return cond, {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pooled), 1)}
+
+
+class LockstepDenoiser:
+    """Latents, timesteps and per-chunk schedulers of frames that are denoised step by step together."""
+
+    def __init__(
+        self,
+        pipe,
+        *,
+        prompts: list[str],
+        negatives: list[str],
+        seeds: list[int],
+        num_inference_steps: int,
+        guidance_scale: float,
+        height: int,
+        width: int,
+    ) -> None:
+        self.pipe, self.prompts, self.negatives = pipe, prompts, negatives
+        self.guidance_scale, self.cfg = guidance_scale, guidance_scale > 1
+        self.height, self.width = height, width
+        self.device = execution_device(pipe)
+        pipe.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        self.timesteps = pipe.scheduler.timesteps
+        self.schedulers: dict[tuple[int, ...], object] = {}
+        self._saved_schedulers: dict = {}
+        unet = pipe.unet
+        scale = pipe.vae_scale_factor
+        shape = (unet.config.in_channels, height // scale, width // scale)
+        # frame i's starting noise comes from seed i alone: independent of chunking and story length
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        self.latents = (torch.stack(noise) * pipe.scheduler.init_noise_sigma).to(unet.dtype)
+        self._whole = None  # conditioning of the whole story, when one chunk holds it
+
+    def _scheduler(self, key: tuple[int, ...]):
+        if key not in self.schedulers:
+            scheduler = copy.deepcopy(self.pipe.scheduler)
+            scheduler.__dict__.update(self._saved_schedulers.get(key, {}))
+            self.schedulers[key] = scheduler
+        return self.schedulers[key]
+
+    def _conditioning(self, frames: list[int]):
+        prompts = [self.prompts[i] for i in frames]
+        negatives = [self.negatives[i] for i in frames]
+        if len(frames) < len(self.prompts):
+            return encode_prompts(self.pipe, prompts, negatives, self.cfg, self.height, self.width)
+        if self._whole is None:
+            self._whole = encode_prompts(self.pipe, prompts, negatives, self.cfg, self.height, self.width)
+        return self._whole
+
+    @torch.no_grad()
+    def step(self, frames: list[int], step: int) -> None:
+        """Advance ``frames`` (story indices, in batch order) by denoising step ``step``."""
+        t = self.timesteps[step]
+        key = tuple(frames)
+        index = torch.tensor(frames)
+        latents = self.latents[index].to(self.device)
+        model_in = torch.cat([latents, latents]) if self.cfg else latents
+        scheduler = self._scheduler(key)
+        model_in = scheduler.scale_model_input(model_in, t)
+        hidden, added = self._conditioning(frames)
+        noise = self.pipe.unet(
+            model_in, t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False
+        )[0]
+        if self.cfg:
+            uncond, text = noise.chunk(2)
+            noise = uncond + self.guidance_scale * (text - uncond)
+        updated = scheduler.step(noise, t, latents, return_dict=False)[0]
+        self.latents[index] = updated.to(self.latents.device, self.latents.dtype)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"latents": self.latents, "schedulers": self.schedulers}
+
+    def load_state_dict(self, latents: torch.Tensor, schedulers: dict) -> None:
+        self.latents = latents
+        self.schedulers, self._saved_schedulers = {}, dict(schedulers)
+
+
+def decode_frame(pipe, latent: torch.Tensor) -> Image.Image:
+    """One frame's latent → PIL image, with SDXL's fp32 VAE upcast where its config asks for it."""
+    vae = pipe.vae
+    latent = latent[None].to(execution_device(pipe))
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    with torch.no_grad():
+        if upcast:
+            vae.to(torch.float32)
+        image = vae.decode(latent.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        if upcast:
+            vae.to(torch.float16)
+    return pipe.image_processor.postprocess(image, output_type="pil")[0]

@@ -1,0 +1,63 @@
+"""Checkpoints of a step-synchronous run: latents, scheduler state, the step, the RNG, and what run it is.
+
+Nothing but these crosses a step boundary (see ``longstory/__init__.py``), so a run killed between steps
+resumes to exactly the frames an uninterrupted run makes. A checkpoint carries a fingerprint of the run
+(prompts, seeds, settings, consistency config, model); resuming a different run is refused, naming what
+differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from ..atomic import atomic_path
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "storydiff-lockstep-v2"
+
+
+def fingerprint(summary: dict) -> str:
+    return hashlib.sha256(json.dumps(summary, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save_checkpoint(path: Path, *, step: int, latents: torch.Tensor, schedulers: dict, summary: dict) -> None:
+    """``schedulers``: chunk key -> scheduler; their state (minus the config) is saved."""
+    with atomic_path(path) as tmp:  # a kill during the write leaves the previous checkpoint intact
+        torch.save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "step": step,
+                "latents": latents,
+                "schedulers": {
+                    key: {k: v for k, v in vars(s).items() if k != "_internal_dict"}
+                    for key, s in schedulers.items()
+                },
+                "rng": torch.get_rng_state(),
+                "fingerprint": fingerprint(summary),
+                "summary": summary,
+            },
+            tmp,
+        )
+
+
+def load_checkpoint(path: Path, summary: dict) -> dict:
+    """Read and check a checkpoint; ValueError (never silently wrong frames) if corrupt or for another run."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds scheduler state
+    except Exception as exc:
+        raise ValueError(f"corrupt checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"corrupt checkpoint {path}: not a {CHECKPOINT_FORMAT} file")
+    if data["fingerprint"] != fingerprint(summary):
+        stored = data.get("summary", {})
+        differing = sorted(k for k in set(stored) | set(summary) if stored.get(k) != summary.get(k))
+        raise ValueError(
+            f"checkpoint {path} was written for a different run (differs in: "
+            f"{', '.join(differing) or 'prompts'}); resume with the same story, model and settings, "
+            "or start a new output folder"
+        )
+    return data

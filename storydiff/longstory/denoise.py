@@ -1,0 +1,99 @@
+"""The long-story loop: all frames step together, chunk by chunk, swept forward and backward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..lockstep import LockstepDenoiser
+from ..state import ConsistencyState
+from .checkpoint import load_checkpoint, save_checkpoint
+from .window import WindowMode
+
+
+def chunk_order(num_frames: int, chunk_size: int, step: int) -> list[tuple[int, int]]:
+    """Chunks [start, stop) in sweep order: forward on even steps, backward on odd ones."""
+    chunks = [(a, min(a + chunk_size, num_frames)) for a in range(0, num_frames, chunk_size)]
+    return chunks if step % 2 == 0 else chunks[::-1]
+
+
+def denoise_long_story(
+    pipe,
+    state: ConsistencyState,
+    *,
+    prompts: list[str],
+    negatives: list[str],
+    active: list[bool],
+    seeds: list[int],
+    num_inference_steps: int,
+    guidance_scale: float,
+    height: int | None,
+    width: int | None,
+    chunk_size: int,
+    checkpoint_path: Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    run_summary: dict | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Denoise every frame in window mode; returns the final latents (host memory), story order.
+
+    ``active[i]``: frame i shows a character (takes part in consistency). With ``checkpoint_path``, a
+    checkpoint is written every ``checkpoint_every`` steps and ``resume=True`` continues from it.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    default_side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = height or default_side, width or default_side
+    num_frames = len(prompts)
+    summary = {
+        **(run_summary or {}),
+        "prompts": prompts,
+        "negatives": negatives,
+        "seeds": seeds,
+        "steps": num_inference_steps,
+        "guidance": guidance_scale,
+        "height": height,
+        "width": width,
+        "chunk_size": chunk_size,
+        "consistency": state.config.to_dict(),
+    }
+    denoiser = LockstepDenoiser(
+        pipe,
+        prompts=prompts,
+        negatives=negatives,
+        seeds=seeds,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
+    )
+    start_step = 0
+    if resume and checkpoint_path is not None and checkpoint_path.exists():
+        data = load_checkpoint(checkpoint_path, summary)
+        start_step = data["step"]
+        denoiser.load_state_dict(data["latents"], data["schedulers"])
+        torch.set_rng_state(data["rng"])
+
+    mode = WindowMode(active, window=state.config.window, tile=state.config.tile)
+    state.begin(mode)
+    bar = tqdm(
+        total=num_inference_steps, initial=start_step, desc="denoising (all frames)", disable=not progress
+    )
+    try:
+        for step in range(start_step, num_inference_steps):
+            state.set_step(step)
+            for a, b in chunk_order(num_frames, chunk_size, step):
+                mode.begin_chunk(a, b)
+                denoiser.step(list(range(a, b)), step)
+                mode.end_chunk()
+            bar.update()
+            done = step + 1
+            if checkpoint_path is not None and checkpoint_every and done % checkpoint_every == 0:
+                save_checkpoint(checkpoint_path, step=done, **denoiser.state_dict(), summary=summary)
+    finally:
+        state.end()
+        bar.close()
+    return denoiser.latents

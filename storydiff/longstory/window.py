@@ -1,0 +1,136 @@
+"""Window mode: every frame that shows a character attends to the sampled tokens of its story neighbours.
+
+A frame that shows a character reads the sampled K/V (drawn per step, level and frame) of the frames within
+``config.window`` of it that also show one; [NC] frames neither read nor offer tokens. The denoiser sees one
+chunk of consecutive story frames at a time (``begin_chunk``). A neighbour outside the chunk is seen only if
+its chunk was already computed at this step: its sampled K/V wait in a boundary cache that holds just the
+current step and just the frames some pending frame can still read. See ``longstory/__init__.py`` for the
+sweep order that makes chunk boundaries symmetric over steps.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from csa_kernels import consistent_attention
+from csa_kernels.pool import gather_reference_pool
+from csa_kernels.tiled import tiled_consistent_attention
+
+from ..modes import attend_rows
+
+if TYPE_CHECKING:
+    from ..state import ConsistencyState, LayerInfo
+
+
+class WindowMode:
+    name = "window"
+
+    def __init__(self, active: list[bool], *, window: int | None, tile: int | None = None) -> None:
+        if window is None and tile is None:
+            raise ValueError("window mode needs config.window >= 1 (story neighbours to draw tokens from)")
+        self.active = list(active)  # per story frame: takes part in consistency (shows a character)
+        self.window, self.tile = window or 0, tile
+        self.chunk = (0, len(active))  # story frames [a, b) in the denoiser batch now
+        self.pending = set(range(len(active)))  # story frames not yet computed at this step
+        # (layer, frame) -> sampled (k, v), [G, H, S, D]: frames of finished chunks that pending ones read
+        self.boundary: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def num_frames(self) -> int:
+        return self.chunk[1] - self.chunk[0]
+
+    def on_step(self) -> None:
+        self.pending = set(range(len(self.active)))
+        self.boundary.clear()
+
+    def begin_chunk(self, start: int, stop: int) -> None:
+        """The next denoiser call computes story frames [start, stop) at the current step."""
+        if not 0 <= start < stop <= len(self.active):
+            raise ValueError(f"chunk [{start}, {stop}) is not inside the story's {len(self.active)} frames")
+        self.chunk = (start, stop)
+
+    def end_chunk(self) -> None:
+        start, stop = self.chunk
+        self.pending.difference_update(range(start, stop))
+        # keep only tokens some still-pending frame within the window can read
+        self.boundary = {
+            key: kv
+            for key, kv in self.boundary.items()
+            if any(abs(key[1] - j) <= self.window for j in self.pending)
+        }
+
+    def neighbours(self, frame: int) -> list[int]:
+        """Active story frames within the window of active ``frame``, ascending (the order in which their
+        tokens are concatenated)."""
+        if not self.active[frame]:
+            return []
+        total = len(self.active)
+        return [
+            j
+            for j in range(max(0, frame - self.window), min(total, frame + self.window + 1))
+            if j != frame and self.active[j]
+        ]
+
+    def attend(self, state: ConsistencyState, layer: LayerInfo, q, k, v, groups: int) -> torch.Tensor:
+        start, stop = self.chunk
+        count = stop - start
+        ref_idx = state.frame_reference_indices(layer, range(start, stop), q.shape[2], q.device)
+        both_halves = ref_idx.repeat(groups, 1)
+        if self.tile is not None:  # the paper's tiled form, within this chunk (all its frames)
+            return tiled_consistent_attention(q, k, v, both_halves, tile=self.tile, stride=1, groups=groups)
+        # [G, F, H, S, D]: each chunk frame's sampled tokens, per CFG half
+        pools = [
+            gather_reference_pool(x, both_halves).unflatten(0, (groups, count)).transpose(2, 3)
+            for x in (k, v)
+        ]
+        self._offer(layer, pools)
+
+        def tokens_of(frame: int, kind: int) -> torch.Tensor:  # [G, H, S, D]
+            if start <= frame < stop:
+                return pools[kind][:, frame - start]
+            return self.boundary[(layer.name, frame)][kind]
+
+        # neighbours in this chunk, or already computed at this step
+        visible = {
+            f: tuple(j for j in self.neighbours(f) if start <= j < stop or j not in self.pending)
+            for f in range(start, stop)
+        }
+        by_count: dict[int, list[int]] = {}
+        for frame in range(start, stop):
+            by_count.setdefault(len(visible[frame]), []).append(frame)
+
+        def read(num: int, q_, k_, v_) -> torch.Tensor:
+            if num == 0:
+                return F.scaled_dot_product_attention(q_, k_, v_)
+            members = by_count[num]
+            bank_k, bank_v = (
+                torch.stack(
+                    [
+                        torch.cat([tokens_of(j, kind)[g] for j in visible[f]], dim=1)
+                        for g in range(groups)
+                        for f in members
+                    ]
+                )
+                for kind in (0, 1)
+            )
+            rows = q_.shape[0]
+            no_refs = torch.empty(rows, 0, dtype=torch.int64, device=q.device)
+            return consistent_attention(q_, k_, v_, no_refs, groups=rows, bank_k=bank_k, bank_v=bank_v)
+
+        row_sets = [
+            (num, [g * count + (f - start) for g in range(groups) for f in members])
+            for num, members in by_count.items()
+        ]
+        return attend_rows(q, k, v, row_sets, read)
+
+    def _offer(self, layer: LayerInfo, pools: list[torch.Tensor]) -> None:
+        """Keep the sampled tokens of this chunk's frames that frames of later chunks will read."""
+        start, stop = self.chunk
+        for local, frame in enumerate(range(start, stop)):
+            later = (j for j in self.pending if not start <= j < stop and abs(j - frame) <= self.window)
+            if self.active[frame] and any(self.active[j] for j in later):
+                # clone: a view would keep the whole chunk's pool alive after the chunk is done
+                self.boundary[(layer.name, frame)] = (pools[0][:, local].clone(), pools[1][:, local].clone())

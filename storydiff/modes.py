@@ -1,0 +1,102 @@
+"""The identity-bank modes: what each frame of a denoiser batch attends to.
+
+* ``JointMode``: the frames of the batch attend to each other's sampled tokens (official "write" batch);
+  with ``writing`` set, every consistent layer also banks those sampled K/V for that character.
+* ``ReadMode``: each frame attends to its own tokens plus the banked tokens of the characters it shows.
+
+Long stories have their own mode (``longstory/window.py``). Modes receive (B, H, N, D) q, k, v with B =
+groups x frames, the CFG halves stacked as [uncond frames; cond frames].
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from csa_kernels import consistent_attention
+from csa_kernels.pool import gather_reference_pool
+
+if TYPE_CHECKING:
+    from .state import ConsistencyState, LayerInfo
+
+
+def bank_tokens(x: torch.Tensor, ref_idx: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, H, N, D) → (groups, H, frames·S, D): the sampled tokens of each CFG half, bank layout."""
+    pool = gather_reference_pool(x, ref_idx)  # [B, S, H, D]
+    return pool.reshape(groups, -1, *pool.shape[2:]).transpose(1, 2).contiguous()
+
+
+def attend_rows(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_sets: list[tuple[object, list[int]]], attend
+) -> torch.Tensor:
+    """Run ``attend(key, q_rows, k_rows, v_rows)`` per set of batch rows and assemble the output.
+
+    Rows that share a key set (same characters, same neighbours) go through one call; with a single set
+    the whole batch goes through as is, without gathering rows.
+    """
+    if len(row_sets) == 1:
+        return attend(row_sets[0][0], q, k, v)
+    out = torch.empty_like(q)
+    for key, rows in row_sets:
+        index = torch.tensor(rows, device=q.device)
+        out.index_copy_(0, index, attend(key, q[index], k[index], v[index]))
+    return out
+
+
+class JointMode:
+    name = "joint"
+
+    def __init__(self, num_frames: int, *, writing: str | None = None) -> None:
+        self.num_frames = num_frames
+        self.writing = writing  # character whose bank these frames write, if any
+        if writing is not None:
+            self.name = "write"
+
+    def on_step(self) -> None:
+        pass
+
+    def attend(self, state: ConsistencyState, layer: LayerInfo, q, k, v, groups: int) -> torch.Tensor:
+        ref_idx = state.reference_indices(layer, q.shape[2], q.device).repeat(groups, 1)
+        out = consistent_attention(q, k, v, ref_idx, groups=groups, window=state.config.window)
+        if self.writing is not None:
+            bank_k, bank_v = (bank_tokens(x, ref_idx, groups) for x in (k, v))
+            state.bank.store(self.writing, state.step, layer.name, bank_k, bank_v)
+        return out
+
+
+class ReadMode:
+    name = "read"
+
+    def __init__(self, frame_characters: list[tuple[str, ...]]) -> None:
+        self.num_frames = len(frame_characters)
+        self.read_sets: dict[tuple[str, ...], list[int]] = {}  # characters -> frames of the batch
+        for frame, chars in enumerate(frame_characters):
+            self.read_sets.setdefault(tuple(chars), []).append(frame)
+
+    def on_step(self) -> None:
+        pass
+
+    def attend(self, state: ConsistencyState, layer: LayerInfo, q, k, v, groups: int) -> torch.Tensor:
+        frames = self.num_frames
+
+        def read(characters: tuple[str, ...], q_, k_, v_) -> torch.Tensor:
+            bank = state.bank.get(characters, state.step, layer.name, q.device) if characters else None
+            if bank is None:  # an [NC] frame, or the writer skipped this (step, layer)
+                return F.scaled_dot_product_attention(q_, k_, v_)
+            state.bank.prefetch(characters, *state.next_layer(layer), q.device)
+            bank_k, bank_v = (t.to(q.dtype) for t in bank)
+            if bank_k.shape[0] != groups:
+                raise RuntimeError(
+                    f"bank of {characters} was written with {bank_k.shape[0]} CFG group(s), but this "
+                    f"batch has {groups}: write and read with the same guidance setting"
+                )
+            no_refs = torch.empty(q_.shape[0], 0, dtype=torch.int64, device=q.device)
+            return consistent_attention(q_, k_, v_, no_refs, groups=groups, bank_k=bank_k, bank_v=bank_v)
+
+        row_sets = [
+            (chars, [g * frames + f for g in range(groups) for f in members])
+            for chars, members in self.read_sets.items()
+        ]
+        return attend_rows(q, k, v, row_sets, read)

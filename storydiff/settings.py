@@ -1,0 +1,132 @@
+"""``RunSettings``: everything one story run is asked to do, validated once, written to and read from
+its metadata.
+
+The story pipeline, the CLI and ``--resume`` share this one object: the pipeline takes it (or keyword
+overrides of it), ``to_dict`` is the ``settings`` block of ``metadata.json``, ``from_dict`` reads that
+block back, so a resumed run runs exactly the settings that were written. Invalid values raise
+``InvalidSetting`` naming the field, which the CLI turns into its flag's name.
+
+Settings that only one mode uses default to None ("not given") and are filled in by ``resolved()``; giving
+one in the other mode is an error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .comic import LAYOUTS
+from .config import InvalidSetting
+from .styles import DEFAULT_STYLE, get_style
+
+MODES = ("bank", "window")
+
+# Defaults of the mode-specific settings, applied by ``resolved``.
+BANK_DEFAULTS = {"id_frames": 2, "read_batch_size": 4}
+WINDOW_DEFAULTS = {"chunk_size": 8}
+
+
+def _count(name: str, value: Any, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidSetting(name, f"must be a whole number >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """One story run's settings (defaults follow the official StoryDiffusion app where it has them).
+
+    Attributes:
+        mode: "bank" (identity frames write a bank every other frame reads, as the official code) or
+            "window" (long stories: story neighbours, chunked lockstep denoising, checkpoints).
+        style: style template name (``styles.py``); negative_prompt: extra negative prompt for every frame.
+        num_inference_steps, guidance_scale: the sampler's; guidance <= 1 turns classifier-free guidance off.
+        height, width: image size in pixels, multiples of 8; None: the model's default size.
+        seed: frame i starts from the noise of seed + i.
+        layout: comic page layout, "grid" or "classic".
+        id_frames, read_batch_size, save_banks: bank mode only — identity frames per character, frames per
+            denoiser call after them, write each character's bank next to the frames.
+        chunk_size, checkpoint_every: window mode only — frames per denoiser call, checkpoint period.
+    """
+
+    mode: str = "bank"
+    style: str = DEFAULT_STYLE
+    negative_prompt: str = ""
+    num_inference_steps: int = 30
+    guidance_scale: float = 5.0
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    layout: str = "grid"
+    id_frames: int | None = None
+    read_batch_size: int | None = None
+    save_banks: bool = False
+    chunk_size: int | None = None
+    checkpoint_every: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InvalidSetting("mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
+        try:
+            get_style(self.style)
+        except ValueError as exc:
+            raise InvalidSetting("style", str(exc).removeprefix("unknown style ")) from None
+        if not isinstance(self.negative_prompt, str):
+            raise InvalidSetting("negative_prompt", f"must be text, got {self.negative_prompt!r}")
+        _count("num_inference_steps", self.num_inference_steps)
+        guidance = self.guidance_scale
+        number = isinstance(guidance, (int, float)) and not isinstance(guidance, bool)
+        if not number or not math.isfinite(guidance):
+            raise InvalidSetting("guidance_scale", f"must be a finite number, got {guidance!r}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8
+            ):
+                raise InvalidSetting(name, f"must be a positive multiple of 8 (pixels), got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise InvalidSetting("seed", f"must be a whole number >= 0, got {self.seed!r}")
+        if self.layout not in LAYOUTS:
+            raise InvalidSetting("layout", f"must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        for name in ("id_frames", "read_batch_size", "chunk_size", "checkpoint_every"):
+            _count(name, getattr(self, name), optional=True)
+        if not isinstance(self.save_banks, bool):
+            raise InvalidSetting("save_banks", f"must be True or False, got {self.save_banks!r}")
+        other = {"bank": ("chunk_size", "checkpoint_every"), "window": ("id_frames", "read_batch_size")}
+        for name in other[self.mode]:
+            if getattr(self, name) is not None:
+                raise InvalidSetting(name, f"does not apply in {self.mode} mode")
+        if self.mode == "window" and self.save_banks:
+            raise InvalidSetting("save_banks", "does not apply in window mode (it keeps no identity bank)")
+
+    def replace(self, **changes: Any) -> RunSettings:
+        """A copy with ``changes`` (validated); TypeError naming an unknown setting."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            names = ", ".join(f.name for f in dataclasses.fields(self))
+            raise TypeError(f"unknown setting(s) {', '.join(unknown)}; settings are: {names}")
+        return dataclasses.replace(self, **changes)
+
+    def resolved(self) -> RunSettings:
+        """The mode's defaults filled in for its settings that were not given."""
+        defaults = BANK_DEFAULTS if self.mode == "bank" else WINDOW_DEFAULTS
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+    @property
+    def cfg(self) -> bool:
+        """Classifier-free guidance on (the batch holds [uncond; cond] halves)."""
+        return self.guidance_scale > 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSettings:
+        """Settings as written by ``to_dict`` (a run's metadata); ValueError for keys it does not know."""
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown settings {unknown}: written by another version of storydiff?")
+        return cls(**data)
