@@ -32,6 +32,8 @@ def sample_reference_indices(
         raise ValueError(f"num_tokens must be an int >= 1, got {num_tokens!r}")
     if not isinstance(rate, (int, float)) or not 0.0 <= float(rate) <= 1.0:
         raise ValueError(f"rate must be a number in [0, 1], got {rate!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     num_refs = round(rate * num_tokens)
     draw_device = generator.device if generator is not None else (device or "cpu")
     # Random keys + argsort = a uniform random permutation per row, vectorized over frames.

@@ -8,6 +8,8 @@ storydiff.remove_consistent_attention(pipe)
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 
 import torch
@@ -120,6 +122,18 @@ def _selected(config: ConsistencyConfig, name: str) -> bool:
     return name.startswith(prefixes)
 
 
+def host_signature(unet, layers: list[LayerInfo]) -> dict:
+    """What identifies the denoiser for an identity bank: its class and configuration (a hash: same for
+    every checkpoint of one architecture) and each consistent layer's [heads, head dim]."""
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    shapes = {}
+    for layer in layers:
+        attn = unet.get_submodule(layer.name.removesuffix(".processor"))
+        shapes[layer.name] = [attn.heads, attn.to_k.out_features // attn.heads]
+    return {"architecture": f"{type(unet).__name__}:{digest}", "layers": shapes}
+
+
 def apply_consistent_attention(pipe_or_unet, config: ConsistencyConfig | None = None) -> ConsistencyState:
     """Install consistent-attention processors on the selected self-attention layers; returns the state.
 
@@ -143,6 +157,7 @@ def apply_consistent_attention(pipe_or_unet, config: ConsistencyConfig | None = 
         raise ValueError("config.layers selects no self-attention layer of this UNet")
     offload = config.offload_bank if config.offload_bank is not None else unet.device.type == "cuda"
     state = ConsistencyState(config, layers, offload_bank=offload)
+    state.host = host_signature(unet, layers)
     processors = dict(original)
     for layer in layers:
         processors[layer.name] = ConsistentAttnProcessor(state, layer)

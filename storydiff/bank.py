@@ -16,7 +16,67 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-BANK_FORMAT = "storydiff-bank-v1"
+from .atomic import atomic_path
+
+BANK_FORMAT = "storydiff-bank-v2"
+# What a bank must agree on with the run that reads it; each is recorded when the bank is written.
+SIGNATURE_KEYS = ("architecture", "layers", "num_inference_steps", "timesteps", "cfg_groups")
+
+
+def read_bank_header(path: str | Path) -> dict:
+    """A bank file's metadata (``character``, ``description``, its signature...) without reading tensors.
+
+    ValueError naming the file when it is missing, not safetensors, or not a bank of this version.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"bank file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(
+            f"{path} is not a storydiff bank file (not readable as safetensors: {exc})"
+        ) from None
+    if header.get("format") != BANK_FORMAT:
+        found = header.get("format")
+        if isinstance(found, str) and found.startswith("storydiff-bank-"):
+            raise ValueError(f"{path} was written by another storydiff version ({found}); write it again")
+        raise ValueError(f"{path} is not a storydiff bank file")
+    try:
+        return {**json.loads(header.get("meta", "{}")), "character": header["character"]}
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: damaged bank header ({exc})") from None
+
+
+_LABELS = {
+    "architecture": "model architecture",
+    "num_inference_steps": "denoising steps (--steps)",
+    "cfg_groups": "classifier-free guidance groups (--guidance above 1 or not)",
+}
+
+
+def signature_differences(stored: dict, expected: dict) -> list[str]:
+    """What a bank (``stored`` metadata) disagrees on with the run that wants it (``expected``)."""
+    differences = []
+    for key in SIGNATURE_KEYS:
+        if key in expected and stored.get(key) != expected[key]:
+            if key == "layers":
+                theirs, ours = stored.get(key) or {}, expected[key]
+                missing = sorted(set(ours) - set(theirs))
+                shapes = sorted(n for n in set(ours) & set(theirs) if theirs[n] != ours[n])
+                detail = f"{len(missing)} layer(s) missing, {len(shapes)} with other head shapes"
+                if shapes:
+                    detail += f" (e.g. {shapes[0]}: {theirs[shapes[0]]} vs {ours[shapes[0]]})"
+                differences.append(f"attention layers: {detail}")
+            elif key == "timesteps":
+                differences.append("scheduler timesteps (another scheduler or step count)")
+            else:
+                label = _LABELS.get(key, key)
+                differences.append(f"{label}: bank {stored.get(key)!r}, this run {expected[key]!r}")
+    return differences
 
 
 class IdBank:
@@ -135,22 +195,24 @@ class IdBank:
         }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)  # a crash never leaves a truncated file under the final name
+        with atomic_path(path) as tmp:  # a crash never leaves a truncated file under the final name
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
-    def load(self, path: str | Path, *, character: str | None = None) -> str:
-        """Read a bank written by :meth:`save`; returns the character name it is stored under."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"bank file not found: {path}")
-        from safetensors import safe_open
+    def load(self, path: str | Path, *, character: str | None = None, expected: dict | None = None) -> str:
+        """Read a bank written by :meth:`save`; returns the character name it is stored under.
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != BANK_FORMAT:
-            raise ValueError(f"{path} is not a storydiff bank (format {meta.get('format')!r})")
+        Its metadata (character description, signature) comes back through :meth:`metadata`.
+        ``expected``: signature values of the run that will read it (``SIGNATURE_KEYS``); a bank that
+        disagrees on any of them is refused with a ValueError saying what differs.
+        """
+        meta = read_bank_header(path)
+        differences = signature_differences(meta, expected or {})
+        if differences:
+            raise ValueError(
+                f"bank {path} does not fit this run: " + "; ".join(differences) + " — write the bank again "
+                "with this model and these settings"
+            )
         name = character or meta["character"]
         self.clear(name)
         tensors = load_file(str(path))
@@ -158,9 +220,10 @@ class IdBank:
         for key, tensor in tensors.items():
             step, layer, kind = key.split("/")
             pairs.setdefault((int(step), layer), {})[kind] = tensor.pin_memory() if self._pin() else tensor
+        self._store[name] = {}
         for (step, layer), pair in sorted(pairs.items()):
-            self._store.setdefault(name, {}).setdefault(step, {})[layer] = (pair["k"], pair["v"])
-        self._meta[name] = json.loads(meta.get("meta", "{}"))
+            self._store[name].setdefault(step, {})[layer] = (pair["k"], pair["v"])
+        self._meta[name] = {k: v for k, v in meta.items() if k != "character"}
         return name
 
     def _pin(self) -> bool:

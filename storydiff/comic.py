@@ -2,8 +2,9 @@
 
 Two layouts, as in the official UI: ``grid`` (rows × cols of equal cells, the "four panel" page at 2 × 2)
 and ``classic`` (rows of 1, 2 or 3 panels in a repeating pattern, each panel centre-cropped to its cell).
-Everything is deterministic — no randomness, Pillow's built-in font — so a page can be compared
-pixel for pixel in tests and regenerated identically from the same frames.
+Everything is deterministic — no randomness, a fixed font for the same caption text (``fonts.py``: DejaVu
+Sans, or a font that covers the caption's script, or ``font``) — so a page can be compared pixel for pixel
+in tests and regenerated identically from the same frames.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from .fonts import font_for
 
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
@@ -21,14 +24,6 @@ BLACK = (0, 0, 0)
 CLASSIC_PATTERN = (2, 1, 3)
 
 LAYOUTS = ("grid", "classic")
-
-
-def _font(size: int) -> Font:
-    """Pillow's embedded font at ``size`` px; the fixed-size bitmap font where FreeType is unavailable."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, AttributeError, OSError, ImportError):  # Pillow < 10.1 or no FreeType
-        return ImageFont.load_default()
 
 
 def _default_font_size(width: int) -> int:
@@ -76,33 +71,34 @@ def _draw_lines(image: Image.Image, lines: Sequence[str], font: Font, top: int, 
         draw.text((round(x), top + pad + i * height), line, fill=BLACK, font=font)
 
 
-def captioned(image: Image.Image, caption: str | None, *, font_size: int | None = None) -> Image.Image:
+def captioned(
+    image: Image.Image, caption: str | None, *, font_size: int | None = None, font: str | None = None
+) -> Image.Image:
     """A new RGB image: ``image`` with ``caption`` in a white band below it (a plain copy if no caption).
 
     The caption is word-wrapped to the image width and the band is just tall enough for it. The default
-    font size is about width / 20, clamped to [10, 48] px.
+    font size is about width / 20, clamped to [10, 48] px; ``font``: a font file instead of the default.
     """
     picture = image.convert("RGB")  # always a new image, so callers may draw on the result
     if caption is None or not caption.strip():
         return picture
-    font = _font(font_size or _default_font_size(picture.width))
-    size = font.size if isinstance(font, ImageFont.FreeTypeFont) else _line_height(font)
-    pad = max(4, round(size / 2))
-    lines = _wrap(caption.strip(), font, max(1, picture.width - 2 * pad))
-    band = len(lines) * _line_height(font) + 2 * pad
+    face = font_for(caption, font_size or _default_font_size(picture.width), font)
+    pad = max(4, round(face.size / 2))
+    lines = _wrap(caption.strip(), face, max(1, picture.width - 2 * pad))
+    band = len(lines) * _line_height(face) + 2 * pad
     result = Image.new("RGB", (picture.width, picture.height + band), WHITE)
     result.paste(picture, (0, 0))
     band_image = Image.new("RGB", (picture.width, band), WHITE)
-    _draw_lines(band_image, lines, font, 0, pad)
+    _draw_lines(band_image, lines, face, 0, pad)
     result.paste(band_image, (0, picture.height))
     return result
 
 
-def _caption_inside(panel: Image.Image, caption: str | None, font_size: int) -> None:
+def _caption_inside(panel: Image.Image, caption: str | None, font_size: int, font: str | None) -> None:
     """Draw ``caption`` in a white band over the bottom of ``panel`` (in place), at most half its height."""
     if caption is None or not caption.strip():
         return
-    font = _font(font_size)
+    font = font_for(caption, font_size, font)
     pad = max(3, font_size // 3)
     height = _line_height(font)
     lines = _wrap(caption.strip(), font, max(1, panel.width - 2 * pad))
@@ -154,12 +150,14 @@ def grid_pages(
     margin: int = 24,
     border: int = 3,
     font_size: int | None = None,
+    font: str | None = None,
 ) -> list[Image.Image]:
     """Captioned panels in a ``rows`` × ``cols`` grid, as many pages as needed, in reading order.
 
-    All cells (and so all pages) share one size: the largest captioned panel. Panels are top-aligned and
-    centred in their cell on white, so panels whose captions wrap to fewer lines simply get a taller white
-    band. The last page keeps the full page size and leaves its unused cells blank.
+    All cells (and so all pages) share one size: the largest captioned panel. Each panel is framed
+    tightly (its picture and its caption, if any), top-aligned and centred in its cell, so an uncaptioned
+    panel gets no empty caption box. The last page keeps the full page size and leaves its unused cells
+    blank.
     """
     _check_inputs(images, captions)
     if rows < 1 or cols < 1:
@@ -168,7 +166,7 @@ def grid_pages(
     if not images:
         return []
     panels = [
-        captioned(image, caption, font_size=font_size)
+        captioned(image, caption, font_size=font_size, font=font)
         for image, caption in zip(images, captions, strict=True)
     ]
     inner_w = max(panel.width for panel in panels)
@@ -185,9 +183,8 @@ def grid_pages(
         page = Image.new("RGB", page_size, WHITE)
         for slot, panel in enumerate(panels[start : start + per_page]):
             row, col = divmod(slot, cols)
-            cell = Image.new("RGB", (inner_w, inner_h), WHITE)
-            cell.paste(panel, ((inner_w - panel.width) // 2, 0))
-            _bordered(page, cell, margin + col * (cell_w + gutter), margin + row * (cell_h + gutter), border)
+            x = margin + col * (cell_w + gutter) + (inner_w - panel.width) // 2
+            _bordered(page, panel, x, margin + row * (cell_h + gutter), border)
         pages.append(page)
     return pages
 
@@ -209,6 +206,7 @@ def classic_pages(
     margin: int = 24,
     border: int = 3,
     font_size: int | None = None,
+    font: str | None = None,
 ) -> list[Image.Image]:
     """A classic comic layout: rows of 1, 2 or 3 panels following ``pattern``, one pattern per page.
 
@@ -262,7 +260,7 @@ def classic_pages(
                 first += 1
                 target = (width - 2 * border, row_height - 2 * border)
                 panel = ImageOps.fit(image.convert("RGB"), target, method=Image.Resampling.LANCZOS)
-                _caption_inside(panel, caption, size)
+                _caption_inside(panel, caption, size, font)
                 _bordered(page, panel, x, y, border)
                 x += width + gutter
         pages.append(page)

@@ -15,6 +15,8 @@ Each frame is saved as soon as it is done; then the comic pages and the metadata
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import platform
 import time
 from dataclasses import dataclass, field
@@ -23,15 +25,16 @@ from typing import Any
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from .attention import apply_consistent_attention, remove_consistent_attention
+from .bank import signature_differences
 from .comic import make_pages
 from .config import ConsistencyConfig, InvalidSetting
 from .lockstep import decode_frame
 from .longstory.checkpoint import CHECKPOINT
 from .longstory.denoise import denoise_long_story
 from .output import StoryOutput
+from .progress import Progress, progress_bar
 from .settings import RunSettings
 from .story import Story, load_story, parse_story, story_source
 from .styles import apply_style
@@ -60,14 +63,15 @@ def _versions() -> dict:
     }
 
 
-def as_story(story: Story | str | Path) -> Story:
-    """A ``Story`` from a ``Story``, story text, or the path of a story file."""
+def as_story(story: Story | str | Path, known: dict[str, str] | None = None) -> Story:
+    """A ``Story`` from a ``Story``, story text, or the path of a story file; ``known``: descriptions of
+    characters the text may use without defining them (loaded banks)."""
     if isinstance(story, Story):
         return story
     if isinstance(story, Path) or (isinstance(story, str) and "\n" not in story and Path(story).is_file()):
-        return load_story(story)
+        return load_story(story, known=known)
     if isinstance(story, str):
-        return parse_story(story)
+        return parse_story(story, known=known)
     raise TypeError(f"story must be a Story, story text or a path, got {type(story).__name__}")
 
 
@@ -90,6 +94,13 @@ def check_run(
         raise ValueError("checkpoints and resume need an output folder (out_dir)")
     if resume and settings.mode != "window":
         raise ValueError("only window-mode runs can be resumed (bank mode keeps no checkpoints)")
+    if banked and settings.mode != "bank":
+        raise InvalidSetting("load_bank", "applies to bank mode only (window mode keeps no identity bank)")
+    unused = sorted(name for name in banked if not story.appears(name))
+    if unused:
+        raise InvalidSetting(
+            "load_bank", f"loads {', '.join(map(repr, unused))}, who is in no frame of the story"
+        )
     if settings.mode != "bank":
         return {}
     return story.identity_frames(settings.id_frames, names=[c for c in story.characters if c not in banked])
@@ -110,6 +121,7 @@ class StoryDiffusionPipeline:
         self.config = config or ConsistencyConfig()
         self.model_name = model_name or type(pipe).__name__
         self.state = apply_consistent_attention(pipe, self.config)
+        self.loaded_banks: dict[str, dict] = {}  # character -> {"path", "sha256"} of banks read from disk
 
     @classmethod
     def from_pretrained(
@@ -130,8 +142,26 @@ class StoryDiffusionPipeline:
         remove_consistent_attention(self.pipe)
 
     def load_bank(self, path: str | Path, character: str | None = None) -> str:
-        """Reuse a character written by an earlier story (see ``save_banks``); returns its name."""
-        return self.state.bank.load(path, character=character)
+        """Reuse a character written by an earlier story (see ``save_banks``); returns its name.
+
+        The bank must come from a model of this architecture (ValueError saying what differs otherwise);
+        its steps and guidance are checked against the run that reads it. A story may then tag the
+        character without defining it: the bank carries its description.
+        """
+        name = self.state.bank.load(path, character=character, expected=self.state.host)
+        self.loaded_banks[name] = {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
+        return name
+
+    def run_signature(self, settings: RunSettings) -> dict:
+        """What a bank written by this run records, and what a bank read by it must match."""
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        scheduler.set_timesteps(settings.num_inference_steps)
+        return {
+            **self.state.host,
+            "num_inference_steps": settings.num_inference_steps,
+            "timesteps": [round(float(t), 4) for t in scheduler.timesteps],
+            "cfg_groups": 2 if settings.cfg else 1,
+        }
 
     @property
     def default_size(self) -> int:
@@ -147,7 +177,7 @@ class StoryDiffusionPipeline:
         out_dir: str | Path | None = None,
         overwrite: bool = False,
         resume: bool = False,
-        progress: bool = True,
+        progress: Progress = True,
         **overrides: Any,
     ) -> StoryResult:
         """Generate every frame of ``story`` (a ``Story``, story text, or a path to a story file).
@@ -155,16 +185,21 @@ class StoryDiffusionPipeline:
         ``settings`` (``RunSettings``) says how; keyword arguments override its fields, e.g.
         ``pipe(story, num_inference_steps=30, mode="window")``. With ``out_dir`` every frame is written as
         soon as it is done, then comic pages and ``metadata.json``; ``resume=True`` continues an
-        interrupted window-mode run there from its last checkpoint.
+        interrupted window-mode run there from its last checkpoint. ``progress``: True or "bar" (tqdm),
+        "lines" (a plain line per frame or step, for logs), False.
 
         Frame i starts from noise seeded with ``seed + i``, so a frame's image does not depend on how the
         frames are batched. Errors in the story or the settings are raised before anything is written.
         """
-        story = as_story(story)
+        known = {name: self.state.bank.metadata(name).get("description") for name in self.loaded_banks}
+        story = as_story(story, {name: text for name, text in known.items() if text})
         settings = (settings or RunSettings()).replace(**overrides).resolved()
         side = self.default_size
         settings = settings.replace(height=settings.height or side, width=settings.width or side)
-        banked = {c for c in story.characters if self.state.bank.has(c)}
+        # characters of this story with a bank already (loaded, or written by an earlier story)
+        banked = set()
+        if settings.mode == "bank":
+            banked = {c for c in story.characters if self.state.bank.has(c) and story.appears(c)}
         identity = check_run(story, settings, self.config, banked=banked, out_dir=out_dir, resume=resume)
         if settings.mode == "bank":
             self._check_loaded_banks(story, settings)
@@ -186,6 +221,7 @@ class StoryDiffusionPipeline:
             "characters": {c.name: c.description for c in story.characters.values()},
             "frame_characters": [list(f.characters) for f in story.frames],
             "identity_frames": identity,
+            "loaded_banks": {name: self.loaded_banks[name] for name in banked if name in self.loaded_banks},
             "versions": _versions(),
         }
         if output is not None:
@@ -206,7 +242,7 @@ class StoryDiffusionPipeline:
 
         ordered = [images[f.index] for f in story.frames]
         captions = [f.caption for f in story.frames]
-        pages = make_pages(ordered, captions, settings.layout)
+        pages = make_pages(ordered, captions, settings.layout, font=settings.font)
         bank_bytes = {
             name: self.state.bank.nbytes(name) for name in story.characters if self.state.bank.has(name)
         }
@@ -220,7 +256,7 @@ class StoryDiffusionPipeline:
         identity_set = {i for frames in identity.values() for i in frames}
         read_frames = [f.index for f in story.frames if f.index not in identity_set]
         batch_size = settings.read_batch_size
-        bar = tqdm(total=len(story.frames), desc="story frames", unit="frame", disable=not progress)
+        bar = progress_bar(len(story.frames), "story frames", "frame", progress)
         try:
             for name, frames in identity.items():
                 bar.set_postfix_str(f"identity of {name}")
@@ -228,10 +264,7 @@ class StoryDiffusionPipeline:
                 self._generate(frames, styled, settings, images, output, bar)
                 description = story.characters[name].description
                 self.state.bank.set_metadata(
-                    name,
-                    num_inference_steps=settings.num_inference_steps,
-                    cfg_groups=2 if settings.cfg else 1,
-                    description=description,
+                    name, description=description, model=self.model_name, **self.run_signature(settings)
                 )
                 if settings.save_banks and output is not None:
                     self.state.bank.save(name, output.bank_path(name))
@@ -262,10 +295,13 @@ class StoryDiffusionPipeline:
             run_summary={"model": self.model_name},
             progress=progress,
         )
-        for frame in tqdm(story.frames, desc="decoding frames", unit="frame", disable=not progress):
+        bar = progress_bar(len(story.frames), "decoding frames", "frame", progress)
+        for frame in story.frames:
             images[frame.index] = decode_frame(self.pipe, latents[frame.index])
             if output is not None:
                 output.save_frame(frame.index, images[frame.index])
+            bar.update()
+        bar.close()
         if output is not None:
             output.root.joinpath(CHECKPOINT).unlink(missing_ok=True)  # the frames are the result now
 
@@ -291,18 +327,21 @@ class StoryDiffusionPipeline:
             bar.update()
 
     def _check_loaded_banks(self, story: Story, settings: RunSettings) -> None:
-        steps, cfg_groups = settings.num_inference_steps, 2 if settings.cfg else 1
+        expected = self.run_signature(settings)
         for name in story.characters:
             if not self.state.bank.has(name):
                 continue
-            meta = self.state.bank.metadata(name)
-            if meta.get("num_inference_steps") not in (None, steps):
+            differences = signature_differences(self.state.bank.metadata(name), expected)
+            if differences:
                 raise ValueError(
-                    f"bank of {name!r} was written with {meta['num_inference_steps']} steps; this story uses "
-                    f"{steps}: banks are per denoising step, use the same num_inference_steps"
+                    f"the bank of {name!r} does not fit this run: {'; '.join(differences)}; banks are per "
+                    "denoising step: read them with the steps, scheduler and guidance they were written with"
                 )
-            if meta.get("cfg_groups") not in (None, cfg_groups):
-                raise ValueError(
-                    f"bank of {name!r} was written with {meta['cfg_groups']} CFG group(s), this story needs "
-                    f"{cfg_groups}: use the same classifier-free guidance setting (guidance_scale > 1 or not)"
-                )
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -19,6 +19,7 @@ from typing import Any
 
 from .comic import LAYOUTS
 from .config import InvalidSetting
+from .fonts import check_font
 from .styles import DEFAULT_STYLE, get_style
 
 MODES = ("bank", "window")
@@ -46,7 +47,8 @@ class RunSettings:
         num_inference_steps, guidance_scale: the sampler's; guidance <= 1 turns classifier-free guidance off.
         height, width: image size in pixels, multiples of 8; None: the model's default size.
         seed: frame i starts from the noise of seed + i.
-        layout: comic page layout, "grid" or "classic".
+        layout: comic page layout, "grid" or "classic"; font: a TrueType/OpenType file for captions
+            (default: DejaVu Sans, or an installed font that covers the caption's script).
         id_frames, read_batch_size, save_banks: bank mode only — identity frames per character, frames per
             denoiser call after them, write each character's bank next to the frames.
         chunk_size, checkpoint_every: window mode only — frames per denoiser call, checkpoint period.
@@ -61,6 +63,7 @@ class RunSettings:
     width: int | None = None
     seed: int = 0
     layout: str = "grid"
+    font: str | None = None
     id_frames: int | None = None
     read_batch_size: int | None = None
     save_banks: bool = False
@@ -91,6 +94,11 @@ class RunSettings:
             raise InvalidSetting("seed", f"must be a whole number >= 0, got {self.seed!r}")
         if self.layout not in LAYOUTS:
             raise InvalidSetting("layout", f"must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.font is not None:
+            try:
+                check_font(self.font)
+            except ValueError as exc:
+                raise InvalidSetting("font", f"must name a font file Pillow can use: {exc}") from None
         for name in ("id_frames", "read_batch_size", "chunk_size", "checkpoint_every"):
             _count(name, getattr(self, name), optional=True)
         if not isinstance(self.save_banks, bool):

@@ -64,6 +64,7 @@ class ConsistencyState:
         self.mode: Mode | None = None
         self.step = 0
         self._draws: dict[tuple, torch.Tensor] = {}  # token draws of the current step, shared by layers
+        self.host: dict = {}  # what identifies the denoiser (attention.host_signature), for banks
 
     # -- driven by the pipeline ----------------------------------------------------------------------
     def begin(self, mode: Mode) -> None:

@@ -102,6 +102,10 @@ class Story:
             raise ValueError(f"undefined character {name!r} (defined: {_names(self.characters)})")
         return [frame.index for frame in self.frames if name in frame.characters]
 
+    def appears(self, name: str) -> bool:
+        """Whether some frame shows character ``name``."""
+        return any(name in frame.characters for frame in self.frames)
+
     def identity_frames(self, count: int, names: Iterable[str] | None = None) -> dict[str, list[int]]:
         """For each character that appears in the story, the indices of its first ``count`` solo frames.
 
@@ -203,8 +207,11 @@ def _parse_frame(index: int, number: int, line: str, characters: dict[str, Chara
     return Frame(index=index, text=body, characters=tuple(names), caption=caption, line=number)
 
 
-def parse_story(text: str, characters: str | None = None) -> Story:
+def parse_story(text: str, characters: str | None = None, *, known: dict[str, str] | None = None) -> Story:
     """Parse a story text (format in the module docstring).
+
+    ``known``: descriptions of characters defined elsewhere (e.g. by a loaded identity bank); a frame may
+    tag them without the story defining them, and the story's own definition wins where both exist.
 
     With ``characters`` given, that string is the character block and ``text`` holds only frames (a ``---``
     line in ``text`` is then an error). Without it, the character block is whatever precedes the first
@@ -238,6 +245,10 @@ def parse_story(text: str, characters: str | None = None) -> Story:
         if not defined and characters is None
         else ""
     )
+    for name, description in (known or {}).items():
+        if name not in defined:
+            _check_name(name, "loaded character")
+            defined[name] = Character(name, description)
     frames = tuple(
         _parse_frame(index, number, line, defined, hint) for index, (number, line) in enumerate(frame_lines)
     )
@@ -246,8 +257,10 @@ def parse_story(text: str, characters: str | None = None) -> Story:
     return Story(characters=defined, frames=frames)
 
 
-def load_story(path: str | os.PathLike[str], characters: str | None = None) -> Story:
-    """Read a UTF-8 story file and parse it; every error names the file."""
+def load_story(
+    path: str | os.PathLike[str], characters: str | None = None, *, known: dict[str, str] | None = None
+) -> Story:
+    """Read a UTF-8 story file and parse it (``parse_story``); every error names the file."""
     name = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as handle:
@@ -262,7 +275,7 @@ def load_story(path: str | os.PathLike[str], characters: str | None = None) -> S
     except OSError as error:
         raise ValueError(f"cannot read story file {name}: {error.strerror or error}") from None
     try:
-        return parse_story(text, characters)
+        return parse_story(text, characters, known=known)
     except ValueError as error:
         raise ValueError(f"{os.fspath(path)}: {error}") from error
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import DTYPES, fail, resolve_device
+from .common import DTYPES, check_output_dir, fail, resolve_device
 
 
-def register(subparsers) -> None:
+def register(subparsers, parents: list) -> None:
     bench = subparsers.add_parser(
         "bench",
+        parents=parents,
         help="benchmark consistent attention against the official variants and dense SDPA",
         description="Op suite: one layer call per provider, each first checked against the fp32 reference. "
         "UNet suite: one SDXL UNet step of 4 identity frames with official-A, official-B and our processors, "
@@ -21,19 +22,26 @@ def register(subparsers) -> None:
         "--suite",
         choices=("op", "unet", "all", "motion"),
         default="all",
-        help="all = op + unet; motion: compiled vs eager Semantic Motion Predictor at batch 1 and 8",
+        help="all = op + unet; motion: compiled vs eager Semantic Motion Predictor at batch 1 and 8 "
+        "(default: all)",
     )
     bench.add_argument(
         "--size",
         choices=("auto", "cpu", "full", "headline"),
         default="auto",
-        help="auto: full on a GPU, cpu otherwise; headline: the op cases the README quotes",
+        help="auto: full on a GPU, cpu otherwise; headline: the op cases the README quotes (default: auto)",
     )
     bench.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     bench.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on GPU, fp32 on CPU")
-    bench.add_argument("--providers", default=None, help="op suite providers, comma-separated (default: all)")
-    bench.add_argument("--out", default="benchmarks/results", help="results folder (JSON, CSV, PNG)")
-    bench.add_argument("--no-plot", action="store_true")
+    bench.add_argument(
+        "--providers", default=None, help="op suite providers, comma-separated (default: all that apply)"
+    )
+    bench.add_argument(
+        "--out",
+        default="benchmarks/results",
+        help="results folder: JSON, CSV, PNG (default: benchmarks/results)",
+    )
+    bench.add_argument("--no-plot", action="store_true", help="write the data without plots")
     bench.set_defaults(run=run)
 
 
@@ -47,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         device = resolve_device(args.device)
+        check_output_dir(args.out)
     except ValueError as exc:
         return fail(str(exc))
     size = args.size if args.size != "auto" else ("full" if device.type == "cuda" else "cpu")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 DTYPES = ("float16", "bfloat16", "float32")
 EXIT_USAGE = 2  # argparse's own code for bad input; every input error exits with it
@@ -52,3 +56,70 @@ def video_size(text: str) -> tuple[int, int]:
     if width <= 0 or height <= 0 or width % 8 or height % 8:
         raise argparse.ArgumentTypeError(f"width and height must be positive multiples of 8, got {text!r}")
     return width, height
+
+
+def output_options() -> argparse.ArgumentParser:
+    """--verbose and --debug, shared by every command (a parent parser)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("output")
+    group.add_argument(
+        "--verbose", action="store_true", help="show the warnings and logs of torch, diffusers, transformers"
+    )
+    group.add_argument("--debug", action="store_true", help="show a traceback for unexpected errors")
+    return parent
+
+
+@contextmanager
+def library_noise(verbose: bool) -> Iterator[None]:
+    """Silence third-party warnings and info/warning logs unless ``verbose``.
+
+    Our own messages stay: warnings raised by storydiff modules are not filtered, and errors are ours to
+    print. transformers and diffusers log through their own loggers (truncated prompts, missing optional
+    packages, deprecations), so their verbosity is lowered for the duration and restored after.
+    """
+    if verbose:
+        yield
+        return
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    libraries = r"(torch|triton|diffusers|transformers|huggingface_hub|accelerate|safetensors|PIL|matplotlib)"
+    levels = [(lib, lib.get_verbosity()) for lib in (diffusers_logging, transformers_logging)]
+    hub = logging.getLogger("huggingface_hub")
+    hub_level = hub.level
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=rf"{libraries}(\..*)?$")
+        for lib, _ in levels:
+            lib.set_verbosity_error()  # configures the library's logger first, so the level sticks
+        hub.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lib, level in levels:
+                lib.set_verbosity(level)
+            hub.setLevel(hub_level)
+
+
+def positive_int_list(text: str) -> list[int]:
+    """``4,8,16``: whole numbers >= 1, comma-separated."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected whole numbers separated by commas, got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected whole numbers >= 1 separated by commas, got {text!r}")
+    return values
+
+
+def check_output_dir(path: str, flag: str = "--out") -> None:
+    """ValueError unless ``path`` is a folder or can become one (nothing is created here), so a command
+    never runs for minutes and then fails to write its results."""
+    from pathlib import Path
+
+    target = Path(path)
+    for parent in (target, *target.parents):
+        if parent.exists() and not parent.is_dir():
+            where = "is a file" if parent == target else f"is inside {parent}, which is a file"
+            raise ValueError(f"{flag} {path} {where}; give a folder")

@@ -9,6 +9,7 @@ and refuses flags that would change them.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .common import DTYPES, fail
@@ -24,6 +25,7 @@ FLAGS = {
     "width": "--width",
     "seed": "--seed",
     "layout": "--layout",
+    "font": "--font",
     "id_frames": "--id-frames",
     "read_batch_size": "--read-batch",
     "save_banks": "--save-banks",
@@ -34,6 +36,7 @@ FLAGS = {
     "warmup_steps": "--warmup-steps",
     "window": "--window",
     "tile": "--tile",
+    "load_bank": "--load-bank",
 }
 # Flags that describe the run itself: stored in the metadata, so --resume refuses them.
 RUN_FLAGS = (
@@ -51,6 +54,7 @@ RUN_FLAGS = (
     "width",
     "seed",
     "layout",
+    "font",
     "id_frames",
     "read_batch",
     "save_banks",
@@ -66,12 +70,13 @@ RUN_FLAGS = (
 )
 
 
-def register(subparsers) -> None:
+def register(subparsers, parents: list) -> None:
     from ..settings import BANK_DEFAULTS, WINDOW_DEFAULTS, RunSettings
 
     d = RunSettings()
     gen = subparsers.add_parser(
         "generate",
+        parents=parents,
         help="generate a consistent story: frames, comic pages and metadata",
         description="Story file: character lines `[Name] description`, a `---` line, then one frame per "
         "line with [Name] tags ([NC]: no character) and an optional `#caption`. Models: a diffusers path "
@@ -166,6 +171,12 @@ def register(subparsers) -> None:
         "--layout", choices=("grid", "classic"), default=None, help=f"comic page layout (default: {d.layout})"
     )
     gen.add_argument(
+        "--font",
+        default=None,
+        metavar="PATH",
+        help="caption font file (default: DejaVu Sans, or an installed font covering the caption's script)",
+    )
+    gen.add_argument(
         "--save-banks",
         action="store_true",
         default=None,
@@ -203,7 +214,7 @@ def _flag(name: str) -> str:
 
 
 def _from_resume(args: argparse.Namespace):
-    """(model, out, story, settings, config) of the run being resumed, exactly as its metadata stores it."""
+    """(model, out, story, settings, config, banks) of the run being resumed, as its metadata stores it."""
     from ..config import ConsistencyConfig
     from ..output import check_output_folder, read_metadata
     from ..settings import RunSettings
@@ -225,11 +236,11 @@ def _from_resume(args: argparse.Namespace):
         model = meta["model"]
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{args.resume}: metadata.json lacks what a resume needs ({exc})") from None
-    return model, args.resume, story, settings, config
+    return model, args.resume, story, settings, config, {}
 
 
 def _from_flags(args: argparse.Namespace):
-    """(model, out, story, settings, config) of a new run, from the flags."""
+    """(model, out, story, settings, config, banks to load) of a new run, from the flags."""
     from ..config import ConsistencyConfig
     from ..output import check_output_folder
     from ..settings import RunSettings
@@ -244,7 +255,10 @@ def _from_flags(args: argparse.Namespace):
             characters = Path(args.characters).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"cannot read --characters {args.characters}: {exc}") from None
-    story = load_story(args.story, characters)
+    banks = _bank_headers(args.load_bank or ())
+    story = load_story(
+        args.story, characters, known={name: meta["description"] for name, (_, meta) in banks.items()}
+    )
     given = {
         "mode": args.mode,
         "style": args.style,
@@ -255,6 +269,7 @@ def _from_flags(args: argparse.Namespace):
         "width": args.width,
         "seed": args.seed,
         "layout": args.layout,
+        "font": args.font,
         "id_frames": args.id_frames,
         "read_batch_size": args.read_batch,
         "save_banks": args.save_banks,
@@ -273,7 +288,25 @@ def _from_flags(args: argparse.Namespace):
         consistency.update(skip_prob_early=0.0, skip_prob_late=0.0)
     config = ConsistencyConfig(seed=settings.seed, **{k: v for k, v in consistency.items() if v is not None})
     check_output_folder(args.out, overwrite=bool(args.overwrite))
-    return args.model, args.out, story, settings, config
+    return args.model, args.out, story, settings, config, banks
+
+
+def _bank_headers(items) -> dict[str, tuple[str, dict]]:
+    """--load-bank [NAME=]PATH items → {character: (path, header)}, each file checked to be a bank."""
+    from ..bank import read_bank_header
+
+    banks = {}
+    for item in items:
+        name, _, path = item.rpartition("=")
+        try:
+            header = read_bank_header(path)
+        except ValueError as exc:
+            raise ValueError(f"--load-bank: {exc}") from None
+        name = name or header["character"]
+        if name in banks:
+            raise ValueError(f"--load-bank: two banks for {name!r}")
+        banks[name] = (path, header)
+    return banks
 
 
 def run(args: argparse.Namespace) -> int:
@@ -282,33 +315,47 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline import check_run
 
     try:
-        model, out, story, settings, config = (_from_resume if args.resume else _from_flags)(args)
-        check_run(story, settings, config, out_dir=out, resume=bool(args.resume))
+        model, out, story, settings, config, banks = (_from_resume if args.resume else _from_flags)(args)
+        check_run(story, settings, config, banked=set(banks), out_dir=out, resume=bool(args.resume))
     except InvalidSetting as exc:
         return fail(f"{FLAGS.get(exc.field, exc.field)} {exc.problem}")
     except (OSError, ValueError) as exc:
         return fail(str(exc))
     try:
-        return _generate(args, model, out, story, settings, config)
+        return _generate(args, model, out, story, settings, config, banks)
+    except KeyboardInterrupt:
+        hint = f"; continue it with: storydiff generate --resume {out}" if settings.mode == "window" else ""
+        print(f"interrupted: the frames finished so far are in {Path(out) / 'frames'}{hint}", file=sys.stderr)
+        return 130
     except InvalidSetting as exc:
         return fail(f"{FLAGS.get(exc.field, exc.field)} {exc.problem}")
     except (ModelLoadError, ValueError, OSError, RuntimeError) as exc:
         return fail(str(exc))
 
 
-def _generate(args, model, out, story, settings, config) -> int:
+def _generate(args, model, out, story, settings, config, banks) -> int:
     from ..pipeline import StoryDiffusionPipeline
+    from ..progress import default_progress
     from .common import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     pipeline = StoryDiffusionPipeline.from_pretrained(
         model, config, device=device, dtype=resolve_dtype(args.dtype)
     )
-    for item in args.load_bank or ():
-        name, _, path = item.rpartition("=")
-        print(f"loaded bank of {pipeline.load_bank(path, name or None)!r} from {path}")
-    pipeline.pipe.set_progress_bar_config(leave=False)
-    result = pipeline(story, settings, out_dir=out, overwrite=bool(args.overwrite), resume=bool(args.resume))
+    for name, (path, _) in banks.items():
+        pipeline.load_bank(path, name)
+        print(f"loaded the bank of {name!r} from {path}")
+    progress = default_progress()
+    # diffusers' own per-call bar only on a terminal; ours prints a line per frame otherwise
+    pipeline.pipe.set_progress_bar_config(leave=False, disable=progress != "bar")
+    result = pipeline(
+        story,
+        settings,
+        out_dir=out,
+        overwrite=bool(args.overwrite),
+        resume=bool(args.resume),
+        progress=progress,
+    )
     for name, size in result.bank_bytes.items():
         print(f"identity bank of {name!r}: {size / 2**20:.1f} MiB")
     print(f"{len(result.images)} frames and {len(result.pages)} page(s) written to {result.out_dir}")

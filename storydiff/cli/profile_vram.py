@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import DTYPES, fail
+from .common import DTYPES, check_output_dir, fail, positive_int, positive_int_list, resolve_device
 
 
-def register(subparsers) -> None:
+def register(subparsers, parents: list) -> None:
     vram = subparsers.add_parser(
         "profile-vram",
+        parents=parents,
         help="memory over time and peak memory vs story length, official banks vs ours",
         description="Generates one-character stories of growing length per mode (official_a, official_b, "
         "ours, ours_offload, window, window_unchunked) while sampling device memory with NVML and torch's "
@@ -18,15 +19,36 @@ def register(subparsers) -> None:
         "random-sdxl (the real SDXL UNet, random weights) at 1024². Without NVML: host memory, tiny-sdxl.",
     )
     vram.add_argument("--model", default=None, help="default: random-sdxl on a GPU, tiny-sdxl otherwise")
-    vram.add_argument("--lengths", default=None, help="story lengths, comma-separated (default 4,8,16,32)")
+    vram.add_argument(
+        "--lengths",
+        type=positive_int_list,
+        default=None,
+        help="story lengths, comma-separated (default: 4,8,16,32 on a GPU, 4,8,16 without one)",
+    )
     vram.add_argument("--modes", default=None, help="comma-separated subset of the modes (default: all)")
-    vram.add_argument("--steps", type=int, default=None, help="denoising steps (default 20 on GPU)")
-    vram.add_argument("--size", type=int, default=None, help="image side in pixels (default 1024 on GPU)")
-    vram.add_argument("--id-frames", type=int, default=4)
-    vram.add_argument("--read-batch", type=int, default=4, help="our read batch (the official code reads 1)")
-    vram.add_argument("--device", default=None)
-    vram.add_argument("--dtype", choices=DTYPES, default=None)
-    vram.add_argument("--out", default="benchmarks/results")
+    vram.add_argument(
+        "--steps", type=positive_int, default=None, help="denoising steps (default: 20 on a GPU, 2 without)"
+    )
+    vram.add_argument(
+        "--size",
+        type=positive_int,
+        default=None,
+        help="image side in pixels, a multiple of 8 (default: 1024 on a GPU, 128 without)",
+    )
+    vram.add_argument("--id-frames", type=positive_int, default=4, help="identity frames (default: 4)")
+    vram.add_argument(
+        "--read-batch",
+        type=positive_int,
+        default=4,
+        help="our read batch; the official code reads 1 (default: 4)",
+    )
+    vram.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    vram.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="default: float16 on CUDA, float32 on CPU"
+    )
+    vram.add_argument(
+        "--out", default="benchmarks/results", help="results folder (default: benchmarks/results)"
+    )
     vram.set_defaults(run=run)
 
 
@@ -39,7 +61,13 @@ def run(args: argparse.Namespace) -> int:
     from ..benchmark.vram import MODES, profile_story_lengths, save_plots, timeline_rows
     from ..loading import load_pipeline
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = resolve_device(args.device)
+        check_output_dir(args.out)
+        if args.size is not None and args.size % 8:
+            raise ValueError(f"--size must be a multiple of 8, got {args.size}")
+    except ValueError as exc:
+        return fail(str(exc))
     probe = MemorySampler(device)
     with probe:
         pass
@@ -48,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         reason = probe.note or "no GPU"
         print(f"NVML unavailable for this run ({reason}); profiling host memory with tiny-sdxl at tiny sizes")
     model = args.model or ("random-sdxl" if gpu else "tiny-sdxl")
-    lengths = [int(n) for n in (args.lengths or ("4,8,16,32" if gpu else "4,8,16")).split(",")]
+    lengths = args.lengths or ([4, 8, 16, 32] if gpu else [4, 8, 16])
     modes = args.modes.split(",") if args.modes else list(MODES)
     steps = args.steps or (20 if gpu else 2)
     side = args.size or (1024 if gpu else 128)

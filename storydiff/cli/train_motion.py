@@ -13,9 +13,10 @@ from ..motion.defaults import DEFAULT_MODEL
 from .common import fail
 
 
-def register(subparsers) -> None:
+def register(subparsers, parents: list) -> None:
     p = subparsers.add_parser(
         "train-motion",
+        parents=parents,
         help="train the Semantic Motion Predictor on videos or frame folders",
         description="Train the Semantic Motion Predictor on a folder of videos (GIFs, frame folders, "
         "or video files with imageio installed).",

@@ -8,9 +8,10 @@ import warnings
 from .common import DTYPES, fail, positive_int, resolve_device, resolve_dtype, video_size
 
 
-def register(subparsers) -> None:
+def register(subparsers, parents: list) -> None:
     parser = subparsers.add_parser(
         "video",
+        parents=parents,
         help="transition videos between consecutive frames of a story (Stable Video Diffusion)",
         description="Transition videos between consecutive frames of a story (a `storydiff generate` folder "
         "or a folder of PNGs) with Stable Video Diffusion, each frame conditioned on its own CLIP embedding: "

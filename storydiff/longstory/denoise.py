@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..lockstep import LockstepDenoiser
+from ..progress import Progress, progress_bar
 from ..state import ConsistencyState
 from .checkpoint import load_checkpoint, save_checkpoint
 from .window import WindowMode
@@ -36,7 +36,7 @@ def denoise_long_story(
     checkpoint_every: int | None = None,
     resume: bool = False,
     run_summary: dict | None = None,
-    progress: bool = True,
+    progress: Progress = True,
 ) -> torch.Tensor:
     """Denoise every frame in window mode; returns the final latents (host memory), story order.
 
@@ -79,9 +79,7 @@ def denoise_long_story(
 
     mode = WindowMode(active, window=state.config.window, tile=state.config.tile)
     state.begin(mode)
-    bar = tqdm(
-        total=num_inference_steps, initial=start_step, desc="denoising (all frames)", disable=not progress
-    )
+    bar = progress_bar(num_inference_steps, "denoising (all frames)", "step", progress, initial=start_step)
     try:
         for step in range(start_step, num_inference_steps):
             state.set_step(step)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 from PIL import Image, ImageChops
 
 from storydiff.comic import captioned, classic_pages, grid_pages, make_pages
+from storydiff.fonts import _missing, default_font_path, font_for
 
 
 def frame(i: int, size: tuple[int, int] = (96, 96)) -> Image.Image:
@@ -158,3 +162,49 @@ def test_bad_options() -> None:
         classic_pages(frames(1), [None], pattern=(2, 0))
     with pytest.raises(ValueError, match="too small"):
         classic_pages(frames(1), [None], page_width=40, margin=10)
+
+
+# ------------------------------------------------------------------------------------------- fonts
+
+
+def _band(caption: str) -> np.ndarray:
+    image = Image.new("RGB", (120, 40), (90, 90, 90))
+    return np.asarray(captioned(image, caption, font_size=24))[40:]
+
+
+def test_accented_captions_draw_their_own_glyphs() -> None:
+    """With a font lacking é and ü both would draw the same .notdef box; with DejaVu Sans they differ."""
+    assert not np.array_equal(_band("é"), _band("ü"))
+    assert not np.array_equal(_band("é"), _band("e"))
+    assert font_for("Café", 12).path == str(default_font_path())
+
+
+def test_a_caption_font_file_is_used_and_checked(tmp_path) -> None:
+    mono = Path(default_font_path()).with_name("DejaVuSansMono.ttf")
+    assert font_for("abc", 12, mono).path == str(mono)
+    image = Image.new("RGB", (120, 40))
+    assert not np.array_equal(
+        np.asarray(captioned(image, "Wide Mm", font_size=20)),
+        np.asarray(captioned(image, "Wide Mm", font_size=20, font=str(mono))),
+    )
+    (tmp_path / "bad.ttf").write_text("not a font")
+    with pytest.raises(ValueError, match="not a TrueType"):
+        font_for("abc", 12, tmp_path / "bad.ttf")
+
+
+def test_cjk_captions_use_a_font_that_covers_them() -> None:
+    font = font_for("日本語", 16)  # warns when no installed font covers it
+    if font.path == str(default_font_path()):
+        pytest.skip("no installed font covers CJK here (pass one with --font)")
+    assert not _missing(Path(font.path), "日本語")
+
+
+def test_grid_draws_no_empty_caption_box_under_an_uncaptioned_panel() -> None:
+    images = [Image.new("RGB", (64, 64), (200, 0, 0)) for _ in range(2)]
+    (page,) = grid_pages(
+        images, ["a caption long enough to wrap over lines", None], margin=0, gutter=0, border=2
+    )
+    pixels = np.asarray(page)
+    # second cell: a 64x64 panel framed at its own height; below the frame the cell is plain white
+    below = pixels[64 + 2 * 2 + 1 :, 64 + 2 * 2 :]
+    assert below.size and (below == 255).all()
