@@ -125,7 +125,7 @@ class Story:
             if len(solo) < count:
                 raise ValueError(
                     f"character {name!r} appears alone in only {len(solo)} frame(s), but {count} identity "
-                    f"frames are needed (id_frames={count})"
+                    f"frames are needed (--id-frames / id_frames = {count})"
                 )
             result[name] = solo[:count]
         return result

@@ -79,7 +79,7 @@ def test_identity_frames() -> None:
 def test_identity_frames_not_enough() -> None:
     story = parse_story(STORY)
     message = r"character 'Bob' appears alone in only 2 frame\(s\), "
-    message += r"but 3 identity frames are needed \(id_frames=3\)"
+    message += r"but 3 identity frames are needed \(--id-frames / id_frames = 3\)"
     with pytest.raises(ValueError, match=message):
         story.identity_frames(3)
     # A frame with two characters does not count as an identity frame.
