@@ -75,8 +75,8 @@ class RunSettings:
             raise InvalidSetting("mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
         try:
             get_style(self.style)
-        except ValueError as exc:
-            raise InvalidSetting("style", str(exc).removeprefix("unknown style ")) from None
+        except ValueError as exc:  # "unknown style 'x'; available styles: ..."
+            raise InvalidSetting("style", f"names an {exc}") from None
         if not isinstance(self.negative_prompt, str):
             raise InvalidSetting("negative_prompt", f"must be text, got {self.negative_prompt!r}")
         _count("num_inference_steps", self.num_inference_steps)
