@@ -1,34 +1,60 @@
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
+HERE = Path(__file__).parent
+# One version for the whole distribution: storydiff/__init__.py holds it (csa_kernels re-exports it).
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"', (HERE / "storydiff" / "__init__.py").read_text(encoding="utf-8"), re.M
+).group(1)
+
+# Supported ranges, stated here only (README "Supported versions" says which bounds were run). Lower bounds
+# come from the APIs the code uses; upper bounds only where a known break exists (none so far). A range,
+# not a pin, so pip keeps the torch build a user already has (CUDA, ROCm or CPU).
+REQUIRES = [
+    # API floor 2.5 (torch.library.custom_op + register_fake 2.4, FlexAttention in the op benchmark 2.5);
+    # 2.8 because its CUDA wheels pin Triton 3.4, the oldest Triton supported below. UNTESTED below 2.13
+    # here (the GPU image runs 2.11).
+    "torch>=2.8",
+    # Linux only: Triton publishes no other wheels; elsewhere the torch path runs (backend="auto").
+    # 3.4: with Triton 3.2 and 3.3, triton.autotune needs a GPU driver at decoration time, so the kernel
+    # module does not import on a CPU machine, not even interpreted (tests, compile_for_target). Tested
+    # here: 3.4 and 3.6 (sm_90 compile; interpreter with numpy < 2.4, triton-lang/triton#9171), 3.9.
+    "triton>=3.4; platform_system == 'Linux'",
+    # 0.35.2: the first diffusers that imports beside transformers 5 (0.35.1 and older fail on
+    # transformers.utils.FLAX_WEIGHTS_NAME); it has all else used (set_attn_processor,
+    # callback_on_step_end, StableVideoDiffusionPipeline, models.transformers.transformer_temporal).
+    "diffusers>=0.35.2",
+    # 5.0: CLIPTokenizer(vocab=..., merges=...) builds the tiny models' tokenizers in memory (no hub).
+    "transformers>=5.0",
+    "numpy",
+    "tqdm",
+    "matplotlib",  # benchmark and memory plots
+    "safetensors",  # identity banks on disk
+    "pillow",
+]
+EXTRAS = {
+    # storydiff profile-vram: GPU memory over time through NVML (without it: host RSS, with a note)
+    "profile": ["nvidia-ml-py"],
+    # transition videos as MP4 (imageio-ffmpeg bundles ffmpeg) and reading video files for train-motion;
+    # without them: GIF only, with a warning, and video files are skipped
+    "video": ["imageio", "imageio-ffmpeg"],
+}
+EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+# The tests exercise the optional features too (NVML through fakes, MP4 where installed).
+EXTRAS["dev"] = [*EXTRAS["all"], "pytest>=8", "pytest-benchmark", "hypothesis", "ruff"]
+
 setup(
     name="storydiff-csa",
-    version="0.1.0",
+    version=VERSION,
     description="Fast, memory-lean Consistent Self-Attention (StoryDiffusion) for Hugging Face diffusers",
-    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["csa_kernels", "csa_kernels.*", "storydiff", "storydiff.*"]),
-    install_requires=[
-        # Pinned: on our machines this exact version resolves to a local CPU wheel; an open range pulls
-        # the newest CUDA build (GBs). The GPU machines run the sources with their own torch 2.11.
-        "torch==2.13.0",
-        "triton>=3.2",
-        "numpy",
-        "tqdm",
-        "matplotlib",
-        "safetensors",
-        "pillow",
-        "diffusers>=0.30",
-        "transformers>=4.40",
-        "nvidia-ml-py",
-        "imageio",  # transition videos: MP4 through imageio-ffmpeg's bundled ffmpeg, GIF through PIL
-        "imageio-ffmpeg",
-    ],
-    extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark", "hypothesis", "ruff"],
-    },
+    install_requires=REQUIRES,
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["storydiff=storydiff.cli:main"]},
 )

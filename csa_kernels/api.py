@@ -6,7 +6,7 @@ import torch
 
 from .op import consistent_attention_op
 from .torch_path import consistent_attention_torch
-from .validation import check_inputs, check_triton_inputs, triton_supports
+from .validation import TRITON_INSTALLED, check_inputs, check_triton_inputs, triton_supports
 
 
 def consistent_attention(
@@ -36,8 +36,9 @@ def consistent_attention(
         bank_k, bank_v: optional (groups, H, M, D) extra tokens that every frame of a group attends to
             (e.g. cached identity tokens). Given together or not at all; M may be 0.
         scale: softmax scale, default D ** -0.5.
-        backend: "auto" (Triton for CUDA tensors, the torch path otherwise), "triton" (CUDA tensors, or
-            CPU tensors when TRITON_INTERPRET=1 was set before the kernel was first used) or "torch".
+        backend: "auto" (Triton for CUDA tensors when Triton is installed, the torch path otherwise),
+            "triton" (CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set before the kernel was
+            first used; needs the triton package) or "torch".
 
     The keys and values of frame i are its own N tokens, plus ``k[j, :, ref_idx[j]]`` /
     ``v[j, :, ref_idx[j]]`` for every visible frame j != i of its group, plus the M bank tokens of its
@@ -53,6 +54,7 @@ def consistent_attention(
     Raises:
         TypeError, ValueError: naming the argument and what was expected (shapes, dtypes, devices,
             ref_idx range, ``B % groups``, ``window``, bank shape, head dim, backend).
+        ModuleNotFoundError: ``backend="triton"`` without the triton package installed.
     """
     check_inputs(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, backend)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -61,7 +63,8 @@ def consistent_attention(
     if backend == "triton" and not needs_grad:
         check_triton_inputs(q)
     use_triton = not needs_grad and (
-        backend == "triton" or (backend == "auto" and q.device.type == "cuda" and triton_supports(q))
+        backend == "triton"
+        or (backend == "auto" and q.device.type == "cuda" and TRITON_INSTALLED and triton_supports(q))
     )
     if use_triton:
         return consistent_attention_op(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale)

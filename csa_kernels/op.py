@@ -1,7 +1,8 @@
 """``csa::consistent_attention``: the Triton forward as a typed torch.library custom op.
 
 The fake implementation lets torch.compile(fullgraph=True) trace calls without a graph break. Only CUDA
-tensors (or CPU tensors under TRITON_INTERPRET=1, in eager mode) reach it; see ``api.py``.
+tensors (or CPU tensors under TRITON_INTERPRET=1, in eager mode) reach it; see ``api.py``. The op is
+registered on every install; without the triton package, running it raises a one-line error.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from .pool import new_output
+from .validation import require_triton
 
 
 @torch.library.custom_op("csa::consistent_attention", mutates_args=())
@@ -23,6 +27,7 @@ def consistent_attention_op(
     bank_v: Optional[torch.Tensor],  # noqa: UP045
     scale: float,
 ) -> torch.Tensor:
+    require_triton()  # a clear one-line error, not an ImportError from deep inside the kernel module
     # Imported here: Triton reads TRITON_INTERPRET when the kernel module is first imported.
     from .triton_kernel import triton_consistent_attention
 
@@ -31,6 +36,4 @@ def consistent_attention_op(
 
 @consistent_attention_op.register_fake
 def _(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale):
-    from .triton_kernel import new_output
-
-    return new_output(q)
+    return new_output(q)  # needs no Triton: torch.compile can trace calls on any install

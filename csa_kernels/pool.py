@@ -21,6 +21,13 @@ def gather_reference_pool(x: torch.Tensor, ref_idx: torch.Tensor) -> torch.Tenso
     return x.transpose(1, 2)[frames, ref_idx]  # advanced indexing → fresh contiguous (B, S, H, D)
 
 
+def new_output(q: torch.Tensor) -> torch.Tensor:
+    """The kernel's output buffer: q's memory layout when its last dim is contiguous (e.g. diffusers'
+    (B, N, H, D) view), else contiguous. Shared by the Triton launcher and the op's fake implementation so
+    strides always agree; it lives here, not in triton_kernel.py, so the fake needs no Triton."""
+    return torch.empty_like(q) if q.stride(-1) == 1 else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
 def visible_frame_range(frame: int, num_frames: int, groups: int, window: int | None) -> tuple[int, int]:
     """[lo, hi): the frames whose pool tokens ``frame`` may see are lo..hi-1 except ``frame`` itself."""
     per_group = num_frames // groups

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .pool import gather_reference_pool
+from .pool import gather_reference_pool, new_output
 
 LOG2E = 1.4426950408889634
 
@@ -237,12 +237,6 @@ def fixed_config(head_dim_p: int, dtype: torch.dtype) -> dict:
     if head_dim_p <= 128 and dtype != torch.float32:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-
-
-def new_output(q: torch.Tensor) -> torch.Tensor:
-    """Output buffer: q's memory layout when its last dim is contiguous (e.g. diffusers' (B, N, H, D)
-    view), else contiguous. Shared with the op's fake implementation so strides always agree."""
-    return torch.empty_like(q) if q.stride(-1) == 1 else torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 def triton_consistent_attention(

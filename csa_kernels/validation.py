@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -10,6 +11,20 @@ BACKENDS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DTYPES = (*TRITON_DTYPES, torch.float64)  # float64: torch path only (gradcheck, gold answers)
 MAX_TRITON_HEAD_DIM = 256
+
+# Triton is optional: it has wheels for Linux only, and CPU-only installs may lack it. Read once at import (a
+# module constant, so torch.compile treats it as a constant); without it "auto" always takes the torch path.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+TRITON_MISSING = (
+    "backend='triton' needs the triton package, which is not installed (Triton has wheels for Linux only: "
+    "pip install triton, or a CUDA build of torch, which brings it); backend='auto' or 'torch' needs none"
+)
+
+
+def require_triton() -> None:
+    """Raise ``ModuleNotFoundError`` (one line, naming the package) when Triton is not installed."""
+    if not TRITON_INSTALLED:
+        raise ModuleNotFoundError(TRITON_MISSING, name="triton")
 
 
 def triton_supports(q: torch.Tensor) -> bool:
@@ -109,3 +124,4 @@ def check_triton_inputs(q: torch.Tensor) -> None:
             f"backend='triton' supports head dims D <= {MAX_TRITON_HEAD_DIM} with D % 8 == 0, "
             f"got D={q.shape[-1]}"
         )
+    require_triton()

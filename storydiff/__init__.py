@@ -10,7 +10,7 @@ benchmark harness start without importing diffusers.
 
 from importlib import import_module
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place: setup.py and csa_kernels read it; log changes in CHANGELOG.md
 
 _EXPORTS = {
     "apply_consistent_attention": "attention",

@@ -116,7 +116,7 @@ def run_op_suite(
                 row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
                 row["peak_extra_mib"] = peak_extra_mib(fn, device)
                 row["status"] = "ok"
-            except NotImplementedError as exc:
+            except (NotImplementedError, ModuleNotFoundError) as exc:  # e.g. ours_triton without Triton
                 row["status"] = f"n/a: {exc}"
             except torch.OutOfMemoryError:
                 row["status"] = "out of memory"

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from csa_kernels import attended_keys, consistent_attention, consistent_attention_reference
+from csa_kernels.validation import TRITON_INSTALLED
 
 
 def _sampled(ref_idx: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -133,8 +134,11 @@ UNGATED = {"sdpa_dense"}  # computes another function: timed as the ceiling, nev
 def default_providers(device: torch.device, size: str = "cpu") -> list[str]:
     names = ["official_a", "official_b", "flex", "sdpa_dense", "ours_torch"]
     if device.type == "cuda":
-        names.append("ours_triton")
-        if size == "full":  # flex compiles once per shape: ~40 compiles would dominate the suite
+        if TRITON_INSTALLED:  # optional (Linux wheels only): without it, "ours" is the torch path alone
+            names.append("ours_triton")
+        # flex compiles once per shape (~40 compiles would dominate the full suite), and torch.compile needs
+        # Triton to generate CUDA kernels
+        if size == "full" or not TRITON_INSTALLED:
             names.remove("flex")
     else:
         names.insert(0, "reference")  # cheap enough at CPU sizes, and slow to time on a GPU

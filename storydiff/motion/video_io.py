@@ -71,7 +71,7 @@ def write_video(
         warnings.warn(
             # One message for every clip, so Python's default filter shows it once, not per clip.
             f"MP4 not written: it needs the PyPI packages {' and '.join(MP4_PACKAGES)} "
-            f"(pip install {' '.join(MP4_PACKAGES)}); writing GIF files only",
+            f"(pip install {' '.join(MP4_PACKAGES)}, or the [video] extra); writing GIF files only",
             RuntimeWarning,
             stacklevel=2,
         )
