@@ -18,9 +18,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 Source = Literal["nvml", "host-rss"]
 
@@ -187,10 +190,7 @@ class MemorySampler:
         try:
             import pynvml
         except ImportError:
-            self._use_host(
-                "NVML unavailable (nvidia-ml-py missing: pip install nvidia-ml-py, or the [profile] extra): "
-                "sampling host memory (RSS) instead"
-            )
+            self._use_host("NVML unavailable (nvidia-ml-py missing): sampling host memory (RSS) instead")
             return
         try:
             pynvml.nvmlInit()
@@ -289,7 +289,7 @@ def _describe_sources(sources: Sequence[str | None]) -> str:
     return " + ".join(known) if known else "memory"
 
 
-def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -312,7 +312,19 @@ def plot_memory_timeline(
     path: str | os.PathLike[str],
     title: str | None = None,
 ) -> Path:
-    """Memory vs time, one line per run (dashed: torch allocated, where sampled); marks as dotted lines."""
+    """Draw ``memory_timeline_figure(runs, title)`` and save it as a PNG at ``path``."""
+    return _save(memory_timeline_figure(runs, title), path)
+
+
+def memory_timeline_figure(
+    runs: Mapping[str, MemorySampler | Sequence[Sample]], title: str | None = None
+) -> Figure:
+    """Memory vs time, one line per run (dashed: torch allocated, where sampled); marks as dotted lines.
+
+    Returns the matplotlib Figure: per run, a line labelled with the run's name, then (where every sample
+    has it) one labelled ``"<name> (torch allocated)"``, then one vertical line per mark; y in the unit
+    named on the y axis (MiB below 1 GiB of peak, else GiB).
+    """
     series: dict[str, tuple[list[Sample], list[tuple[float, str]], str | None]] = {}
     for label, run in runs.items():
         if isinstance(run, MemorySampler):
@@ -350,7 +362,7 @@ def plot_memory_timeline(
     ax.grid(alpha=0.3)
     if series:
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return fig
 
 
 def plot_peak_vs_length(
@@ -358,7 +370,16 @@ def plot_peak_vs_length(
     path: str | os.PathLike[str],
     title: str | None = None,
 ) -> Path:
-    """Peak memory vs story length, one line per ``mode``; rows whose ``peak_bytes`` is None are skipped."""
+    """Draw ``peak_vs_length_figure(rows, title)`` and save it as a PNG at ``path``."""
+    return _save(peak_vs_length_figure(rows, title), path)
+
+
+def peak_vs_length_figure(rows: Sequence[Mapping[str, Any]], title: str | None = None) -> Figure:
+    """Peak memory vs story length, one line per ``mode``; rows whose ``peak_bytes`` is None are skipped.
+
+    Returns the matplotlib Figure: one line per mode (labelled with it), x = frames ascending, y = peak in
+    the unit named on the y axis (MiB below 1 GiB, else GiB).
+    """
     valid = [row for row in rows if row.get("peak_bytes") is not None]
     modes = list(dict.fromkeys(row["mode"] for row in valid))
     frames = sorted({int(row["frames"]) for row in valid})
@@ -379,4 +400,4 @@ def plot_peak_vs_length(
     ax.grid(alpha=0.3)
     if modes:
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig

@@ -7,6 +7,10 @@ import json
 import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def slug(text: str) -> str:
@@ -49,24 +53,26 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_rows(
+def rows_figure(
     rows: list[dict],
-    path: Path,
     title: str = "",
     panels: tuple[tuple[str, str], ...] = (("tflops", "effective TFLOP/s (attended keys only)"),),
-) -> Path:
-    """Grouped bars per case, one bar per provider; one subplot per (row key, axis label) in ``panels``."""
-    import matplotlib
+) -> Figure:
+    """Grouped bars per case, one bar per provider; one subplot per (row key, axis label) in ``panels``.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Returns the matplotlib Figure (one ``BarContainer`` per provider in each axes, labelled with the
+    provider; a missing or None value draws a zero-height bar), so tests can read back what is drawn.
+    """
+    # A bare Figure on an Agg canvas: no pyplot, so no global backend switch and no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     cases = list(dict.fromkeys(row["name"] for row in rows))
     providers = list(dict.fromkeys(row["provider"] for row in rows))
     width = 0.8 / max(len(providers), 1)
-    fig, axes = plt.subplots(
-        len(panels), 1, figsize=(max(6.0, 1.2 * len(cases) + 2), 4.0 * len(panels)), squeeze=False
-    )
+    fig = Figure(figsize=(max(6.0, 1.2 * len(cases) + 2), 4.0 * len(panels)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(panels), 1, squeeze=False)
     for ax, (key, label) in zip(axes[:, 0], panels, strict=True):
         for p, provider in enumerate(providers):
             values = {row["name"]: row.get(key) or 0.0 for row in rows if row["provider"] == provider}
@@ -81,9 +87,19 @@ def plot_rows(
         title or f"consistent attention, {first.get('device', '?')} ({first.get('dtype', '?')})"
     )
     fig.tight_layout()
+    return fig
+
+
+def plot_rows(
+    rows: list[dict],
+    path: Path,
+    title: str = "",
+    panels: tuple[tuple[str, str], ...] = (("tflops", "effective TFLOP/s (attended keys only)"),),
+) -> Path:
+    """Draw ``rows_figure(rows, title, panels)`` and save it as a PNG at ``path``."""
+    fig = rows_figure(rows, title, panels)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

@@ -18,7 +18,14 @@ import pytest
 import torch
 
 from storydiff.benchmark import memory
-from storydiff.benchmark.memory import MemorySampler, Sample, plot_memory_timeline, plot_peak_vs_length
+from storydiff.benchmark.memory import (
+    MemorySampler,
+    Sample,
+    memory_timeline_figure,
+    peak_vs_length_figure,
+    plot_memory_timeline,
+    plot_peak_vs_length,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MB = 10**6
@@ -264,24 +271,66 @@ def test_body_exception_wins_and_sampler_error_is_warned(monkeypatch: pytest.Mon
         raise KeyError("body")
 
 
+def lines_by_label(fig) -> dict[str, tuple[list[float], list[float]]]:
+    (ax,) = fig.axes
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines}
+
+
 def test_plot_memory_timeline(tmp_path: Path) -> None:
     with MemorySampler(device="cpu", interval_s=0.002) as sampler:
         sampler.mark("write Bob")
         wait_until(lambda: len(sampler.samples) >= 3)
         sampler.mark("write Alice")
     synthetic = [Sample(0.01 * i, (1 << 30) + i * (1 << 26), i << 20, i << 21) for i in range(10)]
-    out = plot_memory_timeline({"cpu run": sampler, "gpu run": synthetic}, tmp_path / "sub" / "timeline.png")
+    runs = {"cpu run": sampler, "gpu run": synthetic}
+
+    fig = memory_timeline_figure(runs)
+    lines = lines_by_label(fig)
+    gib = float(1 << 30)  # the synthetic run peaks above 1 GiB, so the whole plot is in GiB
+    assert fig.axes[0].get_ylabel() == "memory (GiB)"
+    assert lines["cpu run"] == ([s.t for s in sampler.samples], [s.used_bytes / gib for s in sampler.samples])
+    assert lines["gpu run"] == ([s.t for s in synthetic], [s.used_bytes / gib for s in synthetic])
+    # torch's allocated counter is drawn only for the run that sampled it (host RSS has none)
+    assert lines["gpu run (torch allocated)"] == (
+        [s.t for s in synthetic],
+        [s.torch_allocated / gib for s in synthetic],
+    )
+    assert "cpu run (torch allocated)" not in lines
+    # each mark: a vertical line at its time, labelled with its text
+    mark_lines = [xs for label, (xs, _) in lines.items() if label.startswith("_")]
+    assert sorted(xs[0] for xs in mark_lines) == sorted(t for t, _ in sampler.marks)
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == ["write Alice", "write Bob"]
+
+    out = plot_memory_timeline(runs, tmp_path / "sub" / "timeline.png")
     assert out == tmp_path / "sub" / "timeline.png"
     assert_png(out)
+
+
+def test_plot_memory_timeline_small_runs_in_mib() -> None:
+    samples = [Sample(0.5 * i, (100 + i) * (1 << 20)) for i in range(4)]
+    fig = memory_timeline_figure({"small": samples})
+    assert fig.axes[0].get_ylabel() == "memory (MiB)"
+    assert lines_by_label(fig) == {"small": ([0.0, 0.5, 1.0, 1.5], [100.0, 101.0, 102.0, 103.0])}
 
 
 def test_plot_peak_vs_length(tmp_path: Path) -> None:
     rows = [
         {"mode": mode, "frames": frames, "peak_bytes": base + frames * step, "source": "nvml"}
         for mode, base, step in (("dense-mask", 4 << 30, 1 << 30), ("fused", 4 << 30, 1 << 26))
-        for frames in (2, 4, 8, 16, 32)
+        for frames in (32, 2, 16, 4, 8)  # unsorted: the plot sorts by length
     ]
     rows.append({"mode": "dense-mask", "frames": 64, "peak_bytes": None})  # OOM: skipped, not plotted
+
+    fig = peak_vs_length_figure(rows)
+    (ax,) = fig.axes
+    assert ax.get_ylabel() == "peak memory (GiB)" and ax.get_xscale() == "log"  # 2..32 spans ≥ 8x
+    lengths = [2, 4, 8, 16, 32]
+    assert lines_by_label(fig) == {
+        "dense-mask": (lengths, [4 + f for f in lengths]),
+        "fused": (lengths, [4 + f / 16 for f in lengths]),
+    }
+    assert [int(x) for x in ax.get_xticks()] == lengths
+
     out = plot_peak_vs_length(rows, str(tmp_path / "peak.png"))
     assert isinstance(out, Path)
     assert_png(out)

@@ -13,6 +13,24 @@ from storydiff.benchmark.vram import MODES
 from storydiff.cli import main
 
 
+def record_figures(monkeypatch) -> list:
+    """The figures the CLI's plots are drawn from, in order (results.rows_figure, recorded)."""
+    import storydiff.benchmark.results as results
+
+    figures, rows_figure = [], results.rows_figure
+
+    def recording(*args, **kwargs):
+        figures.append(rows_figure(*args, **kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(results, "rows_figure", recording)
+    return figures
+
+
+def bar_heights(ax) -> dict[str, list[float]]:
+    return {bars.get_label(): [bar.get_height() for bar in bars] for bars in ax.containers}
+
+
 def test_official_variants_match_reference():
     inputs = make_inputs(Case(8, 2, 50, 16, 20, groups=2), torch.float32)
     assert_matches_reference(official_a(**inputs), inputs)
@@ -22,6 +40,7 @@ def test_official_variants_match_reference():
 
 def test_bench_writes_results_and_plot(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(op_suite, "cpu_cases", lambda: [OpCase("tiny", 2, 2, 64, 16, 0.5)])
+    figures = record_figures(monkeypatch)
     assert main(["bench", "--suite", "op", "--size", "cpu", "--out", str(tmp_path)]) == 0
     (json_path,) = tmp_path.glob("op-cpu_*.json")
     rows = json.loads(json_path.read_text())
@@ -37,6 +56,8 @@ def test_bench_writes_results_and_plot(tmp_path, monkeypatch, capsys):
     assert all(row["device_type"] == "cpu" and row["torch"] and row["commit"] for row in rows)
     assert json_path.with_suffix(".csv").stat().st_size > 0
     assert json_path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    (ax,) = figures[0].axes  # the plot shows the stored rows: one TFLOP/s bar per provider
+    assert bar_heights(ax) == {row["provider"]: [row["tflops"]] for row in rows}
     assert "ours_torch" in capsys.readouterr().out
 
 
@@ -76,6 +97,7 @@ def test_bench_unet_suite_on_tiny_sdxl(tmp_path, monkeypatch, capsys):
     import storydiff.benchmark.unet_suite as unet_suite
 
     monkeypatch.setattr(unet_suite, "cpu_cases", lambda: [unet_suite.UNetCase("tiny-128", 128, frames=2)])
+    figures = record_figures(monkeypatch)
     assert main(["bench", "--suite", "unet", "--out", str(tmp_path)]) == 0
     (json_path,) = tmp_path.glob("unet-tiny_*.json")
     rows = {row["provider"]: row for row in json.loads(json_path.read_text())}
@@ -86,6 +108,9 @@ def test_bench_unet_suite_on_tiny_sdxl(tmp_path, monkeypatch, capsys):
     assert ours == pytest.approx(a, rel=1e-6) and b == pytest.approx(a / 2, rel=0.2)
     assert rows["ours"]["bank_gib_total"] == pytest.approx(ours * 50 / 1024)
     assert json_path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    ms, bank = figures[0].axes  # panels: ms per step, bank GiB per run, one bar per provider
+    assert bar_heights(ms) == {p: [row["ms"]] for p, row in rows.items()}
+    assert bar_heights(bank) == {p: [row["bank_gib_total"]] for p, row in rows.items()}
     assert "bank GiB/run" in capsys.readouterr().out
 
 
