@@ -190,7 +190,10 @@ class MemorySampler:
         try:
             import pynvml
         except ImportError:
-            self._use_host("NVML unavailable (nvidia-ml-py missing): sampling host memory (RSS) instead")
+            self._use_host(
+                "NVML unavailable (nvidia-ml-py missing: pip install nvidia-ml-py, or the [profile] extra): "
+                "sampling host memory (RSS) instead"
+            )
             return
         try:
             pynvml.nvmlInit()
