@@ -1,6 +1,7 @@
 """csa_kernels: fused consistent self-attention (StoryDiffusion) for PyTorch.
 
-Layers, one direction: reference / pool → triton_kernel → op (torch.library) → api.
+Layers, one direction: reference / pool → triton_kernel → op (torch.library) → api; tolerance (the
+correctness rule of tests and benchmarks) sits on the reference.
 """
 
 from storydiff import __version__  # one version per distribution (storydiff-csa); storydiff holds it
@@ -8,11 +9,14 @@ from storydiff import __version__  # one version per distribution (storydiff-csa
 from .api import consistent_attention
 from .reference import attended_keys, consistent_attention_reference
 from .sampling import sample_reference_indices
+from .tolerance import ErrorBound, reference_error_bound
 
 __all__ = [
+    "ErrorBound",
     "__version__",
     "attended_keys",
     "consistent_attention",
     "consistent_attention_reference",
+    "reference_error_bound",
     "sample_reference_indices",
 ]

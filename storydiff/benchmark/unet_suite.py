@@ -1,6 +1,11 @@
-"""UNet suite: one denoising step of identity frames (write mode) with official-A, official-B and our
-processors, on the real SDXL UNet architecture (embedded config, random weights, no download), plus the
-identity bank each keeps for a whole run.
+"""UNet suite: one denoising step with official-A, official-B (``storydiff.official``) and our processors,
+on the real SDXL UNet architecture (embedded config, random weights, no download), plus the identity
+bank each keeps for a whole run. A "write" case times the identity frames denoised together; a "read"
+case times one more frame denoised against their bank (the official code reads one frame at a time).
+
+Every provider runs a step where all its layers are consistent: the warm-up and the random layer skip
+are off for all of them (both only replace some layer calls by plain attention). Each timed step
+redraws its token selection, as a real step does.
 
 Bank bytes are measured after one step and scaled to ``bank_steps`` steps: every step stores the same
 shapes (variant B's Bernoulli counts vary by a fraction of a percent).
@@ -10,14 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from ..attention import apply_consistent_attention, remove_consistent_attention
 from ..config import ConsistencyConfig
+from ..official import install_official
 from ..tiny_models import SDXL_UNET_CONFIG, build_tiny_pipeline
-from .official import install_official
 from .timing import median_ms, peak_extra_mib
 
 TEXT_TOKENS = 77
@@ -31,14 +37,27 @@ class UNetCase:
     frames: int = 4  # identity frames, denoised together (x2 under CFG)
     rate: float = 0.5
     bank_steps: int = 50
+    phase: Literal["write", "read"] = "write"  # time the identity frames, or one frame reading their bank
+
+    @property
+    def batch_frames(self) -> int:
+        return self.frames if self.phase == "write" else 1
 
 
 def gpu_cases() -> list[UNetCase]:
-    return [UNetCase("sdxl-768-f4", 768), UNetCase("sdxl-1024-f4", 1024)]
+    return [
+        UNetCase(f"sdxl-{res}-f4{'-read' if phase == 'read' else ''}", res, phase=phase)
+        for res in (768, 1024)
+        for phase in ("write", "read")
+    ]
 
 
 def cpu_cases() -> list[UNetCase]:
-    return [UNetCase("tiny-sdxl-128-f4", 128), UNetCase("tiny-sdxl-256-f4", 256)]
+    return [
+        UNetCase("tiny-sdxl-128-f4", 128),
+        UNetCase("tiny-sdxl-256-f4", 256),
+        UNetCase("tiny-sdxl-256-f4-read", 256, phase="read"),
+    ]
 
 
 def build_unet(size: str, device: torch.device, dtype: torch.dtype):
@@ -52,9 +71,9 @@ def build_unet(size: str, device: torch.device, dtype: torch.dtype):
     return torch.nn.Module.to(unet, dtype=dtype).eval()
 
 
-def unet_inputs(unet, case: UNetCase, device: torch.device, dtype: torch.dtype) -> dict:
+def unet_inputs(unet, case: UNetCase, device: torch.device, dtype: torch.dtype, frames: int) -> dict:
     gen = torch.Generator().manual_seed(0)
-    batch, side = 2 * case.frames, case.resolution // 8
+    batch, side = 2 * frames, case.resolution // 8
     config = unet.config
     text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
 
@@ -69,26 +88,42 @@ def unet_inputs(unet, case: UNetCase, device: torch.device, dtype: torch.dtype) 
     }
 
 
-def _install(unet, provider: str, case: UNetCase) -> tuple[Callable[[], int], Callable[[], None], Callable]:
-    """Install a provider in write mode; returns (bank bytes of the current step, reset, remove)."""
+@dataclass
+class _Installed:
+    bank_bytes: Callable[[], int]  # bank of the current step
+    begin_write: Callable[[], None]  # empty bank, step 0, identity frames
+    begin_read: Callable[[], None]  # step 0 again, one frame against the bank
+    remove: Callable[[], None]
+
+
+def _install(unet, provider: str, case: UNetCase) -> _Installed:
+    """Install a provider, every layer consistent (no warm-up, no layer skip), in write mode."""
     if provider == "ours":
         config = ConsistencyConfig(rate=case.rate, warmup_steps=0, skip_prob_early=0.0, skip_prob_late=0.0)
         config.offload_bank = False
         state = apply_consistent_attention(unet, config)
-        state.begin_write("id", case.frames)
-        return (
-            (lambda: state.bank.nbytes()),
-            (lambda: state.begin_write("id", case.frames)),
-            (lambda: remove_consistent_attention(unet)),
+        installed = _Installed(
+            bank_bytes=state.bank.nbytes,
+            begin_write=lambda: state.begin_write("id", case.frames),
+            begin_read=lambda: state.begin_read([("id",)]),
+            remove=lambda: remove_consistent_attention(unet),
         )
-    state, restore = install_official(unet, "a" if provider == "official_a" else "b", case.rate)
-    state.num_frames = case.frames
-    return state.bank_bytes, state.bank.clear, restore
+    else:
+        variant = "a" if provider == "official_a" else "b"
+        official, restore = install_official(unet, variant, case.rate, warmup=False, layer_skip=False)
+        installed = _Installed(
+            bank_bytes=official.bank_bytes,
+            begin_write=lambda: official.begin_write(case.frames),
+            begin_read=lambda: official.begin_read(1),
+            remove=restore,
+        )
+    installed.begin_write()
+    return installed
 
 
 def _step_fn(unet, inputs: dict, reset: Callable[[], None]) -> Callable:
     def step():
-        reset()  # time a step, not a growing bank
+        reset()  # time one step: a fresh draw, and no growing bank
         return unet(**inputs)
 
     return step
@@ -107,7 +142,8 @@ def run_unet_suite(
     unet = build_unet(size, device, dtype)
     progress = tqdm(total=len(cases) * len(providers), desc="unet suite", unit="run")
     for case in cases:
-        inputs = unet_inputs(unet, case, device, dtype)
+        write_inputs = unet_inputs(unet, case, device, dtype, case.frames)
+        inputs = unet_inputs(unet, case, device, dtype, case.batch_frames)
         for provider in providers:
             progress.set_postfix_str(f"{case.name} {provider}")
             row = {
@@ -117,12 +153,13 @@ def run_unet_suite(
                 "dtype": str(dtype).removeprefix("torch."),
             }
             row.update(env, ms=None, peak_extra_mib=None, bank_mib_per_step=None, bank_gib_total=None)
-            bank_bytes, reset, remove = _install(unet, provider, case)
+            installed = _install(unet, provider, case)
+            reset = installed.begin_write if case.phase == "write" else installed.begin_read
             step = _step_fn(unet, inputs, reset)
             try:
                 with torch.no_grad():
-                    unet(**inputs)  # one step fills one step's bank
-                    per_step = bank_bytes()
+                    unet(**write_inputs)  # one step fills one step's bank
+                    per_step = installed.bank_bytes()
                     row["ms"] = median_ms(step, device)
                     row["peak_extra_mib"] = peak_extra_mib(step, device)
                 row["bank_mib_per_step"] = per_step / 2**20
@@ -131,8 +168,8 @@ def run_unet_suite(
             except torch.OutOfMemoryError:
                 row["status"] = "out of memory"
             finally:
-                reset()
-                remove()
+                installed.begin_write()  # frees the bank
+                installed.remove()
             rows.append(row)
             progress.update()
             if device.type == "cuda":

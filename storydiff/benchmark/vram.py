@@ -5,6 +5,7 @@ length while a ``MemorySampler`` records memory. Modes:
 
     official_a     official variant A: full hidden-state bank, dense-mask identity attention
     official_b     official variant B: sampled hidden-state bank, per-frame loop
+                   (both from storydiff.official, with the official warm-up and layer-skip schedule)
     ours           our processors: sampled K/V bank on the GPU, read frames batched
     ours_offload   ours with the bank in pinned CPU memory, prefetched layer by layer
     window         long-story mode: neighbours within 2 frames, chunks of 4 frames per UNet call
@@ -23,9 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ConsistencyConfig
+from ..official import install_official
 from ..pipeline import StoryDiffusionPipeline
 from .memory import MemorySampler, plot_memory_timeline, plot_peak_vs_length
-from .official import install_official
 
 MODES = ("official_a", "official_b", "ours", "ours_offload", "window", "window_unchunked")
 WINDOW, CHUNK = 2, 4
@@ -43,11 +44,11 @@ def _run_official(
     prompts = [f"a young explorer with a red scarf, scene {i} of the long journey" for i in range(frames)]
     try:
         sampler.mark("write")
-        state.phase, state.step, state.num_frames = "write", 0, id_frames
+        state.begin_write(id_frames)
         pipe(prompts[:id_frames], callback_on_step_end=state.step_callback, **call)
         sampler.mark("read")
         for prompt in prompts[id_frames:]:  # the official code reads one frame at a time
-            state.phase, state.step, state.num_frames = "read", 0, 1
+            state.begin_read(1)
             pipe([prompt], callback_on_step_end=state.step_callback, **call)
     finally:
         restore()

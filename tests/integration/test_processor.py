@@ -1,7 +1,7 @@
 """The consistent-attention processor on a single diffusers Attention layer.
 
-Parity: small reimplementations of the official StoryDiffusion variants (DESIGN.md §2), fed the same
-token selection, must match the processor.
+Parity: the official StoryDiffusion variants (the oracle, storydiff.official), fed our token selection,
+must match the processor when writing and when reading a bank.
 """
 
 import pytest
@@ -11,6 +11,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from storydiff.attention import ConsistentAttnProcessor
 from storydiff.config import ConsistencyConfig
+from storydiff.official import OfficialAttnProcessor, OfficialState, keep_from_indices
 from storydiff.state import ConsistencyState, LayerInfo
 
 CHANNELS, HEADS = 32, 2
@@ -31,60 +32,48 @@ def frames_input(batch, tokens=24, seed=1):
     return torch.randn(batch, tokens, CHANNELS, generator=torch.Generator().manual_seed(seed))
 
 
-def heads(x, attn):
-    return x.view(x.shape[0], -1, attn.heads, CHANNELS // HEADS).transpose(1, 2)
-
-
-def finish(out, attn):
-    out = out.transpose(1, 2).reshape(out.shape[0], -1, CHANNELS)
-    return attn.to_out[1](attn.to_out[0](out))
-
-
-def official_a(attn, hidden, ref_idx, groups):
-    """Variant A: per CFG half, all frames' tokens in one sequence, a dense boolean mask, one SDPA."""
-    batch, tokens, _ = hidden.shape
-    frames = batch // groups
-    sampled = torch.zeros(batch, tokens, dtype=torch.bool)
-    sampled.scatter_(1, ref_idx, True)
-    frame_of = torch.arange(frames * tokens) // tokens
-    outs = []
-    for g in range(groups):
-        x = hidden[g * frames : (g + 1) * frames].reshape(1, frames * tokens, CHANNELS)
-        q, k, v = (heads(proj(x), attn) for proj in (attn.to_q, attn.to_k, attn.to_v))
-        mask = (frame_of[:, None] == frame_of[None, :]) | sampled[g * frames : (g + 1) * frames].reshape(
-            1, -1
-        )
-        outs.append(
-            finish(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), attn).reshape(frames, tokens, -1)
-        )
-    return torch.cat(outs)
-
-
-def official_b(attn, hidden, ref_idx, groups):
-    """Variant B: a loop over frames; gather the other frames' sampled hidden states, concat, re-project."""
-    batch = hidden.shape[0]
-    frames = batch // groups
-    outs = []
-    for i in range(batch):
-        g0 = (i // frames) * frames
-        context = torch.cat([hidden[i]] + [hidden[j][ref_idx[j]] for j in range(g0, g0 + frames) if j != i])
-        q = heads(attn.to_q(hidden[i : i + 1]), attn)
-        k, v = heads(attn.to_k(context[None]), attn), heads(attn.to_v(context[None]), attn)
-        outs.append(finish(F.scaled_dot_product_attention(q, k, v), attn))
-    return torch.cat(outs)
+def install_oracle(attn, variant, keep):
+    """The official processor on ``attn``, schedule off, reading our selection ``keep`` (frames, tokens)."""
+    oracle = OfficialState(variant, warmup=False, layer_skip=False, select=lambda step, frames, tokens: keep)
+    attn.set_processor(OfficialAttnProcessor(oracle, LAYER.name))
+    return oracle
 
 
 @pytest.mark.parametrize("groups", [1, 2], ids=["cfg-off", "cfg-on"])
-@pytest.mark.parametrize("official", [official_a, official_b], ids=["variant-A", "variant-B"])
-def test_parity_with_official_variants(official, groups):
-    frames = 4
+@pytest.mark.parametrize("variant", ["a", "b"], ids=["variant-A", "variant-B"])
+def test_parity_with_official_variants(variant, groups):
+    """Identity frames denoised together: our processor and the official one on our token selection."""
+    frames, tokens = 4, 24
     attn, state = make_layer(rate=0.4)
-    hidden = frames_input(frames * groups)
+    hidden = frames_input(frames * groups, tokens)
     state.begin_joint(frames)
     with torch.no_grad():
         ours = attn(hidden)
-        ref_idx = state.reference_indices(LAYER, hidden.shape[1], hidden.device).repeat(groups, 1)
-        expected = official(attn, hidden, ref_idx, groups)
+        keep = keep_from_indices(state.reference_indices(LAYER, tokens, hidden.device), tokens)
+        install_oracle(attn, variant, keep).begin_write(frames)
+        expected = attn(hidden)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 2], ids=["cfg-off", "cfg-on"])
+@pytest.mark.parametrize("variant", ["a", "b"], ids=["variant-A", "variant-B"])
+def test_read_parity_with_official_variants(variant, groups):
+    """Two frames reading the bank of three identity frames (official A: full hidden states masked by
+    the draw; B: sampled hidden states; ours: sampled K/V) give the same outputs."""
+    ids, tokens = 3, 24
+    attn, state = make_layer(rate=0.4)
+    id_hidden, read_hidden = frames_input(ids * groups, tokens), frames_input(2 * groups, tokens, seed=2)
+    with torch.no_grad():
+        state.begin_write("hero", ids)
+        attn(id_hidden)
+        keep = keep_from_indices(state.reference_indices(LAYER, tokens, id_hidden.device), tokens)
+        state.begin_read([("hero",), ("hero",)])
+        ours = attn(read_hidden)
+        oracle = install_oracle(attn, variant, keep)
+        oracle.begin_write(ids)
+        attn(id_hidden)
+        oracle.begin_read(2)
+        expected = attn(read_hidden)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
