@@ -36,6 +36,12 @@ def svd_image_embedding(pipe, image) -> torch.Tensor:
     )
 
 
+def progress_bar_config(pipe) -> dict:
+    """A copy of the keyword arguments a diffusers pipeline passes to its tqdm bars: set with the public
+    ``set_progress_bar_config``, which replaces them all, but readable only from a private attribute."""
+    return dict(getattr(pipe, "_progress_bar_config", {}))
+
+
 def clip_image_processor_class() -> type:
     """CLIP's PIL-based image processor class.
 

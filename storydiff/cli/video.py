@@ -24,32 +24,72 @@ def register(subparsers, parents: list) -> None:
         required=True,
         help="Stable Video Diffusion path or hub id, or tiny-svd (random weights, offline)",
     )
-    parser.add_argument("--predictor", default=None, help="SemanticMotionPredictor folder (save_pretrained)")
+    parser.add_argument(
+        "--predictor",
+        default=None,
+        help="SemanticMotionPredictor folder (save_pretrained) (default: none; the intermediate frames' "
+        "embeddings are linearly interpolated)",
+    )
     parser.add_argument(
         "--frames",
         type=positive_int,
         default=None,
         help="frames per clip (default: predictor's + 2, else SVD's)",
     )
-    parser.add_argument("--steps", type=positive_int, default=25, help="denoising steps")
+    parser.add_argument(
+        "--steps", type=positive_int, default=25, help="denoising steps (default: %(default)s)"
+    )
     parser.add_argument(
         "--size", type=video_size, default=None, help="WxH (default: 64x64 for tiny-svd, else 1024x576)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first clip; clip i uses seed + i")
-    parser.add_argument("--fps", type=positive_int, default=7)
-    parser.add_argument("--motion-bucket-id", type=int, default=127, help="SVD's amount-of-motion condition")
-    parser.add_argument("--noise-aug-strength", type=float, default=0.02)
-    parser.add_argument("--decode-chunk-size", type=positive_int, default=None, help="frames per VAE decode")
-    parser.add_argument("--device", default=None, help="default: cuda if available")
-    parser.add_argument("--dtype", choices=DTYPES, default=None)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the first clip; clip i uses seed + i (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--fps",
+        type=positive_int,
+        default=7,
+        help="frames per second of the files, and SVD's fps condition (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--motion-bucket-id",
+        type=int,
+        default=127,
+        help="SVD's amount-of-motion condition (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--noise-aug-strength",
+        type=float,
+        default=0.02,
+        help="noise SVD adds to the conditioning image (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--decode-chunk-size",
+        type=positive_int,
+        default=None,
+        help="frames per VAE decode; fewer use less memory (default: all frames of a clip at once)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="device to run on (default: cuda if available, else cpu)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="dtype of the video model (default: float16 on CUDA, float32 on the CPU)",
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..loading import ModelLoadError, load_svd_pipeline
     from ..motion.model import load_predictor
-    from ..motion.video import read_story_frames, story_transitions
+    from ..motion.story_video import read_story_frames, story_transitions
     from ..motion.video_io import MP4_PACKAGES
+    from ..progress import default_progress
     from ..tiny_models import TINY_SVD
 
     try:
@@ -76,12 +116,15 @@ def run(args: argparse.Namespace) -> int:
                 motion_bucket_id=args.motion_bucket_id,
                 noise_aug_strength=args.noise_aug_strength,
                 decode_chunk_size=args.decode_chunk_size,
+                # a bar labelled "clip i/N" on a terminal; one plain line per clip in a log
+                progress=default_progress(),
             )
     except (FileNotFoundError, ValueError, ModelLoadError) as exc:
         return fail(str(exc))
     written = [p for t in result.transitions for p in (t.gif_path, t.mp4_path) if p]
     written += [p for p in (result.gif_path, result.mp4_path) if p]
-    print(f"{len(result.transitions)} transitions from {len(result.frame_paths)} frames; written:")
+    clips = len(result.transitions)
+    print(f"{clips} transition{'' if clips == 1 else 's'} from {len(result.frame_paths)} frames; written:")
     print("  " + "\n  ".join(str(p) for p in written))
     if result.mp4_path is None:
         print(f"note: no MP4 encoder; pip install {' '.join(MP4_PACKAGES)} to also write MP4 files")

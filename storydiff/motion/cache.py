@@ -8,13 +8,13 @@ any of them and the old file is simply not found again.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..atomic import atomic_path
 from .encoder import ImageEncoder
 from .video_sources import VideoSource, read_frames, source_fingerprint
 
@@ -57,11 +57,10 @@ class EmbeddingCache:
         embeddings = encode(frames, batch_size=self.batch_size).cpu().contiguous()
         self.encoded_videos += 1
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        # Write-then-rename: an interrupted run must never leave a truncated file under the final name.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         metadata = {"source": str(source.path), "encoder": self.encoder.identity, "tokens": str(self.tokens)}
-        save_file({"embeddings": embeddings}, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        # An interrupted run must never leave a truncated file that a later run would load as cached.
+        with atomic_path(path) as tmp:
+            save_file({"embeddings": embeddings}, tmp, metadata=metadata)
         return embeddings
 
     def load_all(self, sources: list[VideoSource]) -> list[Tensor]:

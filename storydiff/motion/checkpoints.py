@@ -2,12 +2,12 @@
 
 ``training_state.pt`` holds what the weights alone cannot restore: optimizer and LR-scheduler state, the
 torch RNG states (dropout), the step and the loss history. Each checkpoint is written into a temporary
-folder and renamed into place, so a run killed mid-write never leaves a checkpoint that looks complete.
+folder and renamed into place (``storydiff.atomic.atomic_path``), so a run killed mid-write never leaves a
+checkpoint that looks complete.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import atomic_path
 from .model import SemanticMotionPredictor
 
 __all__ = ["STATE_FILE", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
@@ -52,13 +53,10 @@ def save_checkpoint(
     """Atomically write ``out_dir/checkpoint-<step>/``; then drop all but the newest ``keep_last``."""
     out = Path(out_dir)
     final = out / f"checkpoint-{step}"
-    tmp = out / f".checkpoint-{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    torch.save(state, tmp / STATE_FILE)
-    if final.exists():  # a re-run reaching the same step replaces it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    # The folder is renamed into place complete; a re-run reaching the same step replaces the old one.
+    with atomic_path(final) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        torch.save(state, tmp / STATE_FILE)
     if keep_last is not None:
         for _, old in _checkpoints(out)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)

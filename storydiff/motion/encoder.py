@@ -18,6 +18,7 @@ from torch import Tensor
 from transformers import CLIPVisionModelWithProjection
 
 from ..compat import clip_image_processor_class
+from ..loading import from_pretrained
 from ..tiny_models import tiny_clip_vision_model
 
 __all__ = ["ImageEncoder", "build_tiny_encoder"]
@@ -52,16 +53,16 @@ class ImageEncoder:
         """Load a CLIP vision checkpoint (a local folder or a hub id) and its preprocessing.
 
         Folders without a ``preprocessor_config.json`` (IP-Adapter's ``image_encoder``, for one) get
-        CLIP's standard preprocessing at the model's image size.
+        CLIP's standard preprocessing at the model's image size. Raises ``ModelLoadError`` (one line,
+        naming ``path_or_id``) when the model cannot be loaded.
         """
         kwargs = {"subfolder": subfolder} if subfolder else {}
-        try:
-            model = CLIPVisionModelWithProjection.from_pretrained(str(path_or_id), **kwargs)
-        except OSError as exc:
-            raise FileNotFoundError(
-                f"could not load a CLIP vision model from {str(path_or_id)!r} (pass a local folder with "
-                f"config.json and weights — nothing is downloaded on offline machines — or 'tiny'): {exc}"
-            ) from exc
+        hint = (
+            "give a CLIP vision folder with config.json and weights, or 'tiny' for a random offline encoder"
+        )
+        model = from_pretrained(
+            CLIPVisionModelWithProjection, str(path_or_id), "CLIP vision model", hint, **kwargs
+        )
         try:
             processor = clip_image_processor_class().from_pretrained(str(path_or_id), **kwargs)
         except OSError:

@@ -1,4 +1,10 @@
-"""Writing frames as GIF (PIL) and MP4 (imageio with imageio-ffmpeg's bundled ffmpeg, when installed)."""
+"""Writing frames as GIF and MP4 with diffusers' own exporters, under their final names only when complete.
+
+``diffusers.utils.export_to_gif`` writes with PIL, looping forever. ``export_to_video`` (diffusers 0.42)
+writes with imageio's ffmpeg plugin when imageio is installed and otherwise falls back to OpenCV's ``mp4v``
+codec; we call it only when imageio and imageio-ffmpeg are both present, so every MP4 is H.264 from the
+ffmpeg binary that imageio-ffmpeg ships, whatever else is installed.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,12 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
+from diffusers.utils import export_to_gif, export_to_video
 from PIL import Image
+
+from ..atomic import atomic_path
+
+__all__ = ["MP4_PACKAGES", "mp4_available", "write_video"]
 
 # What enables MP4 output: imageio's ffmpeg plugin, and imageio-ffmpeg, which ships an ffmpeg binary in its
 # wheel, so no system ffmpeg is needed.
@@ -21,34 +31,20 @@ def mp4_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("imageio", "imageio_ffmpeg"))
 
 
-def _temp_path(path: Path) -> Path:
-    # Same suffix, because ffmpeg picks the container from it.
-    return path.with_name(f".{path.stem}.tmp{path.suffix}")
-
-
 def _write_gif(frames: Sequence[Image.Image], path: Path, fps: float) -> Path:
-    tmp = _temp_path(path)
-    first, *rest = [f.convert("RGB") for f in frames]
-    # GIF stores frame durations in 10 ms units; loop=0 loops forever, as a video preview should.
-    first.save(tmp, format="GIF", save_all=True, append_images=rest, duration=round(1000 / fps), loop=0)
-    os.replace(tmp, path)
+    # The temporary path keeps the .gif suffix, from which PIL picks the format. diffusers writes
+    # loop=0 (loop forever, as a video preview should) and 1000 // fps ms per frame.
+    with atomic_path(path) as tmp:
+        export_to_gif(list(frames), str(tmp), fps=fps)
     return path
 
 
 def _write_mp4(frames: Sequence[Image.Image], path: Path, fps: float) -> Path:
-    import imageio.v2 as imageio
-
-    tmp = _temp_path(path)
-    # yuv420p plays everywhere; SVD sizes are multiples of 8, so a macro block of 8 never resizes frames.
-    writer = imageio.get_writer(
-        tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=8
-    )
-    try:
-        for frame in frames:
-            writer.append_data(np.asarray(frame.convert("RGB")))
-    finally:
-        writer.close()
-    os.replace(tmp, path)
+    # The temporary path keeps the .mp4 suffix, from which imageio picks ffmpeg and ffmpeg the container.
+    # imageio's defaults: libx264, yuv420p (plays everywhere). SVD sizes are multiples of 8, so a macro
+    # block of 8 (diffusers' default is 16) never rescales a frame.
+    with atomic_path(path) as tmp:
+        export_to_video(list(frames), str(tmp), fps=fps, macro_block_size=8)
     return path
 
 
@@ -66,6 +62,7 @@ def write_video(
         raise ValueError(f"fps must be positive, got {fps}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    frames = [f.convert("RGB") for f in frames]  # the exporters take the mode they are given
     gif = _write_gif(frames, out / f"{name}.gif", fps)
     if not mp4_available():
         warnings.warn(

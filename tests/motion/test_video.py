@@ -2,6 +2,7 @@
 
 import json
 from contextlib import nullcontext
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,17 +11,18 @@ import torch
 from PIL import Image
 
 from storydiff.cli import main
+from storydiff.compat import progress_bar_config
 from storydiff.loading import ModelLoadError, load_svd_pipeline
-from storydiff.motion.video import (
+from storydiff.motion import video_io
+from storydiff.motion.conditioning import (
     PerFrameCrossAttnProcessor,
     PerFrameEmbeddingState,
-    TransitionVideoPipeline,
-    mp4_available,
     per_frame_conditioning,
-    read_story_frames,
     spatial_cross_attention_layers,
-    story_transitions,
 )
+from storydiff.motion.story_video import read_story_frames, story_transitions
+from storydiff.motion.transition import TransitionVideoPipeline
+from storydiff.motion.video_io import mp4_available, write_video
 from storydiff.tiny_models import build_tiny_pipeline
 
 SIZE, FRAMES, STEPS = 32, 6, 2
@@ -267,6 +269,62 @@ def test_processors_restored_after_call_and_after_error(svd, images, monkeypatch
     assert pipeline.state.embeddings is None
 
 
+# ---------------------------------------------------------------------------------------------- files
+
+
+def test_gif_loops_forever_at_the_clips_fps(tmp_path):
+    frames = [Image.new("L", (16, 8), 40 * i) for i in range(4)]  # not RGB: written as RGB all the same
+    with pytest.warns(RuntimeWarning, match="imageio-ffmpeg") if not mp4_available() else nullcontext():
+        gif, mp4 = write_video(frames, tmp_path, "clip", fps=5)
+    assert gif == tmp_path / "clip.gif"
+    with Image.open(gif) as im:
+        assert (im.n_frames, im.size) == (4, (16, 8))
+        assert im.info["loop"] == 0 and im.info["duration"] == 200  # forever, 1000 ms / 5 fps
+        im.seek(3)
+        assert im.convert("RGB").getpixel((0, 0)) == (120, 120, 120)
+    if mp4_available():
+        import imageio.v2 as imageio
+
+        with imageio.get_reader(mp4) as reader:
+            assert reader.get_meta_data()["fps"] == 5 and reader.count_frames() == 4
+            assert reader.get_data(0).shape == (8, 16, 3)  # no macro-block rescaling
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.gif"] + (["clip.mp4"] if mp4 else [])
+
+
+def test_mp4_needs_its_packages_and_says_which(tmp_path, monkeypatch):
+    monkeypatch.setattr(video_io, "mp4_available", lambda: False)
+    with pytest.warns(RuntimeWarning, match="imageio and imageio-ffmpeg") as caught:
+        gif, mp4 = write_video([noise_image(0, 8)] * 2, tmp_path, "clip", fps=7)
+    assert len(caught) == 1 and gif.is_file() and mp4 is None
+    assert not (tmp_path / "clip.mp4").exists()
+
+
+@pytest.mark.parametrize("kind", ["gif", "mp4"])
+def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch, kind):
+    """The exporters write to a temporary path with the final suffix (PIL and ffmpeg pick the format from
+    it); a write that fails half way leaves neither a file under the final name nor the temporary one, and
+    an earlier file of that name keeps its content."""
+    seen = []
+
+    def half_written(frames, path, **kwargs):
+        seen.append(path)
+        Path(path).write_bytes(b"truncated")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(video_io, "mp4_available", lambda: True)
+    monkeypatch.setattr(video_io, f"export_to_{'gif' if kind == 'gif' else 'video'}", half_written)
+    if kind == "mp4":  # the GIF is written first, and fine
+        monkeypatch.setattr(video_io, "export_to_gif", lambda frames, path, **_: Path(path).write_bytes(b"G"))
+    earlier = tmp_path / f"clip.{kind}"
+    earlier.write_bytes(b"earlier clip")
+    with pytest.raises(OSError, match="disk full"):
+        write_video([noise_image(0, 8)] * 2, tmp_path, "clip", fps=7)
+    assert len(seen) == 1 and seen[0].endswith(f".{kind}") and Path(seen[0]).parent == tmp_path
+    assert Path(seen[0]) != earlier and not Path(seen[0]).exists()
+    assert earlier.read_bytes() == b"earlier clip"
+    assert not list(tmp_path.glob(".*"))
+
+
 # ---------------------------------------------------------------------------------------------- stories
 
 
@@ -279,10 +337,15 @@ def fake_story(root, n=3, status="complete"):
     return root
 
 
-def test_story_transitions_writes_clips_and_story_video(svd, tmp_path):
+def test_story_transitions_writes_clips_and_story_video(svd, tmp_path, capsys):
     story, out = fake_story(tmp_path / "story"), tmp_path / "video"
     settings = {**RUN, "num_inference_steps": 2}
-    result = story_transitions(story, out, svd, seed=5, fps=4, **settings)
+    result = story_transitions(story, out, svd, seed=5, fps=4, progress="lines", **settings)
+    err = capsys.readouterr().err
+    # For logs: one plain line per finished clip, naming it "clip i/N", and no bar's carriage returns.
+    assert "transitions: clip 1/2 done (frame_000.png → frame_001.png" in err
+    assert "transitions: clip 2/2 done (frame_001.png → frame_002.png" in err
+    assert "\r" not in err
     assert [p.name for p in result.frame_paths] == ["frame_000.png", "frame_001.png", "frame_002.png"]
     assert len(result.transitions) == 2
     for i, clip in enumerate(result.transitions):
@@ -298,6 +361,20 @@ def test_story_transitions_writes_clips_and_story_video(svd, tmp_path):
     # Clip i is the transition pipeline's clip from frame i to i+1 with seed + i.
     second = TransitionVideoPipeline(svd)(*result.frame_paths[1:], seed=6, fps=4, **settings)
     assert np.array_equal(as_array(second.frames), as_array(result.transitions[1].frames))
+
+
+def test_story_progress_bar_is_labelled_per_clip(svd, tmp_path, capsys):
+    story = fake_story(tmp_path / "story", n=3)
+    settings = {**RUN, "num_inference_steps": 1, "num_frames": 3}
+    before = progress_bar_config(svd)
+    story_transitions(story, tmp_path / "bars", svd, progress="bar", **settings)
+    err = capsys.readouterr().err
+    assert "clip 1/2: 100%" in err and "clip 2/2: 100%" in err  # SVD's own bar, one per clip
+    assert "transitions:" not in err
+    assert progress_bar_config(svd) == before  # the pipeline's bar settings are its own again
+
+    story_transitions(story, tmp_path / "quiet", svd, progress=False, **settings)
+    assert capsys.readouterr().err == ""
 
 
 def test_story_frames_from_plain_folder_and_bad_input(tmp_path):
@@ -326,8 +403,11 @@ def test_video_cli(tmp_path, capsys):
     assert main(["video", *args]) == 0  # through the `storydiff video` subcommand
     assert (out / "transition_000.gif").is_file() and (out / "story.gif").is_file()
     assert (out / "story.mp4").is_file() == mp4_available()
-    out_text = capsys.readouterr().out
-    assert "1 transitions from 2 frames" in out_text
+    captured = capsys.readouterr()
+    out_text = captured.out
+    assert "1 transition from 2 frames" in out_text
+    # stderr is not a terminal here: a plain line per clip instead of a bar
+    assert "transitions: clip 1/1 done" in captured.err and "\r" not in captured.err
     assert ("note: no MP4 encoder" in out_text) == (not mp4_available())
 
     assert main(["video", *args[:1], str(tmp_path / "nope"), *args[2:]]) == 2

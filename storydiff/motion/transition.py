@@ -15,55 +15,24 @@ The temporal blocks keep SVD's own embedding: SVD feeds them the first frame's e
 
 from __future__ import annotations
 
-import itertools
-import json
 import os
-import re
-import time
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from diffusers import StableVideoDiffusionPipeline
 from PIL import Image
 from torch import Tensor
 
-from ..output import write_json
+from ..compat import svd_image_embedding
 from .baselines import linear_interpolation
-from .conditioning import (
-    PerFrameCrossAttnProcessor,
-    PerFrameEmbeddingState,
-    per_frame_conditioning,
-    spatial_cross_attention_layers,
-)
-from .video_io import MP4_PACKAGES, mp4_available, write_video
+from .conditioning import PerFrameEmbeddingState, per_frame_conditioning
+from .video_io import write_video
 
-__all__ = [
-    "MP4_PACKAGES",
-    "PerFrameCrossAttnProcessor",
-    "PerFrameEmbeddingState",
-    "StoryVideoResult",
-    "TransitionResult",
-    "TransitionVideoPipeline",
-    "check_predictor",
-    "mp4_available",
-    "per_frame_conditioning",
-    "read_story_frames",
-    "spatial_cross_attention_layers",
-    "story_transitions",
-    "write_video",
-]
-
+__all__ = ["ImageInput", "TransitionResult", "TransitionVideoPipeline", "check_predictor"]
 
 ImageInput = Image.Image | str | os.PathLike
-
-
-# --------------------------------------------------------------------------------------------------------
-# Transition pipeline
-# --------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -152,15 +121,9 @@ class TransitionVideoPipeline:
     @torch.no_grad()
     def encode_image(self, image: ImageInput) -> Tensor:
         """(1, 1, C) image embedding, computed exactly as SVD computes its own conditioning embedding."""
-        pipe = self.svd_pipe
         # SVD's own preprocessing (antialiased resize to 224², CLIP normalisation), so the start frame's
         # embedding is bit-identical to the one SVD conditions on.
-        return pipe._encode_image(
-            _load_image(image),
-            pipe._execution_device,
-            num_videos_per_prompt=1,
-            do_classifier_free_guidance=False,
-        )
+        return svd_image_embedding(self.svd_pipe, _load_image(image))
 
     @torch.no_grad()
     def frame_embeddings(self, start: Tensor, end: Tensor, num_frames: int) -> Tensor:
@@ -252,115 +215,3 @@ class TransitionVideoPipeline:
         if out_dir is not None:
             result.gif_path, result.mp4_path = write_video(frames, out_dir, name, fps)
         return result
-
-
-# --------------------------------------------------------------------------------------------------------
-# Whole stories
-# --------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StoryVideoResult:
-    """Transitions between consecutive story frames and the concatenated story video."""
-
-    frame_paths: list[Path]
-    transitions: list[TransitionResult]
-    frames: list[Image.Image]
-    gif_path: Path
-    mp4_path: Path | None
-    metadata: dict = field(default_factory=dict)
-
-
-def _natural_key(path: Path) -> list[Any]:
-    # frame_1000 must come after frame_999, which a plain string sort gets wrong.
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path.name)]
-
-
-def read_story_frames(story_dir: str | os.PathLike) -> list[Path]:
-    """The frame images of a story, in story order.
-
-    Either a ``storydiff generate`` folder (``frames/frame_000.png ...`` and ``metadata.json``) or a plain
-    folder of PNGs, sorted by name (numbers in names compare as numbers). Raises ``FileNotFoundError`` for a
-    missing folder and ``ValueError`` for fewer than 2 frames; warns when the story run did not complete.
-    """
-    root = Path(story_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"story folder {root} does not exist")
-    frames_dir = root / "frames"
-    source = frames_dir if frames_dir.is_dir() else root
-    paths = sorted((p for p in source.glob("*.png") if not p.name.startswith(".")), key=_natural_key)
-    if len(paths) < 2:
-        raise ValueError(
-            f"{source} holds {len(paths)} PNG frame(s); a transition video needs at least 2 frames"
-        )
-    meta_path = root / "metadata.json"
-    if meta_path.is_file():
-        try:
-            status = json.loads(meta_path.read_text()).get("status")
-        except (json.JSONDecodeError, AttributeError):
-            status = "unreadable"
-        if status not in (None, "complete"):
-            warnings.warn(
-                f"story run in {root} has status {status!r}; using the {len(paths)} frames present",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    return paths
-
-
-def story_transitions(
-    story_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    svd_pipe: StableVideoDiffusionPipeline,
-    predictor: torch.nn.Module | None = None,
-    *,
-    seed: int = 0,
-    fps: int = 7,
-    **kwargs: Any,
-) -> StoryVideoResult:
-    """Chain transition clips between consecutive story frames; write each clip and one story video.
-
-    Transition i goes from frame i to frame i+1 with seed ``seed + i`` and is written to
-    ``out_dir/transition_{i:03d}.gif`` (and ``.mp4``) before the next one starts, so an interrupted run keeps
-    its finished clips. ``story.gif`` / ``story.mp4`` concatenate them without repeating a story frame: each
-    clip but the last drops its final frame, which only approaches the next story frame, while the next
-    clip's first frame is conditioned on that frame itself. ``video.json`` records the settings and files.
-    Other keyword arguments go to ``TransitionVideoPipeline.__call__``.
-    """
-    paths = read_story_frames(story_dir)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pipeline = TransitionVideoPipeline(svd_pipe, predictor)
-    started = time.perf_counter()
-    transitions: list[TransitionResult] = []
-    for i, (a, b) in enumerate(itertools.pairwise(paths)):
-        name = f"transition_{i:03d}"
-        transitions.append(pipeline(a, b, seed=seed + i, fps=fps, out_dir=out, name=name, **kwargs))
-    frames = [f for t in transitions[:-1] for f in t.frames[:-1]] + transitions[-1].frames
-    gif, mp4 = write_video(frames, out, "story", fps)
-    metadata = {
-        "story_dir": str(Path(story_dir)),
-        "frames": [str(p) for p in paths],
-        "transitions": [
-            {
-                "from": str(a),
-                "to": str(b),
-                "seed": seed + i,
-                "gif": str(t.gif_path),
-                "mp4": str(t.mp4_path) if t.mp4_path else None,
-            }
-            for i, (a, b, t) in enumerate(zip(paths[:-1], paths[1:], transitions, strict=True))
-        ],
-        "story_gif": str(gif),
-        "story_mp4": str(mp4) if mp4 else None,
-        "predictor": type(predictor).__name__ if predictor is not None else "linear_interpolation",
-        "frames_per_clip": len(transitions[0].frames),
-        "settings": {
-            "seed": seed,
-            "fps": fps,
-            **{k: v for k, v in kwargs.items() if not isinstance(v, Tensor)},
-        },
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    write_json(out / "video.json", metadata)
-    return StoryVideoResult(paths, transitions, frames, gif, mp4, metadata)
