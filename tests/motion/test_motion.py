@@ -112,7 +112,7 @@ def test_compiled_matches_eager():
     On a cold cache most of this test is Inductor's own C++ work, not ours, so two of its settings are
     patched for the duration: one compile thread (a pool would start worker processes that each import
     torch, for only 4 kernels) and scalar kernels (no g++ probe of the CPU's vector ISA; vector or scalar
-    code is Inductor's choice, not what this test checks). Same model code, same checks, about half the
+    code is Inductor's choice, not what this test checks). Same model code, same checks, about 40 % less
     time on 2 cores. One transformer layer: a second adds no new op to trace, only a copy of the first.
     """
     import torch._inductor.config as inductor_config
