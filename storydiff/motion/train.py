@@ -145,7 +145,7 @@ def _seconds_per_step(
     """Median seconds of a forward and backward pass on the run's next batches, measured before it starts.
 
     The first pass is not timed: it pays one-time costs (allocations, kernel selection). Weights are never
-    updated, and gradients and RNG state (dropout) are restored, so the run itself is unchanged.
+    updated, gradients are cleared and the RNG state (dropout) is restored, so the run itself is unchanged.
     """
     rng = _rng_state()
     device = next(model.parameters()).device

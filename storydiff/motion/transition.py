@@ -179,7 +179,7 @@ class TransitionVideoPipeline:
         ``width`` (multiples of 8) default to the start image's size rounded down to multiples of 8.
         ``max_guidance_scale <= 1`` turns classifier-free guidance off, as in SVD. The other settings are
         SVD's. The same ``seed`` gives the same clip. With ``out_dir``, writes ``{name}.gif`` and, when an
-        encoder is installed (see ``MP4_PACKAGES``), ``{name}.mp4``.
+        encoder is installed (see ``video_io.MP4_PACKAGES``), ``{name}.mp4``.
         """
         start, end = _load_image(start_image), _load_image(end_image)
         if num_frames is None:
