@@ -4,9 +4,9 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
-# One version for the whole distribution: storydiff/__init__.py holds it (csa_kernels re-exports it).
+# One version for the whole distribution: csa_kernels/__init__.py holds it (storydiff re-exports it).
 VERSION = re.search(
-    r'^__version__ = "([^"]+)"', (HERE / "storydiff" / "__init__.py").read_text(encoding="utf-8"), re.M
+    r'^__version__ = "([^"]+)"', (HERE / "csa_kernels" / "__init__.py").read_text(encoding="utf-8"), re.M
 ).group(1)
 
 # Supported ranges, stated here only (README "Supported versions" says which bounds were run). Lower bounds

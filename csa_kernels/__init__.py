@@ -4,7 +4,9 @@ Layers, one direction: reference / pool → triton_kernel → op (torch.library)
 correctness rule of tests and benchmarks) sits on the reference.
 """
 
-from storydiff import __version__  # one version per distribution (storydiff-csa); storydiff holds it
+# One version for the whole distribution (storydiff-csa), here at the bottom of the dependency order:
+# setup.py reads it, storydiff re-exports it. Log changes in CHANGELOG.md.
+__version__ = "0.2.0"
 
 from .api import consistent_attention
 from .reference import attended_keys, consistent_attention_reference

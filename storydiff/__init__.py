@@ -10,8 +10,6 @@ benchmark harness start without importing diffusers.
 
 from importlib import import_module
 
-__version__ = "0.2.0"  # the one place: setup.py and csa_kernels read it; log changes in CHANGELOG.md
-
 _EXPORTS = {
     "apply_consistent_attention": "attention",
     "remove_consistent_attention": "attention",
@@ -22,12 +20,15 @@ _EXPORTS = {
     "StoryDiffusionPipeline": "pipeline",
     "parse_story": "story",
     "load_story": "story",
-    "load_pipeline": "models",
+    "load_pipeline": "loading",
+    "RunSettings": "settings",
 }
 __all__ = [*_EXPORTS, "__version__"]
 
 
 def __getattr__(name: str):
+    if name == "__version__":  # the distribution's one version lives in csa_kernels (imports torch)
+        return import_module("csa_kernels").__version__
     if name in _EXPORTS:
         return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module 'storydiff' has no attribute {name!r}")

@@ -79,6 +79,10 @@ def signature_differences(stored: dict, expected: dict) -> list[str]:
     return differences
 
 
+def _pair_bytes(pair: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in pair)
+
+
 class IdBank:
     def __init__(self, *, offload: bool = False) -> None:
         self.offload = offload
@@ -87,11 +91,18 @@ class IdBank:
         self._meta: dict[str, dict] = {}
         self._prefetched: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor, object]] = {}
         self._stream: torch.cuda.Stream | None = None
+        # Memory as data: bytes alive now, the most alive at once, and bytes each character ever wrote
+        # (equal under every schedule; a lockstep run frees each step's bank after reading it).
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._written: dict[str, int] = {}
 
     # -- writing -------------------------------------------------------------------------------------
     def clear(self, character: str) -> None:
+        self.live_bytes -= self.nbytes(character)
         self._store.pop(character, None)
         self._meta.pop(character, None)
+        self._written.pop(character, None)
 
     def start(self, character: str) -> None:
         """Begin a fresh bank for ``character``: it exists from now on, even before (or without) any
@@ -106,7 +117,26 @@ class IdBank:
                 torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
                 for t in (k, v)
             )
-        self._store.setdefault(character, {}).setdefault(step, {})[layer] = (k, v)
+        layers = self._store.setdefault(character, {}).setdefault(step, {})
+        if layer in layers:
+            self.live_bytes -= _pair_bytes(layers[layer])
+        layers[layer] = (k, v)
+        self._account(character, _pair_bytes((k, v)))
+
+    def drop_step(self, step: int, characters) -> None:
+        """Free the characters' tokens of denoising ``step`` (a lockstep run, once the step is read)."""
+        for character in characters:
+            for pair in self._store.get(character, {}).pop(step, {}).values():
+                self.live_bytes -= _pair_bytes(pair)
+
+    def _account(self, character: str, nbytes: int) -> None:
+        self.live_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        self._written[character] = self._written.get(character, 0) + nbytes
+
+    def written_bytes(self, character: str) -> int:
+        """Bytes ``character``'s bank received since it was started or loaded (all steps, all layers)."""
+        return self._written.get(character, 0)
 
     def set_metadata(self, character: str, **meta) -> None:
         self._meta.setdefault(character, {}).update(meta)
@@ -168,12 +198,13 @@ class IdBank:
 
     # -- size and persistence ------------------------------------------------------------------------
     def nbytes(self, character: str | None = None) -> int:
+        """Bytes alive now, of one character or of all."""
         names = [character] if character is not None else list(self._store)
         return sum(
-            k.numel() * k.element_size() + v.numel() * v.element_size()
+            _pair_bytes(pair)
             for name in names
             for layers in self._store.get(name, {}).values()
-            for k, v in layers.values()
+            for pair in layers.values()
         )
 
     def save(self, character: str, path: str | Path) -> Path:
@@ -223,6 +254,7 @@ class IdBank:
         self._store[name] = {}
         for (step, layer), pair in sorted(pairs.items()):
             self._store[name].setdefault(step, {})[layer] = (pair["k"], pair["v"])
+            self._account(name, _pair_bytes((pair["k"], pair["v"])))
         self._meta[name] = {k: v for k, v in meta.items() if k != "character"}
         return name
 

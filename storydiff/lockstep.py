@@ -12,11 +12,15 @@ so results never depend on chunking.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from PIL import Image
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .compat import execution_device, sdxl_time_ids
+from .progress import Progress, progress_bar
 
 
 def encode_prompts(pipe, prompts: list[str], negatives: list[str], cfg: bool, height: int, width: int):
@@ -115,6 +119,38 @@ class LockstepDenoiser:
     def load_state_dict(self, latents: torch.Tensor, schedulers: dict) -> None:
         self.latents = latents
         self.schedulers, self._saved_schedulers = {}, dict(schedulers)
+
+
+def run_lockstep(
+    denoiser: LockstepDenoiser,
+    one_step: Callable[[int], None],
+    *,
+    num_inference_steps: int,
+    checkpoint_path: Path | None = None,
+    checkpoint_every: int | None = None,
+    summary: dict | None = None,
+    resume: bool = False,
+    progress: Progress = True,
+) -> None:
+    """Run ``one_step(step)`` for every step (it advances every chunk by that step), writing a checkpoint
+    every ``checkpoint_every`` steps; with ``resume`` it continues from ``checkpoint_path``, which must
+    have been written for the same run (``summary``)."""
+    summary = summary or {}
+    start = 0
+    if resume and checkpoint_path is not None and checkpoint_path.exists():
+        data = load_checkpoint(checkpoint_path, summary)
+        start = data["step"]
+        denoiser.load_state_dict(data["latents"], data["schedulers"])
+        torch.set_rng_state(data["rng"])
+    bar = progress_bar(num_inference_steps, "denoising (all frames)", "step", progress, initial=start)
+    try:
+        for step in range(start, num_inference_steps):
+            one_step(step)
+            bar.update()
+            if checkpoint_path is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
+                save_checkpoint(checkpoint_path, step=step + 1, **denoiser.state_dict(), summary=summary)
+    finally:
+        bar.close()
 
 
 def decode_frame(pipe, latent: torch.Tensor) -> Image.Image:

@@ -28,11 +28,12 @@ from PIL import Image
 
 from .attention import apply_consistent_attention, remove_consistent_attention
 from .bank import signature_differences
+from .checkpoint import CHECKPOINT
 from .comic import make_pages
 from .config import ConsistencyConfig, InvalidSetting
-from .lockstep import decode_frame
-from .longstory.checkpoint import CHECKPOINT
+from .lockstep import LockstepDenoiser, decode_frame, run_lockstep
 from .longstory.denoise import denoise_long_story
+from .modes import JointMode
 from .output import StoryOutput
 from .progress import Progress, progress_bar
 from .settings import RunSettings
@@ -81,22 +82,28 @@ def check_run(
     config: ConsistencyConfig,
     *,
     banked: set[str] = frozenset(),
+    loaded: bool = False,
     out_dir: str | Path | None = None,
     resume: bool = False,
 ) -> dict[str, list[int]]:
     """Check that ``story`` can run with these (resolved) settings before any model is involved; returns
-    the identity frames each character without a loaded bank (``banked``) writes (bank mode; else {})."""
+    the identity frames each character without a bank (``banked``: loaded from files when ``loaded``, or
+    kept from an earlier story) writes (bank mode; else {})."""
     if settings.mode == "window" and config.window is None and config.tile is None:
         raise InvalidSetting("window", "is needed in window mode: ConsistencyConfig(window=W), e.g. 2")
     if settings.mode == "bank" and config.tile is not None:
         raise InvalidSetting("tile", "applies to window mode only")
     if (settings.checkpoint_every or resume) and out_dir is None:
         raise ValueError("checkpoints and resume need an output folder (out_dir)")
-    if resume and settings.mode != "window":
-        raise ValueError("only window-mode runs can be resumed (bank mode keeps no checkpoints)")
-    if banked and settings.mode != "bank":
+    if resume and not settings.steps_in_lockstep:
+        raise ValueError(
+            "only window-mode and lockstep bank runs can be resumed (stored banks keep no checkpoints)"
+        )
+    if loaded and settings.mode != "bank":
         raise InvalidSetting("load_bank", "applies to bank mode only (window mode keeps no identity bank)")
-    unused = sorted(name for name in banked if not story.appears(name))
+    if loaded and settings.bank_schedule == "lockstep":
+        raise InvalidSetting("bank_schedule", "lockstep cannot read banks loaded from files; use stored")
+    unused = sorted(name for name in banked if not story.appears(name)) if loaded else []
     if unused:
         raise InvalidSetting(
             "load_bank", f"loads {', '.join(map(repr, unused))}, who is in no frame of the story"
@@ -193,14 +200,24 @@ class StoryDiffusionPipeline:
         """
         known = {name: self.state.bank.metadata(name).get("description") for name in self.loaded_banks}
         story = as_story(story, {name: text for name, text in known.items() if text})
-        settings = (settings or RunSettings()).replace(**overrides).resolved()
+        settings = (
+            (settings or RunSettings()).replace(**overrides).resolved(banks_loaded=bool(self.loaded_banks))
+        )
         side = self.default_size
         settings = settings.replace(height=settings.height or side, width=settings.width or side)
         # characters of this story with a bank already (loaded, or written by an earlier story)
         banked = set()
         if settings.mode == "bank":
             banked = {c for c in story.characters if self.state.bank.has(c) and story.appears(c)}
-        identity = check_run(story, settings, self.config, banked=banked, out_dir=out_dir, resume=resume)
+        identity = check_run(
+            story,
+            settings,
+            self.config,
+            banked=banked,
+            loaded=bool(self.loaded_banks),
+            out_dir=out_dir,
+            resume=resume,
+        )
         if settings.mode == "bank":
             self._check_loaded_banks(story, settings)
 
@@ -228,9 +245,10 @@ class StoryDiffusionPipeline:
             output.start(metadata)
         images: dict[int, Image.Image] = {}
         start = time.perf_counter()
+        self.state.bank.peak_bytes = self.state.bank.live_bytes  # this run's peak
         try:
             if settings.mode == "bank":
-                self._run_bank(story, identity, styled, settings, images, output, progress)
+                self._run_bank(story, identity, styled, settings, images, output, resume, progress)
             else:
                 self._run_window(story, styled, settings, images, output, resume, progress)
         except BaseException as exc:
@@ -243,38 +261,106 @@ class StoryDiffusionPipeline:
         ordered = [images[f.index] for f in story.frames]
         captions = [f.caption for f in story.frames]
         pages = make_pages(ordered, captions, settings.layout, font=settings.font)
-        bank_bytes = {
-            name: self.state.bank.nbytes(name) for name in story.characters if self.state.bank.has(name)
-        }
-        metadata.update(bank_bytes=bank_bytes, seconds=round(time.perf_counter() - start, 2))
+        bank = self.state.bank
+        bank_bytes = {name: bank.written_bytes(name) for name in story.characters if bank.has(name)}
+        memory = {"bank_bytes": bank_bytes, "bank_peak_bytes": bank.peak_bytes}
+        metadata.update(memory, seconds=round(time.perf_counter() - start, 2))
         if output is not None:
             output.save_pages(pages)
-            output.finish(bank_bytes=bank_bytes, seconds=metadata["seconds"], pages=len(pages))
+            output.finish(**memory, seconds=metadata["seconds"], pages=len(pages))
         return StoryResult(ordered, captions, pages, metadata, output.root if output else None, bank_bytes)
 
-    def _run_bank(self, story, identity, styled, settings, images, output, progress) -> None:
+    def _run_bank(self, story, identity, styled, settings, images, output, resume, progress) -> None:
+        """Identity frames write each character's bank, every other frame reads the banks of the
+        characters it shows; both in chunks through one step-synchronous denoiser, so a chunk's frames
+        are the same whatever the schedule: "stored" runs each chunk through all steps in turn (every
+        step's bank kept), "lockstep" advances all chunks one step at a time (one step's bank alive)."""
         identity_set = {i for frames in identity.values() for i in frames}
         read_frames = [f.index for f in story.frames if f.index not in identity_set]
-        batch_size = settings.read_batch_size
-        bar = progress_bar(len(story.frames), "story frames", "frame", progress)
-        try:
+        size = settings.read_batch_size
+        reads = [read_frames[i : i + size] for i in range(0, len(read_frames), size)]
+        denoiser = self._denoiser(story, styled, settings)
+        steps = settings.num_inference_steps
+
+        def write(name: str, frames: list[int], step: int) -> None:
+            self.state.begin(JointMode(len(frames), writing=name), step=step)
+            denoiser.step(frames, step)
+
+        def read(frames: list[int], step: int) -> None:
+            self.state.begin_read([story.frames[i].characters for i in frames], step=step)
+            denoiser.step(frames, step)
+
+        def finish(frames: list[int]) -> None:
+            for i in frames:
+                images[i] = decode_frame(self.pipe, denoiser.latents[i])
+                if output is not None:
+                    output.save_frame(i, images[i])
+
+        for name in identity:
+            if not resume:
+                self.state.bank.start(name)
+            self.state.bank.set_metadata(
+                name,
+                description=story.characters[name].description,
+                model=self.model_name,
+                **self.run_signature(settings),
+            )
+        if settings.bank_schedule == "stored":
+            bar = progress_bar(len(story.frames), "story frames", "frame", progress)
             for name, frames in identity.items():
                 bar.set_postfix_str(f"identity of {name}")
-                self.state.begin_write(name, len(frames))
-                self._generate(frames, styled, settings, images, output, bar)
-                description = story.characters[name].description
-                self.state.bank.set_metadata(
-                    name, description=description, model=self.model_name, **self.run_signature(settings)
-                )
+                for step in range(steps):
+                    write(name, frames, step)
+                finish(frames)
+                bar.update(len(frames))
                 if settings.save_banks and output is not None:
                     self.state.bank.save(name, output.bank_path(name))
-            for first in range(0, len(read_frames), batch_size):
-                batch = read_frames[first : first + batch_size]
-                bar.set_postfix_str("story frames")
-                self.state.begin_read([story.frames[i].characters for i in batch])
-                self._generate(batch, styled, settings, images, output, bar)
-        finally:
+            bar.set_postfix_str("story frames")
+            for frames in reads:
+                for step in range(steps):
+                    read(frames, step)
+                finish(frames)
+                bar.update(len(frames))
             bar.close()
+            return
+
+        def one_step(step: int) -> None:
+            for name, frames in identity.items():
+                write(name, frames, step)
+            for frames in reads:
+                read(frames, step)
+            self.state.bank.drop_step(step, identity)  # read by everyone: free it
+
+        run_lockstep(
+            denoiser,
+            one_step,
+            num_inference_steps=steps,
+            checkpoint_path=output.root / CHECKPOINT if output is not None else None,
+            checkpoint_every=settings.checkpoint_every,
+            summary={
+                "model": self.model_name,
+                "story": story_source(story),
+                "settings": settings.to_dict(),
+                "consistency": self.config.to_dict(),
+            },
+            resume=resume,
+            progress=progress,
+        )
+        finish([f.index for f in story.frames])
+        if output is not None:
+            output.root.joinpath(CHECKPOINT).unlink(missing_ok=True)  # the frames are the result now
+
+    def _denoiser(self, story: Story, styled, settings: RunSettings) -> LockstepDenoiser:
+        return LockstepDenoiser(
+            self.pipe,
+            prompts=[p for p, _ in styled],
+            negatives=[n for _, n in styled],
+            seeds=[settings.seed + f.index for f in story.frames],
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            height=settings.height,
+            width=settings.width,
+        )
 
     def _run_window(self, story, styled, settings, images, output, resume, progress) -> None:
         latents = denoise_long_story(
@@ -304,27 +390,6 @@ class StoryDiffusionPipeline:
         bar.close()
         if output is not None:
             output.root.joinpath(CHECKPOINT).unlink(missing_ok=True)  # the frames are the result now
-
-    # ------------------------------------------------------------------------------------------------
-    def _generate(self, frames, styled, settings: RunSettings, images, output, bar) -> None:
-        # One CPU generator per frame: the same frame gets the same starting noise in any batch, any device.
-        generators = [torch.Generator().manual_seed(settings.seed + i) for i in frames]
-        result = self.pipe(
-            prompt=[styled[i][0] for i in frames],
-            negative_prompt=[styled[i][1] for i in frames],
-            num_inference_steps=settings.num_inference_steps,
-            guidance_scale=settings.guidance_scale,
-            height=settings.height,
-            width=settings.width,
-            generator=generators,
-            callback_on_step_end=self.state.step_callback,
-            output_type="pil",
-        )
-        for i, image in zip(frames, result.images, strict=True):
-            images[i] = image
-            if output is not None:
-                output.save_frame(i, image)
-            bar.update()
 
     def _check_loaded_banks(self, story: Story, settings: RunSettings) -> None:
         expected = self.run_signature(settings)

@@ -23,6 +23,7 @@ from .fonts import check_font
 from .styles import DEFAULT_STYLE, get_style
 
 MODES = ("bank", "window")
+BANK_SCHEDULES = ("lockstep", "stored")
 
 # Defaults of the mode-specific settings, applied by ``resolved``.
 BANK_DEFAULTS = {"id_frames": 2, "read_batch_size": 4}
@@ -51,7 +52,13 @@ class RunSettings:
             (default: DejaVu Sans, or an installed font that covers the caption's script).
         id_frames, read_batch_size, save_banks: bank mode only — identity frames per character, frames per
             denoiser call after them, write each character's bank next to the frames.
-        chunk_size, checkpoint_every: window mode only — frames per denoiser call, checkpoint period.
+        bank_schedule: bank mode only. "lockstep": at every step the identity frames write that step's
+            bank, every other frame reads it, and it is freed, so one step's bank is alive at a time;
+            "stored": each character's identity frames run all their steps first and keep every step's
+            bank (needed to save or load banks). Same frames either way. Default: lockstep unless banks
+            are saved or loaded.
+        chunk_size: window mode only — frames per denoiser call.
+        checkpoint_every: window mode or the lockstep bank schedule — write a checkpoint every N steps.
     """
 
     mode: str = "bank"
@@ -66,6 +73,7 @@ class RunSettings:
     font: str | None = None
     id_frames: int | None = None
     read_batch_size: int | None = None
+    bank_schedule: str | None = None
     save_banks: bool = False
     chunk_size: int | None = None
     checkpoint_every: int | None = None
@@ -103,12 +111,21 @@ class RunSettings:
             _count(name, getattr(self, name), optional=True)
         if not isinstance(self.save_banks, bool):
             raise InvalidSetting("save_banks", f"must be True or False, got {self.save_banks!r}")
-        other = {"bank": ("chunk_size", "checkpoint_every"), "window": ("id_frames", "read_batch_size")}
+        other = {"bank": ("chunk_size",), "window": ("id_frames", "read_batch_size", "bank_schedule")}
         for name in other[self.mode]:
             if getattr(self, name) is not None:
                 raise InvalidSetting(name, f"does not apply in {self.mode} mode")
         if self.mode == "window" and self.save_banks:
             raise InvalidSetting("save_banks", "does not apply in window mode (it keeps no identity bank)")
+        if self.bank_schedule is not None and self.bank_schedule not in BANK_SCHEDULES:
+            choices = ", ".join(BANK_SCHEDULES)
+            raise InvalidSetting("bank_schedule", f"must be one of {choices}, got {self.bank_schedule!r}")
+        if self.bank_schedule == "lockstep" and self.save_banks:
+            raise InvalidSetting(
+                "save_banks", "needs the stored bank schedule: a lockstep run never holds a whole bank"
+            )
+        if self.mode == "bank" and self.bank_schedule == "stored" and self.checkpoint_every is not None:
+            raise InvalidSetting("checkpoint_every", "applies to window mode and the lockstep bank schedule")
 
     def replace(self, **changes: Any) -> RunSettings:
         """A copy with ``changes`` (validated); TypeError naming an unknown setting."""
@@ -118,10 +135,21 @@ class RunSettings:
             raise TypeError(f"unknown setting(s) {', '.join(unknown)}; settings are: {names}")
         return dataclasses.replace(self, **changes)
 
-    def resolved(self) -> RunSettings:
-        """The mode's defaults filled in for its settings that were not given."""
-        defaults = BANK_DEFAULTS if self.mode == "bank" else WINDOW_DEFAULTS
+    def resolved(self, *, banks_loaded: bool = False) -> RunSettings:
+        """The mode's defaults filled in for its settings that were not given (``banks_loaded``: the run
+        reads banks from files, which only the stored schedule can)."""
+        defaults = dict(BANK_DEFAULTS if self.mode == "bank" else WINDOW_DEFAULTS)
+        if self.mode == "bank":
+            defaults["bank_schedule"] = "stored" if self.save_banks or banks_loaded else "lockstep"
+        if self.mode == "bank" and self.checkpoint_every is not None:
+            defaults["bank_schedule"] = "lockstep"  # the stored schedule has no checkpoints
         return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+    @property
+    def steps_in_lockstep(self) -> bool:
+        """All frames advance one step at a time (window mode, lockstep bank schedule): checkpoints and
+        resume work at step boundaries."""
+        return self.mode == "window" or self.bank_schedule == "lockstep"
 
     @property
     def cfg(self) -> bool:

@@ -67,12 +67,12 @@ class ConsistencyState:
         self.host: dict = {}  # what identifies the denoiser (attention.host_signature), for banks
 
     # -- driven by the pipeline ----------------------------------------------------------------------
-    def begin(self, mode: Mode) -> None:
-        """Start ``mode`` at step 0 (the caller sets later steps)."""
+    def begin(self, mode: Mode, *, step: int = 0) -> None:
+        """Start ``mode`` at ``step`` (a diffusers pipeline call starts at 0; ``step_callback`` advances)."""
         if mode.num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {mode.num_frames}")
         self.end()
-        self.mode, self.step = mode, 0
+        self.mode, self.step = mode, step
 
     def begin_joint(self, num_frames: int) -> None:
         """The frames of each batch attend to each other's sampled tokens (no bank)."""
@@ -87,7 +87,7 @@ class ConsistencyState:
         self.bank.start(character)
         self.begin(JointMode(num_frames, writing=character))
 
-    def begin_read(self, frame_characters: list[tuple[str, ...]]) -> None:
+    def begin_read(self, frame_characters: list[tuple[str, ...]], *, step: int = 0) -> None:
         """Each frame attends to its own tokens plus the banks of the characters it shows; one entry per
         frame of the batch (empty for an [NC] frame)."""
         from .modes import ReadMode
@@ -95,7 +95,7 @@ class ConsistencyState:
         missing = sorted({c for chars in frame_characters for c in chars if not self.bank.has(c)})
         if missing:
             raise ValueError(f"no identity bank for character(s) {missing}: write or load them first")
-        self.begin(ReadMode(frame_characters))
+        self.begin(ReadMode(frame_characters), step=step)
 
     def end(self) -> None:
         self.mode = None

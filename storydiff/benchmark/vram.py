@@ -59,17 +59,13 @@ def _run_ours(pipe, mode: str, frames: int, call: dict, id_frames: int, read_bat
     window = mode.startswith("window")
     config = ConsistencyConfig(offload_bank=mode == "ours_offload", window=WINDOW if window else None)
     story = StoryDiffusionPipeline(pipe, config)
-    extra = {"mode": "window", "chunk_size": CHUNK if mode == "window" else frames} if window else {}
+    if window:
+        extra = {"mode": "window", "chunk_size": CHUNK if mode == "window" else frames}
+    else:
+        extra = {"id_frames": id_frames, "read_batch_size": read_batch}
     try:
         sampler.mark(mode)
-        story(
-            story_text(frames),
-            id_frames=id_frames,
-            read_batch_size=read_batch,
-            progress=False,
-            **call,
-            **extra,
-        )
+        story(story_text(frames), progress=False, **call, **extra)
     finally:
         story.close()
 

@@ -28,6 +28,7 @@ FLAGS = {
     "font": "--font",
     "id_frames": "--id-frames",
     "read_batch_size": "--read-batch",
+    "bank_schedule": "--bank-schedule",
     "save_banks": "--save-banks",
     "chunk_size": "--chunk-size",
     "checkpoint_every": "--checkpoint-every",
@@ -57,6 +58,7 @@ RUN_FLAGS = (
     "font",
     "id_frames",
     "read_batch",
+    "bank_schedule",
     "save_banks",
     "chunk_size",
     "checkpoint_every",
@@ -104,13 +106,16 @@ def register(subparsers, parents: list) -> None:
     )
     gen.add_argument("--tile", type=int, default=None, help="window mode: the paper's tiled form, tile size")
     gen.add_argument(
-        "--checkpoint-every", type=int, default=None, help="window mode: checkpoint every N steps"
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="window mode and lockstep bank schedule: write a checkpoint every N steps (for --resume)",
     )
     gen.add_argument(
         "--resume",
         default=None,
         metavar="DIR",
-        help="continue an interrupted window-mode run with its stored settings",
+        help="continue an interrupted run (window mode, lockstep banks) with its stored settings",
     )
     gen.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier run in --out")
     gen.add_argument(
@@ -166,6 +171,14 @@ def register(subparsers, parents: list) -> None:
         default=None,
         help=f"bank mode: frames per denoiser call after the identities (default: "
         f"{BANK_DEFAULTS['read_batch_size']})",
+    )
+    gen.add_argument(
+        "--bank-schedule",
+        choices=("lockstep", "stored"),
+        default=None,
+        help="bank mode: lockstep keeps one denoising step's bank alive at a time (frames identical); "
+        "stored keeps every step's bank, needed by --save-banks / --load-bank (default: lockstep unless "
+        "banks are saved or loaded)",
     )
     gen.add_argument(
         "--layout", choices=("grid", "classic"), default=None, help=f"comic page layout (default: {d.layout})"
@@ -272,11 +285,13 @@ def _from_flags(args: argparse.Namespace):
         "font": args.font,
         "id_frames": args.id_frames,
         "read_batch_size": args.read_batch,
+        "bank_schedule": args.bank_schedule,
         "save_banks": args.save_banks,
         "chunk_size": args.chunk_size,
         "checkpoint_every": args.checkpoint_every,
     }
-    settings = RunSettings().replace(**{k: v for k, v in given.items() if v is not None}).resolved()
+    given = {k: v for k, v in given.items() if v is not None}
+    settings = RunSettings().replace(**given).resolved(banks_loaded=bool(banks))
     consistency = {
         "rate": args.rate,
         "level_rates": _parse_level_rates(args.level_rate) if args.level_rate else None,
@@ -316,7 +331,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         model, out, story, settings, config, banks = (_from_resume if args.resume else _from_flags)(args)
-        check_run(story, settings, config, banked=set(banks), out_dir=out, resume=bool(args.resume))
+        resume = bool(args.resume)
+        check_run(story, settings, config, banked=set(banks), loaded=bool(banks), out_dir=out, resume=resume)
     except InvalidSetting as exc:
         return fail(f"{FLAGS.get(exc.field, exc.field)} {exc.problem}")
     except (OSError, ValueError) as exc:
@@ -324,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _generate(args, model, out, story, settings, config, banks)
     except KeyboardInterrupt:
-        hint = f"; continue it with: storydiff generate --resume {out}" if settings.mode == "window" else ""
+        hint = f"; continue it with: storydiff generate --resume {out}" if settings.steps_in_lockstep else ""
         print(f"interrupted: the frames finished so far are in {Path(out) / 'frames'}{hint}", file=sys.stderr)
         return 130
     except InvalidSetting as exc:
@@ -358,5 +374,8 @@ def _generate(args, model, out, story, settings, config, banks) -> int:
     )
     for name, size in result.bank_bytes.items():
         print(f"identity bank of {name!r}: {size / 2**20:.1f} MiB")
+    if result.bank_bytes:
+        peak = result.metadata["bank_peak_bytes"] / 2**20
+        print(f"banks alive at once: at most {peak:.1f} MiB ({settings.bank_schedule} schedule)")
     print(f"{len(result.images)} frames and {len(result.pages)} page(s) written to {result.out_dir}")
     return 0

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import torch
 
-from ..lockstep import LockstepDenoiser
-from ..progress import Progress, progress_bar
+from ..lockstep import LockstepDenoiser, run_lockstep
+from ..progress import Progress
 from ..state import ConsistencyState
-from .checkpoint import load_checkpoint, save_checkpoint
 from .window import WindowMode
 
 
@@ -70,28 +69,27 @@ def denoise_long_story(
         height=height,
         width=width,
     )
-    start_step = 0
-    if resume and checkpoint_path is not None and checkpoint_path.exists():
-        data = load_checkpoint(checkpoint_path, summary)
-        start_step = data["step"]
-        denoiser.load_state_dict(data["latents"], data["schedulers"])
-        torch.set_rng_state(data["rng"])
-
     mode = WindowMode(active, window=state.config.window, tile=state.config.tile)
+
+    def one_step(step: int) -> None:
+        state.set_step(step)
+        for a, b in chunk_order(num_frames, chunk_size, step):
+            mode.begin_chunk(a, b)
+            denoiser.step(list(range(a, b)), step)
+            mode.end_chunk()
+
     state.begin(mode)
-    bar = progress_bar(num_inference_steps, "denoising (all frames)", "step", progress, initial=start_step)
     try:
-        for step in range(start_step, num_inference_steps):
-            state.set_step(step)
-            for a, b in chunk_order(num_frames, chunk_size, step):
-                mode.begin_chunk(a, b)
-                denoiser.step(list(range(a, b)), step)
-                mode.end_chunk()
-            bar.update()
-            done = step + 1
-            if checkpoint_path is not None and checkpoint_every and done % checkpoint_every == 0:
-                save_checkpoint(checkpoint_path, step=done, **denoiser.state_dict(), summary=summary)
+        run_lockstep(
+            denoiser,
+            one_step,
+            num_inference_steps=num_inference_steps,
+            checkpoint_path=checkpoint_path,
+            checkpoint_every=checkpoint_every,
+            summary=summary,
+            resume=resume,
+            progress=progress,
+        )
     finally:
         state.end()
-        bar.close()
     return denoiser.latents

@@ -59,7 +59,9 @@ def error_line(capsys) -> str:
         (["--tile", "4"], "--tile applies to window mode only"),
         (["--mode", "window", "--save-banks"], "--save-banks does not apply in window mode"),
         (["--mode", "window", "--id-frames", "1"], "--id-frames does not apply in window mode"),
-        (["--checkpoint-every", "2"], "--checkpoint-every does not apply in bank mode"),
+        (["--bank-schedule", "stored", "--checkpoint-every", "2"], "--checkpoint-every applies to window"),
+        (["--mode", "window", "--bank-schedule", "stored"], "--bank-schedule does not apply in window mode"),
+        (["--bank-schedule", "lockstep", "--save-banks"], "--save-banks needs the stored bank schedule"),
         (["--chunk-size", "2"], "--chunk-size does not apply in bank mode"),
         (["--level-rate", "16:0.5"], "--level-rate expects LEVEL=RATE"),
         (["--level-rate", "12=0.5"], "--level-rate keys must be level factors"),
@@ -160,25 +162,26 @@ def test_quiet_run_plain_progress_and_real_size_in_metadata(tmp_path, story, cap
     captured = capsys.readouterr()
     for noise in ("[transformers]", "Warning", "<|endoftext|>", "\r", "\x1b["):
         assert noise not in captured.err, noise
-    assert "story frames: frame 5/5 done" in captured.err  # not a terminal: one line per frame
+    assert "denoising (all frames): step 2/2 done" in captured.err  # not a terminal: a line per step
     meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
     assert (meta["settings"]["height"], meta["settings"]["width"]) == (128, 128)
 
 
 def test_ctrl_c_keeps_finished_frames_and_says_so(tmp_path, story, capsys, monkeypatch):
-    from storydiff.pipeline import StoryDiffusionPipeline
+    from storydiff.lockstep import LockstepDenoiser
 
-    generate_frames = StoryDiffusionPipeline._generate
+    step = LockstepDenoiser.step
     calls = []
 
     def interrupted(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:  # after both characters' identity frames
+        if len(calls) == 5:  # both characters' identity frames are done (2 steps each)
             raise KeyboardInterrupt
-        return generate_frames(self, *args, **kwargs)
+        return step(self, *args, **kwargs)
 
-    monkeypatch.setattr(StoryDiffusionPipeline, "_generate", interrupted)
-    assert generate(story, tmp_path / "out", "--steps", "2", "--id-frames", "1") == 130
+    monkeypatch.setattr(LockstepDenoiser, "step", interrupted)
+    extra = ["--steps", "2", "--id-frames", "1", "--bank-schedule", "stored"]
+    assert generate(story, tmp_path / "out", *extra) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("interrupted") and "Traceback" not in "".join(err)
     meta = json.loads((tmp_path / "out" / "metadata.json").read_text())

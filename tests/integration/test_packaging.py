@@ -63,7 +63,7 @@ def test_ci_runs_the_readme_test_command():
 
 def test_one_version():
     keywords, _ = _setup_call_and_requires()
-    assert isinstance(keywords["version"], ast.Name)  # read from storydiff/__init__.py, not a literal
+    assert isinstance(keywords["version"], ast.Name)  # read from csa_kernels/__init__.py, not a literal
     assert csa_kernels.__version__ == storydiff.__version__
     changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
     assert f"## [{storydiff.__version__}]" in changelog

@@ -4,16 +4,13 @@ import json
 import signal
 import subprocess
 import sys
-import weakref
 
 import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 from helpers import Case, make_inputs
-from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from story_helpers import KILL_AFTER_FIRST_CHECKPOINT, AllocationTracker, read_frames
 
 from csa_kernels import consistent_attention, consistent_attention_reference
 from csa_kernels.tiled import tile_starts, tiled_consistent_attention
@@ -22,9 +19,9 @@ from storydiff.attention import (
     apply_consistent_attention,
     remove_consistent_attention,
 )
+from storydiff.checkpoint import CHECKPOINT
 from storydiff.cli import main
 from storydiff.config import ConsistencyConfig
-from storydiff.longstory.checkpoint import CHECKPOINT
 from storydiff.longstory.denoise import denoise_long_story
 from storydiff.longstory.window import WindowMode
 from storydiff.state import ConsistencyState, LayerInfo
@@ -140,33 +137,6 @@ def test_chunks_see_only_neighbours_computed_at_this_step():
     torch.testing.assert_close(second, finish(attn, frame2[1:]), rtol=1e-5, atol=1e-6)
 
 
-class AllocationTracker(TorchDispatchMode):
-    """Live and peak bytes of CPU tensor storages created while active (views share their storage)."""
-
-    def __init__(self):
-        super().__init__()
-        self.refs, self.size, self.live, self.peak = {}, {}, 0, 0
-
-    def _release(self, ptr):
-        self.refs[ptr] -= 1
-        if self.refs[ptr] == 0:
-            self.live -= self.size.pop(ptr)
-            del self.refs[ptr]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr():
-                ptr = tensor.untyped_storage().data_ptr()
-                if ptr not in self.refs:
-                    self.refs[ptr], self.size[ptr] = 0, tensor.untyped_storage().nbytes()
-                    self.live += self.size[ptr]
-                    self.peak = max(self.peak, self.live)
-                self.refs[ptr] += 1
-                weakref.finalize(tensor, self._release, ptr)
-        return out
-
-
 def test_peak_memory_does_not_grow_with_story_length():
     pipe = build_tiny_pipeline("tiny-sd15", progress_bar=False)
     state = apply_consistent_attention(pipe, ConsistencyConfig(window=1, **NO_SKIP))
@@ -215,10 +185,6 @@ def generate(tmp_path, out, *extra):
     return main([*args, "--mode", "window", "--window", "1", "--chunk-size", "3", *extra])
 
 
-def frames(folder):
-    return [np.asarray(Image.open(p)) for p in sorted((folder / "frames").glob("frame_*.png"))]
-
-
 def test_window_mode_cli_and_tiled_option(tmp_path):
     assert generate(tmp_path, "a", "--steps", "3", "--checkpoint-every", "1") == 0
     meta = json.loads((tmp_path / "a" / "metadata.json").read_text())
@@ -227,27 +193,9 @@ def test_window_mode_cli_and_tiled_option(tmp_path):
         and meta["settings"]["mode"] == "window"
         and meta["consistency"]["window"] == 1
     )
-    assert len(frames(tmp_path / "a")) == 7 and not (tmp_path / "a" / CHECKPOINT).exists()
+    assert len(read_frames(tmp_path / "a")) == 7 and not (tmp_path / "a" / CHECKPOINT).exists()
     assert generate(tmp_path, "b", "--steps", "3", "--tile", "3") == 0
-    assert len(frames(tmp_path / "b")) == 7
-
-
-# The child process is killed (SIGKILL: no cleanup, no exception handler) right after its first
-# checkpoint is on disk: deterministic, whatever the machine's load.
-KILL_AFTER_FIRST_CHECKPOINT = """
-import os, signal, sys
-import storydiff.longstory.denoise as denoise
-from storydiff.cli import main
-
-save = denoise.save_checkpoint
-
-def save_then_die(*args, **kwargs):
-    save(*args, **kwargs)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-denoise.save_checkpoint = save_then_die
-sys.exit(main(sys.argv[1:]))
-"""
+    assert len(read_frames(tmp_path / "b")) == 7
 
 
 def test_kill_then_resume_gives_the_uninterrupted_frames(tmp_path):
@@ -261,7 +209,7 @@ def test_kill_then_resume_gives_the_uninterrupted_frames(tmp_path):
     meta = json.loads((tmp_path / "killed" / "metadata.json").read_text())
     assert meta["status"] == "running" and not list((tmp_path / "killed" / "frames").glob("*.png"))
     assert main(["generate", "--resume", str(tmp_path / "killed")]) == 0
-    resumed, whole = frames(tmp_path / "killed"), frames(tmp_path / "whole")
+    resumed, whole = read_frames(tmp_path / "killed"), read_frames(tmp_path / "whole")
     assert len(resumed) == 7 and all(np.array_equal(a, b) for a, b in zip(resumed, whole, strict=True))
 
 

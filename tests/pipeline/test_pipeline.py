@@ -212,7 +212,7 @@ def test_bank_file_round_trip(tmp_path):
 
 def test_loaded_bank_with_other_step_count_is_rejected(pipe, tmp_path):
     run_story(pipe, out_dir=tmp_path / "a", save_banks=True)
-    with pytest.raises(ValueError, match="written with 3 steps"):
+    with pytest.raises(ValueError, match=r"denoising steps \(--steps\): bank 3, this run 4"):
         run_story(pipe, banks=[tmp_path / "a" / "banks" / "Bob.safetensors"], num_inference_steps=4)
 
 
@@ -234,14 +234,15 @@ def test_failure_mid_run_marks_metadata_failed(pipe, tmp_path, monkeypatch):
     sp = StoryDiffusionPipeline(pipe, ConsistencyConfig())
     calls = []
 
-    def failing_read(frame_characters):
+    def failing_read(frame_characters, **kwargs):
         calls.append(frame_characters)
         raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(sp.state, "begin_read", failing_read)
     try:
         with pytest.raises(RuntimeError, match="simulated crash"):
-            sp(STORY, out_dir=tmp_path / "out", num_inference_steps=2, progress=False)
+            # stored schedule: the identity frames finish before any frame reads
+            sp(STORY, out_dir=tmp_path / "out", num_inference_steps=2, progress=False, bank_schedule="stored")
     finally:
         sp.close()
     meta = json.loads((tmp_path / "out" / "metadata.json").read_text())

@@ -1,9 +1,9 @@
 """Checkpoints of a step-synchronous run: latents, scheduler state, the step, the RNG, and what run it is.
 
-Nothing but these crosses a step boundary (see ``longstory/__init__.py``), so a run killed between steps
-resumes to exactly the frames an uninterrupted run makes. A checkpoint carries a fingerprint of the run
-(prompts, seeds, settings, consistency config, model); resuming a different run is refused, naming what
-differs.
+In a lockstep run (window mode, the lockstep bank schedule) nothing but these crosses a step boundary, so
+a run killed between steps resumes to exactly the frames an uninterrupted run makes. A checkpoint carries
+a fingerprint of the run (prompts, seeds, settings, consistency config, model); resuming a different run
+is refused, naming what differs.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_path
+from .atomic import atomic_path
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "storydiff-lockstep-v2"

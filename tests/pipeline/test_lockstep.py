@@ -1,0 +1,133 @@
+"""The lockstep bank schedule: one step's bank alive at a time, the same frames as the stored schedule."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from story_helpers import KILL_AFTER_FIRST_CHECKPOINT, AllocationTracker, read_frames
+
+from storydiff.checkpoint import CHECKPOINT
+from storydiff.cli import main
+from storydiff.config import ConsistencyConfig
+from storydiff.pipeline import StoryDiffusionPipeline
+from storydiff.tiny_models import build_tiny_pipeline
+
+# two characters, a frame with both, an [NC] frame
+STORY = """\
+[Bob] a man with red hair, wearing a black suit
+[Alice] a woman in a yellow dress
+---
+[Bob] walks in the park #Bob takes a walk
+[Alice] waters the flowers #Alice at home
+[Bob] reads a newspaper
+[Bob] and [Alice] have dinner #Dinner
+[NC] a quiet street at night #Night falls
+[Alice] rides a bicycle
+"""
+NO_SKIP = {"warmup_steps": 1, "skip_prob_early": 0.0, "skip_prob_late": 0.0}
+
+
+def story_run(pipe, **settings):
+    sp = StoryDiffusionPipeline(pipe, ConsistencyConfig(rate=0.5, seed=2, **NO_SKIP))
+    try:
+        return sp(STORY, num_inference_steps=3, id_frames=1, progress=False, seed=5, **settings)
+    finally:
+        sp.close()
+
+
+def pixels(result):
+    return np.stack([np.asarray(image) for image in result.images])
+
+
+@pytest.mark.parametrize(
+    ("model", "guidance", "read_batch"),
+    [("tiny-sdxl", 5.0, 3), ("tiny-sdxl", 1.0, 1), ("tiny-sd15", 5.0, 1), ("tiny-sd15", 1.0, 3)],
+    ids=["sdxl-cfg-rb3", "sdxl-nocfg-rb1", "sd15-cfg-rb1", "sd15-nocfg-rb3"],
+)
+def test_lockstep_equals_stored_bit_exact(model, guidance, read_batch):
+    pipe = build_tiny_pipeline(model, progress_bar=False)
+    common = {"guidance_scale": guidance, "read_batch_size": read_batch}
+    lockstep = story_run(pipe, bank_schedule="lockstep", **common)
+    stored = story_run(pipe, bank_schedule="stored", **common)
+    assert np.array_equal(pixels(lockstep), pixels(stored))
+    # the banks were real: both schedules wrote the same bytes, lockstep kept far fewer alive
+    assert lockstep.bank_bytes == stored.bank_bytes and all(stored.bank_bytes.values())
+    assert lockstep.metadata["bank_peak_bytes"] < stored.metadata["bank_peak_bytes"]
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return build_tiny_pipeline("tiny-sd15", progress_bar=False)
+
+
+def test_peak_bank_bytes_do_not_grow_with_steps(sd15):
+    def run(schedule, steps):
+        sp = StoryDiffusionPipeline(sd15, ConsistencyConfig(rate=0.5, seed=2, **NO_SKIP))
+        try:
+            with AllocationTracker() as tracker:
+                result = sp(
+                    STORY, num_inference_steps=steps, id_frames=1, progress=False, bank_schedule=schedule
+                )
+            return result.metadata, tracker.peak
+        finally:
+            sp.close()
+
+    stored, _ = run("stored", 4)
+    lock4, tracked4 = run("lockstep", 4)
+    lock12, tracked12 = run("lockstep", 12)
+    consistent_steps = 4 - NO_SKIP["warmup_steps"]
+    one_step = sum(stored["bank_bytes"].values()) // consistent_steps
+    assert stored["bank_peak_bytes"] == sum(stored["bank_bytes"].values())
+    assert lock4["bank_peak_bytes"] <= stored["bank_peak_bytes"] / consistent_steps + one_step
+    assert lock12["bank_peak_bytes"] == lock4["bank_peak_bytes"]  # one step's bank, whatever the steps
+    assert 3 * sum(lock12["bank_bytes"].values()) == 11 * sum(lock4["bank_bytes"].values())  # 11 vs 3 steps
+    # measured independently of the bank's own accounting: all tensors alive at once
+    assert tracked12 - tracked4 < one_step, (tracked4, tracked12)
+
+
+def test_lockstep_has_no_bank_left_and_records_its_schedule(sd15, tmp_path):
+    sp = StoryDiffusionPipeline(sd15, ConsistencyConfig(seed=2, **NO_SKIP))
+    try:
+        result = sp(STORY, out_dir=tmp_path / "out", num_inference_steps=3, id_frames=1, progress=False)
+        assert sp.state.bank.live_bytes == 0  # every step's bank was freed once read
+    finally:
+        sp.close()
+    meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert meta["settings"]["bank_schedule"] == "lockstep" and meta["bank_peak_bytes"] > 0
+    assert result.metadata["bank_bytes"]["Bob"] > 0
+
+
+def test_kill_then_resume_a_lockstep_bank_run(tmp_path):
+    story = tmp_path / "story.txt"
+    story.write_text(STORY)
+    args = ["generate", "--model", "tiny-sd15", "--story", str(story), "--steps", "5", "--id-frames", "1"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-c", KILL_AFTER_FIRST_CHECKPOINT, *args, "--out", str(killed)]
+    proc = subprocess.run([*command, "--checkpoint-every", "2"], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert torch.load(killed / CHECKPOINT, weights_only=False)["step"] == 2
+    assert json.loads((killed / "metadata.json").read_text())["status"] == "running"
+    assert main(["generate", "--resume", str(killed)]) == 0
+    resumed, whole = read_frames(killed), read_frames(tmp_path / "whole")
+    assert len(resumed) == 6 and all(np.array_equal(a, b) for a, b in zip(resumed, whole, strict=True))
+    assert not (killed / CHECKPOINT).exists()
+
+
+def test_lockstep_refuses_loaded_banks(tmp_path, capsys):
+    story = tmp_path / "story.txt"
+    story.write_text(STORY)
+    args = ["generate", "--model", "tiny-sd15", "--story", str(story), "--steps", "2", "--id-frames", "1"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--save-banks"]) == 0
+    bob = tmp_path / "a" / "banks" / "Bob.safetensors"
+    capsys.readouterr()
+    assert (
+        main([*args, "--out", str(tmp_path / "b"), "--load-bank", str(bob), "--bank-schedule", "lockstep"])
+        == 2
+    )
+    assert "--bank-schedule lockstep cannot read banks loaded from files" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
