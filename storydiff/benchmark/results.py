@@ -86,8 +86,20 @@ def rows_figure(
     axes[0, 0].set_title(
         title or f"consistent attention, {first.get('device', '?')} ({first.get('dtype', '?')})"
     )
-    fig.tight_layout()
+    if any(CASE_NAMES.search(case) for case in cases):
+        fig.text(0.01, 0.005, CASE_LEGEND, fontsize=7, color="dimgray", ha="left", va="bottom")
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
+    else:
+        fig.tight_layout()
     return fig
+
+
+# Op-suite case names: "<model><resolution>-1/<level>-f<frames>-r<rate>[-hd<head dim>]".
+CASE_NAMES = re.compile(r"-1/\d+-f\d+-r[\d.]+")
+CASE_LEGEND = (
+    "case names: model and image side (sdxl1024), level 1/16 or 1/32 of the image side (tokens per frame), "
+    "f = story frames (x2 for CFG), r = sampling rate, hd = head dim (else 64)"
+)
 
 
 def plot_rows(

@@ -6,8 +6,10 @@ length while a ``MemorySampler`` records memory. Modes:
     official_a     official variant A: full hidden-state bank, dense-mask identity attention
     official_b     official variant B: sampled hidden-state bank, per-frame loop
                    (both from storydiff.official, with the official warm-up and layer-skip schedule)
-    ours           our processors: sampled K/V bank on the GPU, read frames batched
-    ours_offload   ours with the bank in pinned CPU memory, prefetched layer by layer
+    ours           our processors, stored bank schedule: every step's sampled K/V bank on the GPU, read
+                   frames batched
+    ours_offload   ours with the stored bank in pinned CPU memory, prefetched layer by layer
+    ours_lockstep  ours with the lockstep bank schedule: one step's bank alive at a time (same frames)
     window         long-story mode: neighbours within 2 frames, chunks of 4 frames per UNet call
     window_unchunked  the same consistency with the whole story in one UNet batch (for contrast)
 
@@ -28,7 +30,7 @@ from ..official import install_official
 from ..pipeline import StoryDiffusionPipeline
 from .memory import MemorySampler, plot_memory_timeline, plot_peak_vs_length
 
-MODES = ("official_a", "official_b", "ours", "ours_offload", "window", "window_unchunked")
+MODES = ("official_a", "official_b", "ours", "ours_offload", "ours_lockstep", "window", "window_unchunked")
 WINDOW, CHUNK = 2, 4
 
 
@@ -37,9 +39,8 @@ def story_text(frames: int) -> str:
     return "\n".join(lines + [f"[Hero] scene {i} of the long journey" for i in range(frames)]) + "\n"
 
 
-def _run_official(
-    pipe, variant: str, frames: int, call: dict, id_frames: int, sampler: MemorySampler
-) -> None:
+def _run_official(pipe, variant: str, frames: int, call: dict, id_frames: int, sampler: MemorySampler) -> int:
+    """Generate the story the official way; returns its bank bytes (all kept until the end)."""
     state, restore = install_official(pipe.unet, variant)
     prompts = [f"a young explorer with a red scarf, scene {i} of the long journey" for i in range(frames)]
     try:
@@ -50,22 +51,25 @@ def _run_official(
         for prompt in prompts[id_frames:]:  # the official code reads one frame at a time
             state.begin_read(1)
             pipe([prompt], callback_on_step_end=state.step_callback, **call)
+        return state.bank_bytes()
     finally:
         restore()
         state.bank.clear()
 
 
-def _run_ours(pipe, mode: str, frames: int, call: dict, id_frames: int, read_batch: int, sampler) -> None:
+def _run_ours(pipe, mode: str, frames: int, call: dict, id_frames: int, read_batch: int, sampler) -> int:
+    """Generate the story with our processors; returns the most identity-bank bytes alive at once."""
     window = mode.startswith("window")
     config = ConsistencyConfig(offload_bank=mode == "ours_offload", window=WINDOW if window else None)
     story = StoryDiffusionPipeline(pipe, config)
     if window:
         extra = {"mode": "window", "chunk_size": CHUNK if mode == "window" else frames}
     else:
-        extra = {"id_frames": id_frames, "read_batch_size": read_batch}
+        schedule = "lockstep" if mode == "ours_lockstep" else "stored"
+        extra = {"id_frames": id_frames, "read_batch_size": read_batch, "bank_schedule": schedule}
     try:
         sampler.mark(mode)
-        story(story_text(frames), progress=False, **call, **extra)
+        return story(story_text(frames), progress=False, **call, **extra).metadata["bank_peak_bytes"]
     finally:
         story.close()
 
@@ -101,13 +105,13 @@ def profile_story_lengths(
                 torch.cuda.empty_cache()
             call = {"num_inference_steps": steps, "height": height, "width": width, "guidance_scale": 5.0}
             start = time.perf_counter()
-            status = "ok"
+            status, bank_peak = "ok", None
             with MemorySampler(device, interval_s=interval_s) as sampler:
                 try:
                     if mode.startswith("official"):
-                        _run_official(pipe, mode[-1], frames, call, id_frames, sampler)
+                        bank_peak = _run_official(pipe, mode[-1], frames, call, id_frames, sampler)
                     else:
-                        _run_ours(pipe, mode, frames, call, id_frames, read_batch, sampler)
+                        bank_peak = _run_ours(pipe, mode, frames, call, id_frames, read_batch, sampler)
                 except torch.OutOfMemoryError:  # a finding, not a failure: record it and go on
                     status = "out of memory"
             rows.append(
@@ -117,6 +121,7 @@ def profile_story_lengths(
                     "status": status,
                     "peak_bytes": sampler.peak_bytes if status == "ok" else None,
                     "torch_peak_bytes": sampler.torch_peak_bytes,
+                    "bank_peak_bytes": bank_peak,  # most identity-bank bytes alive at once
                     "source": sampler.source,
                     "seconds": round(time.perf_counter() - start, 2),
                     "steps": steps,
@@ -139,7 +144,11 @@ def timeline_rows(timelines: dict[str, MemorySampler]) -> dict[str, list]:
 
 
 def save_plots(rows: list[dict], timelines: dict[str, MemorySampler], stem: Path) -> list[Path]:
+    longest = max((row["frames"] for row in rows), default=0)
+    source = next((row["source"] for row in rows), "")
+    what = "host memory (RSS)" if source == "host-rss" else "device memory"
+    title = f"{what} over time: each mode's longest story ({longest} frames)"
     return [
-        plot_memory_timeline(timelines, stem.with_name(stem.name + "_timeline.png")),
+        plot_memory_timeline(timelines, stem.with_name(stem.name + "_timeline.png"), title),
         plot_peak_vs_length(rows, stem.with_name(stem.name + "_peak.png")),
     ]

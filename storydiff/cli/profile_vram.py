@@ -14,7 +14,8 @@ def register(subparsers, parents: list) -> None:
         parents=parents,
         help="memory over time and peak memory vs story length, official banks vs ours",
         description="Generates one-character stories of growing length per mode (official_a, official_b, "
-        "ours, ours_offload, window, window_unchunked) while sampling device memory with NVML and torch's "
+        "ours, ours_offload, ours_lockstep, window, window_unchunked) while sampling device memory with "
+        "NVML and torch's "
         "counters. Default on a GPU: "
         "random-sdxl (the real SDXL UNet, random weights) at 1024². Without NVML: host memory, tiny-sdxl.",
     )
@@ -100,10 +101,11 @@ def run(args: argparse.Namespace) -> int:
     rows = [{**row, "model": model, "resolution": side, **env} for row in rows]
     for row in rows:
         peak = row["peak_bytes"] / 2**30 if row["peak_bytes"] else float("nan")
+        bank = row["bank_peak_bytes"] / 2**20 if row["bank_peak_bytes"] is not None else float("nan")
         source, seconds = row["source"], row["seconds"]
         print(
-            f"{row['mode']:<16} {row['frames']:>4} frames  peak {peak:7.2f} GiB ({source})  {seconds} s  "
-            f"{row['status']}"
+            f"{row['mode']:<16} {row['frames']:>4} frames  peak {peak:7.2f} GiB ({source})  "
+            f"bank alive {bank:8.1f} MiB  {seconds} s  {row['status']}"
         )
     json_path, csv_path = save_rows(rows, Path(args.out), f"vram-{model}", env["device"])
     timeline = write_json_file(

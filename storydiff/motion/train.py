@@ -202,9 +202,10 @@ def _loss_figure(losses: Sequence[float], heldout: dict[str, Any]) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4), dpi=120)
+    fig = Figure(figsize=(9, 4), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    ax.set_title("Semantic Motion Predictor training: MSE of the intermediate-frame embeddings")
     steps = range(1, len(losses) + 1)
     ax.plot(steps, losses, lw=0.6, alpha=0.4, label="train MSE (per step)")
     smooth, ema = [], losses[0] if losses else 0.0
@@ -217,7 +218,8 @@ def _loss_figure(losses: Sequence[float], heldout: dict[str, Any]) -> Any:
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("MSE on intermediate embeddings")
-    ax.legend(fontsize=8)
+    # outside the axes: inside, it covers the held-out lines at the right end of the curve
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     return fig
 

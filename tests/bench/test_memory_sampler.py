@@ -334,3 +334,31 @@ def test_plot_peak_vs_length(tmp_path: Path) -> None:
     out = plot_peak_vs_length(rows, str(tmp_path / "peak.png"))
     assert isinstance(out, Path)
     assert_png(out)
+
+
+def test_peak_plot_says_when_it_shows_host_memory_and_keeps_lines_apart() -> None:
+    rows = [
+        {"mode": mode, "frames": frames, "peak_bytes": 2**20, "source": "host-rss"}
+        for mode in ("ours", "window")
+        for frames in (2, 4)
+    ]
+    fig = memory.peak_vs_length_figure(rows)
+    assert any("not GPU memory" in text.get_text() for text in fig.texts)
+    ours, window = fig.axes[0].lines  # identical data: told apart by their style
+    assert (ours.get_marker(), ours.get_linestyle()) != (window.get_marker(), window.get_linestyle())
+    nvml = [{**row, "source": "nvml"} for row in rows]
+    assert not memory.peak_vs_length_figure(nvml).texts
+
+
+def test_timeline_mark_labels_of_runs_do_not_overlap() -> None:
+    samples = [memory.Sample(t, 2**20) for t in (0.0, 1.0)]
+    fig = memory.memory_timeline_figure({"a": samples, "b": samples})
+    assert not fig.axes[0].texts  # plain sample lists carry no marks
+    sampler_a, sampler_b = (memory.MemorySampler("cpu") for _ in range(2))
+    for sampler in (sampler_a, sampler_b):
+        with sampler:
+            sampler.mark("write")
+    fig = memory.memory_timeline_figure({"a": sampler_a, "b": sampler_b}, title="each mode's longest story")
+    heights = [text.get_position()[1] for text in fig.axes[0].texts]
+    assert len(heights) == 2 and heights[0] != heights[1]
+    assert fig.axes[0].get_title() == "each mode's longest story"

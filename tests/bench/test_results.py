@@ -53,3 +53,11 @@ def test_plot_rows_saves_the_figure(tmp_path: Path):
     out = plot_rows(ROWS, tmp_path / "sub" / "op.png")
     assert out == tmp_path / "sub" / "op.png"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_op_case_names_are_explained_on_the_plot():
+    rows = [{"name": "sdxl1024-1/16-f4-r0.5", "provider": "ours", "tflops": 1.0, "device": "cpu"}]
+    notes = [text.get_text() for text in rows_figure(rows).texts]
+    assert any("f = story frames" in note and "r = sampling rate" in note for note in notes)
+    other = [{"name": "tiny-unet-case", "provider": "ours", "tflops": 1.0}]
+    assert not rows_figure(other).texts  # nothing to explain

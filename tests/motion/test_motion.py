@@ -413,6 +413,10 @@ def test_loss_figure_draws_losses_ema_and_heldout():
     assert list(ema.get_ydata()) == pytest.approx([4.0, 3.9, 3.755, 3.71725])
     assert list(interpolation.get_ydata()) == [0.5, 0.5] and list(predictor.get_ydata()) == [0.25, 0.25]
     assert ax.get_yscale() == "log"
+    assert "training" in ax.get_title()
+    legend = ax.get_legend()
+    anchor = legend.get_bbox_to_anchor().transformed(ax.transAxes.inverted())
+    assert anchor.x0 >= 1.0  # outside the axes: it never covers the held-out lines
 
 
 def test_cli_runs_and_reports_errors(small_videos, tmp_path, capsys, monkeypatch):
