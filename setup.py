@@ -30,7 +30,7 @@ REQUIRES = [
     "transformers>=5.0",
     "numpy",
     "tqdm",
-    "matplotlib",  # benchmark and memory plots
+    "matplotlib",  # benchmark and memory plots; its DejaVu Sans draws captions in any Latin script
     "safetensors",  # identity banks on disk
     "pillow",
 ]
@@ -42,8 +42,9 @@ EXTRAS = {
     "video": ["imageio", "imageio-ffmpeg"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
-# The tests exercise the optional features too (NVML through fakes, MP4 where installed).
-EXTRAS["dev"] = [*EXTRAS["all"], "pytest>=8", "pytest-benchmark", "hypothesis", "ruff"]
+# The tests exercise the optional features too (NVML through fakes, MP4 where installed), and diffusers'
+# model CPU offload, which needs accelerate.
+EXTRAS["dev"] = [*EXTRAS["all"], "accelerate", "pytest>=8", "pytest-benchmark", "hypothesis", "ruff"]
 
 setup(
     name="storydiff-csa",

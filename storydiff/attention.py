@@ -34,6 +34,9 @@ class ConsistentAttnProcessor:
         self.state = state
         self.layer = layer
 
+    # Eager inside a torch.compile'd denoiser: the state's Python bookkeeping (mode, step, draws) would
+    # otherwise be traced per layer and step and recompile without end; the layers around it compile.
+    @torch.compiler.disable
     def __call__(
         self,
         attn: Attention,
@@ -88,6 +91,7 @@ def _unet(pipe_or_unet):
     from diffusers import UNet2DConditionModel
 
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    unet = getattr(unet, "_orig_mod", unet)  # torch.compile'd: its processors are the module's own
     if not isinstance(unet, UNet2DConditionModel):
         raise ValueError(
             "consistent attention needs a UNet2DConditionModel or a pipeline with one as `.unet` "
