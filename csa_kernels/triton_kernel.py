@@ -277,7 +277,7 @@ def triton_consistent_attention(
     head_dim_p = max(16, triton.next_power_of_2(head_dim))
     dtype = q.dtype
     # fp32 inputs get true fp32 products (ieee), not TF32, to stay within 2x of PyTorch's fp32 error.
-    # The interpreter's tl.dot is wrong on bf16 operands (DESIGN.md §5): upcast there, loads stay bf16.
+    # The interpreter's tl.dot is wrong on bf16 operands (ARCHITECTURE.md §5): upcast there, loads stay bf16.
     input_precision = "ieee" if dtype == torch.float32 else "tf32"
     dot_f32 = INTERPRETED and dtype == torch.bfloat16
     if dot_f32:

@@ -1,5 +1,5 @@
 """The official StoryDiffusion algorithm, written once: the oracle our processor is checked against and
-the baseline the benchmarks time. Written from DESIGN.md §2 and §6 (how HVision-NKU/StoryDiffusion
+the baseline the benchmarks time. Written from ARCHITECTURE.md §3 (how HVision-NKU/StoryDiffusion
 behaves), not from its code.
 
 Variant A (HF Space, notebook). One Bernoulli(rate) keep-row per (step, level), a level being recognised

@@ -1,7 +1,7 @@
 """Memory over time: a background sampler (NVML device memory, or host RSS without a GPU) and its plots.
 
 On CUDA the sampler reads NVML's *device-level* used memory: inside containers NVML reports host PIDs, so
-per-process accounting cannot be matched to our process (DESIGN.md §5). Device-level memory includes
+per-process accounting cannot be matched to our process (ARCHITECTURE.md §5). Device-level memory includes
 other processes on the same GPU, which is why torch's own counters are recorded next to it. Where NVML is
 missing (no driver, no GPU, or a CPU device) the sampler degrades to this process's resident set size and
 says so in ``note``; it never raises because NVML is absent.

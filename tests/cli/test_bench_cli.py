@@ -118,7 +118,7 @@ def test_embedded_sdxl_config_is_the_real_architecture():
     up = Counter(
         n.split(".attentions")[0] for n in unet.attn_processors if n.startswith("up_") and ".attn1." in n
     )
-    assert up == {"up_blocks.0": 30, "up_blocks.1": 6}  # DESIGN.md §2: 30 layers at 1/32, 6 at 1/16
+    assert up == {"up_blocks.0": 30, "up_blocks.1": 6}  # ARCHITECTURE.md §3: 30 layers at 1/32, 6 at 1/16
 
 
 def test_profile_vram_without_gpu_profiles_host_memory(tmp_path, capsys):

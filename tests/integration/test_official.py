@@ -1,4 +1,4 @@
-"""The oracle of the official StoryDiffusion algorithm (storydiff.official) does what DESIGN.md §2 says.
+"""The oracle of the official StoryDiffusion algorithm (storydiff.official) does what ARCHITECTURE.md §3 says.
 
 Its parity with our processor is in test_processor.py; here: op-level forms against the reference, what
 each variant projects and banks, how variant A shares its draw, and the warm-up and layer-skip schedule.

@@ -15,8 +15,8 @@ NaN-filled (``poisoned_outputs``), so an element the kernel never writes fails. 
   (small tiles: several bank tiles);
 - dtypes: fp32 (E: the tightest tolerance on the longest online softmax), fp16 and bf16 at N = 257 (B, D)
   and, like fp32, at every small case; bf16 runs with fp32 dots here (the interpreter's bf16 tl.dot is
-  wrong, DESIGN.md §5), which checks its loads, stores and casts; bf16 tensor-core dots are checked by the
-  GPU tests.
+  wrong, ARCHITECTURE.md §5), which checks its loads, stores and casts; bf16 tensor-core dots are checked
+  by the GPU tests.
 """
 
 import pytest

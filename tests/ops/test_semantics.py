@@ -64,7 +64,8 @@ def test_visible_frame_range_matches_reference_rule():
 
 
 def test_attended_keys_counts():
-    # SDXL 1/16 level, 4 frames x CFG, rate 0.5: 4096 · (1 + 0.5 · 3) = 10240 keys per frame (DESIGN.md §3).
+    # SDXL 1/16 level, 4 frames x CFG, rate 0.5: 4096 · (1 + 0.5 · 3) = 10240 keys per frame
+    # (ARCHITECTURE.md §4).
     assert attended_keys(8, 4096, 2048, groups=2) == 8 * 10240
     assert attended_keys(4, 10, 3, window=1, bank_tokens=2) == 4 * 12 + 3 * 6
 
@@ -128,7 +129,7 @@ def test_autograd_uses_torch_path_and_matches_reference_gradients():
 
 def test_flop_count_example():
     """The op suite's FLOP count at the SDXL 1024² 1/16 level, 4 frames x CFG, rate 0.5: ≈ 860 GFLOP per
-    layer call (DESIGN.md §3)."""
+    layer call (ARCHITECTURE.md §4)."""
     case = OpCase("sdxl1024-1/16-f4-r0.5", frames=4, heads=10, tokens=4096, head_dim=64, rate=0.5)
     assert case in headline_cases()
     assert math.isclose(case_flops(case) / 1e9, 859.0, rel_tol=1e-3)
