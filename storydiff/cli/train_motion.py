@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..motion.defaults import DEFAULT_MODEL
-from .common import fail
+from .common import check_output_dir, fail
 
 if TYPE_CHECKING:  # the CLI package imports no torch until a command runs
     from ..motion.train import TrainPlan
@@ -165,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
     bar = not args.no_progress and sys.stderr.isatty()
     report = _Report(args.checkpoint_every, lines=not args.no_progress and not bar)
     try:
+        check_output_dir(args.out)
         result = train_motion(
             args.data,
             args.out,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import warnings
 
-from .common import DTYPES, fail, positive_int, resolve_device, resolve_dtype, video_size
+from .common import DTYPES, check_output_dir, fail, positive_int, resolve_device, resolve_dtype, video_size
 
 
 def register(subparsers, parents: list) -> None:
@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         device = resolve_device(args.device)
+        check_output_dir(args.out)
         read_story_frames(args.story_dir)  # fail on a bad story before loading any model
         # The predictor first: it loads in a moment, and a bad path should not wait for the video model.
         predictor = load_predictor(args.predictor, device) if args.predictor else None

@@ -131,6 +131,15 @@ def test_other_commands_check_their_input_first(tmp_path, capsys, monkeypatch):
     assert "comma" in capsys.readouterr().err
     assert main(["profile-vram", "--out", str(tmp_path / "file")]) == 2
     assert "is a file" in error_line(capsys)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8)).save(frames / f"{i}.png")
+    video = ["video", "--story-dir", str(frames), "--svd", "tiny-svd", "--out", str(tmp_path / "file")]
+    assert main(video) == 2
+    assert "is a file" in error_line(capsys)
+    assert main(["train-motion", "--data", str(frames), "--out", str(tmp_path / "file" / "run")]) == 2
+    assert "which is a file" in error_line(capsys)
 
 
 def test_sample_reference_indices_rejects_a_non_generator():

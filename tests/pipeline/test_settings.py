@@ -24,7 +24,10 @@ from storydiff.settings import BANK_DEFAULTS, WINDOW_DEFAULTS, RunSettings
         ({"mode": "window", "read_batch_size": 2}, "read_batch_size"),
         ({"mode": "window", "save_banks": True}, "save_banks"),
         ({"chunk_size": 4}, "chunk_size"),
-        ({"checkpoint_every": 2}, "checkpoint_every"),
+        ({"bank_schedule": "stored", "checkpoint_every": 2}, "checkpoint_every"),
+        ({"bank_schedule": "sometimes"}, "bank_schedule"),
+        ({"mode": "window", "bank_schedule": "lockstep"}, "bank_schedule"),
+        ({"bank_schedule": "lockstep", "save_banks": True}, "save_banks"),
         ({"mode": "window", "checkpoint_every": 0}, "checkpoint_every"),
     ],
 )
@@ -44,6 +47,12 @@ def test_mode_defaults_are_filled_only_for_the_mode():
     window = RunSettings(mode="window").resolved()
     assert window.chunk_size == WINDOW_DEFAULTS["chunk_size"] and window.id_frames is None
     assert RunSettings(id_frames=3).resolved().id_frames == 3  # a given value is kept
+    # bank schedule: lockstep unless banks are saved or loaded; checkpoints need lockstep
+    assert bank.bank_schedule == "lockstep"
+    assert RunSettings(save_banks=True).resolved().bank_schedule == "stored"
+    assert RunSettings().resolved(banks_loaded=True).bank_schedule == "stored"
+    assert RunSettings(checkpoint_every=2).resolved(banks_loaded=True).bank_schedule == "lockstep"
+    assert RunSettings(mode="window").resolved().bank_schedule is None
 
 
 def test_metadata_round_trip_is_exact():
