@@ -22,6 +22,7 @@ from csa_kernels import sample_reference_indices
 
 from .bank import IdBank
 from .config import ConsistencyConfig
+from .modes import JointMode, ReadMode
 
 
 @dataclass(frozen=True)
@@ -76,22 +77,16 @@ class ConsistencyState:
 
     def begin_joint(self, num_frames: int) -> None:
         """The frames of each batch attend to each other's sampled tokens (no bank)."""
-        from .modes import JointMode
-
         self.begin(JointMode(num_frames))
 
     def begin_write(self, character: str, num_frames: int) -> None:
         """Like joint, and every consistent layer banks the frames' sampled K/V under ``character``."""
-        from .modes import JointMode
-
         self.bank.start(character)
         self.begin(JointMode(num_frames, writing=character))
 
     def begin_read(self, frame_characters: list[tuple[str, ...]], *, step: int = 0) -> None:
         """Each frame attends to its own tokens plus the banks of the characters it shows; one entry per
         frame of the batch (empty for an [NC] frame)."""
-        from .modes import ReadMode
-
         missing = sorted({c for chars in frame_characters for c in chars if not self.bank.has(c)})
         if missing:
             raise ValueError(f"no identity bank for character(s) {missing}: write or load them first")
