@@ -134,6 +134,10 @@ class IdBank:
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         self._written[character] = self._written.get(character, 0) + nbytes
 
+    def reset_peak(self) -> None:
+        """Start measuring ``peak_bytes`` from what is alive now (e.g. at the start of a story)."""
+        self.peak_bytes = self.live_bytes
+
     def written_bytes(self, character: str) -> int:
         """Bytes ``character``'s bank received since it was started or loaded (all steps, all layers)."""
         return self._written.get(character, 0)

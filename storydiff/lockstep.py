@@ -3,12 +3,11 @@
 ``LockstepDenoiser`` holds the latents of all frames (host memory: 64 KiB a frame at 1024²) and runs the
 denoiser on any chunk of them at a given step, with classifier-free guidance batched as the diffusers
 pipelines batch it ([uncond; cond]). Each chunk has its own copy of the scheduler (schedulers keep per-step
-state); text conditioning is encoded when a chunk comes (a few ms against a denoiser step) instead of being
-kept for every frame, unless one chunk holds the whole story. So memory depends on the chunk size, not on
-the number of frames. Long stories (window mode) drive it; frame i's starting noise comes from seed i alone,
-so results never depend on chunking.
+state). Text conditioning is encoded when a chunk comes (a few ms against a denoiser step) instead of being
+kept for every frame; only the last chunk's is kept, for a chunk that runs several steps in a row. So
+memory depends on the chunk size, not on the number of frames. Bank mode (both schedules) and window mode
+drive it; frame i's starting noise comes from seed i alone, so results never depend on chunking.
 """
-
 from __future__ import annotations
 
 import copy
@@ -74,7 +73,9 @@ class LockstepDenoiser:
         # frame i's starting noise comes from seed i alone: independent of chunking and story length
         noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
         self.latents = (torch.stack(noise) * pipe.scheduler.init_noise_sigma).to(unet.dtype)
-        self._whole = None  # conditioning of the whole story, when one chunk holds it
+        # the last chunk's conditioning: reused while one chunk runs step after step (the stored bank
+        # schedule, or a story that fits in one chunk); other chunks encode again (memory stays bounded)
+        self._last: tuple[tuple[int, ...], tuple] | None = None
 
     def _scheduler(self, key: tuple[int, ...]):
         if key not in self.schedulers:
@@ -84,13 +85,12 @@ class LockstepDenoiser:
         return self.schedulers[key]
 
     def _conditioning(self, frames: list[int]):
-        prompts = [self.prompts[i] for i in frames]
-        negatives = [self.negatives[i] for i in frames]
-        if len(frames) < len(self.prompts):
-            return encode_prompts(self.pipe, prompts, negatives, self.cfg, self.height, self.width)
-        if self._whole is None:
-            self._whole = encode_prompts(self.pipe, prompts, negatives, self.cfg, self.height, self.width)
-        return self._whole
+        key = tuple(frames)
+        if self._last is None or self._last[0] != key:
+            prompts = [self.prompts[i] for i in frames]
+            negatives = [self.negatives[i] for i in frames]
+            self._last = key, encode_prompts(self.pipe, prompts, negatives, self.cfg, self.height, self.width)
+        return self._last[1]
 
     @torch.no_grad()
     def step(self, frames: list[int], step: int) -> None:

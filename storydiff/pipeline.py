@@ -245,7 +245,7 @@ class StoryDiffusionPipeline:
             output.start(metadata)
         images: dict[int, Image.Image] = {}
         start = time.perf_counter()
-        self.state.bank.peak_bytes = self.state.bank.live_bytes  # this run's peak
+        self.state.bank.reset_peak()
         try:
             if settings.mode == "bank":
                 self._run_bank(story, identity, styled, settings, images, output, resume, progress)
@@ -297,8 +297,8 @@ class StoryDiffusionPipeline:
                     output.save_frame(i, images[i])
 
         for name in identity:
-            if not resume:
-                self.state.bank.start(name)
+            # also on resume: a lockstep run's bank holds one step, written again at the next step
+            self.state.bank.start(name)
             self.state.bank.set_metadata(
                 name,
                 description=story.characters[name].description,
