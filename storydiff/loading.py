@@ -13,7 +13,14 @@ from typing import Any
 import torch
 
 from .compat import dtype_kwargs
-from .tiny_models import RESERVED_MODELS, TEXT_TO_IMAGE, TINY_SVD, TINY_TEXT_TO_IMAGE, build_tiny_pipeline
+from .tiny_models import (
+    RESERVED_MODELS,
+    TEXT_TO_IMAGE,
+    TINY_DIT,
+    TINY_SVD,
+    TINY_TEXT_TO_IMAGE,
+    build_tiny_pipeline,
+)
 
 __all__ = ["ModelLoadError", "default_dtype", "load_pipeline", "load_svd_pipeline", "looks_like_local_path"]
 
@@ -89,6 +96,12 @@ def load_pipeline(
     dtype = dtype or default_dtype(device)
     if model in TEXT_TO_IMAGE:
         return build_tiny_pipeline(model, seed=seed, dtype=dtype, progress_bar=progress_bar, device=device)
+    if model in TINY_DIT:
+        raise ModelLoadError(
+            f"{model!r} is a diffusion transformer: consistent attention installs on it "
+            "(apply_consistent_attention), but story generation supports UNet models for now "
+            f"({', '.join(TEXT_TO_IMAGE)})"
+        )
     if model in RESERVED_MODELS:
         raise ModelLoadError(f"{model!r} is a video model; text-to-image models: {', '.join(TEXT_TO_IMAGE)}")
     hint = f"offline random-weight models: {', '.join(TINY_TEXT_TO_IMAGE)}"

@@ -8,6 +8,7 @@ kept for every frame; only the last chunk's is kept, for a chunk that runs sever
 memory depends on the chunk size, not on the number of frames. Bank mode (both schedules) and window mode
 drive it; frame i's starting noise comes from seed i alone, so results never depend on chunking.
 """
+
 from __future__ import annotations
 
 import copy

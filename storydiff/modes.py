@@ -19,7 +19,14 @@ from csa_kernels import consistent_attention
 from csa_kernels.pool import gather_reference_pool
 
 if TYPE_CHECKING:
-    from .state import ConsistencyState, LayerInfo
+    from .state import ConsistencyState, LayerInfo, Span
+
+
+def rows_kwarg(image: Span, tokens: int) -> dict:
+    """The op's ``query_rows`` keyword for an image span of a ``tokens``-long sequence: only the image
+    rows read other frames. Nothing when the whole sequence is image (UNets), so their calls stay as
+    they were."""
+    return {} if image == (0, tokens) else {"query_rows": image}
 
 
 def bank_tokens(x: torch.Tensor, ref_idx: torch.Tensor, groups: int) -> torch.Tensor:
@@ -57,9 +64,10 @@ class JointMode:
     def on_step(self) -> None:
         pass
 
-    def attend(self, state: ConsistencyState, layer: LayerInfo, q, k, v, groups: int) -> torch.Tensor:
-        ref_idx = state.reference_indices(layer, q.shape[2], q.device).repeat(groups, 1)
-        out = consistent_attention(q, k, v, ref_idx, groups=groups, window=state.config.window)
+    def attend(self, state: ConsistencyState, layer: LayerInfo, q, k, v, groups: int, image) -> torch.Tensor:
+        ref_idx = state.reference_indices(layer, image, q.device).repeat(groups, 1)
+        rows = rows_kwarg(image, q.shape[2])
+        out = consistent_attention(q, k, v, ref_idx, groups=groups, window=state.config.window, **rows)
         if self.writing is not None:
             bank_k, bank_v = (bank_tokens(x, ref_idx, groups) for x in (k, v))
             state.bank.store(self.writing, state.step, layer.name, bank_k, bank_v)
@@ -78,8 +86,9 @@ class ReadMode:
     def on_step(self) -> None:
         pass
 
-    def attend(self, state: ConsistencyState, layer: LayerInfo, q, k, v, groups: int) -> torch.Tensor:
+    def attend(self, state: ConsistencyState, layer: LayerInfo, q, k, v, groups: int, image) -> torch.Tensor:
         frames = self.num_frames
+        rows = rows_kwarg(image, q.shape[2])
 
         def read(characters: tuple[str, ...], q_, k_, v_) -> torch.Tensor:
             bank = state.bank.get(characters, state.step, layer.name, q.device) if characters else None
@@ -93,7 +102,9 @@ class ReadMode:
                     f"batch has {groups}: write and read with the same guidance setting"
                 )
             no_refs = torch.empty(q_.shape[0], 0, dtype=torch.int64, device=q.device)
-            return consistent_attention(q_, k_, v_, no_refs, groups=groups, bank_k=bank_k, bank_v=bank_v)
+            return consistent_attention(
+                q_, k_, v_, no_refs, groups=groups, bank_k=bank_k, bank_v=bank_v, **rows
+            )
 
         row_sets = [
             (chars, [g * frames + f for g in range(groups) for f in members])

@@ -24,6 +24,8 @@ from .bank import IdBank
 from .config import ConsistencyConfig
 from .modes import JointMode, ReadMode
 
+Span = tuple[int, int]  # token positions [start, stop) within each frame's sequence
+
 
 @dataclass(frozen=True)
 class LayerInfo:
@@ -40,9 +42,10 @@ class Mode(Protocol):
     num_frames: int
 
     def attend(
-        self, state: ConsistencyState, layer: LayerInfo, q: torch.Tensor, k, v, groups: int
+        self, state: ConsistencyState, layer: LayerInfo, q: torch.Tensor, k, v, groups: int, image: Span
     ) -> torch.Tensor:
-        """(B, H, N, D) attention output for this batch; only called when consistency is on."""
+        """(B, H, N, D) attention output for this batch; only called when consistency is on. ``image``:
+        the token range [a, b) of each frame's sequence that holds image tokens (the rest is text)."""
         ...
 
     def on_step(self) -> None:
@@ -108,8 +111,15 @@ class ConsistencyState:
         return callback_kwargs
 
     # -- read by the processors ----------------------------------------------------------------------
-    def attend(self, layer: LayerInfo, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Self-attention of (B, H, N, D) q, k, v under the current mode (stock when off or skipped)."""
+    def attend(
+        self, layer: LayerInfo, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image: Span | None = None
+    ) -> torch.Tensor:
+        """Self-attention of (B, H, N, D) q, k, v under the current mode (stock when off or skipped).
+
+        ``image``: the tokens [a, b) of each frame that are image tokens (default: all N). Only they are
+        offered to other frames, and only their queries read other frames' tokens (text rows of a joint
+        text+image sequence attend to their own frame only, or prompts would leak between frames).
+        """
         mode = self.mode
         if mode is None or not self.consistent_now(layer):
             return F.scaled_dot_product_attention(q, k, v)
@@ -118,8 +128,9 @@ class ConsistencyState:
                 f"{layer.name}: batch of {q.shape[0]} is not a multiple of the {mode.num_frames} frames "
                 f"the state was told about ({mode.name} mode)"
             )
+        image = image or (0, q.shape[2])
         # 2 under classifier-free guidance: [uncond frames; cond frames]
-        return mode.attend(self, layer, q, k, v, q.shape[0] // mode.num_frames)
+        return mode.attend(self, layer, q, k, v, q.shape[0] // mode.num_frames, image)
 
     def consistent_now(self, layer: LayerInfo) -> bool:
         """False during warm-up and when this (step, layer) randomly falls back to plain attention."""
@@ -128,31 +139,32 @@ class ConsistencyState:
         prob = self.config.skip_prob(self.step)
         return not (prob > 0 and self.uniform("skip", self.step, layer.index) < prob)
 
-    def reference_indices(self, layer: LayerInfo, num_tokens: int, device: torch.device) -> torch.Tensor:
-        """(num_frames, S) token positions each frame of the batch offers; one draw per (step, level),
-        shared by the level's layers and by both CFG halves, as in the official code."""
+    def reference_indices(self, layer: LayerInfo, image: Span, device: torch.device) -> torch.Tensor:
+        """(num_frames, S) positions of the image tokens each frame of the batch offers; one draw per
+        (step, level), shared by the level's layers and by both CFG halves, as in the official code."""
         writing = getattr(self.mode, "writing", None)
-        key = (self.step, layer.level, self.mode.num_frames, num_tokens, writing)
+        key = (self.step, layer.level, self.mode.num_frames, image[1] - image[0], writing)
         if key not in self._draws:
             gen = torch.Generator().manual_seed(self.seed_for("ref", *key))
             rate = self.config.rate_for(layer.level)
-            self._draws[key] = sample_reference_indices(key[2], num_tokens, rate, generator=gen).to(device)
-        return self._draws[key]
+            self._draws[key] = sample_reference_indices(key[2], key[3], rate, generator=gen).to(device)
+        return self._draws[key] + image[0]
 
     def frame_reference_indices(
-        self, layer: LayerInfo, frames: range, num_tokens: int, device: torch.device
+        self, layer: LayerInfo, frames: range, image: Span, device: torch.device
     ) -> torch.Tensor:
-        """(len(frames), S) tokens offered by each story frame: one draw per (step, level, frame), so a
-        frame offers the same tokens whichever batch it is computed in."""
+        """(len(frames), S) image-token positions offered by each story frame: one draw per (step, level,
+        frame), so a frame offers the same tokens whichever batch it is computed in."""
         rows = []
+        count = image[1] - image[0]
         for frame in frames:
-            key = ("frame", self.step, layer.level, frame, num_tokens)
+            key = ("frame", self.step, layer.level, frame, count)
             if key not in self._draws:
                 gen = torch.Generator().manual_seed(self.seed_for("ref", *key))
                 rate = self.config.rate_for(layer.level)
-                self._draws[key] = sample_reference_indices(1, num_tokens, rate, generator=gen).to(device)
+                self._draws[key] = sample_reference_indices(1, count, rate, generator=gen).to(device)
             rows.append(self._draws[key])
-        return torch.cat(rows)
+        return torch.cat(rows) + image[0]
 
     def next_layer(self, layer: LayerInfo) -> tuple[int, LayerInfo]:
         """(step, layer) that follows ``layer`` in forward order, for bank prefetch."""

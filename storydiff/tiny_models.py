@@ -40,7 +40,9 @@ from .compat import clip_image_processor_class
 TEXT_TO_IMAGE = ("tiny-sdxl", "tiny-sd15", "random-sdxl")
 TINY_TEXT_TO_IMAGE = ("tiny-sdxl", "tiny-sd15")  # small enough for a CPU
 TINY_SVD = "tiny-svd"
-RESERVED_MODELS = (*TEXT_TO_IMAGE, TINY_SVD)
+# Diffusion transformers: consistent attention installs on them (hosts/); stories on them are to come.
+TINY_DIT = ("tiny-flux", "tiny-sd3", "tiny-pixart")
+RESERVED_MODELS = (*TEXT_TO_IMAGE, TINY_SVD, *TINY_DIT)
 
 # CLIP's context length: prompt-truncation behaviour must match the real models.
 _MAX_TOKENS = 77
@@ -339,11 +341,183 @@ def _build_tiny_svd(device: torch.device) -> StableVideoDiffusionPipeline:
     )
 
 
+# -- Diffusion transformers -------------------------------------------------------------------------------
+
+
+def _tiny_t5_tokenizer(max_length: int):
+    """A T5 (unigram) tokenizer built in memory: every printable ASCII character, alone and word-initial.
+
+    transformers 5 takes the vocabulary as (piece, score) pairs, so no sentencepiece model file is needed.
+    """
+    import string
+
+    from transformers import T5Tokenizer
+
+    chars = sorted(set(string.printable) - set(string.whitespace))
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def _tiny_t5(d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(_tiny_t5_tokenizer(8)),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config)
+
+
+def _flow_scheduler(dynamic: bool):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    # FLUX-dev and SD3's shipped configs: flow matching with a shifted sigma schedule (FLUX: shift from the
+    # image's token count).
+    if dynamic:
+        return FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+def _dit_vae(latent_channels: int, shift_factor: float | None) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=1.5,
+        shift_factor=shift_factor,
+        use_quant_conv=shift_factor is None,
+        use_post_quant_conv=shift_factor is None,
+    )
+
+
+def _build_tiny_flux(device: torch.device):
+    """FLUX.1-dev's structure: CLIP pooled + T5 text, double- then single-stream blocks with RoPE over the
+    joint [text; image] sequence, guidance embedding (no CFG batch), 2x2-packed latents, 16 latent
+    channels shrunk to 4."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    tokenizer = _tiny_tokenizer()
+    text_encoder = CLIPTextModel(_text_config(tokenizer, 32, act="quick_gelu", projection_dim=32))
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x 2x2 packing
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    return FluxPipeline(
+        scheduler=_flow_scheduler(dynamic=True),
+        vae=_dit_vae(4, shift_factor=0.1159),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=_tiny_t5(32),
+        tokenizer_2=_tiny_t5_tokenizer(_MAX_TOKENS),
+        transformer=transformer,
+    )
+
+
+def _build_tiny_sd3(device: torch.device):
+    """SD3.5's structure: two CLIP encoders with projections and T5, joint blocks (image tokens first, text
+    appended), RMS q/k norm, and a dual-attention first block (an image-only attn2), CFG as [uncond;
+    cond]."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tokenizer, tokenizer_2 = _tiny_tokenizer(), _tiny_tokenizer()
+    text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer, 32, act="gelu", projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, 32, act="gelu", projection_dim=32))
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,  # T5 width; the two CLIP widths (32 + 32) are padded to it
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+        pos_embed_max_size=16,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=_flow_scheduler(dynamic=False),
+        vae=_dit_vae(4, shift_factor=0.0609),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=_tiny_t5(64),
+        tokenizer_3=_tiny_t5_tokenizer(_MAX_TOKENS),
+    )
+
+
+def _build_tiny_pixart(device: torch.device):
+    """PixArt-Σ's structure: T5 text, transformer blocks with image-only self-attention (``attn1``, like a
+    UNet's) and cross-attention to the text, adaLN-single, learned sigma (8 output channels)."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    transformer = PixArtTransformer2DModel(
+        sample_size=8,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=3,
+        caption_channels=32,
+        in_channels=4,
+        cross_attention_dim=24,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    )
+    return PixArtSigmaPipeline(
+        tokenizer=_tiny_t5_tokenizer(_MAX_TOKENS),
+        text_encoder=_tiny_t5(32),
+        vae=_tiny_vae(scaling_factor=0.13025),
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+
+
 _BUILDERS = {
     "tiny-sdxl": _build_tiny_sdxl,
     "tiny-sd15": _build_tiny_sd15,
     "random-sdxl": _build_random_sdxl,
     TINY_SVD: _build_tiny_svd,
+    "tiny-flux": _build_tiny_flux,
+    "tiny-sd3": _build_tiny_sd3,
+    "tiny-pixart": _build_tiny_pixart,
 }
 
 

@@ -19,7 +19,7 @@ from csa_kernels import consistent_attention
 from csa_kernels.pool import gather_reference_pool
 from csa_kernels.tiled import tiled_consistent_attention
 
-from ..modes import attend_rows
+from ..modes import attend_rows, rows_kwarg
 
 if TYPE_CHECKING:
     from ..state import ConsistencyState, LayerInfo
@@ -74,12 +74,15 @@ class WindowMode:
             if j != frame and self.active[j]
         ]
 
-    def attend(self, state: ConsistencyState, layer: LayerInfo, q, k, v, groups: int) -> torch.Tensor:
+    def attend(self, state: ConsistencyState, layer: LayerInfo, q, k, v, groups: int, image) -> torch.Tensor:
         start, stop = self.chunk
         count = stop - start
-        ref_idx = state.frame_reference_indices(layer, range(start, stop), q.shape[2], q.device)
+        ref_idx = state.frame_reference_indices(layer, range(start, stop), image, q.device)
+        rows = rows_kwarg(image, q.shape[2])
         both_halves = ref_idx.repeat(groups, 1)
         if self.tile is not None:  # the paper's tiled form, within this chunk (all its frames)
+            if rows:
+                raise ValueError("the tiled form (tile) supports image-only self-attention (UNets, PixArt)")
             return tiled_consistent_attention(q, k, v, both_halves, tile=self.tile, stride=1, groups=groups)
         # [G, F, H, S, D]: each chunk frame's sampled tokens, per CFG half
         pools = [
@@ -116,9 +119,10 @@ class WindowMode:
                 )
                 for kind in (0, 1)
             )
-            rows = q_.shape[0]
-            no_refs = torch.empty(rows, 0, dtype=torch.int64, device=q.device)
-            return consistent_attention(q_, k_, v_, no_refs, groups=rows, bank_k=bank_k, bank_v=bank_v)
+            no_refs = torch.empty(q_.shape[0], 0, dtype=torch.int64, device=q.device)
+            return consistent_attention(
+                q_, k_, v_, no_refs, groups=q_.shape[0], bank_k=bank_k, bank_v=bank_v, **rows
+            )
 
         row_sets = [
             (num, [g * count + (f - start) for g in range(groups) for f in members])

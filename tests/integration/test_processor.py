@@ -49,7 +49,7 @@ def test_parity_with_official_variants(variant, groups):
     state.begin_joint(frames)
     with torch.no_grad():
         ours = attn(hidden)
-        keep = keep_from_indices(state.reference_indices(LAYER, tokens, hidden.device), tokens)
+        keep = keep_from_indices(state.reference_indices(LAYER, (0, tokens), hidden.device), tokens)
         install_oracle(attn, variant, keep).begin_write(frames)
         expected = attn(hidden)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
@@ -66,7 +66,7 @@ def test_read_parity_with_official_variants(variant, groups):
     with torch.no_grad():
         state.begin_write("hero", ids)
         attn(id_hidden)
-        keep = keep_from_indices(state.reference_indices(LAYER, tokens, id_hidden.device), tokens)
+        keep = keep_from_indices(state.reference_indices(LAYER, (0, tokens), id_hidden.device), tokens)
         state.begin_read([("hero",), ("hero",)])
         ours = attn(read_hidden)
         oracle = install_oracle(attn, variant, keep)

@@ -111,7 +111,7 @@ def test_window_one_three_frames_matches_the_op():
     state.begin(WindowMode([True, True, True], window=1))
     with torch.no_grad():
         ours = attn(hidden)
-        ref_idx = state.frame_reference_indices(layer, range(3), 20, hidden.device)
+        ref_idx = state.frame_reference_indices(layer, range(3), (0, 20), hidden.device)
         q, k, v = project(attn, hidden)
         expected = finish(attn, consistent_attention(q, k, v, ref_idx, window=1))
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
@@ -129,7 +129,7 @@ def test_chunks_see_only_neighbours_computed_at_this_step():
         mode.end_chunk()
         mode.begin_chunk(2, 3)
         second = attn(hidden[2:])
-        ref_idx = state.frame_reference_indices(layer, range(3), 20, hidden.device)
+        ref_idx = state.frame_reference_indices(layer, range(3), (0, 20), hidden.device)
         q, k, v = project(attn, hidden)
         frame1 = consistent_attention_reference(q[:2], k[:2], v[:2], ref_idx[:2], window=1)
         frame2 = consistent_attention_reference(q[1:], k[1:], v[1:], ref_idx[1:], window=1)
