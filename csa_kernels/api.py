@@ -21,6 +21,7 @@ def consistent_attention(
     bank_v: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
+    query_rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Consistent self-attention: each frame attends to its own tokens plus sampled tokens of others.
 
@@ -39,10 +40,15 @@ def consistent_attention(
         backend: "auto" (Triton for CUDA tensors when Triton is installed, the torch path otherwise),
             "triton" (CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set before the kernel was
             first used; needs the triton package) or "torch".
+        query_rows: None (every query row borrows) or (a, b) with 0 <= a <= b <= N: only query rows
+            a <= r < b of every frame attend to the borrowed keys (pool and bank); every other row gets
+            plain attention over its own frame's N keys. For joint text + image sequences (FLUX: text
+            first, SD3: image first), the image rows: text rows then never see other frames' prompts.
+            Keys are not restricted: every row sees all N of its own frame's tokens.
 
     The keys and values of frame i are its own N tokens, plus ``k[j, :, ref_idx[j]]`` /
     ``v[j, :, ref_idx[j]]`` for every visible frame j != i of its group, plus the M bank tokens of its
-    group; one softmax runs over that whole set.
+    group; one softmax runs over that whole set (for the query rows in ``query_rows``).
 
     Autograd: the Triton path is forward-only. If grad is enabled and any input requires grad, the torch
     path is used whatever ``backend`` says, and gradients flow through it. "auto" also takes the torch path
@@ -53,10 +59,10 @@ def consistent_attention(
 
     Raises:
         TypeError, ValueError: naming the argument and what was expected (shapes, dtypes, devices,
-            ref_idx range, ``B % groups``, ``window``, bank shape, head dim, backend).
+            ref_idx range, ``B % groups``, ``window``, bank shape, head dim, backend, ``query_rows``).
         ModuleNotFoundError: ``backend="triton"`` without the triton package installed.
     """
-    check_inputs(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, backend)
+    check_inputs(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, backend, query_rows)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     tensors = (q, k, v, bank_k, bank_v)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -67,7 +73,17 @@ def consistent_attention(
         or (backend == "auto" and q.device.type == "cuda" and TRITON_INSTALLED and triton_supports(q))
     )
     if use_triton:
-        return consistent_attention_op(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale)
+        rows = (None, None) if query_rows is None else tuple(query_rows)
+        return consistent_attention_op(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, *rows)
     return consistent_attention_torch(
-        q, k, v, ref_idx, groups=groups, window=window, bank_k=bank_k, bank_v=bank_v, scale=scale
+        q,
+        k,
+        v,
+        ref_idx,
+        groups=groups,
+        window=window,
+        bank_k=bank_k,
+        bank_v=bank_v,
+        scale=scale,
+        query_rows=query_rows,
     )

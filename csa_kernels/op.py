@@ -26,14 +26,19 @@ def consistent_attention_op(
     bank_k: Optional[torch.Tensor],  # noqa: UP045
     bank_v: Optional[torch.Tensor],  # noqa: UP045
     scale: float,
+    query_row_start: Optional[int] = None,  # noqa: UP045
+    query_row_end: Optional[int] = None,  # noqa: UP045
 ) -> torch.Tensor:
+    """``consistent_attention``'s arguments, positionally; ``query_rows=(a, b)`` travels as
+    ``query_row_start=a, query_row_end=b`` (both None: every row borrows)."""
     require_triton()  # a clear one-line error, not an ImportError from deep inside the kernel module
     # Imported here: Triton reads TRITON_INTERPRET when the kernel module is first imported.
     from .triton_kernel import triton_consistent_attention
 
-    return triton_consistent_attention(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale)
+    query_rows = None if query_row_start is None else (query_row_start, query_row_end)
+    return triton_consistent_attention(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, query_rows)
 
 
 @consistent_attention_op.register_fake
-def _(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale):
+def _(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, query_row_start=None, query_row_end=None):
     return new_output(q)  # needs no Triton: torch.compile can trace calls on any install

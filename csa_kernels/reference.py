@@ -54,15 +54,21 @@ def consistent_attention_reference(
     bank_k: torch.Tensor | None = None,
     bank_v: torch.Tensor | None = None,
     scale: float | None = None,
+    query_rows: tuple[int, int] | None = None,
     upcast: bool = True,
 ) -> torch.Tensor:
     """Consistent attention by explicit per-frame concatenation (see ``consistent_attention``).
 
+    ``query_rows=(a, b)``: only query rows a <= r < b (rows of ``q``) attend to the borrowed keys (pool
+    and bank); the scores of every other row over them are -inf, so those rows get plain softmax attention
+    over their frame's own N keys. None: every row borrows.
+
     With ``upcast=True`` (the default) all math is fp32; ``upcast=False`` does the same math in the
     inputs' dtype, which measures PyTorch's own low-precision error for test tolerances.
-    Returns (B, H, N, D) in the dtype of ``q``.
+    Returns (B, H, N', D) (N' = q's rows) in the dtype of ``q``.
     """
-    num_frames, _, _, head_dim = q.shape
+    num_frames, _, num_queries, head_dim = q.shape
+    num_tokens = k.shape[2]
     scale = head_dim**-0.5 if scale is None else scale
     cast = (lambda t: t.float()) if upcast else (lambda t: t)
     qc, kc, vc = cast(q), cast(k), cast(v)
@@ -77,6 +83,10 @@ def consistent_attention_reference(
             keys.append(cast(bank_k[i // per_group]))
             values.append(cast(bank_v[i // per_group]))
         key, value = torch.cat(keys, dim=1), torch.cat(values, dim=1)  # [H, L, D]
-        logits = (qc[i] @ key.transpose(-1, -2)) * scale
+        logits = (qc[i] @ key.transpose(-1, -2)) * scale  # [H, N', L]
+        if query_rows is not None:
+            rows = torch.arange(num_queries, device=q.device)
+            own_only = (rows < query_rows[0]) | (rows >= query_rows[1])
+            logits[:, own_only, num_tokens:] = float("-inf")
         outs.append(logits.softmax(dim=-1) @ value)
     return torch.stack(outs).to(q.dtype)

@@ -32,9 +32,17 @@ def _reference_in(inputs: dict, dtype: torch.dtype) -> torch.Tensor:
     bank = 0 if args.get("bank_k") is None else args["bank_k"].shape[2]
     keys = tokens + ref_idx.shape[1] * (per_group - 1) + bank  # the most any frame attends to
     rows = max(1, CHUNK_BYTES // (2 * heads * keys * q.element_size()))
+    query_rows = args.get("query_rows")
+
+    def chunk(start: int) -> dict:  # q rows [start, stop), query_rows renumbered from the chunk's start
+        stop = min(start + rows, tokens)
+        chunk_args = {**args, "q": q[:, :, start:stop]}
+        if query_rows is not None:
+            chunk_args["query_rows"] = tuple(min(max(row - start, 0), stop - start) for row in query_rows)
+        return chunk_args
+
     chunks = [
-        consistent_attention_reference(**{**args, "q": q[:, :, start : start + rows]}, upcast=False)
-        for start in range(0, tokens, rows)
+        consistent_attention_reference(**chunk(start), upcast=False) for start in range(0, tokens, rows)
     ]
     return torch.cat(chunks, dim=2)
 
@@ -68,8 +76,8 @@ class ErrorBound:
 
 def reference_error_bound(inputs: dict) -> ErrorBound:
     """The rule for ``inputs`` (keyword arguments of ``consistent_attention_reference``: q, k, v, ref_idx,
-    and optionally groups, window, bank_k, bank_v, scale): gold in float64, and PyTorch's own error in
-    the dtype of ``q``. Compute it once and check every implementation's output against it."""
+    and optionally groups, window, bank_k, bank_v, scale, query_rows): gold in float64, and PyTorch's own
+    error in the dtype of ``q``. Compute it once and check every implementation's output against it."""
     dtype = inputs["q"].dtype
     if dtype not in ATOL:
         raise ValueError(f"inputs['q'] has dtype {dtype}; the rule knows {list(ATOL)}")

@@ -6,6 +6,10 @@ table: its own N rows, the pool rows of the visible frames before and after it, 
 Frames whose key sets have the same length (all of them without a window) are gathered together and go
 through ``scaled_dot_product_attention`` in one batched call. Extra memory is the gathered key sets,
 about (1 + visible frames · S/N) times K and V; never a (B·N)² mask.
+
+With ``query_rows=(a, b)`` only query rows [a, b) take that path; the rows before a and after b need
+nothing but their own frame's keys, so they go through one plain SDPA call each on (B, H, N, D) K and V
+as they are (no gather, no mask), and the three row blocks are concatenated.
 """
 
 from __future__ import annotations
@@ -48,8 +52,35 @@ def consistent_attention_torch(
     bank_k: torch.Tensor | None = None,
     bank_v: torch.Tensor | None = None,
     scale: float | None = None,
+    query_rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    num_frames, num_heads, num_tokens, head_dim = q.shape
+    num_tokens = q.shape[2]
+    if query_rows is None or tuple(query_rows) == (0, num_tokens):
+        return _borrowing_attention(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale)
+    start, stop = query_rows
+    if start == stop:  # no row borrows: plain attention
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    parts = [_borrowing_attention(q[:, :, start:stop], k, v, ref_idx, groups, window, bank_k, bank_v, scale)]
+    if start > 0:
+        parts.insert(0, F.scaled_dot_product_attention(q[:, :, :start], k, v, scale=scale))
+    if stop < num_tokens:
+        parts.append(F.scaled_dot_product_attention(q[:, :, stop:], k, v, scale=scale))
+    return torch.cat(parts, dim=2)
+
+
+def _borrowing_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ref_idx: torch.Tensor,
+    groups: int,
+    window: int | None,
+    bank_k: torch.Tensor | None,
+    bank_v: torch.Tensor | None,
+    scale: float | None,
+) -> torch.Tensor:
+    """Every row of q (B, H, N', D) attends to its frame's own N keys, pool segments and bank."""
+    num_frames, num_heads, num_tokens, head_dim = k.shape
     num_refs = ref_idx.shape[1]
     num_bank = 0 if bank_k is None else bank_k.shape[2]
 

@@ -12,7 +12,11 @@ Nothing is concatenated or masked per frame: each range is walked in full BLOCK_
 one masked tail tile. Importing this module reads TRITON_INTERPRET (Triton decides at decoration time
 whether kernels are compiled or interpreted on the CPU).
 
-Reads top to bottom: tile step → range walk → kernel → autotune configs → launcher.
+Ranges 2-4 are the *borrowed* keys. With a query-row range [row_start, row_end) (joint text + image
+sequences: only image rows borrow, HAS_ROW_RANGE), a query tile entirely outside it skips them, a tile
+entirely inside walks them as above, and a tile straddling a boundary walks them with a per-row mask.
+
+Reads top to bottom: tile step → range walk → borrowed ranges → kernel → autotune configs → launcher.
 """
 
 from __future__ import annotations
@@ -41,11 +45,13 @@ def _attn_tile(
     stride_vn,
     n0,
     end,
+    m_rows,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASK_N: tl.constexpr,
+    MASK_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -62,8 +68,13 @@ def _attn_tile(
         b_kt = b_kt.to(tl.float32)
     # [BLOCK_M, BLOCK_N]
     b_s = tl.dot(b_q, b_kt, input_precision=INPUT_PRECISION)
-    if MASK_N:
-        b_s = tl.where(o_n[None, :] < end, b_s * qk_scale, float("-inf"))
+    if MASK_N or MASK_M:
+        m_s = o_n[None, :] < end
+        if MASK_M:
+            # Rows outside the row range score -inf on every key of this tile; their running max comes from
+            # the own keys (always walked first), so p = 0 and alpha = 1: their acc and l_i stay bit-exact.
+            m_s = m_s & m_rows[:, None]
+        b_s = tl.where(m_s, b_s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(b_s, 1))
         b_s = b_s - m_new[:, None]
     else:
@@ -92,24 +103,71 @@ def _attn_range(
     stride_vn,
     start,
     end,
+    m_rows,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    MASK_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """Keys/values rows [start, end): full tiles unmasked, then one masked tail tile if needed."""
+    """Keys/values rows [start, end): full tiles unmasked, then one masked tail tile if needed.
+    MASK_M: only the query rows where ``m_rows`` is true attend to them."""
     full_end = start + (end - start) // BLOCK_N * BLOCK_N
     for n0 in range(start, full_end, BLOCK_N):
         acc, l_i, m_i = _attn_tile(
-            acc, l_i, m_i, b_q, p_k, p_v, stride_kn, stride_vn, n0, end, qk_scale,
-            HEAD_DIM, HEAD_DIM_P, BLOCK_N, False, DOT_F32, INPUT_PRECISION,
+            acc, l_i, m_i, b_q, p_k, p_v, stride_kn, stride_vn, n0, end, m_rows, qk_scale,
+            HEAD_DIM, HEAD_DIM_P, BLOCK_N, False, MASK_M, DOT_F32, INPUT_PRECISION,
         )  # fmt: skip
     if full_end < end:
         acc, l_i, m_i = _attn_tile(
-            acc, l_i, m_i, b_q, p_k, p_v, stride_kn, stride_vn, full_end, end, qk_scale,
-            HEAD_DIM, HEAD_DIM_P, BLOCK_N, True, DOT_F32, INPUT_PRECISION,
+            acc, l_i, m_i, b_q, p_k, p_v, stride_kn, stride_vn, full_end, end, m_rows, qk_scale,
+            HEAD_DIM, HEAD_DIM_P, BLOCK_N, True, MASK_M, DOT_F32, INPUT_PRECISION,
+        )  # fmt: skip
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_borrowed(
+    acc,
+    l_i,
+    m_i,
+    b_q,
+    p_pk,
+    p_pv,
+    p_bk,
+    p_bv,
+    stride_pn,
+    stride_bm,
+    before_start,
+    before_end,
+    after_start,
+    after_end,
+    M,
+    m_rows,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BANK: tl.constexpr,
+    MASK_M: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """The borrowed keys: the pool rows of the visible frames before and after this one, then the bank."""
+    acc, l_i, m_i = _attn_range(
+        acc, l_i, m_i, b_q, p_pk, p_pv, stride_pn, stride_pn, before_start, before_end, m_rows, qk_scale,
+        HEAD_DIM, HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _attn_range(
+        acc, l_i, m_i, b_q, p_pk, p_pv, stride_pn, stride_pn, after_start, after_end, m_rows, qk_scale,
+        HEAD_DIM, HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION,
+    )  # fmt: skip
+    if HAS_BANK:
+        acc, l_i, m_i = _attn_range(
+            acc, l_i, m_i, b_q, p_bk, p_bv, stride_bm, stride_bm, 0, M, m_rows, qk_scale,
+            HEAD_DIM, HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION,
         )  # fmt: skip
     return acc, l_i, m_i
 
@@ -123,12 +181,13 @@ def _consistent_attn_fwd(
     stride_pn, stride_ph,
     stride_bg, stride_bh, stride_bm,
     stride_ob, stride_oh, stride_on,
-    H, N, S, M, frames_per_group, window, qk_scale,
+    H, N, S, M, frames_per_group, window, row_start, row_end, qk_scale,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_BANK: tl.constexpr,
+    HAS_ROW_RANGE: tl.constexpr,
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -159,23 +218,40 @@ def _consistent_attn_fwd(
     # Own tokens first: every query row then has a finite running max before any masked tile.
     acc, l_i, m_i = _attn_range(
         acc, l_i, m_i, b_q, K + i_b * stride_kb + i_h * stride_kh, V + i_b * stride_vb + i_h * stride_vh,
-        stride_kn, stride_vn, 0, N, qk_scale, HEAD_DIM, HEAD_DIM_P, BLOCK_N, DOT_F32, INPUT_PRECISION,
+        stride_kn, stride_vn, 0, N, o_m, qk_scale,
+        HEAD_DIM, HEAD_DIM_P, BLOCK_N, False, DOT_F32, INPUT_PRECISION,
     )  # fmt: skip
     p_pk = PK + i_h * stride_ph
     p_pv = PV + i_h * stride_ph
-    acc, l_i, m_i = _attn_range(
-        acc, l_i, m_i, b_q, p_pk, p_pv, stride_pn, stride_pn, lo * S, i_b * S, qk_scale,
-        HEAD_DIM, HEAD_DIM_P, BLOCK_N, DOT_F32, INPUT_PRECISION,
-    )  # fmt: skip
-    acc, l_i, m_i = _attn_range(
-        acc, l_i, m_i, b_q, p_pk, p_pv, stride_pn, stride_pn, (i_b + 1) * S, hi * S, qk_scale,
-        HEAD_DIM, HEAD_DIM_P, BLOCK_N, DOT_F32, INPUT_PRECISION,
-    )  # fmt: skip
-    if HAS_BANK:
-        o_bank = i_g * stride_bg + i_h * stride_bh
-        acc, l_i, m_i = _attn_range(
-            acc, l_i, m_i, b_q, BK + o_bank, BV + o_bank, stride_bm, stride_bm, 0, M, qk_scale,
-            HEAD_DIM, HEAD_DIM_P, BLOCK_N, DOT_F32, INPUT_PRECISION,
+    o_bank = i_g * stride_bg + i_h * stride_bh
+    if HAS_ROW_RANGE:
+        # Only query rows [row_start, row_end) borrow (rows past N are never stored, so they do not count
+        # when classifying the tile). A tile with no such row skips the borrowed keys; a tile of only such
+        # rows walks them unmasked, exactly as without a row range; a tile straddling row_start or row_end
+        # walks them for all BLOCK_M rows under a per-row mask. A straddling tile costs what a fully
+        # borrowing tile costs (the masked rows' dots are computed, then discarded) plus one select per
+        # score; at most two tiles per (frame, head) straddle, none when row_start and row_end are
+        # multiples of BLOCK_M.
+        m_rows = (o_m >= row_start) & (o_m < row_end)
+        tile_start = i_m * BLOCK_M
+        tile_end = tl.minimum(tile_start + BLOCK_M, N)
+        borrow_all = (row_start <= tile_start) & (tile_end <= row_end)
+        borrow_any = tl.maximum(tile_start, row_start) < tl.minimum(tile_end, row_end)
+    else:
+        m_rows = o_m < N  # not read: every row borrows
+        borrow_all = True
+        borrow_any = True
+    if borrow_all:
+        acc, l_i, m_i = _attn_borrowed(
+            acc, l_i, m_i, b_q, p_pk, p_pv, BK + o_bank, BV + o_bank, stride_pn, stride_bm,
+            lo * S, i_b * S, (i_b + 1) * S, hi * S, M, m_rows, qk_scale,
+            HEAD_DIM, HEAD_DIM_P, BLOCK_N, HAS_BANK, False, DOT_F32, INPUT_PRECISION,
+        )  # fmt: skip
+    elif borrow_any:
+        acc, l_i, m_i = _attn_borrowed(
+            acc, l_i, m_i, b_q, p_pk, p_pv, BK + o_bank, BV + o_bank, stride_pn, stride_bm,
+            lo * S, i_b * S, (i_b + 1) * S, hi * S, M, m_rows, qk_scale,
+            HEAD_DIM, HEAD_DIM_P, BLOCK_N, HAS_BANK, True, DOT_F32, INPUT_PRECISION,
         )  # fmt: skip
 
     acc = acc / l_i[:, None]
@@ -219,7 +295,7 @@ _consistent_attn_fwd_tuned = triton.autotune(
     configs=_autotune_configs(),
     # Tile shape depends on the per-frame token count and head dim, hardly on how many reference or bank
     # tokens follow: leaving S, M and the group size out avoids re-tuning for every story layout.
-    key=["N", "HEAD_DIM", "HAS_BANK"],
+    key=["N", "HEAD_DIM", "HAS_BANK", "HAS_ROW_RANGE"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_consistent_attn_fwd)
 
@@ -249,6 +325,7 @@ def triton_consistent_attention(
     bank_k: torch.Tensor | None,
     bank_v: torch.Tensor | None,
     scale: float,
+    query_rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Launch the fused forward. Inputs are assumed validated (see validation.py)."""
     if q.device.type != "cuda" and not INTERPRETED:
@@ -274,6 +351,9 @@ def triton_consistent_attention(
         bank_k = bank_v = k  # never read: HAS_BANK=False
     num_bank = bank_k.shape[2] if has_bank else 0
     frames_per_group = num_frames // groups
+    # (0, N) is every row: the kernel without a row range, bit-identical to query_rows=None.
+    row_start, row_end = (0, num_tokens) if query_rows is None else query_rows
+    has_row_range = (row_start, row_end) != (0, num_tokens)
     head_dim_p = max(16, triton.next_power_of_2(head_dim))
     dtype = q.dtype
     # fp32 inputs get true fp32 products (ieee), not TF32, to stay within 2x of PyTorch's fp32 error.
@@ -302,10 +382,12 @@ def triton_consistent_attention(
         out.stride(0), out.stride(1), out.stride(2),
         num_heads, num_tokens, num_refs, num_bank, frames_per_group,
         frames_per_group if window is None else window,
+        row_start, row_end,
         scale * LOG2E,
         HEAD_DIM=head_dim,
         HEAD_DIM_P=head_dim_p,
         HAS_BANK=has_bank,
+        HAS_ROW_RANGE=has_row_range,
         DOT_F32=dot_f32,
         INPUT_PRECISION=input_precision,
         **extra,
@@ -322,6 +404,7 @@ def compile_for_target(
     num_warps: int = 8,
     num_stages: int = 3,
     has_bank: bool = True,
+    has_row_range: bool = False,
     arch: int = 90,
 ):
     """Compile the kernel ahead of time for an NVIDIA target (default sm_90, Hopper); needs no GPU.
@@ -341,6 +424,7 @@ def compile_for_target(
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
         "HAS_BANK": has_bank,
+        "HAS_ROW_RANGE": has_row_range,
         "DOT_F32": False,
         "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
     }

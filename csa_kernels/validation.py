@@ -43,6 +43,7 @@ def check_inputs(
     bank_v: torch.Tensor | None,
     scale: float | None,
     backend: str,
+    query_rows: tuple[int, int] | None = None,
 ) -> None:
     """Raise ``TypeError``/``ValueError`` naming the bad argument and what was expected."""
     for name, t in (("q", q), ("k", k), ("v", v), ("ref_idx", ref_idx)):
@@ -113,6 +114,24 @@ def check_inputs(
         raise ValueError(f"scale must be None or a finite number > 0, got {scale!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_query_rows(query_rows, num_tokens)
+
+
+def check_query_rows(query_rows: tuple[int, int] | None, num_tokens: int) -> None:
+    """None, or a pair (a, b) of ints with 0 <= a <= b <= N."""
+    if query_rows is None:
+        return
+    if (
+        not isinstance(query_rows, (tuple, list))
+        or len(query_rows) != 2
+        or any(isinstance(row, bool) or not isinstance(row, int) for row in query_rows)
+    ):
+        raise TypeError(f"query_rows must be None or a pair (a, b) of ints, got {query_rows!r}")
+    start, stop = query_rows
+    if not 0 <= start <= stop <= num_tokens:
+        raise ValueError(
+            f"query_rows (a, b) must have 0 <= a <= b <= N={num_tokens}, got {tuple(query_rows)}"
+        )
 
 
 def check_triton_inputs(q: torch.Tensor) -> None:

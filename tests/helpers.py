@@ -24,12 +24,14 @@ class Case:
     groups: int = 1
     window: int | None = None
     bank: int | None = None  # M bank tokens per group, None for no bank
+    query_rows: tuple[int, int] | None = None  # (a, b): only query rows a <= r < b borrow; None: all
 
     @property
     def id(self) -> str:
+        rows = "" if self.query_rows is None else f"-r{self.query_rows[0]}:{self.query_rows[1]}"
         return (
             f"B{self.frames}-H{self.heads}-N{self.tokens}-D{self.head_dim}-S{self.refs}"
-            f"-g{self.groups}-w{self.window}-M{self.bank}"
+            f"-g{self.groups}-w{self.window}-M{self.bank}{rows}"
         )
 
 
@@ -51,6 +53,8 @@ def make_inputs(case: Case, dtype: torch.dtype, device="cpu", seed: int = 0, std
         "window": case.window,
     }
     assert inputs["ref_idx"].shape == (case.frames, case.refs)
+    if case.query_rows is not None:
+        inputs["query_rows"] = case.query_rows
     if case.bank is not None:
         bank_shape = (case.groups, case.heads, case.bank, case.head_dim)
         inputs["bank_k"], inputs["bank_v"] = randn(*bank_shape), randn(*bank_shape)
@@ -65,7 +69,8 @@ def as_float64(inputs: dict) -> dict:
 
 
 def assert_matches_reference(out: torch.Tensor, inputs: dict) -> None:
-    """out must be finite, q-shaped and q-typed, and within 2x PyTorch's own error of the fp64 gold."""
+    """out must be finite, q-shaped and q-typed, and within 2x PyTorch's own error of the fp64 gold.
+    ``inputs`` are the call's keyword arguments (query_rows included), which the gold is computed from."""
     q = inputs["q"]
     assert out.shape == q.shape and out.dtype == q.dtype
     assert torch.isfinite(out).all(), "non-finite (or never written) outputs"

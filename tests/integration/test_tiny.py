@@ -117,7 +117,7 @@ def test_dtype_and_load_pipeline_tiny() -> None:
     torch.testing.assert_close(pipe.unet.conv_in.weight, fp32.unet.conv_in.weight.to(torch.bfloat16))
     assert load_pipeline("tiny-sdxl").unet.dtype == torch.float32
     with pytest.raises(ValueError, match="unknown reserved model"):
-        build_tiny_pipeline("tiny-sd3")
+        build_tiny_pipeline("tiny-sd9")
 
 
 def test_load_pipeline_missing_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -86,6 +86,15 @@ BAD = {
     ),
     "scale-negative": (lambda: replace(scale=-1.0), ValueError, "scale must be"),
     "backend-unknown": (lambda: replace(backend="cuda"), ValueError, "backend must be one of"),
+    "rows-int": (lambda: replace(query_rows=3), TypeError, r"query_rows must be None or a pair \(a, b\)"),
+    "rows-triple": (lambda: replace(query_rows=(0, 4, 8)), TypeError, "query_rows must be None or a pair"),
+    "rows-str": (lambda: replace(query_rows="ab"), TypeError, "query_rows must be None or a pair"),
+    "rows-float": (lambda: replace(query_rows=(0.0, 8)), TypeError, "query_rows must be None or a pair"),
+    "rows-bool": (lambda: replace(query_rows=(False, 8)), TypeError, "query_rows must be None or a pair"),
+    "rows-tensor": (lambda: replace(query_rows=torch.tensor([0, 8])), TypeError, "query_rows"),
+    "rows-reversed": (lambda: replace(query_rows=(9, 3)), ValueError, r"query_rows .* 0 <= a <= b <= N=16"),
+    "rows-past-n": (lambda: replace(query_rows=(3, 17)), ValueError, r"query_rows .* got \(3, 17\)"),
+    "rows-negative": (lambda: replace(query_rows=(-1, 8)), ValueError, "query_rows"),
 }
 
 

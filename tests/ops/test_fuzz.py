@@ -1,4 +1,4 @@
-"""Hypothesis-driven fuzz over shapes, groups, windows and banks (small enough for a 2-core CI).
+"""Hypothesis-driven fuzz over shapes, groups, windows, banks and query rows (small enough for a 2-core CI).
 
 The interpreter pays per tile op (~2.5 s for a torch-path-sized draw on a 2-core machine), so the Triton
 backend draws fewer, smaller cases (16 draws of ≤ 32 tokens and ≤ 2 heads, against 25 of ≤ 70 tokens and
@@ -19,6 +19,7 @@ def cases(draw, max_tokens: int, max_frames_per_group: int, max_heads: int):
     groups = draw(st.integers(1, 3))
     frames = groups * draw(st.integers(1, max_frames_per_group))
     tokens = draw(st.integers(1, max_tokens))
+    rows = st.tuples(st.integers(0, tokens), st.integers(0, tokens)).map(lambda pair: tuple(sorted(pair)))
     return Case(
         frames=frames,
         heads=draw(st.integers(1, max_heads)),
@@ -28,6 +29,7 @@ def cases(draw, max_tokens: int, max_frames_per_group: int, max_heads: int):
         groups=groups,
         window=draw(st.one_of(st.none(), st.integers(1, 4))),
         bank=draw(st.one_of(st.none(), st.integers(0, 20))),
+        query_rows=draw(st.one_of(st.none(), rows)),
     )
 
 

@@ -40,6 +40,12 @@ CASES = [
         dict(block_m=64, block_n=64, num_warps=4, num_stages=3, has_bank=False),
         id="fp16-D40-nobank",
     ),
+    pytest.param(
+        "float16",
+        64,
+        dict(block_m=128, block_n=64, num_warps=8, num_stages=3, has_row_range=True),
+        id="fp16-D64-query-rows",
+    ),
     pytest.param("float32", 16, dict(block_m=32, block_n=16, num_warps=4, num_stages=2), id="fp32-D16"),
     pytest.param(
         "float32",

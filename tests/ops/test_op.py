@@ -9,6 +9,7 @@ from csa_kernels.op import consistent_attention_op
 
 
 def op_args(inputs, scale=0.3):
+    rows = inputs.get("query_rows")
     return (
         inputs["q"],
         inputs["k"],
@@ -19,11 +20,18 @@ def op_args(inputs, scale=0.3):
         inputs.get("bank_k"),
         inputs.get("bank_v"),
         scale,
+        *(() if rows is None else rows),  # query_row_start, query_row_end
     )
 
 
 @pytest.mark.parametrize(
-    "case", [Case(4, 2, 20, 16, 5, groups=2, bank=3), Case(3, 1, 9, 8, 4, window=1)], ids=lambda c: c.id
+    "case",
+    [
+        Case(4, 2, 20, 16, 5, groups=2, bank=3),
+        Case(3, 1, 9, 8, 4, window=1),
+        Case(4, 1, 20, 16, 5, groups=2, bank=3, query_rows=(7, 20)),
+    ],
+    ids=lambda c: c.id,
 )
 def test_opcheck(case):
     """Schema, fake tensor and dispatch checks (runs the kernel under the interpreter on CPU)."""
@@ -35,25 +43,36 @@ def test_opcheck(case):
     )
 
 
-def test_fake_output_layout_matches_real():
+@pytest.mark.parametrize("rows", [(), (3, 8)], ids=["all-rows", "query-rows"])
+def test_fake_output_layout_matches_real(rows):
     frames, tokens, heads, dim = 2, 10, 2, 8
     x = torch.randn(frames, tokens, heads * dim).view(frames, tokens, heads, dim).transpose(1, 2)
     idx = torch.zeros(frames, 3, dtype=torch.int64)
-    real = consistent_attention_op(x, x, x, idx, 1, None, None, None, 1.0)
+    real = consistent_attention_op(x, x, x, idx, 1, None, None, None, 1.0, *rows)
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fx = mode.from_tensor(x)
-        fake = consistent_attention_op(fx, fx, fx, mode.from_tensor(idx), 1, None, None, None, 1.0)
+        fake = consistent_attention_op(fx, fx, fx, mode.from_tensor(idx), 1, None, None, None, 1.0, *rows)
     assert fake.shape == real.shape and fake.stride() == real.stride() == x.stride()
 
 
+@pytest.mark.parametrize("query_rows", [None, (5, 24)], ids=["all-rows", "query-rows"])
 @pytest.mark.parametrize("backend", ["auto", "triton"])
-def test_compile_fullgraph_cpu(backend):
+def test_compile_fullgraph_cpu(backend, query_rows):
     """On CPU "auto" traces the torch path and "triton" traces the custom op; neither breaks the graph."""
     inputs = make_inputs(Case(4, 2, 24, 16, 6, groups=2, window=1, bank=2), torch.float32)
 
     def layer(q, k, v, ref_idx, bank_k, bank_v):
         out = consistent_attention(
-            q * 1.5, k, v, ref_idx, groups=2, window=1, bank_k=bank_k, bank_v=bank_v, backend=backend
+            q * 1.5,
+            k,
+            v,
+            ref_idx,
+            groups=2,
+            window=1,
+            bank_k=bank_k,
+            bank_v=bank_v,
+            backend=backend,
+            query_rows=query_rows,
         )
         return out.relu()
 
@@ -68,6 +87,7 @@ def test_compile_fullgraph_cpu(backend):
         window=1,
         bank_k=inputs["bank_k"],
         bank_v=inputs["bank_v"],
+        query_rows=query_rows,
     ).relu()
     torch.testing.assert_close(compiled(*args), expected, rtol=1e-5, atol=2e-6)
 

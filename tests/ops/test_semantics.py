@@ -21,15 +21,24 @@ from storydiff.official import keep_from_indices, official_a, official_a_mask
 BACKENDS = ["triton", "torch"]
 
 
-def dense_mask_oracle(q, k, v, ref_idx, groups, window, bank_k=None, bank_v=None):
+def dense_mask_oracle(q, k, v, ref_idx, groups, window, bank_k=None, bank_v=None, query_rows=None):
     """Official variant A (storydiff.official): one SDPA per CFG half under a dense boolean mask, fp64.
 
-    Uses the two extensions of the oracle's mask that the official code lacks but the reference has: a
-    story window, and bank columns that every frame of the half sees.
+    Uses the three extensions of the oracle's mask that the official code lacks but the reference has: a
+    story window, bank columns that every frame of the half sees, and query rows (token positions) outside
+    ``query_rows`` that see only their own frame's columns.
     """
     keep = keep_from_indices(ref_idx, q.shape[2], groups)
     bank_keep = None if bank_k is None else torch.ones(bank_k.shape[2], dtype=torch.bool)
     mask = official_a_mask(keep, window=window, bank_keep=bank_keep)
+    if query_rows is not None:
+        frames, tokens = q.shape[0] // groups, q.shape[2]
+        frame_of = torch.arange(frames * tokens) // tokens  # query rows and the frames' key columns
+        column_frame = torch.full((mask.shape[-1],), -1)  # bank columns belong to no frame
+        column_frame[: frames * tokens] = frame_of
+        token_of = torch.arange(frames * tokens) % tokens
+        borrows = (token_of >= query_rows[0]) & (token_of < query_rows[1])
+        mask = mask & (borrows[:, None] | (frame_of[:, None] == column_frame[None, :]))
     bank = {} if bank_k is None else {"bank_k": bank_k.double(), "bank_v": bank_v.double()}
     return official_a(q.double(), k.double(), v.double(), mask, groups=groups, **bank)
 
@@ -43,6 +52,26 @@ def test_reference_equals_dense_mask_oracle(case):
     inputs = make_inputs(case, torch.float64)
     ours = consistent_attention_reference(**inputs, upcast=False)  # float64 math
     torch.testing.assert_close(ours, dense_mask_oracle(**inputs), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(4, 2, 20, 8, 7, query_rows=(5, 20)),  # text first (FLUX)
+        Case(6, 1, 13, 16, 5, groups=2, window=1, bank=3, query_rows=(0, 9)),  # text after (SD3)
+        Case(5, 1, 9, 8, 9, window=2, bank=2, query_rows=(3, 6)),
+        Case(4, 1, 9, 8, 4, bank=2, query_rows=(4, 4)),  # no row borrows
+    ],
+    ids=lambda c: c.id,
+)
+def test_reference_with_query_rows_equals_dense_mask_oracle(case):
+    inputs = make_inputs(case, torch.float64)
+    ours = consistent_attention_reference(**inputs, upcast=False)
+    torch.testing.assert_close(ours, dense_mask_oracle(**inputs), rtol=1e-10, atol=1e-10)
+    # and the range matters: the same call without it differs
+    assert not torch.allclose(
+        ours, consistent_attention_reference(**{**inputs, "query_rows": None}, upcast=False)
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

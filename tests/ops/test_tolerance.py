@@ -8,8 +8,10 @@ import csa_kernels.tolerance as tolerance
 from csa_kernels import consistent_attention, consistent_attention_reference, reference_error_bound
 
 
-def test_gold_in_query_chunks_equals_the_whole_reference(monkeypatch):
-    inputs = make_inputs(Case(4, 2, 37, 16, 9, groups=2, bank=5), torch.float16)
+@pytest.mark.parametrize("query_rows", [None, (5, 30)], ids=["all-rows", "query-rows"])
+def test_gold_in_query_chunks_equals_the_whole_reference(monkeypatch, query_rows):
+    """Chunks of a few rows: query_rows is renumbered per chunk (chunks before, across and after it)."""
+    inputs = make_inputs(Case(4, 2, 37, 16, 9, groups=2, bank=5, query_rows=query_rows), torch.float16)
     whole = consistent_attention_reference(**as_float64(inputs), upcast=False)
     monkeypatch.setattr(tolerance, "CHUNK_BYTES", 10_000)  # a few query rows per chunk
     chunked = reference_error_bound(inputs)
