@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 
 import torch
 from diffusers.models.attention_processor import Attention
 
 from .config import ConsistencyConfig
+from .hosts import find_host, selector
 from .state import ConsistencyState, LayerInfo
 
 _STATE_ATTR = "_storydiff_consistency"  # set on the UNet so remove_consistent_attention can undo
-_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^mid_block\.")
 
 
 class ConsistentAttnProcessor:
@@ -87,95 +86,65 @@ class ConsistentAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def _unet(pipe_or_unet):
-    from diffusers import UNet2DConditionModel
-
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    unet = getattr(unet, "_orig_mod", unet)  # torch.compile'd: its processors are the module's own
-    if not isinstance(unet, UNet2DConditionModel):
-        raise ValueError(
-            "consistent attention needs a UNet2DConditionModel or a pipeline with one as `.unet` "
-            f"(SDXL, SD1.5, SD2.x); got {type(pipe_or_unet).__name__}"
-        )
-    return unet
-
-
-def _level_factor(unet, name: str) -> int | None:
-    """Downsampling factor of a layer's block relative to the image (VAE factor 8 × 2^depth)."""
-    match = _BLOCK.match(name)
-    if match is None:
-        return None
-    num_levels = len(unet.config.block_out_channels)
-    if name.startswith("mid_block."):
-        depth = num_levels - 1
-    elif match.group(1) == "down_blocks":
-        depth = int(match.group(2))
-    else:
-        depth = num_levels - 1 - int(match.group(2))
-    return 8 * 2**depth
-
-
-def _selected(config: ConsistencyConfig, name: str) -> bool:
-    if ".attn1." not in name:
-        return False
-    if callable(config.layers):
-        return bool(config.layers(name))
-    if isinstance(config.layers, list):
-        return name in config.layers
-    prefixes = {"up": ("up_blocks.",), "up+mid": ("up_blocks.", "mid_block."), "all": ("",)}[config.layers]
-    return name.startswith(prefixes)
-
-
-def host_signature(unet, layers: list[LayerInfo]) -> dict:
+def host_signature(denoiser, layers: list[LayerInfo]) -> dict:
     """What identifies the denoiser for an identity bank: its class and configuration (a hash: same for
     every checkpoint of one architecture) and each consistent layer's [heads, head dim]."""
-    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    config = {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
     shapes = {}
     for layer in layers:
-        attn = unet.get_submodule(layer.name.removesuffix(".processor"))
+        attn = denoiser.get_submodule(layer.name.removesuffix(".processor"))
         shapes[layer.name] = [attn.heads, attn.to_k.out_features // attn.heads]
-    return {"architecture": f"{type(unet).__name__}:{digest}", "layers": shapes}
+    return {"architecture": f"{type(denoiser).__name__}:{digest}", "layers": shapes}
 
 
-def apply_consistent_attention(pipe_or_unet, config: ConsistencyConfig | None = None) -> ConsistencyState:
-    """Install consistent-attention processors on the selected self-attention layers; returns the state.
+def apply_consistent_attention(pipe_or_denoiser, config: ConsistencyConfig | None = None) -> ConsistencyState:
+    """Install consistent-attention processors on the selected attention layers; returns the state.
 
-    Calling it again replaces the previous installation (its state is discarded).
+    Works on a diffusers pipeline or its denoiser: a UNet (SD1.x/2.x, SDXL), FLUX, SD3/SD3.5 or PixArt
+    transformer (``hosts.py`` lists which layers each gets by default). Calling it again replaces the
+    previous installation (its state is discarded).
     """
     config = config or ConsistencyConfig()
-    unet = _unet(pipe_or_unet)
-    if hasattr(unet, _STATE_ATTR):
-        remove_consistent_attention(unet)
-    original = dict(unet.attn_processors)
+    host = find_host(pipe_or_denoiser)
+    denoiser = host.denoiser
+    if hasattr(denoiser, _STATE_ATTR):
+        remove_consistent_attention(denoiser)
+    chosen = selector(host, config)
+    original = dict(denoiser.attn_processors)
     layers = []
-    for name in original:  # attn_processors lists layers in module order: down, mid, up = forward order
-        level = _level_factor(unet, name)
-        if level is not None and _selected(config, name):
-            layers.append(LayerInfo(name=name, index=len(layers), level=level))
+    for name in original:  # attn_processors lists layers in module order, which is forward order
+        if chosen(name):
+            layers.append(LayerInfo(name=name, index=len(layers), level=host.level(name)))
     if isinstance(config.layers, list):
         unknown = sorted(set(config.layers) - {layer.name for layer in layers})
         if unknown:
-            raise ValueError(f"config.layers names no self-attention processor of this UNet: {unknown[:3]}")
+            raise ValueError(
+                f"config.layers names no consistent-capable attention processor of this {host.family} "
+                f"denoiser: {unknown[:3]}"
+            )
     if not layers:
-        raise ValueError("config.layers selects no self-attention layer of this UNet")
-    offload = config.offload_bank if config.offload_bank is not None else unet.device.type == "cuda"
+        raise ValueError(f"config.layers selects no attention layer of this {host.family} denoiser")
+    offload = config.offload_bank if config.offload_bank is not None else denoiser.device.type == "cuda"
     state = ConsistencyState(config, layers, offload_bank=offload)
-    state.host = host_signature(unet, layers)
+    state.host = host_signature(denoiser, layers)
     processors = dict(original)
     for layer in layers:
-        processors[layer.name] = ConsistentAttnProcessor(state, layer)
-    unet.set_attn_processor(processors)
-    setattr(unet, _STATE_ATTR, (state, original))
+        processors[layer.name] = host.processor(layer.name)(state, layer)
+    denoiser.set_attn_processor(processors)
+    # the text length of joint sequences, for blocks that only see them concatenated (FLUX single-stream)
+    hook = denoiser.register_forward_pre_hook(state.record_text_length, with_kwargs=True)
+    setattr(denoiser, _STATE_ATTR, (state, original, hook))
     return state
 
 
-def remove_consistent_attention(pipe_or_unet) -> None:
+def remove_consistent_attention(pipe_or_denoiser) -> None:
     """Restore the processors that were installed before :func:`apply_consistent_attention`."""
-    unet = _unet(pipe_or_unet)
-    installed = getattr(unet, _STATE_ATTR, None)
+    denoiser = find_host(pipe_or_denoiser).denoiser
+    installed = getattr(denoiser, _STATE_ATTR, None)
     if installed is None:
         return
-    _, original = installed
-    unet.set_attn_processor(dict(original))
-    delattr(unet, _STATE_ATTR)
+    _, original, hook = installed
+    denoiser.set_attn_processor(dict(original))
+    hook.remove()
+    delattr(denoiser, _STATE_ATTR)

@@ -58,3 +58,11 @@ def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     from diffusers.utils import deprecation_utils
 
     return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
+def flux_qkv_projections(attn, hidden_states, encoder_hidden_states=None):
+    """FLUX attention's q, k, v (and the text stream's, or None) as its own processor computes them,
+    fused projections included."""
+    from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+    return _get_qkv_projections(attn, hidden_states, encoder_hidden_states)

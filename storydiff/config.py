@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-LAYER_PRESETS = ("up", "up+mid", "all")
+# "default": each family's choice (hosts.py); the others exist for some families only
+LAYER_PRESETS = ("default", "all", "up", "up+mid", "single", "double")
 
 
 class InvalidSetting(ValueError):
@@ -32,8 +33,9 @@ class ConsistencyConfig:
         level_rates: per-level rates keyed by the level's downsampling factor relative to the image:
             8 (full latent resolution), 16, 32, 64. Official ``sa32`` is ``level_rates[32]`` and ``sa64``
             is ``level_rates[16]`` (the names count latent pixels at 1024²).
-        layers: which self-attention (``attn1``) layers become consistent: "up" (official: the UNet's
-            up blocks), "up+mid", "all", an explicit list of processor names, or a predicate on the name.
+        layers: which attention layers become consistent: "default" (each model family's choice, see
+            ``hosts.py``; for UNets the up blocks' ``attn1``, as the official code), "all", "up" /
+            "up+mid" (UNets), "single" / "double" (FLUX), a list of processor names, or a predicate.
         warmup_steps: the first denoising steps use plain attention (official variant B: 1).
         skip_prob_early / skip_prob_late / skip_switch_step: each layer call randomly falls back to plain
             self-attention with probability ``skip_prob_early`` before step ``skip_switch_step`` and
@@ -51,7 +53,7 @@ class ConsistencyConfig:
 
     rate: float = 0.5
     level_rates: dict[int, float] = field(default_factory=dict)
-    layers: str | list[str] | Callable[[str], bool] = "up"
+    layers: str | list[str] | Callable[[str], bool] = "default"
     warmup_steps: int = 1
     skip_prob_early: float = 0.3
     skip_prob_late: float = 0.1

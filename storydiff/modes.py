@@ -66,8 +66,11 @@ class JointMode:
 
     def attend(self, state: ConsistencyState, layer: LayerInfo, q, k, v, groups: int, image) -> torch.Tensor:
         ref_idx = state.reference_indices(layer, image, q.device).repeat(groups, 1)
-        rows = rows_kwarg(image, q.shape[2])
-        out = consistent_attention(q, k, v, ref_idx, groups=groups, window=state.config.window, **rows)
+        if ref_idx.shape[1] == 0:  # rate 0 at this level: nothing to borrow, exactly the host's attention
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            rows = rows_kwarg(image, q.shape[2])
+            out = consistent_attention(q, k, v, ref_idx, groups=groups, window=state.config.window, **rows)
         if self.writing is not None:
             bank_k, bank_v = (bank_tokens(x, ref_idx, groups) for x in (k, v))
             state.bank.store(self.writing, state.step, layer.name, bank_k, bank_v)

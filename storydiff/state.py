@@ -69,6 +69,7 @@ class ConsistencyState:
         self.step = 0
         self._draws: dict[tuple, torch.Tensor] = {}  # token draws of the current step, shared by layers
         self.host: dict = {}  # what identifies the denoiser (attention.host_signature), for banks
+        self.text_tokens: int | None = None  # text length of the current call's joint sequences
 
     # -- driven by the pipeline ----------------------------------------------------------------------
     def begin(self, mode: Mode, *, step: int = 0) -> None:
@@ -104,6 +105,12 @@ class ConsistencyState:
         self._draws.clear()
         if self.mode is not None:
             self.mode.on_step()
+
+    def record_text_length(self, module, args, kwargs) -> None:
+        """Forward pre-hook of the denoiser: the length of the text stream it is called with (FLUX's
+        single-stream blocks see text and image already concatenated)."""
+        context = kwargs.get("encoder_hidden_states")
+        self.text_tokens = None if context is None else context.shape[1]
 
     def step_callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         """For diffusers' ``callback_on_step_end``: step ``step`` just finished."""

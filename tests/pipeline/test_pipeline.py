@@ -109,7 +109,7 @@ def test_remove_restores_processor_objects(pipe):
 
 
 def test_apply_rejects_a_pipeline_without_unet():
-    with pytest.raises(ValueError, match="needs a UNet2DConditionModel"):
+    with pytest.raises(ValueError, match="installs on UNet2DConditionModel"):
         apply_consistent_attention(torch.nn.Linear(2, 2))
 
 

@@ -1,0 +1,136 @@
+"""Consistent attention inside diffusion transformers' joint text+image attention (FLUX, SD3).
+
+Each processor keeps its host processor's own math — projections (fused ones too), q/k norms, RoPE, how
+text and image streams are concatenated and split, output projections — and replaces only the attention
+call with ``ConsistencyState.attend``, telling it where the image tokens sit in the joint sequence: only
+they are offered to other frames, and only their queries read other frames' tokens. Text queries attend to
+their own frame only, so prompts never leak between frames.
+
+Borrowed keys carry the RoPE rotation of their source frame's position (FLUX computes the same positions
+for every frame), which is what the host computes today.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .compat import flux_qkv_projections
+from .state import ConsistencyState, LayerInfo
+
+
+class FluxConsistentProcessor:
+    """For ``FluxAttention``: double-stream blocks (text tokens, then image tokens, concatenated before
+    RoPE) and single-stream blocks (text already inside ``hidden_states``: its length comes from the
+    state, which the transformer's forward pre-hook sets from ``encoder_hidden_states``)."""
+
+    def __init__(self, state: ConsistencyState, layer: LayerInfo) -> None:
+        self.state = state
+        self.layer = layer
+
+    @torch.compiler.disable  # see ConsistentAttnProcessor: the state's bookkeeping stays eager
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if attention_mask is not None:
+            raise ValueError(f"{self.layer.name}: consistent attention does not take an attention_mask")
+        query, key, value, encoder_query, encoder_key, encoder_value = flux_qkv_projections(
+            attn, hidden_states, encoder_hidden_states
+        )
+        query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))  # B N H D
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None:  # double-stream block: [text; image]
+            encoder_query, encoder_key, encoder_value = (
+                x.unflatten(-1, (-1, attn.head_dim)) for x in (encoder_query, encoder_key, encoder_value)
+            )
+            encoder_query, encoder_key = attn.norm_added_q(encoder_query), attn.norm_added_k(encoder_key)
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+            text = encoder_hidden_states.shape[1]
+        else:
+            text = self.state.text_tokens
+            if text is None:
+                raise RuntimeError(
+                    f"{self.layer.name}: the text length of this single-stream block is unknown; run the "
+                    "transformer with encoder_hidden_states (its forward hook records the length)"
+                )
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        tokens = query.shape[1]
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, H, N, D) views
+        out = self.state.attend(self.layer, q, k, v, image=(text, tokens))
+        hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]],
+                dim=1,
+            )
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+class SD3ConsistentProcessor:
+    """For SD3/SD3.5 joint attention (``JointAttnProcessor2_0``'s math): image tokens first, the text
+    stream's appended; with no text stream (SD3.5's dual ``attn2``) the whole sequence is image."""
+
+    def __init__(self, state: ConsistencyState, layer: LayerInfo) -> None:
+        self.state = state
+        self.layer = layer
+
+    @torch.compiler.disable  # see ConsistentAttnProcessor: the state's bookkeeping stays eager
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ):
+        if attention_mask is not None:
+            raise ValueError(f"{self.layer.name}: consistent attention does not take an attention_mask")
+        batch, image = hidden_states.shape[0], hidden_states.shape[1]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (
+            x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value)
+        )
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            context = [
+                proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+                for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            ]
+            if attn.norm_added_q is not None:
+                context[0] = attn.norm_added_q(context[0])
+            if attn.norm_added_k is not None:
+                context[1] = attn.norm_added_k(context[1])
+            query = torch.cat([query, context[0]], dim=2)
+            key = torch.cat([key, context[1]], dim=2)
+            value = torch.cat([value, context[2]], dim=2)
+
+        out = self.state.attend(self.layer, query, key, value, image=(0, image))
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = hidden_states[:, :image], hidden_states[:, image:]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
