@@ -1,18 +1,53 @@
 #!/usr/bin/env bash
-# Everything a session with the GPU machine should run, in one call (device tool: run "bash benchmarks/gpu_session.sh").
-# Writes results into benchmarks/results/ and, when $OUT is set (the device tool), packs them into $OUT/results.tgz.
-# The GPU image has torch/triton/transformers but not diffusers: carry its wheel (device README, ".whl") and
-# install it first. All of it takes longer than one 10-minute device call: run the sections in separate calls.
+# Everything a session with the GPU machine should run (device tool: run "bash benchmarks/gpu_session.sh [SECTION...]").
+# Writes results into benchmarks/results/ and, when $OUT is set (the device tool), packs them into $OUT/results.tgz
+# after every section (a call stopped at its limit still returns the finished sections) with the log in
+# $OUT/session.log. The GPU image has torch/triton/transformers but not diffusers: carry its wheel (device README,
+# ".whl") and install it first.
+#
+# Sections, most important first; no argument runs them all in this order:
+#   tests        GPU correctness tests of the kernel (fixed configs: tuning each shape is slow)
+#   headline     op suite, the two SDXL target cases the README quotes (autotuned; the gate checks the tuned kernel)
+#   dit-op       op suite at FLUX.1-dev / SD3.5-large joint text+image shapes (1024², 768²; 2/4/8 frames), bf16
+#   dit          one FLUX.1-dev and one SD3.5-large transformer step at 1024², 4 frames, stock vs ours, bf16
+#   unet         one SDXL UNet step, official A / B / ours, and their banks
+#   motion       compiled vs eager motion predictor
+#   vram         profile-vram, bank modes
+#   vram-window  profile-vram, window mode vs story length
+# One device call runs at most 10 minutes: all of it does not fit in one. Run "tests headline dit-op dit" first
+# (the rows not measured yet), the rest in a later call. No GPU run has timed these sections yet.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import torch, triton, diffusers; print(torch.__version__, triton.__version__, diffusers.__version__)"
-CSA_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/ops/test_gpu.py 2>&1 | tail -15  # fixed configs: tuning each shape is slow
-# the op suite below autotunes, and its correctness gate checks the tuned kernel at the headline sizes
-python3 -m storydiff.cli bench --suite op --size headline
-python3 -m storydiff.cli bench --suite unet
-python3 -m storydiff.cli bench --suite motion
-python3 -m storydiff.cli profile-vram --modes official_b,ours,ours_offload,window --lengths 4,8,16 --steps 10
-python3 -m storydiff.cli profile-vram --modes window,window_unchunked --lengths 8,32,128,256 --steps 4 --size 768
-if [ -n "${OUT:-}" ]; then tar czf "$OUT/results.tgz" benchmarks/results; fi  # one file: the device tool returns at most 8
+ALL=(tests headline dit-op dit unet motion vram vram-window)
+if [ $# -gt 0 ]; then SECTIONS=("$@"); else SECTIONS=("${ALL[@]}"); fi
+for name in "${SECTIONS[@]}"; do  # a typo fails now, not after the long sections before it
+    case " ${ALL[*]} " in *" $name "*) ;; *) echo "unknown section '$name'; choose from: ${ALL[*]}"; exit 2 ;; esac
+done
+LOG="${OUT:+$OUT/session.log}"
+LOG="${LOG:-/dev/null}"
+
+section() {
+    case "$1" in
+        tests) CSA_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/ops/test_gpu.py 2>&1 | tail -15 ;;
+        headline) python3 -m storydiff.cli bench --suite op --size headline ;;
+        dit-op) python3 -m storydiff.cli bench --suite op --size dit ;;
+        dit) python3 -m storydiff.cli bench --suite dit --model all ;;
+        unet) python3 -m storydiff.cli bench --suite unet ;;
+        motion) python3 -m storydiff.cli bench --suite motion ;;
+        vram) python3 -m storydiff.cli profile-vram --modes official_b,ours,ours_offload,window --lengths 4,8,16 --steps 10 ;;
+        vram-window) python3 -m storydiff.cli profile-vram --modes window,window_unchunked --lengths 8,32,128,256 --steps 4 --size 768 ;;
+    esac
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c "import torch, triton, diffusers; print(torch.__version__, triton.__version__, diffusers.__version__)"
+} 2>&1 | tee -a "$LOG"
+for name in "${SECTIONS[@]}"; do
+    start=$SECONDS
+    echo "=== $name" | tee -a "$LOG"
+    section "$name" 2>&1 | tee -a "$LOG"
+    echo "=== $name: exit ${PIPESTATUS[0]}, $((SECONDS - start)) s" | tee -a "$LOG"
+    if [ -n "${OUT:-}" ]; then tar czf "$OUT/results.tgz" benchmarks/results; fi  # the device tool returns at most 8 files
+done

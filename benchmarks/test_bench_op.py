@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from csa_kernels import reference_error_bound
-from storydiff.benchmark.op_suite import cpu_cases, headline_cases, make_case_inputs
+from storydiff.benchmark.op_suite import cpu_cases, cpu_dit_cases, dit_cases, headline_cases, make_case_inputs
 from storydiff.benchmark.providers import UNGATED, default_providers, setup_provider
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
-CASES = headline_cases() if DEVICE.type == "cuda" else cpu_cases()[:2]
+# plus one joint text + image case (FLUX layout: only image rows borrow)
+CASES = headline_cases() + dit_cases()[:1] if DEVICE.type == "cuda" else cpu_cases()[:2] + cpu_dit_cases()[:1]
 
 
 @pytest.mark.parametrize("provider", default_providers(DEVICE))

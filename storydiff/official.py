@@ -23,6 +23,12 @@ Two forms share the mask rule (``visible``) and the per-frame gather (``frame_co
 (``OfficialAttnProcessor`` via ``install_official``; the UNet suite, ``profile-vram``, parity tests).
 ``OfficialState.select`` replaces the random draws by a given token selection and ``warmup`` /
 ``layer_skip`` turn the schedule off, so a test can feed this oracle and our processor the same tokens.
+
+Joint text + image sequences (FLUX, SD3; not in the official code, which has UNets only): the op-level
+variants take ``query_rows=(a, b)`` as ``csa_kernels.consistent_attention`` does — only query rows
+a..b-1 (the image tokens) see other frames' kept tokens and the bank; every other row (text) sees its own
+frame only. The keep mask then marks image positions only. Variant A masks those rows in its dense mask;
+variant B masks them from the concatenated keys of its per-frame loop.
 """
 
 from __future__ import annotations
@@ -52,29 +58,48 @@ def keep_from_indices(ref_idx: torch.Tensor, num_tokens: int, groups: int = 1) -
     return halves[0] if bool((halves == halves[:1]).all()) else halves
 
 
-def visible(query_frame, key_frame, key_kept, window: int | None = None):
+def visible(query_frame, key_frame, key_kept, window: int | None = None, query_borrows=None):
     """Variant A's mask rule, on index tensors or inside a FlexAttention ``mask_mod``: a query sees every
     token of its own frame and the kept tokens of the other frames. ``window`` is not in the official
-    code; it limits those to frames at story distance <= window, the generalisation csa_kernels has."""
+    code; it limits those to frames at story distance <= window, the generalisation csa_kernels has.
+    ``query_borrows`` (bool per query, joint sequences): False rows see their own frame only."""
     if window is not None:
         key_kept = key_kept & ((query_frame - key_frame).abs() <= window)
+    if query_borrows is not None:
+        key_kept = key_kept & query_borrows
     return (query_frame == key_frame) | key_kept
 
 
+def borrowing_rows(tokens: int, query_rows: tuple[int, int] | None, device=None) -> torch.Tensor | None:
+    """(N,) bool: the positions of a frame whose queries read other frames (None: all of them)."""
+    if query_rows is None:
+        return None
+    position = torch.arange(tokens, device=device)
+    return (position >= query_rows[0]) & (position < query_rows[1])
+
+
 def consistency_mask(
-    keep: torch.Tensor, *, window: int | None = None, bank_keep: torch.Tensor | None = None
+    keep: torch.Tensor,
+    *,
+    window: int | None = None,
+    bank_keep: torch.Tensor | None = None,
+    query_rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Variant A's dense mask over one CFG half: (F·N, F·N + M) bool, rows are queries, True = attend.
 
     keep: (F, N) bool, the tokens of each frame that the other frames see.
     bank_keep: (M,) bool over key columns appended after the frames' tokens, the same for every query
         (the read path: the draw over the banked identity tokens; all True for an unsampled bank).
+    query_rows: (a, b): only query positions a..b-1 of each frame see other frames and the bank.
     """
     frames, tokens = keep.shape
     frame_of = torch.arange(frames * tokens, device=keep.device) // tokens
-    mask = visible(frame_of[:, None], frame_of[None, :], keep.reshape(1, -1), window)
+    rows = borrowing_rows(tokens, query_rows, keep.device)
+    borrows = None if rows is None else rows.repeat(frames)[:, None]
+    mask = visible(frame_of[:, None], frame_of[None, :], keep.reshape(1, -1), window, borrows)
     if bank_keep is not None:
-        mask = torch.cat([mask, bank_keep.reshape(1, -1).expand(len(frame_of), -1)], dim=1)
+        bank = bank_keep.reshape(1, -1).expand(len(frame_of), -1)
+        mask = torch.cat([mask, bank if borrows is None else bank & borrows], dim=1)
     return mask
 
 
@@ -103,14 +128,19 @@ def _halves(keep: torch.Tensor, groups: int, frames: int, tokens: int) -> list[t
 
 # -- op level: projected q, k, v (B, H, N, D) -----------------------------------------------------------
 def official_a_mask(
-    keep: torch.Tensor, *, window: int | None = None, bank_keep: torch.Tensor | None = None
+    keep: torch.Tensor,
+    *,
+    window: int | None = None,
+    bank_keep: torch.Tensor | None = None,
+    query_rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Masks for :func:`official_a`: (1, 1, F·N, F·N + M) for a keep (F, N) shared by the CFG halves,
     (G, 1, ...) for a keep (G, F, N). Separate from the attention because the official code builds them
-    once per step and level, not per layer call."""
+    once per step and level, not per layer call. ``query_rows``: see :func:`consistency_mask`."""
+    rule = {"window": window, "bank_keep": bank_keep, "query_rows": query_rows}
     if keep.ndim == 2:
-        return consistency_mask(keep, window=window, bank_keep=bank_keep)[None, None]
-    return torch.stack([consistency_mask(k, window=window, bank_keep=bank_keep) for k in keep])[:, None]
+        return consistency_mask(keep, **rule)[None, None]
+    return torch.stack([consistency_mask(k, **rule) for k in keep])[:, None]
 
 
 def official_a(
@@ -190,16 +220,25 @@ def official_b(
     bank_k: torch.Tensor | None = None,
     bank_v: torch.Tensor | None = None,
     scale: float | None = None,
+    query_rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Variant B: per frame, concatenate its keys with the other frames' kept keys, one SDPA call each.
 
     q, k, v: (B, H, N, D); keep: (F, N) or (groups, F, N) bool (see :func:`frame_contexts`);
-    bank_k, bank_v: (groups, H, M, D) seen by every frame of its half. Returns (B, H, N, D).
+    bank_k, bank_v: (groups, H, M, D) seen by every frame of its half. query_rows: (a, b), joint
+    sequences: rows outside a..b-1 are masked from everything but their own N keys. Returns (B, H, N, D).
     """
+    tokens = q.shape[2]
     queries = q.unflatten(0, (groups, _frames(q.shape[0], groups)))
+    rows = borrowing_rows(tokens, query_rows, q.device)
     out = torch.empty_like(queries)
     for halves, i, (keys, values) in frame_contexts((k, v), keep, groups, (bank_k, bank_v)):
-        out[halves, i] = F.scaled_dot_product_attention(queries[halves, i], keys, values, scale=scale)
+        mask = None
+        if rows is not None:  # (N, own + borrowed keys): own keys for every row, the rest for image rows
+            mask = (torch.arange(keys.shape[-2], device=q.device) < tokens) | rows[:, None]
+        out[halves, i] = F.scaled_dot_product_attention(
+            queries[halves, i], keys, values, attn_mask=mask, scale=scale
+        )
     return out.flatten(0, 1)
 
 

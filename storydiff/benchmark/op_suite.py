@@ -1,4 +1,5 @@
-"""Op suite: one consistent-attention layer call per provider, at SDXL / SD1.5 / hd128 shapes.
+"""Op suite: one consistent-attention layer call per provider, at SDXL / SD1.5 / hd128 shapes, and at the
+joint text + image shapes of FLUX.1-dev and SD3.5-large (only image rows borrow: ``query_rows``).
 
 Every provider except the speed-of-light SDPA is first checked on the same inputs with the project's one
 tolerance rule (``csa_kernels.reference_error_bound``: within twice PyTorch's own error of the float64
@@ -12,9 +13,9 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from csa_kernels import attended_keys, reference_error_bound, sample_reference_indices
+from csa_kernels import reference_error_bound, sample_reference_indices
 
-from .providers import UNGATED, setup_provider
+from .providers import UNGATED, query_key_pairs, setup_provider
 from .timing import median_ms, peak_extra_mib
 
 
@@ -23,10 +24,12 @@ class OpCase:
     name: str
     frames: int  # story frames; CFG doubles the batch
     heads: int
-    tokens: int
+    tokens: int  # image tokens per frame: the tokens sampled and offered to other frames
     head_dim: int
     rate: float
     cfg: bool = True
+    text_tokens: int = 0  # joint text + image sequences (DiTs): text tokens per frame, never borrowed
+    text_first: bool = True  # FLUX: [text; image]; SD3: [image; text]
 
     @property
     def batch(self) -> int:
@@ -35,6 +38,17 @@ class OpCase:
     @property
     def groups(self) -> int:
         return 2 if self.cfg else 1
+
+    @property
+    def sequence(self) -> int:
+        """Tokens per frame in the attention call: image, plus text for a joint sequence."""
+        return self.tokens + self.text_tokens
+
+    @property
+    def image_span(self) -> tuple[int, int]:
+        """Where the image tokens sit in a frame's sequence: the ``query_rows`` of a joint case."""
+        start = self.text_tokens if self.text_first else 0
+        return start, start + self.tokens
 
 
 def gpu_cases() -> list[OpCase]:
@@ -52,7 +66,37 @@ def gpu_cases() -> list[OpCase]:
         OpCase("sd15-512-1/32-hd160", 4, 8, 256, 160, 0.5),
         OpCase("hd128-4096", 4, 24, 4096, 128, 0.5),
     ]
-    return cases
+    return cases + dit_cases()
+
+
+# FLUX.1-dev: T5 prompt of 512 tokens before the image tokens, 24 heads x 128, guidance-distilled (no CFG
+# batch). SD3.5-large: image tokens first, then 77 CLIP + 256 T5 tokens, 38 heads x 64, CFG [uncond; cond].
+FLUX_TEXT, SD35_TEXT = 512, 77 + 256
+
+
+def flux_case(resolution: int, frames: int, rate: float = 0.5) -> OpCase:
+    image = (resolution // 16) ** 2  # VAE 8x, then 2x2 latent packing
+    name = f"flux{resolution}-f{frames}-r{rate}"
+    return OpCase(name, frames, 24, image, 128, rate, cfg=False, text_tokens=FLUX_TEXT, text_first=True)
+
+
+def sd35_case(resolution: int, frames: int, rate: float = 0.5) -> OpCase:
+    image = (resolution // 16) ** 2  # VAE 8x, then 2x2 patches
+    name = f"sd35l{resolution}-f{frames}-r{rate}"
+    return OpCase(name, frames, 38, image, 64, rate, cfg=True, text_tokens=SD35_TEXT, text_first=False)
+
+
+def dit_cases() -> list[OpCase]:
+    """Joint text + image attention of FLUX.1-dev and SD3.5-large at rate 0.5, most important first: each
+    model at 1024², 4 frames; FLUX with 2 and 8 frames; both at 768² (2304 image tokens)."""
+    return [
+        flux_case(1024, 4),
+        sd35_case(1024, 4),
+        flux_case(1024, 2),
+        flux_case(1024, 8),
+        flux_case(768, 4),
+        sd35_case(768, 4),
+    ]
 
 
 def headline_cases() -> list[OpCase]:
@@ -70,23 +114,39 @@ def cpu_cases() -> list[OpCase]:
         OpCase("tiny-1/16-f4-r0.5", 4, 1, 1024, 64, 0.5),
         OpCase("tiny-1/16-f8-r0.3", 8, 1, 576, 64, 0.3),
         OpCase("tiny-sd15-hd40", 4, 2, 256, 40, 0.5),
+        *cpu_dit_cases(),
+    ]
+
+
+def cpu_dit_cases() -> list[OpCase]:
+    """Joint sequences at CPU sizes, both layouts: FLUX-like (text first, no CFG), SD3-like (image first,
+    CFG), with text lengths that are not multiples of a tile."""
+    return [
+        OpCase("tiny-flux-f4-r0.5", 4, 2, 256, 64, 0.5, cfg=False, text_tokens=40, text_first=True),
+        OpCase("tiny-sd3-f2-r0.5", 2, 2, 256, 32, 0.5, cfg=True, text_tokens=45, text_first=False),
     ]
 
 
 def make_case_inputs(case: OpCase, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    shape = (case.batch, case.heads, case.tokens, case.head_dim)
+    shape = (case.batch, case.heads, case.sequence, case.head_dim)
     q, k, v = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
-    # one draw shared by the CFG halves, as both the official code and our processor do
+    # one draw shared by the CFG halves, as both the official code and our processor do; image tokens only
     ref_idx = sample_reference_indices(case.frames, case.tokens, case.rate, generator=gen, device=device)
-    return {"q": q, "k": k, "v": v, "ref_idx": ref_idx.repeat(case.groups, 1), "groups": case.groups}
+    ref_idx = ref_idx + case.image_span[0]
+    inputs = {"q": q, "k": k, "v": v, "ref_idx": ref_idx.repeat(case.groups, 1), "groups": case.groups}
+    if case.text_tokens:
+        inputs["query_rows"] = case.image_span
+    return inputs
 
 
 def case_flops(case: OpCase) -> int:
-    """FLOPs of one layer call as the suite reports them: 4·H·N·D per attended key (QKᵀ and PV)."""
+    """FLOPs of one layer call as the suite reports them: 4·H·D per attended (query, key) pair (QKᵀ and
+    PV) — 4·H·N·D per attended key when every row borrows; in a joint sequence only image rows do."""
     refs = round(case.rate * case.tokens)  # what sample_reference_indices draws
-    keys = attended_keys(case.batch, case.tokens, refs, groups=case.groups)
-    return 4 * case.heads * case.tokens * case.head_dim * keys
+    rows = case.image_span if case.text_tokens else None
+    pairs = query_key_pairs(case.batch, case.sequence, refs, groups=case.groups, query_rows=rows)
+    return 4 * case.heads * case.head_dim * pairs
 
 
 def run_op_suite(

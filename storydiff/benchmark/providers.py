@@ -3,6 +3,11 @@
 Official variants A and B (and flex, on variant A's mask rule) come from the one oracle,
 ``storydiff.official``: given the same token selection they compute the same function as ours, the way
 the official StoryDiffusion code does it.
+
+Joint text + image inputs (``inputs["query_rows"] = (a, b)``, the DiT cases) go to the same functions with
+the same row range: variant A's dense mask over all frames' joint tokens keeps text rows to their own frame,
+variant B's per-frame loop masks text rows from the concatenated borrowed keys, and flex's ``mask_mod``
+applies the same rule. The official code has no DiT support; these are its algorithm on joint sequences.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch.nn.functional as F
 from csa_kernels import attended_keys, consistent_attention, consistent_attention_reference
 from csa_kernels.validation import TRITON_INSTALLED
 
-from ..official import keep_from_indices, official_a, official_a_mask, official_b, visible
+from ..official import borrowing_rows, keep_from_indices, official_a, official_a_mask, official_b, visible
 
 
 def _setup_official(name: str, inputs: dict) -> Callable[[], torch.Tensor]:
@@ -29,17 +34,18 @@ def _setup_official(name: str, inputs: dict) -> Callable[[], torch.Tensor]:
     """
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
     groups, bank_k, bank_v = inputs.get("groups", 1), inputs.get("bank_k"), inputs.get("bank_v")
+    rows = inputs.get("query_rows")
     if inputs.get("window") is not None:
         raise NotImplementedError("the official code has no window")
     keep = keep_from_indices(inputs["ref_idx"], q.shape[2], groups)
     if name == "official_b":
-        return lambda: official_b(q, k, v, keep, groups=groups, bank_k=bank_k, bank_v=bank_v)
+        return lambda: official_b(q, k, v, keep, groups=groups, bank_k=bank_k, bank_v=bank_v, query_rows=rows)
     if name == "flex":
         if bank_k is not None:
             raise NotImplementedError("the flex provider covers the official-A write mask (no bank)")
-        return _setup_flex(q, k, v, keep, groups)
+        return _setup_flex(q, k, v, keep, groups, rows)
     bank_keep = None if bank_k is None else torch.ones(bank_k.shape[2], dtype=torch.bool, device=q.device)
-    mask = official_a_mask(keep, bank_keep=bank_keep)
+    mask = official_a_mask(keep, bank_keep=bank_keep, query_rows=rows)
     return lambda: official_a(q, k, v, mask, groups=groups, bank_k=bank_k, bank_v=bank_v)
 
 
@@ -50,7 +56,9 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _setup_flex(q, k, v, keep: torch.Tensor, groups: int) -> Callable[[], torch.Tensor]:
+def _setup_flex(
+    q, k, v, keep: torch.Tensor, groups: int, query_rows: tuple[int, int] | None = None
+) -> Callable[[], torch.Tensor]:
     """FlexAttention over each CFG half's merged sequence, the official-A mask rule as its ``mask_mod``.
 
     Its block mask skips work only per 128 x 128 tile, so token sampling saves almost nothing here.
@@ -60,9 +68,11 @@ def _setup_flex(q, k, v, keep: torch.Tensor, groups: int) -> Callable[[], torch.
     batch, heads, tokens, dim = q.shape
     frames = batch // groups
     kept = (keep if keep.ndim == 3 else keep.expand(groups, -1, -1)).reshape(groups, -1).contiguous()
+    rows = borrowing_rows(tokens, query_rows, q.device)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return visible(q_idx // tokens, kv_idx // tokens, kept[b, kv_idx])
+        borrows = None if rows is None else rows[q_idx % tokens]
+        return visible(q_idx // tokens, kv_idx // tokens, kept[b, kv_idx], query_borrows=borrows)
 
     length = frames * tokens
     block_mask = create_block_mask(mask_mod, groups, None, length, length, device=q.device)
@@ -82,18 +92,37 @@ def _setup_flex(q, k, v, keep: torch.Tensor, groups: int) -> Callable[[], torch.
     return run
 
 
+def query_key_pairs(
+    frames: int,
+    tokens: int,
+    refs: int,
+    *,
+    groups: int = 1,
+    window: int | None = None,
+    bank_tokens: int = 0,
+    query_rows: tuple[int, int] | None = None,
+) -> int:
+    """(query, key) pairs of one head, summed over frames: every row sees its frame's own N keys, and the
+    rows in ``query_rows`` (all by default) the borrowed ones too (other frames' refs and the bank)."""
+    start, stop = query_rows or (0, tokens)
+    keys = attended_keys(frames, tokens, refs, groups=groups, window=window, bank_tokens=bank_tokens)
+    return frames * tokens * tokens + (stop - start) * (keys - frames * tokens)
+
+
 def _dense_keys(inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random dense K/V as long as the longest key set of a frame (own + visible refs + bank)."""
+    """Random dense K/V with as many (query, key) pairs as the consistent call (own + visible refs + bank,
+    the borrowed keys for the ``query_rows`` only), rounded up to whole keys per frame."""
     q, ref_idx = inputs["q"], inputs["ref_idx"]
     frames, heads, tokens, dim = q.shape
-    keys = attended_keys(
+    pairs = query_key_pairs(
         frames,
         tokens,
         ref_idx.shape[1],
         groups=inputs.get("groups", 1),
         bank_tokens=0 if inputs.get("bank_k") is None else inputs["bank_k"].shape[2],
+        query_rows=inputs.get("query_rows"),
     )
-    length = -(-keys // frames)
+    length = -(-pairs // (frames * tokens))
     return torch.randn(2, frames, heads, length, dim, dtype=q.dtype, device=q.device).unbind(0)
 
 
@@ -121,9 +150,9 @@ def default_providers(device: torch.device, size: str = "cpu") -> list[str]:
     if device.type == "cuda":
         if TRITON_INSTALLED:  # optional (Linux wheels only): without it, "ours" is the torch path alone
             names.append("ours_triton")
-        # flex compiles once per shape (~40 compiles would dominate the full suite), and torch.compile needs
-        # Triton to generate CUDA kernels
-        if size == "full" or not TRITON_INSTALLED:
+        # flex compiles once per shape (~40 compiles would dominate the full suite; the DiT cases are few but
+        # large, and the session's time is short), and torch.compile needs Triton to generate CUDA kernels
+        if size in ("full", "dit") or not TRITON_INSTALLED:
             names.remove("flex")
     else:
         names.insert(0, "reference")  # cheap enough at CPU sizes, and slow to time on a GPU

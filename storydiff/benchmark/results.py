@@ -94,11 +94,12 @@ def rows_figure(
     return fig
 
 
-# Op-suite case names: "<model><resolution>-1/<level>-f<frames>-r<rate>[-hd<head dim>]".
-CASE_NAMES = re.compile(r"-1/\d+-f\d+-r[\d.]+")
+# Op-suite case names: "<model><resolution>[-1/<level>]-f<frames>-r<rate>[-hd<head dim>]".
+CASE_NAMES = re.compile(r"(-1/\d+)?-f\d+-r[\d.]+")
 CASE_LEGEND = (
     "case names: model and image side (sdxl1024), level 1/16 or 1/32 of the image side (tokens per frame), "
-    "f = story frames (x2 for CFG), r = sampling rate, hd = head dim (else 64)"
+    "f = story frames (x2 for CFG), r = sampling rate, hd = head dim (else 64); flux / sd35l: joint text + "
+    "image attention of FLUX.1-dev / SD3.5-large, image rows borrow"
 )
 
 
@@ -115,4 +116,16 @@ def plot_rows(
     return path
 
 
+OP_PANELS = (("tflops", "effective TFLOP/s (attended keys only)"),)
 UNET_PANELS = (("ms", "ms per denoising step"), ("bank_gib_total", "identity bank for the run (GiB)"))
+DIT_PANELS = (("ms", "ms per denoising step"), ("ms_vs_stock", "step time / stock step time"))
+
+
+def panels_for(rows: list[dict]) -> tuple[tuple[str, str], ...]:
+    """The panels of the suite that wrote ``rows``, told apart by the keys its rows carry."""
+    keys = {key for row in rows for key in row}
+    if "ms_vs_stock" in keys:
+        return DIT_PANELS
+    if "bank_gib_total" in keys:
+        return UNET_PANELS
+    return OP_PANELS

@@ -1,4 +1,4 @@
-"""``storydiff bench``: the op, UNet and motion-predictor benchmark suites."""
+"""``storydiff bench``: the op, UNet, DiT and motion-predictor benchmark suites."""
 
 from __future__ import annotations
 
@@ -15,24 +15,38 @@ def register(subparsers, parents: list) -> None:
         help="benchmark consistent attention against the official variants and dense SDPA",
         description="Op suite: one layer call per provider, each first checked against the fp32 reference. "
         "UNet suite: one SDXL UNet step of 4 identity frames with official-A, official-B and our processors, "
-        "and the identity bank each keeps. Default: real sizes on a GPU, a small configuration (about a "
-        "minute) on a CPU.",
+        "and the identity bank each keeps. DiT suite: one FLUX.1-dev / SD3.5-large transformer step of 4 "
+        "frames, stock vs ours. Default: real sizes on a GPU, a small configuration (about a minute) on a "
+        "CPU.",
     )
     bench.add_argument(
         "--suite",
-        choices=("op", "unet", "all", "motion"),
+        choices=("op", "unet", "dit", "all", "motion"),
         default="all",
-        help="all = op + unet; motion: compiled vs eager Semantic Motion Predictor at batch 1 and 8 "
-        "(default: all)",
+        help="all = op + unet; dit: FLUX.1-dev / SD3.5-large transformer step (see --model); motion: "
+        "compiled vs eager Semantic Motion Predictor at batch 1 and 8 (default: all)",
     )
     bench.add_argument(
         "--size",
-        choices=("auto", "cpu", "full", "headline"),
+        choices=("auto", "cpu", "full", "headline", "dit"),
         default="auto",
-        help="auto: full on a GPU, cpu otherwise; headline: the op cases the README quotes (default: auto)",
+        help="auto: full on a GPU, cpu otherwise; headline: the op cases the README quotes; dit: the op "
+        "suite's FLUX / SD3.5 joint-attention cases only (default: auto)",
+    )
+    bench.add_argument(
+        "--model",
+        choices=("flux", "sd3", "all"),
+        default="all",
+        help="dit suite: FLUX.1-dev, SD3.5-large or both (default: all)",
     )
     bench.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
-    bench.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on GPU, fp32 on CPU")
+    bench.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="default: fp32 on CPU; on GPU bf16 for the DiT suite and --size dit (DiTs run in bf16), "
+        "else fp16",
+    )
     bench.add_argument(
         "--providers", default=None, help="op suite providers, comma-separated (default: all that apply)"
     )
@@ -48,10 +62,10 @@ def register(subparsers, parents: list) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..benchmark import op_suite, unet_suite
+    from ..benchmark import dit_suite, op_suite, unet_suite
     from ..benchmark.environment import environment
     from ..benchmark.providers import PROVIDERS, default_providers
-    from ..benchmark.results import UNET_PANELS, format_table, plot_rows, save_rows
+    from ..benchmark.results import DIT_PANELS, UNET_PANELS, format_table, plot_rows, save_rows
 
     try:
         device = resolve_device(args.device)
@@ -59,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return fail(str(exc))
     size = args.size if args.size != "auto" else ("full" if device.type == "cuda" else "cpu")
-    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    dit = args.suite == "dit" or size == "dit"
+    gpu_dtype = "bfloat16" if dit else "float16"
+    dtype = getattr(torch, args.dtype or (gpu_dtype if device.type == "cuda" else "float32"))
     providers = args.providers.split(",") if args.providers else default_providers(device, size)
     unknown = [p for p in providers if p not in PROVIDERS]
     if unknown:
@@ -68,9 +84,12 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     written = []
     if args.suite in ("op", "all"):
-        cases = {"cpu": op_suite.cpu_cases, "full": op_suite.gpu_cases, "headline": op_suite.headline_cases}[
-            size
-        ]()
+        cases = {
+            "cpu": op_suite.cpu_cases,
+            "full": op_suite.gpu_cases,
+            "headline": op_suite.headline_cases,
+            "dit": op_suite.dit_cases,
+        }[size]()
         print(f"op suite: {len(cases)} cases x {len(providers)} providers on {env['device']} ({dtype})")
         rows = op_suite.run_op_suite(cases, providers, device=device, dtype=dtype, env=env)
         print(format_table(rows))
@@ -89,6 +108,17 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_plot:
             title = f"SDXL UNet ({model}) step, 4 identity frames, {env['device']}"
             written.append(plot_rows(rows, written[-2].with_suffix(".png"), title, UNET_PANELS))
+    if args.suite == "dit":
+        model = "tiny" if size == "cpu" else "full"
+        models = ("flux", "sd3") if args.model == "all" else (args.model,)
+        cases = dit_suite.cpu_cases(models) if model == "tiny" else dit_suite.gpu_cases(models)
+        print(f"dit suite: {model} {', '.join(models)}, {len(cases)} cases on {env['device']} ({dtype})")
+        rows = dit_suite.run_dit_suite(cases, size=model, device=device, dtype=dtype, env=env)
+        print(dit_suite.format_dit_table(rows))
+        written += [*save_rows(rows, out, f"dit-{model}-{args.model}", env["device"])]
+        if not args.no_plot:
+            title = f"DiT step ({model}), {cases[0].frames} frames, stock vs ours, {env['device']}"
+            written.append(plot_rows(rows, written[-2].with_suffix(".png"), title, DIT_PANELS))
     if args.suite == "motion":
         from ..motion.compiled import benchmark_compiled
         from ..motion.model import SemanticMotionPredictor
