@@ -22,6 +22,7 @@ def consistent_attention(
     scale: float | None = None,
     backend: str = "auto",
     query_rows: tuple[int, int] | None = None,
+    pool_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Consistent self-attention: each frame attends to its own tokens plus sampled tokens of others.
 
@@ -45,8 +46,12 @@ def consistent_attention(
             plain attention over its own frame's N keys. For joint text + image sequences (FLUX: text
             first, SD3: image first), the image rows: text rows then never see other frames' prompts.
             Keys are not restricted: every row sees all N of its own frame's tokens.
+        pool_k: None, or (B, H, S, D) (S = ref_idx.shape[1]), same dtype and device as k, any strides: the
+            borrowed keys of each frame, in place of k gathered at ``ref_idx`` (e.g. re-positioned for
+            RoPE: a rotation by Δ of an already rotated key is the key rotated to its position + Δ, so the
+            caller re-positions only these S rows per frame). Values are still gathered from ``v``.
 
-    The keys and values of frame i are its own N tokens, plus ``k[j, :, ref_idx[j]]`` /
+    The keys and values of frame i are its own N tokens, plus ``k[j, :, ref_idx[j]]`` (or ``pool_k[j]``) /
     ``v[j, :, ref_idx[j]]`` for every visible frame j != i of its group, plus the M bank tokens of its
     group; one softmax runs over that whole set (for the query rows in ``query_rows``).
 
@@ -59,12 +64,13 @@ def consistent_attention(
 
     Raises:
         TypeError, ValueError: naming the argument and what was expected (shapes, dtypes, devices,
-            ref_idx range, ``B % groups``, ``window``, bank shape, head dim, backend, ``query_rows``).
+            ref_idx range, ``B % groups``, ``window``, bank shape, head dim, backend, ``query_rows``,
+            ``pool_k``).
         ModuleNotFoundError: ``backend="triton"`` without the triton package installed.
     """
-    check_inputs(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, backend, query_rows)
+    check_inputs(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, backend, query_rows, pool_k)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    tensors = (q, k, v, bank_k, bank_v)
+    tensors = (q, k, v, bank_k, bank_v, pool_k)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if backend == "triton" and not needs_grad:
         check_triton_inputs(q)
@@ -74,7 +80,7 @@ def consistent_attention(
     )
     if use_triton:
         rows = (None, None) if query_rows is None else tuple(query_rows)
-        return consistent_attention_op(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, *rows)
+        return consistent_attention_op(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, *rows, pool_k)
     return consistent_attention_torch(
         q,
         k,
@@ -86,4 +92,5 @@ def consistent_attention(
         bank_v=bank_v,
         scale=scale,
         query_rows=query_rows,
+        pool_k=pool_k,
     )

@@ -28,6 +28,7 @@ def consistent_attention_op(
     scale: float,
     query_row_start: Optional[int] = None,  # noqa: UP045
     query_row_end: Optional[int] = None,  # noqa: UP045
+    pool_k: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> torch.Tensor:
     """``consistent_attention``'s arguments, positionally; ``query_rows=(a, b)`` travels as
     ``query_row_start=a, query_row_end=b`` (both None: every row borrows)."""
@@ -36,9 +37,11 @@ def consistent_attention_op(
     from .triton_kernel import triton_consistent_attention
 
     query_rows = None if query_row_start is None else (query_row_start, query_row_end)
-    return triton_consistent_attention(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, query_rows)
+    return triton_consistent_attention(
+        q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, query_rows, pool_k
+    )
 
 
 @consistent_attention_op.register_fake
-def _(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, query_row_start=None, query_row_end=None):
+def _(q, *args, **kwargs):  # the output's shape and layout follow q alone
     return new_output(q)  # needs no Triton: torch.compile can trace calls on any install

@@ -55,6 +55,7 @@ def consistent_attention_reference(
     bank_v: torch.Tensor | None = None,
     scale: float | None = None,
     query_rows: tuple[int, int] | None = None,
+    pool_k: torch.Tensor | None = None,
     upcast: bool = True,
 ) -> torch.Tensor:
     """Consistent attention by explicit per-frame concatenation (see ``consistent_attention``).
@@ -62,6 +63,9 @@ def consistent_attention_reference(
     ``query_rows=(a, b)``: only query rows a <= r < b (rows of ``q``) attend to the borrowed keys (pool
     and bank); the scores of every other row over them are -inf, so those rows get plain softmax attention
     over their frame's own N keys. None: every row borrows.
+
+    ``pool_k``: (B, H, S, D) keys frame j offers in place of ``k[j][:, ref_idx[j]]`` (e.g. re-positioned
+    for RoPE); the values offered are still ``v[j][:, ref_idx[j]]``.
 
     With ``upcast=True`` (the default) all math is fp32; ``upcast=False`` does the same math in the
     inputs' dtype, which measures PyTorch's own low-precision error for test tolerances.
@@ -77,7 +81,7 @@ def consistent_attention_reference(
     for i in range(num_frames):
         keys, values = [kc[i]], [vc[i]]
         for j in visible_frames(i, num_frames, groups, window):
-            keys.append(kc[j][:, ref_idx[j]])
+            keys.append(kc[j][:, ref_idx[j]] if pool_k is None else cast(pool_k[j]))
             values.append(vc[j][:, ref_idx[j]])
         if bank_k is not None:
             keys.append(cast(bank_k[i // per_group]))

@@ -53,14 +53,16 @@ def consistent_attention_torch(
     bank_v: torch.Tensor | None = None,
     scale: float | None = None,
     query_rows: tuple[int, int] | None = None,
+    pool_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
     num_tokens = q.shape[2]
+    borrowed = (ref_idx, groups, window, bank_k, bank_v, scale, pool_k)
     if query_rows is None or tuple(query_rows) == (0, num_tokens):
-        return _borrowing_attention(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale)
+        return _borrowing_attention(q, k, v, *borrowed)
     start, stop = query_rows
     if start == stop:  # no row borrows: plain attention
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    parts = [_borrowing_attention(q[:, :, start:stop], k, v, ref_idx, groups, window, bank_k, bank_v, scale)]
+    parts = [_borrowing_attention(q[:, :, start:stop], k, v, *borrowed)]
     if start > 0:
         parts.insert(0, F.scaled_dot_product_attention(q[:, :, :start], k, v, scale=scale))
     if stop < num_tokens:
@@ -78,22 +80,22 @@ def _borrowing_attention(
     bank_k: torch.Tensor | None,
     bank_v: torch.Tensor | None,
     scale: float | None,
+    pool_k: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Every row of q (B, H, N', D) attends to its frame's own N keys, pool segments and bank."""
+    """Every row of q (B, H, N', D) attends to its frame's own N keys, pool segments and bank.
+    ``pool_k`` (B, H, S, D), when given, is the key pool instead of k's rows at ``ref_idx``."""
     num_frames, num_heads, num_tokens, head_dim = k.shape
     num_refs = ref_idx.shape[1]
     num_bank = 0 if bank_k is None else bank_k.shape[2]
 
-    def row_table(x: torch.Tensor, bank: torch.Tensor | None) -> torch.Tensor:  # [rows, H, D]
-        parts = [
-            x.transpose(1, 2).reshape(-1, num_heads, head_dim),
-            gather_reference_pool(x, ref_idx).flatten(0, 1),
-        ]
+    def row_table(x: torch.Tensor, bank: torch.Tensor | None, pool: torch.Tensor | None) -> torch.Tensor:
+        pool = gather_reference_pool(x, ref_idx) if pool is None else pool.transpose(1, 2)  # [B, S, H, D]
+        parts = [x.transpose(1, 2).reshape(-1, num_heads, head_dim), pool.flatten(0, 1)]  # [rows, H, D]
         if bank is not None:
             parts.append(bank.transpose(1, 2).reshape(-1, num_heads, head_dim))
         return torch.cat(parts)
 
-    table_k, table_v = row_table(k, bank_k), row_table(v, bank_v)
+    table_k, table_v = row_table(k, bank_k, pool_k), row_table(v, bank_v, None)
     key_sets: dict[int, list[tuple[int, torch.Tensor]]] = {}  # key-set length -> [(frame, rows)]
     for i in range(num_frames):
         parts = _key_rows(i, num_frames, num_tokens, num_refs, groups, window, num_bank)

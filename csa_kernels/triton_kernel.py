@@ -326,8 +326,10 @@ def triton_consistent_attention(
     bank_v: torch.Tensor | None,
     scale: float,
     query_rows: tuple[int, int] | None = None,
+    pool_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch the fused forward. Inputs are assumed validated (see validation.py)."""
+    """Launch the fused forward. Inputs are assumed validated (see validation.py). ``pool_k``: (B, H, S, D)
+    key pool to use instead of gathering k at ``ref_idx``."""
     if q.device.type != "cuda" and not INTERPRETED:
         raise ValueError(
             f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before csa_kernels' Triton "
@@ -338,8 +340,9 @@ def triton_consistent_attention(
     num_frames, num_heads, num_tokens, head_dim = q.shape
     num_refs = ref_idx.shape[1]
     if num_refs:
-        pool_k = gather_reference_pool(k, ref_idx)  # [B, S, H, D]
-        pool_v = gather_reference_pool(v, ref_idx)
+        pool_v = gather_reference_pool(v, ref_idx)  # [B, S, H, D], contiguous
+        # The kernel reads both pools with one set of strides: a given pool_k goes to the same layout.
+        pool_k = gather_reference_pool(k, ref_idx) if pool_k is None else pool_k.transpose(1, 2).contiguous()
     else:  # never read (empty ranges); an empty tensor may have a null data pointer, which launchers reject
         pool_k, pool_v = k.transpose(1, 2), v.transpose(1, 2)
     has_bank = bank_k is not None and bank_k.shape[2] > 0

@@ -44,6 +44,7 @@ def check_inputs(
     scale: float | None,
     backend: str,
     query_rows: tuple[int, int] | None = None,
+    pool_k: torch.Tensor | None = None,
 ) -> None:
     """Raise ``TypeError``/``ValueError`` naming the bad argument and what was expected."""
     for name, t in (("q", q), ("k", k), ("v", v), ("ref_idx", ref_idx)):
@@ -115,6 +116,26 @@ def check_inputs(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_query_rows(query_rows, num_tokens)
+    check_pool_k(pool_k, k, ref_idx)
+
+
+def check_pool_k(pool_k: torch.Tensor | None, k: torch.Tensor, ref_idx: torch.Tensor) -> None:
+    """None, or the (B, H, S, D) keys borrowed in place of k's rows at ref_idx: k's dtype and device."""
+    if pool_k is None:
+        return
+    if not isinstance(pool_k, torch.Tensor):
+        raise TypeError(f"pool_k must be None or a torch.Tensor, got {type(pool_k).__name__}")
+    num_frames, num_heads, _, head_dim = k.shape
+    expected = (num_frames, num_heads, ref_idx.shape[1], head_dim)
+    if tuple(pool_k.shape) != expected:
+        raise ValueError(
+            f"pool_k must have shape (B, H, S, D) = {expected} (S = ref_idx.shape[1]), "
+            f"got {tuple(pool_k.shape)}"
+        )
+    if pool_k.dtype != k.dtype:
+        raise ValueError(f"pool_k must have the dtype of k ({k.dtype}), got {pool_k.dtype}")
+    if pool_k.device != k.device:
+        raise ValueError(f"pool_k must be on the device of k ({k.device}), got {pool_k.device}")
 
 
 def check_query_rows(query_rows: tuple[int, int] | None, num_tokens: int) -> None:

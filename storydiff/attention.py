@@ -14,7 +14,7 @@ import json
 import torch
 from diffusers.models.attention_processor import Attention
 
-from .config import ConsistencyConfig
+from .config import ConsistencyConfig, InvalidSetting
 from .hosts import find_host, selector
 from .state import ConsistencyState, LayerInfo
 
@@ -107,6 +107,12 @@ def apply_consistent_attention(pipe_or_denoiser, config: ConsistencyConfig | Non
     """
     config = config or ConsistencyConfig()
     host = find_host(pipe_or_denoiser)
+    if config.rope != "source" and not host.rope:
+        raise InvalidSetting(
+            "rope",
+            f"applies to FLUX (RoPE) hosts only; this {host.family} denoiser has no rotary position "
+            f"embedding, so borrowed keys carry no position to move: use 'source', got {config.rope!r}",
+        )
     denoiser = host.denoiser
     if hasattr(denoiser, _STATE_ATTR):
         remove_consistent_attention(denoiser)
@@ -128,6 +134,8 @@ def apply_consistent_attention(pipe_or_denoiser, config: ConsistencyConfig | Non
     offload = config.offload_bank if config.offload_bank is not None else denoiser.device.type == "cuda"
     state = ConsistencyState(config, layers, offload_bank=offload)
     state.host = host_signature(denoiser, layers)
+    if host.rope:  # a bank holds keys where this policy put them: reading it under another would mislead
+        state.host["rope"] = config.rope
     processors = dict(original)
     for layer in layers:
         processors[layer.name] = host.processor(layer.name)(state, layer)

@@ -20,7 +20,9 @@ from .atomic import atomic_path
 
 BANK_FORMAT = "storydiff-bank-v2"
 # What a bank must agree on with the run that reads it; each is recorded when the bank is written.
-SIGNATURE_KEYS = ("architecture", "layers", "num_inference_steps", "timesteps", "cfg_groups")
+SIGNATURE_KEYS = ("architecture", "layers", "num_inference_steps", "timesteps", "cfg_groups", "rope")
+# what a key means in a bank written before it was recorded (banks from RoPE hosts kept source positions)
+_UNRECORDED = {"rope": "source"}
 
 
 def read_bank_header(path: str | Path) -> dict:
@@ -55,6 +57,7 @@ _LABELS = {
     "architecture": "model architecture",
     "num_inference_steps": "denoising steps (--steps)",
     "cfg_groups": "classifier-free guidance groups (--guidance above 1 or not)",
+    "rope": "RoPE policy of borrowed keys (rope)",
 }
 
 
@@ -62,7 +65,8 @@ def signature_differences(stored: dict, expected: dict) -> list[str]:
     """What a bank (``stored`` metadata) disagrees on with the run that wants it (``expected``)."""
     differences = []
     for key in SIGNATURE_KEYS:
-        if key in expected and stored.get(key) != expected[key]:
+        recorded = stored.get(key, _UNRECORDED.get(key))
+        if key in expected and recorded != expected[key]:
             if key == "layers":
                 theirs, ours = stored.get(key) or {}, expected[key]
                 missing = sorted(set(ours) - set(theirs))
@@ -75,7 +79,7 @@ def signature_differences(stored: dict, expected: dict) -> list[str]:
                 differences.append("scheduler timesteps (another scheduler or step count)")
             else:
                 label = _LABELS.get(key, key)
-                differences.append(f"{label}: bank {stored.get(key)!r}, this run {expected[key]!r}")
+                differences.append(f"{label}: bank {recorded!r}, this run {expected[key]!r}")
     return differences
 
 

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 
 # "default": each family's choice (hosts.py); the others exist for some families only
 LAYER_PRESETS = ("default", "all", "up", "up+mid", "single", "double")
+# where borrowed keys sit for RoPE hosts (FLUX): see ConsistencyConfig.rope
+ROPE_POLICIES = ("source", "shift", "none")
 
 
 class InvalidSetting(ValueError):
@@ -47,6 +49,12 @@ class ConsistencyConfig:
             tiles of ``tile`` consecutive frames (stride 1) within each UNet chunk, outputs averaged;
             tiles take every frame of the chunk, [NC] frames included.
         seed: seeds every random choice (token samples, layer skips).
+        rope: where borrowed keys sit for hosts with rotary position embeddings (FLUX). Every FLUX frame
+            uses the same positions, so a borrowed token at grid position (h, w) lands on the reader's own
+            (h, w). "source" (default): keep the source frame's rotation, the host's plain math.
+            "shift": move borrowed keys off the reader's grid by +1 on position-id axis 0 (FLUX ids are
+            (0, h, w); FLUX Kontext marks reference-image tokens the same way, (1, h, w)). "none": borrowed
+            keys carry no rotation. Applies to banked keys too; other hosts accept "source" only.
         offload_bank: keep the identity bank in (pinned) CPU memory and prefetch it layer by layer;
             None means "on when running on CUDA".
     """
@@ -62,6 +70,7 @@ class ConsistencyConfig:
     tile: int | None = None
     seed: int = 0
     offload_bank: bool | None = None
+    rope: str = "source"
 
     def __post_init__(self) -> None:
         _check_rate("rate", self.rate)
@@ -86,6 +95,8 @@ class ConsistencyConfig:
             isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1
         ):
             raise InvalidSetting("tile", f"must be None or a whole number >= 1, got {self.tile!r}")
+        if self.rope not in ROPE_POLICIES:
+            raise InvalidSetting("rope", f"must be one of {ROPE_POLICIES}, got {self.rope!r}")
 
     def rate_for(self, level_factor: int) -> float:
         return float(self.level_rates.get(level_factor, self.rate))

@@ -6,8 +6,8 @@ call with ``ConsistencyState.attend``, telling it where the image tokens sit in 
 they are offered to other frames, and only their queries read other frames' tokens. Text queries attend to
 their own frame only, so prompts never leak between frames.
 
-Borrowed keys carry the RoPE rotation of their source frame's position (FLUX computes the same positions
-for every frame), which is what the host computes today.
+On FLUX, borrowed keys carry the RoPE rotation of their source frame's position (every frame has the same
+positions) unless ``ConsistencyConfig.rope`` moves them (``rope.py``).
 """
 
 from __future__ import annotations
@@ -15,17 +15,31 @@ from __future__ import annotations
 import torch
 
 from .compat import flux_qkv_projections
+from .rope import Rotation, reposition_for, shift_ids
 from .state import ConsistencyState, LayerInfo
 
 
 class FluxConsistentProcessor:
     """For ``FluxAttention``: double-stream blocks (text tokens, then image tokens, concatenated before
     RoPE) and single-stream blocks (text already inside ``hidden_states``: its length comes from the
-    state, which the transformer's forward pre-hook sets from ``encoder_hidden_states``)."""
+    state, which the transformer's forward pre-hook sets from ``encoder_hidden_states``).
 
-    def __init__(self, state: ConsistencyState, layer: LayerInfo) -> None:
+    ``pos_embed``: the transformer's ``FluxPosEmbed``, which gives rope="shift" its offset rotation."""
+
+    def __init__(self, state: ConsistencyState, layer: LayerInfo, pos_embed=None) -> None:
         self.state = state
         self.layer = layer
+        self.pos_embed = pos_embed
+        self._shift: dict[torch.device, Rotation] = {}  # computed once per device
+
+    def shift_rotation(self, device: torch.device) -> Rotation:
+        """(cos, sin), (1, D): the rotation by rope="shift"'s position ids, from the host's own embedder."""
+        if device not in self._shift:
+            if self.pos_embed is None:
+                raise RuntimeError(f"{self.layer.name}: rope='shift' needs the transformer's pos_embed")
+            cos, sin = self.pos_embed(shift_ids(len(self.pos_embed.axes_dim)))
+            self._shift[device] = (cos.to(device), sin.to(device))
+        return self._shift[device]
 
     @torch.compiler.disable  # see ConsistentAttnProcessor: the state's bookkeeping stays eager
     def __call__(
@@ -67,7 +81,8 @@ class FluxConsistentProcessor:
 
         tokens = query.shape[1]
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, H, N, D) views
-        out = self.state.attend(self.layer, q, k, v, image=(text, tokens))
+        reposition = reposition_for(self.state.config.rope, image_rotary_emb, self.shift_rotation)
+        out = self.state.attend(self.layer, q, k, v, image=(text, tokens), reposition=reposition)
         hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -35,7 +36,8 @@ class Host:
     denoiser: torch.nn.Module
     presets: dict[str, Callable[[str], bool]]  # preset name -> which attention processors it selects
     level: Callable[[str], int | None]  # processor name -> level factor; None: never consistent
-    processor: Callable[[str], type]  # processor name -> our processor class for it
+    processor: Callable[[str], Callable]  # processor name -> our processor for it, built as (state, layer)
+    rope: bool = False  # rotary position embeddings on the keys: ConsistencyConfig.rope applies
 
 
 def find_host(pipe_or_denoiser) -> Host:
@@ -135,7 +137,9 @@ def _flux_host(transformer) -> Host:
         "double": lambda name: name.startswith("transformer_blocks."),
         "all": lambda name: True,
     }
-    return Host("flux", transformer, presets, level, lambda name: FluxConsistentProcessor)
+    # the transformer's own position embedder: rope="shift" rotates borrowed keys by its offset ids
+    processor = partial(FluxConsistentProcessor, pos_embed=transformer.pos_embed)
+    return Host("flux", transformer, presets, level, lambda name: processor, rope=True)
 
 
 def _sd3_host(transformer) -> Host:

@@ -19,7 +19,7 @@ from csa_kernels import consistent_attention
 from csa_kernels.pool import gather_reference_pool
 
 if TYPE_CHECKING:
-    from .state import ConsistencyState, LayerInfo, Span
+    from .state import ConsistencyState, LayerInfo, Reposition, Span
 
 
 def rows_kwarg(image: Span, tokens: int) -> dict:
@@ -29,10 +29,24 @@ def rows_kwarg(image: Span, tokens: int) -> dict:
     return {} if image == (0, tokens) else {"query_rows": image}
 
 
-def bank_tokens(x: torch.Tensor, ref_idx: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, H, N, D) → (groups, H, frames·S, D): the sampled tokens of each CFG half, bank layout."""
-    pool = gather_reference_pool(x, ref_idx)  # [B, S, H, D]
+def bank_tokens(
+    x: torch.Tensor, ref_idx: torch.Tensor, groups: int, pool: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, H, N, D) → (groups, H, frames·S, D): the sampled tokens of each CFG half, bank layout.
+    ``pool``: (B, H, S, D) tokens to bank instead of x's rows at ``ref_idx`` (re-positioned keys)."""
+    pool = gather_reference_pool(x, ref_idx) if pool is None else pool.transpose(1, 2)  # [B, S, H, D]
     return pool.reshape(groups, -1, *pool.shape[2:]).transpose(1, 2).contiguous()
+
+
+def offered_keys(
+    k: torch.Tensor, ref_idx: torch.Tensor, reposition: Reposition | None
+) -> torch.Tensor | None:
+    """The op's ``pool_k``: k's rows at ``ref_idx`` moved by the host's ``reposition`` (RoPE policy), or
+    None (the op gathers them itself) when keys are offered as they are. Only these S rows per frame are
+    re-positioned: a rotation by Δ of a rotated key is the key rotated to its position + Δ."""
+    if reposition is None:
+        return None
+    return reposition(gather_reference_pool(k, ref_idx).transpose(1, 2), ref_idx)
 
 
 def attend_rows(
@@ -64,15 +78,20 @@ class JointMode:
     def on_step(self) -> None:
         pass
 
-    def attend(self, state: ConsistencyState, layer: LayerInfo, q, k, v, groups: int, image) -> torch.Tensor:
+    def attend(
+        self, state: ConsistencyState, layer: LayerInfo, q, k, v, groups: int, image, reposition=None
+    ) -> torch.Tensor:
         ref_idx = state.reference_indices(layer, image, q.device).repeat(groups, 1)
+        pool_k = offered_keys(k, ref_idx, reposition)
         if ref_idx.shape[1] == 0:  # rate 0 at this level: nothing to borrow, exactly the host's attention
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             rows = rows_kwarg(image, q.shape[2])
-            out = consistent_attention(q, k, v, ref_idx, groups=groups, window=state.config.window, **rows)
+            window = state.config.window
+            out = consistent_attention(q, k, v, ref_idx, groups=groups, window=window, pool_k=pool_k, **rows)
         if self.writing is not None:
-            bank_k, bank_v = (bank_tokens(x, ref_idx, groups) for x in (k, v))
+            # banked as offered: frames that read the bank see the keys this batch's frames saw
+            bank_k, bank_v = bank_tokens(k, ref_idx, groups, pool_k), bank_tokens(v, ref_idx, groups)
             state.bank.store(self.writing, state.step, layer.name, bank_k, bank_v)
         return out
 
@@ -89,7 +108,11 @@ class ReadMode:
     def on_step(self) -> None:
         pass
 
-    def attend(self, state: ConsistencyState, layer: LayerInfo, q, k, v, groups: int, image) -> torch.Tensor:
+    def attend(
+        self, state: ConsistencyState, layer: LayerInfo, q, k, v, groups: int, image, reposition=None
+    ) -> torch.Tensor:
+        # reposition is not needed: reading frames offer nothing, and banked keys were re-positioned when
+        # they were written
         frames = self.num_frames
         rows = rows_kwarg(image, q.shape[2])
 

@@ -12,6 +12,7 @@ q, k, v to :meth:`ConsistencyState.attend`, which asks the mode.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,6 +26,9 @@ from .config import ConsistencyConfig
 from .modes import JointMode, ReadMode
 
 Span = tuple[int, int]  # token positions [start, stop) within each frame's sequence
+# (pool_k (B, H, S, D), positions (B, S)) -> pool_k: the host moves borrowed keys, already carrying their
+# source position's rotation, to where they should sit (FLUX's RoPE policy, ConsistencyConfig.rope)
+Reposition = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -42,10 +46,19 @@ class Mode(Protocol):
     num_frames: int
 
     def attend(
-        self, state: ConsistencyState, layer: LayerInfo, q: torch.Tensor, k, v, groups: int, image: Span
+        self,
+        state: ConsistencyState,
+        layer: LayerInfo,
+        q: torch.Tensor,
+        k,
+        v,
+        groups: int,
+        image: Span,
+        reposition: Reposition | None = None,
     ) -> torch.Tensor:
         """(B, H, N, D) attention output for this batch; only called when consistency is on. ``image``:
-        the token range [a, b) of each frame's sequence that holds image tokens (the rest is text)."""
+        the token range [a, b) of each frame's sequence that holds image tokens (the rest is text).
+        ``reposition``: applied to the keys this batch's frames offer (to each other and to a bank)."""
         ...
 
     def on_step(self) -> None:
@@ -119,13 +132,22 @@ class ConsistencyState:
 
     # -- read by the processors ----------------------------------------------------------------------
     def attend(
-        self, layer: LayerInfo, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image: Span | None = None
+        self,
+        layer: LayerInfo,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        image: Span | None = None,
+        reposition: Reposition | None = None,
     ) -> torch.Tensor:
         """Self-attention of (B, H, N, D) q, k, v under the current mode (stock when off or skipped).
 
         ``image``: the tokens [a, b) of each frame that are image tokens (default: all N). Only they are
         offered to other frames, and only their queries read other frames' tokens (text rows of a joint
         text+image sequence attend to their own frame only, or prompts would leak between frames).
+        ``reposition(pool_k, positions)``: the keys a frame offers, (B, H, S, D), gathered at ``positions``
+        (B, S) (token positions in the sequence), to wherever they should sit instead (RoPE hosts); they
+        are offered and banked that way. None: offered as they are.
         """
         mode = self.mode
         if mode is None or not self.consistent_now(layer):
@@ -137,7 +159,7 @@ class ConsistencyState:
             )
         image = image or (0, q.shape[2])
         # 2 under classifier-free guidance: [uncond frames; cond frames]
-        return mode.attend(self, layer, q, k, v, q.shape[0] // mode.num_frames, image)
+        return mode.attend(self, layer, q, k, v, q.shape[0] // mode.num_frames, image, reposition)
 
     def consistent_now(self, layer: LayerInfo) -> bool:
         """False during warm-up and when this (step, layer) randomly falls back to plain attention."""

@@ -19,7 +19,7 @@ from csa_kernels import consistent_attention
 from csa_kernels.pool import gather_reference_pool
 from csa_kernels.tiled import tiled_consistent_attention
 
-from ..modes import attend_rows, rows_kwarg
+from ..modes import attend_rows, offered_keys, rows_kwarg
 
 if TYPE_CHECKING:
     from ..state import ConsistencyState, LayerInfo
@@ -74,21 +74,25 @@ class WindowMode:
             if j != frame and self.active[j]
         ]
 
-    def attend(self, state: ConsistencyState, layer: LayerInfo, q, k, v, groups: int, image) -> torch.Tensor:
+    def attend(
+        self, state: ConsistencyState, layer: LayerInfo, q, k, v, groups: int, image, reposition=None
+    ) -> torch.Tensor:
         start, stop = self.chunk
         count = stop - start
         ref_idx = state.frame_reference_indices(layer, range(start, stop), image, q.device)
         rows = rows_kwarg(image, q.shape[2])
         both_halves = ref_idx.repeat(groups, 1)
         if self.tile is not None:  # the paper's tiled form, within this chunk (all its frames)
-            if rows:
+            if rows or reposition is not None:
                 raise ValueError("the tiled form (tile) supports image-only self-attention (UNets, PixArt)")
             return tiled_consistent_attention(q, k, v, both_halves, tile=self.tile, stride=1, groups=groups)
-        # [G, F, H, S, D]: each chunk frame's sampled tokens, per CFG half
-        pools = [
-            gather_reference_pool(x, both_halves).unflatten(0, (groups, count)).transpose(2, 3)
-            for x in (k, v)
-        ]
+        # [G, F, H, S, D]: each chunk frame's sampled tokens, per CFG half; keys as offered (re-positioned
+        # when the host asks), so the boundary cache hands later chunks the same keys this chunk saw
+        pool_k = offered_keys(k, both_halves, reposition)
+        if pool_k is None:
+            pool_k = gather_reference_pool(k, both_halves).transpose(1, 2)
+        pool_v = gather_reference_pool(v, both_halves).transpose(1, 2)
+        pools = [pool.unflatten(0, (groups, count)) for pool in (pool_k, pool_v)]
         self._offer(layer, pools)
 
         def tokens_of(frame: int, kind: int) -> torch.Tensor:  # [G, H, S, D]
