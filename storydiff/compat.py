@@ -66,3 +66,37 @@ def flux_qkv_projections(attn, hidden_states, encoder_hidden_states=None):
     from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
     return _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+
+
+# -- FLUX: latent packing and position ids (static helpers of FluxPipeline) -------------------------------
+
+
+def flux_pack(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) latents → (B, h/2 · w/2, 4C) packed 2x2 patches, as FluxPipeline packs its noise."""
+    batch, channels, height, width = latents.shape
+    return pipe._pack_latents(latents, batch, channels, height, width)
+
+
+def flux_unpack(pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Packed latents of a ``height`` x ``width`` (pixels) image → (B, C, h, w)."""
+    return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+
+
+def flux_image_ids(pipe, rows: int, cols: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """(rows·cols, 3) RoPE ids (0, row, col) of the packed image tokens."""
+    return pipe._prepare_latent_image_ids(1, rows, cols, device, dtype)
+
+
+def flux_shift(scheduler, image_tokens: int) -> float:
+    """The flow-matching sigma shift ``mu`` FLUX (and dynamic-shift SD3) derive from the image's token
+    count and the scheduler's config."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config = scheduler.config
+    return calculate_shift(
+        image_tokens,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )

@@ -25,7 +25,7 @@ from functools import partial
 
 import torch
 
-from .config import ConsistencyConfig
+from .config import ConsistencyConfig, InvalidSetting
 
 _UNET_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^mid_block\.")
 
@@ -72,17 +72,18 @@ def find_host(pipe_or_denoiser) -> Host:
 
 
 def selector(host: Host, config: ConsistencyConfig) -> Callable[[str], bool]:
-    """Which attention processors of ``host`` ``config.layers`` selects (ValueError for a preset the
-    family does not have)."""
+    """Which attention processors of ``host`` ``config.layers`` selects (``InvalidSetting`` for a preset
+    the family does not have)."""
     layers = config.layers
     if callable(layers):
         return lambda name: host.level(name) is not None and bool(layers(name))
     if isinstance(layers, list):
         return lambda name: host.level(name) is not None and name in layers
     if layers not in host.presets:
-        raise ValueError(
-            f"layers={layers!r} is not a preset of {host.family} denoisers; choose from "
-            f"{', '.join(host.presets)}, a list of processor names, or a predicate"
+        raise InvalidSetting(
+            "layers",
+            f"{layers!r} is not a preset of {host.family} denoisers; choose from "
+            f"{', '.join(host.presets)}, a list of processor names, or a predicate",
         )
     chosen = host.presets[layers]
     return lambda name: host.level(name) is not None and chosen(name)

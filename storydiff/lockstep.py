@@ -1,12 +1,13 @@
 """Step-synchronous denoising: every frame advances one step at a time, a chunk of frames per call.
 
 ``LockstepDenoiser`` holds the latents of all frames (host memory: 64 KiB a frame at 1024²) and runs the
-denoiser on any chunk of them at a given step, with classifier-free guidance batched as the diffusers
-pipelines batch it ([uncond; cond]). Each chunk has its own copy of the scheduler (schedulers keep per-step
-state). Text conditioning is encoded when a chunk comes (a few ms against a denoiser step) instead of being
-kept for every frame; only the last chunk's is kept, for a chunk that runs several steps in a row. So
-memory depends on the chunk size, not on the number of frames. Bank mode (both schedules) and window mode
-drive it; frame i's starting noise comes from seed i alone, so results never depend on chunking.
+denoiser on any chunk of them at a given step, the way the model family's diffusers pipeline does
+(``families.py``: classifier-free guidance as [uncond; cond] halves, or FLUX's guidance embedding). Each
+chunk has its own copy of the scheduler (schedulers keep per-step state). Text conditioning is encoded
+when a chunk comes (a few ms against a denoiser step) instead of being kept for every frame; only the last
+chunk's is kept, for a chunk that runs several steps in a row. So memory depends on the chunk size, not on
+the number of frames. Bank mode (both schedules) and window mode drive it; frame i's starting noise comes
+from seed i alone, so results never depend on chunking.
 """
 
 from __future__ import annotations
@@ -16,33 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .compat import execution_device, sdxl_time_ids
+from .families import Family, family_of
 from .progress import Progress, progress_bar
-
-
-def encode_prompts(pipe, prompts: list[str], negatives: list[str], cfg: bool, height: int, width: int):
-    """Denoiser conditioning of some frames: (encoder_hidden_states, added_cond_kwargs or None), with the
-    uncond half first under classifier-free guidance, exactly as the diffusers pipelines batch it."""
-    from diffusers import StableDiffusionXLPipeline
-
-    device = execution_device(pipe)
-    if not isinstance(pipe, StableDiffusionXLPipeline):
-        cond, uncond = pipe.encode_prompt(prompts, device, 1, cfg, negatives)
-        return (torch.cat([uncond, cond]) if cfg else cond), None
-    cond, uncond, pooled, neg_pooled = pipe.encode_prompt(
-        prompt=prompts,
-        device=device,
-        num_images_per_prompt=1,
-        do_classifier_free_guidance=cfg,
-        negative_prompt=negatives,
-    )
-    time_ids = sdxl_time_ids(pipe, height, width, cond.dtype, pooled.shape[-1]).to(device)
-    if cfg:
-        cond, pooled = torch.cat([uncond, cond]), torch.cat([neg_pooled, pooled])
-    return cond, {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pooled), 1)}
 
 
 class LockstepDenoiser:
@@ -61,19 +39,18 @@ class LockstepDenoiser:
         width: int,
     ) -> None:
         self.pipe, self.prompts, self.negatives = pipe, prompts, negatives
-        self.guidance_scale, self.cfg = guidance_scale, guidance_scale > 1
+        self.family: Family = family_of(pipe)
+        self.family.check_size(height, width)
+        self.guidance_scale = guidance_scale
+        self.cfg = self.family.uses_cfg_batch(guidance_scale)
         self.height, self.width = height, width
-        self.device = execution_device(pipe)
-        pipe.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        self.timesteps = pipe.scheduler.timesteps
+        self.timesteps = self.family.set_timesteps(pipe.scheduler, num_inference_steps, height, width)
         self.schedulers: dict[tuple[int, ...], object] = {}
         self._saved_schedulers: dict = {}
-        unet = pipe.unet
-        scale = pipe.vae_scale_factor
-        shape = (unet.config.in_channels, height // scale, width // scale)
+        shape = self.family.noise_shape(height, width)
         # frame i's starting noise comes from seed i alone: independent of chunking and story length
-        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
-        self.latents = (torch.stack(noise) * pipe.scheduler.init_noise_sigma).to(unet.dtype)
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        self.latents = self.family.initial_latents(noise, height, width).to(self.family.denoiser.dtype)
         # the last chunk's conditioning: reused while one chunk runs step after step (the stored bank
         # schedule, or a story that fits in one chunk); other chunks encode again (memory stays bounded)
         self._last: tuple[tuple[int, ...], tuple] | None = None
@@ -90,7 +67,8 @@ class LockstepDenoiser:
         if self._last is None or self._last[0] != key:
             prompts = [self.prompts[i] for i in frames]
             negatives = [self.negatives[i] for i in frames]
-            self._last = key, encode_prompts(self.pipe, prompts, negatives, self.cfg, self.height, self.width)
+            conditioning = self.family.encode(prompts, negatives, self.cfg, self.height, self.width)
+            self._last = key, conditioning
         return self._last[1]
 
     @torch.no_grad()
@@ -99,17 +77,11 @@ class LockstepDenoiser:
         t = self.timesteps[step]
         key = tuple(frames)
         index = torch.tensor(frames)
-        latents = self.latents[index].to(self.device)
-        model_in = torch.cat([latents, latents]) if self.cfg else latents
+        latents = self.latents[index].to(self.family.device)
         scheduler = self._scheduler(key)
-        model_in = scheduler.scale_model_input(model_in, t)
-        hidden, added = self._conditioning(frames)
-        noise = self.pipe.unet(
-            model_in, t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False
-        )[0]
-        if self.cfg:
-            uncond, text = noise.chunk(2)
-            noise = uncond + self.guidance_scale * (text - uncond)
+        noise = self.family.predict(
+            scheduler, latents, t, self._conditioning(frames), self.guidance_scale, self.cfg
+        )
         updated = scheduler.step(noise, t, latents, return_dict=False)[0]
         self.latents[index] = updated.to(self.latents.device, self.latents.dtype)
 
@@ -152,17 +124,3 @@ def run_lockstep(
                 save_checkpoint(checkpoint_path, step=step + 1, **denoiser.state_dict(), summary=summary)
     finally:
         bar.close()
-
-
-def decode_frame(pipe, latent: torch.Tensor) -> Image.Image:
-    """One frame's latent → PIL image, with SDXL's fp32 VAE upcast where its config asks for it."""
-    vae = pipe.vae
-    latent = latent[None].to(execution_device(pipe))
-    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-    with torch.no_grad():
-        if upcast:
-            vae.to(torch.float32)
-        image = vae.decode(latent.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        if upcast:
-            vae.to(torch.float16)
-    return pipe.image_processor.postprocess(image, output_type="pil")[0]

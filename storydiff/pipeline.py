@@ -1,6 +1,7 @@
 """``StoryDiffusionPipeline``: a story in, consistent frames and comic pages out.
 
-It composes an existing diffusers text-to-image pipeline (SDXL, SD1.5, SD2.x) and drives the
+It composes an existing diffusers text-to-image pipeline (SDXL, SD1.5, SD2.x, FLUX.1, SD3/SD3.5,
+PixArt-Σ; ``families.py`` says how each takes a step) and drives the
 consistent-attention state around its calls. Two modes (``RunSettings.mode``):
 
 * bank (as the official code): for each character, its identity frames (its first solo frames) are
@@ -31,7 +32,8 @@ from .bank import signature_differences
 from .checkpoint import CHECKPOINT
 from .comic import make_pages
 from .config import ConsistencyConfig, InvalidSetting
-from .lockstep import LockstepDenoiser, decode_frame, run_lockstep
+from .families import family_of
+from .lockstep import LockstepDenoiser, run_lockstep
 from .longstory.denoise import denoise_long_story
 from .modes import JointMode
 from .output import StoryOutput
@@ -114,10 +116,11 @@ def check_run(
 
 
 class StoryDiffusionPipeline:
-    """Consistent story generation on top of a diffusers UNet text-to-image pipeline.
+    """Consistent story generation on top of a diffusers text-to-image pipeline (UNet or transformer).
 
     Args:
-        pipe: e.g. ``StableDiffusionXLPipeline`` or ``StableDiffusionPipeline`` (``loading.load_pipeline``).
+        pipe: e.g. ``StableDiffusionXLPipeline``, ``StableDiffusionPipeline``, ``FluxPipeline``,
+            ``StableDiffusion3Pipeline`` or ``PixArtSigmaPipeline`` (``loading.load_pipeline``).
         config: consistent-attention settings; installing them happens here and lasts until :meth:`close`.
     """
 
@@ -127,6 +130,7 @@ class StoryDiffusionPipeline:
         self.pipe = pipe
         self.config = config or ConsistencyConfig()
         self.model_name = model_name or type(pipe).__name__
+        self.family = family_of(pipe)  # how this pipeline's model family takes a step
         self.state = apply_consistent_attention(pipe, self.config)
         self.loaded_banks: dict[str, dict] = {}  # character -> {"path", "sha256"} of banks read from disk
 
@@ -162,18 +166,20 @@ class StoryDiffusionPipeline:
     def run_signature(self, settings: RunSettings) -> dict:
         """What a bank written by this run records, and what a bank read by it must match."""
         scheduler = copy.deepcopy(self.pipe.scheduler)
-        scheduler.set_timesteps(settings.num_inference_steps)
+        side = self.default_size  # FLUX's sigmas shift with the image size
+        height, width = settings.height or side, settings.width or side
+        timesteps = self.family.set_timesteps(scheduler, settings.num_inference_steps, height, width)
         return {
             **self.state.host,
             "num_inference_steps": settings.num_inference_steps,
-            "timesteps": [round(float(t), 4) for t in scheduler.timesteps],
-            "cfg_groups": 2 if settings.cfg else 1,
+            "timesteps": [round(float(t), 4) for t in timesteps],
+            "cfg_groups": 2 if self.family.uses_cfg_batch(settings.guidance_scale) else 1,
         }
 
     @property
     def default_size(self) -> int:
         """The model's native image side in pixels (what ``height``/``width`` None mean)."""
-        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        return self.family.default_size
 
     # ------------------------------------------------------------------------------------------------
     def __call__(
@@ -205,6 +211,7 @@ class StoryDiffusionPipeline:
         )
         side = self.default_size
         settings = settings.replace(height=settings.height or side, width=settings.width or side)
+        self.family.check_size(settings.height, settings.width)
         # characters of this story with a bank already (loaded, or written by an earlier story)
         banked = set()
         if settings.mode == "bank":
@@ -292,7 +299,7 @@ class StoryDiffusionPipeline:
 
         def finish(frames: list[int]) -> None:
             for i in frames:
-                images[i] = decode_frame(self.pipe, denoiser.latents[i])
+                images[i] = self.family.decode(denoiser.latents[i], settings.height, settings.width)
                 if output is not None:
                     output.save_frame(i, images[i])
 
@@ -383,7 +390,7 @@ class StoryDiffusionPipeline:
         )
         bar = progress_bar(len(story.frames), "decoding frames", "frame", progress)
         for frame in story.frames:
-            images[frame.index] = decode_frame(self.pipe, latents[frame.index])
+            images[frame.index] = self.family.decode(latents[frame.index], settings.height, settings.width)
             if output is not None:
                 output.save_frame(frame.index, images[frame.index])
             bar.update()

@@ -151,11 +151,6 @@ class RunSettings:
         resume work at step boundaries."""
         return self.mode == "window" or self.bank_schedule == "lockstep"
 
-    @property
-    def cfg(self) -> bool:
-        """Classifier-free guidance on (the batch holds [uncond; cond] halves)."""
-        return self.guidance_scale > 1
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

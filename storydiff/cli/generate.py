@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..config import LAYER_PRESETS, ROPE_POLICIES
 from .common import DTYPES, fail
 
 # Settings fields (RunSettings, ConsistencyConfig) and the flags that set them, for error messages.
@@ -37,6 +38,8 @@ FLAGS = {
     "warmup_steps": "--warmup-steps",
     "window": "--window",
     "tile": "--tile",
+    "layers": "--layers",
+    "rope": "--rope",
     "load_bank": "--load-bank",
 }
 # Flags that describe the run itself: stored in the metadata, so --resume refuses them.
@@ -67,6 +70,8 @@ RUN_FLAGS = (
     "warmup_steps",
     "window",
     "tile",
+    "layers",
+    "rope",
     "no_skip",
     "load_bank",
 )
@@ -82,11 +87,13 @@ def register(subparsers, parents: list) -> None:
         help="generate a consistent story: frames, comic pages and metadata",
         description="Story file: character lines `[Name] description`, a `---` line, then one frame per "
         "line with [Name] tags ([NC]: no character) and an optional `#caption`. Models: a diffusers path "
-        "or hub id, or tiny-sdxl / tiny-sd15 (random weights, offline, for smoke tests).",
+        "or hub id of SD1.x/2.x, SDXL, FLUX.1, SD3/SD3.5 or PixArt-Σ, or tiny-sdxl / tiny-sd15 / tiny-flux / "
+        "tiny-sd3 / tiny-pixart (random weights, offline, for smoke tests).",
     )
     gen.add_argument(
         "--model",
-        help="diffusers model path or hub id; offline random weights: tiny-sdxl, tiny-sd15, random-sdxl",
+        help="diffusers model path or hub id (SD1.x/2.x, SDXL, FLUX.1, SD3/SD3.5, PixArt-Σ); offline random "
+        "weights: tiny-sdxl, tiny-sd15, random-sdxl, tiny-flux, tiny-sd3, tiny-pixart",
     )
     gen.add_argument("--story", help="story file (UTF-8 text)")
     gen.add_argument("--characters", default=None, help="character file (instead of a block in --story)")
@@ -152,6 +159,22 @@ def register(subparsers, parents: list) -> None:
     )
     gen.add_argument(
         "--window", type=int, default=None, help="neighbours within W frames (default: 2 in window mode)"
+    )
+    gen.add_argument(
+        "--layers",
+        choices=LAYER_PRESETS,
+        default=None,
+        help="attention layers that get consistency: default = the model family's choice (UNets: up "
+        "blocks, as the official code; FLUX: single-stream blocks; SD3, PixArt: all); all; up, up+mid "
+        "(UNets); single, double (FLUX)",
+    )
+    gen.add_argument(
+        "--rope",
+        choices=ROPE_POLICIES,
+        default=None,
+        help="FLUX: where borrowed tokens sit under RoPE: source = their own frame's position (default), "
+        "shift = off the reader's grid (position ids (1, h, w), as FLUX Kontext marks reference images), "
+        "none = no rotation",
     )
     gen.add_argument(
         "--warmup-steps", type=int, default=None, help="first steps without consistency (default: 1)"
@@ -298,6 +321,8 @@ def _from_flags(args: argparse.Namespace):
         "warmup_steps": args.warmup_steps,
         "window": args.window if args.window is not None else (2 if settings.mode == "window" else None),
         "tile": args.tile,
+        "layers": args.layers,
+        "rope": args.rope,
     }
     if args.no_skip:
         consistency.update(skip_prob_early=0.0, skip_prob_late=0.0)

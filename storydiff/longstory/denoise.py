@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..families import family_of
 from ..lockstep import LockstepDenoiser, run_lockstep
 from ..progress import Progress
 from ..state import ConsistencyState
@@ -44,7 +45,7 @@ def denoise_long_story(
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    default_side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    default_side = family_of(pipe).default_size
     height, width = height or default_side, width or default_side
     num_frames = len(prompts)
     summary = {

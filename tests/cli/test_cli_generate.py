@@ -89,13 +89,15 @@ def test_generate_refuses_to_overwrite_a_finished_run(tmp_path, capsys):
     assert generate(tmp_path, "a", "--model", "tiny-sd15", "--overwrite") == 0
 
 
-def test_generate_rejects_a_non_unet_pipeline(tmp_path, capsys, monkeypatch):
+def test_generate_rejects_a_pipeline_of_another_kind(tmp_path, capsys, monkeypatch):
     from diffusers import DiffusionPipeline
 
-    class VideoOnly:  # e.g. a transformer-based pipeline: no `unet`
+    class VideoOnly:  # e.g. a video pipeline: no family stories can run on
         transformer = object()
 
     monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda *a, **k: VideoOnly())
     assert generate(tmp_path, "out", "--model", "some-org/some-video-model") == 2
-    assert "is not a UNet2DConditionModel text-to-image pipeline" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'some-org/some-video-model' cannot tell stories: stories run on StableDiffusionPipeline" in err
+    assert "got VideoOnly" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()

@@ -152,12 +152,12 @@ def test_load_pipeline_wraps_failures(tmp_path: Path, monkeypatch: pytest.Monkey
     ],
     ids=["not-a-pipeline", "wrong-unet", "no-text-encoder"],
 )
-def test_load_pipeline_rejects_non_unet(
+def test_load_pipeline_rejects_other_kinds(
     make: Callable[[], object], got: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loaded = make()
     monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda *a, **k: loaded)
-    with pytest.raises(ValueError, match=rf"not a UNet2DConditionModel text-to-image pipeline \(got {got}\)"):
+    with pytest.raises(ModelLoadError, match=rf"'org/flux-like' cannot tell stories: .*; got {got}$"):
         load_pipeline("org/flux-like")
 
 

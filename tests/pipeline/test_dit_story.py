@@ -1,0 +1,249 @@
+"""Stories on diffusion transformers (tiny FLUX, SD3.5, PixArt-Σ built offline): the step adapters follow
+the stock pipelines exactly; bank mode, window mode, banks on disk, the CLI and resume work as on UNets."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from story_helpers import KILL_AFTER_FIRST_CHECKPOINT, read_frames
+
+from storydiff.checkpoint import CHECKPOINT
+from storydiff.cli import main
+from storydiff.config import ConsistencyConfig
+from storydiff.families import family_of
+from storydiff.lockstep import LockstepDenoiser
+from storydiff.pipeline import StoryDiffusionPipeline
+from storydiff.tiny_models import TINY_DIT, build_tiny_pipeline
+
+STORY = """\
+[Bob] a man with red hair
+[Alice] a woman in a yellow dress
+---
+[Bob] walks in the park #Bob takes a walk
+[Alice] waters the flowers #Alice at home
+[Bob] and [Alice] have dinner #Dinner
+[NC] a quiet street at night #Night falls
+[Bob] reads a newspaper
+"""
+NO_SKIP = {"warmup_steps": 1, "skip_prob_early": 0.0, "skip_prob_late": 0.0}
+PROMPTS = ["a man walks in the park", "a woman sings"]
+# what the stock pipelines need to do exactly what a story does (tiny tokenizers hold 77 tokens)
+STOCK = {
+    "tiny-flux": {"max_sequence_length": 77},
+    "tiny-sd3": {"max_sequence_length": 77, "negative_prompt": ["", ""]},
+    "tiny-pixart": {
+        "max_sequence_length": 77,
+        "negative_prompt": ["", ""],
+        "use_resolution_binning": False,
+        "clean_caption": False,
+    },
+}
+
+
+@pytest.fixture(scope="module", params=TINY_DIT)
+def dit(request):
+    return request.param, build_tiny_pipeline(request.param, progress_bar=False)
+
+
+def pixels(result):
+    return np.stack([np.asarray(image) for image in result.images])
+
+
+def story_run(pipe, rate=0.5, **settings):
+    sp = StoryDiffusionPipeline(pipe, ConsistencyConfig(rate=rate, seed=2, **NO_SKIP))
+    try:
+        return sp(STORY, num_inference_steps=3, progress=False, seed=5, **settings)
+    finally:
+        sp.close()
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0], ids=["guidance1", "guidance4"])
+def test_steps_equal_the_stock_pipeline(dit, guidance):
+    """Latents bit-exact and decoded images equal to the diffusers pipeline's own call (FLUX: guidance is
+    the embedding; SD3 and PixArt: CFG on at 4, off at 1)."""
+    name, pipe = dit
+    side = family_of(pipe).default_size
+    seeds = [3, 4]
+    stock = pipe(
+        PROMPTS,
+        num_inference_steps=3,
+        guidance_scale=guidance,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        height=side,
+        width=side,
+        output_type="latent",
+        **STOCK[name],
+    ).images
+    ours = LockstepDenoiser(
+        pipe,
+        prompts=PROMPTS,
+        negatives=["", ""],
+        seeds=seeds,
+        num_inference_steps=3,
+        guidance_scale=guidance,
+        height=side,
+        width=side,
+    )
+    for step in range(3):
+        ours.step([0, 1], step)
+    assert torch.equal(ours.latents, stock)
+    if guidance > 1:  # decoding as the stock pipeline decodes (one level of batch rounding allowed)
+        stock_image = pipe(
+            PROMPTS[:1],
+            num_inference_steps=3,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seeds[0]),
+            height=side,
+            width=side,
+            **{**STOCK[name], **({"negative_prompt": [""]} if "negative_prompt" in STOCK[name] else {})},
+        ).images[0]
+        decoded = np.asarray(ours.family.decode(ours.latents[0], side, side)).astype(int)
+        assert np.abs(decoded - np.asarray(stock_image).astype(int)).max() <= 1
+
+
+def test_bank_schedules_agree_and_consistency_acts(dit):
+    """Lockstep == stored bit-exact (banks of image tokens only), and sharing changes the frames."""
+    _, pipe = dit
+    lockstep = story_run(pipe, id_frames=1, bank_schedule="lockstep")
+    stored = story_run(pipe, id_frames=1, bank_schedule="stored")
+    assert np.array_equal(pixels(lockstep), pixels(stored))
+    assert lockstep.bank_bytes == stored.bank_bytes and all(stored.bank_bytes.values())
+    assert lockstep.metadata["bank_peak_bytes"] < stored.metadata["bank_peak_bytes"]
+    plain = story_run(pipe, rate=0.0, id_frames=1)
+    changed = np.abs(pixels(lockstep).astype(int) - pixels(plain).astype(int)).max(axis=(1, 2, 3))
+    # frames 0 and 1 write the banks alone (one identity frame each: nothing to borrow, so stock), 2 and 4
+    # read them; the [NC] frame 3 reads nothing (batch rounding only)
+    assert changed[[0, 1]].max() == 0 and changed[[2, 4]].min() > 0 and changed[3] <= 1, changed
+
+
+def test_rate_zero_story_equals_stock_frames(dit):
+    """With nothing shared, every story frame is the stock pipeline's image for its prompt and seed (up to
+    one level of rounding: the story batches frames differently)."""
+    name, pipe = dit
+    result = story_run(pipe, rate=0.0, id_frames=1)
+    prompts, negatives = result.metadata["prompts"], result.metadata["negative_prompts"]
+    stock_kwargs = {k: v for k, v in STOCK[name].items() if k != "negative_prompt"}
+    if "negative_prompt" in STOCK[name]:
+        stock_kwargs["negative_prompt"] = negatives
+    stock = pipe(
+        prompts,
+        num_inference_steps=3,
+        guidance_scale=result.metadata["settings"]["guidance_scale"],
+        generator=[torch.Generator().manual_seed(s) for s in result.metadata["frame_seeds"]],
+        output_type="np",
+        **stock_kwargs,
+    ).images
+    difference = np.abs(pixels(result).astype(int) - np.round(stock * 255).astype(int))
+    assert difference.max() <= 1
+
+
+def test_window_mode_chunks(dit):
+    """Window mode on a transformer: one chunk == no chunking (bit-exact); chunks of 2 differ slightly."""
+    _, pipe = dit
+    sp = StoryDiffusionPipeline(pipe, ConsistencyConfig(rate=0.5, window=1, seed=2, **NO_SKIP))
+    try:
+        run = {"num_inference_steps": 3, "progress": False, "seed": 5, "mode": "window"}
+        whole, same = sp(STORY, chunk_size=5, **run), sp(STORY, chunk_size=50, **run)
+        chunked = sp(STORY, chunk_size=2, **run)
+    finally:
+        sp.close()
+    assert np.array_equal(pixels(whole), pixels(same))
+    difference = np.abs(pixels(whole).astype(int) - pixels(chunked).astype(int))
+    assert 0 < difference.mean() < 8
+
+
+def test_banks_travel_within_a_family_only(tmp_path):
+    """A FLUX bank written by one story is read by the next; a model of another family refuses it."""
+    flux = build_tiny_pipeline("tiny-flux", progress_bar=False)
+    first = story_run(flux, id_frames=1, bank_schedule="stored", save_banks=True, out_dir=tmp_path / "a")
+    bob = first.out_dir / "banks" / "Bob.safetensors"
+    assert bob.is_file()
+    sp = StoryDiffusionPipeline(flux, ConsistencyConfig(rate=0.5, seed=2, **NO_SKIP))
+    try:
+        assert sp.load_bank(bob) == "Bob"
+        again = sp("---\n[Bob] rides a horse\n[Bob] sleeps", num_inference_steps=3, progress=False)
+        assert again.metadata["loaded_banks"]["Bob"]["path"] == str(bob.resolve())
+    finally:
+        sp.close()
+    sd3 = StoryDiffusionPipeline(build_tiny_pipeline("tiny-sd3", progress_bar=False), ConsistencyConfig())
+    try:
+        with pytest.raises(ValueError, match="architecture"):
+            sd3.load_bank(bob)
+    finally:
+        sd3.close()
+
+
+@pytest.mark.parametrize("model", TINY_DIT)
+def test_cli_end_to_end(model, tmp_path):
+    story = tmp_path / "story.txt"
+    story.write_text(STORY)
+    args = ["generate", "--model", model, "--story", str(story), "--steps", "2", "--id-frames", "1"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    a, b = read_frames(tmp_path / "a"), read_frames(tmp_path / "b")
+    assert len(a) == 5 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    metadata = json.loads((tmp_path / "a" / "metadata.json").read_text())
+    assert metadata["status"] == "complete" and metadata["model"] == model
+    assert metadata["captions"][3] == "Night falls" and (tmp_path / "a" / "pages" / "page_000.png").is_file()
+
+
+def test_cli_flux_rope_policy(tmp_path):
+    """--rope shift reaches the FLUX processors (frames that read banks change) and the metadata."""
+    story = tmp_path / "story.txt"
+    story.write_text(STORY)
+    args = ["generate", "--model", "tiny-flux", "--story", str(story), "--steps", "3", "--id-frames", "1"]
+    args += ["--no-skip"]
+    assert main([*args, "--out", str(tmp_path / "source")]) == 0
+    assert main([*args, "--out", str(tmp_path / "shift"), "--rope", "shift"]) == 0
+    metadata = json.loads((tmp_path / "shift" / "metadata.json").read_text())
+    assert metadata["consistency"]["rope"] == "shift"
+    source, shifted = read_frames(tmp_path / "source"), read_frames(tmp_path / "shift")
+    assert np.array_equal(source[0], shifted[0])  # an identity frame alone borrows nothing
+    assert not np.array_equal(source[2], shifted[2])  # Bob and Alice's dinner reads both banks
+
+
+def test_cli_flux_window_kill_and_resume(tmp_path):
+    story = tmp_path / "story.txt"
+    story.write_text(STORY)
+    args = ["generate", "--model", "tiny-flux", "--story", str(story), "--steps", "4", "--mode", "window"]
+    args += ["--chunk-size", "2", "--window", "1"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-c", KILL_AFTER_FIRST_CHECKPOINT, *args, "--out", str(killed)]
+    proc = subprocess.run([*command, "--checkpoint-every", "2"], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert torch.load(killed / CHECKPOINT, weights_only=False)["step"] == 2
+    assert main(["generate", "--resume", str(killed)]) == 0
+    resumed, whole = read_frames(killed), read_frames(tmp_path / "whole")
+    assert len(resumed) == 5 and all(np.array_equal(a, b) for a, b in zip(resumed, whole, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model", "tiny-svd"], "'tiny-svd' is a video model"),
+        (["--model", "tiny-flux", "--layers", "up"], "--layers 'up' is not a preset of flux denoisers"),
+        (["--model", "tiny-sd3", "--rope", "shift"], "--rope applies to FLUX (RoPE) hosts only"),
+        (["--model", "tiny-flux", "--height", "72"], "height must be a multiple of 16 pixels for flux"),
+    ],
+    ids=["video-model", "preset-of-another-family", "rope-without-rope", "size"],
+)
+def test_cli_bad_input_is_one_line(extra, message, tmp_path, capsys):
+    story = tmp_path / "story.txt"
+    story.write_text(STORY)
+    out = tmp_path / "out"
+    args = ["generate", "--story", str(story), "--out", str(out), "--steps", "2", "--id-frames", "1"]
+    assert main([*args, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_pipeline_of_another_kind_is_refused():
+    svd = build_tiny_pipeline("tiny-svd", progress_bar=False)
+    with pytest.raises(ValueError, match=r"stories run on StableDiffusionPipeline .* got StableVideo"):
+        StoryDiffusionPipeline(svd, ConsistencyConfig())
