@@ -14,12 +14,14 @@
 #   motion       compiled vs eager motion predictor
 #   vram         profile-vram, bank modes
 #   vram-window  profile-vram, window mode vs story length
+#   vram-flux    profile-vram on random-flux (the real FLUX.1-dev transformer and VAE, random bf16 weights) at
+#                1024²: ours / lockstep / window, stories of 4 and 8 frames, 4 steps (sized for ~2 minutes)
 # One device call runs at most 10 minutes: all of it does not fit in one. Run "tests headline dit-op dit" first
 # (the rows not measured yet), the rest in a later call. No GPU run has timed these sections yet.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-ALL=(tests headline dit-op dit unet motion vram vram-window)
+ALL=(tests headline dit-op dit unet motion vram vram-window vram-flux)
 if [ $# -gt 0 ]; then SECTIONS=("$@"); else SECTIONS=("${ALL[@]}"); fi
 for name in "${SECTIONS[@]}"; do  # a typo fails now, not after the long sections before it
     case " ${ALL[*]} " in *" $name "*) ;; *) echo "unknown section '$name'; choose from: ${ALL[*]}"; exit 2 ;; esac
@@ -37,6 +39,7 @@ section() {
         motion) python3 -m storydiff.cli bench --suite motion ;;
         vram) python3 -m storydiff.cli profile-vram --modes official_b,ours,ours_offload,window --lengths 4,8,16 --steps 10 ;;
         vram-window) python3 -m storydiff.cli profile-vram --modes window,window_unchunked --lengths 8,32,128,256 --steps 4 --size 768 ;;
+        vram-flux) python3 -m storydiff.cli profile-vram --model random-flux --modes ours,ours_lockstep,window --lengths 4,8 --steps 4 ;;
     esac
 }
 

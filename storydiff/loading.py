@@ -13,7 +13,10 @@ from typing import Any
 import torch
 
 from .compat import dtype_kwargs
+from .families import family_of
 from .tiny_models import (
+    NATIVE_DTYPES,
+    RANDOM_DIT,
     RESERVED_MODELS,
     TEXT_TO_IMAGE,
     TINY_DIT,
@@ -84,35 +87,28 @@ def load_pipeline(
     seed: int = 0,
     progress_bar: bool = True,
 ):
-    """A UNet text-to-image pipeline (reserved name, local folder or hub id) on ``device``.
+    """A text-to-image pipeline stories can run on (reserved name, local folder or hub id) on ``device``:
+    SD1.x/2.x, SDXL, FLUX.1, SD3/SD3.5, PixArt-Σ (``families.py``).
 
-    ``dtype`` defaults to ``default_dtype(device)``; ``seed`` only matters for the reserved models (their
-    random weights). Raises ``ModelLoadError`` when loading fails or the pipeline has no
-    ``UNet2DConditionModel`` and text encoder.
+    ``dtype`` defaults to ``default_dtype(device)`` (``random-flux``: bfloat16, FLUX.1's own precision);
+    ``seed`` only matters for the reserved models (their random weights). Raises ``ModelLoadError`` when
+    loading fails or the pipeline is of another kind.
     """
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    from diffusers import DiffusionPipeline
 
     device = torch.device(device)
-    dtype = dtype or default_dtype(device)
-    if model in TEXT_TO_IMAGE:
+    dtype = dtype or NATIVE_DTYPES.get(model) or default_dtype(device)
+    if model in (*TEXT_TO_IMAGE, *TINY_DIT, *RANDOM_DIT):
         return build_tiny_pipeline(model, seed=seed, dtype=dtype, progress_bar=progress_bar, device=device)
-    if model in TINY_DIT:
-        raise ModelLoadError(
-            f"{model!r} is a diffusion transformer: consistent attention installs on it "
-            "(apply_consistent_attention), but story generation supports UNet models for now "
-            f"({', '.join(TEXT_TO_IMAGE)})"
-        )
     if model in RESERVED_MODELS:
-        raise ModelLoadError(f"{model!r} is a video model; text-to-image models: {', '.join(TEXT_TO_IMAGE)}")
-    hint = f"offline random-weight models: {', '.join(TINY_TEXT_TO_IMAGE)}"
+        names = ", ".join((*TEXT_TO_IMAGE, *TINY_DIT, *RANDOM_DIT))
+        raise ModelLoadError(f"{model!r} is a video model; text-to-image models: {names}")
+    hint = f"offline random-weight models: {', '.join((*TINY_TEXT_TO_IMAGE, *TINY_DIT))}"
     pipe = from_pretrained(DiffusionPipeline, model, "model", hint, **dtype_kwargs(dtype))
-    unet, text_encoder = getattr(pipe, "unet", None), getattr(pipe, "text_encoder", None)
-    if not isinstance(unet, UNet2DConditionModel) or text_encoder is None:
-        raise ModelLoadError(
-            f"{model!r} is not a UNet2DConditionModel text-to-image pipeline (got {type(pipe).__name__}): "
-            "Consistent Self-Attention needs a pipeline with a `unet` (UNet2DConditionModel) and a "
-            "`text_encoder`, such as Stable Diffusion 1.x/2.x or SDXL"
-        )
+    try:
+        family_of(pipe)
+    except ValueError as exc:
+        raise ModelLoadError(f"{model!r} cannot tell stories: {exc}") from None
     if not progress_bar:
         pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

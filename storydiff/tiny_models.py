@@ -4,14 +4,21 @@ Nothing can be downloaded on our CPU machines, so tests, demos and the benchmark
 built in code. They keep the real architectures' structure — which UNet levels have attention, how many
 transformer layers, two text encoders for SDXL, VAEs that downsample by 8, SVD's spatio-temporal blocks and
 EDM scheduler — at tiny widths, since our processors pick layers by level and token count; only the widths
-are shrunk. ``random-sdxl`` is the exception: the real SDXL UNet (2.6 B parameters) for GPU memory and speed.
+are shrunk. ``random-sdxl`` and ``random-flux`` are the exceptions: the real SDXL UNet (2.6 B parameters)
+and the real FLUX.1-dev transformer and VAE (11.9 B + 84 M) for GPU memory and speed.
 
-Names: ``tiny-sdxl``, ``tiny-sd15``, ``random-sdxl`` (text-to-image), ``tiny-svd`` (image-to-video);
+Names: ``tiny-sdxl``, ``tiny-sd15``, ``random-sdxl`` (text-to-image UNets), ``tiny-flux``, ``tiny-sd3``,
+``tiny-pixart``, ``random-flux`` (diffusion transformers), ``tiny-svd`` (image-to-video);
 ``tiny_clip_vision_model`` is the motion predictor's tiny image encoder. The same seed builds the same
-weights in every dtype and on every device (built in float32 under a private RNG stream, then cast).
+weights in every dtype and on every device (built in float32 under a private RNG stream, then cast) —
+except ``random-flux``, which is built directly in the requested dtype on the requested device (float32
+first would be 48 GB), so its weights depend on both.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from diffusers import (
@@ -40,9 +47,14 @@ from .compat import clip_image_processor_class
 TEXT_TO_IMAGE = ("tiny-sdxl", "tiny-sd15", "random-sdxl")
 TINY_TEXT_TO_IMAGE = ("tiny-sdxl", "tiny-sd15")  # small enough for a CPU
 TINY_SVD = "tiny-svd"
-# Diffusion transformers: consistent attention installs on them (hosts/); stories on them are to come.
+# Diffusion transformers (FLUX, SD3.5, PixArt-Σ structure at tiny widths).
 TINY_DIT = ("tiny-flux", "tiny-sd3", "tiny-pixart")
-RESERVED_MODELS = (*TEXT_TO_IMAGE, TINY_SVD, *TINY_DIT)
+# Real-size diffusion transformers with random weights, for GPU memory and speed (not for a CPU).
+RANDOM_DIT = ("random-flux",)
+RESERVED_MODELS = (*TEXT_TO_IMAGE, TINY_SVD, *TINY_DIT, *RANDOM_DIT)
+# Reserved models whose default dtype is not ``loading.default_dtype``'s: FLUX.1 runs in bfloat16 (float16
+# overflows in its activations, float32 would be 48 GB).
+NATIVE_DTYPES = {"random-flux": torch.bfloat16}
 
 # CLIP's context length: prompt-truncation behaviour must match the real models.
 _MAX_TOKENS = 77
@@ -359,7 +371,7 @@ def _tiny_t5_tokenizer(max_length: int):
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
-def _tiny_t5(d_model: int):
+def _tiny_t5(d_model: int, layers: int = 2):
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
@@ -367,7 +379,7 @@ def _tiny_t5(d_model: int):
         d_model=d_model,
         d_kv=8,
         d_ff=37,
-        num_layers=2,
+        num_layers=layers,
         num_heads=4,
         relative_attention_num_buckets=8,
         pad_token_id=0,
@@ -431,7 +443,7 @@ def _build_tiny_flux(device: torch.device):
         guidance_embeds=True,
         axes_dims_rope=(4, 6, 6),
     )
-    return FluxPipeline(
+    pipe = FluxPipeline(
         scheduler=_flow_scheduler(dynamic=True),
         vae=_dit_vae(4, shift_factor=0.1159),
         text_encoder=text_encoder,
@@ -440,6 +452,91 @@ def _build_tiny_flux(device: torch.device):
         tokenizer_2=_tiny_t5_tokenizer(_MAX_TOKENS),
         transformer=transformer,
     )
+    # FluxPipeline's default size is a constant 128 latent pixels (1024²); the other tiny models are 64²
+    pipe.default_sample_size = 8
+    return pipe
+
+
+# black-forest-labs/FLUX.1-dev, transformer/config.json (FluxTransformer2DModel, diffusers 0.42): 11.9 B
+# parameters.
+FLUX_DEV_CONFIG = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+# black-forest-labs/FLUX.1-dev, vae/config.json (AutoencoderKL, 84 M parameters): 16 latent channels, no
+# quant convs, latents shifted and scaled.
+FLUX_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "force_upcast": True,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": True,
+}
+# FLUX.1-dev's T5 prompt length (FluxPipeline's max_sequence_length): the joint sequence is 512 + image.
+_FLUX_TEXT_TOKENS = 512
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Within: new parameters and buffers are created in ``dtype`` (``torch.set_default_dtype``)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _build_random_flux(device: torch.device, dtype: torch.dtype):
+    """The real FLUX.1-dev transformer and VAE (random weights) with one-layer text encoders of FLUX's widths.
+
+    For memory and speed measurements on a GPU without a download: the transformer (11.9 B parameters, 24 GB
+    in bf16), its joint [512 text; image] sequence, the VAE and the consistent-attention banks have their real
+    sizes; the text encoders are small but their outputs have the real widths (CLIP pooled 768, T5 4096 over
+    512 tokens). Every module is created on ``device`` in ``dtype`` directly (``torch.device`` and the default
+    dtype as context): building in float32 and casting, as the tiny models do, would first take 48 GB. On
+    the meta device it allocates nothing (the tests check its structure that way).
+    """
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    tokenizer = _tiny_tokenizer()
+    with torch.device(device), default_dtype(dtype):
+        text_encoder = CLIPTextModel(
+            _text_config(tokenizer, 768, act="quick_gelu", projection_dim=768, layers=1)
+        )
+        text_encoder_2 = _tiny_t5(FLUX_DEV_CONFIG["joint_attention_dim"], layers=1)
+        transformer = FluxTransformer2DModel(**FLUX_DEV_CONFIG)
+        vae = AutoencoderKL(**FLUX_VAE_CONFIG)
+    pipe = FluxPipeline(
+        scheduler=_flow_scheduler(dynamic=True),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=_tiny_t5_tokenizer(_FLUX_TEXT_TOKENS),
+        transformer=transformer,
+    )
+    pipe.default_sample_size = 128  # FluxPipeline's own: 128 latent pixels x 8 = 1024²
+    return pipe
 
 
 def _build_tiny_sd3(device: torch.device):
@@ -519,6 +616,8 @@ _BUILDERS = {
     "tiny-sd3": _build_tiny_sd3,
     "tiny-pixart": _build_tiny_pixart,
 }
+# Built on the device in the target dtype directly (too large to build in float32 and cast).
+_IN_PLACE_BUILDERS = {"random-flux": _build_random_flux}
 
 
 def build_tiny_pipeline(
@@ -531,22 +630,30 @@ def build_tiny_pipeline(
 ) -> DiffusionPipeline:
     """Build one of ``RESERVED_MODELS`` offline with random weights; the same seed gives the same weights.
 
-    Weights are initialised in float32 and then cast, so a seed names the same model in every dtype.
-    ``progress_bar=False`` silences this pipeline's progress bar (global logging is left alone).
+    Weights are initialised in float32 and then cast, so a seed names the same model in every dtype —
+    except ``random-flux``, initialised in ``dtype`` on ``device`` (its weights depend on both; ``device``
+    may be ``"meta"`` to inspect it without allocating). ``progress_bar=False`` silences this pipeline's
+    progress bar (global logging is left alone).
     """
-    if name not in _BUILDERS:
+    if name not in _BUILDERS and name not in _IN_PLACE_BUILDERS:
         raise ValueError(f"unknown reserved model {name!r}; choose from {', '.join(RESERVED_MODELS)}")
     # A private RNG stream: seeding must not disturb the caller's global torch RNG.
     device = torch.device(device)
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)
-        pipe = _BUILDERS[name](device)
+        if name in _IN_PLACE_BUILDERS:
+            pipe = _IN_PLACE_BUILDERS[name](device, dtype)
+        else:
+            pipe = _BUILDERS[name](device)
     return _finish(pipe, dtype, progress_bar).to(device)
 
 
 def _finish(pipe: DiffusionPipeline, dtype: torch.dtype, progress_bar: bool) -> DiffusionPipeline:
     """Cast a pipeline built in float32 (so a seed names the same weights in every dtype) to ``dtype``."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # as from_pretrained leaves them: T5's dropout would make text encoding random
     if dtype != torch.float32:
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):

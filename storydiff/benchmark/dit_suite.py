@@ -15,10 +15,8 @@ step draws fresh tokens (``set_step``), as a real step does.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import traceback
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -27,24 +25,13 @@ from tqdm.auto import tqdm
 
 from ..attention import apply_consistent_attention, remove_consistent_attention
 from ..config import ConsistencyConfig
-from ..tiny_models import build_tiny_pipeline
+from ..tiny_models import FLUX_DEV_CONFIG, build_tiny_pipeline, default_dtype
 from .timing import median_ms, peak_extra_mib
 
 Model = Literal["flux", "sd3"]
 
-# black-forest-labs/FLUX.1-dev, transformer/config.json (FluxTransformer2DModel, diffusers 0.42)
-FLUX_DEV_CONFIG = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768,
-    "guidance_embeds": True,
-    "axes_dims_rope": (16, 56, 56),
-}
+# FLUX_DEV_CONFIG: black-forest-labs/FLUX.1-dev, transformer/config.json (tiny_models.py, which builds
+# random-flux from it).
 # stabilityai/stable-diffusion-3.5-large, transformer/config.json (SD3Transformer2DModel, diffusers 0.42):
 # no dual-attention layers (those are SD3.5-medium's)
 SD35_LARGE_CONFIG = {
@@ -102,16 +89,6 @@ def cpu_cases(models: tuple[Model, ...] = ("flux", "sd3")) -> list[DiTCase]:
     return [case for case in cases if case.model in models]
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def build_transformer(model: Model, size: str, device: torch.device, dtype: torch.dtype):
     """ "full": the real architecture with random weights, allocated on ``device`` in ``dtype`` directly
     (FLUX-dev: 11.9 B parameters, 24 GB in bf16); "tiny": the tiny pipeline's transformer."""
@@ -124,7 +101,7 @@ def build_transformer(model: Model, size: str, device: torch.device, dtype: torc
             "flux": (FluxTransformer2DModel, FLUX_DEV_CONFIG),
             "sd3": (SD3Transformer2DModel, SD35_LARGE_CONFIG),
         }[model]
-        with torch.device(device), _default_dtype(dtype):
+        with torch.device(device), default_dtype(dtype):
             transformer = cls(**config)
     return torch.nn.Module.to(transformer, device=device, dtype=dtype).eval()
 

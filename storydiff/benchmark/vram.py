@@ -10,8 +10,12 @@ length while a ``MemorySampler`` records memory. Modes:
                    frames batched
     ours_offload   ours with the stored bank in pinned CPU memory, prefetched layer by layer
     ours_lockstep  ours with the lockstep bank schedule: one step's bank alive at a time (same frames)
-    window         long-story mode: neighbours within 2 frames, chunks of 4 frames per UNet call
-    window_unchunked  the same consistency with the whole story in one UNet batch (for contrast)
+    window         long-story mode: neighbours within 2 frames, chunks of 4 frames per denoiser call
+    window_unchunked  the same consistency with the whole story in one denoiser batch (for contrast)
+
+Every mode but the official ones runs on every story family (UNets, FLUX, SD3, PixArt: ``families.py``).
+The official code has UNet processors only (no DiT variant), so ``official_a`` / ``official_b`` need a
+pipeline with a ``unet``.
 
 Without NVML (no GPU) the sampler falls back to host RSS, which only shows that the plumbing works.
 """
@@ -31,12 +35,18 @@ from ..pipeline import StoryDiffusionPipeline
 from .memory import MemorySampler, plot_memory_timeline, plot_peak_vs_length
 
 MODES = ("official_a", "official_b", "ours", "ours_offload", "ours_lockstep", "window", "window_unchunked")
+OFFICIAL_MODES = ("official_a", "official_b")
 WINDOW, CHUNK = 2, 4
 
 
 def story_text(frames: int) -> str:
     lines = ["[Hero] a young explorer with a red scarf and a leather backpack", "---"]
     return "\n".join(lines + [f"[Hero] scene {i} of the long journey" for i in range(frames)]) + "\n"
+
+
+def has_official(pipe) -> bool:
+    """Whether the official modes can run on ``pipe``: the official processors install on a UNet only."""
+    return getattr(pipe, "unet", None) is not None
 
 
 def _run_official(pipe, variant: str, frames: int, call: dict, id_frames: int, sampler: MemorySampler) -> int:
@@ -91,6 +101,13 @@ def profile_story_lengths(
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}; choose from {MODES}")
+    official = [m for m in modes if m in OFFICIAL_MODES]
+    if official and not has_official(pipe):
+        others = ", ".join(m for m in MODES if m not in OFFICIAL_MODES)
+        raise ValueError(
+            f"{', '.join(official)}: the official code has UNet processors only, and "
+            f"{type(pipe).__name__} has no UNet; choose from {others}"
+        )
     too_short = [n for n in lengths if n < id_frames]
     if too_short:
         raise ValueError(f"story lengths {too_short} are shorter than id_frames={id_frames}")
