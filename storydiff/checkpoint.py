@@ -20,6 +20,13 @@ CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "storydiff-lockstep-v2"
 
 
+def checkpoint_name(partition) -> str:
+    """The checkpoint file of one process: ``checkpoint.pt``, or one per rank of a distributed run."""
+    if partition.distributed:
+        return f"checkpoint-rank{partition.rank}-of-{partition.world}.pt"
+    return CHECKPOINT
+
+
 def fingerprint(summary: dict) -> str:
     return hashlib.sha256(json.dumps(summary, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import current_partition, gather_to_all
 from .families import Family, family_of
 from .progress import Progress, progress_bar
 
@@ -115,6 +116,14 @@ def run_lockstep(
         start = data["step"]
         denoiser.load_state_dict(data["latents"], data["schedulers"])
         torch.set_rng_state(data["rng"])
+    partition = current_partition()
+    if partition.distributed:  # ranks exchange tokens at every step: they must all continue from one step
+        steps = gather_to_all(partition, start)
+        if len(set(steps)) > 1:
+            raise ValueError(
+                f"the ranks' checkpoints stop at different steps ({', '.join(map(str, steps))}): they cannot "
+                "resume together; start the run again in a new output folder"
+            )
     bar = progress_bar(num_inference_steps, "denoising (all frames)", "step", progress, initial=start)
     try:
         for step in range(start, num_inference_steps):

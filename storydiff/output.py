@@ -63,16 +63,29 @@ def check_output_folder(
 class StoryOutput:
     """Layout: ``frames/frame_000.png``, ``pages/page_000.png``, ``banks/<name>.safetensors``, metadata."""
 
-    def __init__(self, root: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        resume: bool = False,
+        follower: bool = False,
+    ) -> None:
+        """``follower``: a rank other than 0 of a distributed run; it writes its own frames into the
+        folder rank 0 prepared, and nothing else (no checks, no metadata, no pages)."""
         self.root = Path(root)
         self.resume = resume
-        check_output_folder(self.root, overwrite=overwrite, resume=resume)
+        self.follower = follower
+        if not follower:
+            check_output_folder(self.root, overwrite=overwrite, resume=resume)
         self.frames_dir, self.pages_dir, self.banks_dir = (
             self.root / d for d in ("frames", "pages", "banks")
         )
         self.metadata: dict = {}
 
     def start(self, metadata: dict) -> None:
+        if self.follower:
+            return
         self.frames_dir.mkdir(parents=True, exist_ok=True)
         if not self.resume:  # an overwritten run must not keep frames of the previous story
             for stale in [*self.frames_dir.glob("frame_*.png"), *self.pages_dir.glob("page_*.png")]:
@@ -95,10 +108,14 @@ class StoryOutput:
         return self.banks_dir / f"{safe}.safetensors"
 
     def finish(self, **extra) -> None:
+        if self.follower:
+            return
         self.metadata.update(extra, status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         write_json(self.root / METADATA, self.metadata)
 
     def fail(self, error: BaseException) -> None:
+        if self.follower:
+            return
         if isinstance(error, KeyboardInterrupt):
             self.metadata.update(status="interrupted", error="interrupted by the user (Ctrl-C)")
         else:

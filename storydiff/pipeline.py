@@ -29,14 +29,15 @@ from PIL import Image
 
 from .attention import apply_consistent_attention, remove_consistent_attention
 from .bank import signature_differences
-from .checkpoint import CHECKPOINT
+from .checkpoint import checkpoint_name
 from .comic import make_pages
 from .config import ConsistencyConfig, InvalidSetting
+from .distributed import Partition, current_partition, gather_to_leader, leader_first
 from .families import family_of
 from .lockstep import LockstepDenoiser, run_lockstep
 from .longstory.denoise import denoise_long_story
 from .modes import JointMode
-from .output import StoryOutput
+from .output import StoryOutput, read_metadata
 from .progress import Progress, progress_bar
 from .settings import RunSettings
 from .story import Story, load_story, parse_story, story_source
@@ -51,6 +52,9 @@ class StoryResult:
     metadata: dict
     out_dir: Path | None = None
     bank_bytes: dict[str, int] = field(default_factory=dict)
+    # story indices of ``images``; None: every frame in story order (ranks other than 0 of a distributed
+    # run hold only the frames they made, and no pages)
+    frame_indices: list[int] | None = None
 
 
 def _versions() -> dict:
@@ -228,11 +232,14 @@ class StoryDiffusionPipeline:
         if settings.mode == "bank":
             self._check_loaded_banks(story, settings)
 
+        partition = current_partition()
+        self._check_partition(partition, settings, out_dir, resume)
+        if not partition.leader:
+            progress = False
         styled = [
             apply_style(story.prompt(frame), settings.style, settings.negative_prompt)
             for frame in story.frames
         ]
-        output = StoryOutput(out_dir, overwrite=overwrite, resume=resume) if out_dir is not None else None
         metadata = {
             "model": self.model_name,
             "story_text": story_source(story),
@@ -246,24 +253,43 @@ class StoryDiffusionPipeline:
             "frame_characters": [list(f.characters) for f in story.frames],
             "identity_frames": identity,
             "loaded_banks": {name: self.loaded_banks[name] for name in banked if name in self.loaded_banks},
+            "world_size": partition.world,
             "versions": _versions(),
         }
-        if output is not None:
-            output.start(metadata)
+        output = None
+        if out_dir is not None:
+
+            def prepare() -> StoryOutput:  # rank 0 checks and prepares the folder; the others then join it
+                prepared = StoryOutput(out_dir, overwrite=overwrite, resume=resume)
+                prepared.start(metadata)
+                return prepared
+
+            output = leader_first(partition, prepare)
+            if not partition.leader:
+                output = StoryOutput(out_dir, resume=resume, follower=True)
         images: dict[int, Image.Image] = {}
         start = time.perf_counter()
         self.state.bank.reset_peak()
         try:
             if settings.mode == "bank":
-                self._run_bank(story, identity, styled, settings, images, output, resume, progress)
+                self._run_bank(story, identity, styled, settings, images, output, resume, progress, partition)
             else:
-                self._run_window(story, styled, settings, images, output, resume, progress)
+                self._run_window(story, styled, settings, images, output, resume, progress, partition)
+            own = dict(images)
+            images = gather_to_leader(partition, images)  # pages and metadata need every frame
+            if output is not None:  # every rank's frames are on disk now: the checkpoints are done with
+                output.root.joinpath(checkpoint_name(partition)).unlink(missing_ok=True)
         except BaseException as exc:
             if output is not None:
                 output.fail(exc)
             raise
         finally:
             self.state.end()
+        if not partition.leader:  # this rank's frames only; rank 0 writes pages and metadata
+            indices = sorted(own)
+            captions = [story.frames[i].caption for i in indices]
+            root = output.root if output else None
+            return StoryResult([own[i] for i in indices], captions, [], metadata, root, frame_indices=indices)
 
         ordered = [images[f.index] for f in story.frames]
         captions = [f.caption for f in story.frames]
@@ -277,17 +303,25 @@ class StoryDiffusionPipeline:
             output.finish(**memory, seconds=metadata["seconds"], pages=len(pages))
         return StoryResult(ordered, captions, pages, metadata, output.root if output else None, bank_bytes)
 
-    def _run_bank(self, story, identity, styled, settings, images, output, resume, progress) -> None:
+    def _run_bank(
+        self, story, identity, styled, settings, images, output, resume, progress, partition: Partition
+    ) -> None:
         """Identity frames write each character's bank, every other frame reads the banks of the
         characters it shows; both in chunks through one step-synchronous denoiser, so a chunk's frames
         are the same whatever the schedule: "stored" runs each chunk through all steps in turn (every
-        step's bank kept), "lockstep" advances all chunks one step at a time (one step's bank alive)."""
+        step's bank kept), "lockstep" advances all chunks one step at a time (one step's bank alive).
+
+        Over several ranks every rank writes the banks itself (no traffic) and reads its contiguous share
+        of the read batches — the single-process batches, so every frame is bit-identical to it."""
         identity_set = {i for frames in identity.values() for i in frames}
         read_frames = [f.index for f in story.frames if f.index not in identity_set]
         size = settings.read_batch_size
         reads = [read_frames[i : i + size] for i in range(0, len(read_frames), size)]
+        first, last = partition.block(len(reads))
+        reads = reads[first:last]
         denoiser = self._denoiser(story, styled, settings)
         steps = settings.num_inference_steps
+        writes_output = partition.leader  # identity frames and banks: every rank makes them, rank 0 saves
 
         def write(name: str, frames: list[int], step: int) -> None:
             self.state.begin(JointMode(len(frames), writing=name), step=step)
@@ -299,6 +333,8 @@ class StoryDiffusionPipeline:
 
         def finish(frames: list[int]) -> None:
             for i in frames:
+                if i in identity_set and not writes_output:
+                    continue
                 images[i] = self.family.decode(denoiser.latents[i], settings.height, settings.width)
                 if output is not None:
                     output.save_frame(i, images[i])
@@ -320,7 +356,7 @@ class StoryDiffusionPipeline:
                     write(name, frames, step)
                 finish(frames)
                 bar.update(len(frames))
-                if settings.save_banks and output is not None:
+                if settings.save_banks and output is not None and writes_output:
                     self.state.bank.save(name, output.bank_path(name))
             bar.set_postfix_str("story frames")
             for frames in reads:
@@ -342,20 +378,19 @@ class StoryDiffusionPipeline:
             denoiser,
             one_step,
             num_inference_steps=steps,
-            checkpoint_path=output.root / CHECKPOINT if output is not None else None,
+            checkpoint_path=output.root / checkpoint_name(partition) if output is not None else None,
             checkpoint_every=settings.checkpoint_every,
             summary={
                 "model": self.model_name,
                 "story": story_source(story),
                 "settings": settings.to_dict(),
                 "consistency": self.config.to_dict(),
+                **({"world_size": partition.world, "rank": partition.rank} if partition.distributed else {}),
             },
             resume=resume,
             progress=progress,
         )
-        finish([f.index for f in story.frames])
-        if output is not None:
-            output.root.joinpath(CHECKPOINT).unlink(missing_ok=True)  # the frames are the result now
+        finish(sorted(identity_set) + [i for frames in reads for i in frames])
 
     def _denoiser(self, story: Story, styled, settings: RunSettings) -> LockstepDenoiser:
         return LockstepDenoiser(
@@ -369,7 +404,7 @@ class StoryDiffusionPipeline:
             width=settings.width,
         )
 
-    def _run_window(self, story, styled, settings, images, output, resume, progress) -> None:
+    def _run_window(self, story, styled, settings, images, output, resume, progress, partition) -> None:
         latents = denoise_long_story(
             self.pipe,
             self.state,
@@ -382,21 +417,29 @@ class StoryDiffusionPipeline:
             height=settings.height,
             width=settings.width,
             chunk_size=settings.chunk_size,
-            checkpoint_path=output.root / CHECKPOINT if output is not None else None,
+            checkpoint_path=output.root / checkpoint_name(partition) if output is not None else None,
             checkpoint_every=settings.checkpoint_every,
             resume=resume,
             run_summary={"model": self.model_name},
             progress=progress,
+            partition=partition,
         )
-        bar = progress_bar(len(story.frames), "decoding frames", "frame", progress)
-        for frame in story.frames:
-            images[frame.index] = self.family.decode(latents[frame.index], settings.height, settings.width)
+        start, stop = partition.block(len(story.frames))
+        bar = progress_bar(stop - start, "decoding frames", "frame", progress)
+        for index in range(start, stop):
+            images[index] = self.family.decode(latents[index], settings.height, settings.width)
             if output is not None:
-                output.save_frame(frame.index, images[frame.index])
+                output.save_frame(index, images[index])
             bar.update()
         bar.close()
-        if output is not None:
-            output.root.joinpath(CHECKPOINT).unlink(missing_ok=True)  # the frames are the result now
+
+    def _check_partition(self, partition: Partition, settings: RunSettings, out_dir, resume: bool) -> None:
+        """What a run split over processes needs (and a resume of one), checked on every rank before
+        anything is written."""
+        if partition.distributed and settings.mode == "window" and self.config.tile is not None:
+            raise InvalidSetting("tile", "runs in one process only (a tile spans frames of one batch)")
+        if resume and out_dir is not None:
+            check_resume_world(out_dir, partition)
 
     def _check_loaded_banks(self, story: Story, settings: RunSettings) -> None:
         expected = self.run_signature(settings)
@@ -409,6 +452,16 @@ class StoryDiffusionPipeline:
                     f"the bank of {name!r} does not fit this run: {'; '.join(differences)}; banks are per "
                     "denoising step: read them with the steps, scheduler and guidance they were written with"
                 )
+
+
+def check_resume_world(out_dir: str | Path, partition: Partition) -> None:
+    """A run resumes with as many processes as made it: each rank's checkpoint holds its own frames."""
+    stored = read_metadata(out_dir).get("world_size", 1)
+    if stored != partition.world:
+        raise ValueError(
+            f"{out_dir} was generated by {stored} process(es); resume it with the same number "
+            f"(torchrun --nproc_per_node {stored}), not {partition.world}"
+        )
 
 
 def file_sha256(path: str | Path) -> str:

@@ -93,7 +93,7 @@ def register(subparsers, parents: list) -> None:
     gen.add_argument(
         "--model",
         help="diffusers model path or hub id (SD1.x/2.x, SDXL, FLUX.1, SD3/SD3.5, PixArt-Σ); offline random "
-        "weights: tiny-sdxl, tiny-sd15, random-sdxl, tiny-flux, tiny-sd3, tiny-pixart",
+        "weights: tiny-sdxl, tiny-sd15, random-sdxl, tiny-flux, tiny-sd3, tiny-pixart, random-flux (GPU)",
     )
     gen.add_argument("--story", help="story file (UTF-8 text)")
     gen.add_argument("--characters", default=None, help="character file (instead of a block in --story)")
@@ -225,8 +225,27 @@ def register(subparsers, parents: list) -> None:
         metavar="[NAME=]PATH",
         help="bank mode: reuse a character's bank from an earlier run (--save-banks); repeatable",
     )
+    gen.add_argument(
+        "--dist-backend",
+        choices=("gloo", "nccl"),
+        default=None,
+        help="under torchrun: the torch.distributed backend (default: nccl on CUDA, gloo otherwise)",
+    )
+    gen.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="under torchrun: how long a rank waits for the others before failing with an error "
+        "(default: 600)",
+    )
     gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    gen.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on CUDA, float32 on CPU")
+    gen.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="default: float16 on CUDA (random-flux: bfloat16), float32 on CPU",
+    )
     gen.set_defaults(run=run)
 
 
@@ -252,7 +271,9 @@ def _flag(name: str) -> str:
 def _from_resume(args: argparse.Namespace):
     """(model, out, story, settings, config, banks) of the run being resumed, as its metadata stores it."""
     from ..config import ConsistencyConfig
+    from ..distributed import current_partition
     from ..output import check_output_folder, read_metadata
+    from ..pipeline import check_resume_world
     from ..settings import RunSettings
     from ..story import parse_story
 
@@ -272,6 +293,7 @@ def _from_resume(args: argparse.Namespace):
         model = meta["model"]
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{args.resume}: metadata.json lacks what a resume needs ({exc})") from None
+    check_resume_world(args.resume, current_partition())  # before any model loads
     return model, args.resume, story, settings, config, {}
 
 
@@ -350,10 +372,35 @@ def _bank_headers(items) -> dict[str, tuple[str, dict]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..distributed import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return _run(args)
+    # under torchrun: every rank runs the same command on its share of the frames (distributed.py)
+    import torch.distributed as dist
+
+    from ..distributed import init_from_environment
+    from .common import resolve_device
+
+    if not args.dist_timeout > 0:
+        return fail(f"--dist-timeout must be a number of seconds > 0, got {args.dist_timeout}")
+    try:
+        init_from_environment(args.dist_backend, resolve_device(args.device), args.dist_timeout)
+    except (RuntimeError, ValueError) as exc:
+        return fail(f"cannot join the torchrun process group: {exc}")
+    try:
+        return _run(args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..config import InvalidSetting
+    from ..distributed import communicate, current_partition
     from ..loading import ModelLoadError
     from ..pipeline import check_run
 
+    partition = current_partition()
     try:
         model, out, story, settings, config, banks = (_from_resume if args.resume else _from_flags)(args)
         resume = bool(args.resume)
@@ -363,6 +410,10 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         return fail(str(exc))
     try:
+        if partition.distributed:  # every rank checked the folder before any rank writes into it
+            import torch.distributed as dist
+
+            communicate(partition, "the start barrier", dist.barrier)
         return _generate(args, model, out, story, settings, config, banks)
     except KeyboardInterrupt:
         hint = f"; continue it with: storydiff generate --resume {out}" if settings.steps_in_lockstep else ""
@@ -383,9 +434,12 @@ def _generate(args, model, out, story, settings, config, banks) -> int:
     pipeline = StoryDiffusionPipeline.from_pretrained(
         model, config, device=device, dtype=resolve_dtype(args.dtype)
     )
+    from ..distributed import current_partition
+
+    say = print if current_partition().leader else (lambda *a, **k: None)  # one voice for N ranks
     for name, (path, _) in banks.items():
         pipeline.load_bank(path, name)
-        print(f"loaded the bank of {name!r} from {path}")
+        say(f"loaded the bank of {name!r} from {path}")
     progress = default_progress()
     # diffusers' own per-call bar only on a terminal; ours prints a line per frame otherwise
     pipeline.pipe.set_progress_bar_config(leave=False, disable=progress != "bar")
@@ -398,9 +452,9 @@ def _generate(args, model, out, story, settings, config, banks) -> int:
         progress=progress,
     )
     for name, size in result.bank_bytes.items():
-        print(f"identity bank of {name!r}: {size / 2**20:.1f} MiB")
+        say(f"identity bank of {name!r}: {size / 2**20:.1f} MiB")
     if result.bank_bytes:
         peak = result.metadata["bank_peak_bytes"] / 2**20
-        print(f"banks alive at once: at most {peak:.1f} MiB ({settings.bank_schedule} schedule)")
-    print(f"{len(result.images)} frames and {len(result.pages)} page(s) written to {result.out_dir}")
+        say(f"banks alive at once: at most {peak:.1f} MiB ({settings.bank_schedule} schedule)")
+    say(f"{len(result.images)} frames and {len(result.pages)} page(s) written to {result.out_dir}")
     return 0

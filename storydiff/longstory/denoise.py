@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import HaloExchange, Partition, check_frames_per_rank
 from ..families import family_of
 from ..lockstep import LockstepDenoiser, run_lockstep
 from ..progress import Progress
@@ -37,11 +38,14 @@ def denoise_long_story(
     resume: bool = False,
     run_summary: dict | None = None,
     progress: Progress = True,
+    partition: Partition | None = None,
 ) -> torch.Tensor:
     """Denoise every frame in window mode; returns the final latents (host memory), story order.
 
     ``active[i]``: frame i shows a character (takes part in consistency). With ``checkpoint_path``, a
     checkpoint is written every ``checkpoint_every`` steps and ``resume=True`` continues from it.
+    ``partition`` (several processes): only this rank's block of frames is denoised, as one batch in step
+    with the other ranks (``distributed.py``); only its latents are final.
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
@@ -70,11 +74,29 @@ def denoise_long_story(
         height=height,
         width=width,
     )
-    mode = WindowMode(active, window=state.config.window, tile=state.config.tile)
+    partition = partition or Partition()
+    halo = None
+    if partition.distributed:
+        window = state.config.window or 0
+        check_frames_per_rank(partition, num_frames, window)
+        block = partition.block(num_frames)
+        if chunk_size < block[1] - block[0]:
+            raise ValueError(
+                f"over {partition.world} ranks each rank denoises its block of up to {block[1] - block[0]} "
+                f"frames as one batch: chunk_size must be at least that, got {chunk_size} (or use more ranks)"
+            )
+        halo = HaloExchange(partition, active, window)
+        summary.update(world_size=partition.world, rank=partition.rank)
+    mode = WindowMode(active, window=state.config.window, tile=state.config.tile, halo=halo)
+
+    def chunks(step: int) -> list[tuple[int, int]]:
+        if partition.distributed:
+            return [partition.block(num_frames)]
+        return chunk_order(num_frames, chunk_size, step)
 
     def one_step(step: int) -> None:
         state.set_step(step)
-        for a, b in chunk_order(num_frames, chunk_size, step):
+        for a, b in chunks(step):
             mode.begin_chunk(a, b)
             denoiser.step(list(range(a, b)), step)
             mode.end_chunk()

@@ -22,16 +22,29 @@ from csa_kernels.tiled import tiled_consistent_attention
 from ..modes import attend_rows, offered_keys, rows_kwarg
 
 if TYPE_CHECKING:
+    from ..distributed import HaloExchange
     from ..state import ConsistencyState, LayerInfo
 
 
 class WindowMode:
     name = "window"
 
-    def __init__(self, active: list[bool], *, window: int | None, tile: int | None = None) -> None:
+    def __init__(
+        self,
+        active: list[bool],
+        *,
+        window: int | None,
+        tile: int | None = None,
+        halo: HaloExchange | None = None,
+    ) -> None:
         if window is None and tile is None:
             raise ValueError("window mode needs config.window >= 1 (story neighbours to draw tokens from)")
+        if halo is not None and tile is not None:
+            raise ValueError("the tiled form (tile) runs in one process only")
         self.active = list(active)  # per story frame: takes part in consistency (shows a character)
+        # distributed runs: this rank's block is one chunk computed together with the other ranks' blocks,
+        # whose boundary frames arrive from the neighbour ranks at every consistent layer
+        self.halo = halo
         self.window, self.tile = window or 0, tile
         self.chunk = (0, len(active))  # story frames [a, b) in the denoiser batch now
         self.pending = set(range(len(active)))  # story frames not yet computed at this step
@@ -93,7 +106,12 @@ class WindowMode:
             pool_k = gather_reference_pool(k, both_halves).transpose(1, 2)
         pool_v = gather_reference_pool(v, both_halves).transpose(1, 2)
         pools = [pool.unflatten(0, (groups, count)) for pool in (pool_k, pool_v)]
-        self._offer(layer, pools)
+        if self.halo is None:
+            self._offer(layer, pools)
+        elif pools[0].shape[3]:  # every rank skips alike: the sample count depends on the level only
+            for frame, kv in self.halo.exchange(*pools).items():
+                self.boundary[(layer.name, frame)] = kv
+                self.pending.discard(frame)  # computed at this step, on its own rank
 
         def tokens_of(frame: int, kind: int) -> torch.Tensor:  # [G, H, S, D]
             if start <= frame < stop:

@@ -1,0 +1,225 @@
+"""Stories split over processes with ``torch.distributed`` (NCCL on GPUs, gloo on CPUs), under ``torchrun``.
+
+Frames are split over ranks in contiguous blocks (``Partition``); inside a frame nothing is split. Every
+random choice is a pure function of (seed, step, layer, frame), so the split never changes a draw.
+
+* Window mode: each rank denoises its block as one batch, all ranks step together. At every consistent
+  layer a frame reads the sampled K/V of its neighbours within ``window``; those just outside the block
+  come from the neighbour ranks (``HaloExchange``: one ``batch_isend_irecv`` per layer call with the rank
+  before and the rank after, of only the boundary frames that a frame over there reads). The result is the
+  unchunked single-process computation (frames within fp32 rounding of it: the denoiser sees other
+  batches).
+* Bank mode: every rank denoises the identity frames itself (no traffic; see README "Several GPUs" for
+  why this beats a broadcast), then its contiguous share of the read batches (the single-process run's
+  batches, so frames are bit-identical to it).
+
+A rank that fails makes the others fail too: every exchange is bounded by the process group's timeout
+(``--dist-timeout``), and each rank keeps its finished frames on disk.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Partition:
+    """This process's place among ``world`` ranks."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0 writes what belongs to the whole story (pages, metadata)."""
+        return self.rank == 0
+
+    def blocks(self, count: int) -> list[tuple[int, int]]:
+        """[start, stop) of every rank's contiguous block of ``count`` items; the first ``count % world``
+        ranks take one more."""
+        base, extra = divmod(count, self.world)
+        bounds, start = [], 0
+        for rank in range(self.world):
+            stop = start + base + (rank < extra)
+            bounds.append((start, stop))
+            start = stop
+        return bounds
+
+    def block(self, count: int) -> tuple[int, int]:
+        return self.blocks(count)[self.rank]
+
+
+def current_partition() -> Partition:
+    """The partition of the initialised default process group, or a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return Partition(dist.get_rank(), dist.get_world_size())
+    return Partition()
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def init_from_environment(backend: str | None, device: torch.device, timeout_s: float) -> Partition:
+    """Join the process group ``torchrun`` describes in the environment (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``...). ``backend`` None: NCCL on CUDA, gloo otherwise. Each CUDA rank takes the device
+    ``LOCAL_RANK``."""
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return current_partition()
+
+
+def gather_to_leader(partition: Partition, items: dict) -> dict:
+    """Every rank's ``items`` merged on rank 0 (other ranks get {}); Python objects, pickled."""
+    if not partition.distributed:
+        return dict(items)
+    gathered = [None] * partition.world if partition.leader else None
+    communicate(partition, "gathering the frames", lambda: dist.gather_object(items, gathered, dst=0))
+    if not partition.leader:
+        return {}
+    merged: dict = {}
+    for part in gathered:
+        merged.update(part)
+    return merged
+
+
+def gather_to_all(partition: Partition, item) -> list:
+    """Every rank's ``item`` (a small Python object), in rank order, on every rank."""
+    if not partition.distributed:
+        return [item]
+    gathered = [None] * partition.world
+    communicate(partition, "comparing the ranks", lambda: dist.all_gather_object(gathered, item))
+    return gathered
+
+
+def check_frames_per_rank(partition: Partition, num_frames: int, window: int) -> None:
+    """Each rank needs a block of at least ``max(1, window)`` frames: a frame's neighbours then live on
+    this rank or the adjacent ones only."""
+    smallest = min(stop - start for start, stop in partition.blocks(num_frames))
+    if smallest < max(1, window):
+        raise ValueError(
+            f"{num_frames} frames over {partition.world} ranks leave a rank {smallest} frame(s); each rank "
+            f"needs at least {max(1, window)} (the window): use fewer ranks"
+        )
+
+
+class HaloExchange:
+    """Sampled K/V of the frames just outside this rank's block, from the neighbour ranks.
+
+    Which frames cross a boundary is known to both sides from the story alone (which frames show a
+    character, the window), so every message has a size both sides agree on: frame j of one block is sent
+    to the other block iff it shows a character and some frame over there within ``window`` of it does.
+    """
+
+    def __init__(self, partition: Partition, active: list[bool], window: int) -> None:
+        self.partition, self.active, self.window = partition, active, window
+        self.bounds = partition.blocks(len(active))
+        self.bytes_sent = 0  # since construction: the traffic tests and the README formula compare with
+
+    def crossing(self, source: int, target: int) -> list[int]:
+        """Frames of rank ``source``'s block read by some frame of rank ``target``'s block."""
+        (a, b), (c, d) = self.bounds[source], self.bounds[target]
+        return [
+            j
+            for j in range(a, b)
+            if self.active[j] and any(self.active[i] and abs(i - j) <= self.window for i in range(c, d))
+        ]
+
+    def exchange(self, pool_k: torch.Tensor, pool_v: torch.Tensor) -> dict[int, tuple[torch.Tensor, ...]]:
+        """``pool_k`` / ``pool_v``: [G, F, H, S, D], this block's frames. Returns {story frame: (k, v)}
+        ([G, H, S, D] each) for the neighbour frames this block reads."""
+        rank, world = self.partition.rank, self.partition.world
+        start = self.bounds[rank][0]
+        ops, received = [], []
+        shape = (pool_k.shape[0], pool_k.shape[2], pool_k.shape[3], pool_k.shape[4])  # G, H, S, D
+        for peer in (rank - 1, rank + 1):
+            if not 0 <= peer < world:
+                continue
+            outgoing = self.crossing(rank, peer)
+            if outgoing:
+                local = torch.tensor([j - start for j in outgoing], device=pool_k.device)
+                message = torch.stack([pool_k[:, local], pool_v[:, local]]).contiguous()  # [2, G, n, H, S, D]
+                ops.append(dist.P2POp(dist.isend, message, peer))
+                self.bytes_sent += message.numel() * message.element_size()
+            incoming = self.crossing(peer, rank)
+            if incoming:
+                buffer = pool_k.new_empty((2, shape[0], len(incoming), *shape[1:]))
+                ops.append(dist.P2POp(dist.irecv, buffer, peer))
+                received.append((incoming, buffer))
+        if ops:
+
+            def run() -> None:
+                for request in dist.batch_isend_irecv(ops):
+                    request.wait()
+
+            communicate(self.partition, "the halo exchange with the neighbour ranks", run)
+        return {
+            frame: (buffer[0, :, n], buffer[1, :, n])
+            for frames, buffer in received
+            for n, frame in enumerate(frames)
+        }
+
+
+def halo_bytes_per_layer(
+    active: list[bool],
+    world: int,
+    window: int,
+    *,
+    groups: int,
+    heads: int,
+    samples: int,
+    head_dim: int,
+    itemsize: int,
+) -> int:
+    """Bytes all ranks send in one consistent layer call: K and V of each crossing frame, per CFG half
+    (``2 · G · H · S · D · b`` per frame; at most ``window`` frames per boundary and direction)."""
+    exchange = HaloExchange(Partition(0, world), active, window)
+    frames = sum(
+        len(exchange.crossing(rank, peer))
+        for rank in range(world)
+        for peer in (rank - 1, rank + 1)
+        if 0 <= peer < world
+    )
+    return frames * 2 * groups * heads * samples * head_dim * itemsize
+
+
+def leader_first(partition: Partition, action):
+    """Run ``action()`` on rank 0 only and tell every rank how it went: its result on rank 0 (None
+    elsewhere); if it raised, rank 0 re-raises and the others raise a RuntimeError saying so — never
+    waiting forever for a rank that gave up."""
+    result, error = None, None
+    if partition.leader:
+        try:
+            result = action()
+        except Exception as exc:  # every rank must hear about it before anyone raises
+            error = exc
+    if partition.distributed:
+        box = [None if error is None else f"{type(error).__name__}: {error}"]
+        communicate(partition, "starting the run", lambda: dist.broadcast_object_list(box, src=0))
+        if box[0] is not None and error is None:
+            raise RuntimeError(f"rank 0 could not start the run: {box[0]}")
+    if error is not None:
+        raise error
+    return result
+
+
+def communicate(partition: Partition, what: str, call):
+    """``call()`` (a collective or point-to-point exchange), with a clear error when a peer is gone."""
+    try:
+        return call()
+    except (RuntimeError, dist.DistError) as exc:
+        raise RuntimeError(
+            f"rank {partition.rank} of {partition.world}: {what} failed — another rank stopped or the "
+            f"exchange passed its timeout (--dist-timeout); finished frames stay on disk ({exc})"
+        ) from exc

@@ -1,0 +1,163 @@
+"""Workers of the distributed tests: each runs in its own process (``torch.multiprocessing.spawn``), joins a
+gloo group through a ``file://`` rendezvous (no ports, so parallel test runs never clash) and writes what
+it made into a folder the test reads."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+NO_SKIP = {"warmup_steps": 0, "skip_prob_early": 0.0, "skip_prob_late": 0.0}
+
+
+def join(rank: int, world: int, rendezvous: str, timeout_s: float = 60.0) -> None:
+    torch.set_num_threads(1)  # several ranks share the test machine's cores
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def spawn(worker, world: int, tmp_path: Path, *args) -> None:
+    import torch.multiprocessing as mp
+
+    rendezvous = str(tmp_path / f"rendezvous-{worker.__name__}-{world}")
+    mp.spawn(worker, args=(world, rendezvous, *args), nprocs=world, join=True)
+
+
+def window_latents(
+    model: str, active: list[bool], window: int, steps: int, chunk: int, partition=None
+) -> torch.Tensor:
+    from storydiff.attention import apply_consistent_attention, remove_consistent_attention
+    from storydiff.config import ConsistencyConfig
+    from storydiff.longstory.denoise import denoise_long_story
+    from storydiff.tiny_models import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(model, progress_bar=False)
+    state = apply_consistent_attention(pipe, ConsistencyConfig(window=window, seed=1, **NO_SKIP))
+    frames = len(active)
+    try:
+        return denoise_long_story(
+            pipe,
+            state,
+            prompts=[f"a man with a red scarf, scene {i}" for i in range(frames)],
+            negatives=[""] * frames,
+            active=active,
+            seeds=list(range(frames)),
+            num_inference_steps=steps,
+            guidance_scale=5.0,
+            height=None,
+            width=None,
+            chunk_size=chunk,
+            progress=False,
+            partition=partition,
+        )
+    finally:
+        remove_consistent_attention(pipe)
+
+
+def window_worker(rank, world, rendezvous, out, model, active, window, steps) -> None:
+    from storydiff.distributed import current_partition
+
+    join(rank, world, rendezvous)
+    try:
+        partition = current_partition()
+        latents = window_latents(model, active, window, steps, chunk=len(active), partition=partition)
+        start, stop = partition.block(len(active))
+        torch.save({"start": start, "latents": latents[start:stop].clone()}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def exchange_worker(rank, world, rendezvous, out, active, window) -> None:
+    """Pools whose values name their frame, CFG half and row: what arrives must be exactly the
+    neighbours' frames the formula says, and nothing else."""
+    from storydiff.distributed import HaloExchange, current_partition
+
+    join(rank, world, rendezvous)
+    try:
+        partition = current_partition()
+        start, stop = partition.block(len(active))
+        groups, heads, samples, dim = 2, 3, 5, 4
+
+        def pool(frame: int, sign: float) -> torch.Tensor:  # [G, H, S, D]
+            base = torch.arange(groups * heads * samples * dim, dtype=torch.float32).view(
+                groups, heads, samples, dim
+            )
+            return sign * (1000 * frame + base)
+
+        pool_k = torch.stack([pool(f, 1.0) for f in range(start, stop)], dim=1)
+        pool_v = torch.stack([pool(f, -1.0) for f in range(start, stop)], dim=1)
+        halo = HaloExchange(partition, active, window)
+        received = halo.exchange(pool_k, pool_v)
+        for frame, (k, v) in received.items():
+            assert torch.equal(k, pool(frame, 1.0)) and torch.equal(v, pool(frame, -1.0)), frame
+        report = {"received": sorted(received), "bytes_sent": halo.bytes_sent}
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
+    finally:
+        dist.destroy_process_group()
+
+
+def story_worker(rank, world, rendezvous, out_dir, model, story, settings, config, timeout_s=60.0) -> None:
+    """One rank of a story run through the pipeline (what the CLI does under torchrun)."""
+    stories_worker(rank, world, rendezvous, [(out_dir, settings)], model, story, config, timeout_s)
+
+
+def stories_worker(rank, world, rendezvous, runs, model, story, config, timeout_s=60.0) -> None:
+    """Several story runs, one after the other, by the same ranks: ``runs`` = [(out_dir, settings)]."""
+    from storydiff.config import ConsistencyConfig
+    from storydiff.pipeline import StoryDiffusionPipeline
+    from storydiff.tiny_models import build_tiny_pipeline
+
+    join(rank, world, rendezvous, timeout_s)
+    try:
+        tiny = build_tiny_pipeline(model, progress_bar=False)
+        pipe = StoryDiffusionPipeline(tiny, ConsistencyConfig(**config), model_name=model)
+        for out_dir, settings in runs:
+            result = pipe(story, out_dir=out_dir, progress=False, **settings)
+            (Path(out_dir) / f"result-rank{rank}.json").write_text(
+                json.dumps({"frames": result.frame_indices, "pages": len(result.pages)})
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+def killed_story_worker(rank, world, rendezvous, out_dir, model, story, settings, config, timeout_s) -> None:
+    """As ``story_worker``, but rank 1 dies (SIGKILL: no cleanup) right after its first checkpoint; the
+    other ranks record the error they end with in ``error-rank{r}.txt``."""
+    import os
+    import signal
+
+    import storydiff.lockstep as lockstep
+
+    if rank == 1:
+        save = lockstep.save_checkpoint
+
+        def save_then_die(*args, **kwargs):
+            save(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        lockstep.save_checkpoint = save_then_die
+    try:
+        story_worker(rank, world, rendezvous, out_dir, model, story, settings, config, timeout_s)
+    except Exception as exc:
+        (Path(out_dir) / f"error-rank{rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
+
+
+def spawn_unjoined(worker, world: int, tmp_path: Path, *args):
+    """Start ``world`` ranks and wait for each to end on its own (``spawn`` would kill the others as soon as
+    one rank fails, which is what the kill test must not do); returns their exit codes."""
+    import torch.multiprocessing as mp
+
+    rendezvous = str(tmp_path / f"rendezvous-{worker.__name__}-{world}")
+    context = mp.start_processes(worker, args=(world, rendezvous, *args), nprocs=world, join=False)
+    for process in context.processes:
+        process.join()
+    return [process.exitcode for process in context.processes]

@@ -1,0 +1,184 @@
+"""Stories split over processes (gloo on the CPU, tiny models): the frames are the single-process ones."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from dist_helpers import (
+    exchange_worker,
+    killed_story_worker,
+    spawn,
+    spawn_unjoined,
+    stories_worker,
+    story_worker,
+    window_latents,
+    window_worker,
+)
+from story_helpers import read_frames
+
+from storydiff.cli import main
+from storydiff.distributed import HaloExchange, Partition, halo_bytes_per_layer
+
+STORY = """\
+[Bob] a man with red hair
+[Alice] a woman in a yellow dress
+---
+[Bob] walks in the park #Bob takes a walk
+[Alice] waters the flowers #Alice at home
+[Bob] reads a newspaper
+[Bob] and [Alice] have dinner #Dinner
+[NC] a quiet street at night #Night falls
+[Alice] rides a bicycle
+[Bob] sleeps
+"""
+NO_SKIP = {"warmup_steps": 1, "skip_prob_early": 0.0, "skip_prob_late": 0.0}
+
+
+def test_blocks_are_contiguous_and_balanced():
+    assert Partition(0, 3).blocks(7) == [(0, 3), (3, 5), (5, 7)]
+    assert Partition(1, 2).block(5) == (3, 5)
+    assert Partition().blocks(4) == [(0, 4)]
+
+
+def test_crossing_frames():
+    """Only frames that show a character and that a character frame of the other block reads cross."""
+    active = [True, True, False, True, True, True, True]
+    halo = HaloExchange(Partition(0, 2), active, window=2)  # blocks [0, 4), [4, 7)
+    assert halo.crossing(0, 1) == [3]  # frame 2 is [NC]; 3 is within 2 of 4 and 5
+    assert halo.crossing(1, 0) == [4, 5]  # 4, 5 reach 3 (2 is [NC] and does not read)
+
+
+@pytest.mark.parametrize(("world", "window"), [(2, 1), (3, 2)], ids=["2ranks-w1", "3ranks-w2"])
+def test_halo_exchange_sends_the_boundary_frames_only(world, window, tmp_path):
+    active = [True, True, False, True, True, True, True, False, True]
+    spawn(exchange_worker, world, tmp_path, str(tmp_path), active, window)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    partition = Partition(0, world)
+    for rank, (start, stop) in enumerate(partition.blocks(len(active))):
+        wanted = {
+            j
+            for i in range(start, stop)
+            if active[i]
+            for j in range(i - window, i + window + 1)
+            if 0 <= j < len(active) and not start <= j < stop and active[j]
+        }
+        assert set(reports[rank]["received"]) == wanted
+    expected = halo_bytes_per_layer(
+        active, world, window, groups=2, heads=3, samples=5, head_dim=4, itemsize=4
+    )
+    assert sum(r["bytes_sent"] for r in reports) == expected > 0
+
+
+@pytest.mark.parametrize(
+    ("world", "window", "active"),
+    [
+        (2, 1, [True, True, True, False, True]),
+        (3, 2, [True, True, True, True, False, True, True]),
+    ],
+    ids=["2ranks-w1-5frames", "3ranks-w2-7frames"],
+)
+def test_window_mode_equals_the_unchunked_single_process_run(world, window, active, tmp_path):
+    """Each rank denoises its block as one batch, in step with the others, reading the neighbour ranks'
+    boundary frames: the unchunked computation, up to fp32 rounding (other batch compositions)."""
+    spawn(window_worker, world, tmp_path, str(tmp_path), "tiny-sd15", active, window, 3)
+    single = window_latents("tiny-sd15", active, window, steps=3, chunk=len(active))
+    for rank in range(world):
+        part = torch.load(tmp_path / f"rank{rank}.pt")
+        start, latents = part["start"], part["latents"]
+        torch.testing.assert_close(latents, single[start : start + len(latents)], rtol=1e-3, atol=1e-4)
+    # and the neighbours matter: chunks of 2 frames (boundary neighbours seen on alternate steps only)
+    # differ from the unchunked run by far more than that
+    chunked = window_latents("tiny-sd15", active, window, steps=3, chunk=2)
+    assert (chunked - single).abs().max() > 1e-2
+
+
+def test_bank_mode_over_two_ranks_is_bit_identical(tmp_path):
+    settings = {"num_inference_steps": 3, "id_frames": 1, "read_batch_size": 2, "seed": 5}
+    config = {"rate": 0.5, "seed": 2, **NO_SKIP}
+    spawn(story_worker, 2, tmp_path, str(tmp_path / "split"), "tiny-sd15", STORY, settings, config)
+    story_worker_single(tmp_path / "single", settings, config)
+    split, single = read_frames(tmp_path / "split"), read_frames(tmp_path / "single")
+    assert len(split) == 7 and all(np.array_equal(a, b) for a, b in zip(split, single, strict=True))
+    metadata = json.loads((tmp_path / "split" / "metadata.json").read_text())
+    assert metadata["status"] == "complete" and metadata["world_size"] == 2
+    results = [json.loads((tmp_path / "split" / f"result-rank{r}.json").read_text()) for r in range(2)]
+    assert results[0]["pages"] >= 1 and results[1]["pages"] == 0
+    assert (tmp_path / "split" / "pages" / "page_000.png").is_file()
+
+
+def story_worker_single(out_dir, settings, config):
+    from storydiff.config import ConsistencyConfig
+    from storydiff.pipeline import StoryDiffusionPipeline
+    from storydiff.tiny_models import build_tiny_pipeline
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run: CPU kernels' summation order depends on the thread count
+    try:
+        tiny = build_tiny_pipeline("tiny-sd15", progress_bar=False)
+        StoryDiffusionPipeline(tiny, ConsistencyConfig(**config))(
+            STORY, out_dir=out_dir, progress=False, **settings
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_killed_rank_fails_the_others_clearly_and_resume_finishes_the_run(tmp_path, capsys):
+    """Rank 1 dies after its first checkpoint (window mode, 2 ranks): rank 0 stops with a clear error at
+    its next exchange (bounded by the group's timeout), its metadata says failed, the finished state stays;
+    a resume with the same world size gives the frames of an uninterrupted 2-rank run."""
+    settings = {"num_inference_steps": 4, "mode": "window", "chunk_size": 8, "checkpoint_every": 2, "seed": 5}
+    config = {"rate": 0.5, "seed": 2, "window": 2, **NO_SKIP}  # frames 3 and 5 cross the ranks' boundary
+    killed = tmp_path / "killed"
+    codes = spawn_unjoined(
+        killed_story_worker, 2, tmp_path, str(killed), "tiny-sd15", STORY, settings, config, 20
+    )
+    assert codes[1] == -9 and codes[0] == 0  # rank 0 caught its error and recorded it
+    error = (killed / "error-rank0.txt").read_text()
+    assert "rank 0 of 2" in error and "another rank stopped" in error, error
+    assert json.loads((killed / "metadata.json").read_text())["status"] == "failed"
+    assert (killed / "checkpoint-rank0-of-2.pt").is_file() and (killed / "checkpoint-rank1-of-2.pt").is_file()
+
+    # one process cannot take over the checkpoints of two
+    assert main(["generate", "--resume", str(killed)]) == 2
+    assert "generated by 2 process(es); resume it with the same number" in capsys.readouterr().err
+
+    runs = [(str(killed), {**settings, "resume": True}), (str(tmp_path / "whole"), settings)]
+    spawn(stories_worker, 2, tmp_path, runs, "tiny-sd15", STORY, config)  # resume, then a run in one go
+    resumed, whole = read_frames(killed), read_frames(tmp_path / "whole")
+    assert len(resumed) == 7 and all(np.array_equal(a, b) for a, b in zip(resumed, whole, strict=True))
+    assert json.loads((killed / "metadata.json").read_text())["status"] == "complete"
+    assert not list(killed.glob("checkpoint*.pt"))
+
+
+def test_cli_under_torchrun(tmp_path):
+    """`torchrun -m storydiff.cli generate`: bank mode over 2 ranks makes the one-process frames; one voice
+    on stdout."""
+    import os
+    import subprocess
+    import sys
+
+    story = tmp_path / "story.txt"
+    story.write_text(STORY)
+    args = ["generate", "--model", "tiny-sd15", "--story", str(story), "--steps", "2", "--id-frames", "1"]
+    args += ["--read-batch", "2", "--no-skip"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the ranks' thread count, for bit-identical CPU math
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    split = subprocess.run(
+        [*torchrun, "-m", "storydiff.cli", *args, "--out", str(tmp_path / "split")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert split.stdout.count("7 frames and ") == 1, split.stdout
+    single = subprocess.run(
+        [sys.executable, "-m", "storydiff.cli", *args, "--out", str(tmp_path / "single")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    a, b = read_frames(tmp_path / "split"), read_frames(tmp_path / "single")
+    assert len(a) == 7 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert json.loads((tmp_path / "split" / "metadata.json").read_text())["world_size"] == 2
