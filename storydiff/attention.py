@@ -21,6 +21,21 @@ from .state import ConsistencyState, LayerInfo
 _STATE_ATTR = "_storydiff_consistency"  # set on the UNet so remove_consistent_attention can undo
 
 
+def head_projections(attn: Attention, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(B, H, N, D) query, key and value of ``hidden_states`` (B, N, C) with the layer's own projections
+    and q/k norms — diffusers' ``AttnProcessor2_0`` math. Views of the (B, N, H·D) projections, no copy:
+    the op takes any strides."""
+    batch = hidden_states.shape[0]
+    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
 class ConsistentAttnProcessor:
     """Self-attention (``attn1``) processor computing consistent attention with ``csa_kernels``.
 
@@ -62,21 +77,12 @@ class ConsistentAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        # (B, N, H·D) viewed as (B, H, N, D): no copy; the op takes any strides
-        query, key, value = (
-            x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value)
-        )
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = head_projections(attn, hidden_states)
 
         hidden_states = self.state.attend(self.layer, query, key, value)
 
         hidden_states = (
-            hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+            hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * query.shape[-1]).to(query.dtype)
         )
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:

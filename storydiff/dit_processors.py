@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .attention import head_projections
 from .compat import flux_qkv_projections
 from .rope import Rotation, reposition_for, shift_ids
 from .state import ConsistencyState, LayerInfo
@@ -117,15 +118,8 @@ class SD3ConsistentProcessor:
         if attention_mask is not None:
             raise ValueError(f"{self.layer.name}: consistent attention does not take an attention_mask")
         batch, image = hidden_states.shape[0], hidden_states.shape[1]
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (
-            x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value)
-        )
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = head_projections(attn, hidden_states)
+        head_dim = key.shape[-1]
         if encoder_hidden_states is not None:
             context = [
                 proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)

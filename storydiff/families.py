@@ -139,15 +139,23 @@ def text_length(pipe, default: int, tokenizer: str) -> int:
     return min(default, getattr(pipe, tokenizer).model_max_length)
 
 
-class FluxFamily(Family):
-    name = "flux"
+class TransformerFamily(Family):
+    """Diffusion transformers: the denoiser is ``pipe.transformer``, images are patched after the VAE."""
 
     @property
     def denoiser(self) -> torch.nn.Module:
         return self.pipe.transformer
 
     @property
-    def multiple(self) -> int:  # the VAE's factor times the 2x2 packing
+    def multiple(self) -> int:
+        return self.pipe.vae_scale_factor * self.denoiser.config.patch_size
+
+
+class FluxFamily(TransformerFamily):
+    name = "flux"
+
+    @property
+    def multiple(self) -> int:  # the VAE's factor times the 2x2 packing (the transformer's patch is 1)
         return self.pipe.vae_scale_factor * 2
 
     @property
@@ -211,16 +219,8 @@ class FluxFamily(Family):
         return flux_unpack(self.pipe, latent, height, width) / config.scaling_factor + config.shift_factor
 
 
-class SD3Family(Family):
+class SD3Family(TransformerFamily):
     name = "sd3"
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.pipe.transformer
-
-    @property
-    def multiple(self) -> int:
-        return self.pipe.vae_scale_factor * self.denoiser.config.patch_size
 
     @property
     def default_size(self) -> int:
@@ -268,16 +268,8 @@ class SD3Family(Family):
         return latent / config.scaling_factor + config.shift_factor
 
 
-class PixArtFamily(Family):
+class PixArtFamily(TransformerFamily):
     name = "pixart"
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.pipe.transformer
-
-    @property
-    def multiple(self) -> int:
-        return self.pipe.vae_scale_factor * self.denoiser.config.patch_size
 
     @property
     def default_size(self) -> int:

@@ -9,7 +9,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from csa_kernels import consistent_attention_reference
 from storydiff.attention import apply_consistent_attention, remove_consistent_attention
-from storydiff.config import ConsistencyConfig
+from storydiff.config import ConsistencyConfig, InvalidSetting
 from storydiff.tiny_models import build_tiny_pipeline
 
 NO_SKIP = {"warmup_steps": 0, "skip_prob_early": 0.0, "skip_prob_late": 0.0}
@@ -97,7 +97,7 @@ def test_default_layers_per_family(pipes):
         "transformer_blocks.1.attn.processor",
     ]
     assert names("tiny-pixart") == [f"transformer_blocks.{i}.attn1.processor" for i in range(2)]
-    with pytest.raises(ValueError, match=r"layers='up' is not a preset of flux denoisers"):
+    with pytest.raises(InvalidSetting, match=r"layers 'up' is not a preset of flux denoisers"):
         apply_consistent_attention(pipes["tiny-flux"], ConsistencyConfig(layers="up"))
     with pytest.raises(ValueError, match="installs on UNet2DConditionModel"):
         apply_consistent_attention(torch.nn.Linear(2, 2))
