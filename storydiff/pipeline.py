@@ -271,10 +271,11 @@ class StoryDiffusionPipeline:
         start = time.perf_counter()
         self.state.bank.reset_peak()
         try:
+            run = (story, styled, settings, images, output, resume, progress, partition)
             if settings.mode == "bank":
-                self._run_bank(story, identity, styled, settings, images, output, resume, progress, partition)
+                self._run_bank(story, identity, *run[1:])
             else:
-                self._run_window(story, styled, settings, images, output, resume, progress, partition)
+                metadata.update(self._run_window(*run))
             own = dict(images)
             images = gather_to_leader(partition, images)  # pages and metadata need every frame
             if output is not None:  # every rank's frames are on disk now: the checkpoints are done with
@@ -404,7 +405,9 @@ class StoryDiffusionPipeline:
             width=settings.width,
         )
 
-    def _run_window(self, story, styled, settings, images, output, resume, progress, partition) -> None:
+    def _run_window(self, story, styled, settings, images, output, resume, progress, partition) -> dict:
+        """Window mode; returns {"halo_bytes_sent": this rank's traffic} on several ranks, else {}."""
+        stats: dict = {}
         latents = denoise_long_story(
             self.pipe,
             self.state,
@@ -423,6 +426,7 @@ class StoryDiffusionPipeline:
             run_summary={"model": self.model_name},
             progress=progress,
             partition=partition,
+            stats=stats,
         )
         start, stop = partition.block(len(story.frames))
         bar = progress_bar(stop - start, "decoding frames", "frame", progress)
@@ -432,6 +436,7 @@ class StoryDiffusionPipeline:
                 output.save_frame(index, images[index])
             bar.update()
         bar.close()
+        return stats
 
     def _check_partition(self, partition: Partition, settings: RunSettings, out_dir, resume: bool) -> None:
         """What a run split over processes needs (and a resume of one), checked on every rank before

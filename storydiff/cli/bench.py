@@ -21,10 +21,16 @@ def register(subparsers, parents: list) -> None:
     )
     bench.add_argument(
         "--suite",
-        choices=("op", "unet", "dit", "all", "motion"),
+        choices=("op", "unet", "dit", "all", "motion", "dist"),
         default="all",
         help="all = op + unet; dit: FLUX.1-dev / SD3.5-large transformer step (see --model); motion: "
-        "compiled vs eager Semantic Motion Predictor at batch 1 and 8 (default: all)",
+        "compiled vs eager Semantic Motion Predictor at batch 1 and 8; dist: a story over 1, 2, ... "
+        "processes (--ranks): frames per minute, peak memory per rank, halo traffic (default: all)",
+    )
+    bench.add_argument(
+        "--ranks",
+        default=None,
+        help="dist suite: world sizes, comma-separated (default: 1,2 on a CPU; 1 per visible GPU up to 4)",
     )
     bench.add_argument(
         "--size",
@@ -119,6 +125,30 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_plot:
             title = f"DiT step ({model}), {cases[0].frames} frames, stock vs ours, {env['device']}"
             written.append(plot_rows(rows, written[-2].with_suffix(".png"), title, DIT_PANELS))
+    if args.suite == "dist":
+        from ..benchmark.dist_scaling import format_scaling_table, plot_scaling, run_scaling
+
+        gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+        default = [n for n in (1, 2, 4) if n <= gpus] if gpus else [1, 2]
+        try:
+            ranks = [int(n) for n in args.ranks.split(",")] if args.ranks else default
+        except ValueError:
+            return fail(f"--ranks expects world sizes such as 1,2,4, got {args.ranks!r}")
+        if any(n < 1 for n in ranks) or (gpus and max(ranks) > gpus):
+            return fail(f"--ranks must be >= 1 (and at most the {gpus} visible GPUs on CUDA), got {ranks}")
+        model = "random-sdxl" if device.type == "cuda" else "tiny-sd15"
+        frames, steps = (16, 10) if device.type == "cuda" else (8, 3)
+        rows = []
+        for mode in ("window", "bank"):
+            print(f"dist suite: {model}, {mode} mode, {frames} frames, ranks {ranks} on {env['device']}")
+            rows += run_scaling(
+                model=model, world_sizes=ranks, mode=mode, frames=frames, steps=steps, device=device.type
+            )
+        rows = [{**row, **env} for row in rows]
+        print(format_scaling_table(rows))
+        written += [*save_rows(rows, out, f"dist-{model}", env["device"])]
+        if not args.no_plot:
+            written.append(plot_scaling(rows, written[-2].with_suffix(".png")))
     if args.suite == "motion":
         from ..motion.compiled import benchmark_compiled
         from ..motion.model import SemanticMotionPredictor

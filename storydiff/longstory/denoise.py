@@ -39,13 +39,15 @@ def denoise_long_story(
     run_summary: dict | None = None,
     progress: Progress = True,
     partition: Partition | None = None,
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """Denoise every frame in window mode; returns the final latents (host memory), story order.
 
     ``active[i]``: frame i shows a character (takes part in consistency). With ``checkpoint_path``, a
     checkpoint is written every ``checkpoint_every`` steps and ``resume=True`` continues from it.
     ``partition`` (several processes): only this rank's block of frames is denoised, as one batch in step
-    with the other ranks (``distributed.py``); only its latents are final.
+    with the other ranks (``distributed.py``); only its latents are final. ``stats`` (a dict) receives
+    ``halo_bytes_sent``, this rank's traffic.
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
@@ -115,4 +117,6 @@ def denoise_long_story(
         )
     finally:
         state.end()
+    if stats is not None and halo is not None:
+        stats["halo_bytes_sent"] = halo.bytes_sent
     return denoiser.latents

@@ -182,3 +182,14 @@ def test_cli_under_torchrun(tmp_path):
     a, b = read_frames(tmp_path / "split"), read_frames(tmp_path / "single")
     assert len(a) == 7 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert json.loads((tmp_path / "split" / "metadata.json").read_text())["world_size"] == 2
+
+
+def test_scaling_benchmark_rows():
+    """`storydiff bench --suite dist` measures with the same code: a 2-rank window story reports its
+    throughput, per-rank peak and the traffic of its halo exchange."""
+    from storydiff.benchmark.dist_scaling import format_scaling_table, run_scaling
+
+    (row,) = run_scaling(model="tiny-sd15", world_sizes=[2], mode="window", frames=4, steps=2)
+    assert row["ranks"] == 2 and row["frames_per_minute"] > 0 and row["peak_bytes_per_rank"] > 0
+    assert row["halo_bytes_sent"] > 0 and row["backend"] == "gloo"
+    assert "window" in format_scaling_table([row])
