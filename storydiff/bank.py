@@ -174,6 +174,13 @@ class IdBank:
             return parts[0]
         return torch.cat([k for k, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2)
 
+    def entries(self, character: str, step: int | None = None):
+        """(step, layer, k, v) of ``character``'s bank as stored (host or device), of one step or all."""
+        steps = self._store.get(character, {})
+        for at in [step] if step is not None else list(steps):
+            for layer, (k, v) in steps.get(at, {}).items():
+                yield at, layer, k, v
+
     def prefetch(self, characters: tuple[str, ...], step: int, layer: str, device: torch.device) -> None:
         """Start copying offloaded tensors to the GPU on a side stream (no-op unless offloaded + CUDA)."""
         if not (self.offload and device.type == "cuda"):

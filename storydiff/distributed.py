@@ -223,3 +223,35 @@ def communicate(partition: Partition, what: str, call):
             f"rank {partition.rank} of {partition.world}: {what} failed — another rank stopped or the "
             f"exchange passed its timeout (--dist-timeout); finished frames stay on disk ({exc})"
         ) from exc
+
+
+def broadcast_bank(partition: Partition, bank, characters, step: int | None = None) -> int:
+    """Rank 0's bank of ``characters`` (one ``step``, or every step) into every rank's ``bank``; returns the
+    bytes each other rank received. The keys and shapes go first (one small object), then each tensor,
+    through the backend's device (NCCL: this rank's GPU; gloo: the CPU)."""
+    entries = []
+    if partition.leader:
+        entries = [(c, at, layer, k, v) for c in characters for at, layer, k, v in bank.entries(c, step)]
+    box = [
+        [
+            (c, at, layer, tuple(k.shape), str(k.dtype).removeprefix("torch."))
+            for c, at, layer, k, _ in entries
+        ]
+    ]
+    communicate(partition, "broadcasting the bank", lambda: dist.broadcast_object_list(box, src=0))
+    transport = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    received = 0
+    for index, (character, at, layer, shape, dtype) in enumerate(box[0]):
+        pair = []
+        for kind in (3, 4):  # k, v
+            if partition.leader:
+                tensor = entries[index][kind]
+                tensor = tensor.to(transport) if transport is not None else tensor.cpu()
+            else:
+                tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=transport or "cpu")
+            communicate(partition, "broadcasting the bank", lambda t=tensor: dist.broadcast(t, src=0))
+            pair.append(tensor)
+        if not partition.leader:
+            bank.store(character, at, layer, *pair)
+            received += sum(t.numel() * t.element_size() for t in pair)
+    return received

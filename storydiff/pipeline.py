@@ -32,7 +32,7 @@ from .bank import signature_differences
 from .checkpoint import checkpoint_name
 from .comic import make_pages
 from .config import ConsistencyConfig, InvalidSetting
-from .distributed import Partition, current_partition, gather_to_leader, leader_first
+from .distributed import Partition, broadcast_bank, current_partition, gather_to_leader, leader_first
 from .families import family_of
 from .lockstep import LockstepDenoiser, run_lockstep
 from .longstory.denoise import denoise_long_story
@@ -273,7 +273,7 @@ class StoryDiffusionPipeline:
         try:
             run = (story, styled, settings, images, output, resume, progress, partition)
             if settings.mode == "bank":
-                self._run_bank(story, identity, *run[1:])
+                metadata.update(self._run_bank(story, identity, *run[1:]))
             else:
                 metadata.update(self._run_window(*run))
             own = dict(images)
@@ -286,6 +286,15 @@ class StoryDiffusionPipeline:
             raise
         finally:
             self.state.end()
+        bank = self.state.bank
+        bank_bytes = {name: bank.written_bytes(name) for name in story.characters if bank.has(name)}
+        memory = {"bank_bytes": bank_bytes, "bank_peak_bytes": bank.peak_bytes}
+        metadata.update(memory, seconds=round(time.perf_counter() - start, 2))
+        if settings.mode == "bank" and settings.bank_schedule == "lockstep":
+            # nothing of a lockstep bank outlives its step: the characters are not banked for a next story
+            # (which writes them again), rather than banked with nothing in them
+            for name in identity:
+                bank.clear(name)
         if not partition.leader:  # this rank's frames only; rank 0 writes pages and metadata
             indices = sorted(own)
             captions = [story.frames[i].caption for i in indices]
@@ -295,10 +304,6 @@ class StoryDiffusionPipeline:
         ordered = [images[f.index] for f in story.frames]
         captions = [f.caption for f in story.frames]
         pages = make_pages(ordered, captions, settings.layout, font=settings.font)
-        bank = self.state.bank
-        bank_bytes = {name: bank.written_bytes(name) for name in story.characters if bank.has(name)}
-        memory = {"bank_bytes": bank_bytes, "bank_peak_bytes": bank.peak_bytes}
-        metadata.update(memory, seconds=round(time.perf_counter() - start, 2))
         if output is not None:
             output.save_pages(pages)
             output.finish(**memory, seconds=metadata["seconds"], pages=len(pages))
@@ -306,14 +311,15 @@ class StoryDiffusionPipeline:
 
     def _run_bank(
         self, story, identity, styled, settings, images, output, resume, progress, partition: Partition
-    ) -> None:
+    ) -> dict:
         """Identity frames write each character's bank, every other frame reads the banks of the
         characters it shows; both in chunks through one step-synchronous denoiser, so a chunk's frames
         are the same whatever the schedule: "stored" runs each chunk through all steps in turn (every
         step's bank kept), "lockstep" advances all chunks one step at a time (one step's bank alive).
 
-        Over several ranks every rank writes the banks itself (no traffic) and reads its contiguous share
-        of the read batches — the single-process batches, so every frame is bit-identical to it."""
+        Over several ranks each reads its contiguous share of the read batches — the single-process
+        batches, so every frame is bit-identical to it — and the banks are written by every rank
+        ("recompute", no traffic) or by rank 0 and broadcast ("broadcast"). Returns the traffic."""
         identity_set = {i for frames in identity.values() for i in frames}
         read_frames = [f.index for f in story.frames if f.index not in identity_set]
         size = settings.read_batch_size
@@ -349,9 +355,15 @@ class StoryDiffusionPipeline:
                 model=self.model_name,
                 **self.run_signature(settings),
             )
+        # "broadcast": only rank 0 denoises the identity frames; the others receive what they bank
+        broadcast = partition.distributed and settings.bank_sharing == "broadcast"
+        writes_banks = partition.leader or not broadcast
+        received = 0
         if settings.bank_schedule == "stored":
             bar = progress_bar(len(story.frames), "story frames", "frame", progress)
             for name, frames in identity.items():
+                if not writes_banks:
+                    continue
                 bar.set_postfix_str(f"identity of {name}")
                 for step in range(steps):
                     write(name, frames, step)
@@ -359,6 +371,8 @@ class StoryDiffusionPipeline:
                 bar.update(len(frames))
                 if settings.save_banks and output is not None and writes_output:
                     self.state.bank.save(name, output.bank_path(name))
+            if broadcast:
+                received = broadcast_bank(partition, self.state.bank, list(identity))
             bar.set_postfix_str("story frames")
             for frames in reads:
                 for step in range(steps):
@@ -366,11 +380,15 @@ class StoryDiffusionPipeline:
                 finish(frames)
                 bar.update(len(frames))
             bar.close()
-            return
+            return {"bank_bytes_received": received} if broadcast else {}
 
         def one_step(step: int) -> None:
-            for name, frames in identity.items():
-                write(name, frames, step)
+            nonlocal received
+            if writes_banks:
+                for name, frames in identity.items():
+                    write(name, frames, step)
+            if broadcast:
+                received += broadcast_bank(partition, self.state.bank, list(identity), step)
             for frames in reads:
                 read(frames, step)
             self.state.bank.drop_step(step, identity)  # read by everyone: free it
@@ -392,6 +410,7 @@ class StoryDiffusionPipeline:
             progress=progress,
         )
         finish(sorted(identity_set) + [i for frames in reads for i in frames])
+        return {"bank_bytes_received": received} if broadcast else {}
 
     def _denoiser(self, story: Story, styled, settings: RunSettings) -> LockstepDenoiser:
         return LockstepDenoiser(
@@ -441,6 +460,8 @@ class StoryDiffusionPipeline:
     def _check_partition(self, partition: Partition, settings: RunSettings, out_dir, resume: bool) -> None:
         """What a run split over processes needs (and a resume of one), checked on every rank before
         anything is written."""
+        if not partition.distributed and settings.bank_sharing == "broadcast":
+            raise InvalidSetting("bank_sharing", "applies to runs over several processes (torchrun)")
         if partition.distributed and settings.mode == "window" and self.config.tile is not None:
             raise InvalidSetting("tile", "runs in one process only (a tile spans frames of one batch)")
         if resume and out_dir is not None:

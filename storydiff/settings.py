@@ -22,11 +22,12 @@ from .config import InvalidSetting
 from .fonts import check_font
 from .styles import DEFAULT_STYLE, get_style
 
+BANK_SHARING = ("recompute", "broadcast")
 MODES = ("bank", "window")
 BANK_SCHEDULES = ("lockstep", "stored")
 
 # Defaults of the mode-specific settings, applied by ``resolved``.
-BANK_DEFAULTS = {"id_frames": 2, "read_batch_size": 4}
+BANK_DEFAULTS = {"id_frames": 2, "read_batch_size": 4, "bank_sharing": "recompute"}
 WINDOW_DEFAULTS = {"chunk_size": 8}
 
 
@@ -59,6 +60,10 @@ class RunSettings:
             are saved or loaded.
         chunk_size: window mode only — frames per denoiser call.
         checkpoint_every: window mode or the lockstep bank schedule — write a checkpoint every N steps.
+        bank_sharing: bank mode over several processes (torchrun) only. "recompute" (default): every rank
+            denoises the identity frames and writes the banks itself, no traffic; "broadcast": rank 0
+            writes them and broadcasts each step's bank (lockstep) or the whole bank (stored) to the
+            others. Same frames either way (README "Several GPUs" compares the two).
     """
 
     mode: str = "bank"
@@ -77,6 +82,7 @@ class RunSettings:
     save_banks: bool = False
     chunk_size: int | None = None
     checkpoint_every: int | None = None
+    bank_sharing: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -111,7 +117,13 @@ class RunSettings:
             _count(name, getattr(self, name), optional=True)
         if not isinstance(self.save_banks, bool):
             raise InvalidSetting("save_banks", f"must be True or False, got {self.save_banks!r}")
-        other = {"bank": ("chunk_size",), "window": ("id_frames", "read_batch_size", "bank_schedule")}
+        if self.bank_sharing is not None and self.bank_sharing not in BANK_SHARING:
+            choices = ", ".join(BANK_SHARING)
+            raise InvalidSetting("bank_sharing", f"must be one of {choices}, got {self.bank_sharing!r}")
+        other = {
+            "bank": ("chunk_size",),
+            "window": ("id_frames", "read_batch_size", "bank_schedule", "bank_sharing"),
+        }
         for name in other[self.mode]:
             if getattr(self, name) is not None:
                 raise InvalidSetting(name, f"does not apply in {self.mode} mode")

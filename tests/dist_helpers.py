@@ -123,7 +123,13 @@ def stories_worker(rank, world, rendezvous, runs, model, story, config, timeout_
         for out_dir, settings in runs:
             result = pipe(story, out_dir=out_dir, progress=False, **settings)
             (Path(out_dir) / f"result-rank{rank}.json").write_text(
-                json.dumps({"frames": result.frame_indices, "pages": len(result.pages)})
+                json.dumps(
+                    {
+                        "frames": result.frame_indices,
+                        "pages": len(result.pages),
+                        "bank_bytes_received": result.metadata.get("bank_bytes_received"),
+                    }
+                )
             )
     finally:
         dist.destroy_process_group()

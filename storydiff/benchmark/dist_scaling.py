@@ -53,8 +53,11 @@ def _rank(rank: int, world: int, rendezvous: str, spec: dict, report: str) -> No
         settings = {"num_inference_steps": spec["steps"], "mode": spec["mode"], "progress": False}
         if spec["mode"] == "window":
             settings["chunk_size"] = spec["frames"]
-        else:
+        else:  # "bank" (banks recomputed on every rank) or "bank-broadcast"
+            settings["mode"] = "bank"
             settings.update(id_frames=spec["id_frames"], read_batch_size=spec["read_batch"])
+            if spec["mode"] == "bank-broadcast":
+                settings["bank_sharing"] = "broadcast"
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         dist.barrier()
@@ -72,6 +75,7 @@ def _rank(rank: int, world: int, rendezvous: str, spec: dict, report: str) -> No
             "seconds": seconds,
             "peak_bytes": peak,
             "halo_bytes_sent": result.metadata.get("halo_bytes_sent", 0),
+            "bank_bytes_received": result.metadata.get("bank_bytes_received", 0),
         }
         Path(report, f"rank{rank}.json").write_text(json.dumps(row))
     finally:
@@ -91,7 +95,9 @@ def run_scaling(
     device: str = "cpu",
     timeout_s: float = 600.0,
 ) -> list[dict]:
-    """One row per world size: frames per minute, the largest per-rank peak, the total halo bytes."""
+    """One row per world size: frames per minute, the largest per-rank peak, the total traffic. ``mode``:
+    "window", "bank" (every rank writes the banks) or "bank-broadcast" (rank 0 writes and broadcasts
+    them; world sizes above 1 only)."""
     import os
 
     import torch.multiprocessing as mp
@@ -127,6 +133,7 @@ def run_scaling(
                 "frames_per_minute": round(60 * frames / seconds, 2),
                 "peak_bytes_per_rank": max(r["peak_bytes"] for r in ranks),
                 "halo_bytes_sent": sum(r["halo_bytes_sent"] for r in ranks),
+                "bank_bytes_received": sum(r["bank_bytes_received"] for r in ranks),
                 "backend": "nccl" if device == "cuda" else "gloo",
             }
         )
@@ -134,12 +141,13 @@ def run_scaling(
 
 
 def format_scaling_table(rows: list[dict]) -> str:
-    lines = [f"{'mode':<7} {'ranks':>5} {'frames/min':>11} {'peak/rank MiB':>14} {'halo MiB':>9} {'s':>7}"]
+    columns = ("ranks", 5), ("frames/min", 11), ("peak/rank MiB", 14), ("traffic MiB", 12), ("s", 7)
+    lines = [f"{'mode':<15} " + " ".join(f"{name:>{width}}" for name, width in columns)]
     for row in rows:
+        traffic = (row["halo_bytes_sent"] + row["bank_bytes_received"]) / 2**20
         lines.append(
-            f"{row['mode']:<7} {row['ranks']:>5} {row['frames_per_minute']:>11.1f} "
-            f"{row['peak_bytes_per_rank'] / 2**20:>14.1f} {row['halo_bytes_sent'] / 2**20:>9.2f} "
-            f"{row['seconds']:>7.1f}"
+            f"{row['mode']:<15} {row['ranks']:>5} {row['frames_per_minute']:>11.1f} "
+            f"{row['peak_bytes_per_rank'] / 2**20:>14.1f} {traffic:>12.2f} {row['seconds']:>7.1f}"
         )
     return "\n".join(lines)
 

@@ -139,10 +139,13 @@ def run(args: argparse.Namespace) -> int:
         model = "random-sdxl" if device.type == "cuda" else "tiny-sd15"
         frames, steps = (16, 10) if device.type == "cuda" else (8, 3)
         rows = []
-        for mode in ("window", "bank"):
-            print(f"dist suite: {model}, {mode} mode, {frames} frames, ranks {ranks} on {env['device']}")
+        for mode in ("window", "bank", "bank-broadcast"):
+            sizes = [n for n in ranks if n > 1] if mode == "bank-broadcast" else ranks
+            if not sizes:
+                continue
+            print(f"dist suite: {model}, {mode} mode, {frames} frames, ranks {sizes} on {env['device']}")
             rows += run_scaling(
-                model=model, world_sizes=ranks, mode=mode, frames=frames, steps=steps, device=device.type
+                model=model, world_sizes=sizes, mode=mode, frames=frames, steps=steps, device=device.type
             )
         rows = [{**row, **env} for row in rows]
         print(format_scaling_table(rows))

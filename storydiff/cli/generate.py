@@ -33,6 +33,7 @@ FLAGS = {
     "save_banks": "--save-banks",
     "chunk_size": "--chunk-size",
     "checkpoint_every": "--checkpoint-every",
+    "bank_sharing": "--dist-bank",
     "rate": "--rate",
     "level_rates": "--level-rate",
     "warmup_steps": "--warmup-steps",
@@ -65,6 +66,7 @@ RUN_FLAGS = (
     "save_banks",
     "chunk_size",
     "checkpoint_every",
+    "dist_bank",
     "rate",
     "level_rate",
     "warmup_steps",
@@ -232,6 +234,13 @@ def register(subparsers, parents: list) -> None:
         help="under torchrun: the torch.distributed backend (default: nccl on CUDA, gloo otherwise)",
     )
     gen.add_argument(
+        "--dist-bank",
+        choices=("recompute", "broadcast"),
+        default=None,
+        help="bank mode under torchrun: every rank writes the identity banks itself (recompute, no traffic; "
+        "default) or rank 0 writes them and broadcasts each step's bank (broadcast); same frames",
+    )
+    gen.add_argument(
         "--dist-timeout",
         type=float,
         default=600.0,
@@ -334,6 +343,7 @@ def _from_flags(args: argparse.Namespace):
         "save_banks": args.save_banks,
         "chunk_size": args.chunk_size,
         "checkpoint_every": args.checkpoint_every,
+        "bank_sharing": args.dist_bank,
     }
     given = {k: v for k, v in given.items() if v is not None}
     settings = RunSettings().replace(**given).resolved(banks_loaded=bool(banks))

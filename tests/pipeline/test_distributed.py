@@ -11,7 +11,6 @@ from dist_helpers import (
     spawn,
     spawn_unjoined,
     stories_worker,
-    story_worker,
     window_latents,
     window_worker,
 )
@@ -33,6 +32,7 @@ STORY = """\
 [Bob] sleeps
 """
 NO_SKIP = {"warmup_steps": 1, "skip_prob_early": 0.0, "skip_prob_late": 0.0}
+NO_SKIP_ALL = {"skip_prob_early": 0.0, "skip_prob_late": 0.0}  # the CLI's --no-skip (warm-up as default)
 
 
 def test_blocks_are_contiguous_and_balanced():
@@ -73,10 +73,10 @@ def test_halo_exchange_sends_the_boundary_frames_only(world, window, tmp_path):
 @pytest.mark.parametrize(
     ("world", "window", "active"),
     [
-        (2, 1, [True, True, True, False, True]),
-        (3, 2, [True, True, True, True, False, True, True]),
+        # 2 ranks at window 1 also run in the exchange test and (window 2) in the kill test: slow tier
+        pytest.param(2, 1, [True, True, True, False, True], marks=pytest.mark.slow, id="2ranks-w1-5frames"),
+        pytest.param(3, 2, [True, True, True, True, False, True, True], id="3ranks-w2-7frames"),
     ],
-    ids=["2ranks-w1-5frames", "3ranks-w2-7frames"],
 )
 def test_window_mode_equals_the_unchunked_single_process_run(world, window, active, tmp_path):
     """Each rank denoises its block as one batch, in step with the others, reading the neighbour ranks'
@@ -94,20 +94,31 @@ def test_window_mode_equals_the_unchunked_single_process_run(world, window, acti
 
 
 def test_bank_mode_over_two_ranks_is_bit_identical(tmp_path):
+    """Banks recomputed on every rank (lockstep) or written by rank 0 and broadcast (stored schedule):
+    the one-process frames either way; rank 1 gets the frames it made and no pages."""
     settings = {"num_inference_steps": 3, "id_frames": 1, "read_batch_size": 2, "seed": 5}
+    broadcast = {**settings, "bank_sharing": "broadcast", "bank_schedule": "stored"}
     config = {"rate": 0.5, "seed": 2, **NO_SKIP}
-    spawn(story_worker, 2, tmp_path, str(tmp_path / "split"), "tiny-sd15", STORY, settings, config)
+    runs = [(str(tmp_path / "recompute"), settings), (str(tmp_path / "broadcast"), broadcast)]
+    spawn(stories_worker, 2, tmp_path, runs, "tiny-sd15", STORY, config)
     story_worker_single(tmp_path / "single", settings, config)
-    split, single = read_frames(tmp_path / "split"), read_frames(tmp_path / "single")
-    assert len(split) == 7 and all(np.array_equal(a, b) for a, b in zip(split, single, strict=True))
-    metadata = json.loads((tmp_path / "split" / "metadata.json").read_text())
-    assert metadata["status"] == "complete" and metadata["world_size"] == 2
-    results = [json.loads((tmp_path / "split" / f"result-rank{r}.json").read_text()) for r in range(2)]
-    assert results[0]["pages"] >= 1 and results[1]["pages"] == 0
-    assert (tmp_path / "split" / "pages" / "page_000.png").is_file()
+    single = read_frames(tmp_path / "single")
+    for folder in ("recompute", "broadcast"):
+        split = read_frames(tmp_path / folder)
+        assert len(split) == 7 and all(np.array_equal(a, b) for a, b in zip(split, single, strict=True))
+        metadata = json.loads((tmp_path / folder / "metadata.json").read_text())
+        assert metadata["status"] == "complete" and metadata["world_size"] == 2
+        results = [json.loads((tmp_path / folder / f"result-rank{r}.json").read_text()) for r in range(2)]
+        assert results[0]["pages"] >= 1 and results[1]["pages"] == 0
+        # read batches [2, 3], [4, 5] | [6]: rank 1 takes the last one
+        assert results[1]["frames"] == [6]
+    assert (tmp_path / "recompute" / "pages" / "page_000.png").is_file()
+    received = json.loads((tmp_path / "broadcast" / "result-rank1.json").read_text())["bank_bytes_received"]
+    written = sum(json.loads((tmp_path / "broadcast" / "metadata.json").read_text())["bank_bytes"].values())
+    assert received == written > 0  # rank 1 received every byte rank 0 banked
 
 
-def story_worker_single(out_dir, settings, config):
+def story_worker_single(out_dir, settings, config, model="tiny-sd15"):
     from storydiff.config import ConsistencyConfig
     from storydiff.pipeline import StoryDiffusionPipeline
     from storydiff.tiny_models import build_tiny_pipeline
@@ -115,7 +126,7 @@ def story_worker_single(out_dir, settings, config):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks run: CPU kernels' summation order depends on the thread count
     try:
-        tiny = build_tiny_pipeline("tiny-sd15", progress_bar=False)
+        tiny = build_tiny_pipeline(model, progress_bar=False)
         StoryDiffusionPipeline(tiny, ConsistencyConfig(**config))(
             STORY, out_dir=out_dir, progress=False, **settings
         )
@@ -152,8 +163,8 @@ def test_a_killed_rank_fails_the_others_clearly_and_resume_finishes_the_run(tmp_
 
 
 def test_cli_under_torchrun(tmp_path):
-    """`torchrun -m storydiff.cli generate`: bank mode over 2 ranks makes the one-process frames; one voice
-    on stdout."""
+    """`torchrun -m storydiff.cli generate`: bank mode over 2 ranks, each step's bank broadcast by rank 0,
+    makes the one-process frames; one voice on stdout."""
     import os
     import subprocess
     import sys
@@ -161,7 +172,7 @@ def test_cli_under_torchrun(tmp_path):
     story = tmp_path / "story.txt"
     story.write_text(STORY)
     args = ["generate", "--model", "tiny-sd15", "--story", str(story), "--steps", "2", "--id-frames", "1"]
-    args += ["--read-batch", "2", "--no-skip"]
+    args += ["--read-batch", "2", "--no-skip", "--dist-bank", "broadcast"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the ranks' thread count, for bit-identical CPU math
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     split = subprocess.run(
@@ -172,18 +183,14 @@ def test_cli_under_torchrun(tmp_path):
     )
     assert split.returncode == 0, split.stderr[-3000:]
     assert split.stdout.count("7 frames and ") == 1, split.stdout
-    single = subprocess.run(
-        [sys.executable, "-m", "storydiff.cli", *args, "--out", str(tmp_path / "single")],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
+    settings = {"num_inference_steps": 2, "id_frames": 1, "read_batch_size": 2}
+    story_worker_single(tmp_path / "single", settings, {"rate": 0.5, "seed": 0, **NO_SKIP_ALL})
     a, b = read_frames(tmp_path / "split"), read_frames(tmp_path / "single")
     assert len(a) == 7 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert json.loads((tmp_path / "split" / "metadata.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow  # spawns its own ranks again; the distributed paths it times are tested above
 def test_scaling_benchmark_rows():
     """`storydiff bench --suite dist` measures with the same code: a 2-rank window story reports its
     throughput, per-rank peak and the traffic of its halo exchange."""
@@ -193,3 +200,19 @@ def test_scaling_benchmark_rows():
     assert row["ranks"] == 2 and row["frames_per_minute"] > 0 and row["peak_bytes_per_rank"] > 0
     assert row["halo_bytes_sent"] > 0 and row["backend"] == "gloo"
     assert "window" in format_scaling_table([row])
+
+
+def test_bank_sharing_is_checked(tmp_path, capsys):
+    from storydiff.config import InvalidSetting
+    from storydiff.settings import RunSettings
+
+    with pytest.raises(InvalidSetting, match="bank_sharing must be one of recompute, broadcast"):
+        RunSettings(bank_sharing="scatter")
+    with pytest.raises(InvalidSetting, match="bank_sharing does not apply in window mode"):
+        RunSettings(mode="window", bank_sharing="broadcast")
+    story = tmp_path / "story.txt"
+    story.write_text(STORY)
+    args = ["generate", "--model", "tiny-sd15", "--story", str(story), "--out", str(tmp_path / "o")]
+    assert main([*args, "--id-frames", "1", "--dist-bank", "broadcast"]) == 2
+    assert "--dist-bank applies to runs over several processes (torchrun)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -78,15 +78,15 @@ def test_peak_bank_bytes_do_not_grow_with_steps(sd15):
 
     stored, _ = run("stored", 4)
     lock4, tracked4 = run("lockstep", 4)
-    lock12, tracked12 = run("lockstep", 12)
+    lock8, tracked8 = run("lockstep", 8)
     consistent_steps = 4 - NO_SKIP["warmup_steps"]
     one_step = sum(stored["bank_bytes"].values()) // consistent_steps
     assert stored["bank_peak_bytes"] == sum(stored["bank_bytes"].values())
     assert lock4["bank_peak_bytes"] <= stored["bank_peak_bytes"] / consistent_steps + one_step
-    assert lock12["bank_peak_bytes"] == lock4["bank_peak_bytes"]  # one step's bank, whatever the steps
-    assert 3 * sum(lock12["bank_bytes"].values()) == 11 * sum(lock4["bank_bytes"].values())  # 11 vs 3 steps
+    assert lock8["bank_peak_bytes"] == lock4["bank_peak_bytes"]  # one step's bank, whatever the steps
+    assert 3 * sum(lock8["bank_bytes"].values()) == 7 * sum(lock4["bank_bytes"].values())  # 7 vs 3 steps
     # measured independently of the bank's own accounting: all tensors alive at once
-    assert tracked12 - tracked4 < one_step, (tracked4, tracked12)
+    assert tracked8 - tracked4 < one_step, (tracked4, tracked8)
 
 
 def test_lockstep_has_no_bank_left_and_records_its_schedule(sd15, tmp_path):
@@ -94,6 +94,12 @@ def test_lockstep_has_no_bank_left_and_records_its_schedule(sd15, tmp_path):
     try:
         result = sp(STORY, out_dir=tmp_path / "out", num_inference_steps=3, id_frames=1, progress=False)
         assert sp.state.bank.live_bytes == 0  # every step's bank was freed once read
+        # and its characters are not "banked" for the next story (an empty bank would be read silently):
+        # the next story writes them again and makes the same frames
+        assert not sp.state.bank.has("Bob") and not sp.state.bank.has("Alice")
+        again = sp(STORY, num_inference_steps=3, id_frames=1, progress=False)
+        assert again.metadata["identity_frames"] == result.metadata["identity_frames"]
+        assert np.array_equal(pixels(again), pixels(result))
     finally:
         sp.close()
     meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
