@@ -23,6 +23,7 @@ def consistent_attention(
     backend: str = "auto",
     query_rows: tuple[int, int] | None = None,
     pool_k: torch.Tensor | None = None,
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """Consistent self-attention: each frame attends to its own tokens plus sampled tokens of others.
 
@@ -50,6 +51,12 @@ def consistent_attention(
             borrowed keys of each frame, in place of k gathered at ``ref_idx`` (e.g. re-positioned for
             RoPE: a rotation by Δ of an already rotated key is the key rotated to its position + Δ, so the
             caller re-positions only these S rows per frame). Values are still gathered from ``v``.
+        check_indices: check that ``ref_idx`` values lie in [0, N) (default). Reading them syncs the
+            host with the GPU, so the check is skipped anyway while tracing or compiling, on fake tensors
+            and during CUDA graph capture; callers whose indices come from ``sample_reference_indices``
+            (this library's processors) pass False, so a denoising step never waits for the GPU. With
+            False, out-of-range indices are the caller's bug (the torch path raises, the kernel reads
+            garbage).
 
     The keys and values of frame i are its own N tokens, plus ``k[j, :, ref_idx[j]]`` (or ``pool_k[j]``) /
     ``v[j, :, ref_idx[j]]`` for every visible frame j != i of its group, plus the M bank tokens of its
@@ -68,7 +75,9 @@ def consistent_attention(
             ``pool_k``).
         ModuleNotFoundError: ``backend="triton"`` without the triton package installed.
     """
-    check_inputs(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, backend, query_rows, pool_k)
+    check_inputs(
+        q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, backend, query_rows, pool_k, check_indices
+    )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     tensors = (q, k, v, bank_k, bank_v, pool_k)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

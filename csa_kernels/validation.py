@@ -32,6 +32,16 @@ def triton_supports(q: torch.Tensor) -> bool:
     return q.dtype in TRITON_DTYPES and head_dim <= MAX_TRITON_HEAD_DIM and head_dim % 8 == 0
 
 
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values now is an eager read (not traced, not fake, not inside CUDA graph
+    capture, where a sync would break the capture)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if torch.compiler.is_compiling() or is_fake(t):
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def check_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -45,8 +55,13 @@ def check_inputs(
     backend: str,
     query_rows: tuple[int, int] | None = None,
     pool_k: torch.Tensor | None = None,
+    check_indices: bool = True,
 ) -> None:
-    """Raise ``TypeError``/``ValueError`` naming the bad argument and what was expected."""
+    """Raise ``TypeError``/``ValueError`` naming the bad argument and what was expected.
+
+    ``check_indices``: also check that ``ref_idx`` values are token positions. That reads the data (a
+    host-device sync on CUDA), so it runs only when the values can be read without one being recorded:
+    never while tracing or compiling, on fake tensors or during CUDA graph capture."""
     for name, t in (("q", q), ("k", k), ("v", v), ("ref_idx", ref_idx)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -71,8 +86,7 @@ def check_inputs(
         raise ValueError(f"ref_idx must have shape (B={num_frames}, S), got {tuple(ref_idx.shape)}")
     if ref_idx.device != q.device:
         raise ValueError(f"ref_idx must be on the device of q ({q.device}), got {ref_idx.device}")
-    # A range check reads the data (a device sync); torch.compile cannot trace it, so it runs eagerly only.
-    if ref_idx.numel() and not torch.compiler.is_compiling():
+    if check_indices and ref_idx.numel() and values_readable(ref_idx):
         lo, hi = int(ref_idx.min()), int(ref_idx.max())
         if lo < 0 or hi >= num_tokens:
             raise ValueError(

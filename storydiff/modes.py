@@ -88,7 +88,10 @@ class JointMode:
         else:
             rows = rows_kwarg(image, q.shape[2])
             window = state.config.window
-            out = consistent_attention(q, k, v, ref_idx, groups=groups, window=window, pool_k=pool_k, **rows)
+            # indices from the seeded sampler: no range check, so the step never syncs the host
+            out = consistent_attention(
+                q, k, v, ref_idx, groups=groups, window=window, pool_k=pool_k, check_indices=False, **rows
+            )
         if self.writing is not None:
             # banked as offered: frames that read the bank see the keys this batch's frames saw
             bank_k, bank_v = bank_tokens(k, ref_idx, groups, pool_k), bank_tokens(v, ref_idx, groups)
