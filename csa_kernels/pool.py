@@ -35,3 +35,16 @@ def visible_frame_range(frame: int, num_frames: int, groups: int, window: int | 
     if window is None:
         return start, start + per_group
     return max(start, frame - window), min(start + per_group, frame + window + 1)
+
+
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor (indices drawn on the CPU) on ``device`` without a host sync: on CUDA it goes
+    through pinned memory with a non-blocking copy (a pageable copy would wait for the GPU)."""
+    if device.type != "cuda" or t.device == device:
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device``, copied without a host sync."""
+    return to_device_async(torch.tensor(values, dtype=torch.int64), torch.device(device))

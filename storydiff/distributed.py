@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from csa_kernels.pool import index_tensor
+
 
 @dataclass(frozen=True)
 class Partition:
@@ -148,7 +150,7 @@ class HaloExchange:
                 continue
             outgoing = self.crossing(rank, peer)
             if outgoing:
-                local = torch.tensor([j - start for j in outgoing], device=pool_k.device)
+                local = index_tensor([j - start for j in outgoing], pool_k.device)
                 message = torch.stack([pool_k[:, local], pool_v[:, local]]).contiguous()  # [2, G, n, H, S, D]
                 ops.append(dist.P2POp(dist.isend, message, peer))
                 self.bytes_sent += message.numel() * message.element_size()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from csa_kernels import consistent_attention
-from csa_kernels.pool import gather_reference_pool
+from csa_kernels.pool import gather_reference_pool, index_tensor
 
 if TYPE_CHECKING:
     from .state import ConsistencyState, LayerInfo, Reposition, Span
@@ -61,7 +61,7 @@ def attend_rows(
         return attend(row_sets[0][0], q, k, v)
     out = torch.empty_like(q)
     for key, rows in row_sets:
-        index = torch.tensor(rows, device=q.device)
+        index = index_tensor(rows, q.device)
         out.index_copy_(0, index, attend(key, q[index], k[index], v[index]))
     return out
 

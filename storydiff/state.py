@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from csa_kernels import sample_reference_indices
+from csa_kernels.pool import to_device_async
 
 from .bank import IdBank
 from .config import ConsistencyConfig
@@ -176,7 +177,8 @@ class ConsistencyState:
         if key not in self._draws:
             gen = torch.Generator().manual_seed(self.seed_for("ref", *key))
             rate = self.config.rate_for(layer.level)
-            self._draws[key] = sample_reference_indices(key[2], key[3], rate, generator=gen).to(device)
+            drawn = sample_reference_indices(key[2], key[3], rate, generator=gen)
+            self._draws[key] = to_device_async(drawn, device)  # drawn on the CPU: device-independent
         return self._draws[key] + image[0]
 
     def frame_reference_indices(
@@ -191,7 +193,8 @@ class ConsistencyState:
             if key not in self._draws:
                 gen = torch.Generator().manual_seed(self.seed_for("ref", *key))
                 rate = self.config.rate_for(layer.level)
-                self._draws[key] = sample_reference_indices(1, count, rate, generator=gen).to(device)
+                drawn = sample_reference_indices(1, count, rate, generator=gen)
+                self._draws[key] = to_device_async(drawn, device)
             rows.append(self._draws[key])
         return torch.cat(rows) + image[0]
 
