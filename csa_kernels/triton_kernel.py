@@ -409,18 +409,25 @@ def compile_for_target(
     has_bank: bool = True,
     has_row_range: bool = False,
     arch: int = 90,
+    example: tuple[int, int, int, int, int] | None = (4, 8, 1024, 512, 256),
 ):
     """Compile the kernel ahead of time for an NVIDIA target (default sm_90, Hopper); needs no GPU.
 
-    Returns Triton's compiled kernel: ``.asm["ptx"]`` / ``.asm["ttgir"]`` show what the GPU would run
-    (e.g. ``wgmma`` instructions on Hopper). Needs the compiled (not interpreted) kernel.
+    ``example`` = (frames, heads, tokens, refs, bank tokens) of a representative launch (contiguous
+    (B, H, N, D) tensors, one group, a full window, query rows (tokens // 4, tokens) when
+    ``has_row_range``): the kernel gets the specialization that launch gets from the JIT — Triton's own
+    binder decides which integer arguments are divisible by 16 and which pointers are 16-byte aligned
+    (``tt.divisibility``), so the code is what such a launch runs (vector / cp.async loads). ``example=None``
+    compiles without those hints (scalar loads: not what any real launch runs; kept for comparison).
+
+    Returns Triton's compiled kernel: ``.asm["ptx"]`` / ``.asm["ttgir"]`` / ``.asm["cubin"]`` show what the
+    GPU would run (e.g. ``wgmma`` instructions on Hopper). Needs the compiled (not interpreted) kernel.
     """
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
 
     if INTERPRETED:
         raise RuntimeError("compile_for_target needs TRITON_INTERPRET unset when csa_kernels is imported")
-    pointer = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
     constexprs = {
         "HEAD_DIM": head_dim,
         "HEAD_DIM_P": max(16, triton.next_power_of_2(head_dim)),
@@ -431,16 +438,45 @@ def compile_for_target(
         "DOT_F32": False,
         "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
     }
-    names = _consistent_attn_fwd.arg_names
-    pointers = {"Q", "K", "V", "PK", "PV", "BK", "BV", "Out"}
-    signature = {
-        name: "constexpr" if name in constexprs else pointer if name in pointers else "i32" for name in names
-    }
-    signature["qk_scale"] = "fp32"
-    source = ASTSource(
-        fn=_consistent_attn_fwd,
-        signature=signature,
-        constexprs={(names.index(name),): value for name, value in constexprs.items()},
-    )
+    target = GPUTarget("cuda", arch, 32)
     options = {"num_warps": num_warps, "num_stages": num_stages}
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    if example is None:
+        pointer = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+        names = _consistent_attn_fwd.arg_names
+        signature = {name: "i32" for name in names}
+        signature.update({name: pointer for name in ("Q", "K", "V", "PK", "PV", "BK", "BV", "Out")})
+        signature.update({name: "constexpr" for name in constexprs}, qk_scale="fp32")
+        source = ASTSource(
+            fn=_consistent_attn_fwd,
+            signature=signature,
+            constexprs={(names.index(name),): value for name, value in constexprs.items()},
+        )
+        return triton.compile(source, target=target, options=options)
+    # What JITFunction.run does for a launch (triton/runtime/jit.py): bind, specialize, pack.
+    from triton.runtime.jit import create_function_from_signature
+
+    fn, backend = _consistent_attn_fwd, make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = {**constexprs, **options}
+    args = _example_launch_args(dtype, head_dim, example, has_bank, has_row_range)
+    bound, specialization, opts = binder(*args, **kwargs)
+    opts, signature, consts, attrs = fn._pack_args(backend, kwargs, bound, specialization, opts)
+    return triton.compile(ASTSource(fn, signature, consts, attrs), target=target, options=opts.__dict__)
+
+
+def _example_launch_args(dtype, head_dim, example, has_bank, has_row_range) -> list:
+    """The runtime arguments triton_consistent_attention passes for contiguous inputs of shape ``example``;
+    tensors as Triton's MockTensor (its data pointer is 0: 16-byte aligned, as CUDA allocations are)."""
+    from triton.runtime.jit import MockTensor
+
+    frames, heads, tokens, refs, bank = example
+    bank = bank if has_bank else 0  # no bank: the launch passes k's strides and M = 0
+    t = MockTensor(dtype)
+    qkvo = (heads * tokens * head_dim, tokens * head_dim, head_dim)  # (B, H, N, D) contiguous
+    pool = (heads * head_dim, head_dim)  # (B, S, H, D) contiguous, strides of S and H
+    bank_strides = (heads * bank * head_dim, bank * head_dim, head_dim) if bank else qkvo
+    rows = (tokens // 4, tokens) if has_row_range else (0, tokens)
+    return [
+        *[t] * 8, *qkvo, *qkvo, *qkvo, *pool, *bank_strides, *qkvo,
+        heads, tokens, refs, bank, frames, frames, *rows, 0.125 * LOG2E,
+    ]  # fmt: skip

@@ -1,5 +1,10 @@
 """The kernel compiles for Hopper (sm_90) on a machine without a GPU, and uses its tensor-core path.
 
+``compile_for_target`` compiles with the specialization a real launch of contiguous tensors gets (Triton's
+own binder: 16-divisible strides and sizes, 16-byte-aligned pointers), so the PTX checked here is the code
+that runs; without those hints Triton emits scalar 2-byte loads and ~1.6x the registers, which no launch
+uses. 16-bit cases whose head dim is a multiple of 16 also check the K/V tiles arrive by 16-byte cp.async.
+
 Each case compiles in its own subprocess because the test session interprets Triton kernels
 (TRITON_INTERPRET=1), and Triton fixes that choice when the kernel module is imported. One subprocess per
 case rather than one for all (measured: ~2 s more imports per case, against one ~30 s test): each test
@@ -28,6 +33,7 @@ print(json.dumps({
     "wgmma": "wgmma" in ptx,
     "any_mma": re.search(r"\b(?:wgmma|mma)\.", ptx) is not None,  # warpgroup or warp-level tensor cores
     "shared": kernel.metadata.shared,
+    "cp_async_16": re.search(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], 0x10,", ptx) is not None,
 }))
 """
 
@@ -79,3 +85,5 @@ def test_kernel_compiles_for_sm90(dtype, head_dim, kwargs):
     else:
         assert report["wgmma"], report  # 16-bit inputs must reach Hopper's warpgroup MMA
     assert report["shared"] <= 227 * 1024, report  # H100 shared memory per block
+    if dtype != "float32" and head_dim % 16 == 0:  # D=40: row stride 40 is not 16-divisible
+        assert report["cp_async_16"], report  # 16-byte K/V loads, as the launch compiles them
