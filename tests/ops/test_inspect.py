@@ -41,7 +41,15 @@ def run_python(*args: str) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize(("arch", "mma", "compare"), [(90, "wgmma", True), (80, "mma", False)])
+@pytest.mark.parametrize(
+    ("arch", "mma", "compare"),
+    [
+        (90, "wgmma", False),
+        (80, "mma", False),
+        # the no-hint comparison compiles a kernel no launch runs, only to show what the hints change
+        pytest.param(90, "wgmma", True, marks=pytest.mark.slow, id="90-wgmma-vs-no-hints"),
+    ],
+)
 def test_launch_compile_is_what_runs(arch, mma, compare):
     """``compare``: also compile without hints (once, on sm_90: the comparison is the same on every arch)."""
     rows = json.loads(run_python("-c", SCRIPT, str(arch), str(1 + compare)).strip().splitlines()[-1])
