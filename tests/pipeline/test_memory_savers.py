@@ -62,6 +62,7 @@ def test_vae_slicing_and_tiling(plain):
     assert 0 < np.abs(tiles - plain).mean() < 8
 
 
+@pytest.mark.slow  # ~17 s of CPU compile; the op's own fullgraph compile runs by default (tests/ops)
 def test_compiled_denoiser_with_our_processors_matches_eager():
     """torch.compile (aot_eager on CPU) of a denoiser with consistent processors installed: the same
     outputs in write and read mode. The processors run eagerly inside the compiled module."""
