@@ -14,7 +14,7 @@ import torch.distributed as dist
 NO_SKIP = {"warmup_steps": 0, "skip_prob_early": 0.0, "skip_prob_late": 0.0}
 
 
-def join(rank: int, world: int, rendezvous: str, timeout_s: float = 60.0) -> None:
+def join(rank: int, world: int, rendezvous: str, timeout_s: float = 600.0) -> None:
     torch.set_num_threads(1)  # several ranks share the test machine's cores
     dist.init_process_group(
         "gloo",
@@ -105,12 +105,12 @@ def exchange_worker(rank, world, rendezvous, out, active, window) -> None:
         dist.destroy_process_group()
 
 
-def story_worker(rank, world, rendezvous, out_dir, model, story, settings, config, timeout_s=60.0) -> None:
+def story_worker(rank, world, rendezvous, out_dir, model, story, settings, config, timeout_s=600.0) -> None:
     """One rank of a story run through the pipeline (what the CLI does under torchrun)."""
     stories_worker(rank, world, rendezvous, [(out_dir, settings)], model, story, config, timeout_s)
 
 
-def stories_worker(rank, world, rendezvous, runs, model, story, config, timeout_s=60.0) -> None:
+def stories_worker(rank, world, rendezvous, runs, model, story, config, timeout_s=600.0) -> None:
     """Several story runs, one after the other, by the same ranks: ``runs`` = [(out_dir, settings)]."""
     from storydiff.config import ConsistencyConfig
     from storydiff.pipeline import StoryDiffusionPipeline

@@ -136,13 +136,14 @@ def story_worker_single(out_dir, settings, config, model="tiny-sd15"):
 
 def test_a_killed_rank_fails_the_others_clearly_and_resume_finishes_the_run(tmp_path, capsys):
     """Rank 1 dies after its first checkpoint (window mode, 2 ranks): rank 0 stops with a clear error at
-    its next exchange (bounded by the group's timeout), its metadata says failed, the finished state stays;
+    its next exchange (gloo sees the closed connection; the group's timeout is generous so that load on the
+    test machine never trips it), its metadata says failed, the finished state stays;
     a resume with the same world size gives the frames of an uninterrupted 2-rank run."""
     settings = {"num_inference_steps": 4, "mode": "window", "chunk_size": 8, "checkpoint_every": 2, "seed": 5}
     config = {"rate": 0.5, "seed": 2, "window": 2, **NO_SKIP}  # frames 3 and 5 cross the ranks' boundary
     killed = tmp_path / "killed"
     codes = spawn_unjoined(
-        killed_story_worker, 2, tmp_path, str(killed), "tiny-sd15", STORY, settings, config, 20
+        killed_story_worker, 2, tmp_path, str(killed), "tiny-sd15", STORY, settings, config, 600
     )
     assert codes[1] == -9 and codes[0] == 0  # rank 0 caught its error and recorded it
     error = (killed / "error-rank0.txt").read_text()
