@@ -9,9 +9,10 @@ random choice is a pure function of (seed, step, layer, frame), so the split nev
   before and the rank after, of only the boundary frames that a frame over there reads). The result is the
   unchunked single-process computation (frames within fp32 rounding of it: the denoiser sees other
   batches).
-* Bank mode: every rank denoises the identity frames itself (no traffic; see README "Several GPUs" for
-  why this beats a broadcast), then its contiguous share of the read batches (the single-process run's
-  batches, so frames are bit-identical to it).
+* Bank mode: each rank denoises the identity frames of its share of the characters and broadcasts their
+  banks (``share_banks``; "recompute": every rank denoises every identity frame instead, no traffic), then
+  its contiguous share of the read batches (the single-process run's batches, so frames are bit-identical
+  to it).
 
 A rank that fails makes the others fail too: every exchange is bounded by the process group's timeout
 (``--dist-timeout``), and each rank keeps its finished frames on disk.
@@ -20,6 +21,7 @@ A rank that fails makes the others fail too: every exchange is bounded by the pr
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass
 
@@ -227,33 +229,71 @@ def communicate(partition: Partition, what: str, call):
         ) from exc
 
 
-def broadcast_bank(partition: Partition, bank, characters, step: int | None = None) -> int:
-    """Rank 0's bank of ``characters`` (one ``step``, or every step) into every rank's ``bank``; returns the
-    bytes each other rank received. The keys and shapes go first (one small object), then each tensor,
-    through the backend's device (NCCL: this rank's GPU; gloo: the CPU)."""
-    entries = []
-    if partition.leader:
-        entries = [(c, at, layer, k, v) for c in characters for at, layer, k, v in bank.entries(c, step)]
-    box = [
-        [
-            (c, at, layer, tuple(k.shape), str(k.dtype).removeprefix("torch."))
-            for c, at, layer, k, _ in entries
-        ]
-    ]
-    communicate(partition, "broadcasting the bank", lambda: dist.broadcast_object_list(box, src=0))
+def bank_owners(partition: Partition, characters: list[str], sharing: str) -> dict[str, int]:
+    """The rank that writes (and decodes, and saves) each character's identity frames. "broadcast": the
+    characters dealt over the ranks in contiguous blocks, so each rank denoises only its characters'
+    identity frames (a character's identity frames stay one batch: they attend to each other at every
+    layer, so splitting them would need an exchange per layer); "recompute": every rank writes every bank
+    and rank 0 owns the frames."""
+    if sharing != "broadcast" or not partition.distributed:
+        return dict.fromkeys(characters, 0)
+    return {
+        name: rank
+        for rank, (start, stop) in enumerate(partition.blocks(len(characters)))
+        for name in characters[start:stop]
+    }
+
+
+def share_banks(partition: Partition, bank, owners: dict[str, int], step: int | None = None) -> int:
+    """Each character's bank (one ``step``, or every step) from the rank that owns it into every rank's
+    ``bank``; returns the bytes this rank received. Per owner the keys and shapes go first (one small
+    object), then one flat buffer per character and step, through the backend's device (NCCL: this rank's
+    GPU; gloo: the CPU)."""
     transport = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     received = 0
-    for index, (character, at, layer, shape, dtype) in enumerate(box[0]):
-        pair = []
-        for kind in (3, 4):  # k, v
-            if partition.leader:
-                tensor = entries[index][kind]
-                tensor = tensor.to(transport) if transport is not None else tensor.cpu()
+    for source in sorted(set(owners.values())):
+        mine = [name for name, rank in owners.items() if rank == source]
+        layout = []  # (character, step, [(layer, k shape, v shape, dtype)])
+        if partition.rank == source:
+            for name in mine:
+                steps: dict = {}
+                for at, layer, k, v in bank.entries(name, step):
+                    steps.setdefault(at, []).append((layer, tuple(k.shape), tuple(v.shape), _dtype_name(k)))
+                layout += [(name, at, rows) for at, rows in steps.items()]
+        box = [layout]
+        communicate(
+            partition, "sharing the banks", lambda b=box, s=source: dist.broadcast_object_list(b, src=s)
+        )
+        for name, at, rows in box[0]:
+            if partition.rank == source:
+                pairs = {layer: (k, v) for got, layer, k, v in bank.entries(name, at) if got == at}
+                parts = [t.reshape(-1).view(torch.uint8) for layer, *_ in rows for t in pairs[layer]]
+                flat = torch.cat([p.to(transport) if transport is not None else p.cpu() for p in parts])
             else:
-                tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=transport or "cpu")
-            communicate(partition, "broadcasting the bank", lambda t=tensor: dist.broadcast(t, src=0))
-            pair.append(tensor)
-        if not partition.leader:
-            bank.store(character, at, layer, *pair)
-            received += sum(t.numel() * t.element_size() for t in pair)
+                size = sum(
+                    _nbytes(shape, dtype)
+                    for _, k_shape, v_shape, dtype in rows
+                    for shape in (k_shape, v_shape)
+                )
+                flat = torch.empty(size, dtype=torch.uint8, device=transport or "cpu")
+            communicate(partition, "sharing the banks", lambda t=flat, s=source: dist.broadcast(t, src=s))
+            if partition.rank == source:
+                continue
+            offset = 0
+            for layer, k_shape, v_shape, dtype in rows:
+                pair = []
+                for shape in (k_shape, v_shape):
+                    nbytes = _nbytes(shape, dtype)
+                    pair.append(flat[offset : offset + nbytes].view(getattr(torch, dtype)).view(shape))
+                    offset += nbytes
+                bank.store(name, at, layer, *pair)
+            received += flat.numel()
     return received
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    return math.prod(shape) * getattr(torch, dtype).itemsize

@@ -32,14 +32,21 @@ from .bank import signature_differences
 from .checkpoint import checkpoint_name
 from .comic import make_pages
 from .config import ConsistencyConfig, InvalidSetting
-from .distributed import Partition, broadcast_bank, current_partition, gather_to_leader, leader_first
+from .distributed import (
+    Partition,
+    bank_owners,
+    current_partition,
+    gather_to_leader,
+    leader_first,
+    share_banks,
+)
 from .families import family_of
 from .lockstep import LockstepDenoiser, run_lockstep
 from .longstory.denoise import denoise_long_story
 from .modes import JointMode
 from .output import StoryOutput, read_metadata
 from .progress import Progress, progress_bar
-from .settings import RunSettings
+from .settings import DISTRIBUTED_BANK_SHARING, RunSettings
 from .story import Story, load_story, parse_story, story_source
 from .styles import apply_style
 
@@ -234,6 +241,8 @@ class StoryDiffusionPipeline:
 
         partition = current_partition()
         self._check_partition(partition, settings, out_dir, resume)
+        if settings.mode == "bank" and partition.distributed and settings.bank_sharing is None:
+            settings = settings.replace(bank_sharing=DISTRIBUTED_BANK_SHARING)
         if not partition.leader:
             progress = False
         styled = [
@@ -318,8 +327,9 @@ class StoryDiffusionPipeline:
         step's bank kept), "lockstep" advances all chunks one step at a time (one step's bank alive).
 
         Over several ranks each reads its contiguous share of the read batches — the single-process
-        batches, so every frame is bit-identical to it — and the banks are written by every rank
-        ("recompute", no traffic) or by rank 0 and broadcast ("broadcast"). Returns the traffic."""
+        batches, so every frame is bit-identical to it — and each character's bank is written by the rank
+        its identity frames were dealt to and broadcast ("broadcast"), or by every rank ("recompute", no
+        traffic). Returns the traffic."""
         identity_set = {i for frames in identity.values() for i in frames}
         read_frames = [f.index for f in story.frames if f.index not in identity_set]
         size = settings.read_batch_size
@@ -328,7 +338,15 @@ class StoryDiffusionPipeline:
         reads = reads[first:last]
         denoiser = self._denoiser(story, styled, settings)
         steps = settings.num_inference_steps
-        writes_output = partition.leader  # identity frames and banks: every rank makes them, rank 0 saves
+        owners = bank_owners(partition, list(identity), settings.bank_sharing)
+        owned = {i for name, frames in identity.items() if owners[name] == partition.rank for i in frames}
+        # "broadcast": a rank denoises only the identity frames of its characters and receives the other banks
+        broadcast = partition.distributed and settings.bank_sharing == "broadcast"
+        writing = {
+            name: frames
+            for name, frames in identity.items()
+            if owners[name] == partition.rank or not broadcast
+        }
 
         def write(name: str, frames: list[int], step: int) -> None:
             self.state.begin(JointMode(len(frames), writing=name), step=step)
@@ -340,7 +358,7 @@ class StoryDiffusionPipeline:
 
         def finish(frames: list[int]) -> None:
             for i in frames:
-                if i in identity_set and not writes_output:
+                if i in identity_set and i not in owned:  # recomputed here, another rank's to decode
                     continue
                 images[i] = self.family.decode(denoiser.latents[i], settings.height, settings.width)
                 if output is not None:
@@ -355,24 +373,21 @@ class StoryDiffusionPipeline:
                 model=self.model_name,
                 **self.run_signature(settings),
             )
-        # "broadcast": only rank 0 denoises the identity frames; the others receive what they bank
-        broadcast = partition.distributed and settings.bank_sharing == "broadcast"
-        writes_banks = partition.leader or not broadcast
         received = 0
         if settings.bank_schedule == "stored":
-            bar = progress_bar(len(story.frames), "story frames", "frame", progress)
-            for name, frames in identity.items():
-                if not writes_banks:
-                    continue
+            made = sum(map(len, writing.values())) + sum(map(len, reads))  # the frames this rank denoises
+            bar = progress_bar(made, "story frames", "frame", progress)
+            for name, frames in writing.items():
                 bar.set_postfix_str(f"identity of {name}")
                 for step in range(steps):
                     write(name, frames, step)
                 finish(frames)
                 bar.update(len(frames))
-                if settings.save_banks and output is not None and writes_output:
-                    self.state.bank.save(name, output.bank_path(name))
             if broadcast:
-                received = broadcast_bank(partition, self.state.bank, list(identity))
+                received = share_banks(partition, self.state.bank, owners)
+            if settings.save_banks and output is not None and partition.leader:
+                for name in identity:
+                    self.state.bank.save(name, output.bank_path(name))
             bar.set_postfix_str("story frames")
             for frames in reads:
                 for step in range(steps):
@@ -384,11 +399,10 @@ class StoryDiffusionPipeline:
 
         def one_step(step: int) -> None:
             nonlocal received
-            if writes_banks:
-                for name, frames in identity.items():
-                    write(name, frames, step)
+            for name, frames in writing.items():
+                write(name, frames, step)
             if broadcast:
-                received += broadcast_bank(partition, self.state.bank, list(identity), step)
+                received += share_banks(partition, self.state.bank, owners, step)
             for frames in reads:
                 read(frames, step)
             self.state.bank.drop_step(step, identity)  # read by everyone: free it

@@ -23,11 +23,13 @@ from .fonts import check_font
 from .styles import DEFAULT_STYLE, get_style
 
 BANK_SHARING = ("recompute", "broadcast")
+# bank mode over several processes: the faster one measured (README "Several GPUs")
+DISTRIBUTED_BANK_SHARING = "broadcast"
 MODES = ("bank", "window")
 BANK_SCHEDULES = ("lockstep", "stored")
 
 # Defaults of the mode-specific settings, applied by ``resolved``.
-BANK_DEFAULTS = {"id_frames": 2, "read_batch_size": 4, "bank_sharing": "recompute"}
+BANK_DEFAULTS = {"id_frames": 2, "read_batch_size": 4}
 WINDOW_DEFAULTS = {"chunk_size": 8}
 
 
@@ -60,10 +62,11 @@ class RunSettings:
             are saved or loaded.
         chunk_size: window mode only — frames per denoiser call.
         checkpoint_every: window mode or the lockstep bank schedule — write a checkpoint every N steps.
-        bank_sharing: bank mode over several processes (torchrun) only. "recompute" (default): every rank
-            denoises the identity frames and writes the banks itself, no traffic; "broadcast": rank 0
-            writes them and broadcasts each step's bank (lockstep) or the whole bank (stored) to the
-            others. Same frames either way (README "Several GPUs" compares the two).
+        bank_sharing: bank mode over several processes (torchrun) only. "broadcast" (the default there):
+            the characters are dealt over the ranks, each rank denoises its characters' identity frames
+            and broadcasts their bank each step (lockstep) or whole (stored); "recompute": every rank
+            denoises every identity frame itself, no traffic. Same frames either way (README "Several
+            GPUs" compares the two).
     """
 
     mode: str = "bank"

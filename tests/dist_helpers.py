@@ -25,11 +25,19 @@ def join(rank: int, world: int, rendezvous: str, timeout_s: float = 600.0) -> No
     )
 
 
+# Ranks are forked from the test process: they inherit its imported torch/diffusers (a fresh interpreter
+# spends ~10 s importing them on the 2-core test machines). Each rank runs one intra-op thread (``join``),
+# so no OpenMP pool is needed after the fork.
+START_METHOD = "fork"
+
+
 def spawn(worker, world: int, tmp_path: Path, *args) -> None:
     import torch.multiprocessing as mp
 
     rendezvous = str(tmp_path / f"rendezvous-{worker.__name__}-{world}")
-    mp.spawn(worker, args=(world, rendezvous, *args), nprocs=world, join=True)
+    mp.start_processes(
+        worker, args=(world, rendezvous, *args), nprocs=world, join=True, start_method=START_METHOD
+    )
 
 
 def window_latents(
@@ -163,7 +171,9 @@ def spawn_unjoined(worker, world: int, tmp_path: Path, *args):
     import torch.multiprocessing as mp
 
     rendezvous = str(tmp_path / f"rendezvous-{worker.__name__}-{world}")
-    context = mp.start_processes(worker, args=(world, rendezvous, *args), nprocs=world, join=False)
+    context = mp.start_processes(
+        worker, args=(world, rendezvous, *args), nprocs=world, join=False, start_method=START_METHOD
+    )
     for process in context.processes:
         process.join()
     return [process.exitcode for process in context.processes]

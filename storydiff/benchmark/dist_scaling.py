@@ -1,11 +1,12 @@
 """Scaling of a story over processes: frames per minute, per-rank peak memory and traffic per world size.
 
 Each world size starts its ranks from here (``torch.multiprocessing``, a ``file://`` rendezvous: no ports),
-every rank runs the same story through ``StoryDiffusionPipeline`` (window mode: halo exchange; bank mode:
-banks written on every rank) and reports its wall time, its peak memory (CUDA: the allocator's peak on its
-device; CPU: the process's peak RSS) and the halo bytes it sent. One GPU machine has one device, so on a
-GPU this measures only 1 rank; several GPUs run the same function (ranks take ``cuda:rank``). On the CPU,
-gloo ranks share the machine's cores: the rows show the scaling's shape and the traffic, not a speed-up.
+every rank runs the same two-character story through ``StoryDiffusionPipeline`` (window mode: halo
+exchange; bank mode: banks recomputed on every rank or broadcast by their writers) and reports its wall
+time, its peak memory (CUDA: the allocator's peak on its device; CPU: the process's peak RSS) and the
+bytes it sent or received. One GPU machine has one device, so on a GPU this measures only 1 rank; several
+GPUs run the same function (ranks take ``cuda:rank``). On the CPU, gloo ranks share the machine's cores:
+the rows show the scaling's shape and the traffic, not a speed-up.
 """
 
 from __future__ import annotations
@@ -20,12 +21,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-STORY_LINE = "[Hero] scene {i} of the long journey"
-CHARACTER = "[Hero] a young explorer with a red scarf and a leather backpack"
+CHARACTERS = (
+    "[Hero] a young explorer with a red scarf and a leather backpack",
+    "[Guide] an old sailor with a white beard and a blue coat",
+)
+STORY_LINE = "[{name}] scene {i} of the long journey"
 
 
 def story_text(frames: int) -> str:
-    return "\n".join([CHARACTER, "---", *(STORY_LINE.format(i=i) for i in range(frames))]) + "\n"
+    """Two characters taking turns (bank mode: two identity batches, which "broadcast" deals over ranks)."""
+    lines = [STORY_LINE.format(name=("Hero", "Guide")[i % 2], i=i) for i in range(frames)]
+    return "\n".join([*CHARACTERS, "---", *lines]) + "\n"
 
 
 def _rank(rank: int, world: int, rendezvous: str, spec: dict, report: str) -> None:
@@ -53,11 +59,11 @@ def _rank(rank: int, world: int, rendezvous: str, spec: dict, report: str) -> No
         settings = {"num_inference_steps": spec["steps"], "mode": spec["mode"], "progress": False}
         if spec["mode"] == "window":
             settings["chunk_size"] = spec["frames"]
-        else:  # "bank" (banks recomputed on every rank) or "bank-broadcast"
+        else:  # "bank-recompute" or "bank-broadcast" (the same run in one process)
             settings["mode"] = "bank"
             settings.update(id_frames=spec["id_frames"], read_batch_size=spec["read_batch"])
-            if spec["mode"] == "bank-broadcast":
-                settings["bank_sharing"] = "broadcast"
+            if world > 1:
+                settings["bank_sharing"] = spec["mode"].removeprefix("bank-")
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         dist.barrier()
@@ -96,8 +102,8 @@ def run_scaling(
     timeout_s: float = 600.0,
 ) -> list[dict]:
     """One row per world size: frames per minute, the largest per-rank peak, the total traffic. ``mode``:
-    "window", "bank" (every rank writes the banks) or "bank-broadcast" (rank 0 writes and broadcasts
-    them; world sizes above 1 only)."""
+    "window", "bank-recompute" (every rank writes every bank) or "bank-broadcast" (each rank writes its
+    characters' banks and broadcasts them); the two bank modes are the same run on one rank."""
     import os
 
     import torch.multiprocessing as mp

@@ -137,10 +137,10 @@ def run(args: argparse.Namespace) -> int:
         if any(n < 1 for n in ranks) or (gpus and max(ranks) > gpus):
             return fail(f"--ranks must be >= 1 (and at most the {gpus} visible GPUs on CUDA), got {ranks}")
         model = "random-sdxl" if device.type == "cuda" else "tiny-sd15"
-        frames, steps = (16, 10) if device.type == "cuda" else (8, 3)
+        frames, steps = (16, 10) if device.type == "cuda" else (12, 3)
         rows = []
-        for mode in ("window", "bank", "bank-broadcast"):
-            sizes = [n for n in ranks if n > 1] if mode == "bank-broadcast" else ranks
+        for mode in ("window", "bank-recompute", "bank-broadcast"):
+            sizes = [n for n in ranks if n > 1] if mode == "bank-broadcast" else ranks  # 1 rank: the same run
             if not sizes:
                 continue
             print(f"dist suite: {model}, {mode} mode, {frames} frames, ranks {sizes} on {env['device']}")

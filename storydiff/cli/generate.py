@@ -237,8 +237,9 @@ def register(subparsers, parents: list) -> None:
         "--dist-bank",
         choices=("recompute", "broadcast"),
         default=None,
-        help="bank mode under torchrun: every rank writes the identity banks itself (recompute, no traffic; "
-        "default) or rank 0 writes them and broadcasts each step's bank (broadcast); same frames",
+        help="bank mode under torchrun: the characters' identity frames are dealt over the ranks and each "
+        "step's bank broadcast (broadcast, default), or every rank denoises every identity frame itself "
+        "(recompute, no traffic); same frames",
     )
     gen.add_argument(
         "--dist-timeout",
