@@ -27,8 +27,17 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .pool import gather_reference_pool, new_output
+from .pool import new_output
+from .triton_gather import gather_pools
+from .triton_tma import (
+    _consistent_attn_fwd_tma,
+    describe,
+    describe_pool,
+    set_block_shapes,
+    tma_compatible,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -192,9 +201,11 @@ def _consistent_attn_fwd(
     INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     i_m = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
+    # head-major: the frames of one head run next to each other and share its pool and bank rows in L2
+    i_hb = tl.program_id(1)
+    num_frames = tl.num_programs(1) // H
+    i_h = i_hb // num_frames
+    i_b = i_hb % num_frames
     i_g = i_b // frames_per_group
     # Visible frames: [lo, hi) of the group, clipped to the window; the frame itself is skipped.
     g_start = i_g * frames_per_group
@@ -299,6 +310,15 @@ _consistent_attn_fwd_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_consistent_attn_fwd)
 
+_consistent_attn_fwd_tma_tuned = triton.autotune(
+    configs=[
+        triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=set_block_shapes)
+        for c in _autotune_configs()
+    ],
+    key=["N", "HEAD_DIM_P", "HAS_BANK", "HAS_ROW_RANGE"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_consistent_attn_fwd_tma)
+
 # The interpreter runs programs one by one in numpy, paying per tile op: one fixed, fairly large tile
 # keeps CPU tests fast. Tests shrink it to walk many full tiles plus tails on small shapes.
 INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64}
@@ -306,9 +326,24 @@ INTERPRETED = isinstance(_consistent_attn_fwd, InterpretedFunction)
 # CSA_AUTOTUNE=0 skips autotuning (one fixed, safe config per head dim): for GPU test runs, where tuning every
 # new shape would take longer than the tests themselves. Benchmarks leave it on.
 AUTOTUNE = os.environ.get("CSA_AUTOTUNE", "1") != "0"
+# CSA_KERNEL_PATH=pointer|tma forces a path (benchmarks compare them); unset: chosen per device (kernel_path).
+FORCED_PATH = os.environ.get("CSA_KERNEL_PATH") or None
+PATHS = ("pointer", "tma")
 
 
-def fixed_config(head_dim_p: int, dtype: torch.dtype) -> dict:
+def kernel_path(q: torch.Tensor) -> str:
+    """ "tma" (tensor descriptors) on GPUs of compute capability 9.0 and above, "pointer" before that and
+    in the interpreter; CSA_KERNEL_PATH overrides."""
+    if FORCED_PATH is not None:
+        if FORCED_PATH not in PATHS:
+            raise ValueError(f"CSA_KERNEL_PATH must be one of {', '.join(PATHS)}, got {FORCED_PATH!r}")
+        return FORCED_PATH
+    if INTERPRETED or q.device.type != "cuda":
+        return "pointer"
+    return "tma" if torch.cuda.get_device_capability(q.device)[0] >= 9 else "pointer"
+
+
+def fixed_config(head_dim_p: int, dtype: torch.dtype, path: str = "pointer") -> dict:
     """A config inside the pruned search space for every head dim and dtype (see _prune_configs)."""
     if head_dim_p <= 128 and dtype != torch.float32:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
@@ -327,9 +362,11 @@ def triton_consistent_attention(
     scale: float,
     query_rows: tuple[int, int] | None = None,
     pool_k: torch.Tensor | None = None,
+    path: str | None = None,
 ) -> torch.Tensor:
     """Launch the fused forward. Inputs are assumed validated (see validation.py). ``pool_k``: (B, H, S, D)
-    key pool to use instead of gathering k at ``ref_idx``."""
+    key pool to use instead of gathering k at ``ref_idx``. ``path``: "pointer" or "tma" (tensor
+    descriptors; falls back to "pointer" for tensors TMA cannot address); None: ``kernel_path(q)``."""
     if q.device.type != "cuda" and not INTERPRETED:
         raise ValueError(
             f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before csa_kernels' Triton "
@@ -340,9 +377,10 @@ def triton_consistent_attention(
     num_frames, num_heads, num_tokens, head_dim = q.shape
     num_refs = ref_idx.shape[1]
     if num_refs:
-        pool_v = gather_reference_pool(v, ref_idx)  # [B, S, H, D], contiguous
+        # [B, S, H, D], contiguous, both in one launch
+        gathered_k, pool_v = gather_pools(k, v, ref_idx, gather_k=pool_k is None)
         # The kernel reads both pools with one set of strides: a given pool_k goes to the same layout.
-        pool_k = gather_reference_pool(k, ref_idx) if pool_k is None else pool_k.transpose(1, 2).contiguous()
+        pool_k = gathered_k if pool_k is None else pool_k.transpose(1, 2).contiguous()
     else:  # never read (empty ranges); an empty tensor may have a null data pointer, which launchers reject
         pool_k, pool_v = k.transpose(1, 2), v.transpose(1, 2)
     has_bank = bank_k is not None and bank_k.shape[2] > 0
@@ -369,6 +407,12 @@ def triton_consistent_attention(
     def grid(meta):
         return (triton.cdiv(num_tokens, meta["BLOCK_M"]), num_frames * num_heads)
 
+    path = path or kernel_path(q)
+    if path == "tma" and tma_compatible(q, k, v, pool_k, pool_v, bank_k, bank_v, out):
+        args = (q, k, v, pool_k, pool_v, bank_k, bank_v, out, num_refs, num_bank, has_bank, has_row_range)
+        args += (frames_per_group, window, row_start, row_end, scale, head_dim_p, dot_f32, input_precision)
+        _launch_tma(*args, grid)
+        return out
     if INTERPRETED:
         kernel, extra = _consistent_attn_fwd, dict(INTERPRETER_CONFIG)
     elif AUTOTUNE:
@@ -398,6 +442,39 @@ def triton_consistent_attention(
     return out
 
 
+def _launch_tma(
+    q, k, v, pool_k, pool_v, bank_k, bank_v, out, num_refs, num_bank, has_bank, has_row_range,
+    frames_per_group, window, row_start, row_end, scale, head_dim_p, dot_f32, input_precision, grid,
+) -> None:  # fmt: skip
+    """The Hopper kernel over tensor descriptors (triton_tma.py); boxes sized for the config that runs."""
+    if INTERPRETED:
+        kernel, config = _consistent_attn_fwd_tma, dict(INTERPRETER_CONFIG)
+    elif AUTOTUNE:
+        kernel, config = _consistent_attn_fwd_tma_tuned, {}
+    else:
+        kernel, config = _consistent_attn_fwd_tma, fixed_config(head_dim_p, q.dtype, path="tma")
+    block_m, block_n = config.get("BLOCK_M", 64), config.get("BLOCK_N", 64)  # autotune: set per config
+    pools = (describe_pool(pool_k, block_n, head_dim_p), describe_pool(pool_v, block_n, head_dim_p))
+    if not num_refs:  # never read (empty ranges): any valid descriptor
+        pools = (describe(k, block_n, head_dim_p), describe(v, block_n, head_dim_p))
+    num_frames, num_heads, num_tokens, _ = q.shape
+    kernel[grid](
+        describe(q, block_m, head_dim_p), describe(k, block_n, head_dim_p), describe(v, block_n, head_dim_p),
+        *pools, describe(bank_k, block_n, head_dim_p), describe(bank_v, block_n, head_dim_p),
+        describe(out, block_m, head_dim_p),
+        num_frames, num_heads, num_tokens, num_refs, num_bank, frames_per_group,
+        frames_per_group if window is None else window,
+        row_start, row_end,
+        scale * LOG2E,
+        HEAD_DIM_P=head_dim_p,
+        HAS_BANK=has_bank,
+        HAS_ROW_RANGE=has_row_range,
+        DOT_F32=dot_f32,
+        INPUT_PRECISION=input_precision,
+        **config,
+    )  # fmt: skip
+
+
 def compile_for_target(
     dtype: torch.dtype,
     head_dim: int,
@@ -410,8 +487,12 @@ def compile_for_target(
     has_row_range: bool = False,
     arch: int = 90,
     example: tuple[int, int, int, int, int] | None = (4, 8, 1024, 512, 256),
+    path: str = "pointer",
 ):
     """Compile the kernel ahead of time for an NVIDIA target (default sm_90, Hopper); needs no GPU.
+
+    ``path``: "pointer" (the kernel of every GPU before sm_90) or "tma" (tensor descriptors, triton_tma.py;
+    needs ``example``: a descriptor's specialization comes from its tensor).
 
     ``example`` = (frames, heads, tokens, refs, bank tokens) of a representative launch (contiguous
     (B, H, N, D) tensors, one group, a full window, query rows (tokens // 4, tokens) when
@@ -440,7 +521,13 @@ def compile_for_target(
     }
     target = GPUTarget("cuda", arch, 32)
     options = {"num_warps": num_warps, "num_stages": num_stages}
-    if example is None:
+    if path == "tma":
+        if example is None:
+            raise ValueError("path='tma' needs an example launch (its descriptors carry the shapes)")
+        del constexprs["HEAD_DIM"]  # the descriptors' boxes carry it
+        fn = _consistent_attn_fwd_tma
+        args = _example_tma_args(dtype, head_dim, example, has_bank, has_row_range, block_m, block_n)
+    elif example is None:
         pointer = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
         names = _consistent_attn_fwd.arg_names
         signature = {name: "i32" for name in names}
@@ -452,13 +539,15 @@ def compile_for_target(
             constexprs={(names.index(name),): value for name, value in constexprs.items()},
         )
         return triton.compile(source, target=target, options=options)
+    else:
+        fn = _consistent_attn_fwd
+        args = _example_launch_args(dtype, head_dim, example, has_bank, has_row_range)
     # What JITFunction.run does for a launch (triton/runtime/jit.py): bind, specialize, pack.
     from triton.runtime.jit import create_function_from_signature
 
-    fn, backend = _consistent_attn_fwd, make_backend(target)
+    backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     kwargs = {**constexprs, **options}
-    args = _example_launch_args(dtype, head_dim, example, has_bank, has_row_range)
     bound, specialization, opts = binder(*args, **kwargs)
     opts, signature, consts, attrs = fn._pack_args(backend, kwargs, bound, specialization, opts)
     return triton.compile(ASTSource(fn, signature, consts, attrs), target=target, options=opts.__dict__)
@@ -479,4 +568,34 @@ def _example_launch_args(dtype, head_dim, example, has_bank, has_row_range) -> l
     return [
         *[t] * 8, *qkvo, *qkvo, *qkvo, *pool, *bank_strides, *qkvo,
         heads, tokens, refs, bank, frames, frames, *rows, 0.125 * LOG2E,
+    ]  # fmt: skip
+
+
+def _example_tma_args(dtype, head_dim, example, has_bank, has_row_range, block_m, block_n) -> list:
+    """The runtime arguments _launch_tma passes for contiguous inputs of shape ``example``: descriptors over
+    MockTensors (data pointer 0, 16-byte aligned), boxes of the compiled config."""
+    from triton.runtime.jit import MockTensor
+
+    frames, heads, tokens, refs, bank = example
+    bank = bank if has_bank else 0
+    head_dim_p = max(16, triton.next_power_of_2(head_dim))
+    t = MockTensor(dtype)
+    shape = [frames, heads, tokens, head_dim]
+    strides = [heads * tokens * head_dim, tokens * head_dim, head_dim, 1]
+
+    def desc(rows_shape, rows_strides, block):
+        return TensorDescriptor(t, rows_shape, rows_strides, [1, 1, block, head_dim_p])
+
+    rows = frames * refs
+    pool = desc([1, heads, rows, head_dim], [rows * heads * head_dim, head_dim, heads * head_dim, 1], block_n)
+    bank_desc = desc(
+        [1, heads, bank, head_dim], [heads * bank * head_dim, bank * head_dim, head_dim, 1], block_n
+    )
+    if not bank:
+        bank_desc = desc(shape, strides, block_n)
+    row_range = (tokens // 4, tokens) if has_row_range else (0, tokens)
+    return [
+        desc(shape, strides, block_m), desc(shape, strides, block_n), desc(shape, strides, block_n),
+        pool, pool, bank_desc, bank_desc, desc(shape, strides, block_m),
+        frames, heads, tokens, refs, bank, frames, frames, *row_range, 0.125 * LOG2E,
     ]  # fmt: skip

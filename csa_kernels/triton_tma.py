@@ -1,0 +1,235 @@
+"""Hopper path of the fused forward: every tile moves through tensor descriptors (TMA on sm_90+).
+
+Same algorithm and key order as the pointer kernel (triton_kernel.py): one program per BLOCK_M queries of one
+(frame, head), an online softmax over the frame's own keys, the pool rows of the visible frames before and
+after it, then its group's bank. What differs is how tiles arrive: a tensor descriptor per operand, so the
+copy engine (TMA) moves whole tiles into shared memory asynchronously — no per-thread address math, no
+cp.async bookkeeping, fewer registers — and the out-of-bounds parts of a box arrive as zeros.
+
+Every operand is seen as a 4-D tensor whose third dimension is the token axis, so one tile step serves all:
+q/k/v/out (B, H, N, D) at [frame, head, n, 0], the bank (G, H, M, D) at [group, head, n, 0] and the pool,
+(B·S, H, D) contiguous, as (1, H, B·S, D) at [0, head, n, 0] (its rows of consecutive frames are one block).
+Tails: the own keys and the bank end at their descriptor's bound (zeros past it); a pool range ends inside
+the pool, so the tail tile masks its scores and zeroes its values past the range end in registers — a
+neighbour frame's rows are never mixed in, whatever they hold.
+
+Chosen by triton_kernel.triton_consistent_attention on GPUs of compute capability 9.0 and above when the
+tensors meet TMA's rules (16-byte aligned bases and strides, contiguous last dimension); the interpreter
+runs it on the CPU for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+
+@triton.jit
+def _tma_tile(
+    acc,
+    l_i,
+    m_i,
+    b_q,
+    desc_k,
+    desc_v,
+    c0,
+    c1,
+    n0,
+    end,
+    m_rows,
+    qk_scale,
+    HEAD_DIM_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_N: tl.constexpr,
+    MASK_M: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    b_k = desc_k.load([c0, c1, n0, 0]).reshape(BLOCK_N, HEAD_DIM_P)
+    if DOT_F32:
+        b_k = b_k.to(tl.float32)
+    b_s = tl.dot(b_q, b_k.T, input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    if MASK_N or MASK_M:
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_s = o_n[None, :] < end
+        if MASK_M:  # as in the pointer kernel: rows outside the row range keep acc and l_i bit-exact
+            m_s = m_s & m_rows[:, None]
+        b_s = tl.where(m_s, b_s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        b_s = b_s - m_new[:, None]
+    else:
+        m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
+        b_s = b_s * qk_scale - m_new[:, None]
+    b_p = tl.math.exp2(b_s)
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    b_v = desc_v.load([c0, c1, n0, 0]).reshape(BLOCK_N, HEAD_DIM_P)
+    if MASK_N:  # rows past the range may belong to another frame: p is 0 there, and so must v be
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        b_v = tl.where(o_n[:, None] < end, b_v, 0.0)
+    if DOT_F32:
+        b_v = b_v.to(tl.float32)
+    acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _tma_range(
+    acc,
+    l_i,
+    m_i,
+    b_q,
+    desc_k,
+    desc_v,
+    c0,
+    c1,
+    start,
+    end,
+    m_rows,
+    qk_scale,
+    HEAD_DIM_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_M: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Token rows [start, end) at (c0, c1): full tiles unmasked, then one masked tail tile if needed."""
+    full_end = start + (end - start) // BLOCK_N * BLOCK_N
+    for n0 in tl.range(start, full_end, BLOCK_N):
+        acc, l_i, m_i = _tma_tile(
+            acc, l_i, m_i, b_q, desc_k, desc_v, c0, c1, n0, end, m_rows, qk_scale,
+            HEAD_DIM_P, BLOCK_N, False, MASK_M, DOT_F32, INPUT_PRECISION,
+        )  # fmt: skip
+    if full_end < end:
+        acc, l_i, m_i = _tma_tile(
+            acc, l_i, m_i, b_q, desc_k, desc_v, c0, c1, full_end, end, m_rows, qk_scale,
+            HEAD_DIM_P, BLOCK_N, True, MASK_M, DOT_F32, INPUT_PRECISION,
+        )  # fmt: skip
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _tma_borrowed(
+    acc, l_i, m_i, b_q, desc_pk, desc_pv, desc_bk, desc_bv, i_g, i_h,
+    before_start, before_end, after_start, after_end, M, m_rows, qk_scale,
+    HEAD_DIM_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BANK: tl.constexpr,
+    MASK_M: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The borrowed keys: the pool rows of the visible frames before and after this one, then the bank."""
+    acc, l_i, m_i = _tma_range(
+        acc, l_i, m_i, b_q, desc_pk, desc_pv, 0, i_h, before_start, before_end, m_rows, qk_scale,
+        HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _tma_range(
+        acc, l_i, m_i, b_q, desc_pk, desc_pv, 0, i_h, after_start, after_end, m_rows, qk_scale,
+        HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION,
+    )  # fmt: skip
+    if HAS_BANK:
+        acc, l_i, m_i = _tma_range(
+            acc, l_i, m_i, b_q, desc_bk, desc_bv, i_g, i_h, 0, M, m_rows, qk_scale,
+            HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION,
+        )  # fmt: skip
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _consistent_attn_fwd_tma(
+    desc_q, desc_k, desc_v, desc_pk, desc_pv, desc_bk, desc_bv, desc_o,
+    B, H, N, S, M, frames_per_group, window, row_start, row_end, qk_scale,
+    HEAD_DIM_P: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BANK: tl.constexpr,
+    HAS_ROW_RANGE: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    i_m = tl.program_id(0)
+    # head-major: the frames of one head run next to each other and share its pool and bank rows in L2
+    i_hb = tl.program_id(1)
+    i_h = i_hb // B
+    i_b = i_hb % B
+    i_g = i_b // frames_per_group
+    g_start = i_g * frames_per_group
+    lo = tl.maximum(i_b - window, g_start)
+    hi = tl.minimum(i_b + window + 1, g_start + frames_per_group)
+
+    m0 = i_m * BLOCK_M
+    o_m = m0 + tl.arange(0, BLOCK_M)
+    b_q = desc_q.load([i_b, i_h, m0, 0]).reshape(BLOCK_M, HEAD_DIM_P)
+    if DOT_F32:
+        b_q = b_q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
+
+    # Own tokens first: every query row then has a finite running max before any masked tile.
+    acc, l_i, m_i = _tma_range(
+        acc, l_i, m_i, b_q, desc_k, desc_v, i_b, i_h, 0, N, o_m, qk_scale,
+        HEAD_DIM_P, BLOCK_N, False, DOT_F32, INPUT_PRECISION,
+    )  # fmt: skip
+    if HAS_ROW_RANGE:  # tile classification as in the pointer kernel
+        m_rows = (o_m >= row_start) & (o_m < row_end)
+        tile_end = tl.minimum(m0 + BLOCK_M, N)
+        borrow_all = (row_start <= m0) & (tile_end <= row_end)
+        borrow_any = tl.maximum(m0, row_start) < tl.minimum(tile_end, row_end)
+    else:
+        m_rows = o_m < N  # not read: every row borrows
+        borrow_all = True
+        borrow_any = True
+    if borrow_all:
+        acc, l_i, m_i = _tma_borrowed(
+            acc, l_i, m_i, b_q, desc_pk, desc_pv, desc_bk, desc_bv, i_g, i_h,
+            lo * S, i_b * S, (i_b + 1) * S, hi * S, M, m_rows, qk_scale,
+            HEAD_DIM_P, BLOCK_N, HAS_BANK, False, DOT_F32, INPUT_PRECISION,
+        )  # fmt: skip
+    elif borrow_any:
+        acc, l_i, m_i = _tma_borrowed(
+            acc, l_i, m_i, b_q, desc_pk, desc_pv, desc_bk, desc_bv, i_g, i_h,
+            lo * S, i_b * S, (i_b + 1) * S, hi * S, M, m_rows, qk_scale,
+            HEAD_DIM_P, BLOCK_N, HAS_BANK, True, DOT_F32, INPUT_PRECISION,
+        )  # fmt: skip
+
+    acc = acc / l_i[:, None]
+    # the store's box is clipped at the descriptor's bounds: rows past N and columns past D are not written
+    desc_o.store([i_b, i_h, m0, 0], acc.to(desc_o.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM_P))
+
+
+def tma_compatible(*tensors: torch.Tensor | None) -> bool:
+    """TMA's rules: 16-byte aligned base addresses and strides, a contiguous last dimension."""
+    for t in tensors:
+        if t is None:
+            continue
+        item = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * item % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def describe(t: torch.Tensor, block_n: int, head_dim_p: int) -> TensorDescriptor:
+    """A (B, H, N, D) tensor as a descriptor of (1, 1, block_n, head_dim_p) boxes."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, head_dim_p])
+
+
+def describe_pool(pool: torch.Tensor, block_n: int, head_dim_p: int) -> TensorDescriptor:
+    """A contiguous (B, S, H, D) pool as (1, H, B·S, D): the token rows of consecutive frames are one axis."""
+    frames, samples, heads, dim = pool.shape
+    rows = max(1, frames * samples)  # an empty pool is never read; a descriptor needs a positive shape
+    return TensorDescriptor(
+        pool, [1, heads, rows, dim], [rows * heads * dim, dim, heads * dim, 1], [1, 1, block_n, head_dim_p]
+    )
+
+
+def set_block_shapes(nargs: dict) -> None:
+    """Autotune pre-hook: each config's tile sizes into the descriptors' boxes."""
+    block_m, block_n = nargs["BLOCK_M"], nargs["BLOCK_N"]
+    for name in ("desc_q", "desc_o"):
+        nargs[name].block_shape = [1, 1, block_m, nargs["HEAD_DIM_P"]]
+    for name in ("desc_k", "desc_v", "desc_pk", "desc_pv", "desc_bk", "desc_bv"):
+        nargs[name].block_shape = [1, 1, block_n, nargs["HEAD_DIM_P"]]
