@@ -128,7 +128,8 @@ def inspect_kernel(arch: int, head_dim: int, dtype: torch.dtype, config: dict, *
         "dtype": str(dtype).removeprefix("torch."),
         "head_dim": head_dim,
         "config": f"{bm}x{bn}x{warps}x{stages}",
-        **{k: v for k, v in compile_kwargs.items() if k != "example"},
+        "path": compile_kwargs.get("path", "pointer"),
+        **{k: v for k, v in compile_kwargs.items() if k not in ("example", "path")},
         "registers": int(res["REG"]),
         "spill_bytes": _ptxas_spills(kernel.asm["ptx"], arch),
         "local_bytes": int(res.get("LOCAL", 0)),
@@ -149,7 +150,18 @@ def _config(text: str) -> dict:
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
 
 
-COLUMNS = ("arch", "dtype", "head_dim", "config", "registers", "spill_bytes", "shared_bytes", "load", "mma")
+COLUMNS = (
+    "arch",
+    "path",
+    "dtype",
+    "head_dim",
+    "config",
+    "registers",
+    "spill_bytes",
+    "shared_bytes",
+    "load",
+    "mma",
+)
 COLUMNS += ("loop_instructions", "instr_per_1k_scores")
 
 
@@ -166,18 +178,40 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--head-dim", type=int, nargs="+", default=[64])
     parser.add_argument("--dtype", nargs="+", default=["float16"], choices=["float16", "bfloat16", "float32"])
-    parser.add_argument("--config", type=_config, nargs="+", help="BMxBNxWxS; default: fixed_config")
+    parser.add_argument(
+        "--path",
+        choices=["pointer", "tma"],
+        help="kernel path (default: what a launch on the arch runs: tma from sm_90, pointer before)",
+    )
+    configs = parser.add_mutually_exclusive_group()
+    configs.add_argument("--config", type=_config, nargs="+", help="BMxBNxWxS; default: fixed_config")
+    configs.add_argument(
+        "--pruned", action="store_true", help="every config of the pruned autotune space for the arch"
+    )
     parser.add_argument("--out", help="folder for a JSON file of the rows (default: none written)")
     args = parser.parse_args(argv)
-    from csa_kernels.triton_kernel import fixed_config
+    from tqdm import tqdm
 
-    rows = []
+    from csa_kernels.tuning import allowed, as_dict, autotune_configs, fixed_config, shared_memory_limit
+
+    jobs = []
     for arch in args.arch:
+        path = args.path or ("tma" if arch >= 90 else "pointer")
         for dtype in map(lambda name: getattr(torch, name), args.dtype):
             for head_dim in args.head_dim:
                 head_dim_p = max(16, 1 << (head_dim - 1).bit_length())
-                for config in args.config or [fixed_config(head_dim_p, dtype)]:
-                    rows.append(inspect_kernel(arch, head_dim, dtype, config))
+                if args.pruned:
+                    limit = shared_memory_limit(arch)
+                    space = [as_dict(c) for c in autotune_configs()]
+                    chosen = [c for c in space if allowed(c, head_dim_p, dtype.itemsize, limit, path)]
+                else:
+                    chosen = args.config or [fixed_config(head_dim_p, dtype, path)]
+                jobs += [(arch, head_dim, dtype, config, path) for config in chosen]
+    rows = []
+    for arch, head_dim, dtype, config, path in tqdm(
+        jobs, desc="compiling", unit="config", disable=len(jobs) < 4
+    ):
+        rows.append(inspect_kernel(arch, head_dim, dtype, config, path=path))
     print(format_table(rows))
     if args.out:
         os.makedirs(args.out, exist_ok=True)

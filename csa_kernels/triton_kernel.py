@@ -38,6 +38,7 @@ from .triton_tma import (
     set_block_shapes,
     tma_compatible,
 )
+from .tuning import autotune_configs, fixed_config, prune, prune_tma
 
 LOG2E = 1.4426950408889634
 
@@ -270,53 +271,21 @@ def _consistent_attn_fwd(
     tl.store(p_o, acc.to(Out.dtype.element_ty), mask=m_q)
 
 
-def _autotune_configs() -> list[triton.Config]:
-    """Hopper search space (FA2-style tiles); pruned per head dim and dtype (_prune_configs)."""
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm in (64, 128)
-        for bn in (32, 64, 128)
-        for w in (4, 8)
-        for s in (2, 3, 4)
-    ]
-
-
-def _prune_configs(configs, named_args, **kwargs):
-    head_dim_p = kwargs["HEAD_DIM_P"]
-    q = named_args.get("Q")
-    elem = q.element_size() if hasattr(q, "element_size") else 2
-    kept = []
-    for c in configs:
-        block_m, block_n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        # shared memory: Q tile + num_stages K and V tiles must fit Hopper's 227 KB per block
-        smem = elem * head_dim_p * (block_m + 2 * block_n * c.num_stages)
-        fits = (
-            smem <= 200 * 1024
-            # register budget: the fp32 accumulator and the score tile per thread stay spill-free
-            and block_m * head_dim_p * max(elem, 2) <= 128 * 128 * 2
-            and block_n * head_dim_p * elem <= 128 * 128 * 2
-            and (block_m * block_n < 128 * 128 or c.num_warps == 8)
-        )
-        if fits:
-            kept.append(c)
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
-
-
 _consistent_attn_fwd_tuned = triton.autotune(
-    configs=_autotune_configs(),
+    configs=autotune_configs(),
     # Tile shape depends on the per-frame token count and head dim, hardly on how many reference or bank
     # tokens follow: leaving S, M and the group size out avoids re-tuning for every story layout.
     key=["N", "HEAD_DIM", "HAS_BANK", "HAS_ROW_RANGE"],
-    prune_configs_by={"early_config_prune": _prune_configs},
+    prune_configs_by={"early_config_prune": prune},
 )(_consistent_attn_fwd)
 
 _consistent_attn_fwd_tma_tuned = triton.autotune(
     configs=[
         triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=set_block_shapes)
-        for c in _autotune_configs()
+        for c in autotune_configs()
     ],
     key=["N", "HEAD_DIM_P", "HAS_BANK", "HAS_ROW_RANGE"],
-    prune_configs_by={"early_config_prune": _prune_configs},
+    prune_configs_by={"early_config_prune": prune_tma},
 )(_consistent_attn_fwd_tma)
 
 # The interpreter runs programs one by one in numpy, paying per tile op: one fixed, fairly large tile
@@ -341,13 +310,6 @@ def kernel_path(q: torch.Tensor) -> str:
     if INTERPRETED or q.device.type != "cuda":
         return "pointer"
     return "tma" if torch.cuda.get_device_capability(q.device)[0] >= 9 else "pointer"
-
-
-def fixed_config(head_dim_p: int, dtype: torch.dtype, path: str = "pointer") -> dict:
-    """A config inside the pruned search space for every head dim and dtype (see _prune_configs)."""
-    if head_dim_p <= 128 and dtype != torch.float32:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
-    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 
 
 def triton_consistent_attention(
@@ -588,11 +550,13 @@ def _example_tma_args(dtype, head_dim, example, has_bank, has_row_range, block_m
 
     rows = frames * refs
     pool = desc([1, heads, rows, head_dim], [rows * heads * head_dim, head_dim, heads * head_dim, 1], block_n)
-    bank_desc = desc(
-        [1, heads, bank, head_dim], [heads * bank * head_dim, bank * head_dim, head_dim, 1], block_n
-    )
-    if not bank:
-        bank_desc = desc(shape, strides, block_n)
+    bank_desc = desc(shape, strides, block_n)  # no bank: k's descriptor, never read
+    if bank:
+        bank_shape, bank_strides = (
+            [1, heads, bank, head_dim],
+            [heads * bank * head_dim, bank * head_dim, head_dim, 1],
+        )
+        bank_desc = desc(bank_shape, bank_strides, block_n)
     row_range = (tokens // 4, tokens) if has_row_range else (0, tokens)
     return [
         desc(shape, strides, block_m), desc(shape, strides, block_n), desc(shape, strides, block_n),

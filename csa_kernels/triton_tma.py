@@ -97,7 +97,7 @@ def _tma_range(
 ):
     """Token rows [start, end) at (c0, c1): full tiles unmasked, then one masked tail tile if needed."""
     full_end = start + (end - start) // BLOCK_N * BLOCK_N
-    for n0 in tl.range(start, full_end, BLOCK_N):
+    for n0 in range(start, full_end, BLOCK_N):
         acc, l_i, m_i = _tma_tile(
             acc, l_i, m_i, b_q, desc_k, desc_v, c0, c1, n0, end, m_rows, qk_scale,
             HEAD_DIM_P, BLOCK_N, False, MASK_M, DOT_F32, INPUT_PRECISION,

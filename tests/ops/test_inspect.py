@@ -1,12 +1,13 @@
 """csa_kernels.inspect: what the kernel compiles to for an NVIDIA target, checked without a GPU.
 
 The compile runs in a subprocess because the test session interprets Triton kernels (TRITON_INTERPRET=1,
-fixed when the kernel module is imported). The sm_90 test compiles twice (launch specialization and no
-hints), the sm_80 one once (~5-12 s each on a 2-core machine).
+fixed when the kernel module is imported); one compile per test (~10-20 s on a 2-core machine).
 
-What the launch-equivalent compile shows (Triton 3.9): the kernel loads K/V tiles through pointers, which
-Triton pipelines with cp.async (LDGSTS) on sm_80 *and* sm_90 — TMA (UTMALDG) needs tensor descriptors,
-which this kernel does not use — so both arches assert LDGSTS, 16 bytes wide, and no TMA.
+What runs is what is checked: the default configs (``tuning.fixed_config``) of the path a launch on each
+arch takes, compiled with a launch's specialization — on sm_90 the descriptor path (TMA loads, wgmma), on
+sm_89 (and sm_80/86) the pointer path (16-byte cp.async, mma.sync) — with zero spills and shared memory
+within the arch's limit, at head dims 64 and 128 in fp16 and bf16; the sm_90 ones also meet the issue's
+bar of <= 255 (hd64) and <= 260 (hd128) SASS instructions per 1,000 scores in the steady loop.
 """
 
 import json
@@ -17,17 +18,18 @@ import sys
 import pytest
 
 from csa_kernels.inspect import _load_kind, _mma_kind, parse_sass, steady_loops
+from csa_kernels.tuning import shared_memory_limit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = r"""
 import json, sys, torch
 from csa_kernels.inspect import inspect_kernel
-from csa_kernels.triton_kernel import fixed_config
-arch = int(sys.argv[1])
-config = fixed_config(64, torch.float16)
-examples = ((4, 8, 1024, 512, 256), None)[: int(sys.argv[2])]
-rows = [inspect_kernel(arch, 64, torch.float16, config, example=e) for e in examples]
-print(json.dumps(rows))
+from csa_kernels.tuning import fixed_config
+arch, dtype, head_dim, path, example = json.loads(sys.argv[1])
+dtype = getattr(torch, dtype)
+config = fixed_config(head_dim, dtype, path)
+row = inspect_kernel(arch, head_dim, dtype, config, path=path, **({} if example else {"example": None}))
+print(json.dumps(row))
 """
 
 
@@ -41,28 +43,45 @@ def run_python(*args: str) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize(
-    ("arch", "mma", "compare"),
-    [
-        (90, "wgmma", False),
-        (80, "mma", False),
-        # the no-hint comparison compiles a kernel no launch runs, only to show what the hints change
-        pytest.param(90, "wgmma", True, marks=pytest.mark.slow, id="90-wgmma-vs-no-hints"),
-    ],
-)
-def test_launch_compile_is_what_runs(arch, mma, compare):
-    """``compare``: also compile without hints (once, on sm_90: the comparison is the same on every arch)."""
-    rows = json.loads(run_python("-c", SCRIPT, str(arch), str(1 + compare)).strip().splitlines()[-1])
-    launch = rows[0]
-    assert launch["spill_bytes"] == 0 and launch["local_bytes"] == 0, launch
-    assert launch["load"] == "cp.async.128", launch  # 16-byte cp.async, as a real launch (module docstring)
-    assert launch["mma"] == mma, launch
-    if compare:
-        no_hints = rows[1]
-        assert launch["registers"] < no_hints["registers"], (launch, no_hints)
-        assert "cp.async" not in no_hints["load"], no_hints  # without the hints: loads through registers
-    assert launch["loop_instructions"] > 0 and launch["instr_per_1k_scores"] > 0, launch
-    assert len(launch["loops"]) >= 2, launch  # own tokens, then the borrowed ranges
+def inspect_default(arch: int, dtype: str, head_dim: int, path: str, example: bool = True) -> dict:
+    return json.loads(
+        run_python("-c", SCRIPT, json.dumps([arch, dtype, head_dim, path, example])).splitlines()[-1]
+    )
+
+
+# (arch, path, dtype, head dim, load kind, mma kind); sm_89's fp16 hd128 and bf16 hd64 have the same tiles
+# and instruction mix as the two listed (bf16 differs from fp16 only in the MMA's type): slow tier
+DEFAULTS = [
+    (90, "tma", "float16", 64, "TMA", "wgmma"),
+    (90, "tma", "bfloat16", 64, "TMA", "wgmma"),
+    (90, "tma", "float16", 128, "TMA", "wgmma"),
+    (90, "tma", "bfloat16", 128, "TMA", "wgmma"),
+    (89, "pointer", "float16", 64, "cp.async.128", "mma"),
+    (89, "pointer", "bfloat16", 128, "cp.async.128", "mma"),
+    pytest.param(89, "pointer", "bfloat16", 64, "cp.async.128", "mma", marks=pytest.mark.slow),
+    pytest.param(89, "pointer", "float16", 128, "cp.async.128", "mma", marks=pytest.mark.slow),
+    pytest.param(80, "pointer", "float16", 128, "cp.async.128", "mma", marks=pytest.mark.slow),
+]
+SM90_BAR = {64: 255, 128: 260}  # SASS instructions per 1,000 scores (Triton's tutorial: ~255 / ~254)
+
+
+@pytest.mark.parametrize(("arch", "path", "dtype", "head_dim", "load", "mma"), DEFAULTS)
+def test_default_configs_compile_clean(arch, path, dtype, head_dim, load, mma):
+    row = inspect_default(arch, dtype, head_dim, path)
+    assert row["spill_bytes"] == 0 and row["local_bytes"] == 0, row
+    assert row["load"] == load and row["mma"] == mma, row
+    assert row["shared_bytes"] <= shared_memory_limit(arch), row
+    assert len(row["loops"]) >= 2 and row["instr_per_1k_scores"] > 0, row  # own tokens, then borrowed
+    if arch == 90:
+        assert row["instr_per_1k_scores"] <= SM90_BAR[head_dim], row
+
+
+@pytest.mark.slow  # compiles a kernel no launch runs, only to show what the hints change
+def test_launch_hints_change_the_code():
+    launch = inspect_default(90, "float16", 64, "pointer")
+    no_hints = inspect_default(90, "float16", 64, "pointer", example=False)
+    assert launch["registers"] < no_hints["registers"], (launch, no_hints)
+    assert launch["load"] == "cp.async.128" and "cp.async" not in no_hints["load"], (launch, no_hints)
 
 
 def test_cli_writes_a_json_row(tmp_path):

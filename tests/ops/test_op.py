@@ -1,5 +1,7 @@
 """The torch.library registration: schema, fake implementation, and torch.compile without graph breaks."""
 
+from unittest.mock import patch
+
 import pytest
 import torch
 from helpers import Case, make_inputs
@@ -94,14 +96,22 @@ def test_compile_fullgraph_cpu(backend, query_rows):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_fixed_config_lies_in_the_pruned_autotune_space(dtype):
-    """CSA_AUTOTUNE=0 uses one config per head dim; it must be one the autotuner would also allow."""
-    from csa_kernels.triton_kernel import _autotune_configs, _prune_configs, fixed_config
+    """CSA_AUTOTUNE=0 uses one config per path and head dim; it must be one the autotuner would also keep on
+    every arch that path runs on (descriptors: sm_90; pointers: sm_80, 86, 89)."""
+    from csa_kernels.tuning import SMALL, as_dict, autotune_configs, fixed_config, prune, shared_memory_limit
 
-    for head_dim_p in (16, 32, 64, 128, 256):
-        fixed = fixed_config(head_dim_p, dtype)
-        allowed = _prune_configs(
-            _autotune_configs(), {"Q": torch.empty(1, dtype=dtype)}, HEAD_DIM_P=head_dim_p
-        )
-        assert any(
-            {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} == fixed for c in allowed
-        ), (head_dim_p, fixed)
+    for path, arches in (("tma", (90,)), ("pointer", (80, 86, 89))):
+        for head_dim_p in (16, 32, 64, 128, 256):
+            fixed = fixed_config(head_dim_p, dtype, path)
+            for arch in arches:
+                limit = shared_memory_limit(arch)
+                with patch("csa_kernels.tuning.shared_memory_limit", lambda limit=limit: limit):
+                    kept = prune(
+                        autotune_configs(),
+                        {"Q": torch.empty(1, dtype=dtype)},
+                        path=path,
+                        HEAD_DIM_P=head_dim_p,
+                    )
+                assert fixed in [as_dict(c) for c in kept], (path, arch, head_dim_p, fixed)
+            if dtype == torch.float32 or head_dim_p > 128:
+                assert fixed == SMALL
