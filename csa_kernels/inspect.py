@@ -136,6 +136,8 @@ def inspect_kernel(arch: int, head_dim: int, dtype: torch.dtype, config: dict, *
         "shared_bytes": kernel.metadata.shared,
         "load": _load_kind(steady),
         "mma": _mma_kind(instrs),
+        # the loops really split into producer and consumer warps (a ttg.warp_specialize op), not just asked
+        "warp_specialized": "ttg.warp_specialize" in kernel.asm["ttgir"],
         "loop_instructions": len(steady) if loops else None,
         "loops": [len(body) for body in loops],
         "instr_per_1k_scores": round(len(steady) * warps / (bm * bn) * 1000, 1) if loops else None,

@@ -30,6 +30,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .pool import new_output
+from .triton_common import _borrowing_rows, _program_frame, _softmax_update
 from .triton_gather import gather_pools
 from .triton_tma import (
     _consistent_attn_fwd_tma,
@@ -78,21 +79,7 @@ def _attn_tile(
         b_kt = b_kt.to(tl.float32)
     # [BLOCK_M, BLOCK_N]
     b_s = tl.dot(b_q, b_kt, input_precision=INPUT_PRECISION)
-    if MASK_N or MASK_M:
-        m_s = o_n[None, :] < end
-        if MASK_M:
-            # Rows outside the row range score -inf on every key of this tile; their running max comes from
-            # the own keys (always walked first), so p = 0 and alpha = 1: their acc and l_i stay bit-exact.
-            m_s = m_s & m_rows[:, None]
-        b_s = tl.where(m_s, b_s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))
-        b_s = b_s - m_new[:, None]
-    else:
-        m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
-        b_s = b_s * qk_scale - m_new[:, None]
-    b_p = tl.math.exp2(b_s)
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(b_p, 1)
+    b_p, alpha, l_i, m_new = _softmax_update(b_s, m_i, l_i, o_n, end, m_rows, qk_scale, MASK_N, MASK_M)
     # [BLOCK_N, HEAD_DIM_P]
     b_v = tl.load(p_v + o_n[:, None] * stride_vn + o_d[None, :], mask=m_v, other=0.0)
     if DOT_F32:
@@ -203,15 +190,7 @@ def _consistent_attn_fwd(
 ):  # fmt: skip
     i_m = tl.program_id(0)
     # head-major: the frames of one head run next to each other and share its pool and bank rows in L2
-    i_hb = tl.program_id(1)
-    num_frames = tl.num_programs(1) // H
-    i_h = i_hb // num_frames
-    i_b = i_hb % num_frames
-    i_g = i_b // frames_per_group
-    # Visible frames: [lo, hi) of the group, clipped to the window; the frame itself is skipped.
-    g_start = i_g * frames_per_group
-    lo = tl.maximum(i_b - window, g_start)
-    hi = tl.minimum(i_b + window + 1, g_start + frames_per_group)
+    i_b, i_h, i_g, lo, hi = _program_frame(H, tl.num_programs(1) // H, frames_per_group, window)
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, HEAD_DIM_P)
@@ -236,23 +215,7 @@ def _consistent_attn_fwd(
     p_pk = PK + i_h * stride_ph
     p_pv = PV + i_h * stride_ph
     o_bank = i_g * stride_bg + i_h * stride_bh
-    if HAS_ROW_RANGE:
-        # Only query rows [row_start, row_end) borrow (rows past N are never stored, so they do not count
-        # when classifying the tile). A tile with no such row skips the borrowed keys; a tile of only such
-        # rows walks them unmasked, exactly as without a row range; a tile straddling row_start or row_end
-        # walks them for all BLOCK_M rows under a per-row mask. A straddling tile costs what a fully
-        # borrowing tile costs (the masked rows' dots are computed, then discarded) plus one select per
-        # score; at most two tiles per (frame, head) straddle, none when row_start and row_end are
-        # multiples of BLOCK_M.
-        m_rows = (o_m >= row_start) & (o_m < row_end)
-        tile_start = i_m * BLOCK_M
-        tile_end = tl.minimum(tile_start + BLOCK_M, N)
-        borrow_all = (row_start <= tile_start) & (tile_end <= row_end)
-        borrow_any = tl.maximum(tile_start, row_start) < tl.minimum(tile_end, row_end)
-    else:
-        m_rows = o_m < N  # not read: every row borrows
-        borrow_all = True
-        borrow_any = True
+    m_rows, borrow_all, borrow_any = _borrowing_rows(o_m, i_m * BLOCK_M, N, row_start, row_end, HAS_ROW_RANGE)
     if borrow_all:
         acc, l_i, m_i = _attn_borrowed(
             acc, l_i, m_i, b_q, p_pk, p_pv, BK + o_bank, BV + o_bank, stride_pn, stride_bm,
@@ -282,7 +245,7 @@ _consistent_attn_fwd_tuned = triton.autotune(
 _consistent_attn_fwd_tma_tuned = triton.autotune(
     configs=[
         triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=set_block_shapes)
-        for c in autotune_configs()
+        for c in autotune_configs("tma")
     ],
     key=["N", "HEAD_DIM_P", "HAS_BANK", "HAS_ROW_RANGE"],
     prune_configs_by={"early_config_prune": prune_tma},
@@ -450,11 +413,13 @@ def compile_for_target(
     arch: int = 90,
     example: tuple[int, int, int, int, int] | None = (4, 8, 1024, 512, 256),
     path: str = "pointer",
+    warp_specialize: bool = False,
 ):
     """Compile the kernel ahead of time for an NVIDIA target (default sm_90, Hopper); needs no GPU.
 
     ``path``: "pointer" (the kernel of every GPU before sm_90) or "tma" (tensor descriptors, triton_tma.py;
-    needs ``example``: a descriptor's specialization comes from its tensor).
+    needs ``example``: a descriptor's specialization comes from its tensor); ``warp_specialize``: its key
+    loops warp-specialized (producer warps load, consumer warpgroups compute).
 
     ``example`` = (frames, heads, tokens, refs, bank tokens) of a representative launch (contiguous
     (B, H, N, D) tensors, one group, a full window, query rows (tokens // 4, tokens) when
@@ -487,6 +452,7 @@ def compile_for_target(
         if example is None:
             raise ValueError("path='tma' needs an example launch (its descriptors carry the shapes)")
         del constexprs["HEAD_DIM"]  # the descriptors' boxes carry it
+        constexprs["WARP_SPECIALIZE"] = warp_specialize
         fn = _consistent_attn_fwd_tma
         args = _example_tma_args(dtype, head_dim, example, has_bank, has_row_range, block_m, block_n)
     elif example is None:

@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .triton_common import _borrowing_rows, _program_frame, _softmax_update
+
 
 @triton.jit
 def _tma_tile(
@@ -51,23 +53,10 @@ def _tma_tile(
     if DOT_F32:
         b_k = b_k.to(tl.float32)
     b_s = tl.dot(b_q, b_k.T, input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
-    if MASK_N or MASK_M:
-        o_n = n0 + tl.arange(0, BLOCK_N)
-        m_s = o_n[None, :] < end
-        if MASK_M:  # as in the pointer kernel: rows outside the row range keep acc and l_i bit-exact
-            m_s = m_s & m_rows[:, None]
-        b_s = tl.where(m_s, b_s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))
-        b_s = b_s - m_new[:, None]
-    else:
-        m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
-        b_s = b_s * qk_scale - m_new[:, None]
-    b_p = tl.math.exp2(b_s)
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(b_p, 1)
+    o_n = n0 + tl.arange(0, BLOCK_N)
+    b_p, alpha, l_i, m_new = _softmax_update(b_s, m_i, l_i, o_n, end, m_rows, qk_scale, MASK_N, MASK_M)
     b_v = desc_v.load([c0, c1, n0, 0]).reshape(BLOCK_N, HEAD_DIM_P)
     if MASK_N:  # rows past the range may belong to another frame: p is 0 there, and so must v be
-        o_n = n0 + tl.arange(0, BLOCK_N)
         b_v = tl.where(o_n[:, None] < end, b_v, 0.0)
     if DOT_F32:
         b_v = b_v.to(tl.float32)
@@ -94,10 +83,12 @@ def _tma_range(
     MASK_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """Token rows [start, end) at (c0, c1): full tiles unmasked, then one masked tail tile if needed."""
     full_end = start + (end - start) // BLOCK_N * BLOCK_N
-    for n0 in range(start, full_end, BLOCK_N):
+    # WARP_SPECIALIZE: producer warps issue the TMA loads while consumer warpgroups compute
+    for n0 in tl.range(start, full_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         acc, l_i, m_i = _tma_tile(
             acc, l_i, m_i, b_q, desc_k, desc_v, c0, c1, n0, end, m_rows, qk_scale,
             HEAD_DIM_P, BLOCK_N, False, MASK_M, DOT_F32, INPUT_PRECISION,
@@ -120,20 +111,21 @@ def _tma_borrowed(
     MASK_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):  # fmt: skip
     """The borrowed keys: the pool rows of the visible frames before and after this one, then the bank."""
     acc, l_i, m_i = _tma_range(
         acc, l_i, m_i, b_q, desc_pk, desc_pv, 0, i_h, before_start, before_end, m_rows, qk_scale,
-        HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION,
+        HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE,
     )  # fmt: skip
     acc, l_i, m_i = _tma_range(
         acc, l_i, m_i, b_q, desc_pk, desc_pv, 0, i_h, after_start, after_end, m_rows, qk_scale,
-        HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION,
+        HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE,
     )  # fmt: skip
     if HAS_BANK:
         acc, l_i, m_i = _tma_range(
             acc, l_i, m_i, b_q, desc_bk, desc_bv, i_g, i_h, 0, M, m_rows, qk_scale,
-            HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION,
+            HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE,
         )  # fmt: skip
     return acc, l_i, m_i
 
@@ -149,16 +141,10 @@ def _consistent_attn_fwd_tma(
     HAS_ROW_RANGE: tl.constexpr,
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):  # fmt: skip
     i_m = tl.program_id(0)
-    # head-major: the frames of one head run next to each other and share its pool and bank rows in L2
-    i_hb = tl.program_id(1)
-    i_h = i_hb // B
-    i_b = i_hb % B
-    i_g = i_b // frames_per_group
-    g_start = i_g * frames_per_group
-    lo = tl.maximum(i_b - window, g_start)
-    hi = tl.minimum(i_b + window + 1, g_start + frames_per_group)
+    i_b, i_h, i_g, lo, hi = _program_frame(H, B, frames_per_group, window)
 
     m0 = i_m * BLOCK_M
     o_m = m0 + tl.arange(0, BLOCK_M)
@@ -172,28 +158,20 @@ def _consistent_attn_fwd_tma(
     # Own tokens first: every query row then has a finite running max before any masked tile.
     acc, l_i, m_i = _tma_range(
         acc, l_i, m_i, b_q, desc_k, desc_v, i_b, i_h, 0, N, o_m, qk_scale,
-        HEAD_DIM_P, BLOCK_N, False, DOT_F32, INPUT_PRECISION,
+        HEAD_DIM_P, BLOCK_N, False, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE,
     )  # fmt: skip
-    if HAS_ROW_RANGE:  # tile classification as in the pointer kernel
-        m_rows = (o_m >= row_start) & (o_m < row_end)
-        tile_end = tl.minimum(m0 + BLOCK_M, N)
-        borrow_all = (row_start <= m0) & (tile_end <= row_end)
-        borrow_any = tl.maximum(m0, row_start) < tl.minimum(tile_end, row_end)
-    else:
-        m_rows = o_m < N  # not read: every row borrows
-        borrow_all = True
-        borrow_any = True
+    m_rows, borrow_all, borrow_any = _borrowing_rows(o_m, m0, N, row_start, row_end, HAS_ROW_RANGE)
     if borrow_all:
         acc, l_i, m_i = _tma_borrowed(
             acc, l_i, m_i, b_q, desc_pk, desc_pv, desc_bk, desc_bv, i_g, i_h,
             lo * S, i_b * S, (i_b + 1) * S, hi * S, M, m_rows, qk_scale,
-            HEAD_DIM_P, BLOCK_N, HAS_BANK, False, DOT_F32, INPUT_PRECISION,
+            HEAD_DIM_P, BLOCK_N, HAS_BANK, False, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE,
         )  # fmt: skip
     elif borrow_any:
         acc, l_i, m_i = _tma_borrowed(
             acc, l_i, m_i, b_q, desc_pk, desc_pv, desc_bk, desc_bv, i_g, i_h,
             lo * S, i_b * S, (i_b + 1) * S, hi * S, M, m_rows, qk_scale,
-            HEAD_DIM_P, BLOCK_N, HAS_BANK, True, DOT_F32, INPUT_PRECISION,
+            HEAD_DIM_P, BLOCK_N, HAS_BANK, True, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE,
         )  # fmt: skip
 
     acc = acc / l_i[:, None]

@@ -10,10 +10,12 @@ Every rule here comes from compiling the kernels for real targets and reading wh
   4 warps: 8 bytes).
 * Registers, pointer path (mma.sync: the Q and K/V operands also sit in registers, two 16-bit values per
   register). Counting those too, up to 144 stay spill-free on sm_89 (hd128 128x64, 8 warps: 255
-  registers, no spill); 160 spill (hd128 64x64, 4 warps: 1,600 bytes; 128x32, 4 warps: 1,312 bytes).
-* Shared memory: the Q tile plus ``num_stages`` K and V tiles (+1 KiB of barriers; exactly ptxas's figure
-  on the descriptor path, an upper bound on the pointer path) must fit the per-block opt-in limit (sm_80
-  163 KiB, sm_86/89 99 KiB, sm_90 227 KiB), read from the device when there is one.
+  registers, no spill); 160 spill (hd128 64x64, 4 warps: 1,600 bytes; 128x32, 4 warps: 1,312 bytes). And
+  32-key tiles spill once a thread's accumulator share reaches 64 values (hd64 128x32, 4 warps: 96-128
+  bytes; hd128 64x32, 4 warps: 408-440 bytes; hd64 64x32, 4 warps, 32 values: none).
+* Shared memory: ``num_stages`` K and V tiles, plus the Q tile and 1 KiB of barriers on the descriptor
+  path (both formulas equal ptxas's figures), must fit the per-block opt-in limit (sm_80 163 KiB,
+  sm_86/89 99 KiB, sm_90 227 KiB), read from the device when there is one.
 * Tutorial-class tiles: BLOCK_M 64 or 128, BLOCK_N 32 to 128, 4 or 8 warps (8 only for tiles of at least
   128x64, where each warp still owns 16 rows of an MMA), 2 to 4 stages.
 
@@ -48,15 +50,29 @@ FIXED = {
 SMALL = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 
 
-def autotune_configs() -> list[triton.Config]:
-    """The search space before pruning (``prune``)."""
+def autotune_configs(path: str = "pointer") -> list[triton.Config]:
+    """The search space before pruning (``prune``). The descriptor path also tries its loops
+    warp-specialized (``WARP_SPECIALIZE``), which ``prune_tma`` keeps only where Triton applies it."""
+    specialize = (False, True) if path == "tma" else (False,)
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, **({"WARP_SPECIALIZE": ws} if path == "tma" else {})},
+            num_warps=w,
+            num_stages=s,
+        )
         for bm in (64, 128)
         for bn in (32, 64, 128)
         for w in (4, 8)
         for s in (2, 3, 4)
+        for ws in specialize
     ]
+
+
+def warp_specialization_applies() -> bool:
+    """Whether Triton splits the descriptor kernel's loops into producer and consumer warps on the current
+    device. Read off compiles (``inspect``'s ``warp_specialized``): Triton 3.6 and 3.9 do on sm_100
+    (Blackwell), and on sm_90 accept the request but leave the loops as they are (identical SASS)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 10
 
 
 def shared_memory_limit(arch: int | None = None) -> int:
@@ -70,9 +86,13 @@ def shared_memory_limit(arch: int | None = None) -> int:
     return SHARED_MEMORY_LIMIT.get(arch or 90, min(SHARED_MEMORY_LIMIT.values()))
 
 
-def shared_bytes(block_m: int, block_n: int, num_stages: int, head_dim_p: int, itemsize: int) -> int:
-    """Q tile + ``num_stages`` K and V tiles + barriers (matches ptxas's report within 1 KiB)."""
-    return itemsize * head_dim_p * (block_m + 2 * block_n * num_stages) + 1024
+def shared_bytes(
+    block_m: int, block_n: int, num_stages: int, head_dim_p: int, itemsize: int, path: str = "tma"
+) -> int:
+    """Shared memory of a config as ptxas reports it: the K/V pipeline, plus Q and barriers on the
+    descriptor path."""
+    pipeline = itemsize * head_dim_p * 2 * block_n * num_stages
+    return pipeline + (itemsize * head_dim_p * block_m + 1024 if path == "tma" else 0)
 
 
 def register_values(config: dict, head_dim_p: int, itemsize: int, path: str) -> int:
@@ -90,16 +110,20 @@ def allowed(config: dict, head_dim_p: int, itemsize: int, smem_limit: int, path:
     (fp32: only ``SMALL``)."""
     block_m, block_n, warps, stages = (config[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
     if itemsize == 4 or head_dim_p > 128:
-        return config == SMALL and shared_bytes(64, 32, 2, head_dim_p, itemsize) <= smem_limit
+        return config == SMALL and shared_bytes(64, 32, 2, head_dim_p, itemsize, path) <= smem_limit
+    accumulator = block_m * head_dim_p // (32 * warps)
     return (
         register_values(config, head_dim_p, itemsize, path) <= REGISTER_VALUES[path]
-        and shared_bytes(block_m, block_n, stages, head_dim_p, itemsize) <= smem_limit
+        and not (path == "pointer" and block_n < 64 and accumulator >= 64)
+        and shared_bytes(block_m, block_n, stages, head_dim_p, itemsize, path) <= smem_limit
         and (warps == 4 or block_m * block_n >= 128 * 64)
     )
 
 
 def as_dict(config: triton.Config) -> dict:
-    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    """BLOCK_M, BLOCK_N, num_warps, num_stages of a config (what the rules look at)."""
+    tiles = {k: v for k, v in config.kwargs.items() if k in ("BLOCK_M", "BLOCK_N")}
+    return {**tiles, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
 def prune(configs, named_args, *, path: str = "pointer", **kwargs):
@@ -113,6 +137,8 @@ def prune(configs, named_args, *, path: str = "pointer", **kwargs):
 
 
 def prune_tma(configs, named_args, **kwargs):
+    if not warp_specialization_applies():
+        configs = [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE")]
     return prune(configs, named_args, path="tma", **kwargs)
 
 

@@ -48,8 +48,11 @@ class ConsistentAttnProcessor:
         self.state = state
         self.layer = layer
 
-    # Eager inside a torch.compile'd denoiser: the state's Python bookkeeping (mode, step, draws) would
-    # otherwise be traced per layer and step and recompile without end; the layers around it compile.
+    # Eager inside a torch.compile'd denoiser. Its body traces without a graph break or a host sync (the
+    # draws become graph constants; tests/integration/test_fullgraph.py compiles a whole UNet with it,
+    # fullgraph=True), but what it decides depends on the step (warm-up, skip schedule, draws), so a traced
+    # processor would recompile the denoiser at every step; as an eager island the layers around it compile
+    # once.
     @torch.compiler.disable
     def __call__(
         self,

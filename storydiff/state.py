@@ -175,9 +175,9 @@ class ConsistencyState:
         writing = getattr(self.mode, "writing", None)
         key = (self.step, layer.level, self.mode.num_frames, image[1] - image[0], writing)
         if key not in self._draws:
-            gen = torch.Generator().manual_seed(self.seed_for("ref", *key))
-            rate = self.config.rate_for(layer.level)
-            drawn = sample_reference_indices(key[2], key[3], rate, generator=gen)
+            drawn = draw_indices(
+                self.seed_for("ref", *key), key[2], key[3], self.config.rate_for(layer.level)
+            )
             self._draws[key] = to_device_async(drawn, device)  # drawn on the CPU: device-independent
         return self._draws[key] + image[0]
 
@@ -191,9 +191,7 @@ class ConsistencyState:
         for frame in frames:
             key = ("frame", self.step, layer.level, frame, count)
             if key not in self._draws:
-                gen = torch.Generator().manual_seed(self.seed_for("ref", *key))
-                rate = self.config.rate_for(layer.level)
-                drawn = sample_reference_indices(1, count, rate, generator=gen)
+                drawn = draw_indices(self.seed_for("ref", *key), 1, count, self.config.rate_for(layer.level))
                 self._draws[key] = to_device_async(drawn, device)
             rows.append(self._draws[key])
         return torch.cat(rows) + image[0]
@@ -205,8 +203,24 @@ class ConsistencyState:
         return self.step + 1, self.layers[0]
 
     def seed_for(self, *key) -> int:
-        digest = hashlib.blake2b(repr((self.config.seed, *key)).encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "little") & (2**63 - 1)
+        return seed_for(self.config.seed, *key)
 
     def uniform(self, *key) -> float:
         return self.seed_for(*key) / 2**63
+
+
+# The draws are pure functions of their arguments. Inside a traced processor (torch.compile) they run at
+# trace time and their results become constants of the graph, guarded by the Python values they were called
+# with (step, layer, ...): no host work, no generator object and no graph break in the compiled step.
+@torch._dynamo.assume_constant_result
+def seed_for(*key) -> int:
+    """A 63-bit seed from a tuple of Python values (stable across processes and platforms)."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@torch._dynamo.assume_constant_result
+def draw_indices(seed: int, num_frames: int, num_tokens: int, rate: float) -> torch.Tensor:
+    """``sample_reference_indices`` on the CPU from ``seed``: the same values on every device."""
+    gen = torch.Generator().manual_seed(seed)
+    return sample_reference_indices(num_frames, num_tokens, rate, generator=gen)

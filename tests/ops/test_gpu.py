@@ -31,6 +31,20 @@ def test_real_sizes_match_reference(case, dtype, poisoned_outputs):
     assert_matches_reference(out, inputs)
 
 
+@pytest.mark.parametrize("path", ["pointer", "tma"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", REAL_CASES[:3] + REAL_CASES[6:7], ids=lambda c: c.id)
+def test_both_kernel_paths(case, dtype, path, poisoned_outputs, monkeypatch):
+    """The pointer kernel (pre-Hopper) and the descriptor kernel (sm_90+) on this GPU, each forced."""
+    import csa_kernels.triton_kernel as tk
+
+    if path == "tma" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors (TMA) need compute capability 9.0")
+    monkeypatch.setattr(tk, "FORCED_PATH", path)
+    inputs = make_inputs(case, dtype, device="cuda")
+    assert_matches_reference(consistent_attention(**inputs, backend="triton"), inputs)
+
+
 def test_bit_identical_runs():
     inputs = make_inputs(REAL_CASES[0], torch.bfloat16, device="cuda")
     first = consistent_attention(**inputs)

@@ -86,3 +86,35 @@ def test_kernel_compiles_for_sm90(dtype, head_dim, kwargs):
         assert report["wgmma"], report  # 16-bit inputs must reach Hopper's warpgroup MMA
     assert report["shared"] <= 227 * 1024, report  # H100 shared memory per block
     assert report["tma"], report  # tiles arrive by TMA, as a Hopper launch loads them
+
+
+WS_SCRIPT = r"""
+import json, sys, torch
+from csa_kernels.triton_kernel import compile_for_target
+arch = int(sys.argv[1])
+kernel = compile_for_target(
+    torch.float16, 64, block_m=128, block_n=128, num_warps=8, num_stages=3, path="tma", arch=arch,
+    warp_specialize=True,
+)
+print(json.dumps({"split": "ttg.warp_specialize" in kernel.asm["ttgir"]}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("arch", "split"),
+    [(100, True), pytest.param(90, False, marks=pytest.mark.slow, id="90-not-split")],
+)
+def test_warp_specialization_where_triton_applies_it(arch, split):
+    """The descriptor kernel's loops, asked to warp-specialize: Triton splits them into producer and
+    consumer warps on Blackwell (sm_100) and leaves them as they are on Hopper (sm_90), which is why the
+    autotuner tries the split only from sm_100 (``tuning.warp_specialization_applies``)."""
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-c", WS_SCRIPT, str(arch)], env=env, capture_output=True, text=True
+    )
+    if proc.returncode and "GPUTarget" in proc.stderr and "ImportError" in proc.stderr:
+        pytest.skip("this Triton has no ahead-of-time NVIDIA compile API")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["split"] is split

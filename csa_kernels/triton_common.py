@@ -1,0 +1,67 @@
+"""Pieces both fused kernels share (the pointer kernel, triton_kernel.py; the descriptor kernel,
+triton_tma.py): which frame and keys a program works on, which of its query rows borrow, and the online
+softmax update of one tile of scores. Only how tiles arrive differs between the kernels."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _program_frame(H, num_frames, frames_per_group, window):
+    """(frame, head, group, lo, hi) of this program. Grid axis 1 is head-major: the frames of one head run
+    next to each other and share its pool and bank rows in L2. Visible frames: [lo, hi) of the group,
+    clipped to the window (the frame itself is skipped by the caller)."""
+    i_hb = tl.program_id(1)
+    i_h = i_hb // num_frames
+    i_b = i_hb % num_frames
+    i_g = i_b // frames_per_group
+    g_start = i_g * frames_per_group
+    lo = tl.maximum(i_b - window, g_start)
+    hi = tl.minimum(i_b + window + 1, g_start + frames_per_group)
+    return i_b, i_h, i_g, lo, hi
+
+
+@triton.jit
+def _borrowing_rows(o_m, tile_start, N, row_start, row_end, HAS_ROW_RANGE: tl.constexpr):
+    """(row mask, all rows borrow, any row borrows) of this query tile.
+
+    Only query rows [row_start, row_end) borrow (rows past N are never stored, so they do not count when
+    classifying the tile). A tile with no such row skips the borrowed keys; a tile of only such rows walks
+    them unmasked, exactly as without a row range; a tile straddling row_start or row_end walks them for all
+    BLOCK_M rows under a per-row mask. A straddling tile costs what a fully borrowing tile costs (the masked
+    rows' dots are computed, then discarded) plus one select per score; at most two tiles per (frame, head)
+    straddle, none when row_start and row_end are multiples of BLOCK_M."""
+    if HAS_ROW_RANGE:
+        m_rows = (o_m >= row_start) & (o_m < row_end)
+        tile_end = tl.minimum(tile_start + o_m.shape[0], N)
+        borrow_all = (row_start <= tile_start) & (tile_end <= row_end)
+        borrow_any = tl.maximum(tile_start, row_start) < tl.minimum(tile_end, row_end)
+    else:
+        m_rows = o_m < N  # not read: every row borrows
+        borrow_all = True
+        borrow_any = True
+    return m_rows, borrow_all, borrow_any
+
+
+@triton.jit
+def _softmax_update(b_s, m_i, l_i, o_n, end, m_rows, qk_scale, MASK_N: tl.constexpr, MASK_M: tl.constexpr):
+    """Raw scores [BLOCK_M, BLOCK_N] of keys ``o_n`` → (probabilities, rescale of the old accumulator, new
+    row sums, new row maxima), exp2 domain. MASK_N: keys at or past ``end`` score -inf; MASK_M: so do all
+    keys for rows outside ``m_rows`` — their running max comes from the own keys (always walked first), so
+    p = 0 and alpha = 1: their acc and l_i stay bit-exact."""
+    if MASK_N or MASK_M:
+        m_s = o_n[None, :] < end
+        if MASK_M:
+            m_s = m_s & m_rows[:, None]
+        b_s = tl.where(m_s, b_s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        b_s = b_s - m_new[:, None]
+    else:
+        m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
+        b_s = b_s * qk_scale - m_new[:, None]
+    b_p = tl.math.exp2(b_s)
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    return b_p, alpha, l_i, m_new
