@@ -8,6 +8,8 @@
 # Sections, most important first; no argument runs them all in this order:
 #   tests        GPU correctness tests of the kernel (fixed configs: tuning each shape is slow)
 #   headline     op suite, the two SDXL target cases the README quotes (autotuned; the gate checks the tuned kernel)
+#   headline-pointer  the same rows with the pre-Hopper pointer kernel forced (CSA_KERNEL_PATH=pointer): what the
+#                descriptor (TMA) path gains on this GPU
 #   dit-op       op suite at FLUX.1-dev / SD3.5-large joint text+image shapes (1024², 768²; 2/4/8 frames), bf16
 #   dit          one FLUX.1-dev and one SD3.5-large transformer step at 1024², 4 frames, stock vs ours, bf16
 #   unet         one SDXL UNet step, official A / B / ours, and their banks
@@ -16,12 +18,12 @@
 #   vram-window  profile-vram, window mode vs story length
 #   vram-flux    profile-vram on random-flux (the real FLUX.1-dev transformer and VAE, random bf16 weights) at
 #                1024²: ours / lockstep / window, stories of 4 and 8 frames, 4 steps (sized for ~2 minutes)
-# One device call runs at most 10 minutes: all of it does not fit in one. Run "tests headline dit-op dit" first
+# One device call runs at most 10 minutes: all of it does not fit in one. Run "tests headline headline-pointer" first
 # (the rows not measured yet), the rest in a later call. No GPU run has timed these sections yet.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-ALL=(tests headline dit-op dit unet motion vram vram-window vram-flux)
+ALL=(tests headline headline-pointer dit-op dit unet motion vram vram-window vram-flux)
 if [ $# -gt 0 ]; then SECTIONS=("$@"); else SECTIONS=("${ALL[@]}"); fi
 for name in "${SECTIONS[@]}"; do  # a typo fails now, not after the long sections before it
     case " ${ALL[*]} " in *" $name "*) ;; *) echo "unknown section '$name'; choose from: ${ALL[*]}"; exit 2 ;; esac
@@ -33,6 +35,7 @@ section() {
     case "$1" in
         tests) CSA_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/ops/test_gpu.py 2>&1 | tail -15 ;;
         headline) python3 -m storydiff.cli bench --suite op --size headline ;;
+        headline-pointer) CSA_KERNEL_PATH=pointer python3 -m storydiff.cli bench --suite op --size headline ;;
         dit-op) python3 -m storydiff.cli bench --suite op --size dit ;;
         dit) python3 -m storydiff.cli bench --suite dit --model all ;;
         unet) python3 -m storydiff.cli bench --suite unet ;;

@@ -40,6 +40,19 @@ def environment(device: torch.device) -> dict:
         "device_type": device.type,
         "torch": torch.__version__,
         "triton": triton_version,
+        "kernel_path": _kernel_path(device),
         "python": platform.python_version(),
         "commit": git_commit(),
     }
+
+
+def _kernel_path(device: torch.device) -> str:
+    """Which fused kernel a Triton call on ``device`` runs: "tma" (descriptors) or "pointer"; "none"
+    without Triton or off CUDA."""
+    if device.type != "cuda":
+        return "none"
+    try:
+        from csa_kernels.triton_kernel import kernel_path
+    except ImportError:
+        return "none"
+    return kernel_path(torch.empty(0, device=device))
