@@ -1,0 +1,57 @@
+"""The evaluation's picture: a similarity-matrix heatmap per character, and CLIP-T per frame.
+
+A bare ``Figure`` on an Agg canvas (no pyplot): no global backend switch, no display needed, and tests
+can read back what was drawn.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["report_figure"]
+
+_HEATMAPS_PER_ROW = 4
+_METRIC_LABELS = {"clip_i": "CLIP-I", "dino": "DINO"}
+
+
+def report_figure(report: dict) -> Figure:
+    """Heatmaps of the first identity metric's matrix for each character seen in two frames or more
+    (axes: story frame numbers), then a bar chart of CLIP-T per frame (story text and styled prompt)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metric = report["identity_metrics"][0]
+    shown = {name: entry for name, entry in report["characters"].items() if len(entry["frames"]) >= 2}
+    heat_rows = -(-len(shown) // _HEATMAPS_PER_ROW)
+    columns = max(1, min(len(shown), _HEATMAPS_PER_ROW))
+    frames = report["frames"]
+    fig = Figure(figsize=(max(3.2 * columns, 0.4 * len(frames) + 3), 3.2 * heat_rows + 3.4))
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(heat_rows + 1, columns, height_ratios=[1.0] * heat_rows + [0.9])
+    for k, (name, entry) in enumerate(shown.items()):
+        ax = fig.add_subplot(grid[k // columns, k % columns])
+        image = ax.imshow(entry[metric]["matrix"], vmin=-1.0, vmax=1.0, cmap="viridis")
+        ticks = range(len(entry["frames"]))
+        ax.set_xticks(ticks, entry["frames"], fontsize=7)
+        ax.set_yticks(ticks, entry["frames"], fontsize=7)
+        ax.set_title(
+            f"{name}: {_METRIC_LABELS.get(metric, metric)} mean {entry[metric]['mean']:.3f}", fontsize=9
+        )
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    bars = fig.add_subplot(grid[heat_rows, :])
+    xs = range(len(frames))
+    bars.bar([x - 0.2 for x in xs], [f["clip_t"] for f in frames], 0.4, label="story text")
+    bars.bar([x + 0.2 for x in xs], [f["clip_t_styled"] for f in frames], 0.4, label="styled prompt")
+    labels = [f"{f['index']}\n{'+'.join(f['characters']) or 'NC'}" for f in frames]
+    bars.set_xticks(list(xs), labels, fontsize=7)
+    bars.set_ylabel("CLIP-T (cosine)")
+    bars.set_title("prompt fidelity per frame", fontsize=9)
+    bars.grid(axis="y", alpha=0.3)
+    bars.legend(fontsize=8)
+    if report.get("note"):
+        fig.text(0.01, 0.005, report["note"], fontsize=7, color="dimgray", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig

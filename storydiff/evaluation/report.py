@@ -1,0 +1,199 @@
+"""Evaluate a finished ``storydiff generate`` folder: read its frames and texts, embed, score, write.
+
+Per character: the pairwise similarity of the frames that show it, in each image encoder's space (CLIP-I,
+DINO). Per frame: CLIP-T against the frame's story text without the style's wording (what the user asked
+for) and, beside it, against the styled prompt the model was given. ``[NC]`` frames show no character, so
+they only get CLIP-T. A frame showing two characters counts for both (whole frames are compared; subjects
+are not cut out).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..output import StoryOutput, read_metadata
+from ..progress import Progress
+from ..story import parse_story
+from .encoders import TINY, ClipEncoder, DinoEncoder
+from .metrics import cosine_matrix, paired_cosine, summarize_pairs
+
+__all__ = ["EvalResult", "StoryFrames", "build_report", "evaluate_story", "read_story_frames"]
+
+TINY_NOTE = "tiny random encoders: these numbers only test the plumbing and mean nothing"
+
+
+@dataclass(frozen=True)
+class StoryFrames:
+    """What an evaluation reads from a story folder: the frames on disk and, for each, its texts.
+
+    ``indices`` are the story's frame numbers that have an image (all of them for a complete run);
+    ``characters``, ``texts`` (story text, no style), ``prompts`` (styled) and ``paths`` follow them.
+    """
+
+    root: Path
+    metadata: dict
+    total: int
+    indices: list[int]
+    paths: list[Path]
+    characters: list[list[str]]
+    texts: list[str]
+    prompts: list[str]
+
+    @property
+    def character_names(self) -> list[str]:
+        """Every character of the story, in definition order."""
+        names = dict.fromkeys(self.metadata.get("characters") or {})
+        for names_in_frame in self.metadata["frame_characters"]:
+            names.update(dict.fromkeys(names_in_frame))
+        return list(names)
+
+
+def read_story_frames(root: str | os.PathLike, *, allow_incomplete: bool = False) -> StoryFrames:
+    """Read a story folder; ValueError (naming the folder) unless it holds a complete run, or, with
+    ``allow_incomplete``, at least one frame."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"story folder {root} does not exist")
+    meta = read_metadata(root)
+    status = meta.get("status", "?")
+    if status != "complete" and not allow_incomplete:
+        raise ValueError(
+            f"{root} holds a run with status {status!r}, not 'complete'; to evaluate the frames it has, "
+            "add --allow-incomplete"
+        )
+    try:
+        story = parse_story(meta["story_text"])
+        prompts, frame_characters = list(meta["prompts"]), [list(c) for c in meta["frame_characters"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{root}: metadata.json lacks what an evaluation needs ({exc})") from None
+    if not len(story.frames) == len(prompts) == len(frame_characters):
+        raise ValueError(
+            f"{root}: metadata.json disagrees with itself: {len(story.frames)} frames in story_text, "
+            f"{len(prompts)} prompts, {len(frame_characters)} frame_characters entries"
+        )
+    # follower=True: a view of the folder's layout that checks and writes nothing; frame_path is the one
+    # definition of the frames' file names.
+    layout = StoryOutput(root, follower=True)
+    indices = [i for i in range(len(prompts)) if layout.frame_path(i).is_file()]
+    missing = sorted(set(range(len(prompts))) - set(indices))
+    if missing and status == "complete":
+        raise ValueError(f"{root} says its run is complete, but {layout.frame_path(missing[0])} is missing")
+    if not indices:
+        raise ValueError(f"{root} holds no frames yet ({layout.frames_dir} has none of the story's frames)")
+    return StoryFrames(
+        root=root,
+        metadata=meta,
+        total=len(prompts),
+        indices=indices,
+        paths=[layout.frame_path(i) for i in indices],
+        characters=[frame_characters[i] for i in indices],
+        texts=[story.prompt(story.frames[i]) for i in indices],
+        prompts=[prompts[i] for i in indices],
+    )
+
+
+def _mean(values) -> float | None:
+    values = [float(v) for v in values]
+    return math.fsum(values) / len(values) if values else None
+
+
+def build_report(
+    frames: StoryFrames,
+    clip_images: torch.Tensor,
+    clip_texts: torch.Tensor,
+    clip_prompts: torch.Tensor,
+    dino_images: torch.Tensor | None = None,
+    *,
+    sources: dict[str, str] | None = None,
+) -> dict:
+    """The report from embeddings, one row per evaluated frame: CLIP image (N, D), CLIP text of the story
+    texts and of the styled prompts (N, D), DINO image (N, D') or None. ``sources`` names each encoder's
+    checkpoint ({"clip": ..., "dino": ...})."""
+    identity = {"clip_i": clip_images}
+    if dino_images is not None:
+        identity["dino"] = dino_images
+    characters = {}
+    for name in frames.character_names:
+        rows = [r for r, names in enumerate(frames.characters) if name in names]
+        entry: dict = {"frames": [frames.indices[r] for r in rows]}
+        for metric, embeddings in identity.items():
+            matrix = cosine_matrix(embeddings[rows]) if rows else np.zeros((0, 0))
+            summary = summarize_pairs(matrix)
+            entry.update(pairs=summary.pairs, reason=summary.reason)
+            entry[metric] = {
+                "mean": summary.mean,
+                "std": summary.std,
+                "min": summary.min,
+                "matrix": matrix.tolist(),
+            }
+        characters[name] = entry
+    clip_t = paired_cosine(clip_images, clip_texts)
+    clip_t_styled = paired_cosine(clip_images, clip_prompts)
+    per_frame = [
+        {
+            "index": index,
+            "characters": frames.characters[r],
+            "clip_t": float(clip_t[r]),
+            "clip_t_styled": float(clip_t_styled[r]),
+            "text": frames.texts[r],
+            "prompt": frames.prompts[r],
+        }
+        for r, index in enumerate(frames.indices)
+    ]
+    sources = sources or {}
+    tiny = TINY in sources.values()
+    return {
+        "story_dir": str(frames.root),
+        "status": frames.metadata.get("status"),
+        "style": (frames.metadata.get("settings") or {}).get("style"),
+        "frames_total": frames.total,
+        "frames_evaluated": len(frames.indices),
+        "frames_missing": sorted(set(range(frames.total)) - set(frames.indices)),
+        "encoders": {"clip": sources.get("clip"), "dino": sources.get("dino")},
+        "identity_metrics": list(identity),
+        "note": TINY_NOTE if tiny else None,
+        "clip_t_mean": _mean(clip_t),
+        "clip_t_styled_mean": _mean(clip_t_styled),
+        "characters": characters,
+        "frames": per_frame,
+    }
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """The report (as ``report.json`` holds it) and the written files by kind (json, frames_csv,
+    characters_csv, png)."""
+
+    report: dict
+    paths: dict[str, Path]
+
+
+def evaluate_story(
+    root: str | os.PathLike,
+    clip: ClipEncoder,
+    dino: DinoEncoder | None = None,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    allow_incomplete: bool = False,
+    batch_size: int = 16,
+    progress: Progress = False,
+) -> EvalResult:
+    """Embed a story folder's frames and texts, build the report and write it (``writers.py``) into
+    ``out_dir`` (default: ``root/eval``)."""
+    from .writers import write_report
+
+    frames = read_story_frames(root, allow_incomplete=allow_incomplete)
+    clip_images = clip.encode_images(frames.paths, batch_size=batch_size, progress=progress)
+    clip_texts = clip.encode_texts(frames.texts, batch_size=batch_size)
+    clip_prompts = clip.encode_texts(frames.prompts, batch_size=batch_size)
+    dino_images = dino.encode_images(frames.paths, batch_size=batch_size, progress=progress) if dino else None
+    sources = {"clip": clip.source, "dino": dino.source if dino else None}
+    report = build_report(frames, clip_images, clip_texts, clip_prompts, dino_images, sources=sources)
+    paths = write_report(report, Path(out_dir) if out_dir is not None else frames.root / "eval")
+    return EvalResult(report, paths)
