@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, eval, generate, profile_vram, train_motion, video
+from . import bench, eval, eval_suite, generate, profile_vram, train_motion, video
 from .common import library_noise, output_options
 
-COMMANDS = (generate, bench, profile_vram, video, train_motion, eval)
+COMMANDS = (generate, bench, profile_vram, video, train_motion, eval, eval_suite)
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 

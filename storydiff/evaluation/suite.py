@@ -1,0 +1,416 @@
+"""A benchmark suite: every set of a benchmark file under every configuration, generated, evaluated, compared.
+
+Each (configuration, set) pair is one story run in ``OUT/<config>/<set-id>/`` — a normal ``storydiff
+generate`` folder — scored by ``evaluate_story`` into its ``eval/``. The suite resumes by looking at what is
+on disk: a folder whose run is complete and whose evaluation is complete (with the same encoders) is
+skipped, a complete run without its evaluation is only evaluated, anything else (no folder, a run killed
+half-way) is generated again from scratch. A complete run made with other settings than the ones asked for
+now is an error, not an overwrite: it may be hours of work under a reused configuration name.
+
+Everything is checked before the model loads (the file, every configuration, every set under every
+configuration), and the model and the encoders load only if some story needs them, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import ConsistencyConfig, InvalidSetting
+from ..output import METADATA, check_output_folder, read_metadata
+from ..progress import Progress, progress_bar
+from ..settings import RunSettings
+from ..story import Story, parse_story, story_source
+from .benchmark_file import BenchmarkSet
+
+__all__ = [
+    "ALLOWED_KEYS",
+    "SuiteConfig",
+    "SuiteJob",
+    "SuiteResult",
+    "aggregate",
+    "build_comparison",
+    "evaluate_set",
+    "generate_set",
+    "parse_config",
+    "plan_suite",
+    "run_suite",
+]
+
+# The files ``writers.write_report`` puts into ``eval/``: an evaluation is finished when all are there
+# (each is written atomically, but a kill can fall between two of them).
+EVAL_FILES = ("report.json", "frames.csv", "characters.csv", "report.png")
+
+
+class _Reader:
+    """Text → a configuration value: ``parse``, or None for "none" where the setting is optional;
+    ``kind`` says what was expected, for the error."""
+
+    def __init__(self, parse: Callable[[str], object], kind: str, *, optional: bool = False) -> None:
+        self.parse, self.kind, self.optional = parse, kind + (" or none" if optional else ""), optional
+
+    def __call__(self, text: str) -> object:
+        if self.optional and text.lower() == "none":
+            return None
+        try:
+            return self.parse(text)
+        except ValueError:
+            raise ValueError(f"expected {self.kind}, got {text!r}") from None
+
+
+def _level_rates(text: str) -> dict[int, float]:
+    rates = {}
+    for item in text.split("+"):
+        level, _, rate = item.partition(":")
+        rates[int(level)] = float(rate)
+    return rates
+
+
+_TEXT = _Reader(str, "text")
+_INT, _OPTIONAL_INT = _Reader(int, "a whole number"), _Reader(int, "a whole number", optional=True)
+_FLOAT = _Reader(float, "a number")
+# Configuration keys and how their text becomes a value. The seed is the suite's (--seed), the same for
+# every configuration, so that configurations differ only in what they name; options that change no frame
+# (pages, fonts, saved banks, checkpoints, bank offloading, torchrun) are left out.
+RUN_KEYS: dict[str, _Reader] = {
+    "mode": _TEXT,
+    "style": _TEXT,
+    "negative_prompt": _TEXT,
+    "num_inference_steps": _INT,
+    "guidance_scale": _FLOAT,
+    "height": _OPTIONAL_INT,
+    "width": _OPTIONAL_INT,
+    "id_frames": _OPTIONAL_INT,
+    "read_batch_size": _OPTIONAL_INT,
+    "bank_schedule": _Reader(str, "text", optional=True),
+    "chunk_size": _OPTIONAL_INT,
+}
+CONSISTENCY_KEYS: dict[str, _Reader] = {
+    "rate": _FLOAT,
+    "level_rates": _Reader(_level_rates, "LEVEL:RATE items joined by '+', e.g. 32:0.5+16:0.3"),
+    "layers": _TEXT,
+    "warmup_steps": _INT,
+    "skip_prob_early": _FLOAT,
+    "skip_prob_late": _FLOAT,
+    "skip_switch_step": _INT,
+    "window": _OPTIONAL_INT,
+    "tile": _OPTIONAL_INT,
+    "rope": _TEXT,
+}
+ALLOWED_KEYS = (*RUN_KEYS, *CONSISTENCY_KEYS)
+_CONFIG_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,63}")
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """A named configuration: RunSettings fields (``run``) and ConsistencyConfig fields (``consistency``)
+    that differ from the suite's base; ``text`` is the form it was given in."""
+
+    name: str
+    run: dict
+    consistency: dict
+    text: str
+
+    def settings(self, base: RunSettings) -> RunSettings:
+        return base.replace(**self.run).resolved()
+
+    def consistency_config(self, settings: RunSettings) -> ConsistencyConfig:
+        values = dict(self.consistency)
+        if settings.mode == "window" and values.get("window") is None and values.get("tile") is None:
+            values["window"] = 2  # as `storydiff generate` in window mode
+        return ConsistencyConfig(seed=settings.seed, **values)
+
+
+def parse_config(text: str, base: RunSettings | None = None) -> SuiteConfig:
+    """``NAME`` or ``NAME:KEY=VALUE,KEY=VALUE`` (keys: ``ALLOWED_KEYS``; ``none`` for an optional value;
+    ``level_rates=32:0.5+16:0.3``). ValueError naming the configuration and what is wrong; the values are
+    checked by RunSettings and ConsistencyConfig themselves (over ``base``)."""
+    name, _, body = text.partition(":")
+    name = name.strip()
+    if not _CONFIG_NAME.fullmatch(name):
+        raise ValueError(
+            f"--config {text!r}: the name must be 1-64 letters, digits, '_', '.' or '-' (it names a folder), "
+            f"got {name!r}; expected NAME:KEY=VALUE,KEY=VALUE"
+        )
+    run, consistency = {}, {}
+    for item in filter(None, (part.strip() for part in body.split(","))):
+        key, equals, value = (part.strip() for part in item.partition("="))
+        if not equals:
+            raise ValueError(f"--config {text!r}: expected KEY=VALUE, got {item!r}")
+        if key not in ALLOWED_KEYS:
+            raise ValueError(
+                f"--config {text!r}: unknown key {key!r}; allowed keys: {', '.join(ALLOWED_KEYS)}"
+            )
+        target, parse = (run, RUN_KEYS[key]) if key in RUN_KEYS else (consistency, CONSISTENCY_KEYS[key])
+        if key in target:
+            raise ValueError(f"--config {text!r}: {key} is given twice")
+        try:
+            target[key] = parse(value)
+        except ValueError as exc:
+            raise ValueError(f"--config {text!r}: {key}: {exc}") from None
+    config = SuiteConfig(name, run, consistency, text)
+    try:
+        config.consistency_config(config.settings(base or RunSettings()))
+    except InvalidSetting as exc:
+        raise ValueError(f"--config {text!r}: {exc.field} {exc.problem}") from None
+    return config
+
+
+@dataclass(frozen=True)
+class SuiteJob:
+    """One story run of the suite: a benchmark set under a configuration, and where it goes."""
+
+    config: SuiteConfig
+    set: BenchmarkSet
+    model: str
+    story: Story
+    settings: RunSettings
+    consistency: ConsistencyConfig
+    folder: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.config.name}/{self.set.id}"
+
+
+def plan_suite(
+    sets: list[BenchmarkSet],
+    configs: list[SuiteConfig],
+    *,
+    model: str,
+    out_dir: str | os.PathLike,
+    base: RunSettings,
+) -> list[SuiteJob]:
+    """Every (configuration, set) job, configurations outermost; ValueError naming the set and the
+    configuration for a set that cannot run under it (e.g. fewer frames than identity frames), or for two
+    configurations of one name. Nothing is created."""
+    from ..pipeline import check_run
+
+    names = [config.name for config in configs]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"--config names must differ (each names a folder); given twice: {', '.join(twice)}")
+    jobs = []
+    for config in configs:
+        settings = config.settings(base)
+        consistency = config.consistency_config(settings)
+        for one in sets:
+            story = parse_story(one.story_text())
+            folder = Path(out_dir) / config.name / one.id
+            try:
+                check_run(story, settings, consistency)
+                check_output_folder(folder, overwrite=True)
+            except (InvalidSetting, OSError, ValueError) as exc:
+                raise ValueError(f"set {one.id!r} under --config {config.name}: {exc}") from None
+            jobs.append(SuiteJob(config, one, model, story, settings, consistency, folder))
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------------------
+# What is on disk
+
+
+def _json_form(data):
+    """``data`` as it reads back from a JSON file (tuples as lists, int keys as text)."""
+    return json.loads(json.dumps(data, default=str))
+
+
+def _differences(job: SuiteJob, meta: dict) -> list[str]:
+    """How the complete run in ``job.folder`` differs from the run the job asks for."""
+    differences = []
+    if meta.get("model") != job.model:
+        differences.append(f"model {meta.get('model')!r} there, {job.model!r} now")
+    if meta.get("story_text") != story_source(job.story):
+        differences.append("another story (the benchmark set changed)")
+    stored, wanted = meta.get("settings") or {}, _json_form(job.settings.to_dict())
+    for key, value in wanted.items():
+        # a size not given is the model's, filled in by the pipeline: any stored size matches it
+        if value is not None and stored.get(key) != value:
+            differences.append(f"{key} {stored.get(key)!r} there, {value!r} now")
+    stored, wanted = meta.get("consistency") or {}, _json_form(job.consistency.to_dict())
+    for key, value in wanted.items():
+        if stored.get(key) != value:
+            differences.append(f"{key} {stored.get(key)!r} there, {value!r} now")
+    return differences
+
+
+def _generated(job: SuiteJob) -> bool:
+    """Whether ``job.folder`` holds this job's complete run; ValueError if it holds a complete run of
+    other settings (never overwritten: rename the configuration, or delete the folder)."""
+    if not (job.folder / METADATA).is_file():
+        return False
+    try:
+        meta = read_metadata(job.folder)
+    except ValueError:  # unreadable: a half-written folder, done again
+        return False
+    if meta.get("status") != "complete":
+        return False
+    differences = _differences(job, meta)
+    if differences:
+        raise ValueError(
+            f"{job.folder} holds a finished run of other settings ({'; '.join(differences)}); give the "
+            "configuration another name or the suite another --out, or delete that folder to redo it"
+        )
+    return True
+
+
+def _evaluated(job: SuiteJob, encoders: dict[str, str | None]) -> bool:
+    """Whether ``job.folder/eval`` holds a whole evaluation of the complete run, by ``encoders``."""
+    folder = job.folder / "eval"
+    if not all((folder / name).is_file() for name in EVAL_FILES):
+        return False
+    try:
+        report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    whole = report.get("status") == "complete" and report.get("frames_missing") == []
+    used = report.get("encoders") or {}
+    return whole and all(used.get(kind) == source for kind, source in encoders.items())
+
+
+# ------------------------------------------------------------------------------------------------------
+# The work of one job (module functions, so a test can count or interrupt them)
+
+
+def generate_set(pipe, job: SuiteJob) -> None:
+    """Generate ``job``'s story into its folder on the loaded diffusers pipeline ``pipe``, replacing any
+    half-written run there. A fresh StoryDiffusionPipeline per story: a bank kept by one story (the stored
+    schedule keeps them) must not be read by the next story's character of the same name."""
+    from ..pipeline import StoryDiffusionPipeline
+
+    shutil.rmtree(job.folder / "eval", ignore_errors=True)  # scores of an earlier, unfinished run
+    story_pipe = StoryDiffusionPipeline(pipe, job.consistency, model_name=job.model)
+    try:
+        story_pipe(job.story, job.settings, out_dir=job.folder, overwrite=True, progress=False)
+    finally:
+        story_pipe.close()
+
+
+def evaluate_set(job: SuiteJob, clip, dino, *, batch_size: int = 16) -> dict:
+    """Score ``job``'s complete run into its ``eval/``; the report."""
+    from .report import evaluate_story
+
+    return evaluate_story(job.folder, clip, dino, batch_size=batch_size).report
+
+
+# ------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class SuiteResult:
+    """What the suite did per job label: "generated" (and evaluated), "evaluated" (a complete run scored)
+    or "skipped" (done before); the per-set reports by job label."""
+
+    actions: dict[str, str] = dataclasses.field(default_factory=dict)
+    reports: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        done = list(self.actions.values())
+        return {what: done.count(what) for what in ("generated", "evaluated", "skipped")}
+
+
+def run_suite(
+    jobs: list[SuiteJob],
+    *,
+    load_pipe: Callable[[], object],
+    load_encoders: Callable[[], tuple],
+    encoders: dict[str, str | None],
+    batch_size: int = 16,
+    progress: Progress = True,
+) -> SuiteResult:
+    """Run every job not done yet (module docstring); ``load_pipe()`` and ``load_encoders()`` (→ clip,
+    dino or None) are called once, when first needed; ``encoders`` names their sources ({"clip", "dino"}),
+    which a finished evaluation must match. Raises what a job raises (KeyboardInterrupt included): the
+    jobs finished until then stay finished, and a run again continues after them."""
+    result = SuiteResult()
+    # every folder is read first, so that a finished run of other settings stops the suite before it works
+    generated = {job.label: _generated(job) for job in jobs}
+    pipe = models = None
+    bar = progress_bar(len(jobs), "eval-suite", "story", progress)
+    try:
+        for job in jobs:
+            if generated[job.label] and _evaluated(job, encoders):
+                action = "skipped"
+                bar.set_postfix_str(f"{job.label}: done earlier, skipped")
+            else:
+                if not generated[job.label]:
+                    bar.set_postfix_str(f"{job.label}: generating")
+                    pipe = pipe if pipe is not None else load_pipe()
+                    generate_set(pipe, job)
+                bar.set_postfix_str(f"{job.label}: evaluating")
+                models = models if models is not None else load_encoders()
+                evaluate_set(job, *models, batch_size=batch_size)
+                action = "evaluated" if generated[job.label] else "generated"
+                bar.set_postfix_str(f"{job.label}: {action}")
+            result.actions[job.label] = action
+            result.reports[job.label] = json.loads((job.folder / "eval" / "report.json").read_text("utf-8"))
+            bar.update()
+    finally:
+        bar.close()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------
+# Aggregation
+
+
+def _mean(values) -> float | None:
+    values = [float(v) for v in values if v is not None]
+    return math.fsum(values) / len(values) if values else None
+
+
+def set_scores(report: dict) -> dict[str, float | None]:
+    """One set's numbers: per identity metric the mean over its characters of their pairwise mean (None
+    when no character has two frames), and its mean CLIP-T (story text, styled prompt)."""
+    scores = {
+        metric: _mean((entry.get(metric) or {}).get("mean") for entry in report["characters"].values())
+        for metric in report["identity_metrics"]
+    }
+    scores.update(clip_t=report["clip_t_mean"], clip_t_styled=report["clip_t_styled_mean"])
+    return scores
+
+
+def aggregate(jobs: list[SuiteJob], reports: dict[str, dict]) -> list[dict]:
+    """Per configuration, in the order given: its options, resolved settings, and the mean over its sets
+    of each set's scores (``set_scores``), with the per-set scores beside them."""
+    rows = []
+    for name in dict.fromkeys(job.config.name for job in jobs):
+        mine = [job for job in jobs if job.config.name == name]
+        config = mine[0].config
+        per_set = {job.set.id: set_scores(reports[job.label]) for job in mine}
+        keys = list(dict.fromkeys(key for scores in per_set.values() for key in scores))
+        rows.append(
+            {
+                "config": config.name,
+                "options": config.text.partition(":")[2],
+                "sets": len(per_set),
+                **{key: _mean(scores.get(key) for scores in per_set.values()) for key in keys},
+                "settings": mine[0].settings.to_dict(),
+                "consistency": _json_form(mine[0].consistency.to_dict()),
+                "per_set": per_set,
+            }
+        )
+    return rows
+
+
+def build_comparison(
+    jobs: list[SuiteJob], reports: dict[str, dict], *, benchmark: str, encoders: dict[str, str | None]
+) -> dict:
+    """What ``comparison.json`` holds: where the numbers come from, and ``aggregate``'s rows."""
+    first = reports[jobs[0].label]
+    return {
+        "benchmark": benchmark,
+        "model": jobs[0].model,
+        "encoders": encoders,
+        "identity_metrics": first["identity_metrics"],
+        "note": first.get("note"),
+        "configs": aggregate(jobs, reports),
+    }
