@@ -33,6 +33,7 @@ REQUIRES = [
     "matplotlib",  # benchmark and memory plots; its DejaVu Sans draws captions in any Latin script
     "safetensors",  # identity banks on disk
     "pillow",
+    "pyyaml",  # storydiff eval-suite: benchmark files (the ConsiStory+ YAML format)
 ]
 EXTRAS = {
     # storydiff profile-vram: GPU memory over time through NVML (without it: host RSS, with a note)
