@@ -106,6 +106,8 @@ CONSISTENCY_KEYS: dict[str, _Reader] = {
 }
 ALLOWED_KEYS = (*RUN_KEYS, *CONSISTENCY_KEYS)
 _CONFIG_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,63}")
+# what the suite itself writes into OUT beside the configurations' folders
+RESERVED_NAMES = ("comparison.json", "comparison.csv", "tradeoff.png")
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,10 @@ def parse_config(text: str, base: RunSettings | None = None) -> SuiteConfig:
     checked by RunSettings and ConsistencyConfig themselves (over ``base``)."""
     name, _, body = text.partition(":")
     name = name.strip()
+    if name in RESERVED_NAMES:
+        raise ValueError(
+            f"--config {text!r}: {name!r} is the name of a file the suite writes; choose another"
+        )
     if not _CONFIG_NAME.fullmatch(name):
         raise ValueError(
             f"--config {text!r}: the name must be 1-64 letters, digits, '_', '.' or '-' (it names a folder), "
