@@ -88,14 +88,16 @@ def _tiny_clip_vocab() -> dict[str, int]:
     return {tok: i for i, tok in enumerate(tokens)}
 
 
-def _tiny_tokenizer() -> CLIPTokenizer:
+def tiny_clip_tokenizer() -> CLIPTokenizer:
+    """A byte-level CLIP tokenizer built in memory (no merges): the tiny models' and tiny encoders'."""
     # transformers 5's CLIPTokenizer takes the vocabulary and merges directly, so nothing touches disk or hub.
     return CLIPTokenizer(vocab=_tiny_clip_vocab(), merges=[], model_max_length=_MAX_TOKENS)
 
 
-def _text_config(
+def tiny_clip_text_config(
     tokenizer: CLIPTokenizer, hidden: int, *, act: str, projection_dim: int, layers: int = 2
 ) -> CLIPTextConfig:
+    """A small CLIP text encoder config for ``tokenizer``."""
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -145,13 +147,15 @@ def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
 
 
 def _build_tiny_sdxl(device: torch.device) -> StableDiffusionXLPipeline:
-    tokenizer, tokenizer_2 = _tiny_tokenizer(), _tiny_tokenizer()
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
     # Real SDXL: CLIP-L (768, quick_gelu) + OpenCLIP bigG (1280, gelu, projected pooled output); the UNet's
     # cross-attention width is their concatenation. Unequal tiny widths keep a swapped order detectable.
     hidden_1, hidden_2 = 32, 64
-    text_encoder = CLIPTextModel(_text_config(tokenizer, hidden_1, act="quick_gelu", projection_dim=hidden_1))
+    text_encoder = CLIPTextModel(
+        tiny_clip_text_config(tokenizer, hidden_1, act="quick_gelu", projection_dim=hidden_1)
+    )
     text_encoder_2 = CLIPTextModelWithProjection(
-        _text_config(tokenizer_2, hidden_2, act="gelu", projection_dim=hidden_2)
+        tiny_clip_text_config(tokenizer_2, hidden_2, act="gelu", projection_dim=hidden_2)
     )
     time_embed_dim = 8  # per micro-conditioning scalar; SDXL has 6 (original size, crop, target size)
     unet = UNet2DConditionModel(
@@ -195,9 +199,11 @@ def _sdxl_pipeline(unet, text_encoder, text_encoder_2, vae, tokenizers) -> Stabl
 
 
 def _build_tiny_sd15(device: torch.device) -> StableDiffusionPipeline:
-    tokenizer = _tiny_tokenizer()
+    tokenizer = tiny_clip_tokenizer()
     hidden = 32  # real SD1.5: CLIP-L, 768
-    text_encoder = CLIPTextModel(_text_config(tokenizer, hidden, act="quick_gelu", projection_dim=hidden))
+    text_encoder = CLIPTextModel(
+        tiny_clip_text_config(tokenizer, hidden, act="quick_gelu", projection_dim=hidden)
+    )
     unet = UNet2DConditionModel(
         sample_size=_SAMPLE_SIZE,
         in_channels=4,
@@ -260,13 +266,13 @@ def _build_random_sdxl(device: torch.device) -> StableDiffusionXLPipeline:
     For memory and speed measurements of the UNet without a download: the UNet, its activations and the
     consistent-attention banks have their real sizes; text encoding and VAE decoding are nearly free.
     """
-    tokenizer, tokenizer_2 = _tiny_tokenizer(), _tiny_tokenizer()
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
     with torch.device(device):  # build the 2.6 B parameters where they will run
         text_encoder = CLIPTextModel(
-            _text_config(tokenizer, 768, act="quick_gelu", projection_dim=768, layers=1)
+            tiny_clip_text_config(tokenizer, 768, act="quick_gelu", projection_dim=768, layers=1)
         )
         text_encoder_2 = CLIPTextModelWithProjection(
-            _text_config(tokenizer_2, 1280, act="gelu", projection_dim=1280, layers=1)
+            tiny_clip_text_config(tokenizer_2, 1280, act="gelu", projection_dim=1280, layers=1)
         )
         unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
         vae = _tiny_vae(scaling_factor=0.13025)
@@ -429,8 +435,8 @@ def _build_tiny_flux(device: torch.device):
     channels shrunk to 4."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    tokenizer = _tiny_tokenizer()
-    text_encoder = CLIPTextModel(_text_config(tokenizer, 32, act="quick_gelu", projection_dim=32))
+    tokenizer = tiny_clip_tokenizer()
+    text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer, 32, act="quick_gelu", projection_dim=32))
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,  # 4 latent channels x 2x2 packing
@@ -518,10 +524,10 @@ def _build_random_flux(device: torch.device, dtype: torch.dtype):
     """
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    tokenizer = _tiny_tokenizer()
+    tokenizer = tiny_clip_tokenizer()
     with torch.device(device), default_dtype(dtype):
         text_encoder = CLIPTextModel(
-            _text_config(tokenizer, 768, act="quick_gelu", projection_dim=768, layers=1)
+            tiny_clip_text_config(tokenizer, 768, act="quick_gelu", projection_dim=768, layers=1)
         )
         text_encoder_2 = _tiny_t5(FLUX_DEV_CONFIG["joint_attention_dim"], layers=1)
         transformer = FluxTransformer2DModel(**FLUX_DEV_CONFIG)
@@ -545,9 +551,13 @@ def _build_tiny_sd3(device: torch.device):
     cond]."""
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    tokenizer, tokenizer_2 = _tiny_tokenizer(), _tiny_tokenizer()
-    text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer, 32, act="gelu", projection_dim=32))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, 32, act="gelu", projection_dim=32))
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+    text_encoder = CLIPTextModelWithProjection(
+        tiny_clip_text_config(tokenizer, 32, act="gelu", projection_dim=32)
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(
+        tiny_clip_text_config(tokenizer_2, 32, act="gelu", projection_dim=32)
+    )
     transformer = SD3Transformer2DModel(
         sample_size=8,
         patch_size=2,

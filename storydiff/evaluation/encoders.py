@@ -31,7 +31,7 @@ from transformers import (
 from ..compat import clip_image_processor_class
 from ..loading import ModelLoadError, from_pretrained
 from ..progress import Progress, progress_bar
-from ..tiny_models import _text_config, _tiny_tokenizer
+from ..tiny_models import tiny_clip_text_config, tiny_clip_tokenizer
 
 __all__ = ["TINY", "ClipEncoder", "DinoEncoder", "build_tiny_encoders", "load_clip", "load_dino"]
 
@@ -208,7 +208,7 @@ def build_tiny_encoders(seed: int = 0) -> tuple[ClipEncoder, DinoEncoder]:
     ``tiny_models.tiny_clip_vision_model``, wider initial weights and small patches make the embeddings
     depend on the image (at the default scale every image gets nearly the same one).
     """
-    tokenizer = _tiny_tokenizer()
+    tokenizer = tiny_clip_tokenizer()
     vision = CLIPVisionConfig(
         hidden_size=64,
         intermediate_size=128,
@@ -218,7 +218,7 @@ def build_tiny_encoders(seed: int = 0) -> tuple[ClipEncoder, DinoEncoder]:
         patch_size=4,
         initializer_factor=4.0,
     )
-    text = _text_config(tokenizer, 32, act="quick_gelu", projection_dim=16)
+    text = tiny_clip_text_config(tokenizer, 32, act="quick_gelu", projection_dim=16)
     clip_config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
     dino_config = Dinov2Config(
         hidden_size=32,
