@@ -23,8 +23,10 @@ def register(subparsers, parents: list) -> None:
         "cosine similarity over every pair of its frames, in CLIP and DINOv2 image space. Per frame: CLIP-T, "
         "the cosine similarity of the frame with its story text (without the style's wording), and beside "
         "it with the styled prompt. Writes report.json, frames.csv, characters.csv and report.png into "
-        "DIR/eval (or --out). `--clip tiny --dino tiny`: random offline encoders that test the plumbing "
-        "only; their numbers mean nothing.",
+        "DIR/eval (or --out). Optional identity metrics: --face (dlib face descriptors, on the frames where "
+        "a face is found) and --dreamsim (1 - DreamSim distance); --mask-dir measures identity on masked "
+        "subjects. `--clip tiny --dino tiny`: random offline encoders that test the plumbing only; their "
+        "numbers mean nothing.",
     )
     parser.add_argument("dir", metavar="DIR", help="story folder written by `storydiff generate`")
     parser.add_argument(
@@ -41,6 +43,27 @@ def register(subparsers, parents: list) -> None:
         help="DINOv2 folder or hub id, or 'tiny' (random, offline) (default: %(default)s)",
     )
     parser.add_argument("--no-dino", action="store_true", help="CLIP only: skip the DINO identity score")
+    parser.add_argument(
+        "--face",
+        action="store_true",
+        help="add face identity: cosine of dlib's 128-d face descriptors (HOG detector, 5-point landmarks) "
+        "over each character's frames with a detected face; needs pip install dlib-bin "
+        "face-recognition-models",
+    )
+    parser.add_argument(
+        "--dreamsim",
+        default=None,
+        metavar="PATH",
+        help="add DreamSim identity (1 - DreamSim distance) with the weights in folder PATH (never "
+        "downloaded); needs pip install dreamsim",
+    )
+    parser.add_argument(
+        "--mask-dir",
+        default=None,
+        metavar="DIR",
+        help="measure identity on masked subjects: DIR/mask_007.png masks frame 7 (white keeps, black "
+        "becomes gray); frames without a mask are measured whole; CLIP-T always sees whole frames",
+    )
     parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: DIR/eval)")
     parser.add_argument(
         "--device", default=None, help="device the encoders run on (default: cuda if available, else cpu)"
@@ -58,6 +81,9 @@ def register(subparsers, parents: list) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate_story, load_clip, load_dino, read_story_frames, summary_lines
+    from ..evaluation.dreamsim import load_dreamsim
+    from ..evaluation.face import load_face
+    from ..evaluation.masks import MaskDir
     from ..progress import default_progress
     from .common import resolve_device
 
@@ -65,9 +91,15 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         if args.out is not None:
             check_output_dir(args.out)
-        read_story_frames(args.dir, allow_incomplete=args.allow_incomplete)  # before any encoder loads
+        frames = read_story_frames(args.dir, allow_incomplete=args.allow_incomplete)  # before any loading
+        mask_fn = None
+        if args.mask_dir is not None:
+            mask_fn = MaskDir(args.mask_dir)
+            mask_fn.check(frames.indices)
         clip = load_clip(args.clip, device)
         dino = None if args.no_dino else load_dino(args.dino, device)
+        face = load_face() if args.face else None
+        dreamsim = None if args.dreamsim is None else load_dreamsim(args.dreamsim, device)
         result = evaluate_story(
             args.dir,
             clip,
@@ -76,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
             allow_incomplete=args.allow_incomplete,
             batch_size=args.batch_size,
             progress=default_progress(),
+            dreamsim=dreamsim,
+            face=face,
+            mask_fn=mask_fn,
         )
     except (OSError, ValueError) as exc:  # ModelLoadError is a ValueError
         return fail(str(exc))

@@ -1,10 +1,11 @@
 """Evaluate a finished ``storydiff generate`` folder: read its frames and texts, embed, score, write.
 
 Per character: the pairwise similarity of the frames that show it, in each image encoder's space (CLIP-I,
-DINO). Per frame: CLIP-T against the frame's story text without the style's wording (what the user asked
-for) and, beside it, against the styled prompt the model was given. ``[NC]`` frames show no character, so
-they only get CLIP-T. A frame showing two characters counts for both (whole frames are compared; subjects
-are not cut out).
+DINO, and optionally DreamSim and dlib face descriptors). Per frame: CLIP-T against the frame's story
+text without the style's wording (what the user asked for) and, beside it, against the styled prompt the
+model was given. ``[NC]`` frames show no character, so they only get CLIP-T. A frame showing two
+characters counts for both: whole frames are compared unless a mask function (``masks.py``) cuts each
+character out before the identity encoders see it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,11 +23,19 @@ from ..output import StoryOutput, read_metadata
 from ..progress import Progress
 from ..story import parse_story
 from .encoders import TINY, ClipEncoder, DinoEncoder
-from .metrics import cosine_matrix, paired_cosine, summarize_pairs
+from .masks import MaskFn, encode_masked, mask_name
+from .metrics import PairSummary, cosine_matrix, paired_cosine, summarize_pairs
+
+if TYPE_CHECKING:
+    from .dreamsim import DreamSimEncoder
+    from .face import FaceEncoder
 
 __all__ = ["EvalResult", "StoryFrames", "build_report", "evaluate_story", "read_story_frames"]
 
 TINY_NOTE = "tiny random encoders: these numbers only test the plumbing and mean nothing"
+# Face similarity is measured only on the frames where a face is found: its own pairs, with the count.
+FACE = "face"
+Embeddings = torch.Tensor | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,41 @@ def _mean(values) -> float | None:
     return math.fsum(values) / len(values) if values else None
 
 
+def _character_rows(embeddings: Embeddings | dict[str, Embeddings], name: str, rows: list[int]) -> np.ndarray:
+    """The (n, D) float64 embeddings of character ``name``'s frames: rows of a per-frame array, or its own
+    entry of a per-character dict (masked frames)."""
+    if isinstance(embeddings, dict):
+        chosen = embeddings.get(name)
+        chosen = np.zeros((0, 0)) if chosen is None else chosen
+    else:
+        chosen = embeddings[rows] if rows else np.zeros((0, 0))
+    if isinstance(chosen, torch.Tensor):
+        chosen = chosen.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(chosen, dtype=np.float64).reshape(len(chosen), -1)
+
+
+def _stats(embeddings: np.ndarray) -> tuple[dict, PairSummary]:
+    matrix = cosine_matrix(embeddings) if len(embeddings) else np.zeros((0, 0))
+    summary = summarize_pairs(matrix)
+    return {"mean": summary.mean, "std": summary.std, "min": summary.min, "matrix": matrix.tolist()}, summary
+
+
+def _face_stats(embeddings: np.ndarray, frame_numbers: list[int]) -> dict:
+    """Face similarity over the frames with a face (rows not NaN), with how many of the frames had one."""
+    found = np.isfinite(embeddings).all(axis=1) if len(embeddings) else np.zeros(0, dtype=bool)
+    stats, summary = _stats(embeddings[found])
+    detected, total = int(found.sum()), len(frame_numbers)
+    reason = None if summary.pairs else f"a face in {detected} of {total} frames: no pair to compare"
+    return {
+        **stats,
+        "pairs": summary.pairs,
+        "reason": reason,
+        "frames": total,
+        "faces_detected": detected,
+        "face_frames": [index for index, hit in zip(frame_numbers, found.tolist(), strict=True) if hit],
+    }
+
+
 def build_report(
     frames: StoryFrames,
     clip_images: torch.Tensor,
@@ -111,27 +156,34 @@ def build_report(
     dino_images: torch.Tensor | None = None,
     *,
     sources: dict[str, str] | None = None,
+    identity: dict[str, Embeddings | dict[str, Embeddings]] | None = None,
+    mask: str | None = None,
 ) -> dict:
     """The report from embeddings, one row per evaluated frame: CLIP image (N, D), CLIP text of the story
     texts and of the styled prompts (N, D), DINO image (N, D') or None. ``sources`` names each encoder's
-    checkpoint ({"clip": ..., "dino": ...})."""
-    identity = {"clip_i": clip_images}
+    checkpoint ({"clip": ..., "dino": ..., "dreamsim": ..., "face": ...}).
+
+    ``identity`` adds identity metrics ("dreamsim", "face") or replaces CLIP-I's and DINO's embeddings:
+    name -> either (N, D), one row per evaluated frame, or a dict character -> (n, D), the rows of that
+    character's frames in order (frames masked per character). Face rows of NaN are frames without a
+    face. ``mask`` names the mask the identity embeddings went through (None: whole frames); CLIP-T always
+    uses ``clip_images``, the whole frames.
+    """
+    embeddings = {"clip_i": clip_images}
     if dino_images is not None:
-        identity["dino"] = dino_images
+        embeddings["dino"] = dino_images
+    embeddings.update(identity or {})
     characters = {}
     for name in frames.character_names:
         rows = [r for r, names in enumerate(frames.characters) if name in names]
         entry: dict = {"frames": [frames.indices[r] for r in rows]}
-        for metric, embeddings in identity.items():
-            matrix = cosine_matrix(embeddings[rows]) if rows else np.zeros((0, 0))
-            summary = summarize_pairs(matrix)
+        for metric, values in embeddings.items():
+            character_rows = _character_rows(values, name, rows)
+            if metric == FACE:  # its own pairs: they need not be the frames' pairs
+                entry[metric] = _face_stats(character_rows, entry["frames"])
+                continue
+            entry[metric], summary = _stats(character_rows)
             entry.update(pairs=summary.pairs, reason=summary.reason)
-            entry[metric] = {
-                "mean": summary.mean,
-                "std": summary.std,
-                "min": summary.min,
-                "matrix": matrix.tolist(),
-            }
         characters[name] = entry
     clip_t = paired_cosine(clip_images, clip_texts)
     clip_t_styled = paired_cosine(clip_images, clip_prompts)
@@ -155,8 +207,9 @@ def build_report(
         "frames_total": frames.total,
         "frames_evaluated": len(frames.indices),
         "frames_missing": sorted(set(range(frames.total)) - set(frames.indices)),
-        "encoders": {"clip": sources.get("clip"), "dino": sources.get("dino")},
-        "identity_metrics": list(identity),
+        "encoders": {name: sources.get(name) for name in ("clip", "dino", "dreamsim", "face")},
+        "identity_metrics": list(embeddings),
+        "mask": mask,
         "note": TINY_NOTE if tiny else None,
         "clip_t_mean": _mean(clip_t),
         "clip_t_styled_mean": _mean(clip_t_styled),
@@ -183,17 +236,55 @@ def evaluate_story(
     allow_incomplete: bool = False,
     batch_size: int = 16,
     progress: Progress = False,
+    dreamsim: DreamSimEncoder | None = None,
+    face: FaceEncoder | None = None,
+    mask_fn: MaskFn | None = None,
 ) -> EvalResult:
     """Embed a story folder's frames and texts, build the report and write it (``writers.py``) into
-    ``out_dir`` (default: ``root/eval``)."""
+    ``out_dir`` (default: ``root/eval``).
+
+    ``dreamsim`` and ``face`` add those identity metrics. ``mask_fn(image, frame_index, character)``
+    returns a mask or None (``masks.py``): when given, every identity encoder (CLIP-I, DINO, DreamSim,
+    face) sees each character's frames through that character's mask; CLIP-T still sees whole frames.
+    """
     from .writers import write_report
 
     frames = read_story_frames(root, allow_incomplete=allow_incomplete)
     clip_images = clip.encode_images(frames.paths, batch_size=batch_size, progress=progress)
     clip_texts = clip.encode_texts(frames.texts, batch_size=batch_size)
     clip_prompts = clip.encode_texts(frames.prompts, batch_size=batch_size)
-    dino_images = dino.encode_images(frames.paths, batch_size=batch_size, progress=progress) if dino else None
-    sources = {"clip": clip.source, "dino": dino.source if dino else None}
-    report = build_report(frames, clip_images, clip_texts, clip_prompts, dino_images, sources=sources)
+    others = {name: e for name, e in (("dino", dino), ("dreamsim", dreamsim), (FACE, face)) if e is not None}
+    if mask_fn is None:
+        identity = {
+            name: encoder.encode_images(frames.paths, batch_size=batch_size, progress=progress)
+            for name, encoder in others.items()
+        }
+    else:
+        identity = _masked_identity(frames, {"clip_i": clip, **others}, mask_fn, batch_size, progress)
+    sources = {"clip": clip.source, **{name: encoder.source for name, encoder in others.items()}}
+    mask = None if mask_fn is None else mask_name(mask_fn)
+    report = build_report(
+        frames, clip_images, clip_texts, clip_prompts, sources=sources, identity=identity, mask=mask
+    )
     paths = write_report(report, Path(out_dir) if out_dir is not None else frames.root / "eval")
     return EvalResult(report, paths)
+
+
+def _masked_identity(
+    frames: StoryFrames, encoders: dict, mask_fn: MaskFn, batch_size: int, progress: Progress
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per identity metric, per character: the embeddings of its frames seen through its mask."""
+    items = [
+        (frames.paths[r], frames.indices[r], name)
+        for r, names in enumerate(frames.characters)
+        for name in names
+    ]
+    embedded = encode_masked(items, encoders, mask_fn, batch_size=batch_size, progress=progress)
+    owners = [name for _, _, name in items]
+    return {
+        metric: {
+            name: rows[[k for k, owner in enumerate(owners) if owner == name]]
+            for name in frames.character_names
+        }
+        for metric, rows in embedded.items()
+    }

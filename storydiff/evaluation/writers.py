@@ -15,7 +15,7 @@ from .plots import report_figure
 
 __all__ = ["summary_lines", "write_report"]
 
-_LABELS = {"clip_i": "CLIP-I", "dino": "DINO"}
+_LABELS = {"clip_i": "CLIP-I", "dino": "DINO", "dreamsim": "DreamSim", "face": "face"}
 _STATS = ("mean", "std", "min")
 
 
@@ -39,12 +39,16 @@ def frames_csv(report: dict) -> str:
 
 def characters_csv(report: dict) -> str:
     """One row per character: its frames, pairs, and mean/std/min per identity metric (empty, with the
-    reason, when it has no pair)."""
+    reason, when it has no pair); with the face metric, also its frames with a detected face
+    ('+'-joined) and the face metric's own pairs."""
     metrics = report["identity_metrics"]
-    header = ["character", "frames", "pairs", *(f"{m}_{s}" for m in metrics for s in _STATS), "reason"]
+    face = ["face_frames", "face_pairs"] if "face" in metrics else []
+    header = ["character", "frames", "pairs", *(f"{m}_{s}" for m in metrics for s in _STATS), *face, "reason"]
     rows = []
     for name, entry in report["characters"].items():
         stats = [entry[m][s] for m in metrics for s in _STATS]
+        if face:
+            stats += ["+".join(map(str, entry["face"]["face_frames"])), entry["face"]["pairs"]]
         rows.append([name, "+".join(map(str, entry["frames"])), entry["pairs"], *stats, entry["reason"]])
     return _csv(header, rows)
 
@@ -84,6 +88,14 @@ def summary_lines(report: dict) -> list[str]:
         f"CLIP-T, mean over {evaluated} frame{'' if evaluated == 1 else 's'}: "
         f"{report['clip_t_mean']:.3f} (story text), {report['clip_t_styled_mean']:.3f} (styled prompt)"
     )
+    if "face" in metrics:
+        counts = [
+            f"{name} {e['face']['faces_detected']}/{e['face']['frames']}"
+            for name, e in report["characters"].items()
+        ]
+        lines.append(f"frames with a detected face: {', '.join(counts)}")
+    if report.get("mask"):
+        lines.append(f"identity measured through masks ({report['mask']}); CLIP-T on whole frames")
     if report["frames_missing"]:
         lines.append(f"not evaluated (no image yet): frames {', '.join(map(str, report['frames_missing']))}")
     if report["note"]:
