@@ -41,6 +41,10 @@ EXTRAS = {
     # transition videos as MP4 (imageio-ffmpeg bundles ffmpeg) and reading video files for train-motion;
     # without them: GIF only, with a warning, and video files are skipped
     "video": ["imageio", "imageio-ffmpeg"],
+    # storydiff eval --face: dlib as prebuilt wheels (no compiler needed) and its face models (5-point
+    # landmarks, ResNet descriptor). In "all", so also in "dev", where the face tests then run for real.
+    # DreamSim (--dreamsim) is no extra: its package pulls open-clip, timm, peft and torchvision.
+    "face": ["dlib-bin", "face-recognition-models"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 # The tests exercise the optional features too (NVML through fakes, MP4 where installed), and diffusers'
