@@ -9,8 +9,8 @@ grayscale. 255 keeps a pixel, 0 replaces it with neutral gray (128, 128, 128), v
 
 Gray rather than black or white: it is the middle of the range, so it sits near zero after CLIP's and
 DINOv2's normalisation and adds no strong edge against dark or light subjects. Every masked-out pixel
-gets the same gray in every frame, so blanked areas agree perfectly with each other: masked numbers run
-higher than whole-frame ones and compare only with masked numbers.
+gets the same gray in every frame, so blanked areas agree perfectly with each other: masked numbers tend
+to run higher than whole-frame ones and compare only with masked numbers.
 
 CLIP-T is always measured on the whole frame: the prompt describes the scene, not the subject alone.
 """
