@@ -45,6 +45,7 @@ CASES = [
         64,
         dict(block_m=128, block_n=128, num_warps=8, num_stages=3, has_row_range=True),
         id="bf16-D64-query-rows",
+        marks=pytest.mark.slow,  # the row range's code runs under the interpreter in test_tma_path.py
     ),
     pytest.param(
         "float32",
