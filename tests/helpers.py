@@ -75,3 +75,23 @@ def assert_matches_reference(out: torch.Tensor, inputs: dict) -> None:
     assert out.shape == q.shape and out.dtype == q.dtype
     assert torch.isfinite(out).all(), "non-finite (or never written) outputs"
     reference_error_bound(inputs).check(out)
+
+
+def compile_test_unet():
+    """The smallest UNet with one consistent level (8x8, two blocks, one cross-attention block each way): for
+    tests that torch.compile a whole denoiser, where every module costs compile time."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        attention_head_dim=2,
+        cross_attention_dim=16,
+        norm_num_groups=8,
+    ).eval()

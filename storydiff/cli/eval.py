@@ -14,6 +14,27 @@ DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 DEFAULT_DINO = "facebook/dinov2-base"
 
 
+def encoder_options(parser: argparse.ArgumentParser) -> None:
+    """--clip, --dino, --no-dino, --batch-size: the encoders of `eval` and `eval-suite`."""
+    parser.add_argument(
+        "--clip",
+        default=DEFAULT_CLIP,
+        metavar="PATH",
+        help="CLIP folder or hub id (CLIPModel, tokenizer, image processor), or 'tiny' (random, offline) "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dino",
+        default=DEFAULT_DINO,
+        metavar="PATH",
+        help="DINOv2 folder or hub id, or 'tiny' (random, offline) (default: %(default)s)",
+    )
+    parser.add_argument("--no-dino", action="store_true", help="CLIP only: skip the DINO identity score")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=16, help="frames per encoder call (default: %(default)s)"
+    )
+
+
 def register(subparsers, parents: list) -> None:
     parser = subparsers.add_parser(
         "eval",
@@ -29,20 +50,7 @@ def register(subparsers, parents: list) -> None:
         "numbers mean nothing.",
     )
     parser.add_argument("dir", metavar="DIR", help="story folder written by `storydiff generate`")
-    parser.add_argument(
-        "--clip",
-        default=DEFAULT_CLIP,
-        metavar="PATH",
-        help="CLIP folder or hub id (CLIPModel, tokenizer, image processor), or 'tiny' (random, offline) "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--dino",
-        default=DEFAULT_DINO,
-        metavar="PATH",
-        help="DINOv2 folder or hub id, or 'tiny' (random, offline) (default: %(default)s)",
-    )
-    parser.add_argument("--no-dino", action="store_true", help="CLIP only: skip the DINO identity score")
+    encoder_options(parser)
     parser.add_argument(
         "--face",
         action="store_true",
@@ -67,9 +75,6 @@ def register(subparsers, parents: list) -> None:
     parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: DIR/eval)")
     parser.add_argument(
         "--device", default=None, help="device the encoders run on (default: cuda if available, else cpu)"
-    )
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=16, help="frames per encoder call (default: %(default)s)"
     )
     parser.add_argument(
         "--allow-incomplete",

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from .common import DTYPES, check_output_dir, fail, positive_int
-from .eval import DEFAULT_CLIP, DEFAULT_DINO
+from .eval import encoder_options
 
 
 def register(subparsers, parents: list) -> None:
@@ -57,25 +57,10 @@ def register(subparsers, parents: list) -> None:
         default="none",
         help="our style template on top of each set's own style wording (default: %(default)s)",
     )
-    parser.add_argument(
-        "--clip",
-        default=DEFAULT_CLIP,
-        metavar="PATH",
-        help="CLIP folder or hub id, or 'tiny' (random, offline) (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--dino",
-        default=DEFAULT_DINO,
-        metavar="PATH",
-        help="DINOv2 folder or hub id, or 'tiny' (random, offline) (default: %(default)s)",
-    )
-    parser.add_argument("--no-dino", action="store_true", help="CLIP only: skip the DINO identity score")
+    encoder_options(parser)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument(
         "--dtype", choices=DTYPES, default=None, help="default: float16 on CUDA, else float32"
-    )
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=16, help="frames per encoder call (default: %(default)s)"
     )
     parser.set_defaults(run=run)
 

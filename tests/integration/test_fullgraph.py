@@ -10,7 +10,7 @@ The per-step draws become graph constants guarded by the step: a new step recomp
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from helpers import compile_test_unet
 
 from storydiff.attention import ConsistentAttnProcessor, apply_consistent_attention
 from storydiff.config import ConsistencyConfig
@@ -26,19 +26,7 @@ from storydiff.modes import JointMode
 )
 def test_whole_unet_with_traced_processors_compiles_fullgraph(monkeypatch, steps):
     monkeypatch.setattr(ConsistentAttnProcessor, "__call__", ConsistentAttnProcessor.__call__.__wrapped__)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 32),
-        layers_per_block=1,
-        attention_head_dim=2,
-        cross_attention_dim=16,
-        norm_num_groups=8,
-    ).eval()
+    unet = compile_test_unet()
     config = ConsistencyConfig(seed=1, rate=0.5, warmup_steps=0, skip_prob_early=0.0, skip_prob_late=0.0)
     state = apply_consistent_attention(unet, config)
     gen = torch.Generator().manual_seed(0)

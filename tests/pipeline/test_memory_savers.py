@@ -4,7 +4,7 @@ torch.compile of the denoiser — each gives the frames it gives without it (CPU
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from helpers import compile_test_unet
 
 from storydiff.attention import apply_consistent_attention
 from storydiff.config import ConsistencyConfig
@@ -66,19 +66,7 @@ def test_vae_slicing_and_tiling(plain):
 def test_compiled_denoiser_with_our_processors_matches_eager():
     """torch.compile (aot_eager on CPU) of a denoiser with consistent processors installed: the same
     outputs in write and read mode. The processors run eagerly inside the compiled module."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 32),
-        layers_per_block=1,
-        attention_head_dim=2,
-        cross_attention_dim=16,
-        norm_num_groups=8,
-    ).eval()
+    unet = compile_test_unet()
     state = apply_consistent_attention(unet, ConsistencyConfig(seed=1, **{**NO_SKIP, "warmup_steps": 0}))
     gen = torch.Generator().manual_seed(0)
     sample, context = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 7, 16, generator=gen)
