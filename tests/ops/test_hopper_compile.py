@@ -103,7 +103,11 @@ print(json.dumps({"split": "ttg.warp_specialize" in kernel.asm["ttgir"]}))
 
 @pytest.mark.parametrize(
     ("arch", "split"),
-    [(100, True), pytest.param(90, False, marks=pytest.mark.slow, id="90-not-split")],
+    [
+        # ~20 s of compile each; the facts are also in README and benchmarks/results/inspect_*: slow tier
+        pytest.param(100, True, marks=pytest.mark.slow, id="100-split"),
+        pytest.param(90, False, marks=pytest.mark.slow, id="90-not-split"),
+    ],
 )
 def test_warp_specialization_where_triton_applies_it(arch, split):
     """The descriptor kernel's loops, asked to warp-specialize: Triton splits them into producer and

@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from csa_kernels.inspect import _load_kind, _mma_kind, parse_sass, steady_loops
-from csa_kernels.tuning import shared_memory_limit
+from csa_kernels.tuning import FIXED, shared_memory_limit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = r"""
@@ -56,7 +56,8 @@ def inspect_default(arch: int, dtype: str, head_dim: int, path: str, example: bo
 DEFAULTS = [
     (90, "tma", "float16", 64, "TMA", "wgmma"),
     (90, "tma", "bfloat16", 128, "TMA", "wgmma"),
-    (89, "pointer", "float16", 64, "cp.async.128", "mma"),
+    # sm_89's fp16 hd64 default compiles by default through the CLI (test_cli_writes_the_default_row)
+    pytest.param(89, "pointer", "float16", 64, "cp.async.128", "mma", marks=pytest.mark.slow),
     pytest.param(89, "pointer", "bfloat16", 128, "cp.async.128", "mma", marks=pytest.mark.slow),
     pytest.param(90, "tma", "bfloat16", 64, "TMA", "wgmma", marks=pytest.mark.slow),
     pytest.param(90, "tma", "float16", 128, "TMA", "wgmma", marks=pytest.mark.slow),
@@ -86,16 +87,19 @@ def test_launch_hints_change_the_code():
     assert launch["load"] == "cp.async.128" and "cp.async" not in no_hints["load"], (launch, no_hints)
 
 
-def test_cli_writes_a_json_row(tmp_path):
-    out = run_python(
-        "-m", "csa_kernels.inspect", "--arch", "80", "--head-dim", "16", "--config", "64x32x4x2",
-        "--out", str(tmp_path),
-    )  # fmt: skip
+def test_cli_writes_the_default_row(tmp_path):
+    """`python -m csa_kernels.inspect --arch 89`: the path and config a launch there runs (pointers,
+    the fixed hd64 config), spill-free with 16-byte cp.async and mma.sync, as a printed table and a JSON
+    row."""
+    out = run_python("-m", "csa_kernels.inspect", "--arch", "89", "--head-dim", "64", "--out", str(tmp_path))
     assert "instr_per_1k_scores" in out
     (path,) = tmp_path.iterdir()
     (row,) = json.loads(path.read_text())
-    assert row["arch"] == 80 and row["config"] == "64x32x4x2" and row["head_dim"] == 16
-    assert {"triton", "registers", "spill_bytes", "shared_bytes", "load", "mma"} <= row.keys()
+    assert row["arch"] == 89 and row["path"] == "pointer" and row["head_dim"] == 64
+    assert row["config"] == "{BLOCK_M}x{BLOCK_N}x{num_warps}x{num_stages}".format(**FIXED[("pointer", 64)])
+    assert row["spill_bytes"] == 0 and row["local_bytes"] == 0, row
+    assert row["load"] == "cp.async.128" and row["mma"] == "mma", row
+    assert row["shared_bytes"] <= shared_memory_limit(89) and row["warp_specialized"] is False, row
 
 
 SASS = """
