@@ -252,22 +252,22 @@ def share_banks(partition: Partition, bank, owners: dict[str, int], step: int | 
     transport = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     received = 0
     for source in sorted(set(owners.values())):
-        mine = [name for name, rank in owners.items() if rank == source]
-        layout = []  # (character, step, [(layer, k shape, v shape, dtype)])
+        grouped: dict[tuple[str, int], list] = {}  # on the source: (character, step) -> [(layer, k, v)]
         if partition.rank == source:
-            for name in mine:
-                steps: dict = {}
+            for name in (name for name, rank in owners.items() if rank == source):
                 for at, layer, k, v in bank.entries(name, step):
-                    steps.setdefault(at, []).append((layer, tuple(k.shape), tuple(v.shape), _dtype_name(k)))
-                layout += [(name, at, rows) for at, rows in steps.items()]
-        box = [layout]
+                    grouped.setdefault((name, at), []).append((layer, k, v))
+        layout = [
+            (name, at, [(layer, tuple(k.shape), tuple(v.shape), _dtype_name(k)) for layer, k, v in pairs])
+            for (name, at), pairs in grouped.items()
+        ]
+        box = [layout]  # (character, step, [(layer, k shape, v shape, dtype)])
         communicate(
             partition, "sharing the banks", lambda b=box, s=source: dist.broadcast_object_list(b, src=s)
         )
         for name, at, rows in box[0]:
-            if partition.rank == source:
-                pairs = {layer: (k, v) for got, layer, k, v in bank.entries(name, at) if got == at}
-                parts = [t.reshape(-1).view(torch.uint8) for layer, *_ in rows for t in pairs[layer]]
+            if partition.rank == source:  # one (character, step) at a time: never a second copy of a bank
+                parts = [t.reshape(-1).view(torch.uint8) for _, k, v in grouped[(name, at)] for t in (k, v)]
                 flat = torch.cat([p.to(transport) if transport is not None else p.cpu() for p in parts])
             else:
                 size = sum(
