@@ -379,8 +379,9 @@ def _launch_tma(
     else:
         kernel, config = _consistent_attn_fwd_tma, fixed_config(head_dim_p, q.dtype, path="tma")
     block_m, block_n = config.get("BLOCK_M", 64), config.get("BLOCK_N", 64)  # autotune: set per config
-    pools = (describe_pool(pool_k, block_n, head_dim_p), describe_pool(pool_v, block_n, head_dim_p))
-    if not num_refs:  # never read (empty ranges): any valid descriptor
+    if num_refs:
+        pools = (describe_pool(pool_k, block_n, head_dim_p), describe_pool(pool_v, block_n, head_dim_p))
+    else:  # never read (empty ranges): any valid descriptor
         pools = (describe(k, block_n, head_dim_p), describe(v, block_n, head_dim_p))
     num_frames, num_heads, num_tokens, _ = q.shape
     kernel[grid](
