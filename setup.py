@@ -34,6 +34,8 @@ REQUIRES = [
     "safetensors",  # identity banks on disk
     "pillow",
     "pyyaml",  # storydiff eval-suite: benchmark files (the ConsiStory+ YAML format)
+    # generate --lora: diffusers loads LoRA weights through peft (and refuses to without it)
+    "peft",
 ]
 EXTRAS = {
     # storydiff profile-vram: GPU memory over time through NVML (without it: host RSS, with a note)
