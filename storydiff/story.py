@@ -12,7 +12,8 @@ A story file looks like this::
     [Bob] and [Alice] have dinner by candlelight #At last.
 
 ``[Name]`` tags a character (its description is pasted into the prompt in place of the tag), ``[NC]``
-marks a frame without any character, and text after the last ``#`` is the panel caption. Unlike the
+marks a frame without any character, and text after the last ``#`` is the panel caption (a line without
+``#`` is captioned with its own text, as the official app does; ``Story.panel_caption``). Unlike the
 official UI we allow any number of characters; identity frames (the frames that fill the id bank) are
 chosen per character among the frames where it appears alone, so that the bank holds one identity only.
 
@@ -24,11 +25,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 #: The tag that marks a frame without characters (official syntax). Reserved: no character may use it.
 NO_CHARACTER = "NC"
+
+#: Where panel captions come from (``Story.panel_caption``): the default follows the official app.
+CAPTION_SOURCES = ("line", "hash", "none")
 
 #: Separates the character block from the frames in a single story text.
 SEPARATOR = "---"
@@ -76,17 +81,7 @@ class Story:
     def prompt(self, frame: Frame) -> str:
         """The frame's prompt: ``[Name]`` tags replaced by descriptions, ``[NC]`` dropped, spaces tidied."""
 
-        def substitute(match: re.Match[str]) -> str:
-            name = match.group(1)
-            if name == NO_CHARACTER:
-                return " "
-            # A space only where the tag touches a word ("[Bob]walks"), so "[A], [B]" stays "alpha, beta".
-            text, start, end = match.string, match.start(), match.end()
-            before = " " if start > 0 and _WORD_CHAR.match(text[start - 1]) else ""
-            after = " " if end < len(text) and _WORD_CHAR.match(text[end]) else ""
-            return f"{before}{self.characters[name].description}{after}"
-
-        return " ".join(_TAG.sub(substitute, frame.text).split())
+        return _replace_tags(frame.text, lambda name: self.characters[name].description)
 
     def prompts(self) -> list[str]:
         """All frame prompts in story order."""
@@ -110,25 +105,91 @@ class Story:
         """For each character that appears in the story, the indices of its first ``count`` solo frames.
 
         Identity frames seed the id bank, so a frame showing two characters would mix their identities;
-        hence only frames where the character is the *only* one qualify. Characters that are defined but
-        never used are left out: there is nothing to keep consistent for them. Keys follow definition order.
+        hence only frames where the character is the *only* one qualify. A character with fewer solo frames
+        than ``count`` uses the ones it has (``identity_shortfalls`` names them; a warning says so); one
+        with none is an error that says how to fix the story. Characters that are defined but never used
+        are left out: there is nothing to keep consistent for them. Keys follow definition order.
         ``names`` restricts the result (and the check) to those characters, e.g. the ones with no stored bank.
         """
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"id_frames must be an integer >= 1, got {count!r}")
+        _check_count(count)
         result: dict[str, list[int]] = {}
-        wanted = set(self.characters if names is None else names)
-        for name in self.characters:
-            if name not in wanted or not any(name in frame.characters for frame in self.frames):
-                continue
-            solo = [frame.index for frame in self.frames if frame.characters == (name,)]
-            if len(solo) < count:
+        for name, solo in self._solo_frames(names).items():
+            if not solo:
+                shown = [self.frames[i].line for i in self.frames_of(name)]
+                lines = ", ".join(map(str, shown[:5])) + (", ..." if len(shown) > 5 else "")
                 raise ValueError(
-                    f"character {name!r} appears alone in only {len(solo)} frame(s), but {count} identity "
-                    f"frames are needed (--id-frames / id_frames = {count})"
+                    f"character {name!r} never appears alone in a frame (it shares line(s) {lines} with "
+                    "other characters), so no identity frame can show it alone; add a frame where it is "
+                    f"the only character, e.g. '[{name}] standing, full-length portrait'"
                 )
             result[name] = solo[:count]
+        for name, have in self.identity_shortfalls(count, names).items():
+            warnings.warn(
+                f"character {name!r} appears alone in only {have} frame(s): its identity comes from "
+                f"{'that one' if have == 1 else f'those {have}'} instead of {count} identity frames "
+                f"(--id-frames / id_frames); add solo frames of {name!r} for a steadier identity",
+                IdentityFramesWarning,
+                stacklevel=2,
+            )
         return result
+
+    def identity_shortfalls(self, count: int, names: Iterable[str] | None = None) -> dict[str, int]:
+        """Characters with at least one but fewer than ``count`` solo frames: how many they have."""
+        _check_count(count)
+        return {name: len(solo) for name, solo in self._solo_frames(names).items() if 0 < len(solo) < count}
+
+    def _solo_frames(self, names: Iterable[str] | None) -> dict[str, list[int]]:
+        """Every solo frame of each character that appears (restricted to ``names``), definition order."""
+        wanted = set(self.characters if names is None else names)
+        return {
+            name: [frame.index for frame in self.frames if frame.characters == (name,)]
+            for name in self.characters
+            if name in wanted and self.appears(name)
+        }
+
+    def panel_caption(self, frame: Frame, source: str = "line") -> str | None:
+        """The caption of ``frame``'s panel. ``source`` (one of ``CAPTION_SOURCES``): "line" — the text
+        after ``#``, or, on a line without one, the line itself with its tags as plain names ("[Bob] sits"
+        → "Bob sits"; ``[NC]`` dropped), as the official app captions; "hash" — only text after ``#``;
+        "none" — no captions."""
+        if source not in CAPTION_SOURCES:
+            raise ValueError(f"caption source must be one of {', '.join(CAPTION_SOURCES)}, got {source!r}")
+        if source == "none":
+            return None
+        if frame.caption is not None or source == "hash":
+            return frame.caption
+        return _replace_tags(frame.text, lambda name: name) or None
+
+    def panel_captions(self, source: str = "line") -> list[str | None]:
+        """``panel_caption`` of every frame, story order."""
+        return [self.panel_caption(frame, source) for frame in self.frames]
+
+
+class IdentityFramesWarning(UserWarning):
+    """A character has fewer solo frames than the identity frames asked for; it uses those it has."""
+
+
+def _check_count(count: int) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"id_frames must be an integer >= 1, got {count!r}")
+
+
+def _replace_tags(text: str, replacement: Callable[[str], str]) -> str:
+    """``text`` with each ``[Name]`` tag replaced by ``replacement(name)``, ``[NC]`` dropped, spaces tidied.
+
+    A space goes in only where the tag touches a word ("[Bob]walks"), so "[A], [B]" stays "alpha, beta".
+    """
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name == NO_CHARACTER:
+            return " "
+        start, end = match.start(), match.end()
+        before = " " if start > 0 and _WORD_CHAR.match(text[start - 1]) else ""
+        after = " " if end < len(text) and _WORD_CHAR.match(text[end]) else ""
+        return f"{before}{replacement(name)}{after}"
+
+    return " ".join(_TAG.sub(substitute, text).split())
 
 
 def _names(characters: dict[str, Character]) -> str:

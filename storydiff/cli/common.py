@@ -77,9 +77,22 @@ def library_noise(verbose: bool) -> Iterator[None]:
     print. transformers and diffusers log through their own loggers (truncated prompts, missing optional
     packages, deprecations), so their verbosity is lowered for the duration and restored after.
     """
-    if verbose:
-        yield
-        return
+    with warnings.catch_warnings():
+        # ours read as one line ("warning: ..."), not Python's "file:line: Category: ..." with source
+        warnings.showwarning = _show_warning
+        if verbose:
+            yield
+            return
+        with _quiet_libraries():
+            yield
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
+@contextmanager
+def _quiet_libraries() -> Iterator[None]:
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 

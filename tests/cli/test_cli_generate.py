@@ -63,10 +63,9 @@ def test_generate_saves_and_loads_banks(tmp_path):
     ("story", "extra", "message"),
     [
         ("[Bob] a man\n---\n[Carol] sings\n", [], "Carol"),
-        ("[Bob] a man\n---\n[Bob] sings\n", [], "appears alone in only 1 frame"),
+        ("[Bob] a man\n[Al] a boy\n---\n[Bob] and [Al] sing\n", [], "'Bob' never appears alone"),
         ("", [], "empty story"),
         (STORY, ["--rate", "1.5"], "rate must be a number in"),
-        (STORY, ["--id-frames", "3"], "appears alone in only 2 frame"),
         (STORY, ["--style", "baroque"], "unknown style"),
     ],
 )
@@ -74,6 +73,19 @@ def test_generate_bad_input_is_a_clear_error(tmp_path, capsys, story, extra, mes
     assert generate(tmp_path, "out", "--model", "tiny-sd15", *extra, story=story) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_fewer_solo_frames_than_id_frames_warns_once_and_runs(tmp_path, capsys):
+    assert generate(tmp_path, "out", "--model", "tiny-sd15", "--id-frames", "3") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: character {name!r} appears alone in only 2 frame(s): its identity comes from those 2 "
+        f"instead of 3 identity frames (--id-frames / id_frames); add solo frames of {name!r} for a "
+        "steadier identity"
+        for name in ("Bob", "Alice")
+    ]
+    metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert metadata["identity_frames"] == {"Bob": [0, 2], "Alice": [1, 3]}
 
 
 def test_generate_rejects_a_model_that_is_not_a_unet_pipeline(tmp_path, capsys):

@@ -220,7 +220,7 @@ def test_loaded_bank_with_other_step_count_is_rejected(pipe, tmp_path):
     ("story", "message"),
     [
         ("[Bob] a man\n---\n[Carol] sings\n", "Carol"),
-        ("[Bob] a man\n---\n[Bob] sings\n[NC] a tree\n", "appears alone in only 1 frame"),
+        ("[Bob] a man\n[Al] a boy\n---\n[Bob] and [Al] sing\n[NC] a tree\n", "'Bob' never appears alone"),
         ("\n\n", "empty story"),
     ],
 )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
-from storydiff.story import Character, Frame, Story, load_story, parse_story
+from storydiff.story import Character, Frame, IdentityFramesWarning, Story, load_story, parse_story
 from storydiff.styles import DEFAULT_STYLE, STYLES, apply_style, get_style
 
 BOB = "a man, wearing a black suit"
@@ -76,16 +78,52 @@ def test_identity_frames() -> None:
     assert list(story.identity_frames(2)) == ["Bob", "Alice"]
 
 
-def test_identity_frames_not_enough() -> None:
-    story = parse_story(STORY)
-    message = r"character 'Bob' appears alone in only 2 frame\(s\), "
-    message += r"but 3 identity frames are needed \(--id-frames / id_frames = 3\)"
-    with pytest.raises(ValueError, match=message):
-        story.identity_frames(3)
+def test_fewer_solo_frames_than_asked_uses_those_with_a_warning() -> None:
+    story = parse_story(STORY)  # Bob alone in 2 frames, Alice in 2
+    with pytest.warns(IdentityFramesWarning) as record:
+        assert story.identity_frames(3) == {"Bob": [0, 1], "Alice": [3, 5]}
+    assert [str(w.message).split(":")[0] for w in record] == [
+        "character 'Bob' appears alone in only 2 frame(s)",
+        "character 'Alice' appears alone in only 2 frame(s)",
+    ]
+    assert "instead of 3 identity frames (--id-frames" in str(record[0].message)
+    assert story.identity_shortfalls(3) == {"Bob": 2, "Alice": 2}
+    assert story.identity_shortfalls(2) == {}
+    assert story.identity_shortfalls(3, names=["Alice"]) == {"Alice": 2}
+
+
+def test_enough_solo_frames_means_no_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert parse_story(STORY).identity_frames(2) == {"Bob": [0, 1], "Alice": [3, 5]}
+
+
+def test_no_solo_frame_is_an_error_that_says_how_to_fix_it() -> None:
     # A frame with two characters does not count as an identity frame.
     only_pair = parse_story("[Bob] b\n[Alice] a\n---\n[Bob] and [Alice] sit\n[Alice] runs\n")
-    with pytest.raises(ValueError, match="'Bob' appears alone in only 0 frame"):
+    with pytest.raises(ValueError) as info:
         only_pair.identity_frames(1)
+    assert str(info.value) == (
+        "character 'Bob' never appears alone in a frame (it shares line(s) 4 with other characters), so no "
+        "identity frame can show it alone; add a frame where it is the only character, e.g. '[Bob] "
+        "standing, full-length portrait'"
+    )
+    # restricted to characters that need identity frames (e.g. Bob's bank is loaded), it runs
+    assert only_pair.identity_frames(1, names=["Alice"]) == {"Alice": [1]}
+
+
+def test_panel_captions_default_to_the_line_without_its_tags() -> None:
+    story = parse_story(
+        "[Bob] b\n[Alice] a\n---\n[Bob] walks in the park #A walk\n[Bob] and [Alice]  sit\n"
+        "[NC] an empty bench\nrain over[Bob]'s house\n"
+    )
+    expected = ["A walk", "Bob and Alice sit", "an empty bench", "rain over Bob's house"]
+    assert story.panel_captions() == expected
+    assert story.panel_captions("hash") == ["A walk", None, None, None]
+    assert story.panel_captions("none") == [None] * 4
+    assert story.captions() == story.panel_captions("hash")
+    with pytest.raises(ValueError, match="caption source must be one of line, hash, none, got 'tags'"):
+        story.panel_caption(story.frames[0], "tags")
 
 
 @pytest.mark.parametrize("count", [0, -1, 1.5, True])
