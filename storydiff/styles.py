@@ -1,8 +1,11 @@
 """Style templates: wrap a frame prompt in wording that steers the look of the whole story.
 
-The official UI offers nine styles; these are our own texts for a similar range (we do not reuse theirs).
-A single style per story is what keeps the panels looking like one comic, so the style is applied to every
-frame prompt the same way, and its negative prompt is shared by all frames.
+The official app offers nine styles — "(No style)", "Japanese Anime" (its default), "Digital/Oil Painting",
+"Pixar/Disney Character", "Photographic", "Comic book", "Line art", "Black and White Film Noir",
+"Isometric Rooms" — and every one of those names is accepted here (``OFFICIAL_NAMES``), with our own
+wording (we do not reuse theirs); a few more styles are ours. A single style per story is what keeps the
+panels looking like one comic, so the style is applied to every frame prompt the same way, and its
+negative prompt is shared by all frames.
 """
 
 from __future__ import annotations
@@ -70,6 +73,30 @@ _STYLES = (
         "photograph, 3d render, hard digital edges, neon colours, heavy outlines, blurry, deformed",
     ),
     Style(
+        "digital oil painting",
+        "oil painting of {prompt}, visible brush strokes, rich impasto texture, warm gallery light, "
+        "painterly detail",
+        "photograph, 3d render, flat vector art, anime, cartoon, blurry, deformed, watermark, text",
+    ),
+    Style(
+        "animated character",
+        "3d animated feature film still of {prompt}, appealing stylised character, soft global "
+        "illumination, expressive face, polished render",
+        "photograph, realistic skin, anime, sketch, flat colours, low poly, blurry, deformed, watermark",
+    ),
+    Style(
+        "film noir",
+        "black and white film noir still of {prompt}, hard shadows, venetian-blind light, high contrast, "
+        "grainy 1940s film",
+        "colour, colourful, bright daylight, cartoon, anime, low contrast, blurry, deformed, watermark",
+    ),
+    Style(
+        "isometric rooms",
+        "isometric cutaway room of {prompt}, tiny detailed diorama, clean 3d render, soft studio light, "
+        "orthographic view",
+        "photograph, perspective distortion, close-up portrait, messy, dark, blurry, deformed, watermark",
+    ),
+    Style(
         "line art",
         "black ink line drawing of {prompt}, clean contour lines, minimal hatching, white background",
         "colour, colour fill, shading gradients, photograph, 3d render, blurry, smudged, deformed",
@@ -79,18 +106,37 @@ _STYLES = (
 #: Every style by its canonical name.
 STYLES: dict[str, Style] = {style.name: style for style in _STYLES}
 
-#: The look of a comic is what this project produces by default, as in the official UI.
+#: The official app's style names and the style each means here (names as its menu writes them).
+OFFICIAL_NAMES = {
+    "(No style)": "none",
+    "Japanese Anime": "japanese anime",
+    "Digital/Oil Painting": "digital oil painting",
+    "Pixar/Disney Character": "animated character",
+    "Photographic": "photographic",
+    "Comic book": "comic book",
+    "Line art": "line art",
+    "Black and White Film Noir": "film noir",
+    "Isometric Rooms": "isometric rooms",
+}
+
+#: Our default is a comic look (the official app's default is "Japanese Anime": ``--preset official``).
 DEFAULT_STYLE = "comic book"
 
 
 def _canonical(name: str) -> str:
-    # Command lines prefer "comic-book" or "comic_book"; accept those spellings for the same style.
-    return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
+    # Command lines prefer "comic-book" or "comic_book"; accept those spellings for the same style, and
+    # the official menu's "Digital/Oil Painting" and "(No style)".
+    return " ".join(name.replace("_", " ").replace("-", " ").replace("/", " ").strip("() ").lower().split())
+
+
+_ALIASES = {_canonical(official): ours for official, ours in OFFICIAL_NAMES.items()}
 
 
 def get_style(name: str) -> Style:
-    """The style called ``name`` (case, '-' and '_' ignored); ValueError listing the styles if unknown."""
-    style = STYLES.get(_canonical(name))
+    """The style called ``name`` — ours or the official app's (case, '-', '_', '/' and the brackets of
+    "(No style)" ignored); ValueError listing the styles if unknown."""
+    key = _canonical(name)
+    style = STYLES.get(_ALIASES.get(key, key))
     if style is None:
         available = ", ".join(repr(key) for key in STYLES)
         raise ValueError(f"unknown style {name!r}; available styles: {available}")

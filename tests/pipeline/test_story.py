@@ -7,7 +7,7 @@ import warnings
 import pytest
 
 from storydiff.story import Character, Frame, IdentityFramesWarning, Story, load_story, parse_story
-from storydiff.styles import DEFAULT_STYLE, STYLES, apply_style, get_style
+from storydiff.styles import DEFAULT_STYLE, OFFICIAL_NAMES, STYLES, apply_style, get_style
 
 BOB = "a man, wearing a black suit"
 ALICE = "a woman with red hair, in a green coat"
@@ -247,7 +247,7 @@ def test_load_story_errors(tmp_path) -> None:
 
 def test_styles_table() -> None:
     assert DEFAULT_STYLE in STYLES
-    assert 9 <= len(STYLES) <= 12
+    assert len(STYLES) == 14
     assert STYLES["none"].template == "{prompt}" and STYLES["none"].negative == ""
     for name, style in STYLES.items():
         assert style.name == name
@@ -264,6 +264,17 @@ def test_every_style_formats_the_prompt(name: str) -> None:
     assert styled_extra == styled
     assert negative_extra.endswith("extra fingers")
     assert negative_extra == ", ".join(p for p in (STYLES[name].negative, "extra fingers") if p)
+
+
+@pytest.mark.parametrize("official", list(OFFICIAL_NAMES))
+def test_every_official_style_name_is_accepted(official: str) -> None:
+    assert get_style(official) is STYLES[OFFICIAL_NAMES[official]]
+    assert get_style(official.upper()) is get_style(official)
+
+
+def test_official_names_map_to_distinct_styles() -> None:
+    assert len(set(OFFICIAL_NAMES.values())) == len(OFFICIAL_NAMES) == 9
+    assert get_style("digital-oil-painting").name == "digital oil painting"
 
 
 def test_style_none_is_identity() -> None:
