@@ -20,6 +20,8 @@ from typing import Any
 from .comic import LAYOUTS
 from .config import InvalidSetting
 from .fonts import check_font
+from .sampler import SCHEDULERS
+from .story import CAPTION_SOURCES
 from .styles import DEFAULT_STYLE, get_style
 
 BANK_SHARING = ("recompute", "broadcast")
@@ -27,6 +29,24 @@ BANK_SHARING = ("recompute", "broadcast")
 DISTRIBUTED_BANK_SHARING = "broadcast"
 MODES = ("bank", "window")
 BANK_SCHEDULES = ("lockstep", "stored")
+
+#: ``--preset official``: the official StoryDiffusion app's settings (its low-VRAM SDXL app, the one its
+#: README recommends): DDIM + FreeU(s1 0.6, s2 0.4, b1 1.1, b2 1.2), 768², guidance 5, 35 steps, one identity
+#: frame, its default style, its classic comic layout. Given settings override a preset's values.
+PRESETS: dict[str, dict[str, Any]] = {
+    "official": {
+        "style": "japanese anime",
+        "height": 768,
+        "width": 768,
+        "guidance_scale": 5.0,
+        "num_inference_steps": 35,
+        "id_frames": 1,
+        "scheduler": "ddim",
+        "freeu": (0.6, 0.4, 1.1, 1.2),
+        "layout": "official",
+    }
+}
+CAPTION_STYLES = ("band", "overlay")
 
 # Defaults of the mode-specific settings, applied by ``resolved``.
 BANK_DEFAULTS = {"id_frames": 2, "read_batch_size": 4}
@@ -40,6 +60,10 @@ def _count(name: str, value: Any, *, optional: bool = False) -> None:
         raise InvalidSetting(name, f"must be a whole number >= 1, got {value!r}")
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """One story run's settings (defaults follow the official StoryDiffusion app where it has them).
@@ -51,8 +75,16 @@ class RunSettings:
         num_inference_steps, guidance_scale: the sampler's; guidance <= 1 turns classifier-free guidance off.
         height, width: image size in pixels, multiples of 8; None: the model's default size.
         seed: frame i starts from the noise of seed + i.
-        layout: comic page layout, "grid" or "classic"; font: a TrueType/OpenType file for captions
-            (default: DejaVu Sans, or an installed font that covers the caption's script).
+        scheduler: "model" (the pipeline's own) or "ddim" (DDIM from its config, as the official app);
+            freeu: FreeU factors (s1, s2, b1, b2) for the run, None: the pipeline's as it is. UNets only
+            (``sampler.py``).
+        layout: comic page layout, "grid", "classic" or "official" (the official app's classic comic,
+            arranged by ``seed``); font: a TrueType/OpenType file for captions (default: DejaVu Sans, or an
+            installed font that covers the caption's script).
+        captions: where panel captions come from: "line" (the text after ``#``, else the line itself
+            without its tags, as the official app), "hash" (only text after ``#``), "none".
+        caption_style: "band" (a white band) or "overlay" (a semi-transparent box over the panel's
+            bottom); None: the layout's own (grid and classic: band, official: overlay).
         id_frames, read_batch_size, save_banks: bank mode only — identity frames per character, frames per
             denoiser call after them, write each character's bank next to the frames.
         bank_schedule: bank mode only. "lockstep": at every step the identity frames write that step's
@@ -77,8 +109,12 @@ class RunSettings:
     height: int | None = None
     width: int | None = None
     seed: int = 0
+    scheduler: str = "model"
+    freeu: tuple[float, float, float, float] | None = None
     layout: str = "grid"
     font: str | None = None
+    captions: str = "line"
+    caption_style: str | None = None
     id_frames: int | None = None
     read_batch_size: int | None = None
     bank_schedule: str | None = None
@@ -98,8 +134,7 @@ class RunSettings:
             raise InvalidSetting("negative_prompt", f"must be text, got {self.negative_prompt!r}")
         _count("num_inference_steps", self.num_inference_steps)
         guidance = self.guidance_scale
-        number = isinstance(guidance, (int, float)) and not isinstance(guidance, bool)
-        if not number or not math.isfinite(guidance):
+        if not _finite(guidance):
             raise InvalidSetting("guidance_scale", f"must be a finite number, got {guidance!r}")
         for name in ("height", "width"):
             value = getattr(self, name)
@@ -109,6 +144,21 @@ class RunSettings:
                 raise InvalidSetting(name, f"must be a positive multiple of 8 (pixels), got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise InvalidSetting("seed", f"must be a whole number >= 0, got {self.seed!r}")
+        if self.scheduler not in SCHEDULERS:
+            choices = ", ".join(SCHEDULERS)
+            raise InvalidSetting("scheduler", f"must be one of {choices}, got {self.scheduler!r}")
+        if self.freeu is not None:
+            factors = self.freeu
+            numbers = isinstance(factors, (list, tuple)) and len(factors) == 4
+            if not numbers or not all(_finite(value) for value in factors):
+                raise InvalidSetting("freeu", f"must be four numbers s1, s2, b1, b2, got {factors!r}")
+            object.__setattr__(self, "freeu", tuple(float(value) for value in factors))  # JSON gives lists
+        if self.captions not in CAPTION_SOURCES:
+            choices = ", ".join(CAPTION_SOURCES)
+            raise InvalidSetting("captions", f"must be one of {choices}, got {self.captions!r}")
+        if self.caption_style is not None and self.caption_style not in CAPTION_STYLES:
+            choices = ", ".join(CAPTION_STYLES)
+            raise InvalidSetting("caption_style", f"must be one of {choices}, got {self.caption_style!r}")
         if self.layout not in LAYOUTS:
             raise InvalidSetting("layout", f"must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.font is not None:
@@ -150,6 +200,18 @@ class RunSettings:
             raise TypeError(f"unknown setting(s) {', '.join(unknown)}; settings are: {names}")
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def from_preset(cls, name: str, **given: Any) -> RunSettings:
+        """The settings of preset ``name`` (``PRESETS``) with ``given`` overriding them. A preset's bank-mode
+        settings are left out when ``given`` chooses window mode."""
+        if name not in PRESETS:
+            raise InvalidSetting("preset", f"must be one of {', '.join(PRESETS)}, got {name!r}")
+        values = dict(PRESETS[name])
+        if given.get("mode") == "window":
+            for key in BANK_DEFAULTS:
+                values.pop(key, None)
+        return cls().replace(**{**values, **given})
+
     def resolved(self, *, banks_loaded: bool = False) -> RunSettings:
         """The mode's defaults filled in for its settings that were not given (``banks_loaded``: the run
         reads banks from files, which only the stored schedule can)."""
@@ -172,6 +234,8 @@ class RunSettings:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSettings:
         """Settings as written by ``to_dict`` (a run's metadata); ValueError for keys it does not know."""
+        if "captions" not in data:  # written before captions had a choice: only text after '#' then
+            data = {**data, "captions": "hash"}
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown settings {unknown}: written by another version of storydiff?")
