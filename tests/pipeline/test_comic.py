@@ -143,7 +143,7 @@ def test_make_pages_dispatch_and_options() -> None:
 
 
 def test_bad_layout() -> None:
-    with pytest.raises(ValueError, match=r"unknown comic layout 'manga'.*grid.*classic"):
+    with pytest.raises(ValueError, match=r"unknown comic layout 'manga'.*grid.*classic.*official"):
         make_pages(frames(1), [None], "manga")
 
 
