@@ -339,8 +339,8 @@ def classic_pages(
 
 def _official_row_sizes(count: int) -> list[int]:
     """Frames per row: 4 per row for up to 8 frames, else 4 and 6 alternately (the official app's rule),
-    except that no row is left with only one or two frames when others follow: a 4-row with 1 or 2
-    frames after it takes them (5 or 6 frames), a 6-row with 1 or 2 frames after it takes 4 instead."""
+    except that no last row is left with only one or two frames: a 4-row that would leave 1 or 2 frames
+    takes them too (5 or 6 frames), a 6-row that would leave 1 or 2 takes 4 instead (leaving 3 or 4)."""
     cycle = (4,) if count <= 8 else (4, 6)
     sizes: list[int] = []
     remaining = count
