@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .comic import LAYOUTS
+from .comic import CAPTION_STYLES, LAYOUTS
 from .config import InvalidSetting
 from .fonts import check_font
 from .sampler import SCHEDULERS
@@ -46,7 +46,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "layout": "official",
     }
 }
-CAPTION_STYLES = ("band", "overlay")
 
 # Defaults of the mode-specific settings, applied by ``resolved``.
 BANK_DEFAULTS = {"id_frames": 2, "read_batch_size": 4}
