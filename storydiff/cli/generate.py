@@ -25,8 +25,13 @@ FLAGS = {
     "height": "--height",
     "width": "--width",
     "seed": "--seed",
+    "scheduler": "--scheduler",
+    "freeu": "--freeu",
     "layout": "--layout",
     "font": "--font",
+    "captions": "--captions",
+    "caption_style": "--caption-style",
+    "preset": "--preset",
     "id_frames": "--id-frames",
     "read_batch_size": "--read-batch",
     "bank_schedule": "--bank-schedule",
@@ -58,8 +63,13 @@ RUN_FLAGS = (
     "height",
     "width",
     "seed",
+    "preset",
+    "scheduler",
+    "freeu",
     "layout",
     "font",
+    "captions",
+    "caption_style",
     "id_frames",
     "read_batch",
     "bank_schedule",
@@ -92,77 +102,123 @@ def register(subparsers, parents: list) -> None:
         "or hub id of SD1.x/2.x, SDXL, FLUX.1, SD3/SD3.5 or PixArt-Σ, or tiny-sdxl / tiny-sd15 / tiny-flux / "
         "tiny-sd3 / tiny-pixart (random weights, offline, for smoke tests).",
     )
-    gen.add_argument(
+    model = gen.add_argument_group("model")
+    model.add_argument(
         "--model",
         help="diffusers model path or hub id (SD1.x/2.x, SDXL, FLUX.1, SD3/SD3.5, PixArt-Σ); offline random "
         "weights: tiny-sdxl, tiny-sd15, random-sdxl, tiny-flux, tiny-sd3, tiny-pixart, random-flux (GPU)",
     )
-    gen.add_argument("--story", help="story file (UTF-8 text)")
-    gen.add_argument("--characters", default=None, help="character file (instead of a block in --story)")
-    gen.add_argument("--out", help="output folder")
-    gen.add_argument(
+    model.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    model.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="default: float16 on CUDA (random-flux: bfloat16), float32 on CPU",
+    )
+    story = gen.add_argument_group("story and output")
+    story.add_argument("--story", help="story file (UTF-8 text)")
+    story.add_argument("--characters", default=None, help="character file (instead of a block in --story)")
+    story.add_argument("--out", help="output folder")
+    story.add_argument(
+        "--overwrite", action="store_true", default=None, help="replace an earlier run in --out"
+    )
+    story.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue an interrupted run (window mode, lockstep banks) with its stored settings",
+    )
+    look = gen.add_argument_group("images")
+    look.add_argument(
+        "--preset",
+        choices=("official",),
+        default=None,
+        help="official: the official StoryDiffusion app's settings — DDIM + FreeU(0.6, 0.4, 1.1, 1.2), "
+        "768x768, guidance 5, 35 steps, 1 identity frame, style 'Japanese Anime', its comic layout; "
+        "UNet models; the flags you give override them",
+    )
+    look.add_argument(
+        "--style", default=None, help=f"style template (storydiff/styles.py), or 'none' (default: {d.style})"
+    )
+    look.add_argument("--negative", default=None, help="extra negative prompt")
+    look.add_argument(
+        "--steps", type=int, default=None, help=f"denoising steps (default: {d.num_inference_steps})"
+    )
+    look.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help=f"classifier-free guidance scale; <= 1 turns it off (default: {d.guidance_scale})",
+    )
+    look.add_argument(
+        "--scheduler",
+        choices=("model", "ddim"),
+        default=None,
+        help=f"UNet models: the model's own scheduler, or DDIM from its config (default: {d.scheduler})",
+    )
+    look.add_argument(
+        "--freeu",
+        type=_freeu,
+        default=None,
+        metavar="S1,S2,B1,B2",
+        help="UNet models: FreeU with these factors (official: 0.6,0.4,1.1,1.2), or 'off' (default: off)",
+    )
+    look.add_argument(
+        "--height", type=int, default=None, help="image height in pixels (default: the model's size)"
+    )
+    look.add_argument(
+        "--width", type=int, default=None, help="image width in pixels (default: the model's size)"
+    )
+    look.add_argument(
+        "--seed", type=int, default=None, help=f"seed; frame i starts from seed + i (default: {d.seed})"
+    )
+    pages = gen.add_argument_group("comic pages")
+    pages.add_argument(
+        "--layout",
+        choices=("grid", "classic", "official"),
+        default=None,
+        help=f"comic page layout: grid, classic, or official (the official app's classic comic: rows of "
+        f"panels and stacked half panels, arranged by --seed) (default: {d.layout})",
+    )
+    pages.add_argument(
+        "--captions",
+        choices=("line", "hash", "none"),
+        default=None,
+        help="panel captions: line = the text after '#', else the frame line without its tags (as the "
+        "official app); hash = only text after '#'; none (default: line)",
+    )
+    pages.add_argument(
+        "--caption-style",
+        choices=("band", "overlay"),
+        default=None,
+        help="captions in a white band, or in a semi-transparent box over the panel's bottom (default: "
+        "the layout's: overlay for official, band otherwise)",
+    )
+    pages.add_argument(
+        "--font",
+        default=None,
+        metavar="PATH",
+        help="caption font file (default: DejaVu Sans, or an installed font covering the caption's script)",
+    )
+    csa = gen.add_argument_group("consistency")
+    csa.add_argument(
         "--mode",
         choices=("bank", "window"),
         default=None,
         help="bank: identity frames write a bank the others read (official); window: long stories, "
         f"neighbours within --window, chunked denoising with checkpoints (default: {d.mode})",
     )
-    gen.add_argument(
-        "--chunk-size",
-        type=int,
-        default=None,
-        help=f"window mode: frames per denoiser call (default: {WINDOW_DEFAULTS['chunk_size']})",
-    )
-    gen.add_argument("--tile", type=int, default=None, help="window mode: the paper's tiled form, tile size")
-    gen.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=None,
-        help="window mode and lockstep bank schedule: write a checkpoint every N steps (for --resume)",
-    )
-    gen.add_argument(
-        "--resume",
-        default=None,
-        metavar="DIR",
-        help="continue an interrupted run (window mode, lockstep banks) with its stored settings",
-    )
-    gen.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier run in --out")
-    gen.add_argument(
-        "--style", default=None, help=f"style template (storydiff/styles.py), or 'none' (default: {d.style})"
-    )
-    gen.add_argument("--negative", default=None, help="extra negative prompt")
-    gen.add_argument(
-        "--steps", type=int, default=None, help=f"denoising steps (default: {d.num_inference_steps})"
-    )
-    gen.add_argument(
-        "--guidance",
-        type=float,
-        default=None,
-        help=f"classifier-free guidance scale; <= 1 turns it off (default: {d.guidance_scale})",
-    )
-    gen.add_argument(
-        "--height", type=int, default=None, help="image height in pixels (default: the model's size)"
-    )
-    gen.add_argument(
-        "--width", type=int, default=None, help="image width in pixels (default: the model's size)"
-    )
-    gen.add_argument(
-        "--seed", type=int, default=None, help=f"seed; frame i starts from seed + i (default: {d.seed})"
-    )
-    gen.add_argument(
+    csa.add_argument(
         "--rate", type=float, default=None, help="share of tokens each frame offers, 0..1 (default: 0.5)"
     )
-    gen.add_argument(
+    csa.add_argument(
         "--level-rate",
         action="append",
         default=None,
         metavar="LEVEL=RATE",
         help="per-level rate, LEVEL in 8, 16, 32, 64 (official sa32 = 32, sa64 = 16); repeatable",
     )
-    gen.add_argument(
-        "--window", type=int, default=None, help="neighbours within W frames (default: 2 in window mode)"
-    )
-    gen.add_argument(
+    csa.add_argument(
         "--layers",
         choices=LAYER_PRESETS,
         default=None,
@@ -170,7 +226,7 @@ def register(subparsers, parents: list) -> None:
         "blocks, as the official code; FLUX: single-stream blocks; SD3, PixArt: all); all; up, up+mid "
         "(UNets); single, double (FLUX)",
     )
-    gen.add_argument(
+    csa.add_argument(
         "--rope",
         choices=ROPE_POLICIES,
         default=None,
@@ -178,26 +234,27 @@ def register(subparsers, parents: list) -> None:
         "shift = off the reader's grid (position ids (1, h, w), as FLUX Kontext marks reference images), "
         "none = no rotation",
     )
-    gen.add_argument(
+    csa.add_argument(
         "--warmup-steps", type=int, default=None, help="first steps without consistency (default: 1)"
     )
-    gen.add_argument(
+    csa.add_argument(
         "--no-skip", action="store_true", default=None, help="disable the random layer-skip schedule"
     )
-    gen.add_argument(
+    bank = gen.add_argument_group("bank mode")
+    bank.add_argument(
         "--id-frames",
         type=int,
         default=None,
         help=f"bank mode: identity frames per character (default: {BANK_DEFAULTS['id_frames']})",
     )
-    gen.add_argument(
+    bank.add_argument(
         "--read-batch",
         type=int,
         default=None,
         help=f"bank mode: frames per denoiser call after the identities (default: "
         f"{BANK_DEFAULTS['read_batch_size']})",
     )
-    gen.add_argument(
+    bank.add_argument(
         "--bank-schedule",
         choices=("lockstep", "stored"),
         default=None,
@@ -205,35 +262,46 @@ def register(subparsers, parents: list) -> None:
         "stored keeps every step's bank, needed by --save-banks / --load-bank (default: lockstep unless "
         "banks are saved or loaded)",
     )
-    gen.add_argument(
-        "--layout", choices=("grid", "classic"), default=None, help=f"comic page layout (default: {d.layout})"
-    )
-    gen.add_argument(
-        "--font",
-        default=None,
-        metavar="PATH",
-        help="caption font file (default: DejaVu Sans, or an installed font covering the caption's script)",
-    )
-    gen.add_argument(
+    bank.add_argument(
         "--save-banks",
         action="store_true",
         default=None,
         help="bank mode: write each character's bank (safetensors) into OUT/banks",
     )
-    gen.add_argument(
+    bank.add_argument(
         "--load-bank",
         action="append",
         default=None,
         metavar="[NAME=]PATH",
         help="bank mode: reuse a character's bank from an earlier run (--save-banks); repeatable",
     )
-    gen.add_argument(
+    window = gen.add_argument_group("window mode")
+    window.add_argument(
+        "--window", type=int, default=None, help="neighbours within W frames (default: 2 in window mode)"
+    )
+    window.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help=f"window mode: frames per denoiser call (default: {WINDOW_DEFAULTS['chunk_size']})",
+    )
+    window.add_argument(
+        "--tile", type=int, default=None, help="window mode: the paper's tiled form, tile size"
+    )
+    window.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="window mode and lockstep bank schedule: write a checkpoint every N steps (for --resume)",
+    )
+    dist = gen.add_argument_group("several processes (torchrun)")
+    dist.add_argument(
         "--dist-backend",
         choices=("gloo", "nccl"),
         default=None,
         help="under torchrun: the torch.distributed backend (default: nccl on CUDA, gloo otherwise)",
     )
-    gen.add_argument(
+    dist.add_argument(
         "--dist-bank",
         choices=("recompute", "broadcast"),
         default=None,
@@ -241,7 +309,7 @@ def register(subparsers, parents: list) -> None:
         "step's bank broadcast (broadcast, default), or every rank denoises every identity frame itself "
         "(recompute, no traffic); same frames",
     )
-    gen.add_argument(
+    dist.add_argument(
         "--dist-timeout",
         type=float,
         default=600.0,
@@ -249,14 +317,19 @@ def register(subparsers, parents: list) -> None:
         help="under torchrun: how long a rank waits for the others before failing with an error "
         "(default: 600)",
     )
-    gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    gen.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default=None,
-        help="default: float16 on CUDA (random-flux: bfloat16), float32 on CPU",
-    )
     gen.set_defaults(run=run)
+
+
+def _freeu(text: str) -> tuple[float, ...] | str:
+    if text.strip().lower() == "off":
+        return "off"
+    try:
+        factors = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        factors = ()
+    if len(factors) != 4:
+        raise argparse.ArgumentTypeError(f"expected four numbers S1,S2,B1,B2 or 'off', got {text!r}")
+    return factors
 
 
 def _parse_level_rates(items: list[str]) -> dict[int, float]:
@@ -336,8 +409,12 @@ def _from_flags(args: argparse.Namespace):
         "height": args.height,
         "width": args.width,
         "seed": args.seed,
+        "scheduler": args.scheduler,
+        "freeu": args.freeu,
         "layout": args.layout,
         "font": args.font,
+        "captions": args.captions,
+        "caption_style": args.caption_style,
         "id_frames": args.id_frames,
         "read_batch_size": args.read_batch,
         "bank_schedule": args.bank_schedule,
@@ -347,7 +424,10 @@ def _from_flags(args: argparse.Namespace):
         "bank_sharing": args.dist_bank,
     }
     given = {k: v for k, v in given.items() if v is not None}
-    settings = RunSettings().replace(**given).resolved(banks_loaded=bool(banks))
+    if given.get("freeu") == "off":
+        given["freeu"] = None  # given, so it overrides a preset's factors
+    base = RunSettings.from_preset(args.preset, **given) if args.preset else RunSettings().replace(**given)
+    settings = base.resolved(banks_loaded=bool(banks))
     consistency = {
         "rate": args.rate,
         "level_rates": _parse_level_rates(args.level_rate) if args.level_rate else None,
