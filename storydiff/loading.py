@@ -3,11 +3,13 @@
 One error type, ``ModelLoadError``, with a one-line message that names the model and says what to do; a
 mistyped local path never turns into a hub request, and a hub id without a network says so instead of
 printing a connection traceback. Reserved names (``tiny_models.RESERVED_MODELS``) build offline.
+Single-file checkpoints and LoRA files: ``model_files.py``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -80,38 +82,60 @@ def from_pretrained(cls: Any, model: str, what: str, hint: str = "", **kwargs: A
 
 
 def load_pipeline(
-    model: str,
+    model: str | os.PathLike,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     seed: int = 0,
     progress_bar: bool = True,
+    config: str | os.PathLike | None = None,
+    loras: Sequence[tuple[str, float]] = (),
 ):
-    """A text-to-image pipeline stories can run on (reserved name, local folder or hub id) on ``device``:
-    SD1.x/2.x, SDXL, FLUX.1, SD3/SD3.5, PixArt-Σ (``families.py``).
+    """A text-to-image pipeline stories can run on (reserved name, local folder, hub id or single-file
+    checkpoint) on ``device``: SD1.x/2.x, SDXL, FLUX.1, SD3/SD3.5, PixArt-Σ (``families.py``).
 
     ``dtype`` defaults to ``default_dtype(device)`` (``random-flux``: bfloat16, FLUX.1's own precision);
-    ``seed`` only matters for the reserved models (their random weights). Raises ``ModelLoadError`` when
-    loading fails or the pipeline is of another kind.
+    ``seed`` only matters for the reserved models (their random weights). A ``.safetensors`` / ``.ckpt``
+    file loads with ``model_files.load_single_file``; ``config``, a local diffusers folder of the same
+    architecture, gives its configs offline (single files only). ``loras``: (path, scale) LoRA files applied
+    as weighted adapters (``model_files.apply_loras``). Raises ``ModelLoadError`` when loading fails or the
+    pipeline is of another kind.
     """
     from diffusers import DiffusionPipeline
 
+    from .model_files import apply_loras, is_single_file, load_single_file
+
+    model = os.fspath(model)
+    config = os.fspath(os.path.expanduser(config)) if config is not None else None
     device = torch.device(device)
     dtype = dtype or NATIVE_DTYPES.get(model) or default_dtype(device)
+    single_file = is_single_file(model)
+    if config is not None and not single_file:
+        raise ModelLoadError(
+            f"config {config!r} applies to single-file checkpoints (.safetensors, .ckpt) only; {model!r} is "
+            f"not one (a diffusers folder or hub id has its own configs)"
+        )
     if model in (*TEXT_TO_IMAGE, *TINY_DIT, *RANDOM_DIT):
-        return build_tiny_pipeline(model, seed=seed, dtype=dtype, progress_bar=progress_bar, device=device)
+        pipe = build_tiny_pipeline(model, seed=seed, dtype=dtype, progress_bar=progress_bar, device=device)
+        apply_loras(pipe, loras)
+        return pipe
     if model in RESERVED_MODELS:
         names = ", ".join((*TEXT_TO_IMAGE, *TINY_DIT, *RANDOM_DIT))
         raise ModelLoadError(f"{model!r} is a video model; text-to-image models: {names}")
-    hint = f"offline random-weight models: {', '.join((*TINY_TEXT_TO_IMAGE, *TINY_DIT))}"
-    pipe = from_pretrained(DiffusionPipeline, model, "model", hint, **dtype_kwargs(dtype))
+    if single_file:
+        pipe = load_single_file(os.path.expanduser(model), config=config, dtype=dtype)
+    else:
+        hint = f"offline random-weight models: {', '.join((*TINY_TEXT_TO_IMAGE, *TINY_DIT))}"
+        pipe = from_pretrained(DiffusionPipeline, model, "model", hint, **dtype_kwargs(dtype))
     try:
         family_of(pipe)
     except ValueError as exc:
         raise ModelLoadError(f"{model!r} cannot tell stories: {exc}") from None
     if not progress_bar:
         pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    apply_loras(pipe, loras)
+    return pipe
 
 
 def load_svd_pipeline(
