@@ -106,7 +106,7 @@ def load_pipeline(
     from .model_files import apply_loras, is_single_file, load_single_file
 
     model = os.fspath(model)
-    config = os.fspath(os.path.expanduser(config)) if config is not None else None
+    config = os.path.expanduser(os.fspath(config)) if config is not None else None
     device = torch.device(device)
     dtype = dtype or NATIVE_DTYPES.get(model) or default_dtype(device)
     single_file = is_single_file(model)
@@ -123,7 +123,7 @@ def load_pipeline(
         names = ", ".join((*TEXT_TO_IMAGE, *TINY_DIT, *RANDOM_DIT))
         raise ModelLoadError(f"{model!r} is a video model; text-to-image models: {names}")
     if single_file:
-        pipe = load_single_file(os.path.expanduser(model), config=config, dtype=dtype)
+        pipe = load_single_file(model, config=config, dtype=dtype)
     else:
         hint = f"offline random-weight models: {', '.join((*TINY_TEXT_TO_IMAGE, *TINY_DIT))}"
         pipe = from_pretrained(DiffusionPipeline, model, "model", hint, **dtype_kwargs(dtype))

@@ -14,10 +14,13 @@ checked to have been injected somewhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Sequence
+import pickle
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -47,7 +50,7 @@ _CONFIG_HINT = "a local diffusers folder of the same architecture, e.g. the base
 def is_single_file(model: str | os.PathLike) -> bool:
     """Whether ``model`` names a checkpoint file (by its suffix) rather than a folder, hub id or reserved
     name."""
-    path = os.fspath(model)
+    path = os.path.expanduser(os.fspath(model))
     return path.lower().endswith(SINGLE_FILE_SUFFIXES) and not os.path.isdir(path)
 
 
@@ -68,7 +71,12 @@ def _keys(path: str) -> list[str]:
 
         with safe_open(path, framework="pt") as f:
             return list(f.keys())
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:  # memory-mapped: only what is touched is read (zip-format files, all since PyTorch 1.6)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        state = torch.load(path, map_location="cpu", weights_only=True)
     while isinstance(state, dict) and "state_dict" in state:  # training checkpoints nest the weights
         state = state["state_dict"]
     return list(state) if isinstance(state, dict) else []
@@ -96,7 +104,9 @@ def _config_classes(config: str, what: str) -> tuple[str, dict]:
     return entries.get("_class_name", ""), entries
 
 
-def load_single_file(path: str, *, config: str | None = None, dtype: torch.dtype = torch.float32) -> Any:
+def load_single_file(
+    path: str | os.PathLike, *, config: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
+) -> Any:
     """The pipeline in the checkpoint file ``path`` (on the CPU, in ``dtype``).
 
     ``config``: a local diffusers folder of the same architecture, whose configs (and, for transformer-only
@@ -105,6 +115,8 @@ def load_single_file(path: str, *, config: str | None = None, dtype: torch.dtype
     """
     import diffusers
 
+    path = os.path.expanduser(os.fspath(path))
+    config = os.path.expanduser(os.fspath(config)) if config is not None else None
     what = f"checkpoint {path!r}"
     if not os.path.isfile(path):
         raise ModelLoadError(f"cannot load {what}: no such file")
@@ -112,6 +124,12 @@ def load_single_file(path: str, *, config: str | None = None, dtype: torch.dtype
         raise ModelLoadError(f"cannot load {what}: config {config!r} is not a folder; pass {_CONFIG_HINT}")
     try:
         keys = _keys(path)
+    except pickle.UnpicklingError as exc:
+        # torch.load(weights_only=True) refuses pickles that would run code or rebuild arbitrary objects.
+        raise ModelLoadError(
+            f"cannot load {what}: the pickle holds more than tensors, which is unsafe to load; convert it to "
+            f".safetensors where you trust it"
+        ) from exc
     except Exception as exc:
         raise ModelLoadError(f"cannot load {what}: not a readable checkpoint ({_summary(exc)})") from exc
     layout = _file_layout(keys)
@@ -182,6 +200,22 @@ def parse_lora(text: str) -> tuple[str, float]:
     return path, scale
 
 
+@contextlib.contextmanager
+def _quiet_lora_loading() -> Iterator[None]:
+    """Without diffusers' and peft's notices that hold for every LoRA without text-encoder keys (most of
+    them) or for every second adapter; what matters, a LoRA that applies nowhere, is checked here."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
 def _adapters(pipe) -> set[str]:
     return {name for names in pipe.get_list_adapters().values() for name in names}
 
@@ -196,13 +230,14 @@ def apply_loras(pipe, loras: Sequence[tuple[str, float]]) -> None:
         raise ModelLoadError(f"{type(pipe).__name__} takes no LoRA weights in diffusers")
     names = []
     for i, (path, _) in enumerate(loras):
-        name = f"lora_{i}"
+        path, name = os.path.expanduser(os.fspath(path)), f"lora_{i}"
         what = f"LoRA {path!r}"
         if not os.path.exists(path):
             raise ModelLoadError(f"cannot load {what}: no such file")
         before = _adapters(pipe)
         try:
-            pipe.load_lora_weights(path, adapter_name=name)
+            with _quiet_lora_loading():
+                pipe.load_lora_weights(path, adapter_name=name)
         except Exception as exc:
             raise ModelLoadError(
                 f"cannot load {what}: {_summary(exc)} (is it a LoRA for this model's architecture?)"

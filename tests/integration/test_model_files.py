@@ -7,6 +7,7 @@ loaded pipeline must have come from the file.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import re
@@ -17,7 +18,7 @@ import huggingface_hub
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from ldm_format import write_single_file
+from ldm_format import pipeline_to_ldm, write_single_file
 from safetensors.torch import load_file, save_file
 
 from storydiff.loading import ModelLoadError, load_pipeline
@@ -104,6 +105,20 @@ def test_single_file_dtype(files: dict) -> None:
     loaded = load_pipeline(path, config=folder, dtype=torch.bfloat16, progress_bar=False)
     assert loaded.unet.dtype == loaded.vae.dtype == loaded.text_encoder.dtype == torch.bfloat16
     assert torch.equal(loaded.unet.conv_in.weight, pipe.unet.conv_in.weight.to(torch.bfloat16))
+
+
+def test_pickled_checkpoints(files: dict, tmp_path: Path) -> None:
+    """.ckpt files load through torch.load(weights_only=True): plain tensors (nested under "state_dict", as
+    training checkpoints have them) do, a pickle holding other objects is refused."""
+    pipe, folder, _ = files["tiny-sd15"]
+    torch.save({"state_dict": pipeline_to_ldm(pipe), "global_step": 7}, tmp_path / "model.ckpt")
+    loaded = load_pipeline(tmp_path / "model.ckpt", config=folder, progress_bar=False)
+    expected = pipe.unet.state_dict()
+    assert all(torch.equal(loaded.unet.state_dict()[k], v) for k, v in expected.items())
+    unsafe = {"state_dict": pipeline_to_ldm(pipe), "args": argparse.Namespace(lr=1)}
+    torch.save(unsafe, tmp_path / "unsafe.ckpt")
+    with pytest.raises(ModelLoadError, match=r"unsafe\.ckpt.*holds more than tensors.*to \.safetensors"):
+        load_pipeline(tmp_path / "unsafe.ckpt", config=folder)
 
 
 def test_transformer_file_with_config(tmp_path: Path) -> None:
