@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from diffusers.models.attention_processor import Attention
@@ -19,6 +21,7 @@ from .hosts import find_host, selector
 from .state import ConsistencyState, LayerInfo
 
 _STATE_ATTR = "_storydiff_consistency"  # set on the UNet so remove_consistent_attention can undo
+_BINDING_ATTR = "_storydiff_binding"  # set on each attention module consistency is installed on
 
 
 def head_projections(attn: Attention, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -36,17 +39,51 @@ def head_projections(attn: Attention, hidden_states: torch.Tensor) -> tuple[torc
     return query, key, value
 
 
-class ConsistentAttnProcessor:
+@dataclass(frozen=True)
+class Binding:
+    """What a consistent processor on one attention module works with: the run's state, the layer, and the
+    host's processor options (``Host.options``: FLUX's position embedder)."""
+
+    state: ConsistencyState
+    layer: LayerInfo
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class BoundProcessor:
+    """Base of every consistent processor: built with ``(state, layer, **options)``, or with no arguments.
+
+    diffusers rebuilds processors by calling their class with no arguments — ``load_ip_adapter`` does so for
+    every attention layer it does not give an IP-Adapter processor (self-attention included), and so does
+    ``unload_ip_adapter``. Such a processor reads its binding from the attention module it is called with:
+    :func:`apply_consistent_attention` records one on every module it installs on, and
+    :func:`remove_consistent_attention` removes them. No globals: two pipelines keep their own states.
+    """
+
+    def __init__(self, state: ConsistencyState | None = None, layer: LayerInfo | None = None, **options):
+        if (state is None) != (layer is None):
+            raise TypeError(f"{type(self).__name__} takes both state and layer, or neither")
+        self._binding = Binding(state, layer, options) if state is not None else None
+
+    def binding(self, attn: torch.nn.Module) -> Binding:
+        """This processor's (state, layer, options): its own, or the attention module's."""
+        if self._binding is not None:
+            return self._binding
+        bound = getattr(attn, _BINDING_ATTR, None)
+        if bound is None:
+            raise RuntimeError(
+                f"{type(self).__name__} was built without (state, layer) and is called on an attention "
+                "module consistent attention is not installed on; use apply_consistent_attention"
+            )
+        return bound
+
+
+class ConsistentAttnProcessor(BoundProcessor):
     """Self-attention (``attn1``) processor computing consistent attention with ``csa_kernels``.
 
     Mirrors diffusers' ``AttnProcessor2_0`` around the attention itself (norms, residual, rescale), so
     with consistency off it computes exactly the stock result; the attention itself is the state's
     (``ConsistencyState.attend``: stock, or whatever the current mode says).
     """
-
-    def __init__(self, state: ConsistencyState, layer: LayerInfo) -> None:
-        self.state = state
-        self.layer = layer
 
     # Eager inside a torch.compile'd denoiser. Its body traces without a graph break or a host sync (the
     # draws become graph constants; tests/integration/test_fullgraph.py compiles a whole UNet with it,
@@ -64,9 +101,11 @@ class ConsistentAttnProcessor:
         *args,
         **kwargs,
     ) -> torch.Tensor:
+        binding = self.binding(attn)
+        state, layer = binding.state, binding.layer
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError(
-                f"{self.layer.name}: consistent attention is for self-attention without a mask; "
+                f"{layer.name}: consistent attention is for self-attention without a mask; "
                 "got encoder_hidden_states or attention_mask"
             )
         residual = hidden_states
@@ -82,7 +121,7 @@ class ConsistentAttnProcessor:
 
         query, key, value = head_projections(attn, hidden_states)
 
-        hidden_states = self.state.attend(self.layer, query, key, value)
+        hidden_states = state.attend(layer, query, key, value)
 
         hidden_states = (
             hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * query.shape[-1]).to(query.dtype)
@@ -147,7 +186,10 @@ def apply_consistent_attention(pipe_or_denoiser, config: ConsistencyConfig | Non
         state.host["rope"] = config.rope
     processors = dict(original)
     for layer in layers:
-        processors[layer.name] = host.processor(layer.name)(state, layer)
+        binding = Binding(state, layer, dict(host.options))
+        # read by processors diffusers rebuilds without arguments (load_ip_adapter): see BoundProcessor
+        setattr(denoiser.get_submodule(layer.name.removesuffix(".processor")), _BINDING_ATTR, binding)
+        processors[layer.name] = host.processor(layer.name)(state, layer, **host.options)
     denoiser.set_attn_processor(processors)
     # the text length of joint sequences, for blocks that only see them concatenated (FLUX single-stream)
     hook = denoiser.register_forward_pre_hook(state.record_text_length, with_kwargs=True)
@@ -156,12 +198,21 @@ def apply_consistent_attention(pipe_or_denoiser, config: ConsistencyConfig | Non
 
 
 def remove_consistent_attention(pipe_or_denoiser) -> None:
-    """Restore the processors that were installed before :func:`apply_consistent_attention`."""
+    """Undo :func:`apply_consistent_attention`: the layers it installed on get back the processors they had
+    before; every other layer keeps what it has now (e.g. the IP-Adapter processors ``load_ip_adapter``
+    put on the cross-attention layers since)."""
     denoiser = find_host(pipe_or_denoiser).denoiser
     installed = getattr(denoiser, _STATE_ATTR, None)
     if installed is None:
         return
-    _, original, hook = installed
-    denoiser.set_attn_processor(dict(original))
+    state, original, hook = installed
+    processors = dict(denoiser.attn_processors)
+    for layer in state.layers:
+        if isinstance(processors[layer.name], BoundProcessor):  # ours, or diffusers' rebuild of ours
+            processors[layer.name] = original[layer.name]
+        module = denoiser.get_submodule(layer.name.removesuffix(".processor"))
+        if hasattr(module, _BINDING_ATTR):
+            delattr(module, _BINDING_ATTR)
+    denoiser.set_attn_processor(processors)
     hook.remove()
     delattr(denoiser, _STATE_ATTR)

@@ -14,31 +14,32 @@ from __future__ import annotations
 
 import torch
 
-from .attention import head_projections
+from .attention import BoundProcessor, head_projections
 from .compat import flux_qkv_projections
 from .rope import Rotation, reposition_for, shift_ids
 from .state import ConsistencyState, LayerInfo
 
 
-class FluxConsistentProcessor:
+class FluxConsistentProcessor(BoundProcessor):
     """For ``FluxAttention``: double-stream blocks (text tokens, then image tokens, concatenated before
     RoPE) and single-stream blocks (text already inside ``hidden_states``: its length comes from the
     state, which the transformer's forward pre-hook sets from ``encoder_hidden_states``).
 
-    ``pos_embed``: the transformer's ``FluxPosEmbed``, which gives rope="shift" its offset rotation."""
+    ``pos_embed`` (an option of the binding): the transformer's ``FluxPosEmbed``, which gives rope="shift"
+    its offset rotation."""
 
-    def __init__(self, state: ConsistencyState, layer: LayerInfo, pos_embed=None) -> None:
-        self.state = state
-        self.layer = layer
-        self.pos_embed = pos_embed
+    def __init__(
+        self, state: ConsistencyState | None = None, layer: LayerInfo | None = None, pos_embed=None
+    ) -> None:
+        super().__init__(state, layer, **({} if pos_embed is None else {"pos_embed": pos_embed}))
         self._shift: dict[torch.device, Rotation] = {}  # computed once per device
 
-    def shift_rotation(self, device: torch.device) -> Rotation:
+    def shift_rotation(self, pos_embed, layer: LayerInfo, device: torch.device) -> Rotation:
         """(cos, sin), (1, D): the rotation by rope="shift"'s position ids, from the host's own embedder."""
         if device not in self._shift:
-            if self.pos_embed is None:
-                raise RuntimeError(f"{self.layer.name}: rope='shift' needs the transformer's pos_embed")
-            cos, sin = self.pos_embed(shift_ids(len(self.pos_embed.axes_dim)))
+            if pos_embed is None:
+                raise RuntimeError(f"{layer.name}: rope='shift' needs the transformer's pos_embed")
+            cos, sin = pos_embed(shift_ids(len(pos_embed.axes_dim)))
             self._shift[device] = (cos.to(device), sin.to(device))
         return self._shift[device]
 
@@ -53,8 +54,10 @@ class FluxConsistentProcessor:
     ):
         from diffusers.models.embeddings import apply_rotary_emb
 
+        binding = self.binding(attn)
+        state, layer = binding.state, binding.layer
         if attention_mask is not None:
-            raise ValueError(f"{self.layer.name}: consistent attention does not take an attention_mask")
+            raise ValueError(f"{layer.name}: consistent attention does not take an attention_mask")
         query, key, value, encoder_query, encoder_key, encoder_value = flux_qkv_projections(
             attn, hidden_states, encoder_hidden_states
         )
@@ -70,10 +73,10 @@ class FluxConsistentProcessor:
             value = torch.cat([encoder_value, value], dim=1)
             text = encoder_hidden_states.shape[1]
         else:
-            text = self.state.text_tokens
+            text = state.text_tokens
             if text is None:
                 raise RuntimeError(
-                    f"{self.layer.name}: the text length of this single-stream block is unknown; run the "
+                    f"{layer.name}: the text length of this single-stream block is unknown; run the "
                     "transformer with encoder_hidden_states (its forward hook records the length)"
                 )
         if image_rotary_emb is not None:
@@ -82,8 +85,13 @@ class FluxConsistentProcessor:
 
         tokens = query.shape[1]
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, H, N, D) views
-        reposition = reposition_for(self.state.config.rope, image_rotary_emb, self.shift_rotation)
-        out = self.state.attend(self.layer, q, k, v, image=(text, tokens), reposition=reposition)
+        pos_embed = binding.options.get("pos_embed")
+
+        def shift(device: torch.device) -> Rotation:
+            return self.shift_rotation(pos_embed, layer, device)
+
+        reposition = reposition_for(state.config.rope, image_rotary_emb, shift)
+        out = state.attend(layer, q, k, v, image=(text, tokens), reposition=reposition)
         hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:
@@ -97,13 +105,9 @@ class FluxConsistentProcessor:
         return hidden_states
 
 
-class SD3ConsistentProcessor:
+class SD3ConsistentProcessor(BoundProcessor):
     """For SD3/SD3.5 joint attention (``JointAttnProcessor2_0``'s math): image tokens first, the text
     stream's appended; with no text stream (SD3.5's dual ``attn2``) the whole sequence is image."""
-
-    def __init__(self, state: ConsistencyState, layer: LayerInfo) -> None:
-        self.state = state
-        self.layer = layer
 
     @torch.compiler.disable  # see ConsistentAttnProcessor: the state's bookkeeping stays eager
     def __call__(
@@ -115,8 +119,9 @@ class SD3ConsistentProcessor:
         *args,
         **kwargs,
     ):
+        binding = self.binding(attn)
         if attention_mask is not None:
-            raise ValueError(f"{self.layer.name}: consistent attention does not take an attention_mask")
+            raise ValueError(f"{binding.layer.name}: consistent attention does not take an attention_mask")
         batch, image = hidden_states.shape[0], hidden_states.shape[1]
         query, key, value = head_projections(attn, hidden_states)
         head_dim = key.shape[-1]
@@ -133,7 +138,7 @@ class SD3ConsistentProcessor:
             key = torch.cat([key, context[1]], dim=2)
             value = torch.cat([value, context[2]], dim=2)
 
-        out = self.state.attend(self.layer, query, key, value, image=(0, image))
+        out = binding.state.attend(binding.layer, query, key, value, image=(0, image))
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         if encoder_hidden_states is not None:
             hidden_states, encoder_hidden_states = hidden_states[:, :image], hidden_states[:, image:]

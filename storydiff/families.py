@@ -31,6 +31,7 @@ from .compat import (
     flux_unpack,
     sdxl_time_ids,
 )
+from .ip_adapter import UNET_ONLY
 
 
 class Family:
@@ -39,6 +40,8 @@ class Family:
     name = "unet"
     #: what height and width must be multiples of (VAE factor, times patching for transformers)
     multiple = 8
+    #: reference images (an IP-Adapter, ``ip_adapter.py``) can condition this family's frames
+    supports_reference_images = True
 
     def __init__(self, pipe) -> None:
         self.pipe = pipe
@@ -101,13 +104,24 @@ class Family:
             cond, pooled = torch.cat([uncond, cond]), torch.cat([neg_pooled, pooled])
         return cond, {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pooled), 1)}
 
+    def with_reference_images(self, conditioning, image_embeds: list, masks: list):
+        """``conditioning`` (from ``encode``) plus IP-Adapter inputs for the same frames: diffusers' UNet
+        takes the image embeddings with the added conditions and the masks as a cross-attention kwarg."""
+        hidden, added = conditioning
+        return hidden, {**(added or {}), "image_embeds": image_embeds}, {"ip_adapter_masks": masks}
+
     def predict(self, scheduler, latents, t, conditioning, guidance_scale: float, cfg: bool) -> torch.Tensor:
         """The guided model output for ``latents`` (a batch of frames) at timestep ``t``."""
         model_in = torch.cat([latents, latents]) if cfg else latents
         model_in = scheduler.scale_model_input(model_in, t)
-        hidden, added = conditioning
+        hidden, added, *images = conditioning  # images: cross-attention kwargs of reference images
         out = self.pipe.unet(
-            model_in, t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False
+            model_in,
+            t,
+            encoder_hidden_states=hidden,
+            added_cond_kwargs=added,
+            cross_attention_kwargs=images[0] if images else None,
+            return_dict=False,
         )[0]
         return guide(out, guidance_scale) if cfg else out
 
@@ -141,6 +155,11 @@ def text_length(pipe, default: int, tokenizer: str) -> int:
 
 class TransformerFamily(Family):
     """Diffusion transformers: the denoiser is ``pipe.transformer``, images are patched after the VAE."""
+
+    supports_reference_images = False  # FLUX's IP-Adapter processors are not wired to stories
+
+    def with_reference_images(self, conditioning, image_embeds, masks):
+        raise ValueError(f"{UNET_ONLY}, not {self.name} models")
 
     @property
     def denoiser(self) -> torch.nn.Module:

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,8 +35,11 @@ class Host:
     denoiser: torch.nn.Module
     presets: dict[str, Callable[[str], bool]]  # preset name -> which attention processors it selects
     level: Callable[[str], int | None]  # processor name -> level factor; None: never consistent
-    processor: Callable[[str], Callable]  # processor name -> our processor for it, built as (state, layer)
+    # processor name -> our processor class for it (attention.BoundProcessor), built as
+    # (state, layer, **options) — or with no arguments by diffusers, reading the module's binding
+    processor: Callable[[str], type]
     rope: bool = False  # rotary position embeddings on the keys: ConsistencyConfig.rope applies
+    options: dict = field(default_factory=dict)  # keyword options every processor of this host takes
 
 
 def find_host(pipe_or_denoiser) -> Host:
@@ -139,8 +141,10 @@ def _flux_host(transformer) -> Host:
         "all": lambda name: True,
     }
     # the transformer's own position embedder: rope="shift" rotates borrowed keys by its offset ids
-    processor = partial(FluxConsistentProcessor, pos_embed=transformer.pos_embed)
-    return Host("flux", transformer, presets, level, lambda name: processor, rope=True)
+    options = {"pos_embed": transformer.pos_embed}
+    return Host(
+        "flux", transformer, presets, level, lambda name: FluxConsistentProcessor, rope=True, options=options
+    )
 
 
 def _sd3_host(transformer) -> Host:

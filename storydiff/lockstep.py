@@ -6,8 +6,10 @@ denoiser on any chunk of them at a given step, the way the model family's diffus
 chunk has its own copy of the scheduler (schedulers keep per-step state). Text conditioning is encoded
 when a chunk comes (a few ms against a denoiser step) instead of being kept for every frame; only the last
 chunk's is kept, for a chunk that runs several steps in a row. So memory depends on the chunk size, not on
-the number of frames. Bank mode (both schedules) and window mode drive it; frame i's starting noise comes
-from seed i alone, so results never depend on chunking.
+the number of frames. Reference images (``ip_adapter.ReferenceImages``) join a chunk's conditioning the
+same way: each frame gets its own characters' images, whatever chunk it is in. Bank mode (both schedules)
+and window mode drive it; frame i's starting noise comes from seed i alone, so results never depend on
+chunking.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import current_partition, gather_to_all
 from .families import Family, family_of
+from .ip_adapter import ReferenceImages, wants_image_inputs
 from .progress import Progress, progress_bar
 
 
@@ -38,10 +41,14 @@ class LockstepDenoiser:
         guidance_scale: float,
         height: int,
         width: int,
+        references: ReferenceImages | None = None,
     ) -> None:
         self.pipe, self.prompts, self.negatives = pipe, prompts, negatives
         self.family: Family = family_of(pipe)
         self.family.check_size(height, width)
+        if references is None and wants_image_inputs(pipe):  # an IP-Adapter is loaded: it wants inputs
+            references = ReferenceImages.none(pipe, len(prompts), self.family.device)
+        self.references = references
         self.guidance_scale = guidance_scale
         self.cfg = self.family.uses_cfg_batch(guidance_scale)
         self.height, self.width = height, width
@@ -69,6 +76,11 @@ class LockstepDenoiser:
             prompts = [self.prompts[i] for i in frames]
             negatives = [self.negatives[i] for i in frames]
             conditioning = self.family.encode(prompts, negatives, self.cfg, self.height, self.width)
+            if self.references is not None:  # the chunk's characters' reference images (ip_adapter.py)
+                scale = self.pipe.vae_scale_factor
+                size = (self.height // scale, self.width // scale)
+                embeds, masks = self.references.chunk(frames, self.cfg, size)
+                conditioning = self.family.with_reference_images(conditioning, embeds, masks)
             self._last = key, conditioning
         return self._last[1]
 

@@ -11,6 +11,9 @@ consistent-attention state around its calls. Two modes (``RunSettings.mode``):
 * window (long stories, ``longstory/``): every frame draws tokens from story neighbours; all frames advance
   step by step in chunks, with checkpoints and resume.
 
+Either mode can take a reference image per character (UNet models, through an IP-Adapter:
+``ip_adapter.py``): each frame is conditioned on the images of the characters it shows.
+
 Each frame is saved as soon as it is done; then the comic pages and the metadata.
 """
 
@@ -20,6 +23,7 @@ import copy
 import hashlib
 import platform
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,14 @@ from .distributed import (
     share_banks,
 )
 from .families import family_of
+from .ip_adapter import (
+    UNET_ONLY,
+    ReferenceImages,
+    adapter_metadata,
+    check_reference_images,
+    read_reference_image,
+)
+from .ip_adapter import load_ip_adapter as load_ip_adapter_into
 from .lockstep import LockstepDenoiser, run_lockstep
 from .longstory.denoise import denoise_long_story
 from .modes import JointMode
@@ -163,6 +175,21 @@ class StoryDiffusionPipeline:
         """Restore the pipeline's original attention processors."""
         remove_consistent_attention(self.pipe)
 
+    def load_ip_adapter(
+        self, weights: str | Path, *, image_encoder: str | Path | None = None, scale: float = 1.0
+    ) -> dict:
+        """Load an IP-Adapter so stories can take ``reference_images`` (UNet models: SD1.x/2.x, SDXL).
+
+        ``weights``: a local file in diffusers' IP-Adapter format (``image_proj`` and ``ip_adapter``
+        parts; plain, plus, plus-face or full-face), or a folder holding one; ``image_encoder``: a local CLIP
+        vision model folder (default: the pipeline's, else ``image_encoder/`` next to the weights);
+        ``scale``: the adapter's weight. Returns what a run's metadata records about the adapter. Calling
+        diffusers' ``pipe.load_ip_adapter`` yourself, before or after making this object, works too.
+        """
+        if not self.family.supports_reference_images:
+            raise ValueError(f"{UNET_ONLY}, not {self.family.name} models")
+        return load_ip_adapter_into(self.pipe, weights, image_encoder=image_encoder, scale=scale)
+
     def load_bank(self, path: str | Path, character: str | None = None) -> str:
         """Reuse a character written by an earlier story (see ``save_banks``); returns its name.
 
@@ -202,6 +229,7 @@ class StoryDiffusionPipeline:
         overwrite: bool = False,
         resume: bool = False,
         progress: Progress = True,
+        reference_images: Mapping[str, Image.Image | str | Path] | None = None,
         **overrides: Any,
     ) -> StoryResult:
         """Generate every frame of ``story`` (a ``Story``, story text, or a path to a story file).
@@ -211,6 +239,10 @@ class StoryDiffusionPipeline:
         soon as it is done, then comic pages and ``metadata.json``; ``resume=True`` continues an
         interrupted window-mode run there from its last checkpoint. ``progress``: True or "bar" (tqdm),
         "lines" (a plain line per frame or step, for logs), False.
+
+        ``reference_images``: character name -> a PIL image or an image file, after :meth:`load_ip_adapter`
+        (UNet models): every frame is conditioned on the images of the characters it shows, identity
+        frames and the frames reading their bank alike; each image is encoded once.
 
         Frame i starts from noise seeded with ``seed + i``, so a frame's image does not depend on how the
         frames are batched. Errors in the story or the settings are raised before anything is written.
@@ -238,6 +270,10 @@ class StoryDiffusionPipeline:
         )
         if settings.mode == "bank":
             self._check_loaded_banks(story, settings)
+        reference_images = reference_images or {}
+        check_reference_images(self.pipe, reference_images, story.appears)
+        reference = {name: read_reference_image(name, image) for name, image in reference_images.items()}
+        adapter = adapter_metadata(self.pipe) if self.family.supports_reference_images else None
 
         partition = current_partition()
         self._check_partition(partition, settings, out_dir, resume)
@@ -262,6 +298,8 @@ class StoryDiffusionPipeline:
             "frame_characters": [list(f.characters) for f in story.frames],
             "identity_frames": identity,
             "loaded_banks": {name: self.loaded_banks[name] for name in banked if name in self.loaded_banks},
+            "ip_adapter": adapter,
+            "reference_images": {name: record for name, (_, record) in reference.items()},
             "world_size": partition.world,
             "versions": _versions(),
         }
@@ -281,10 +319,11 @@ class StoryDiffusionPipeline:
         self.state.bank.reset_peak()
         try:
             run = (story, styled, settings, images, output, resume, progress, partition)
+            extra = self._reference_inputs(story, reference, adapter)
             if settings.mode == "bank":
-                metadata.update(self._run_bank(story, identity, *run[1:]))
+                metadata.update(self._run_bank(story, identity, *run[1:], **extra))
             else:
-                metadata.update(self._run_window(*run))
+                metadata.update(self._run_window(*run, **extra))
             own = dict(images)
             images = gather_to_leader(partition, images)  # pages and metadata need every frame
             if output is not None:  # every rank's frames are on disk now: the checkpoints are done with
@@ -318,8 +357,38 @@ class StoryDiffusionPipeline:
             output.finish(**memory, seconds=metadata["seconds"], pages=len(pages))
         return StoryResult(ordered, captions, pages, metadata, output.root if output else None, bank_bytes)
 
+    def _reference_inputs(self, story: Story, reference: dict, adapter: dict | None) -> dict:
+        """The runs' ``references`` (each character's image encoded once; None without images: with an
+        adapter loaded, LockstepDenoiser then masks every image out) and what their checkpoints must match
+        besides the settings: the adapter and the images' contents."""
+        if adapter is None:
+            return {"references": None, "summary": {}}
+        references = None
+        if reference:
+            pictures = {name: image for name, (image, _) in reference.items()}
+            frame_characters = [f.characters for f in story.frames]
+            references = ReferenceImages.encode(self.pipe, pictures, frame_characters, self.family.device)
+        weights = adapter["weights"] and Path(adapter["weights"]).name
+        summary = {
+            "ip_adapter": {"weights": weights, "variant": adapter["variant"], "scale": adapter["scale"]},
+            "reference_images": {name: record["sha256"] for name, (_, record) in reference.items()},
+        }
+        return {"references": references, "summary": summary}
+
     def _run_bank(
-        self, story, identity, styled, settings, images, output, resume, progress, partition: Partition
+        self,
+        story,
+        identity,
+        styled,
+        settings,
+        images,
+        output,
+        resume,
+        progress,
+        partition: Partition,
+        *,
+        references: ReferenceImages | None = None,
+        summary: dict | None = None,
     ) -> dict:
         """Identity frames write each character's bank, every other frame reads the banks of the
         characters it shows; both in chunks through one step-synchronous denoiser, so a chunk's frames
@@ -329,14 +398,15 @@ class StoryDiffusionPipeline:
         Over several ranks each reads its contiguous share of the read batches — the single-process
         batches, so every frame is bit-identical to it — and each character's bank is written by the rank
         its identity frames were dealt to and broadcast ("broadcast"), or by every rank ("recompute", no
-        traffic). Returns the traffic."""
+        traffic). Returns the traffic. ``references``: the reference images (ip_adapter.py); ``summary``:
+        what the checkpoints must match besides the settings."""
         identity_set = {i for frames in identity.values() for i in frames}
         read_frames = [f.index for f in story.frames if f.index not in identity_set]
         size = settings.read_batch_size
         reads = [read_frames[i : i + size] for i in range(0, len(read_frames), size)]
         first, last = partition.block(len(reads))
         reads = reads[first:last]
-        denoiser = self._denoiser(story, styled, settings)
+        denoiser = self._denoiser(story, styled, settings, references)
         steps = settings.num_inference_steps
         owners = bank_owners(partition, list(identity), settings.bank_sharing)
         owned = {i for name, frames in identity.items() if owners[name] == partition.rank for i in frames}
@@ -419,6 +489,7 @@ class StoryDiffusionPipeline:
                 "settings": settings.to_dict(),
                 "consistency": self.config.to_dict(),
                 **({"world_size": partition.world, "rank": partition.rank} if partition.distributed else {}),
+                **(summary or {}),
             },
             resume=resume,
             progress=progress,
@@ -426,7 +497,7 @@ class StoryDiffusionPipeline:
         finish(sorted(identity_set) + [i for frames in reads for i in frames])
         return {"bank_bytes_received": received} if broadcast else {}
 
-    def _denoiser(self, story: Story, styled, settings: RunSettings) -> LockstepDenoiser:
+    def _denoiser(self, story: Story, styled, settings: RunSettings, references=None) -> LockstepDenoiser:
         return LockstepDenoiser(
             self.pipe,
             prompts=[p for p, _ in styled],
@@ -436,9 +507,23 @@ class StoryDiffusionPipeline:
             guidance_scale=settings.guidance_scale,
             height=settings.height,
             width=settings.width,
+            references=references,
         )
 
-    def _run_window(self, story, styled, settings, images, output, resume, progress, partition) -> dict:
+    def _run_window(
+        self,
+        story,
+        styled,
+        settings,
+        images,
+        output,
+        resume,
+        progress,
+        partition,
+        *,
+        references: ReferenceImages | None = None,
+        summary: dict | None = None,
+    ) -> dict:
         """Window mode; returns {"halo_bytes_sent": this rank's traffic} on several ranks, else {}."""
         stats: dict = {}
         latents = denoise_long_story(
@@ -456,7 +541,8 @@ class StoryDiffusionPipeline:
             checkpoint_path=output.root / checkpoint_name(partition) if output is not None else None,
             checkpoint_every=settings.checkpoint_every,
             resume=resume,
-            run_summary={"model": self.model_name},
+            run_summary={"model": self.model_name, **(summary or {})},
+            references=references,
             progress=progress,
             partition=partition,
             stats=stats,

@@ -696,3 +696,104 @@ def tiny_clip_vision_model(embed_dim: int = 32, image_size: int = 32, seed: int 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return CLIPVisionModelWithProjection(config)
+
+
+# -- IP-Adapter ---------------------------------------------------------------------------------------------
+
+# IP-Adapter "plus" resamplers: diffusers derives the head count as to_q rows // 64 and converts exactly four
+# resampler layers (loaders/unet.py), so the tiny one keeps 64-wide heads and depth 4.
+_RESAMPLER_HEAD, _RESAMPLER_DEPTH = 64, 4
+IP_ADAPTER_VARIANTS = ("plain", "plus")
+
+
+def save_tiny_image_encoder(folder, *, embed_dim: int = 32, image_size: int = 32, seed: int = 0):
+    """Save ``tiny_clip_vision_model`` as an IP-Adapter image encoder folder (``from_pretrained`` format);
+    returns the folder. Its embeddings depend on what is where in the image (see there), so two reference
+    images give two different conditionings."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    tiny_clip_vision_model(embed_dim=embed_dim, image_size=image_size, seed=seed).save_pretrained(folder)
+    return folder
+
+
+def write_tiny_ip_adapter(
+    path,
+    unet: UNet2DConditionModel,
+    image_encoder: CLIPVisionModelWithProjection,
+    *,
+    variant: str = "plain",
+    tokens: int = 4,
+    seed: int = 0,
+):
+    """Write random IP-Adapter weights for ``unet`` and ``image_encoder`` to ``path`` (.safetensors or .bin)
+    in the original IP-Adapter layout that diffusers' ``load_ip_adapter`` converts: an ``image_proj`` part
+    (plain: a linear map of the image embedding to ``tokens`` tokens and a LayerNorm; plus — also the layout
+    of plus-face — a perceiver resampler over the encoder's penultimate hidden states) and an ``ip_adapter``
+    part (``to_k_ip`` / ``to_v_ip`` for every cross-attention layer, numbered 1, 3, 5, … in processor order).
+
+    The key/value maps are drawn at a few times the usual scale so a reference image visibly moves the
+    denoiser's output. Returns the path."""
+    from pathlib import Path
+
+    if variant not in IP_ADAPTER_VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(IP_ADAPTER_VARIANTS)}, got {variant!r}")
+    path = Path(path)
+    cross = unet.config.cross_attention_dim
+    vision = image_encoder.config
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, std: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * std
+
+    def linear(rows: int, columns: int, gain: float = 1.0) -> torch.Tensor:
+        return randn(rows, columns, std=gain / columns**0.5)
+
+    if variant == "plain":
+        image_proj = {
+            "proj.weight": linear(tokens * cross, vision.projection_dim),
+            "proj.bias": randn(tokens * cross, std=0.1),
+            "norm.weight": torch.ones(cross),
+            "norm.bias": torch.zeros(cross),
+        }
+    else:
+        hidden, inner = _RESAMPLER_HEAD, _RESAMPLER_HEAD  # one head of diffusers' fixed width
+        image_proj = {
+            "latents": randn(1, tokens, hidden, std=hidden**-0.5),
+            "proj_in.weight": linear(hidden, vision.hidden_size),
+            "proj_in.bias": torch.zeros(hidden),
+            "proj_out.weight": linear(cross, hidden),
+            "proj_out.bias": torch.zeros(cross),
+            "norm_out.weight": torch.ones(cross),
+            "norm_out.bias": torch.zeros(cross),
+        }
+        for i in range(_RESAMPLER_DEPTH):
+            for norm in (f"layers.{i}.0.norm1", f"layers.{i}.0.norm2", f"layers.{i}.1.0"):
+                image_proj.update({f"{norm}.weight": torch.ones(hidden), f"{norm}.bias": torch.zeros(hidden)})
+            image_proj.update(
+                {
+                    f"layers.{i}.0.to_q.weight": linear(inner, hidden),
+                    f"layers.{i}.0.to_kv.weight": linear(2 * inner, hidden),
+                    f"layers.{i}.0.to_out.weight": linear(hidden, inner),
+                    f"layers.{i}.1.1.weight": linear(4 * hidden, hidden),
+                    f"layers.{i}.1.3.weight": linear(hidden, 4 * hidden),
+                }
+            )
+    ip_adapter = {}
+    key_id = 1
+    for name in unet.attn_processors:  # diffusers' numbering: every processor but self-attention's
+        if not name.endswith("attn1.processor"):
+            inner = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+            ip_adapter[f"{key_id}.to_k_ip.weight"] = linear(inner, cross, gain=2.0)
+            ip_adapter[f"{key_id}.to_v_ip.weight"] = linear(inner, cross, gain=2.0)
+            key_id += 2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        flat = {f"image_proj.{k}": v for k, v in image_proj.items()}
+        flat.update({f"ip_adapter.{k}": v for k, v in ip_adapter.items()})
+        save_file({k: v.contiguous() for k, v in flat.items()}, path)
+    else:
+        torch.save({"image_proj": image_proj, "ip_adapter": ip_adapter}, path)
+    return path

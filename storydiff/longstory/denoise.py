@@ -8,6 +8,7 @@ import torch
 
 from ..distributed import HaloExchange, Partition, check_frames_per_rank
 from ..families import family_of
+from ..ip_adapter import ReferenceImages
 from ..lockstep import LockstepDenoiser, run_lockstep
 from ..progress import Progress
 from ..state import ConsistencyState
@@ -40,6 +41,7 @@ def denoise_long_story(
     progress: Progress = True,
     partition: Partition | None = None,
     stats: dict | None = None,
+    references: ReferenceImages | None = None,
 ) -> torch.Tensor:
     """Denoise every frame in window mode; returns the final latents (host memory), story order.
 
@@ -47,7 +49,8 @@ def denoise_long_story(
     checkpoint is written every ``checkpoint_every`` steps and ``resume=True`` continues from it.
     ``partition`` (several processes): only this rank's block of frames is denoised, as one batch in step
     with the other ranks (``distributed.py``); only its latents are final. ``stats`` (a dict) receives
-    ``halo_bytes_sent``, this rank's traffic.
+    ``halo_bytes_sent``, this rank's traffic. ``references``: reference images per character
+    (``ip_adapter.ReferenceImages``), for a pipeline with an IP-Adapter.
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
@@ -75,6 +78,7 @@ def denoise_long_story(
         guidance_scale=guidance_scale,
         height=height,
         width=width,
+        references=references,
     )
     partition = partition or Partition()
     halo = None

@@ -1,0 +1,325 @@
+"""Reference images per character, through diffusers' IP-Adapter support (UNet models: SD1.x/2.x, SDXL).
+
+    sp = StoryDiffusionPipeline(pipe, config)
+    sp.load_ip_adapter("ip-adapter_sdxl.safetensors", image_encoder="image_encoder/", scale=0.6)
+    sp(story, reference_images={"Bob": "bob.png", "Alice": alice_image})
+
+Loading is diffusers' own ``load_ip_adapter`` (its file format: ``image_proj`` and ``ip_adapter`` parts; the
+plain adapter, which reads CLIP's image embedding, and the "plus" ones, plus-face included, which read its
+penultimate hidden states). Each character's image is encoded once, as diffusers' pipelines encode an
+``ip_adapter_image`` (``prepare_ip_adapter_image_embeds``: under guidance the negative is what they use,
+zeros or the encoding of a black image).
+
+How a frame gets only its own characters' images: every denoiser call on a chunk of frames passes
+``image_embeds`` of shape (batch, slots, ...) — slots: the most characters-with-an-image any frame of the
+chunk shows — and ``ip_adapter_masks`` (batch, slots, h, w), 1 where a slot holds one of the frame's
+characters and 0 elsewhere. diffusers' ``IPAdapterAttnProcessor2_0`` adds ``scale · mask · attention`` per
+slot, so an empty slot adds exactly zero: a frame's result does not depend on which frames share its chunk,
+a frame showing two characters reads both images, a frame showing none reads nothing. With an adapter
+loaded and no images every mask is zero (the UNet needs ``image_embeds`` once an adapter is loaded), which
+computes the stock cross-attention.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .config import InvalidSetting
+
+_SOURCE_ATTR = "_storydiff_ip_adapter"  # on the UNet: where the adapter loaded by load_ip_adapter came from
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# the error for other families (FLUX's IP-Adapter has its own processors, not wired to stories yet)
+UNET_ONLY = "reference images work with UNet models (SD1.x/2.x, SDXL) only"
+
+
+def adapter_projection(pipe):
+    """The loaded IP-Adapter's image projection (diffusers' ``MultiIPAdapterImageProjection``) or None."""
+    from diffusers.models.embeddings import MultiIPAdapterImageProjection
+
+    unet = getattr(pipe, "unet", None)
+    projection = getattr(unet, "encoder_hid_proj", None)
+    return projection if isinstance(projection, MultiIPAdapterImageProjection) else None
+
+
+def _variant(layer) -> str:
+    from diffusers.models.embeddings import (
+        ImageProjection,
+        IPAdapterFullImageProjection,
+        IPAdapterPlusImageProjection,
+    )
+
+    names = {
+        ImageProjection: "plain",
+        IPAdapterPlusImageProjection: "plus",
+        IPAdapterFullImageProjection: "full",
+    }
+    for cls, name in names.items():
+        if type(layer) is cls:
+            return name
+    raise ValueError(
+        f"IP-Adapters with a {type(layer).__name__} take face embeddings, not images: reference images "
+        "support the plain, plus, plus-face and full-face adapters"
+    )
+
+
+def _single_layer(pipe):
+    projection = adapter_projection(pipe)
+    if projection is None:
+        return None
+    if projection.num_ip_adapters != 1:
+        raise ValueError(
+            f"reference images use one IP-Adapter; this pipeline has {projection.num_ip_adapters} loaded"
+        )
+    return projection.image_projection_layers[0]
+
+
+def adapter_scale(pipe) -> float | None:
+    """The scale of the loaded adapter's processors (the first one's: ``set_ip_adapter_scale`` sets all)."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    for processor in pipe.unet.attn_processors.values():
+        if isinstance(processor, IPAdapterAttnProcessor2_0):
+            return float(processor.scale[0])
+    return None
+
+
+def adapter_metadata(pipe) -> dict | None:
+    """What a run records about the loaded IP-Adapter (None without one): its weights and image encoder
+    (paths, when loaded by :func:`load_ip_adapter`; None when loaded otherwise), variant, scale."""
+    layer = _single_layer(pipe)
+    if layer is None:
+        return None
+    source = getattr(pipe.unet, _SOURCE_ATTR, None)
+    if source is None or source["projection"] != id(pipe.unet.encoder_hid_proj):
+        source = {"weights": None, "image_encoder": None}  # loaded with diffusers' own call
+    return {
+        "weights": source["weights"],
+        "image_encoder": source["image_encoder"],
+        "variant": _variant(layer),
+        "scale": adapter_scale(pipe),
+    }
+
+
+def _check_unet_pipe(pipe) -> None:
+    from diffusers import UNet2DConditionModel
+
+    if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel) or not hasattr(
+        pipe, "load_ip_adapter"
+    ):
+        raise ValueError(f"{UNET_ONLY}; got {type(pipe).__name__}")
+
+
+def _weights_file(weights: str | Path) -> Path:
+    from .loading import ModelLoadError
+
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+        if len(found) != 1:
+            listed = ", ".join(p.name for p in found) or "none"
+            raise ModelLoadError(
+                f"IP-Adapter folder {path} must hold exactly one weights file "
+                f"({'/'.join(WEIGHT_SUFFIXES)}), found {listed}: pass the file"
+            )
+        return found[0]
+    if not path.is_file():
+        raise ModelLoadError(f"IP-Adapter weights {path}: no such file or folder")
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise ModelLoadError(f"IP-Adapter weights {path}: expected a {'/'.join(WEIGHT_SUFFIXES)} file")
+    return path
+
+
+def load_ip_adapter(
+    pipe, weights: str | Path, *, image_encoder: str | Path | None = None, scale: float = 1.0
+) -> dict:
+    """Load an IP-Adapter from a local file (or a folder holding one weights file) into ``pipe``, with
+    diffusers' ``pipe.load_ip_adapter``; returns :func:`adapter_metadata`.
+
+    ``image_encoder``: a local ``CLIPVisionModelWithProjection`` folder. None: keep the pipeline's image
+    encoder if it has one, else load the ``image_encoder`` folder next to the weights (the layout of the
+    IP-Adapter repositories). ``scale``: the adapter's weight (``set_ip_adapter_scale``). Raises
+    ``loading.ModelLoadError`` for a missing or unloadable file or folder (a failed load may leave the UNet
+    half converted: load the pipeline again).
+    """
+    from transformers import CLIPVisionModelWithProjection
+
+    from .loading import ModelLoadError
+
+    _check_unet_pipe(pipe)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise InvalidSetting("ip_scale", f"must be a finite number, got {scale!r}")
+    path = _weights_file(weights)
+    if image_encoder is None and getattr(pipe, "image_encoder", None) is None:
+        image_encoder = path.parent / "image_encoder"
+        if not image_encoder.is_dir():
+            raise ModelLoadError(
+                f"no image encoder for the IP-Adapter {path}: pass image_encoder (a CLIP vision model "
+                f"folder), or put one at {image_encoder}"
+            )
+    encoder_path = None
+    if image_encoder is not None:
+        encoder_path = Path(image_encoder).expanduser()
+        if not (encoder_path / "config.json").is_file():
+            raise ModelLoadError(f"image encoder {encoder_path}: not a folder with a config.json")
+        try:
+            encoder = CLIPVisionModelWithProjection.from_pretrained(
+                encoder_path, dtype=pipe.unet.dtype, local_files_only=True
+            )
+        except Exception as exc:  # transformers' errors vary with what is wrong with the folder
+            raise ModelLoadError(f"image encoder {encoder_path}: {type(exc).__name__}: {exc}") from exc
+        pipe.register_modules(image_encoder=encoder.to(pipe.unet.device).eval())
+    try:
+        # image_encoder_folder=None: the encoder is registered above (or was already there)
+        pipe.load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name, image_encoder_folder=None)
+    except Exception as exc:
+        unet = type(pipe.unet).__name__
+        raise ModelLoadError(
+            f"IP-Adapter {path} does not load into this {unet}: {type(exc).__name__}: {exc}"
+        ) from exc
+    _variant(_single_layer(pipe))  # refuse face-embedding adapters now, not at the first story
+    pipe.set_ip_adapter_scale(float(scale))
+    setattr(
+        pipe.unet,
+        _SOURCE_ATTR,
+        {
+            "weights": str(path.resolve()),
+            "image_encoder": str(encoder_path.resolve()) if encoder_path is not None else None,
+            "projection": id(pipe.unet.encoder_hid_proj),
+        },
+    )
+    return adapter_metadata(pipe)
+
+
+# -- reference images ------------------------------------------------------------------------------------
+
+
+def read_reference_image(name: str, image: Image.Image | str | Path) -> tuple[Image.Image, dict]:
+    """(RGB image, its record) for a character's reference image given as a PIL image or a file path. The
+    record's sha256 is of the RGB pixels (with the size), the same whether the image came as a file or an
+    object, so a resumed run can check it is given the same image; a path is recorded too."""
+    record: dict = {}
+    if isinstance(image, (str, Path)):
+        path = Path(image).expanduser()
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        except (OSError, UnidentifiedImageError) as exc:
+            raise InvalidSetting(
+                "reference_images", f"of {name!r}: cannot read {path} as an image ({type(exc).__name__})"
+            ) from None
+        record["path"] = str(path.resolve())
+    elif isinstance(image, Image.Image):
+        image = image.convert("RGB")
+    else:
+        raise InvalidSetting(
+            "reference_images",
+            f"of {name!r} must be a PIL image or an image file path, got {type(image).__name__}",
+        )
+    digest = hashlib.sha256(f"{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return image, {"sha256": digest.hexdigest(), **record}
+
+
+def check_reference_images(pipe, images: Mapping, appears) -> None:
+    """The errors a run with ``images`` (character name -> image) must raise before anything runs:
+    ``appears(name)``: whether the story shows the character."""
+    if not images:
+        return
+    if not isinstance(images, Mapping):
+        raise InvalidSetting(
+            "reference_images", f"must map character names to images, got {type(images).__name__}"
+        )
+    from diffusers import UNet2DConditionModel
+
+    if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
+        raise InvalidSetting(
+            "reference_images", f"work with UNet models (SD1.x/2.x, SDXL) only, not {type(pipe).__name__}"
+        )
+    if adapter_projection(pipe) is None:
+        raise InvalidSetting(
+            "reference_images", "need an IP-Adapter: load one first (StoryDiffusionPipeline.load_ip_adapter)"
+        )
+    _variant(_single_layer(pipe))
+    if getattr(pipe, "image_encoder", None) is None or getattr(pipe, "feature_extractor", None) is None:
+        raise InvalidSetting(
+            "reference_images", "need the IP-Adapter's image encoder, which the pipeline lacks"
+        )
+    absent = sorted(str(name) for name in images if not appears(name))
+    if absent:
+        raise InvalidSetting(
+            "reference_images", f"name {', '.join(map(repr, absent))}, who is in no frame of the story"
+        )
+
+
+@torch.no_grad()
+def encode_reference(pipe, image: Image.Image, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) embedding of one image, as diffusers' pipelines make them for the loaded
+    adapter: the image embedding (plain) or penultimate hidden states (plus, full), shape (*embed)."""
+    (embeds,) = pipe.prepare_ip_adapter_image_embeds([image], None, device, 1, True)  # (2, 1, *embed)
+    negative, positive = embeds[:, 0]
+    return positive, negative
+
+
+def _filler_shape(layer) -> tuple[int, ...]:
+    """What the projection layer reads, for a slot no image fills (its output is masked out): the plain
+    adapter's embedding width, or one token of the hidden states the others read."""
+    variant = _variant(layer)
+    if variant == "plain":
+        return (layer.image_embeds.in_features,)
+    width = layer.proj_in.in_features if variant == "plus" else layer.ff.net[0].proj.in_features
+    return (1, width)
+
+
+@dataclass
+class ReferenceImages:
+    """Each character's encoded reference image and the characters with one each frame shows (in the
+    frame's order); builds the IP-Adapter inputs of any chunk of frames (see the module docstring)."""
+
+    embeds: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (positive, negative), (*embed)
+    frame_slots: Sequence[tuple[str, ...]]
+    filler: torch.Tensor  # an empty slot's embedding (zeros, of the embeddings' shape, device and dtype)
+
+    @classmethod
+    def encode(
+        cls, pipe, images: Mapping[str, Image.Image], frame_characters: Sequence[Sequence[str]], device
+    ) -> ReferenceImages:
+        """Encode ``images`` (name -> RGB image) once; ``frame_characters``: each frame's characters."""
+        embeds = {name: encode_reference(pipe, image, device) for name, image in images.items()}
+        slots = [tuple(name for name in names if name in embeds) for names in frame_characters]
+        if embeds:
+            filler = torch.zeros_like(next(iter(embeds.values()))[0])
+        else:
+            filler = torch.zeros(_filler_shape(_single_layer(pipe)), device=device, dtype=pipe.unet.dtype)
+        return cls(embeds, slots, filler)
+
+    @classmethod
+    def none(cls, pipe, num_frames: int, device) -> ReferenceImages:
+        """No frame has an image: every mask is zero (an adapter is loaded, and the UNet wants inputs)."""
+        return cls.encode(pipe, {}, [()] * num_frames, device)
+
+    def chunk(self, frames: Sequence[int], cfg: bool, size: tuple[int, int]) -> tuple[list, list]:
+        """(image_embeds, ip_adapter_masks) for the UNet call on ``frames`` (CFG: [uncond; cond] rows);
+        ``size``: the latent grid (height, width), which gives the masks their aspect ratio."""
+        slots = max(1, *(len(self.frame_slots[i]) for i in frames))
+        positive = self.filler.expand(len(frames), slots, *self.filler.shape).clone()
+        negative = positive.clone()
+        mask = torch.zeros(len(frames), slots, *size, device=self.filler.device)
+        for row, frame in enumerate(frames):
+            for slot, name in enumerate(self.frame_slots[frame]):
+                positive[row, slot], negative[row, slot] = self.embeds[name]
+                mask[row, slot] = 1.0
+        if cfg:
+            return [torch.cat([negative, positive])], [torch.cat([mask, mask])]
+        return [positive], [mask]
+
+
+def wants_image_inputs(pipe) -> bool:
+    """Whether the pipeline's denoiser needs IP-Adapter inputs at every call (an adapter is loaded)."""
+    return adapter_projection(pipe) is not None
