@@ -9,7 +9,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 from PIL import Image
 
-from storydiff.attention import ConsistentAttnProcessor
+from storydiff.attention import BoundProcessor, ConsistentAttnProcessor
 from storydiff.config import ConsistencyConfig, InvalidSetting
 from storydiff.ip_adapter import ReferenceImages, encode_reference, load_ip_adapter
 from storydiff.loading import ModelLoadError
@@ -144,16 +144,21 @@ def test_no_images_and_rate_zero_with_an_adapter_is_the_stock_story(weights, enc
     story on the same model without any adapter (consistency at rate 0 too: plain attention)."""
     for model in MODELS:
         stock_sp = story_pipeline(model, rate=0.0)
-        _, stock = run_latents(stock_sp, **BANK)
+        result, stock = run_latents(stock_sp, **BANK)
         stock_sp.close()
+        assert result.metadata["ip_adapter"] is None and result.metadata["reference_images"] == {}
         sp = story_pipeline(model, rate=0.0)
         sp.load_ip_adapter(weights(model), image_encoder=encoder_dir)
         _, ours = run_latents(sp, **BANK)
         # the images must be able to matter at all, or equality would prove nothing
         _, with_image = run_latents(sp, reference_images={"Bob": picture(0)}, **BANK)
+        # diffusers' unload_ip_adapter rebuilds every other processor (ours too) without arguments
+        sp.pipe.unload_ip_adapter()
+        _, unloaded = run_latents(sp, **BANK)
         sp.close()
         assert torch.equal(ours, stock), model
         assert differs(with_image[0], stock[0]), model
+        assert torch.equal(unloaded, stock), model
 
 
 # -- the variants and the encoding ------------------------------------------------------------------------
@@ -209,6 +214,31 @@ def test_metadata_records_the_adapter_and_each_image(loaded, tmp_path):
     assert result.metadata["reference_images"] == images
 
 
+def test_a_resume_must_be_given_the_same_images(weights, encoder_dir, tmp_path):
+    """A lockstep run's checkpoints carry the images' hashes: resuming with another image of Alice is
+    refused; with the same images (one as a file now) it finishes with the frames of the interrupted run."""
+    sp = story_pipeline("tiny-sd15")
+    sp.load_ip_adapter(weights("tiny-sd15"), image_encoder=encoder_dir)
+    out, seen = tmp_path / "run", []
+
+    def interrupted(latent, height, width):  # every step is checkpointed by the time frames decode
+        seen.append(latent.clone())
+        raise KeyboardInterrupt
+
+    settings = {**RUN, **BANK, "checkpoint_every": 1, "out_dir": out}
+    sp.family.decode = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        sp(STORY, reference_images={"Bob": picture(0), "Alice": picture(1)}, **settings)
+    del sp.family.decode
+    with pytest.raises(ValueError, match="differs in: reference_images"):
+        sp(STORY, reference_images={"Bob": picture(0), "Alice": picture(2)}, resume=True, **settings)
+    picture(1).save(tmp_path / "alice.png")
+    images = {"Bob": picture(0), "Alice": tmp_path / "alice.png"}
+    _, latents = run_latents(sp, reference_images=images, resume=True, **settings)
+    assert torch.equal(latents[0], seen[0])  # frame 0 decodes first (Bob's identity frame)
+    sp.close()
+
+
 # -- installation order, removal ------------------------------------------------------------------------
 
 
@@ -259,6 +289,24 @@ def test_both_install_orders_give_the_same_frames_and_remove_keeps_the_adapter(w
     ours = second(ip_adapter_image=picture(0), generator=torch.Generator().manual_seed(0), **call).images
     theirs = first(ip_adapter_image=picture(0), generator=torch.Generator().manual_seed(0), **call).images
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+def test_dit_processors_survive_a_rebuild_without_arguments(model):
+    """FLUX's load_ip_adapter rebuilds its single-stream processors as diffusers always does, class():
+    ours then read their binding (FLUX's position embedder for rope="shift" included): same frames."""
+    rope = {"rope": "shift"} if model == "tiny-flux" else {}
+    sp = StoryDiffusionPipeline(
+        build_tiny_pipeline(model, progress_bar=False), ConsistencyConfig(rate=0.5, seed=1, **NO_SKIP, **rope)
+    )
+    _, before = run_latents(sp, **BANK)
+    denoiser = sp.family.denoiser
+    denoiser.set_attn_processor({name: type(p)() for name, p in denoiser.attn_processors.items()})
+    rebuilt = [p for p in denoiser.attn_processors.values() if isinstance(p, BoundProcessor)]
+    assert rebuilt and all(p._binding is None for p in rebuilt)
+    _, after = run_latents(sp, **BANK)
+    assert torch.equal(before, after)
+    sp.close()
 
 
 def test_a_rebuilt_processor_outside_an_installation_says_so():
