@@ -434,6 +434,7 @@ class StoryDiffusionPipeline:
                 if output is not None:
                     output.save_frame(i, images[i])
 
+        shown = (summary or {}).get("reference_images", {})  # character -> its reference image's sha256
         for name in identity:
             # also on resume: a lockstep run's bank holds one step, written again at the next step
             self.state.bank.start(name)
@@ -441,6 +442,7 @@ class StoryDiffusionPipeline:
                 name,
                 description=story.characters[name].description,
                 model=self.model_name,
+                **({"reference_image": shown[name]} if name in shown else {}),  # what the bank was made with
                 **self.run_signature(settings),
             )
         received = 0

@@ -10,6 +10,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttn
 from PIL import Image
 
 from storydiff.attention import BoundProcessor, ConsistentAttnProcessor
+from storydiff.bank import IdBank
 from storydiff.config import ConsistencyConfig, InvalidSetting
 from storydiff.ip_adapter import ReferenceImages, encode_reference, load_ip_adapter
 from storydiff.loading import ModelLoadError
@@ -197,7 +198,11 @@ def test_metadata_records_the_adapter_and_each_image(loaded, tmp_path):
     path = tmp_path / "alice.png"
     picture(1).save(path)
     result, _ = run_latents(
-        loaded, reference_images={"Bob": picture(0), "Alice": str(path)}, out_dir=tmp_path / "run", **BANK
+        loaded,
+        reference_images={"Bob": picture(0), "Alice": str(path)},
+        out_dir=tmp_path / "run",
+        save_banks=True,
+        **BANK,
     )
     meta = json.loads((tmp_path / "run" / "metadata.json").read_text())
     adapter = meta["ip_adapter"]
@@ -212,6 +217,9 @@ def test_metadata_records_the_adapter_and_each_image(loaded, tmp_path):
     assert same.metadata["reference_images"]["Alice"]["sha256"] == images["Alice"]["sha256"]
     assert images["Bob"]["sha256"] != images["Alice"]["sha256"]
     assert result.metadata["reference_images"] == images
+    bank = IdBank()  # a saved bank records the image its identity frames were made with
+    assert bank.load(tmp_path / "run" / "banks" / "Alice.safetensors") == "Alice"
+    assert bank.metadata("Alice")["reference_image"] == images["Alice"]["sha256"]
 
 
 def test_a_resume_must_be_given_the_same_images(weights, encoder_dir, tmp_path):
