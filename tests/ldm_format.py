@@ -5,7 +5,8 @@ training code; ``from_single_file`` converts it back. The tests need such files 
 module does the reverse conversion for the tiny models: UNet under ``model.diffusion_model.``, VAE under
 ``first_stage_model.``, CLIP text encoders under ``cond_stage_model.transformer.`` (SD1.x) or
 ``conditioner.embedders.0.transformer.`` (SDXL) and SDXL's OpenCLIP encoder under
-``conditioner.embedders.1.model.`` (fused attention in-projections, transposed text projection).
+``conditioner.embedders.1.model.`` (fused attention in-projections, transposed text projection). And
+random LoRA files in diffusers' key layout (``write_random_lora``).
 """
 
 from __future__ import annotations
@@ -168,3 +169,20 @@ def write_single_file(pipe: DiffusionPipeline, path: Path) -> Path:
     """``pipe`` as one original-format ``.safetensors`` checkpoint at ``path``."""
     save_file(pipeline_to_ldm(pipe), str(path))
     return path
+
+
+def write_random_lora(unet: torch.nn.Module, path: Path, seed: int, rank: int) -> dict[str, tuple]:
+    """A random LoRA on every attention projection, in diffusers' key layout; returns {module: (A, B)}."""
+    g = torch.Generator().manual_seed(seed)
+    factors = {}
+    for name, module in unet.named_modules():
+        if re.search(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$", name):
+            # Deltas of about the weights' own size: a visible change, activations that stay moderate.
+            factors[name] = (
+                torch.randn(rank, module.in_features, generator=g) / module.in_features**0.5,
+                torch.randn(module.out_features, rank, generator=g) * 0.1,
+            )
+    tensors = {f"unet.{n}.lora_A.weight": a for n, (a, _) in factors.items()}
+    tensors |= {f"unet.{n}.lora_B.weight": b for n, (_, b) in factors.items()}
+    save_file(tensors, path)
+    return factors

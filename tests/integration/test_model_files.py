@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import huggingface_hub
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from ldm_format import pipeline_to_ldm, write_single_file
+from ldm_format import pipeline_to_ldm, write_random_lora, write_single_file
 from safetensors.torch import load_file, save_file
 
 from storydiff.loading import ModelLoadError, load_pipeline
@@ -211,23 +210,6 @@ def test_offline_without_config(files: dict, tmp_path: Path, monkeypatch: pytest
 # -- LoRA --------------------------------------------------------------------------------------------------
 
 
-def _write_lora(unet: torch.nn.Module, path: Path, seed: int, rank: int) -> dict[str, tuple]:
-    """A random LoRA on every attention projection, in diffusers' key layout; returns {module: (A, B)}."""
-    g = torch.Generator().manual_seed(seed)
-    factors = {}
-    for name, module in unet.named_modules():
-        if re.search(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$", name):
-            # Deltas of about the weights' own size: a visible change, activations that stay moderate.
-            factors[name] = (
-                torch.randn(rank, module.in_features, generator=g) / module.in_features**0.5,
-                torch.randn(module.out_features, rank, generator=g) * 0.1,
-            )
-    tensors = {f"unet.{n}.lora_A.weight": a for n, (a, _) in factors.items()}
-    tensors |= {f"unet.{n}.lora_B.weight": b for n, (_, b) in factors.items()}
-    save_file(tensors, path)
-    return factors
-
-
 def _merged(unet: torch.nn.Module, loras: list[tuple[dict, float]]) -> torch.nn.Module:
     """An independent reference: each LoRA's scale · B @ A added to a copy's weights."""
     unet = copy.deepcopy(unet)
@@ -245,7 +227,10 @@ def loras(stock: DiffusionPipeline, tmp_path_factory: pytest.TempPathFactory) ->
     sd15 = build_tiny_pipeline("tiny-sd15", progress_bar=False).unet
     made = {"a": (stock.unet, 1, 2), "b": (stock.unet, 2, 4), "sd15": (sd15, 3, 2)}
     return {
-        name: (root / f"{name}.safetensors", _write_lora(unet, root / f"{name}.safetensors", seed, rank))
+        name: (
+            root / f"{name}.safetensors",
+            write_random_lora(unet, root / f"{name}.safetensors", seed, rank),
+        )
         for name, (unet, seed, rank) in made.items()
     }
 
