@@ -197,6 +197,19 @@ def apply_consistent_attention(pipe_or_denoiser, config: ConsistencyConfig | Non
     return state
 
 
+def replaced_layers(pipe_or_denoiser) -> list[str]:
+    """Consistent layers whose processor something else replaced after :func:`apply_consistent_attention`
+    (e.g. FLUX's ``load_ip_adapter`` puts its own on the double-stream blocks): consistency is off there."""
+    denoiser = find_host(pipe_or_denoiser).denoiser
+    installed = getattr(denoiser, _STATE_ATTR, None)
+    if installed is None:
+        return []
+    processors = denoiser.attn_processors
+    return [
+        layer.name for layer in installed[0].layers if not isinstance(processors[layer.name], BoundProcessor)
+    ]
+
+
 def remove_consistent_attention(pipe_or_denoiser) -> None:
     """Undo :func:`apply_consistent_attention`: the layers it installed on get back the processors they had
     before; every other layer keeps what it has now (e.g. the IP-Adapter processors ``load_ip_adapter``

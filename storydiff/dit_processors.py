@@ -13,6 +13,7 @@ positions) unless ``ConsistencyConfig.rope`` moves them (``rope.py``).
 from __future__ import annotations
 
 import torch
+from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 
 from .attention import BoundProcessor, head_projections
 from .compat import flux_qkv_projections
@@ -148,3 +149,63 @@ class SD3ConsistentProcessor(BoundProcessor):
         if encoder_hidden_states is not None:
             return hidden_states, encoder_hidden_states
         return hidden_states
+
+
+class FluxMaskedIPAdapterProcessor(FluxIPAdapterAttnProcessor):
+    """diffusers' FLUX IP-Adapter processor (double-stream blocks) with per-image masks, as the UNet's
+    ``IPAdapterAttnProcessor2_0`` has: ``ip_hidden_states`` (B, slots, tokens, C) and ``ip_adapter_masks``
+    (B, slots), so each frame adds ``scale · mask · attention`` per slot, and an empty slot exactly zero.
+
+    diffusers' own processor attends to every image's tokens at once, with no masks; this one runs it for
+    the text and image attention (no images given) and adds the image attention per slot, from the same
+    query it uses: the image tokens' normalised query before RoPE (``to_q`` again: one extra projection)."""
+
+    @classmethod
+    def replacing(cls, processor) -> FluxMaskedIPAdapterProcessor:
+        """This class with ``processor``'s weights, scales, device and dtype."""
+        weight = processor.to_k_ip[0].weight
+        masked = cls(
+            hidden_size=processor.hidden_size,
+            cross_attention_dim=processor.cross_attention_dim,
+            num_tokens=[4] * len(processor.to_k_ip),  # unused: the projection decides the token count
+            scale=list(processor.scale),
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        masked.load_state_dict(processor.state_dict())
+        return masked
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+        ip_hidden_states: list[torch.Tensor] | None = None,
+        ip_adapter_masks: list[torch.Tensor] | None = None,
+    ):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        outputs = super().__call__(
+            attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, []
+        )
+        if encoder_hidden_states is None:
+            return outputs
+        if ip_hidden_states is None or ip_adapter_masks is None:
+            raise ValueError(f"{type(self).__name__} needs ip_hidden_states and ip_adapter_masks")
+        hidden, context, ip_output = outputs  # ip_output: zeros (no images given above)
+        query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1)))
+        batch = hidden_states.shape[0]
+        for images, masks, scale, to_k, to_v in zip(
+            ip_hidden_states, ip_adapter_masks, self.scale, self.to_k_ip, self.to_v_ip, strict=True
+        ):
+            for slot in range(images.shape[1]):
+                key = to_k(images[:, slot]).view(batch, -1, attn.heads, attn.head_dim)
+                value = to_v(images[:, slot]).view(batch, -1, attn.heads, attn.head_dim)
+                out = dispatch_attention_fn(
+                    query, key, value, backend=self._attention_backend, parallel_config=self._parallel_config
+                )
+                out = out.reshape(batch, -1, attn.heads * attn.head_dim).to(query.dtype)
+                ip_output = ip_output + scale * (out * masks[:, slot, None, None].to(out.dtype))
+        return hidden, context, ip_output

@@ -31,7 +31,7 @@ from .compat import (
     flux_unpack,
     sdxl_time_ids,
 )
-from .ip_adapter import UNET_ONLY
+from .ip_adapter import SUPPORTED
 
 
 class Family:
@@ -104,6 +104,11 @@ class Family:
             cond, pooled = torch.cat([uncond, cond]), torch.cat([neg_pooled, pooled])
         return cond, {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pooled), 1)}
 
+    def image_mask_size(self, height: int, width: int) -> tuple[int, ...]:
+        """The shape of one frame's IP-Adapter mask per image (``ip_adapter.ReferenceImages.chunk``): the
+        latent grid, whose aspect ratio diffusers' mask downsampling reads."""
+        return (height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
+
     def with_reference_images(self, conditioning, image_embeds: list, masks: list):
         """``conditioning`` (from ``encode``) plus IP-Adapter inputs for the same frames: diffusers' UNet
         takes the image embeddings with the added conditions and the masks as a cross-attention kwarg."""
@@ -156,10 +161,10 @@ def text_length(pipe, default: int, tokenizer: str) -> int:
 class TransformerFamily(Family):
     """Diffusion transformers: the denoiser is ``pipe.transformer``, images are patched after the VAE."""
 
-    supports_reference_images = False  # FLUX's IP-Adapter processors are not wired to stories
+    supports_reference_images = False  # SD3's and PixArt's stories take no IP-Adapter (FLUX's do)
 
     def with_reference_images(self, conditioning, image_embeds, masks):
-        raise ValueError(f"{UNET_ONLY}, not {self.name} models")
+        raise ValueError(f"{SUPPORTED}, not {self.name} models")
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -181,8 +186,18 @@ class FluxFamily(TransformerFamily):
     def default_size(self) -> int:
         return self.pipe.default_sample_size * self.pipe.vae_scale_factor
 
+    supports_reference_images = True  # on the double-stream blocks (ip_adapter.py)
+
     def uses_cfg_batch(self, guidance_scale: float) -> bool:
         return False  # guidance is an input of the transformer, not a second batch half
+
+    def image_mask_size(self, height: int, width: int) -> tuple[int, ...]:
+        return ()  # dit_processors.FluxMaskedIPAdapterProcessor: one number per frame and image
+
+    def with_reference_images(self, conditioning, image_embeds, masks):
+        """The transformer takes the image embeddings and our masked processors the masks as joint
+        attention kwargs."""
+        return *conditioning, {"ip_adapter_image_embeds": image_embeds, "ip_adapter_masks": masks}
 
     def _grid(self, height: int, width: int) -> tuple[int, int]:
         scale = self.pipe.vae_scale_factor * 2
@@ -216,7 +231,7 @@ class FluxFamily(TransformerFamily):
         return embeds, pooled, text_ids, image_ids
 
     def predict(self, scheduler, latents, t, conditioning, guidance_scale, cfg):
-        embeds, pooled, text_ids, image_ids = conditioning
+        embeds, pooled, text_ids, image_ids, *images = conditioning  # images: with_reference_images'
         batch = latents.shape[0]
         guidance = None
         if self.denoiser.config.guidance_embeds:
@@ -230,6 +245,8 @@ class FluxFamily(TransformerFamily):
             encoder_hidden_states=embeds,
             txt_ids=text_ids,
             img_ids=image_ids,
+            # a copy: the transformer pops the embeddings out of the dict it is given
+            joint_attention_kwargs=dict(images[0]) if images else None,
             return_dict=False,
         )[0]
 

@@ -1,4 +1,5 @@
-"""Reference images per character, through diffusers' IP-Adapter support (UNet models: SD1.x/2.x, SDXL).
+"""Reference images per character, through diffusers' IP-Adapter support (UNet models: SD1.x/2.x, SDXL;
+and FLUX.1).
 
     sp = StoryDiffusionPipeline(pipe, config)
     sp.load_ip_adapter("ip-adapter_sdxl.safetensors", image_encoder="image_encoder/", scale=0.6)
@@ -18,6 +19,10 @@ slot, so an empty slot adds exactly zero: a frame's result does not depend on wh
 a frame showing two characters reads both images, a frame showing none reads nothing. With an adapter
 loaded and no images every mask is zero (the UNet needs ``image_embeds`` once an adapter is loaded), which
 computes the stock cross-attention.
+
+FLUX: diffusers' IP-Adapter processors sit on the double-stream blocks (consistency's default is the
+single-stream ones) and take no masks; ``dit_processors.FluxMaskedIPAdapterProcessor`` replaces them with
+the same weights and per-image masks (B, slots). FLUX has no CFG batch, so no negative embeddings.
 """
 
 from __future__ import annotations
@@ -33,19 +38,40 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import InvalidSetting
 
-_SOURCE_ATTR = "_storydiff_ip_adapter"  # on the UNet: where the adapter loaded by load_ip_adapter came from
+_SOURCE_ATTR = "_storydiff_ip_adapter"  # on the denoiser: where load_ip_adapter's adapter came from
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-# the error for other families (FLUX's IP-Adapter has its own processors, not wired to stories yet)
-UNET_ONLY = "reference images work with UNet models (SD1.x/2.x, SDXL) only"
+# the error for the other families (SD3 and PixArt stories take no IP-Adapter)
+SUPPORTED = "reference images work with UNet models (SD1.x/2.x, SDXL) and FLUX.1 only"
+
+
+def _denoiser(pipe):
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    for name, cls in (("unet", UNet2DConditionModel), ("transformer", FluxTransformer2DModel)):
+        if isinstance(getattr(pipe, name, None), cls):
+            return getattr(pipe, name)
+    return None
+
+
+def _is_flux(pipe) -> bool:
+    from diffusers import FluxTransformer2DModel
+
+    return isinstance(_denoiser(pipe), FluxTransformer2DModel)
 
 
 def adapter_projection(pipe):
     """The loaded IP-Adapter's image projection (diffusers' ``MultiIPAdapterImageProjection``) or None."""
     from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
-    unet = getattr(pipe, "unet", None)
-    projection = getattr(unet, "encoder_hid_proj", None)
+    projection = getattr(_denoiser(pipe), "encoder_hid_proj", None)
     return projection if isinstance(projection, MultiIPAdapterImageProjection) else None
+
+
+def _ip_processor_classes() -> tuple[type, ...]:
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+    return IPAdapterAttnProcessor2_0, FluxIPAdapterAttnProcessor
 
 
 def _variant(layer) -> str:
@@ -82,10 +108,8 @@ def _single_layer(pipe):
 
 def adapter_scale(pipe) -> float | None:
     """The scale of the loaded adapter's processors (the first one's: ``set_ip_adapter_scale`` sets all)."""
-    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
-
-    for processor in pipe.unet.attn_processors.values():
-        if isinstance(processor, IPAdapterAttnProcessor2_0):
+    for processor in _denoiser(pipe).attn_processors.values():
+        if isinstance(processor, _ip_processor_classes()):
             return float(processor.scale[0])
     return None
 
@@ -96,8 +120,9 @@ def adapter_metadata(pipe) -> dict | None:
     layer = _single_layer(pipe)
     if layer is None:
         return None
-    source = getattr(pipe.unet, _SOURCE_ATTR, None)
-    if source is None or source["projection"] != id(pipe.unet.encoder_hid_proj):
+    denoiser = _denoiser(pipe)
+    source = getattr(denoiser, _SOURCE_ATTR, None)
+    if source is None or source["projection"] != id(denoiser.encoder_hid_proj):
         source = {"weights": None, "image_encoder": None}  # loaded with diffusers' own call
     return {
         "weights": source["weights"],
@@ -107,13 +132,9 @@ def adapter_metadata(pipe) -> dict | None:
     }
 
 
-def _check_unet_pipe(pipe) -> None:
-    from diffusers import UNet2DConditionModel
-
-    if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel) or not hasattr(
-        pipe, "load_ip_adapter"
-    ):
-        raise ValueError(f"{UNET_ONLY}; got {type(pipe).__name__}")
+def _check_pipe(pipe) -> None:
+    if _denoiser(pipe) is None or not hasattr(pipe, "load_ip_adapter"):
+        raise ValueError(f"{SUPPORTED}; got {type(pipe).__name__}")
 
 
 def _weights_file(weights: str | Path) -> Path:
@@ -145,17 +166,18 @@ def load_ip_adapter(
     ``image_encoder``: a local ``CLIPVisionModelWithProjection`` folder. None: keep the pipeline's image
     encoder if it has one, else load the ``image_encoder`` folder next to the weights (the layout of the
     IP-Adapter repositories). ``scale``: the adapter's weight (``set_ip_adapter_scale``). Raises
-    ``loading.ModelLoadError`` for a missing or unloadable file or folder (a failed load may leave the UNet
-    half converted: load the pipeline again).
+    ``loading.ModelLoadError`` for a missing or unloadable file or folder (a failed load may leave the
+    denoiser half converted: load the pipeline again).
     """
     from transformers import CLIPVisionModelWithProjection
 
     from .loading import ModelLoadError
 
-    _check_unet_pipe(pipe)
+    _check_pipe(pipe)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise InvalidSetting("ip_scale", f"must be a finite number, got {scale!r}")
     path = _weights_file(weights)
+    denoiser = _denoiser(pipe)
     if image_encoder is None and getattr(pipe, "image_encoder", None) is None:
         image_encoder = path.parent / "image_encoder"
         if not image_encoder.is_dir():
@@ -170,28 +192,33 @@ def load_ip_adapter(
             raise ModelLoadError(f"image encoder {encoder_path}: not a folder with a config.json")
         try:
             encoder = CLIPVisionModelWithProjection.from_pretrained(
-                encoder_path, dtype=pipe.unet.dtype, local_files_only=True
+                encoder_path, dtype=denoiser.dtype, local_files_only=True
             )
         except Exception as exc:  # transformers' errors vary with what is wrong with the folder
             raise ModelLoadError(f"image encoder {encoder_path}: {type(exc).__name__}: {exc}") from exc
-        pipe.register_modules(image_encoder=encoder.to(pipe.unet.device).eval())
+        pipe.register_modules(image_encoder=encoder.to(denoiser.device).eval())
+    # no image encoder folder (FLUX's loader names the argument differently): it is registered above (or
+    # was already there)
+    encoder_argument = (
+        "image_encoder_pretrained_model_name_or_path" if _is_flux(pipe) else "image_encoder_folder"
+    )
+    no_encoder = {encoder_argument: None}
     try:
-        # image_encoder_folder=None: the encoder is registered above (or was already there)
-        pipe.load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name, image_encoder_folder=None)
+        pipe.load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name, **no_encoder)
     except Exception as exc:
-        unet = type(pipe.unet).__name__
+        model = type(denoiser).__name__
         raise ModelLoadError(
-            f"IP-Adapter {path} does not load into this {unet}: {type(exc).__name__}: {exc}"
+            f"IP-Adapter {path} does not load into this {model}: {type(exc).__name__}: {exc}"
         ) from exc
     _variant(_single_layer(pipe))  # refuse face-embedding adapters now, not at the first story
     pipe.set_ip_adapter_scale(float(scale))
     setattr(
-        pipe.unet,
+        denoiser,
         _SOURCE_ATTR,
         {
             "weights": str(path.resolve()),
             "image_encoder": str(encoder_path.resolve()) if encoder_path is not None else None,
-            "projection": id(pipe.unet.encoder_hid_proj),
+            "projection": id(denoiser.encoder_hid_proj),
         },
     )
     return adapter_metadata(pipe)
@@ -236,17 +263,17 @@ def check_reference_images(pipe, images: Mapping, appears) -> None:
         raise InvalidSetting(
             "reference_images", f"must map character names to images, got {type(images).__name__}"
         )
-    from diffusers import UNet2DConditionModel
-
-    if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
+    if _denoiser(pipe) is None:
         raise InvalidSetting(
-            "reference_images", f"work with UNet models (SD1.x/2.x, SDXL) only, not {type(pipe).__name__}"
+            "reference_images",
+            f"work with UNet models (SD1.x/2.x, SDXL) and FLUX.1 only, not {type(pipe).__name__}",
         )
     if adapter_projection(pipe) is None:
         raise InvalidSetting(
             "reference_images", "need an IP-Adapter: load one first (StoryDiffusionPipeline.load_ip_adapter)"
         )
     _variant(_single_layer(pipe))
+    check_adapter_layers(pipe)
     if getattr(pipe, "image_encoder", None) is None or getattr(pipe, "feature_extractor", None) is None:
         raise InvalidSetting(
             "reference_images", "need the IP-Adapter's image encoder, which the pipeline lacks"
@@ -258,10 +285,42 @@ def check_reference_images(pipe, images: Mapping, appears) -> None:
         )
 
 
+def check_adapter_layers(pipe) -> None:
+    """FLUX: the IP-Adapter's processors must still be on the double-stream blocks (consistency installed
+    there after loading the adapter replaces them)."""
+    if not _is_flux(pipe) or adapter_projection(pipe) is None:
+        return
+    processors = pipe.transformer.attn_processors
+    double = [name for name in processors if name.startswith("transformer_blocks.")]
+    if not all(isinstance(processors[name], _ip_processor_classes()) for name in double):
+        raise ValueError(
+            "consistent attention replaced the IP-Adapter on FLUX's double-stream blocks; with an "
+            "IP-Adapter use consistency on the single-stream blocks (layers='single', the default)"
+        )
+
+
+def masked_flux_processors(pipe) -> None:
+    """FLUX: swap diffusers' IP-Adapter processors (no masks) for the masked ones, same weights."""
+    from .dit_processors import FluxMaskedIPAdapterProcessor
+
+    transformer = pipe.transformer
+    processors = dict(transformer.attn_processors)
+    swapped = False
+    for name, processor in processors.items():
+        if type(processor) in _ip_processor_classes():
+            processors[name], swapped = FluxMaskedIPAdapterProcessor.replacing(processor), True
+    if swapped:
+        transformer.set_attn_processor(processors)
+
+
 @torch.no_grad()
 def encode_reference(pipe, image: Image.Image, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(positive, negative) embedding of one image, as diffusers' pipelines make them for the loaded
-    adapter: the image embedding (plain) or penultimate hidden states (plus, full), shape (*embed)."""
+    adapter: the image embedding (plain) or penultimate hidden states (plus, full), shape (*embed). FLUX
+    (no CFG batch): the image embedding, and zeros as the unused negative."""
+    if _is_flux(pipe):
+        (embeds,) = pipe.prepare_ip_adapter_image_embeds([image], None, device, 1)  # (1, 1, *embed)
+        return embeds[0, 0], torch.zeros_like(embeds[0, 0])
     (embeds,) = pipe.prepare_ip_adapter_image_embeds([image], None, device, 1, True)  # (2, 1, *embed)
     negative, positive = embeds[:, 0]
     return positive, negative
@@ -291,12 +350,15 @@ class ReferenceImages:
         cls, pipe, images: Mapping[str, Image.Image], frame_characters: Sequence[Sequence[str]], device
     ) -> ReferenceImages:
         """Encode ``images`` (name -> RGB image) once; ``frame_characters``: each frame's characters."""
+        if _is_flux(pipe):
+            masked_flux_processors(pipe)
         embeds = {name: encode_reference(pipe, image, device) for name, image in images.items()}
         slots = [tuple(name for name in names if name in embeds) for names in frame_characters]
         if embeds:
             filler = torch.zeros_like(next(iter(embeds.values()))[0])
         else:
-            filler = torch.zeros(_filler_shape(_single_layer(pipe)), device=device, dtype=pipe.unet.dtype)
+            dtype = _denoiser(pipe).dtype
+            filler = torch.zeros(_filler_shape(_single_layer(pipe)), device=device, dtype=dtype)
         return cls(embeds, slots, filler)
 
     @classmethod
@@ -304,9 +366,10 @@ class ReferenceImages:
         """No frame has an image: every mask is zero (an adapter is loaded, and the UNet wants inputs)."""
         return cls.encode(pipe, {}, [()] * num_frames, device)
 
-    def chunk(self, frames: Sequence[int], cfg: bool, size: tuple[int, int]) -> tuple[list, list]:
-        """(image_embeds, ip_adapter_masks) for the UNet call on ``frames`` (CFG: [uncond; cond] rows);
-        ``size``: the latent grid (height, width), which gives the masks their aspect ratio."""
+    def chunk(self, frames: Sequence[int], cfg: bool, size: tuple[int, ...]) -> tuple[list, list]:
+        """(image_embeds, ip_adapter_masks) for the denoiser call on ``frames`` (CFG: [uncond; cond] rows);
+        ``size``: each mask's (UNet: the latent grid (height, width), which gives diffusers' downsampling
+        the aspect ratio; FLUX: () — one number per frame and slot)."""
         slots = max(1, *(len(self.frame_slots[i]) for i in frames))
         positive = self.filler.expand(len(frames), slots, *self.filler.shape).clone()
         negative = positive.clone()

@@ -77,8 +77,7 @@ class LockstepDenoiser:
             negatives = [self.negatives[i] for i in frames]
             conditioning = self.family.encode(prompts, negatives, self.cfg, self.height, self.width)
             if self.references is not None:  # the chunk's characters' reference images (ip_adapter.py)
-                scale = self.pipe.vae_scale_factor
-                size = (self.height // scale, self.width // scale)
+                size = self.family.image_mask_size(self.height, self.width)
                 embeds, masks = self.references.chunk(frames, self.cfg, size)
                 conditioning = self.family.with_reference_images(conditioning, embeds, masks)
             self._last = key, conditioning

@@ -11,7 +11,7 @@ consistent-attention state around its calls. Two modes (``RunSettings.mode``):
 * window (long stories, ``longstory/``): every frame draws tokens from story neighbours; all frames advance
   step by step in chunks, with checkpoints and resume.
 
-Either mode can take a reference image per character (UNet models, through an IP-Adapter:
+Either mode can take a reference image per character (UNet models and FLUX, through an IP-Adapter:
 ``ip_adapter.py``): each frame is conditioned on the images of the characters it shows.
 
 Each frame is saved as soon as it is done; then the comic pages and the metadata.
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .attention import apply_consistent_attention, remove_consistent_attention
+from .attention import apply_consistent_attention, remove_consistent_attention, replaced_layers
 from .bank import signature_differences
 from .checkpoint import checkpoint_name
 from .comic import make_pages
@@ -46,7 +46,7 @@ from .distributed import (
 )
 from .families import family_of
 from .ip_adapter import (
-    UNET_ONLY,
+    SUPPORTED,
     ReferenceImages,
     adapter_metadata,
     check_reference_images,
@@ -178,16 +178,17 @@ class StoryDiffusionPipeline:
     def load_ip_adapter(
         self, weights: str | Path, *, image_encoder: str | Path | None = None, scale: float = 1.0
     ) -> dict:
-        """Load an IP-Adapter so stories can take ``reference_images`` (UNet models: SD1.x/2.x, SDXL).
+        """Load an IP-Adapter so stories can take ``reference_images`` (SD1.x/2.x, SDXL, FLUX.1).
 
         ``weights``: a local file in diffusers' IP-Adapter format (``image_proj`` and ``ip_adapter``
-        parts; plain, plus, plus-face or full-face), or a folder holding one; ``image_encoder``: a local CLIP
-        vision model folder (default: the pipeline's, else ``image_encoder/`` next to the weights);
-        ``scale``: the adapter's weight. Returns what a run's metadata records about the adapter. Calling
-        diffusers' ``pipe.load_ip_adapter`` yourself, before or after making this object, works too.
+        parts; plain, plus, plus-face or full-face; FLUX: the plain one, as diffusers loads it), or a folder
+        holding one; ``image_encoder``: a local CLIP vision model folder (default: the pipeline's, else
+        ``image_encoder/`` next to the weights); ``scale``: the adapter's weight. Returns what a run's
+        metadata records about the adapter. Calling diffusers' ``pipe.load_ip_adapter`` yourself, before or
+        after making this object, works too.
         """
         if not self.family.supports_reference_images:
-            raise ValueError(f"{UNET_ONLY}, not {self.family.name} models")
+            raise ValueError(f"{SUPPORTED}, not {self.family.name} models")
         return load_ip_adapter_into(self.pipe, weights, image_encoder=image_encoder, scale=scale)
 
     def load_bank(self, path: str | Path, character: str | None = None) -> str:
@@ -241,8 +242,8 @@ class StoryDiffusionPipeline:
         "lines" (a plain line per frame or step, for logs), False.
 
         ``reference_images``: character name -> a PIL image or an image file, after :meth:`load_ip_adapter`
-        (UNet models): every frame is conditioned on the images of the characters it shows, identity
-        frames and the frames reading their bank alike; each image is encoded once.
+        (SD1.x/2.x, SDXL, FLUX.1): every frame is conditioned on the images of the characters it shows,
+        identity frames and the frames reading their bank alike; each image is encoded once.
 
         Frame i starts from noise seeded with ``seed + i``, so a frame's image does not depend on how the
         frames are batched. Errors in the story or the settings are raised before anything is written.
@@ -270,6 +271,13 @@ class StoryDiffusionPipeline:
         )
         if settings.mode == "bank":
             self._check_loaded_banks(story, settings)
+        replaced = replaced_layers(self.pipe)
+        if replaced:
+            raise ValueError(
+                f"{len(replaced)} consistent-attention layer(s) have other processors now (e.g. "
+                f"{replaced[0]}), as an IP-Adapter loaded afterwards puts on FLUX's double-stream blocks: "
+                "with an IP-Adapter use consistency on the single-stream blocks (layers='single')"
+            )
         reference_images = reference_images or {}
         check_reference_images(self.pipe, reference_images, story.appears)
         reference = {name: read_reference_image(name, image) for name, image in reference_images.items()}

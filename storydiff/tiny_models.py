@@ -719,27 +719,34 @@ def save_tiny_image_encoder(folder, *, embed_dim: int = 32, image_size: int = 32
 
 def write_tiny_ip_adapter(
     path,
-    unet: UNet2DConditionModel,
+    denoiser,
     image_encoder: CLIPVisionModelWithProjection,
     *,
     variant: str = "plain",
     tokens: int = 4,
     seed: int = 0,
 ):
-    """Write random IP-Adapter weights for ``unet`` and ``image_encoder`` to ``path`` (.safetensors or .bin)
-    in the original IP-Adapter layout that diffusers' ``load_ip_adapter`` converts: an ``image_proj`` part
-    (plain: a linear map of the image embedding to ``tokens`` tokens and a LayerNorm; plus — also the layout
-    of plus-face — a perceiver resampler over the encoder's penultimate hidden states) and an ``ip_adapter``
-    part (``to_k_ip`` / ``to_v_ip`` for every cross-attention layer, numbered 1, 3, 5, … in processor order).
+    """Write random IP-Adapter weights for ``denoiser`` (a UNet or a FLUX transformer) and
+    ``image_encoder`` to ``path`` (.safetensors or .bin) in the original IP-Adapter layout that diffusers'
+    ``load_ip_adapter`` converts: an ``image_proj`` part (plain: a linear map of the image embedding to
+    ``tokens`` tokens and a LayerNorm; plus — also the layout of plus-face — a perceiver resampler over the
+    encoder's penultimate hidden states) and an ``ip_adapter`` part (``to_k_ip`` / ``to_v_ip`` for every
+    UNet cross-attention layer, numbered 1, 3, 5, … in processor order; FLUX: with biases, for every
+    double-stream block, numbered 0, 1, 2, …; plain only, 4 tokens, as diffusers reads them).
 
     The key/value maps are drawn at a few times the usual scale so a reference image visibly moves the
     denoiser's output. Returns the path."""
     from pathlib import Path
 
+    from diffusers import FluxTransformer2DModel
+
     if variant not in IP_ADAPTER_VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(IP_ADAPTER_VARIANTS)}, got {variant!r}")
+    flux = isinstance(denoiser, FluxTransformer2DModel)
+    if flux and (variant != "plain" or tokens != 4):
+        raise ValueError("diffusers loads FLUX IP-Adapters of the plain variant with 4 tokens only")
     path = Path(path)
-    cross = unet.config.cross_attention_dim
+    cross = denoiser.config.joint_attention_dim if flux else denoiser.config.cross_attention_dim
     vision = image_encoder.config
     generator = torch.Generator().manual_seed(seed)
 
@@ -780,10 +787,15 @@ def write_tiny_ip_adapter(
                 }
             )
     ip_adapter = {}
+    if flux:
+        for key_id in range(len(denoiser.transformer_blocks)):
+            for name in ("to_k_ip", "to_v_ip"):
+                ip_adapter[f"{key_id}.{name}.weight"] = linear(denoiser.inner_dim, cross, gain=2.0)
+                ip_adapter[f"{key_id}.{name}.bias"] = torch.zeros(denoiser.inner_dim)
     key_id = 1
-    for name in unet.attn_processors:  # diffusers' numbering: every processor but self-attention's
+    for name in [] if flux else denoiser.attn_processors:  # diffusers' numbering: all but self-attention
         if not name.endswith("attn1.processor"):
-            inner = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+            inner = denoiser.get_submodule(name.removesuffix(".processor")).to_k.out_features
             ip_adapter[f"{key_id}.to_k_ip.weight"] = linear(inner, cross, gain=2.0)
             ip_adapter[f"{key_id}.to_v_ip.weight"] = linear(inner, cross, gain=2.0)
             key_id += 2

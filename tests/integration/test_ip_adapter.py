@@ -12,6 +12,7 @@ from PIL import Image
 from storydiff.attention import BoundProcessor, ConsistentAttnProcessor
 from storydiff.bank import IdBank
 from storydiff.config import ConsistencyConfig, InvalidSetting
+from storydiff.dit_processors import FluxMaskedIPAdapterProcessor
 from storydiff.ip_adapter import ReferenceImages, encode_reference, load_ip_adapter
 from storydiff.loading import ModelLoadError
 from storydiff.lockstep import LockstepDenoiser
@@ -56,10 +57,10 @@ def weights(tmp_path_factory):
 
     def make(model: str, variant: str = "plain", suffix: str = ".safetensors"):
         if (model, variant, suffix) not in made:
-            unet = build_tiny_pipeline(model, progress_bar=False).unet
+            denoiser = story_pipeline(model).family.denoiser
             path = folder / f"{model}-{variant}{suffix}"
             made[model, variant, suffix] = write_tiny_ip_adapter(
-                path, unet, tiny_clip_vision_model(), variant=variant
+                path, denoiser, tiny_clip_vision_model(), variant=variant
             )
         return made[model, variant, suffix]
 
@@ -375,17 +376,18 @@ def test_reference_image_errors(loaded, tmp_path):
     assert not out.exists()  # checked before anything is written
 
 
-def test_reference_images_need_an_adapter_and_a_unet(tmp_path, weights):
+def test_reference_images_need_an_adapter_and_a_supported_family(tmp_path, weights):
     sp = story_pipeline("tiny-sd15")
     with pytest.raises(InvalidSetting, match="need an IP-Adapter"):
         sp(STORY, reference_images={"Bob": picture(0)}, **RUN, **BANK)
     sp.close()
-    flux = StoryDiffusionPipeline(build_tiny_pipeline("tiny-flux", progress_bar=False))
-    with pytest.raises(InvalidSetting, match=r"UNet models \(SD1.x/2.x, SDXL\) only"):
-        flux(STORY, reference_images={"Bob": picture(0)}, **RUN, **BANK)
-    with pytest.raises(ValueError, match=r"UNet models \(SD1.x/2.x, SDXL\) only, not flux"):
-        flux.load_ip_adapter(weights("tiny-sd15"))
-    flux.close()
+    sd3 = StoryDiffusionPipeline(build_tiny_pipeline("tiny-sd3", progress_bar=False))
+    supported = r"UNet models \(SD1.x/2.x, SDXL\) and FLUX.1 only, not "
+    with pytest.raises(InvalidSetting, match=supported + "StableDiffusion3Pipeline"):
+        sd3(STORY, reference_images={"Bob": picture(0)}, **RUN, **BANK)
+    with pytest.raises(ValueError, match=supported + "sd3 models"):
+        sd3.load_ip_adapter(weights("tiny-sd15"))
+    sd3.close()
 
 
 def test_load_ip_adapter_errors(weights, encoder_dir, tmp_path):
@@ -401,4 +403,68 @@ def test_load_ip_adapter_errors(weights, encoder_dir, tmp_path):
     # SDXL's adapter does not fit SD1.5's UNet: one error naming the file
     with pytest.raises(ModelLoadError, match=r"tiny-sdxl-plain\.safetensors does not load into"):
         sp.load_ip_adapter(weights("tiny-sdxl"), image_encoder=encoder_dir)
+    sp.close()
+
+
+# -- FLUX ------------------------------------------------------------------------------------------------
+
+
+def test_flux_masked_processor_is_diffusers_processor_per_image(weights, encoder_dir):
+    """One image with mask 1: exactly diffusers' FluxIPAdapterAttnProcessor; a masked-out slot adds exactly
+    nothing; mask 0 everywhere: the image output is zero."""
+    pipe = build_tiny_pipeline("tiny-flux", progress_bar=False)
+    load_ip_adapter(pipe, weights("tiny-flux"), image_encoder=encoder_dir)
+    attn = pipe.transformer.transformer_blocks[0].attn
+    theirs = attn.processor
+    assert type(theirs).__name__ == "FluxIPAdapterAttnProcessor"
+    ours = FluxMaskedIPAdapterProcessor.replacing(theirs)
+    gen = torch.Generator().manual_seed(0)
+    dim, cross = pipe.transformer.inner_dim, pipe.transformer.config.joint_attention_dim
+    hidden, context = torch.randn(2, 16, dim, generator=gen), torch.randn(2, 5, dim, generator=gen)
+    image, other = torch.randn(2, 1, 4, cross, generator=gen), torch.randn(2, 1, 4, cross, generator=gen)
+    with torch.no_grad():
+        expected = theirs(attn, hidden, context, ip_hidden_states=[image])
+        one = ours(attn, hidden, context, ip_hidden_states=[image], ip_adapter_masks=[torch.ones(2, 1)])
+        two_slots = torch.cat([image, other], dim=1)
+        masks = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+        first = ours(attn, hidden, context, ip_hidden_states=[two_slots], ip_adapter_masks=[masks])
+        none = ours(attn, hidden, context, ip_hidden_states=[image], ip_adapter_masks=[torch.zeros(2, 1)])
+    assert all(torch.equal(a, b) for a, b in zip(expected, one, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(expected, first, strict=True))
+    assert expected[2].abs().max() > 1e-3 and torch.equal(none[2], torch.zeros_like(none[2]))
+
+
+def test_flux_frames_follow_their_own_characters_images(weights, encoder_dir):
+    """FLUX (consistency on the single-stream blocks, the IP-Adapter on the double-stream ones, loaded
+    after consistency): an adapter with no images gives the frames of no adapter at all; Alice's image
+    moves Alice's frames only."""
+    stock_sp = story_pipeline("tiny-flux")
+    _, stock = run_latents(stock_sp, **BANK)
+    stock_sp.close()
+    sp = story_pipeline("tiny-flux")
+    sp.load_ip_adapter(weights("tiny-flux"), image_encoder=encoder_dir)
+    _, no_images = run_latents(sp, **BANK)
+    _, first = run_latents(sp, reference_images={"Bob": picture(0), "Alice": picture(1)}, **BANK)
+    _, second = run_latents(sp, reference_images={"Bob": picture(0), "Alice": picture(2)}, **BANK)
+    sp.close()
+    assert torch.equal(no_images, stock)
+    for frame in BOB_SOLO + NOBODY:
+        assert torch.equal(first[frame], second[frame]), frame
+    for frame in ALICE_SOLO + BOTH:
+        assert differs(first[frame], second[frame]), frame
+    assert differs(first[0], stock[0])
+
+
+def test_flux_consistency_and_the_adapter_cannot_share_double_stream_blocks(weights, encoder_dir):
+    double = ConsistencyConfig(rate=0.5, seed=1, layers="double", **NO_SKIP)
+    sp = StoryDiffusionPipeline(build_tiny_pipeline("tiny-flux", progress_bar=False), double)
+    sp.load_ip_adapter(weights("tiny-flux"), image_encoder=encoder_dir)  # takes the double-stream blocks
+    with pytest.raises(ValueError, match=r"consistent-attention layer.*layers='single'"):
+        sp(STORY, **RUN, **BANK)
+    sp.close()
+    pipe = build_tiny_pipeline("tiny-flux", progress_bar=False)
+    load_ip_adapter(pipe, weights("tiny-flux"), image_encoder=encoder_dir)
+    sp = StoryDiffusionPipeline(pipe, double)  # consistency takes them back: the adapter is gone
+    with pytest.raises(ValueError, match="replaced the IP-Adapter on FLUX's double-stream blocks"):
+        sp(STORY, reference_images={"Bob": picture(0)}, **RUN, **BANK)
     sp.close()
