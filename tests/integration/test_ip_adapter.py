@@ -141,26 +141,26 @@ def test_window_mode_frames_read_their_own_characters_images(weights, encoder_di
     sp.close()
 
 
-def test_no_images_and_rate_zero_with_an_adapter_is_the_stock_story(weights, encoder_dir):
+@pytest.mark.parametrize("model", MODELS)
+def test_no_images_and_rate_zero_with_an_adapter_is_the_stock_story(model, weights, encoder_dir):
     """An adapter loaded but no reference images: every mask is zero, so the frames are those of the same
     story on the same model without any adapter (consistency at rate 0 too: plain attention)."""
-    for model in MODELS:
-        stock_sp = story_pipeline(model, rate=0.0)
-        result, stock = run_latents(stock_sp, **BANK)
-        stock_sp.close()
-        assert result.metadata["ip_adapter"] is None and result.metadata["reference_images"] == {}
-        sp = story_pipeline(model, rate=0.0)
-        sp.load_ip_adapter(weights(model), image_encoder=encoder_dir)
-        _, ours = run_latents(sp, **BANK)
-        # the images must be able to matter at all, or equality would prove nothing
-        _, with_image = run_latents(sp, reference_images={"Bob": picture(0)}, **BANK)
-        # diffusers' unload_ip_adapter rebuilds every other processor (ours too) without arguments
-        sp.pipe.unload_ip_adapter()
-        _, unloaded = run_latents(sp, **BANK)
-        sp.close()
-        assert torch.equal(ours, stock), model
-        assert differs(with_image[0], stock[0]), model
-        assert torch.equal(unloaded, stock), model
+    stock_sp = story_pipeline(model, rate=0.0)
+    result, stock = run_latents(stock_sp, **BANK)
+    stock_sp.close()
+    assert result.metadata["ip_adapter"] is None and result.metadata["reference_images"] == {}
+    sp = story_pipeline(model, rate=0.0)
+    sp.load_ip_adapter(weights(model), image_encoder=encoder_dir)
+    _, ours = run_latents(sp, **BANK)
+    # the images must be able to matter at all, or equality would prove nothing
+    _, with_image = run_latents(sp, reference_images={"Bob": picture(0)}, **BANK)
+    # diffusers' unload_ip_adapter rebuilds every other processor (ours too) without arguments
+    sp.pipe.unload_ip_adapter()
+    _, unloaded = run_latents(sp, **BANK)
+    sp.close()
+    assert torch.equal(ours, stock)
+    assert differs(with_image[0], stock[0])
+    assert torch.equal(unloaded, stock)
 
 
 # -- the variants and the encoding ------------------------------------------------------------------------
