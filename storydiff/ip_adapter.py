@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,8 +123,8 @@ def adapter_metadata(pipe) -> dict | None:
         return None
     denoiser = _denoiser(pipe)
     source = getattr(denoiser, _SOURCE_ATTR, None)
-    if source is None or source["projection"] != id(denoiser.encoder_hid_proj):
-        source = {"weights": None, "image_encoder": None}  # loaded with diffusers' own call
+    if source is None or source["projection"]() is not denoiser.encoder_hid_proj:
+        source = {"weights": None, "image_encoder": None}  # loaded since with diffusers' own call
     return {
         "weights": source["weights"],
         "image_encoder": source["image_encoder"],
@@ -218,7 +219,7 @@ def load_ip_adapter(
         {
             "weights": str(path.resolve()),
             "image_encoder": str(encoder_path.resolve()) if encoder_path is not None else None,
-            "projection": id(denoiser.encoder_hid_proj),
+            "projection": weakref.ref(denoiser.encoder_hid_proj),  # which load these paths describe
         },
     )
     return adapter_metadata(pipe)
