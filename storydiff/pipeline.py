@@ -23,7 +23,7 @@ import copy
 import hashlib
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,7 @@ from .longstory.denoise import denoise_long_story
 from .modes import JointMode
 from .output import StoryOutput, read_metadata
 from .progress import Progress, progress_bar
+from .sampler import run_sampler
 from .settings import DISTRIBUTED_BANK_SHARING, RunSettings
 from .story import Story, load_story, parse_story, story_source
 from .styles import apply_style
@@ -156,6 +157,8 @@ class StoryDiffusionPipeline:
         self.family = family_of(pipe)  # how this pipeline's model family takes a step
         self.state = apply_consistent_attention(pipe, self.config)
         self.loaded_banks: dict[str, dict] = {}  # character -> {"path", "sha256"} of banks read from disk
+        # how the model was loaded, beyond its name (from_pretrained): recorded so a resume loads the same
+        self.model_files: dict = {"model_config": None, "loras": []}
 
     @classmethod
     def from_pretrained(
@@ -165,11 +168,22 @@ class StoryDiffusionPipeline:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        model_config: str | Path | None = None,
+        loras: Sequence[tuple[str, float]] = (),
     ) -> StoryDiffusionPipeline:
+        """Load ``model`` (``loading.load_pipeline``: a reserved tiny name, a diffusers folder, a hub id, or
+        a single ``.safetensors`` checkpoint with ``model_config``, a local diffusers folder of its
+        architecture) with ``loras`` ((path, scale) pairs) applied, and install consistent attention."""
         from .loading import load_pipeline
 
-        pipe = load_pipeline(model, device=device, dtype=dtype, seed=config.seed if config else 0)
-        return cls(pipe, config, model_name=model)
+        seed = config.seed if config else 0
+        pipe = load_pipeline(model, device=device, dtype=dtype, seed=seed, config=model_config, loras=loras)
+        sp = cls(pipe, config, model_name=str(model))
+        sp.model_files = {
+            "model_config": str(model_config) if model_config is not None else None,
+            "loras": [[str(path), float(scale)] for path, scale in loras],
+        }
+        return sp
 
     def close(self) -> None:
         """Restore the pipeline's original attention processors."""
@@ -255,6 +269,13 @@ class StoryDiffusionPipeline:
         )
         side = self.default_size
         settings = settings.replace(height=settings.height or side, width=settings.width or side)
+        # the scheduler and FreeU asked for hold for this run (timesteps, bank signatures), undone after
+        with run_sampler(self.pipe, self.family.name, settings.scheduler, settings.freeu):
+            return self._run_story(story, settings, out_dir, overwrite, resume, progress, reference_images)
+
+    def _run_story(
+        self, story: Story, settings: RunSettings, out_dir, overwrite, resume, progress, reference_images
+    ) -> StoryResult:
         self.family.check_size(settings.height, settings.width)
         # characters of this story with a bank already (loaded, or written by an earlier story)
         banked = set()
@@ -301,7 +322,8 @@ class StoryDiffusionPipeline:
             "frame_seeds": [settings.seed + f.index for f in story.frames],
             "prompts": [p for p, _ in styled],
             "negative_prompts": [n for _, n in styled],
-            "captions": [f.caption for f in story.frames],
+            "captions": story.panel_captions(settings.captions),
+            **self.model_files,
             "characters": {c.name: c.description for c in story.characters.values()},
             "frame_characters": [list(f.characters) for f in story.frames],
             "identity_frames": identity,
@@ -353,13 +375,20 @@ class StoryDiffusionPipeline:
                 bank.clear(name)
         if not partition.leader:  # this rank's frames only; rank 0 writes pages and metadata
             indices = sorted(own)
-            captions = [story.frames[i].caption for i in indices]
+            captions = [story.panel_caption(story.frames[i], settings.captions) for i in indices]
             root = output.root if output else None
             return StoryResult([own[i] for i in indices], captions, [], metadata, root, frame_indices=indices)
 
         ordered = [images[f.index] for f in story.frames]
-        captions = [f.caption for f in story.frames]
-        pages = make_pages(ordered, captions, settings.layout, font=settings.font)
+        captions = story.panel_captions(settings.captions)
+        pages = make_pages(
+            ordered,
+            captions,
+            settings.layout,
+            seed=settings.seed,
+            caption_style=settings.caption_style,
+            font=settings.font,
+        )
         if output is not None:
             output.save_pages(pages)
             output.finish(**memory, seconds=metadata["seconds"], pages=len(pages))

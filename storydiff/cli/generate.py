@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from ..config import LAYER_PRESETS, ROPE_POLICIES
 from .common import DTYPES, fail
@@ -47,10 +48,18 @@ FLAGS = {
     "layers": "--layers",
     "rope": "--rope",
     "load_bank": "--load-bank",
+    "reference_images": "--ref",
+    "ip_scale": "--ip-scale",
 }
 # Flags that describe the run itself: stored in the metadata, so --resume refuses them.
 RUN_FLAGS = (
     "model",
+    "config",
+    "lora",
+    "ip_adapter",
+    "image_encoder",
+    "ip_scale",
+    "ref",
     "story",
     "characters",
     "out",
@@ -89,6 +98,19 @@ RUN_FLAGS = (
 )
 
 
+class Job(NamedTuple):
+    """What one `generate` runs, from the flags or from the metadata of the run it resumes."""
+
+    model: str
+    out: str
+    story: Any  # story.Story
+    settings: Any  # settings.RunSettings
+    config: Any  # config.ConsistencyConfig
+    banks: dict  # character -> (bank file, its header)
+    files: dict  # StoryDiffusionPipeline.from_pretrained's model_config and loras
+    ip: dict  # {"adapter": {"weights", "image_encoder", "scale"} or None, "references": {name: image path}}
+
+
 def register(subparsers, parents: list) -> None:
     from ..settings import BANK_DEFAULTS, WINDOW_DEFAULTS, RunSettings
 
@@ -107,6 +129,20 @@ def register(subparsers, parents: list) -> None:
         "--model",
         help="diffusers model path or hub id (SD1.x/2.x, SDXL, FLUX.1, SD3/SD3.5, PixArt-Σ); offline random "
         "weights: tiny-sdxl, tiny-sd15, random-sdxl, tiny-flux, tiny-sd3, tiny-pixart, random-flux (GPU)",
+    )
+    model.add_argument(
+        "--config",
+        default=None,
+        metavar="DIR",
+        help="with --model FILE.safetensors: a local diffusers folder of the same architecture (e.g. the "
+        "base model's) whose configs describe the file (offline, diffusers cannot fetch them)",
+    )
+    model.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="PATH[:SCALE]",
+        help="a LoRA file (or diffusers LoRA folder) applied with weight SCALE (default 1); repeatable",
     )
     model.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     model.add_argument(
@@ -199,6 +235,30 @@ def register(subparsers, parents: list) -> None:
         default=None,
         metavar="PATH",
         help="caption font file (default: DejaVu Sans, or an installed font covering the caption's script)",
+    )
+    ref = gen.add_argument_group("reference images (IP-Adapter; SD1.x/2.x, SDXL, FLUX.1)")
+    ref.add_argument(
+        "--ip-adapter",
+        default=None,
+        metavar="PATH",
+        help="IP-Adapter weights in diffusers' format (a local file, or a folder holding one): plain, plus, "
+        "plus-face",
+    )
+    ref.add_argument(
+        "--image-encoder",
+        default=None,
+        metavar="DIR",
+        help="the adapter's CLIP vision encoder folder (default: image_encoder/ beside the weights)",
+    )
+    ref.add_argument(
+        "--ip-scale", type=float, default=None, help="how strongly the images steer the frames (default: 1.0)"
+    )
+    ref.add_argument(
+        "--ref",
+        action="append",
+        default=None,
+        metavar="NAME=IMAGE",
+        help="a reference image of character NAME: every frame showing NAME is conditioned on it; repeatable",
     )
     csa = gen.add_argument_group("consistency")
     csa.add_argument(
@@ -351,8 +411,8 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _from_resume(args: argparse.Namespace):
-    """(model, out, story, settings, config, banks) of the run being resumed, as its metadata stores it."""
+def _from_resume(args: argparse.Namespace) -> Job:
+    """The job of the run being resumed, as its metadata stores it."""
     from ..config import ConsistencyConfig
     from ..distributed import current_partition
     from ..output import check_output_folder, read_metadata
@@ -374,14 +434,29 @@ def _from_resume(args: argparse.Namespace):
         config = ConsistencyConfig.from_dict(meta["consistency"])
         story = parse_story(meta["story_text"])
         model = meta["model"]
-    except (KeyError, TypeError) as exc:
+        files = {"model_config": meta.get("model_config"), "loras": [tuple(x) for x in meta.get("loras", [])]}
+        adapter = meta.get("ip_adapter")
+        references = {name: record.get("path") for name, record in meta.get("reference_images", {}).items()}
+    except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{args.resume}: metadata.json lacks what a resume needs ({exc})") from None
+    if adapter is not None and adapter.get("weights") is None:
+        raise ValueError(
+            f"{args.resume} was made with an IP-Adapter loaded from Python; resume it from Python"
+        )
+    unknown = sorted(name for name, path in references.items() if path is None)
+    if unknown:
+        raise ValueError(
+            f"{args.resume}: the reference images of {', '.join(map(repr, unknown))} were given as pictures, "
+            "not files; resume the run from Python with the same images"
+        )
+    ip = {"adapter": adapter and {k: adapter[k] for k in ("weights", "image_encoder", "scale")}}
+    ip["references"] = references
     check_resume_world(args.resume, current_partition())  # before any model loads
-    return model, args.resume, story, settings, config, {}
+    return Job(model, args.resume, story, settings, config, {}, files, ip)
 
 
-def _from_flags(args: argparse.Namespace):
-    """(model, out, story, settings, config, banks to load) of a new run, from the flags."""
+def _from_flags(args: argparse.Namespace) -> Job:
+    """The job of a new run, from the flags."""
     from ..config import ConsistencyConfig
     from ..output import check_output_folder
     from ..settings import RunSettings
@@ -440,8 +515,70 @@ def _from_flags(args: argparse.Namespace):
     if args.no_skip:
         consistency.update(skip_prob_early=0.0, skip_prob_late=0.0)
     config = ConsistencyConfig(seed=settings.seed, **{k: v for k, v in consistency.items() if v is not None})
+    files = _model_files(args)
+    ip = _reference_images(args, story)
     check_output_folder(args.out, overwrite=bool(args.overwrite))
-    return args.model, args.out, story, settings, config, banks
+    return Job(args.model, args.out, story, settings, config, banks, files, ip)
+
+
+def _reference_images(args: argparse.Namespace, story) -> dict:
+    """--ip-adapter, --image-encoder, --ip-scale and --ref, checked before any model loads (the images are
+    read here, so an unreadable one fails at once)."""
+    from ..ip_adapter import read_reference_image
+
+    if args.ip_adapter is None:
+        given = [
+            flag
+            for flag, value in (
+                ("--ref", args.ref),
+                ("--image-encoder", args.image_encoder),
+                ("--ip-scale", args.ip_scale),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ValueError(f"{', '.join(given)} need(s) an IP-Adapter: add --ip-adapter PATH")
+        return {"adapter": None, "references": {}}
+    if not Path(args.ip_adapter).expanduser().exists():
+        raise ValueError(f"--ip-adapter {args.ip_adapter}: no such file or folder")
+    if args.image_encoder is not None and not Path(args.image_encoder).expanduser().is_dir():
+        raise ValueError(f"--image-encoder {args.image_encoder}: no such folder")
+    references = {}
+    for item in args.ref or ():
+        name, equals, path = item.partition("=")
+        if not equals or not name or not path:
+            raise ValueError(f"--ref expects NAME=IMAGE, e.g. Bob=bob.png, got {item!r}")
+        if name in references:
+            raise ValueError(f"--ref: two images for {name!r}")
+        if name not in story.characters or not story.appears(name):
+            raise ValueError(f"--ref {item}: {name!r} is in no frame of the story")
+        read_reference_image(name, path)
+        references[name] = path
+    scale = 1.0 if args.ip_scale is None else args.ip_scale
+    adapter = {"weights": args.ip_adapter, "image_encoder": args.image_encoder, "scale": scale}
+    return {"adapter": adapter, "references": references}
+
+
+def _model_files(args: argparse.Namespace) -> dict:
+    """--config and --lora, checked before any model loads: {"model_config": DIR, "loras": [(PATH, SCALE)]}
+    (``StoryDiffusionPipeline.from_pretrained``'s keywords)."""
+    import os
+
+    from ..model_files import is_single_file, parse_lora
+
+    if args.config is not None:
+        if not is_single_file(args.model):
+            raise ValueError(
+                f"--config applies to single-file checkpoints (--model FILE.safetensors); {args.model!r} is "
+                "a folder, hub id or reserved name, which carries its own configs"
+            )
+        if not os.path.isdir(os.path.expanduser(args.config)):
+            raise ValueError(f"--config {args.config}: no such folder (expected a local diffusers folder)")
+    loras = [parse_lora(text) for text in args.lora or ()]
+    for path, _ in loras:
+        if not os.path.exists(os.path.expanduser(path)):
+            raise ValueError(f"--lora {path}: no such file or folder")
+    return {"model_config": args.config, "loras": loras}
 
 
 def _bank_headers(items) -> dict[str, tuple[str, dict]]:
@@ -493,9 +630,18 @@ def _run(args: argparse.Namespace) -> int:
 
     partition = current_partition()
     try:
-        model, out, story, settings, config, banks = (_from_resume if args.resume else _from_flags)(args)
+        job = (_from_resume if args.resume else _from_flags)(args)
         resume = bool(args.resume)
-        check_run(story, settings, config, banked=set(banks), loaded=bool(banks), out_dir=out, resume=resume)
+        banked = set(job.banks)
+        check_run(
+            job.story,
+            job.settings,
+            job.config,
+            banked=banked,
+            loaded=bool(banked),
+            out_dir=job.out,
+            resume=resume,
+        )
     except InvalidSetting as exc:
         return fail(f"{FLAGS.get(exc.field, exc.field)} {exc.problem}")
     except (OSError, ValueError) as exc:
@@ -505,10 +651,12 @@ def _run(args: argparse.Namespace) -> int:
             import torch.distributed as dist
 
             communicate(partition, "the start barrier", dist.barrier)
-        return _generate(args, model, out, story, settings, config, banks)
+        return _generate(args, job)
     except KeyboardInterrupt:
-        hint = f"; continue it with: storydiff generate --resume {out}" if settings.steps_in_lockstep else ""
-        print(f"interrupted: the frames finished so far are in {Path(out) / 'frames'}{hint}", file=sys.stderr)
+        lockstep = job.settings.steps_in_lockstep
+        hint = f"; continue it with: storydiff generate --resume {job.out}" if lockstep else ""
+        where = Path(job.out) / "frames"
+        print(f"interrupted: the frames finished so far are in {where}{hint}", file=sys.stderr)
         return 130
     except InvalidSetting as exc:
         return fail(f"{FLAGS.get(exc.field, exc.field)} {exc.problem}")
@@ -516,36 +664,42 @@ def _run(args: argparse.Namespace) -> int:
         return fail(str(exc))
 
 
-def _generate(args, model, out, story, settings, config, banks) -> int:
+def _generate(args, job: Job) -> int:
+    from ..distributed import current_partition
     from ..pipeline import StoryDiffusionPipeline
     from ..progress import default_progress
     from .common import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     pipeline = StoryDiffusionPipeline.from_pretrained(
-        model, config, device=device, dtype=resolve_dtype(args.dtype)
+        job.model, job.config, device=device, dtype=resolve_dtype(args.dtype), **job.files
     )
-    from ..distributed import current_partition
-
     say = print if current_partition().leader else (lambda *a, **k: None)  # one voice for N ranks
-    for name, (path, _) in banks.items():
+    if job.ip["adapter"] is not None:
+        adapter = job.ip["adapter"]
+        loaded = pipeline.load_ip_adapter(
+            adapter["weights"], image_encoder=adapter["image_encoder"], scale=adapter["scale"]
+        )
+        say(f"IP-Adapter ({loaded['variant']}) loaded from {adapter['weights']}, scale {adapter['scale']}")
+    for name, (path, _) in job.banks.items():
         pipeline.load_bank(path, name)
         say(f"loaded the bank of {name!r} from {path}")
     progress = default_progress()
     # diffusers' own per-call bar only on a terminal; ours prints a line per frame otherwise
     pipeline.pipe.set_progress_bar_config(leave=False, disable=progress != "bar")
     result = pipeline(
-        story,
-        settings,
-        out_dir=out,
+        job.story,
+        job.settings,
+        out_dir=job.out,
         overwrite=bool(args.overwrite),
         resume=bool(args.resume),
         progress=progress,
+        reference_images=job.ip["references"],
     )
     for name, size in result.bank_bytes.items():
         say(f"identity bank of {name!r}: {size / 2**20:.1f} MiB")
     if result.bank_bytes:
         peak = result.metadata["bank_peak_bytes"] / 2**20
-        say(f"banks alive at once: at most {peak:.1f} MiB ({settings.bank_schedule} schedule)")
+        say(f"banks alive at once: at most {peak:.1f} MiB ({job.settings.bank_schedule} schedule)")
     say(f"{len(result.images)} frames and {len(result.pages)} page(s) written to {result.out_dir}")
     return 0

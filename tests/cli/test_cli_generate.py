@@ -88,6 +88,33 @@ def test_fewer_solo_frames_than_id_frames_warns_once_and_runs(tmp_path, capsys):
     assert metadata["identity_frames"] == {"Bob": [0, 2], "Alice": [1, 3]}
 
 
+def test_official_preset_with_overrides(tmp_path):
+    preset = ("--model", "tiny-sd15", "--preset", "official", "--height", "64", "--width", "64")
+    assert generate(tmp_path, "p", *preset) == 0
+    meta = json.loads((tmp_path / "p" / "metadata.json").read_text())
+    settings = meta["settings"]
+    assert (settings["scheduler"], settings["freeu"]) == ("ddim", [0.6, 0.4, 1.1, 1.2])
+    assert (settings["style"], settings["guidance_scale"]) == ("japanese anime", 5.0)
+    assert (settings["layout"], settings["id_frames"]) == ("official", 1)
+    # the flags given win over the preset: --steps 2 (generate() passes it), the size, --freeu off
+    assert (settings["num_inference_steps"], settings["height"], settings["width"]) == (2, 64, 64)
+    assert meta["identity_frames"] == {"Bob": [0], "Alice": [1]}
+    # the official app's captions: a line without '#' is captioned with its text, tags as names
+    assert meta["captions"][2:4] == ["Bob reads a newspaper", "Alice rides a bicycle"]
+    assert len(list((tmp_path / "p" / "pages").glob("*.png"))) == 1  # one tall page
+    assert generate(tmp_path, "q", *preset, "--freeu", "off") == 0
+    assert json.loads((tmp_path / "q" / "metadata.json").read_text())["settings"]["freeu"] is None
+    # FreeU changes the pictures
+    with_freeu, without = frames(tmp_path / "p"), frames(tmp_path / "q")
+    assert any(not np.array_equal(a, b) for a, b in zip(with_freeu, without, strict=True))
+
+
+def test_captions_hash_keeps_the_old_behaviour(tmp_path):
+    assert generate(tmp_path, "h", "--model", "tiny-sd15", "--captions", "hash") == 0
+    meta = json.loads((tmp_path / "h" / "metadata.json").read_text())
+    assert meta["captions"] == ["Bob takes a walk", "Alice at home", None, None, "Dinner", "Night falls"]
+
+
 def test_generate_rejects_a_model_that_is_not_a_unet_pipeline(tmp_path, capsys):
     assert generate(tmp_path, "out", "--model", str(tmp_path / "no-such-model")) == 2
     assert "cannot load model" in capsys.readouterr().err

@@ -93,3 +93,26 @@ def test_settings_round_trip_and_checks():
         with pytest.raises(InvalidSetting) as info:
             RunSettings(**{field: value})
         assert info.value.field == field and message in str(info.value)
+
+
+def test_a_preset_story_runs_with_ddim_and_freeu_and_leaves_the_pipeline_as_it_was(pipe):
+    from storydiff.pipeline import StoryDiffusionPipeline
+
+    seen = []
+
+    def spy(module, args):  # what the UNet runs with, at every denoiser call of the story
+        seen.append((type(pipe.scheduler).__name__, freeu_factors(module)))
+
+    own = pipe.scheduler
+    sp = StoryDiffusionPipeline(pipe)
+    hook = pipe.unet.register_forward_pre_hook(spy)
+    try:
+        settings = RunSettings.from_preset("official", num_inference_steps=2, height=32, width=32)
+        result = sp("[Bob] a man\n---\n[Bob] sits\n[Bob] runs\n", settings, progress=False)
+    finally:
+        hook.remove()
+        sp.close()
+    assert seen and set(seen) == {("DDIMScheduler", OFFICIAL_FREEU)}
+    assert result.metadata["settings"]["scheduler"] == "ddim"
+    assert tuple(result.metadata["settings"]["freeu"]) == OFFICIAL_FREEU
+    assert pipe.scheduler is own and freeu_factors(pipe.unet) is None
