@@ -41,7 +41,8 @@ def test_generate_writes_frames_pages_metadata(tmp_path, model, guidance, capsys
     out = tmp_path / "a"
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["status"] == "complete" and meta["model"] == model
-    assert meta["captions"] == ["Bob takes a walk", "Alice at home", None, None, "Dinner", "Night falls"]
+    # lines without '#' are captioned with their own text (tags as names)
+    assert meta["captions"][2:4] == ["Bob reads a newspaper", "Alice rides a bicycle"]
     assert meta["settings"]["guidance_scale"] == float(guidance) and meta["consistency"]["rate"] == 0.5
     assert meta["bank_bytes"]["Bob"] > 0 and meta["versions"]["diffusers"]
     assert len(frames(out)) == 6 and list((out / "pages").glob("page_*.png"))
