@@ -11,6 +11,13 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure(config):
+    # One intra-op thread: the tests run thousands of tiny-model ops, where a second thread costs more than
+    # it gives (measured on a 2-core machine: test_cli_generate + test_ip_adapter in 70 s with one thread,
+    # 79 s with two), and a busy machine can stall a multi-threaded op on a descheduled worker (20x slower).
+    torch.set_num_threads(1)
+
+
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (minutes each)")
 

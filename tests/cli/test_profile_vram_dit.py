@@ -13,16 +13,7 @@ from storydiff.cli import main
 OURS = [mode for mode in MODES if mode not in OFFICIAL_MODES]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids contention (seconds per story)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_profile_vram_on_tiny_flux(tmp_path, capsys, one_thread):
+def test_profile_vram_on_tiny_flux(tmp_path, capsys):
     out_dir = tmp_path / "out"
     args = [
         "profile-vram",

@@ -36,18 +36,8 @@ FRAMES = {"Bob": [0, 2, 4], "Alice": [1, 3, 4], "Carol": [5]}
 NC_FRAME = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models gain nothing from a second thread, and on a busy 2-core machine its waiting made the
-    story's generation 50x slower (0.6 s against 51 s of denoising); restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def story_dir(one_thread, tmp_path_factory):
+def story_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     (root / "story.txt").write_text(STORY)
     out = root / "story"

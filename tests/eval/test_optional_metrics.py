@@ -65,15 +65,6 @@ def story_dir(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """As in test_eval_story.py: on a busy 2-core machine a second thread only makes the tiny models wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def encoders():
     return build_tiny_encoders()

@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from storydiff.cli import main
@@ -28,16 +27,6 @@ from storydiff.story import parse_story
 EXAMPLE = Path(__file__).resolve().parents[2] / "benchmarks" / "story_sets" / "example_consistory.yaml"
 CONFIGS = ["--config", "base:rate=0.0", "--config", "csa:rate=0.5,window=2"]
 LABELS = ["base/animals_0", "base/animals_1", "csa/animals_0", "csa/animals_1"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models gain nothing from a second thread, and on a busy 2-core machine its waiting slows
-    them many times over (tests/eval/test_eval_story.py); restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _suite(out, *extra) -> int:
@@ -190,7 +179,7 @@ def test_cli_refuses_bad_input_before_loading_anything(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def suite_dir(one_thread, tmp_path_factory):
+def suite_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("suite") / "out"
     assert _suite(out) == 0
     return out

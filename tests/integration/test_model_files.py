@@ -35,16 +35,6 @@ def _config_folder(pipe: DiffusionPipeline, folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are thousands of small ops: on a shared, busy CPU each multi-threaded op can wait a
-    scheduler slice for a descheduled worker (a 20x slowdown measured), so these tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[DiffusionPipeline, Path, Path]]:
     """Per tiny model: the pipeline (seed 1, so unlike the seed-0 reserved model), its config-only folder

@@ -48,16 +48,6 @@ def _inputs(batch: int, tokens: int, dim: int = 32, seed: int = 1) -> tuple[torc
     return torch.randn(batch, tokens, dim, generator=gen), torch.randn(batch, tokens, dim, generator=gen)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is faster than two fighting over small tensors (3.5 s vs 12 s
-    for the learning test on a busy 2-core machine). Restored afterwards for the rest of the suite."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def small_videos(tmp_path_factory):
     """Six short PNG-folder videos (enough for a split) — cheap data for pipeline tests."""
