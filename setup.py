@@ -51,7 +51,16 @@ EXTRAS = {
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 # The tests exercise the optional features too (NVML through fakes, MP4 where installed), and diffusers'
 # model CPU offload, which needs accelerate.
-EXTRAS["dev"] = [*EXTRAS["all"], "accelerate", "pytest>=8", "pytest-benchmark", "hypothesis", "ruff"]
+# pytest-xdist: the test command runs one worker per core (the suite is thousands of one-thread tiny ops).
+EXTRAS["dev"] = [
+    *EXTRAS["all"],
+    "accelerate",
+    "pytest>=8",
+    "pytest-benchmark",
+    "pytest-xdist",
+    "hypothesis",
+    "ruff",
+]
 
 setup(
     name="storydiff-csa",

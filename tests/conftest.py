@@ -16,6 +16,9 @@ def pytest_configure(config):
     # it gives (measured on a 2-core machine: test_cli_generate + test_ip_adapter in 70 s with one thread,
     # 79 s with two), and a busy machine can stall a multi-threaded op on a descheduled worker (20x slower).
     torch.set_num_threads(1)
+    # and the same in the processes tests start (CLI runs killed and resumed in-process): a CPU kernel's
+    # summation order depends on the thread count, and those tests compare frames bit for bit
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_addoption(parser):
