@@ -13,7 +13,8 @@ A story file looks like this::
 
 ``[Name]`` tags a character (its description is pasted into the prompt in place of the tag), ``[NC]``
 marks a frame without any character, and text after the last ``#`` is the panel caption (a line without
-``#`` is captioned with its own text, as the official app does; ``Story.panel_caption``). Unlike the
+``#`` is captioned with its own text, as the official app does, and one ending in a bare ``#`` has none;
+``Story.panel_caption``). Unlike the
 official UI we allow any number of characters; identity frames (the frames that fill the id bank) are
 chosen per character among the frames where it appears alone, so that the bank holds one identity only.
 
@@ -61,6 +62,7 @@ class Frame:
 
     ``text`` is the prompt body as written (tags still in place, caption removed, stripped);
     ``characters`` the tagged names in order of first appearance (empty for ``[NC]`` / untagged frames);
+    ``caption`` the text after the last ``#`` ("" after a bare ``#``, None on a line without one);
     ``line`` the 1-based line in the source text, kept so that later stages can point the user at it.
     """
 
@@ -88,8 +90,8 @@ class Story:
         return [self.prompt(frame) for frame in self.frames]
 
     def captions(self) -> list[str | None]:
-        """All frame captions in story order (None where a frame has none)."""
-        return [frame.caption for frame in self.frames]
+        """All frame captions (text after ``#``) in story order (None where a frame has none)."""
+        return [frame.caption or None for frame in self.frames]
 
     def frames_of(self, name: str) -> list[int]:
         """Indices of the frames in which character ``name`` appears (alone or not)."""
@@ -156,8 +158,8 @@ class Story:
             raise ValueError(f"caption source must be one of {', '.join(CAPTION_SOURCES)}, got {source!r}")
         if source == "none":
             return None
-        if frame.caption is not None or source == "hash":
-            return frame.caption
+        if frame.caption is not None or source == "hash":  # an empty one after '#': no caption
+            return frame.caption or None
         return _replace_tags(frame.text, lambda name: name) or None
 
     def panel_captions(self, source: str = "line") -> list[str | None]:
@@ -244,7 +246,8 @@ def _parse_frame(index: int, number: int, line: str, characters: dict[str, Chara
     body, hash_mark, caption_text = line.rpartition("#")
     if not hash_mark:  # no '#': rpartition puts the whole line last
         body, caption_text = line, ""
-    caption = caption_text.strip() or None
+    # "" = a '#' with nothing after it: the line asks for no caption (None: no '#', so the line is one)
+    caption = caption_text.strip() if hash_mark else None
     body = body.strip()
 
     names: list[str] = []
@@ -349,5 +352,6 @@ def story_source(story: Story) -> str:
     for frame in story.frames:
         text = frame.text if frame.characters or "[NC]" in frame.text else f"[{NO_CHARACTER}] {frame.text}"
         # a '#' inside the text needs a trailing (empty) caption marker, or its tail would read as caption
-        lines.append(text + (f" #{frame.caption}" if frame.caption else " #" if "#" in text else ""))
+        marker = "#" in text or frame.caption == ""
+        lines.append(text + (f" #{frame.caption}" if frame.caption else " #" if marker else ""))
     return "\n".join(lines) + "\n"

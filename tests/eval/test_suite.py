@@ -74,7 +74,7 @@ def test_list_form_and_awkward_wording():
         "a robot (model X) #7 2024",
         "a robot (model X) #7 on the (moon)",
     ]
-    assert all(frame.caption is None for frame in story.frames)
+    assert story.captions() == [None, None, None]
     assert (second.id, second.category, second.name) == ("b_2", "misc", "character")  # NC is reserved
     assert third.name == "character"
 

@@ -6,7 +6,15 @@ import warnings
 
 import pytest
 
-from storydiff.story import Character, Frame, IdentityFramesWarning, Story, load_story, parse_story
+from storydiff.story import (
+    Character,
+    Frame,
+    IdentityFramesWarning,
+    Story,
+    load_story,
+    parse_story,
+    story_source,
+)
 from storydiff.styles import DEFAULT_STYLE, OFFICIAL_NAMES, STYLES, apply_style, get_style
 
 BOB = "a man, wearing a black suit"
@@ -42,7 +50,7 @@ def test_parse_two_characters() -> None:
     assert story.frames[1].caption is None
     assert story.frames[2].characters == ()
     assert story.frames[2].caption == "Nobody came."
-    assert story.frames[3].caption is None  # empty caption after '#'
+    assert story.frames[3].caption == ""  # a bare '#': no caption
     dinner = story.frames[4]
     assert dinner.characters == ("Bob", "Alice")
     assert dinner.text == "[Bob] and [Alice] have dinner by candlelight # At last."  # split at the LAST '#'
@@ -307,3 +315,12 @@ def test_story_source_round_trips():
         (f.characters, f.caption) for f in story.frames
     ]
     assert again.prompts() == story.prompts()
+
+
+def test_a_bare_hash_asks_for_no_caption() -> None:
+    story = parse_story("[Bob] b\n---\n[Bob] sits #\n[Bob] runs\n[Bob] a # in the text #\n")
+    assert [f.caption for f in story.frames] == ["", None, ""]
+    assert story.panel_captions() == [None, "Bob runs", None]
+    assert story.captions() == [None, None, None]
+    again = parse_story(story_source(story))  # the bare '#' survives the metadata round trip
+    assert again.frames == story.frames
