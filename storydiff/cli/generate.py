@@ -51,6 +51,8 @@ FLAGS = {
     "reference_images": "--ref",
     "ip_scale": "--ip-scale",
 }
+# Settings a preset chooses (settings.PRESETS) whose flag has the field's name.
+PRESET_FIELDS = ("scheduler", "freeu", "layout", "style")
 # Flags that describe the run itself: stored in the metadata, so --resume refuses them.
 RUN_FLAGS = (
     "model",
@@ -643,7 +645,7 @@ def _run(args: argparse.Namespace) -> int:
             resume=resume,
         )
     except InvalidSetting as exc:
-        return fail(f"{FLAGS.get(exc.field, exc.field)} {exc.problem}")
+        return fail(_setting_error(exc, args))
     except (OSError, ValueError) as exc:
         return fail(str(exc))
     try:
@@ -659,9 +661,18 @@ def _run(args: argparse.Namespace) -> int:
         print(f"interrupted: the frames finished so far are in {where}{hint}", file=sys.stderr)
         return 130
     except InvalidSetting as exc:
-        return fail(f"{FLAGS.get(exc.field, exc.field)} {exc.problem}")
+        return fail(_setting_error(exc, args))
     except (ModelLoadError, ValueError, OSError, RuntimeError) as exc:
         return fail(str(exc))
+
+
+def _setting_error(exc, args: argparse.Namespace) -> str:
+    """An InvalidSetting as the flag that sets it would say it; a value the preset chose says so."""
+    flag = FLAGS.get(exc.field, exc.field)
+    came_from_preset = getattr(args, "preset", None) and getattr(args, exc.field, None) is None
+    if came_from_preset and exc.field in PRESET_FIELDS:
+        return f"{flag} {exc.problem} (set by --preset {args.preset}; give {flag} to override it)"
+    return f"{flag} {exc.problem}"
 
 
 def _generate(args, job: Job) -> int:

@@ -110,6 +110,16 @@ def test_official_preset_with_overrides(tmp_path):
     assert any(not np.array_equal(a, b) for a, b in zip(with_freeu, without, strict=True))
 
 
+def test_the_official_preset_on_a_transformer_says_what_to_change(tmp_path, capsys):
+    preset = ("--model", "tiny-flux", "--preset", "official", "--height", "64", "--width", "64")
+    assert generate(tmp_path, "f", *preset) == 2
+    assert (
+        "error: --scheduler 'ddim' applies to UNet models; this is a flux model (set by --preset official; "
+        "give --scheduler to override it)"
+    ) in capsys.readouterr().err
+    assert generate(tmp_path, "g", *preset, "--scheduler", "model", "--freeu", "off") == 0
+
+
 def test_captions_hash_keeps_the_old_behaviour(tmp_path):
     assert generate(tmp_path, "h", "--model", "tiny-sd15", "--captions", "hash") == 0
     meta = json.loads((tmp_path / "h" / "metadata.json").read_text())
