@@ -77,6 +77,22 @@ class StoryResult:
     frame_indices: list[int] | None = None
 
 
+@dataclass
+class _Run:
+    """One story run as both modes take it: what to make, where it goes, what it must match."""
+
+    story: Story
+    styled: list[tuple[str, str]]  # each frame's (styled prompt, negative prompt)
+    settings: RunSettings
+    images: dict[int, Image.Image]  # filled as frames finish (this rank's)
+    output: StoryOutput | None
+    resume: bool
+    progress: Progress
+    partition: Partition
+    references: ReferenceImages | None = None  # the characters' encoded reference images (ip_adapter.py)
+    summary: dict = field(default_factory=dict)  # what checkpoints must match besides the settings
+
+
 def _versions() -> dict:
     import diffusers
 
@@ -348,12 +364,12 @@ class StoryDiffusionPipeline:
         start = time.perf_counter()
         self.state.bank.reset_peak()
         try:
-            run = (story, styled, settings, images, output, resume, progress, partition)
-            extra = self._reference_inputs(story, reference, adapter)
+            run = _Run(story, styled, settings, images, output, resume, progress, partition)
+            run.references, run.summary = self._reference_inputs(story, reference, adapter)
             if settings.mode == "bank":
-                metadata.update(self._run_bank(story, identity, *run[1:], **extra))
+                metadata.update(self._run_bank(run, identity))
             else:
-                metadata.update(self._run_window(*run, **extra))
+                metadata.update(self._run_window(run))
             own = dict(images)
             images = gather_to_leader(partition, images)  # pages and metadata need every frame
             if output is not None:  # every rank's frames are on disk now: the checkpoints are done with
@@ -394,12 +410,14 @@ class StoryDiffusionPipeline:
             output.finish(**memory, seconds=metadata["seconds"], pages=len(pages))
         return StoryResult(ordered, captions, pages, metadata, output.root if output else None, bank_bytes)
 
-    def _reference_inputs(self, story: Story, reference: dict, adapter: dict | None) -> dict:
-        """The runs' ``references`` (each character's image encoded once; None without images: with an
+    def _reference_inputs(
+        self, story: Story, reference: dict, adapter: dict | None
+    ) -> tuple[ReferenceImages | None, dict]:
+        """The run's ``references`` (each character's image encoded once; None without images: with an
         adapter loaded, LockstepDenoiser then masks every image out) and what their checkpoints must match
         besides the settings: the adapter and the images' contents."""
         if adapter is None:
-            return {"references": None, "summary": {}}
+            return None, {}
         references = None
         if reference:
             pictures = {name: image for name, (image, _) in reference.items()}
@@ -410,23 +428,9 @@ class StoryDiffusionPipeline:
             "ip_adapter": {"weights": weights, "variant": adapter["variant"], "scale": adapter["scale"]},
             "reference_images": {name: record["sha256"] for name, (_, record) in reference.items()},
         }
-        return {"references": references, "summary": summary}
+        return references, summary
 
-    def _run_bank(
-        self,
-        story,
-        identity,
-        styled,
-        settings,
-        images,
-        output,
-        resume,
-        progress,
-        partition: Partition,
-        *,
-        references: ReferenceImages | None = None,
-        summary: dict | None = None,
-    ) -> dict:
+    def _run_bank(self, run: _Run, identity: dict[str, list[int]]) -> dict:
         """Identity frames write each character's bank, every other frame reads the banks of the
         characters it shows; both in chunks through one step-synchronous denoiser, so a chunk's frames
         are the same whatever the schedule: "stored" runs each chunk through all steps in turn (every
@@ -435,8 +439,9 @@ class StoryDiffusionPipeline:
         Over several ranks each reads its contiguous share of the read batches — the single-process
         batches, so every frame is bit-identical to it — and each character's bank is written by the rank
         its identity frames were dealt to and broadcast ("broadcast"), or by every rank ("recompute", no
-        traffic). Returns the traffic. ``references``: the reference images (ip_adapter.py); ``summary``:
-        what the checkpoints must match besides the settings."""
+        traffic). Returns the traffic."""
+        story, styled, settings, images, output = run.story, run.styled, run.settings, run.images, run.output
+        resume, progress, partition, references = run.resume, run.progress, run.partition, run.references
         identity_set = {i for frames in identity.values() for i in frames}
         read_frames = [f.index for f in story.frames if f.index not in identity_set]
         size = settings.read_batch_size
@@ -471,7 +476,7 @@ class StoryDiffusionPipeline:
                 if output is not None:
                     output.save_frame(i, images[i])
 
-        shown = (summary or {}).get("reference_images", {})  # character -> its reference image's sha256
+        shown = run.summary.get("reference_images", {})  # character -> its reference image's sha256
         for name in identity:
             # also on resume: a lockstep run's bank holds one step, written again at the next step
             self.state.bank.start(name)
@@ -528,7 +533,7 @@ class StoryDiffusionPipeline:
                 "settings": settings.to_dict(),
                 "consistency": self.config.to_dict(),
                 **({"world_size": partition.world, "rank": partition.rank} if partition.distributed else {}),
-                **(summary or {}),
+                **run.summary,
             },
             resume=resume,
             progress=progress,
@@ -549,21 +554,10 @@ class StoryDiffusionPipeline:
             references=references,
         )
 
-    def _run_window(
-        self,
-        story,
-        styled,
-        settings,
-        images,
-        output,
-        resume,
-        progress,
-        partition,
-        *,
-        references: ReferenceImages | None = None,
-        summary: dict | None = None,
-    ) -> dict:
+    def _run_window(self, run: _Run) -> dict:
         """Window mode; returns {"halo_bytes_sent": this rank's traffic} on several ranks, else {}."""
+        story, styled, settings, images, output = run.story, run.styled, run.settings, run.images, run.output
+        partition = run.partition
         stats: dict = {}
         latents = denoise_long_story(
             self.pipe,
@@ -579,15 +573,15 @@ class StoryDiffusionPipeline:
             chunk_size=settings.chunk_size,
             checkpoint_path=output.root / checkpoint_name(partition) if output is not None else None,
             checkpoint_every=settings.checkpoint_every,
-            resume=resume,
-            run_summary={"model": self.model_name, **(summary or {})},
-            references=references,
-            progress=progress,
+            resume=run.resume,
+            run_summary={"model": self.model_name, **run.summary},
+            references=run.references,
+            progress=run.progress,
             partition=partition,
             stats=stats,
         )
         start, stop = partition.block(len(story.frames))
-        bar = progress_bar(stop - start, "decoding frames", "frame", progress)
+        bar = progress_bar(stop - start, "decoding frames", "frame", run.progress)
         for index in range(start, stop):
             images[index] = self.family.decode(latents[index], settings.height, settings.width)
             if output is not None:
