@@ -18,6 +18,7 @@ import pytest
 from PIL import Image, features
 
 import storydiff.comic as comic
+import storydiff.panels as panels
 from storydiff.comic import (
     CAPTION_STYLES,
     LAYOUTS,
@@ -305,8 +306,8 @@ def test_captions_use_the_font_given(monkeypatch, layout: str, style: str) -> No
         seen.append(font)
         return real(text, size, font)
 
-    real = comic.font_for
-    monkeypatch.setattr(comic, "font_for", spy)
+    real = panels.font_for  # where the captions are drawn
+    monkeypatch.setattr(panels, "font_for", spy)
     captions = ["first caption", "second", "third", "fourth"]
     make_pages(solid_frames(4, (64, 64)), captions, layout, caption_style=style, font=font)
     # Every captioned panel asks for the font given; the official layout drops its two stacked captions.
