@@ -297,3 +297,20 @@ def test_parse_lora(text: str, expected: tuple[str, float]) -> None:
 def test_parse_lora_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="--lora"):
         parse_lora(text)
+
+
+def test_kohya_lora_layout(stock: DiffusionPipeline, loras: dict, tmp_path: Path) -> None:
+    """The layout most LoRA files on the web have (kohya's sd-scripts: ``lora_unet_<module path with '_'>``,
+    ``lora_down``/``lora_up``, ``alpha``) loads through diffusers' conversion: the same factors as the
+    diffusers-layout file ``a`` (alpha = rank: weight 1) give the same model."""
+    _, factors = loras["a"]
+    tensors = {}
+    for name, (a, b) in factors.items():
+        key = "lora_unet_" + name.replace(".", "_")
+        tensors |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b}
+        tensors[f"{key}.alpha"] = torch.tensor(float(a.shape[0]))
+    path = tmp_path / "kohya.safetensors"
+    save_file(tensors, path)
+    pipe = load_pipeline("tiny-sdxl", loras=[(str(path), 1.0)], progress_bar=False)
+    expected = _merged(stock.unet, [(factors, 1.0)])
+    torch.testing.assert_close(_unet_out(pipe.unet), _unet_out(expected), atol=1e-5, rtol=1e-5)
