@@ -9,7 +9,9 @@ and refuses flags that would change them.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -197,6 +199,14 @@ def _reference_images(args: argparse.Namespace, story) -> dict:
         read_reference_image(name, path)
         references[name] = path
     scale = 1.0 if args.ip_scale is None else args.ip_scale
+    if not math.isfinite(scale):
+        raise ValueError(f"--ip-scale must be a finite number, got {args.ip_scale}")
+    if not references:
+        warnings.warn(
+            "--ip-adapter without --ref NAME=IMAGE: no frame gets a reference image (the adapter is loaded "
+            "and masked out everywhere)",
+            stacklevel=2,
+        )
     adapter = {"weights": args.ip_adapter, "image_encoder": args.image_encoder, "scale": scale}
     return {"adapter": adapter, "references": references}
 

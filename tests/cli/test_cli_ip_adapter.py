@@ -75,6 +75,7 @@ def test_reference_images_steer_their_characters_frames(tmp_path, assets):
         (["--ip-adapter", "{weights}", "--ref", "Carol={p0}"], "'Carol' is in no frame of the story"),
         (["--ip-adapter", "{weights}", "--ref", "Bob={weights}"], "cannot read"),
         (["--ip-adapter", "{weights}", "--ref", "Bob={p0}", "--ref", "Bob={p1}"], "two images for 'Bob'"),
+        (["--ip-adapter", "{weights}", "--ip-scale", "nan"], "--ip-scale must be a finite number, got nan"),
     ],
 )
 def test_reference_image_errors_before_anything_runs(tmp_path, capsys, assets, extra, message):
@@ -83,3 +84,11 @@ def test_reference_image_errors_before_anything_runs(tmp_path, capsys, assets, e
     assert generate(tmp_path, "out", *extra) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_without_reference_images_warns(tmp_path, capsys, assets):
+    weights, encoder, _ = assets
+    assert generate(tmp_path, "w", "--ip-adapter", str(weights), "--image-encoder", str(encoder)) == 0
+    assert "warning: --ip-adapter without --ref NAME=IMAGE: no frame gets a reference image" in (
+        capsys.readouterr().err
+    )
