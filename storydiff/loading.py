@@ -44,12 +44,17 @@ def looks_like_local_path(model: str) -> bool:
     return model.startswith(("/", ".", "~")) or os.path.isabs(model) or os.path.exists(model)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line; a first line that only announces a list (ends with ':') takes the
+    list's first entry with it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {lines[1]}"
+    return f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
-def _is_offline(exc: BaseException) -> bool:
+def is_offline(exc: BaseException) -> bool:
     """Whether loading failed because the hub could not be reached (no network, or offline mode)."""
     names = {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectionError", "ConnectError"}
     names |= {"ConnectTimeout", "ReadTimeout", "TimeoutException", "NameResolutionError", "MaxRetryError"}
@@ -72,13 +77,13 @@ def from_pretrained(cls: Any, model: str, what: str, hint: str = "", **kwargs: A
     try:
         return cls.from_pretrained(path, **kwargs)
     except Exception as exc:
-        if not os.path.exists(path) and _is_offline(exc):
+        if not os.path.exists(path) and is_offline(exc):
             raise ModelLoadError(
                 f"cannot load {what} {model!r}: it is not a local folder, and the Hugging Face hub cannot be "
                 f"reached from here (no network, or HF_HUB_OFFLINE set); download it where a network "
                 f"exists and pass the local folder{hint}"
             ) from exc
-        raise ModelLoadError(f"cannot load {what} {model!r}: {_one_line(exc)}{hint}") from exc
+        raise ModelLoadError(f"cannot load {what} {model!r}: {one_line(exc)}{hint}") from exc
 
 
 def load_pipeline(

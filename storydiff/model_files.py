@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .compat import dtype_kwargs
-from .loading import ModelLoadError, _is_offline
+from .loading import ModelLoadError, is_offline, one_line
 
 __all__ = ["SINGLE_FILE_SUFFIXES", "apply_loras", "is_single_file", "load_single_file", "parse_lora"]
 
@@ -52,16 +52,6 @@ def is_single_file(model: str | os.PathLike) -> bool:
     name."""
     path = os.path.expanduser(os.fspath(model))
     return path.lower().endswith(SINGLE_FILE_SUFFIXES) and not os.path.isdir(path)
-
-
-def _summary(exc: BaseException) -> str:
-    """``Type: message`` on one line; a first line that only announces a list (ends with ':') takes the
-    list's first entry with it."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    if text.endswith(":") and len(lines) > 1:
-        text = f"{text} {lines[1]}"
-    return f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
 def _keys(path: str) -> list[str]:
@@ -131,7 +121,7 @@ def load_single_file(
             f".safetensors where you trust it"
         ) from exc
     except Exception as exc:
-        raise ModelLoadError(f"cannot load {what}: not a readable checkpoint ({_summary(exc)})") from exc
+        raise ModelLoadError(f"cannot load {what}: not a readable checkpoint ({one_line(exc)})") from exc
     layout = _file_layout(keys)
     name, entries = _config_classes(config, what) if config is not None else (layout, {})
     if name is None:
@@ -164,7 +154,7 @@ def load_single_file(
             )
             pipe = pipeline_class.from_pretrained(config, transformer=transformer, **dtype_kwargs(dtype))
     except Exception as exc:
-        if config is None and _is_offline(exc):
+        if config is None and is_offline(exc):
             raise ModelLoadError(
                 f"cannot load {what}: without --config diffusers fetches its configs from the Hugging Face "
                 f"hub, which cannot be reached from here; pass --config DIR, {_CONFIG_HINT}"
@@ -174,7 +164,7 @@ def load_single_file(
                 f"cannot load {what}: it lacks weights the {name} architecture of "
                 f"{config or 'its hub config'!r} needs; pass {_CONFIG_HINT}"
             ) from exc
-        raise ModelLoadError(f"cannot load {what}: {_summary(exc)}") from exc
+        raise ModelLoadError(f"cannot load {what}: {one_line(exc)}") from exc
     return pipe
 
 
@@ -240,7 +230,7 @@ def apply_loras(pipe, loras: Sequence[tuple[str, float]]) -> None:
                 pipe.load_lora_weights(path, adapter_name=name)
         except Exception as exc:
             raise ModelLoadError(
-                f"cannot load {what}: {_summary(exc)} (is it a LoRA for this model's architecture?)"
+                f"cannot load {what}: {one_line(exc)} (is it a LoRA for this model's architecture?)"
             ) from exc
         if name not in _adapters(pipe) - before:
             raise ModelLoadError(

@@ -125,7 +125,10 @@ class Story:
                     f"the only character, e.g. '[{name}] standing, full-length portrait'"
                 )
             result[name] = solo[:count]
-        for name, have in self.identity_shortfalls(count, names).items():
+        for name, frames in result.items():
+            have = len(frames)
+            if have == count:
+                continue
             warnings.warn(
                 f"character {name!r} appears alone in only {have} frame(s): its identity comes from "
                 f"{'that one' if have == 1 else f'those {have}'} instead of {count} identity frames "

@@ -194,7 +194,7 @@ def _reference_images(args: argparse.Namespace, story) -> dict:
             raise ValueError(f"--ref expects NAME=IMAGE, e.g. Bob=bob.png, got {item!r}")
         if name in references:
             raise ValueError(f"--ref: two images for {name!r}")
-        if name not in story.characters or not story.appears(name):
+        if not story.appears(name):
             raise ValueError(f"--ref {item}: {name!r} is in no frame of the story")
         read_reference_image(name, path)
         references[name] = path
