@@ -70,7 +70,16 @@ def run_case(model: str, mode: str, rate: float, out_dir: Path) -> tuple[torch.T
 
     sp.pipe.vae.decode = recording_decode
     extra = {"chunk_size": 2} if mode == "window" else {}
-    sp(STORY, mode=mode, style="none", num_inference_steps=3, seed=11, out_dir=out_dir, progress=False, **extra)
+    sp(
+        STORY,
+        mode=mode,
+        style="none",
+        num_inference_steps=3,
+        seed=11,
+        out_dir=out_dir,
+        progress=False,
+        **extra,
+    )
     sp.close()
     pngs = sorted((out_dir / "frames").glob("frame_*.png"))
     return torch.cat(decoded), [hashlib.sha256(p.read_bytes()).hexdigest() for p in pngs]
