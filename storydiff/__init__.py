@@ -11,17 +11,17 @@ benchmark harness start without importing diffusers.
 from importlib import import_module
 
 _EXPORTS = {
-    "apply_consistent_attention": "attention",
-    "remove_consistent_attention": "attention",
-    "ConsistentAttnProcessor": "attention",
-    "ConsistencyConfig": "config",
-    "ConsistencyState": "state",
-    "IdBank": "bank",
+    "apply_consistent_attention": "families.attach",
+    "remove_consistent_attention": "families.attach",
+    "ConsistentAttnProcessor": "families.attach",
+    "ConsistencyConfig": "consistency.config",
+    "ConsistencyState": "consistency.state",
+    "IdBank": "consistency.bank",
     "StoryDiffusionPipeline": "pipeline",
-    "parse_story": "story",
-    "load_story": "story",
-    "load_pipeline": "loading",
-    "RunSettings": "settings",
+    "parse_story": "pages.story",
+    "load_story": "pages.story",
+    "load_pipeline": "models.loading",
+    "RunSettings": "runs.settings",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -31,12 +31,26 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .attention import apply_consistent_attention, remove_consistent_attention, replaced_layers
-from .bank import signature_differences
-from .checkpoint import checkpoint_name
-from .comic import make_pages
-from .config import ConsistencyConfig, InvalidSetting
-from .distributed import (
+from .consistency.bank import signature_differences
+from .consistency.config import ConsistencyConfig, InvalidSetting
+from .consistency.modes import JointMode
+from .families.attach import apply_consistent_attention, remove_consistent_attention, replaced_layers
+from .families.base import SUPPORTED
+from .families.registry import family_of
+from .models.ip_adapter import (
+    ReferenceImages,
+    adapter_metadata,
+    check_reference_images,
+    read_reference_image,
+)
+from .models.ip_adapter import load_ip_adapter as load_ip_adapter_into
+from .models.sampler import run_sampler
+from .pages.comic import make_pages
+from .pages.output import StoryOutput, read_metadata
+from .pages.story import Story, load_story, parse_story, story_source
+from .pages.styles import apply_style
+from .runs.checkpoint import checkpoint_name
+from .runs.distributed import (
     Partition,
     bank_owners,
     current_partition,
@@ -44,24 +58,10 @@ from .distributed import (
     leader_first,
     share_banks,
 )
-from .families import family_of
-from .ip_adapter import (
-    SUPPORTED,
-    ReferenceImages,
-    adapter_metadata,
-    check_reference_images,
-    read_reference_image,
-)
-from .ip_adapter import load_ip_adapter as load_ip_adapter_into
-from .lockstep import LockstepDenoiser, run_lockstep
-from .longstory.denoise import denoise_long_story
-from .modes import JointMode
-from .output import StoryOutput, read_metadata
-from .progress import Progress, progress_bar
-from .sampler import run_sampler
-from .settings import DISTRIBUTED_BANK_SHARING, RunSettings
-from .story import Story, load_story, parse_story, story_source
-from .styles import apply_style
+from .runs.lockstep import LockstepDenoiser, run_lockstep
+from .runs.settings import DISTRIBUTED_BANK_SHARING, RunSettings
+from .runs.window_run import denoise_long_story
+from .support.progress import Progress, progress_bar
 
 
 @dataclass
@@ -96,7 +96,7 @@ class _Run:
 def _versions() -> dict:
     import diffusers
 
-    from . import __version__
+    from csa_kernels import __version__
 
     return {
         "storydiff": __version__,
@@ -190,7 +190,7 @@ class StoryDiffusionPipeline:
         """Load ``model`` (``loading.load_pipeline``: a reserved tiny name, a diffusers folder, a hub id, or
         a single ``.safetensors`` checkpoint with ``model_config``, a local diffusers folder of its
         architecture) with ``loras`` ((path, scale) pairs) applied, and install consistent attention."""
-        from .loading import load_pipeline
+        from .models.loading import load_pipeline
 
         seed = config.seed if config else 0
         pipe = load_pipeline(model, device=device, dtype=dtype, seed=seed, config=model_config, loras=loras)
@@ -286,7 +286,7 @@ class StoryDiffusionPipeline:
         side = self.default_size
         settings = settings.replace(height=settings.height or side, width=settings.width or side)
         # the scheduler and FreeU asked for hold for this run (timesteps, bank signatures), undone after
-        with run_sampler(self.pipe, self.family.name, settings.scheduler, settings.freeu):
+        with run_sampler(self.family, settings.scheduler, settings.freeu):
             return self._run_story(story, settings, out_dir, overwrite, resume, progress, reference_images)
 
     def _run_story(

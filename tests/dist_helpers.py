@@ -43,10 +43,10 @@ def spawn(worker, world: int, tmp_path: Path, *args) -> None:
 def window_latents(
     model: str, active: list[bool], window: int, steps: int, chunk: int, partition=None
 ) -> torch.Tensor:
-    from storydiff.attention import apply_consistent_attention, remove_consistent_attention
-    from storydiff.config import ConsistencyConfig
-    from storydiff.longstory.denoise import denoise_long_story
-    from storydiff.tiny_models import build_tiny_pipeline
+    from storydiff.consistency.config import ConsistencyConfig
+    from storydiff.families.attach import apply_consistent_attention, remove_consistent_attention
+    from storydiff.families.tiny_models import build_tiny_pipeline
+    from storydiff.runs.window_run import denoise_long_story
 
     pipe = build_tiny_pipeline(model, progress_bar=False)
     state = apply_consistent_attention(pipe, ConsistencyConfig(window=window, seed=1, **NO_SKIP))
@@ -72,7 +72,7 @@ def window_latents(
 
 
 def window_worker(rank, world, rendezvous, out, model, active, window, steps) -> None:
-    from storydiff.distributed import current_partition
+    from storydiff.runs.distributed import current_partition
 
     join(rank, world, rendezvous)
     try:
@@ -87,7 +87,7 @@ def window_worker(rank, world, rendezvous, out, model, active, window, steps) ->
 def exchange_worker(rank, world, rendezvous, out, active, window) -> None:
     """Pools whose values name their frame, CFG half and row: what arrives must be exactly the
     neighbours' frames the formula says, and nothing else."""
-    from storydiff.distributed import HaloExchange, current_partition
+    from storydiff.runs.distributed import HaloExchange, current_partition
 
     join(rank, world, rendezvous)
     try:
@@ -120,9 +120,9 @@ def story_worker(rank, world, rendezvous, out_dir, model, story, settings, confi
 
 def stories_worker(rank, world, rendezvous, runs, model, story, config, timeout_s=600.0) -> None:
     """Several story runs, one after the other, by the same ranks: ``runs`` = [(out_dir, settings)]."""
-    from storydiff.config import ConsistencyConfig
+    from storydiff.consistency.config import ConsistencyConfig
+    from storydiff.families.tiny_models import build_tiny_pipeline
     from storydiff.pipeline import StoryDiffusionPipeline
-    from storydiff.tiny_models import build_tiny_pipeline
 
     join(rank, world, rendezvous, timeout_s)
     try:
@@ -149,7 +149,7 @@ def killed_story_worker(rank, world, rendezvous, out_dir, model, story, settings
     import os
     import signal
 
-    import storydiff.lockstep as lockstep
+    import storydiff.runs.lockstep as lockstep
 
     if rank == 1:
         save = lockstep.save_checkpoint

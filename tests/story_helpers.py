@@ -49,7 +49,7 @@ def read_frames(folder: Path) -> list[np.ndarray]:
 # handler) right after its first checkpoint is on disk — deterministic, whatever the machine's load.
 KILL_AFTER_FIRST_CHECKPOINT = """
 import os, signal, sys
-import storydiff.lockstep as lockstep
+import storydiff.runs.lockstep as lockstep
 from storydiff.cli import main
 
 save = lockstep.save_checkpoint

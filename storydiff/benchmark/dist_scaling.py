@@ -35,8 +35,8 @@ def story_text(frames: int) -> str:
 
 
 def _rank(rank: int, world: int, rendezvous: str, spec: dict, report: str) -> None:
-    from ..config import ConsistencyConfig
-    from ..loading import load_pipeline
+    from ..consistency.config import ConsistencyConfig
+    from ..models.loading import load_pipeline
     from ..pipeline import StoryDiffusionPipeline
 
     cuda = spec["device"] == "cuda"

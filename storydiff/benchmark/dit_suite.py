@@ -23,9 +23,10 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from ..attention import apply_consistent_attention, remove_consistent_attention
-from ..config import ConsistencyConfig
-from ..tiny_models import FLUX_DEV_CONFIG, build_tiny_pipeline, default_dtype
+from ..consistency.config import ConsistencyConfig
+from ..families.attach import apply_consistent_attention, remove_consistent_attention
+from ..families.registry import family_named
+from ..families.tiny_models import FLUX_DEV_CONFIG, build_tiny_pipeline, default_dtype
 from .timing import median_ms, peak_extra_mib
 
 Model = Literal["flux", "sd3"]
@@ -95,12 +96,8 @@ def build_transformer(model: Model, size: str, device: torch.device, dtype: torc
     if size == "tiny":
         transformer = build_tiny_pipeline(TINY_NAMES[model], progress_bar=False).transformer
     else:
-        from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
-        cls, config = {
-            "flux": (FluxTransformer2DModel, FLUX_DEV_CONFIG),
-            "sd3": (SD3Transformer2DModel, SD35_LARGE_CONFIG),
-        }[model]
+        config = {"flux": FLUX_DEV_CONFIG, "sd3": SD35_LARGE_CONFIG}[model]
+        cls = family_named(model).denoiser_class
         with torch.device(device), default_dtype(dtype):
             transformer = cls(**config)
     return torch.nn.Module.to(transformer, device=device, dtype=dtype).eval()

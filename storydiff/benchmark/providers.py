@@ -1,7 +1,7 @@
 """Ways to compute one consistent-attention layer call, timed side by side by the op suite.
 
 Official variants A and B (and flex, on variant A's mask rule) come from the one oracle,
-``storydiff.official``: given the same token selection they compute the same function as ours, the way
+``consistency/official.py``: given the same token selection they compute the same function as ours, the way
 the official StoryDiffusion code does it.
 
 Joint text + image inputs (``inputs["query_rows"] = (a, b)``, the DiT cases) go to the same functions with
@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from csa_kernels import attended_keys, consistent_attention, consistent_attention_reference
 from csa_kernels.validation import TRITON_INSTALLED
 
-from ..official import borrowing_rows, keep_from_indices, official_a, official_a_mask, official_b, visible
+from ..consistency.official import (
+    borrowing_rows,
+    keep_from_indices,
+    official_a,
+    official_a_mask,
+    official_b,
+    visible,
+)
 
 
 def _setup_official(name: str, inputs: dict) -> Callable[[], torch.Tensor]:

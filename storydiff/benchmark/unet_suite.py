@@ -1,4 +1,4 @@
-"""UNet suite: one denoising step with official-A, official-B (``storydiff.official``) and our processors,
+"""UNet suite: one denoising step with official-A, official-B (``consistency/official.py``) and ours,
 on the real SDXL UNet architecture (embedded config, random weights, no download), plus the identity
 bank each keeps for a whole run. A "write" case times the identity frames denoised together; a "read"
 case times one more frame denoised against their bank (the official code reads one frame at a time).
@@ -20,10 +20,11 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from ..attention import apply_consistent_attention, remove_consistent_attention
-from ..config import ConsistencyConfig
-from ..official import install_official
-from ..tiny_models import SDXL_UNET_CONFIG, build_tiny_pipeline
+from ..consistency.config import ConsistencyConfig
+from ..consistency.official import install_official
+from ..families.attach import apply_consistent_attention, remove_consistent_attention
+from ..families.registry import family_named
+from ..families.tiny_models import SDXL_UNET_CONFIG, build_tiny_pipeline
 from .timing import median_ms, peak_extra_mib
 
 TEXT_TOKENS = 77
@@ -62,12 +63,10 @@ def cpu_cases() -> list[UNetCase]:
 
 def build_unet(size: str, device: torch.device, dtype: torch.dtype):
     """ "full": the SDXL UNet built directly on ``device`` (2.6 B random parameters); "tiny": tiny-sdxl's."""
-    from diffusers import UNet2DConditionModel
-
     if size == "tiny":
         return torch.nn.Module.to(build_tiny_pipeline("tiny-sdxl").unet, device=device, dtype=dtype).eval()
     with torch.device(device):  # allocate on the GPU directly: no 10 GB fp32 detour through host memory
-        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+        unet = family_named("unet").denoiser_class(**SDXL_UNET_CONFIG)
     return torch.nn.Module.to(unet, dtype=dtype).eval()
 
 

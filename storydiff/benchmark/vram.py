@@ -5,7 +5,7 @@ length while a ``MemorySampler`` records memory. Modes:
 
     official_a     official variant A: full hidden-state bank, dense-mask identity attention
     official_b     official variant B: sampled hidden-state bank, per-frame loop
-                   (both from storydiff.official, with the official warm-up and layer-skip schedule)
+                   (both from consistency/official.py, with the official warm-up and layer-skip schedule)
     ours           our processors, stored bank schedule: every step's sampled K/V bank on the GPU, read
                    frames batched
     ours_offload   ours with the stored bank in pinned CPU memory, prefetched layer by layer
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ConsistencyConfig
-from ..official import install_official
+from ..consistency.config import ConsistencyConfig
+from ..consistency.official import install_official
 from ..pipeline import StoryDiffusionPipeline
 from .memory import MemorySampler, plot_memory_timeline, plot_peak_vs_length
 

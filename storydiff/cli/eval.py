@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.dreamsim import load_dreamsim
     from ..evaluation.face import load_face
     from ..evaluation.masks import MaskDir
-    from ..progress import default_progress
+    from ..support.progress import default_progress
     from .common import resolve_device
 
     try:

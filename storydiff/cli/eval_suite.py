@@ -67,10 +67,10 @@ def register(subparsers, parents: list) -> None:
 
 def _plan(args: argparse.Namespace):
     """(jobs, encoder sources) from the arguments; ValueError naming what is wrong."""
-    from ..config import InvalidSetting
+    from ..consistency.config import InvalidSetting
     from ..evaluation.benchmark_file import load_benchmark
     from ..evaluation.suite import parse_config, plan_suite
-    from ..settings import RunSettings
+    from ..runs.settings import RunSettings
 
     check_output_dir(args.out)
     flags = {"num_inference_steps": "--steps", "seed": "--seed", "height": "--height", "width": "--width"}
@@ -97,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation import load_clip, load_dino
     from ..evaluation.suite import build_comparison, run_suite
     from ..evaluation.tradeoff import write_comparison
-    from ..loading import load_pipeline
-    from ..progress import default_progress
+    from ..models.loading import load_pipeline
+    from ..support.progress import default_progress
     from .common import resolve_device, resolve_dtype
 
     try:

@@ -57,12 +57,12 @@ def _flag(name: str) -> str:
 
 def _from_resume(args: argparse.Namespace) -> Job:
     """The job of the run being resumed, as its metadata stores it."""
-    from ..config import ConsistencyConfig
-    from ..distributed import current_partition
-    from ..output import check_output_folder, read_metadata
+    from ..consistency.config import ConsistencyConfig
+    from ..pages.output import check_output_folder, read_metadata
+    from ..pages.story import parse_story
     from ..pipeline import check_resume_world
-    from ..settings import RunSettings
-    from ..story import parse_story
+    from ..runs.distributed import current_partition
+    from ..runs.settings import RunSettings
 
     conflicts = _given(args, RUN_FLAGS)
     if conflicts:
@@ -101,10 +101,10 @@ def _from_resume(args: argparse.Namespace) -> Job:
 
 def _from_flags(args: argparse.Namespace) -> Job:
     """The job of a new run, from the flags."""
-    from ..config import ConsistencyConfig
-    from ..output import check_output_folder
-    from ..settings import RunSettings
-    from ..story import load_story
+    from ..consistency.config import ConsistencyConfig
+    from ..pages.output import check_output_folder
+    from ..pages.story import load_story
+    from ..runs.settings import RunSettings
 
     missing = [_flag(name) for name in ("model", "story", "out") if getattr(args, name) is None]
     if missing:
@@ -168,7 +168,7 @@ def _from_flags(args: argparse.Namespace) -> Job:
 def _reference_images(args: argparse.Namespace, story) -> dict:
     """--ip-adapter, --image-encoder, --ip-scale and --ref, checked before any model loads (the images are
     read here, so an unreadable one fails at once)."""
-    from ..ip_adapter import read_reference_image
+    from ..models.ip_adapter import read_reference_image
 
     if args.ip_adapter is None:
         given = [
@@ -216,7 +216,7 @@ def _model_files(args: argparse.Namespace) -> dict:
     (``StoryDiffusionPipeline.from_pretrained``'s keywords)."""
     import os
 
-    from ..model_files import is_single_file, parse_lora
+    from ..models.model_files import is_single_file, parse_lora
 
     if args.config is not None:
         if not is_single_file(args.model):
@@ -235,7 +235,7 @@ def _model_files(args: argparse.Namespace) -> dict:
 
 def _bank_headers(items) -> dict[str, tuple[str, dict]]:
     """--load-bank [NAME=]PATH items → {character: (path, header)}, each file checked to be a bank."""
-    from ..bank import read_bank_header
+    from ..consistency.bank import read_bank_header
 
     banks = {}
     for item in items:
@@ -252,14 +252,14 @@ def _bank_headers(items) -> dict[str, tuple[str, dict]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..distributed import launched_by_torchrun
+    from ..runs.distributed import launched_by_torchrun
 
     if not launched_by_torchrun():
         return _run(args)
     # under torchrun: every rank runs the same command on its share of the frames (distributed.py)
     import torch.distributed as dist
 
-    from ..distributed import init_from_environment
+    from ..runs.distributed import init_from_environment
     from .common import resolve_device
 
     if not args.dist_timeout > 0:
@@ -275,10 +275,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..config import InvalidSetting
-    from ..distributed import communicate, current_partition
-    from ..loading import ModelLoadError
+    from ..consistency.config import InvalidSetting
+    from ..models.loading import ModelLoadError
     from ..pipeline import check_run
+    from ..runs.distributed import communicate, current_partition
 
     partition = current_partition()
     try:
@@ -326,9 +326,9 @@ def _setting_error(exc, args: argparse.Namespace) -> str:
 
 
 def _generate(args, job: Job) -> int:
-    from ..distributed import current_partition
     from ..pipeline import StoryDiffusionPipeline
-    from ..progress import default_progress
+    from ..runs.distributed import current_partition
+    from ..support.progress import default_progress
     from .common import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)

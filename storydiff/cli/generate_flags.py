@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import LAYER_PRESETS, ROPE_POLICIES
+from ..consistency.config import LAYER_PRESETS, ROPE_POLICIES
 from .common import DTYPES
 
 # Settings fields (RunSettings, ConsistencyConfig) and the flags that set them, for error messages.
@@ -97,7 +97,7 @@ RUN_FLAGS = (
 
 def add_parser(subparsers, parents: list) -> argparse.ArgumentParser:
     """The `generate` parser, its flags in groups."""
-    from ..settings import BANK_DEFAULTS, WINDOW_DEFAULTS, RunSettings
+    from ..runs.settings import BANK_DEFAULTS, WINDOW_DEFAULTS, RunSettings
 
     d = RunSettings()
     gen = subparsers.add_parser(

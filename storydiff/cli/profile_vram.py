@@ -68,19 +68,20 @@ def register(subparsers, parents: list) -> None:
     vram.set_defaults(run=run)
 
 
-def _is_transformer(model: str) -> bool | None:
-    """Whether ``model`` names a diffusion-transformer pipeline, where that is known without loading it:
-    the reserved names and local folders with a ``model_index.json``; None otherwise (a hub id)."""
-    from ..tiny_models import RANDOM_DIT, RESERVED_MODELS, TINY_DIT
+def _lacks_official_variants(model: str) -> bool:
+    """Whether ``model`` names a family the official code has no processors for (a diffusion transformer),
+    where that is known without loading it: the reserved names and local folders with a
+    ``model_index.json``; False otherwise (a hub id: known once it is loaded)."""
+    from ..families.registry import family_of_pipeline_class, family_of_reserved
 
-    if model in RESERVED_MODELS:
-        return model in (*TINY_DIT, *RANDOM_DIT)
-    index = Path(os.path.expanduser(model)) / "model_index.json"
-    try:
-        components = json.loads(index.read_text())
-    except (OSError, ValueError):
-        return None
-    return "transformer" in components and "unet" not in components
+    family = family_of_reserved(model)
+    if family is None:
+        index = Path(os.path.expanduser(model)) / "model_index.json"
+        try:
+            family = family_of_pipeline_class(json.loads(index.read_text()).get("_class_name", ""))
+        except (OSError, ValueError, AttributeError):
+            return False
+    return family is not None and not family.official_variants
 
 
 def _official_refused(modes: list[str], what: str) -> str:
@@ -108,8 +109,8 @@ def run(args: argparse.Namespace) -> int:
     from ..benchmark.memory import MemorySampler
     from ..benchmark.results import save_rows, slug, write_json_file
     from ..benchmark.vram import MODES, OFFICIAL_MODES, profile_story_lengths, save_plots, timeline_rows
-    from ..families import family_of
-    from ..loading import load_pipeline
+    from ..families.registry import family_of
+    from ..models.loading import load_pipeline
 
     modes = args.modes.split(",") if args.modes else None
     try:
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return fail(str(exc))
     asked_official = [m for m in modes or () if m in OFFICIAL_MODES]
-    if args.model and asked_official and _is_transformer(args.model):
+    if args.model and asked_official and _lacks_official_variants(args.model):
         return fail(_official_refused(asked_official, args.model))
     probe = MemorySampler(device)
     with probe:
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         pipe = load_pipeline(model, device=device, dtype=dtype, progress_bar=False)
         family = family_of(pipe)
-        if family.name != "unet":
+        if not family.official_variants:
             if asked_official:
                 return fail(_official_refused(asked_official, f"{model} ({family.name})"))
             if modes is None:

@@ -159,7 +159,7 @@ class _Report:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..loading import ModelLoadError
+    from ..models.loading import ModelLoadError
     from ..motion.train import train_motion
 
     bar = not args.no_progress and sys.stderr.isatty()

@@ -85,12 +85,12 @@ def register(subparsers, parents: list) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..loading import ModelLoadError, load_svd_pipeline
+    from ..families.reserved import TINY_SVD
+    from ..models.loading import ModelLoadError, load_svd_pipeline
     from ..motion.model import load_predictor
     from ..motion.story_video import read_story_frames, story_transitions
     from ..motion.video_io import MP4_PACKAGES
-    from ..progress import default_progress
-    from ..tiny_models import TINY_SVD
+    from ..support.progress import default_progress
 
     try:
         device = resolve_device(args.device)

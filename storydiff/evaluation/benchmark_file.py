@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..story import NO_CHARACTER, SEPARATOR, parse_story
+from ..pages.story import NO_CHARACTER, SEPARATOR, parse_story
 
 __all__ = ["BenchmarkSet", "load_benchmark", "parse_benchmark"]
 

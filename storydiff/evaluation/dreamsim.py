@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..loading import ModelLoadError
-from ..progress import Progress
+from ..models.loading import ModelLoadError
+from ..support.progress import Progress
 from .encoders import ImageLike, _batched, _rgb
 
 __all__ = ["DREAMSIM_INSTALL", "DreamSimEncoder", "load_dreamsim"]

@@ -28,10 +28,10 @@ from transformers import (
     Dinov2Model,
 )
 
-from ..compat import clip_image_processor_class
-from ..loading import ModelLoadError, from_pretrained
-from ..progress import Progress, progress_bar
-from ..tiny_models import tiny_clip_text_config, tiny_clip_tokenizer
+from ..families.tiny_models import tiny_clip_text_config, tiny_clip_tokenizer
+from ..models.loading import ModelLoadError, from_pretrained
+from ..support.compat import clip_image_processor_class
+from ..support.progress import Progress, progress_bar
 
 __all__ = ["TINY", "ClipEncoder", "DinoEncoder", "build_tiny_encoders", "load_clip", "load_dino"]
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..loading import ModelLoadError
-from ..progress import Progress
+from ..models.loading import ModelLoadError
+from ..support.progress import Progress
 from .encoders import ImageLike, _batched, _rgb
 
 __all__ = ["FACE_INSTALL", "FaceEncoder", "face_model_dir", "load_face"]

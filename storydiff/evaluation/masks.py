@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..progress import Progress, progress_bar
+from ..support.progress import Progress, progress_bar
 
 __all__ = ["NEUTRAL_GRAY", "MaskDir", "MaskFn", "apply_mask", "encode_masked", "mask_name", "masked_frame"]
 

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..output import StoryOutput, read_metadata
-from ..progress import Progress
-from ..story import parse_story
+from ..pages.output import StoryOutput, read_metadata
+from ..pages.story import parse_story
+from ..support.progress import Progress
 from .encoders import TINY, ClipEncoder, DinoEncoder
 from .masks import MaskFn, encode_masked, mask_name
 from .metrics import PairSummary, cosine_matrix, paired_cosine, summarize_pairs

@@ -23,11 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ConsistencyConfig, InvalidSetting
-from ..output import METADATA, check_output_folder, read_metadata
-from ..progress import Progress, progress_bar
-from ..settings import RunSettings
-from ..story import Story, parse_story, story_source
+from ..consistency.config import ConsistencyConfig, InvalidSetting
+from ..pages.output import METADATA, check_output_folder, read_metadata
+from ..pages.story import Story, parse_story, story_source
+from ..runs.settings import RunSettings
+from ..support.progress import Progress, progress_bar
 from .benchmark_file import BenchmarkSet
 
 __all__ = [

@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..atomic import atomic_path, write_json, write_text
+from ..support.atomic import atomic_path, write_json, write_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -10,7 +10,7 @@ import csv
 import io
 from pathlib import Path
 
-from ..atomic import atomic_path, write_json, write_text
+from ..support.atomic import atomic_path, write_json, write_text
 from .plots import report_figure
 
 __all__ = ["summary_lines", "write_report"]

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..atomic import atomic_path
+from ..support.atomic import atomic_path
 from .encoder import ImageEncoder
 from .video_sources import VideoSource, read_frames, source_fingerprint
 

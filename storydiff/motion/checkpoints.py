@@ -2,7 +2,7 @@
 
 ``training_state.pt`` holds what the weights alone cannot restore: optimizer and LR-scheduler state, the
 torch RNG states (dropout), the step and the loss history. Each checkpoint is written into a temporary
-folder and renamed into place (``storydiff.atomic.atomic_path``), so a run killed mid-write never leaves a
+folder and renamed into place (``support/atomic.py``), so a run killed mid-write never leaves a
 checkpoint that looks complete.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..atomic import atomic_path
+from ..support.atomic import atomic_path
 from .model import SemanticMotionPredictor
 
 __all__ = ["STATE_FILE", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]

@@ -17,9 +17,9 @@ from PIL import Image
 from torch import Tensor
 from transformers import CLIPVisionModelWithProjection
 
-from ..compat import clip_image_processor_class
-from ..loading import from_pretrained
-from ..tiny_models import tiny_clip_vision_model
+from ..families.tiny_models import tiny_clip_vision_model
+from ..models.loading import from_pretrained
+from ..support.compat import clip_image_processor_class
 
 __all__ = ["ImageEncoder", "build_tiny_encoder"]
 

@@ -149,12 +149,12 @@ def load_predictor(path: str, device: str | torch.device = "cpu") -> SemanticMot
 
     Raises ``ModelLoadError`` naming the folder when it is missing or not a predictor.
     """
-    from ..loading import from_pretrained
+    from ..models.loading import from_pretrained
 
     # The predictor is small; float32 keeps its output close to how it was trained. Local folders only:
     # there are no published weights to fetch.
     if not Path(path).expanduser().is_dir():
-        from ..loading import ModelLoadError
+        from ..models.loading import ModelLoadError
 
         raise ModelLoadError(f"cannot load motion predictor {path!r}: no such folder")
     return from_pretrained(SemanticMotionPredictor, str(path), "motion predictor").to(device)

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableVideoDiffusionPipeline
 from PIL import Image
 from torch import Tensor
 
-from ..atomic import write_json
-from ..compat import progress_bar_config
-from ..progress import Progress, progress_bar
+from ..families.svd import SVDPipeline
+from ..support.atomic import write_json
+from ..support.compat import progress_bar_config
+from ..support.progress import Progress, progress_bar
 from .transition import TransitionResult, TransitionVideoPipeline
 from .video_io import write_video
 
@@ -83,7 +83,7 @@ def read_story_frames(story_dir: str | os.PathLike) -> list[Path]:
 
 
 @contextmanager
-def _labelled_bar(svd_pipe: StableVideoDiffusionPipeline, label: str | None) -> Iterator[None]:
+def _labelled_bar(svd_pipe: SVDPipeline, label: str | None) -> Iterator[None]:
     """SVD's denoising bar labelled ``label`` for one clip, or off for ``None``; the pipeline's own bar
     settings are restored afterwards, also on error."""
     saved = progress_bar_config(svd_pipe)
@@ -97,7 +97,7 @@ def _labelled_bar(svd_pipe: StableVideoDiffusionPipeline, label: str | None) -> 
 def story_transitions(
     story_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
-    svd_pipe: StableVideoDiffusionPipeline,
+    svd_pipe: SVDPipeline,
     predictor: torch.nn.Module | None = None,
     *,
     seed: int = 0,
@@ -113,7 +113,7 @@ def story_transitions(
     clip but the last drops its final frame, which only approaches the next story frame, while the next
     clip's first frame is conditioned on that frame itself. ``video.json`` records the settings and files.
 
-    ``progress`` (``storydiff.progress``): True or "bar" labels SVD's denoising bar of clip i of N
+    ``progress`` (``storydiff.support.progress``): True or "bar" labels SVD's denoising bar of clip i of N
     "clip i/N"; "lines" prints one plain line per finished clip instead ("transitions: clip i/N done"),
     for logs; False shows neither. Other keyword arguments go to ``TransitionVideoPipeline.__call__``.
     """

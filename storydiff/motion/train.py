@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from ..atomic import atomic_path, write_json
+from ..support.atomic import atomic_path, write_json
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import ClipDataset, MotionData, build_datasets
 from .defaults import DEFAULT_MODEL

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableVideoDiffusionPipeline
 from PIL import Image
 from torch import Tensor
 
-from ..compat import svd_image_embedding
+from ..families.svd import SVDPipeline
+from ..support.compat import svd_image_embedding
 from .baselines import linear_interpolation
 from .conditioning import PerFrameEmbeddingState, per_frame_conditioning
 from .video_io import write_video
@@ -90,7 +90,7 @@ class TransitionVideoPipeline:
 
     def __init__(
         self,
-        svd_pipe: StableVideoDiffusionPipeline,
+        svd_pipe: SVDPipeline,
         predictor: torch.nn.Module | None = None,
         *,
         compile_predictor: bool | None = None,

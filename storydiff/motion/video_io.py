@@ -17,7 +17,7 @@ from pathlib import Path
 from diffusers.utils import export_to_gif, export_to_video
 from PIL import Image
 
-from ..atomic import atomic_path
+from ..support.atomic import atomic_path
 
 __all__ = ["MP4_PACKAGES", "mp4_available", "write_video"]
 

@@ -51,8 +51,8 @@ def test_tiny_dit_steps(monkeypatch):
 def test_embedded_configs_are_the_real_architectures():
     """The GPU path on the meta device: the real configs built in bf16, the 1024² inputs run a stock step
     (shapes only), and the layer presets pick FLUX-dev's 38 single / 19 double blocks."""
-    from storydiff.attention import apply_consistent_attention, remove_consistent_attention
-    from storydiff.config import ConsistencyConfig
+    from storydiff.consistency.config import ConsistencyConfig
+    from storydiff.families.attach import apply_consistent_attention, remove_consistent_attention
 
     meta = torch.device("meta")
     flux, sd35 = (

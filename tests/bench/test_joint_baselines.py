@@ -11,7 +11,7 @@ from csa_kernels import reference_error_bound, sample_reference_indices
 from storydiff.benchmark import op_suite
 from storydiff.benchmark.op_suite import OpCase, case_flops, cpu_dit_cases, make_case_inputs
 from storydiff.benchmark.providers import query_key_pairs, setup_provider
-from storydiff.official import keep_from_indices, official_a_mask
+from storydiff.consistency.official import keep_from_indices, official_a_mask
 
 FRAMES, HEADS, IMAGE, TEXT, DIM = 3, 2, 24, 7, 16
 # (name, query_rows, groups): FLUX (text first, no CFG), SD3 (image first, CFG), image rows in the middle

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import storydiff.loading
+import storydiff.models.loading
 from storydiff.cli import main
 
 STORY = """\
@@ -36,7 +36,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(storydiff.loading, "load_pipeline", refuse)
+    monkeypatch.setattr(storydiff.models.loading, "load_pipeline", refuse)
 
 
 def generate(story, out, *extra):
@@ -177,7 +177,7 @@ def test_quiet_run_plain_progress_and_real_size_in_metadata(tmp_path, story, cap
 
 
 def test_ctrl_c_keeps_finished_frames_and_says_so(tmp_path, story, capsys, monkeypatch):
-    from storydiff.lockstep import LockstepDenoiser
+    from storydiff.runs.lockstep import LockstepDenoiser
 
     step = LockstepDenoiser.step
     calls = []

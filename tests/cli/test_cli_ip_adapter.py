@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from storydiff.cli import main
-from storydiff.tiny_models import (
+from storydiff.families.tiny_models import (
     build_tiny_pipeline,
     save_tiny_image_encoder,
     tiny_clip_vision_model,

@@ -10,7 +10,7 @@ from ldm_format import write_random_lora, write_single_file
 from PIL import Image
 
 from storydiff.cli import main
-from storydiff.tiny_models import build_tiny_pipeline
+from storydiff.families.tiny_models import build_tiny_pipeline
 
 STORY = "[Bob] a man in a black suit\n---\n[Bob] walks in the park\n[Bob] reads a newspaper\n[NC] a tree\n"
 

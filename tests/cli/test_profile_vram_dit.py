@@ -72,7 +72,8 @@ def test_profile_vram_refuses_official_modes_on_a_transformer(tmp_path, capsys, 
 
 def test_profile_vram_refuses_official_modes_on_a_transformer_folder(tmp_path, capsys, monkeypatch):
     """A local folder's model_index.json tells the family before loading; a hub id is refused once loaded."""
-    import storydiff.loading as loading
+    import storydiff.models.loading as loading
+    from storydiff.families.tiny_models import build_tiny_pipeline
 
     folder = tmp_path / "flux-model"
     folder.mkdir()
@@ -82,7 +83,7 @@ def test_profile_vram_refuses_official_modes_on_a_transformer_folder(tmp_path, c
     assert main(["profile-vram", "--model", str(folder), "--modes", "official_b", "--out", str(out_dir)]) == 2
     assert "official_b need a UNet model" in capsys.readouterr().err
 
-    loaded = loading.build_tiny_pipeline("tiny-flux", progress_bar=False)
+    loaded = build_tiny_pipeline("tiny-flux", progress_bar=False)
     monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: loaded)  # a hub id, as if downloaded
     assert main(["profile-vram", "--model", "org/flux", "--modes", "official_a", "--out", str(out_dir)]) == 2
     captured = capsys.readouterr()
@@ -102,7 +103,7 @@ def test_profile_vram_checks_the_family_size_multiple(tmp_path, capsys):
 
 
 def test_profile_story_lengths_refuses_official_modes_without_a_unet():
-    from storydiff.tiny_models import build_tiny_pipeline
+    from storydiff.families.tiny_models import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("tiny-flux", progress_bar=False)
     with pytest.raises(ValueError, match="official_a: the official code has UNet processors only"):
@@ -123,11 +124,12 @@ def test_random_flux_is_flux_dev_on_the_meta_device():
     """random-flux's structure without allocating it: the loading path builds it in bf16 (its default) on
     meta; the real transformer and VAE, small text encoders whose widths fit the transformer, 1024² by
     default; one 1024² step of two frames with our processors installed runs (shapes only)."""
-    from storydiff.attention import apply_consistent_attention, remove_consistent_attention
-    from storydiff.config import ConsistencyConfig
-    from storydiff.families import family_of
-    from storydiff.loading import load_pipeline
-    from storydiff.tiny_models import FLUX_DEV_CONFIG, RESERVED_MODELS
+    from storydiff.consistency.config import ConsistencyConfig
+    from storydiff.families.attach import apply_consistent_attention, remove_consistent_attention
+    from storydiff.families.registry import family_of
+    from storydiff.families.reserved import RESERVED_MODELS
+    from storydiff.families.tiny_models import FLUX_DEV_CONFIG
+    from storydiff.models.loading import load_pipeline
 
     assert "random-flux" in RESERVED_MODELS
     pipe = load_pipeline("random-flux", device="meta", progress_bar=False)

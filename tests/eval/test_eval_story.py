@@ -17,7 +17,7 @@ from PIL import Image
 
 from storydiff.cli import main
 from storydiff.evaluation import build_tiny_encoders, evaluate_story
-from storydiff.styles import apply_style
+from storydiff.pages.styles import apply_style
 
 STORY = """\
 [Bob] a man with red hair, wearing a black suit

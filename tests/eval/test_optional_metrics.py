@@ -22,7 +22,7 @@ from storydiff.cli import main
 from storydiff.evaluation import build_tiny_encoders, evaluate_story
 from storydiff.evaluation.face import FaceEncoder
 from storydiff.evaluation.masks import NEUTRAL_GRAY, apply_mask
-from storydiff.story import parse_story
+from storydiff.pages.story import parse_story
 
 STORY = """\
 [Bob] a man with red hair

@@ -20,9 +20,9 @@ from storydiff.cli import main
 from storydiff.evaluation import suite
 from storydiff.evaluation.benchmark_file import load_benchmark, parse_benchmark
 from storydiff.evaluation.suite import ALLOWED_KEYS, parse_config
-from storydiff.output import StoryOutput
-from storydiff.settings import RunSettings
-from storydiff.story import parse_story
+from storydiff.pages.output import StoryOutput
+from storydiff.pages.story import parse_story
+from storydiff.runs.settings import RunSettings
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "benchmarks" / "story_sets" / "example_consistory.yaml"
 CONFIGS = ["--config", "base:rate=0.0", "--config", "csa:rate=0.5,window=2"]

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
 from csa_kernels import consistent_attention_reference
-from storydiff.attention import apply_consistent_attention, remove_consistent_attention
-from storydiff.config import ConsistencyConfig, InvalidSetting
-from storydiff.tiny_models import build_tiny_pipeline
+from storydiff.consistency.config import ConsistencyConfig, InvalidSetting
+from storydiff.families.attach import apply_consistent_attention, remove_consistent_attention
+from storydiff.families.tiny_models import build_tiny_pipeline
 
 NO_SKIP = {"warmup_steps": 0, "skip_prob_early": 0.0, "skip_prob_late": 0.0}
 FRAMES, TEXT = 3, 7

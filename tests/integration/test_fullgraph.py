@@ -12,9 +12,9 @@ import pytest
 import torch
 from helpers import compile_test_unet
 
-from storydiff.attention import ConsistentAttnProcessor, apply_consistent_attention
-from storydiff.config import ConsistencyConfig
-from storydiff.modes import JointMode
+from storydiff.consistency.config import ConsistencyConfig
+from storydiff.consistency.modes import JointMode
+from storydiff.families.attach import ConsistentAttnProcessor, apply_consistent_attention
 
 
 @pytest.mark.parametrize(

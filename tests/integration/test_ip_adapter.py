@@ -9,20 +9,20 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 from PIL import Image
 
-from storydiff.attention import BoundProcessor, ConsistentAttnProcessor
-from storydiff.bank import IdBank
-from storydiff.config import ConsistencyConfig, InvalidSetting
-from storydiff.dit_processors import FluxMaskedIPAdapterProcessor
-from storydiff.ip_adapter import ReferenceImages, encode_reference, load_ip_adapter
-from storydiff.loading import ModelLoadError
-from storydiff.lockstep import LockstepDenoiser
-from storydiff.pipeline import StoryDiffusionPipeline
-from storydiff.tiny_models import (
+from storydiff.consistency.bank import IdBank
+from storydiff.consistency.config import ConsistencyConfig, InvalidSetting
+from storydiff.consistency.processors import BoundProcessor, ConsistentAttnProcessor
+from storydiff.families.flux import FluxMaskedIPAdapterProcessor
+from storydiff.families.tiny_models import (
     build_tiny_pipeline,
     save_tiny_image_encoder,
     tiny_clip_vision_model,
     write_tiny_ip_adapter,
 )
+from storydiff.models.ip_adapter import ReferenceImages, encode_reference, load_ip_adapter
+from storydiff.models.loading import ModelLoadError
+from storydiff.pipeline import StoryDiffusionPipeline
+from storydiff.runs.lockstep import LockstepDenoiser
 
 STORY = """\
 [Bob] a man with red hair

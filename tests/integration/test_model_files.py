@@ -20,9 +20,9 @@ from diffusers import DiffusionPipeline
 from ldm_format import pipeline_to_ldm, write_random_lora, write_single_file
 from safetensors.torch import load_file, save_file
 
-from storydiff.loading import ModelLoadError, load_pipeline
-from storydiff.model_files import parse_lora
-from storydiff.tiny_models import build_tiny_pipeline
+from storydiff.families.tiny_models import build_tiny_pipeline
+from storydiff.models.loading import ModelLoadError, load_pipeline
+from storydiff.models.model_files import parse_lora
 
 TINY = ("tiny-sdxl", "tiny-sd15")
 
@@ -230,7 +230,9 @@ def test_lora_scales(stock: DiffusionPipeline, loras: dict) -> None:
     base = _unet_out(stock.unet)
     off = load_pipeline("tiny-sdxl", loras=[(str(path), 0.0)], progress_bar=False)
     assert off.get_list_adapters() == {"unet": ["lora_0"]}
-    assert torch.equal(_unet_out(off.unet), base)
+    # peft's wrapper still runs the base layer its own way (peft 0.21: 5e-7 off on this UNet), so equal
+    # within float noise, far below what scale 1 moves
+    torch.testing.assert_close(_unet_out(off.unet), base, atol=1e-5, rtol=1e-5)
     on = load_pipeline("tiny-sdxl", loras=[(str(path), 1.0)], progress_bar=False)
     out = _unet_out(on.unet)
     assert not torch.allclose(out, base, atol=1e-3)

@@ -1,4 +1,4 @@
-"""The oracle of the official StoryDiffusion algorithm (storydiff.official) does what ARCHITECTURE.md §3 says.
+"""The oracle of the official algorithm (consistency/official.py) does what ARCHITECTURE.md §3 says.
 
 Its parity with our processor is in test_processor.py; here: op-level forms against the reference, what
 each variant projects and banks, how variant A shares its draw, and the warm-up and layer-skip schedule.
@@ -11,9 +11,9 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from helpers import Case, assert_matches_reference, make_inputs
 
-import storydiff.official as official
+import storydiff.consistency.official as official
 from storydiff.benchmark.providers import setup_provider
-from storydiff.official import OfficialAttnProcessor, OfficialState
+from storydiff.consistency.official import OfficialAttnProcessor, OfficialState
 
 CHANNELS, HEADS, TOKENS = 32, 2, 24
 

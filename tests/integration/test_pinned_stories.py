@@ -116,7 +116,7 @@ def pin() -> None:
             print(case, tuple(latents[case].shape))
     DATA.mkdir(exist_ok=True)
     save_file({k: v.contiguous() for k, v in latents.items()}, PINNED_LATENTS)
-    from storydiff.story import parse_story
+    from storydiff.pages.story import parse_story
 
     frame_characters = [list(f.characters) for f in parse_story(STORY).frames]
     record = {"versions": versions(), "png_sha256": pngs, "frame_characters": frame_characters}

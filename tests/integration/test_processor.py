@@ -1,6 +1,6 @@
 """The consistent-attention processor on a single diffusers Attention layer.
 
-Parity: the official StoryDiffusion variants (the oracle, storydiff.official), fed our token selection,
+Parity: the official StoryDiffusion variants (the oracle, consistency/official.py), fed our token selection,
 must match the processor when writing and when reading a bank.
 """
 
@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from storydiff.attention import ConsistentAttnProcessor
-from storydiff.config import ConsistencyConfig
-from storydiff.official import OfficialAttnProcessor, OfficialState, keep_from_indices
-from storydiff.state import ConsistencyState, LayerInfo
+from storydiff.consistency.config import ConsistencyConfig
+from storydiff.consistency.official import OfficialAttnProcessor, OfficialState, keep_from_indices
+from storydiff.consistency.processors import ConsistentAttnProcessor
+from storydiff.consistency.state import ConsistencyState, LayerInfo
 
 CHANNELS, HEADS = 32, 2
 LAYER = LayerInfo(name="up_blocks.0.attentions.0.transformer_blocks.0.attn1.processor", index=0, level=16)

@@ -15,15 +15,15 @@ import pytest
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-import storydiff.dit_processors as dit_processors
-import storydiff.modes as modes
+import storydiff.consistency.modes as modes
+import storydiff.families.flux as flux_family
 from csa_kernels import consistent_attention_reference
-from storydiff.attention import apply_consistent_attention, remove_consistent_attention
-from storydiff.bank import signature_differences
-from storydiff.config import ConsistencyConfig, InvalidSetting
-from storydiff.longstory.window import WindowMode
-from storydiff.rope import rotate, shift_ids
-from storydiff.tiny_models import build_tiny_pipeline
+from storydiff.consistency.bank import signature_differences
+from storydiff.consistency.config import ConsistencyConfig, InvalidSetting
+from storydiff.consistency.rope import rotate, shift_ids
+from storydiff.consistency.window import WindowMode
+from storydiff.families.attach import apply_consistent_attention, remove_consistent_attention
+from storydiff.families.tiny_models import build_tiny_pipeline
 
 NO_SKIP = {"warmup_steps": 0, "skip_prob_early": 0.0, "skip_prob_late": 0.0}
 FRAMES, TEXT, SIDE = 3, 7, 4
@@ -137,7 +137,7 @@ def test_identity_repositioning_changes_no_bit(flux, monkeypatch):
     nothing gives "source"'s outputs bit for bit in every mode."""
     config = ConsistencyConfig(rate=0.5, layers="all", **NO_SKIP)
     plain = run_every_mode(flux, config)
-    monkeypatch.setattr(dit_processors, "reposition_for", lambda *args: lambda pool, positions: pool)
+    monkeypatch.setattr(flux_family, "reposition_for", lambda *args: lambda pool, positions: pool)
     identity = run_every_mode(flux, config)
     for a, b in zip(plain, identity, strict=True):
         assert torch.equal(a, b)

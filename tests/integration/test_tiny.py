@@ -19,10 +19,10 @@ from diffusers import (
 )
 from PIL import Image
 
-from storydiff.compat import dtype_kwargs
-from storydiff.loading import ModelLoadError, load_pipeline
-from storydiff.tiny_models import TINY_TEXT_TO_IMAGE as TINY_MODELS
-from storydiff.tiny_models import build_tiny_pipeline
+from storydiff.families.reserved import TINY_TEXT_TO_IMAGE as TINY_MODELS
+from storydiff.families.tiny_models import build_tiny_pipeline
+from storydiff.models.loading import ModelLoadError, load_pipeline
+from storydiff.support.compat import dtype_kwargs
 
 SIZE = 128
 PROMPTS = ['A man, wearing a hat! (smiling) at 42°; "quoted" text: café?', "a dog"]

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from storydiff.tiny_models import TINY_DIT, build_tiny_pipeline
+from storydiff.families.reserved import TINY_DIT
+from storydiff.families.tiny_models import build_tiny_pipeline
 
 CALL = {"height": 64, "width": 64, "num_inference_steps": 1, "max_sequence_length": 16, "output_type": "np"}
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from storydiff.cli import main
-from storydiff.loading import ModelLoadError
+from storydiff.models.loading import ModelLoadError
 from storydiff.motion import train as motion_train
 from storydiff.motion.baselines import linear_interpolation
 from storydiff.motion.checkpoints import latest_checkpoint

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from storydiff.cli import main
-from storydiff.compat import progress_bar_config
-from storydiff.loading import ModelLoadError, load_svd_pipeline
+from storydiff.families.tiny_models import build_tiny_pipeline
+from storydiff.models.loading import ModelLoadError, load_svd_pipeline
 from storydiff.motion import video_io
 from storydiff.motion.conditioning import (
     PerFrameCrossAttnProcessor,
@@ -23,7 +23,7 @@ from storydiff.motion.conditioning import (
 from storydiff.motion.story_video import read_story_frames, story_transitions
 from storydiff.motion.transition import TransitionVideoPipeline
 from storydiff.motion.video_io import mp4_available, write_video
-from storydiff.tiny_models import build_tiny_pipeline
+from storydiff.support.compat import progress_bar_config
 
 SIZE, FRAMES, STEPS = 32, 6, 2
 RUN = {"height": SIZE, "width": SIZE, "num_frames": FRAMES, "num_inference_steps": STEPS}

@@ -68,7 +68,7 @@ def test_story_on_gpu_with_and_without_bank_offload(tmp_path):
     """Tiny SDXL in fp16 on CUDA: the Triton path through the processors, with and without bank offload."""
     import numpy as np
 
-    from storydiff.config import ConsistencyConfig
+    from storydiff.consistency.config import ConsistencyConfig
     from storydiff.pipeline import StoryDiffusionPipeline
 
     story = "[Bob] a man in a black suit\n---\n[Bob] walks\n[Bob] reads\n[Bob] waves #bye\n[NC] a street\n"

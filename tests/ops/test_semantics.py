@@ -16,13 +16,13 @@ from csa_kernels import (
 from csa_kernels.pool import visible_frame_range
 from csa_kernels.reference import visible_frames
 from storydiff.benchmark.op_suite import OpCase, case_flops, headline_cases
-from storydiff.official import keep_from_indices, official_a, official_a_mask
+from storydiff.consistency.official import keep_from_indices, official_a, official_a_mask
 
 BACKENDS = ["triton", "torch"]
 
 
 def dense_mask_oracle(q, k, v, ref_idx, groups, window, bank_k=None, bank_v=None, query_rows=None):
-    """Official variant A (storydiff.official): one SDPA per CFG half under a dense boolean mask, fp64.
+    """Official variant A (consistency/official.py): one SDPA per CFG half under a dense boolean mask, fp64.
 
     Uses the three extensions of the oracle's mask that the official code lacks but the reference has: a
     story window, bank columns that every frame of the half sees, and query rows (token positions) outside

@@ -43,9 +43,9 @@ def test_fake_tensors_skip_the_range_check():
 def test_the_processors_call_the_op_without_reading_indices(monkeypatch):
     """A UNet step with consistency on: every op call skips the range check (indices come from the
     seeded sampler), so a denoising step never waits for the GPU."""
-    from storydiff.attention import apply_consistent_attention, remove_consistent_attention
-    from storydiff.config import ConsistencyConfig
-    from storydiff.tiny_models import build_tiny_pipeline
+    from storydiff.consistency.config import ConsistencyConfig
+    from storydiff.families.attach import apply_consistent_attention, remove_consistent_attention
+    from storydiff.families.tiny_models import build_tiny_pipeline
 
     calls = []
     check = api.check_inputs

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageChops
 
-from storydiff.comic import captioned, classic_pages, grid_pages, make_pages
-from storydiff.fonts import _missing, default_font_path, font_for
+from storydiff.pages.comic import captioned, classic_pages, grid_pages, make_pages
+from storydiff.pages.fonts import _missing, default_font_path, font_for
 
 
 def frame(i: int, size: tuple[int, int] = (96, 96)) -> Image.Image:

@@ -17,9 +17,9 @@ import PIL
 import pytest
 from PIL import Image, features
 
-import storydiff.comic as comic
-import storydiff.panels as panels
-from storydiff.comic import (
+import storydiff.pages.comic as comic
+import storydiff.pages.panels as panels
+from storydiff.pages.comic import (
     CAPTION_STYLES,
     LAYOUTS,
     classic_pages,
@@ -28,7 +28,7 @@ from storydiff.comic import (
     official_arrangement,
     official_pages,
 )
-from storydiff.fonts import default_font_path
+from storydiff.pages.fonts import default_font_path
 
 GEOMETRY = {"gutter": 4, "margin": 6, "border": 2}
 

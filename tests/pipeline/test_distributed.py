@@ -17,7 +17,7 @@ from dist_helpers import (
 from story_helpers import read_frames
 
 from storydiff.cli import main
-from storydiff.distributed import HaloExchange, Partition, halo_bytes_per_layer
+from storydiff.runs.distributed import HaloExchange, Partition, halo_bytes_per_layer
 
 STORY = """\
 [Bob] a man with red hair
@@ -134,9 +134,9 @@ def test_bank_mode_over_two_ranks_is_bit_identical(tmp_path):
 
 
 def story_worker_single(out_dir, settings, config, model="tiny-sd15"):
-    from storydiff.config import ConsistencyConfig
+    from storydiff.consistency.config import ConsistencyConfig
+    from storydiff.families.tiny_models import build_tiny_pipeline
     from storydiff.pipeline import StoryDiffusionPipeline
-    from storydiff.tiny_models import build_tiny_pipeline
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks run: CPU kernels' summation order depends on the thread count
@@ -219,8 +219,8 @@ def test_scaling_benchmark_rows():
 
 
 def test_bank_sharing_is_checked(tmp_path, capsys):
-    from storydiff.config import InvalidSetting
-    from storydiff.settings import RunSettings
+    from storydiff.consistency.config import InvalidSetting
+    from storydiff.runs.settings import RunSettings
 
     with pytest.raises(InvalidSetting, match="bank_sharing must be one of recompute, broadcast"):
         RunSettings(bank_sharing="scatter")

@@ -11,13 +11,14 @@ import pytest
 import torch
 from story_helpers import KILL_AFTER_FIRST_CHECKPOINT, read_frames
 
-from storydiff.checkpoint import CHECKPOINT
 from storydiff.cli import main
-from storydiff.config import ConsistencyConfig
-from storydiff.families import family_of
-from storydiff.lockstep import LockstepDenoiser
+from storydiff.consistency.config import ConsistencyConfig
+from storydiff.families.registry import family_of
+from storydiff.families.reserved import TINY_DIT
+from storydiff.families.tiny_models import build_tiny_pipeline
 from storydiff.pipeline import StoryDiffusionPipeline
-from storydiff.tiny_models import TINY_DIT, build_tiny_pipeline
+from storydiff.runs.checkpoint import CHECKPOINT
+from storydiff.runs.lockstep import LockstepDenoiser
 
 STORY = """\
 [Bob] a man with red hair
@@ -246,7 +247,7 @@ def test_cli_bad_input_is_one_line(extra, message, tmp_path, capsys):
 
 def test_a_pipeline_of_another_kind_is_refused():
     svd = build_tiny_pipeline("tiny-svd", progress_bar=False)
-    with pytest.raises(ValueError, match=r"stories run on StableDiffusionPipeline .* got StableVideo"):
+    with pytest.raises(ValueError, match=r"stories run on StableDiffusionPipeline.* got StableVideo"):
         StoryDiffusionPipeline(svd, ConsistencyConfig())
 
 

@@ -11,9 +11,9 @@ pytestmark = pytest.mark.gpu
 
 
 def test_a_denoising_step_never_syncs_the_host():
-    from storydiff.attention import apply_consistent_attention, remove_consistent_attention
-    from storydiff.config import ConsistencyConfig
-    from storydiff.tiny_models import build_tiny_pipeline
+    from storydiff.consistency.config import ConsistencyConfig
+    from storydiff.families.attach import apply_consistent_attention, remove_consistent_attention
+    from storydiff.families.tiny_models import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("tiny-sd15", dtype=torch.float16, progress_bar=False, device="cuda")
     config = ConsistencyConfig(rate=0.5, warmup_steps=0, skip_prob_early=0.0, skip_prob_late=0.0)

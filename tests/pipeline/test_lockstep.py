@@ -10,11 +10,11 @@ import pytest
 import torch
 from story_helpers import KILL_AFTER_FIRST_CHECKPOINT, AllocationTracker, read_frames
 
-from storydiff.checkpoint import CHECKPOINT
 from storydiff.cli import main
-from storydiff.config import ConsistencyConfig
+from storydiff.consistency.config import ConsistencyConfig
+from storydiff.families.tiny_models import build_tiny_pipeline
 from storydiff.pipeline import StoryDiffusionPipeline
-from storydiff.tiny_models import build_tiny_pipeline
+from storydiff.runs.checkpoint import CHECKPOINT
 
 # two characters, a frame with both, an [NC] frame
 STORY = """\

@@ -14,18 +14,18 @@ from story_helpers import KILL_AFTER_FIRST_CHECKPOINT, AllocationTracker, read_f
 
 from csa_kernels import consistent_attention, consistent_attention_reference
 from csa_kernels.tiled import tile_starts, tiled_consistent_attention
-from storydiff.attention import (
+from storydiff.cli import main
+from storydiff.consistency.config import ConsistencyConfig
+from storydiff.consistency.state import ConsistencyState, LayerInfo
+from storydiff.consistency.window import WindowMode
+from storydiff.families.attach import (
     ConsistentAttnProcessor,
     apply_consistent_attention,
     remove_consistent_attention,
 )
-from storydiff.checkpoint import CHECKPOINT
-from storydiff.cli import main
-from storydiff.config import ConsistencyConfig
-from storydiff.longstory.denoise import denoise_long_story
-from storydiff.longstory.window import WindowMode
-from storydiff.state import ConsistencyState, LayerInfo
-from storydiff.tiny_models import build_tiny_pipeline
+from storydiff.families.tiny_models import build_tiny_pipeline
+from storydiff.runs.checkpoint import CHECKPOINT
+from storydiff.runs.window_run import denoise_long_story
 
 NO_SKIP = {"warmup_steps": 0, "skip_prob_early": 0.0, "skip_prob_late": 0.0}
 

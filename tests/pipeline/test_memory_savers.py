@@ -6,11 +6,11 @@ import pytest
 import torch
 from helpers import compile_test_unet
 
-from storydiff.attention import apply_consistent_attention
-from storydiff.config import ConsistencyConfig
-from storydiff.modes import JointMode
+from storydiff.consistency.config import ConsistencyConfig
+from storydiff.consistency.modes import JointMode
+from storydiff.families.attach import apply_consistent_attention
+from storydiff.families.tiny_models import build_tiny_pipeline
 from storydiff.pipeline import StoryDiffusionPipeline
-from storydiff.tiny_models import build_tiny_pipeline
 
 STORY = """\
 [Bob] a man with red hair

@@ -7,11 +7,11 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from storydiff.attention import apply_consistent_attention, remove_consistent_attention
-from storydiff.bank import IdBank
-from storydiff.config import ConsistencyConfig
+from storydiff.consistency.bank import IdBank
+from storydiff.consistency.config import ConsistencyConfig
+from storydiff.families.attach import apply_consistent_attention, remove_consistent_attention
+from storydiff.families.tiny_models import build_tiny_pipeline
 from storydiff.pipeline import StoryDiffusionPipeline
-from storydiff.tiny_models import build_tiny_pipeline
 
 STORY = """\
 [Bob] a man with red hair, wearing a black suit

@@ -6,10 +6,12 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
-from storydiff.config import InvalidSetting
-from storydiff.sampler import freeu_factors, run_sampler
-from storydiff.settings import PRESETS, RunSettings
-from storydiff.tiny_models import build_tiny_pipeline
+from storydiff.consistency.config import InvalidSetting
+from storydiff.families.flux import FluxFamily
+from storydiff.families.registry import family_of
+from storydiff.families.tiny_models import build_tiny_pipeline
+from storydiff.models.sampler import freeu_factors, run_sampler
+from storydiff.runs.settings import PRESETS, RunSettings
 
 OFFICIAL_FREEU = (0.6, 0.4, 1.1, 1.2)
 
@@ -23,7 +25,7 @@ def pipe():
 
 def test_ddim_and_freeu_for_the_run_then_restored(pipe):
     own = pipe.scheduler
-    with run_sampler(pipe, "unet", "ddim", OFFICIAL_FREEU):
+    with run_sampler(family_of(pipe), "ddim", OFFICIAL_FREEU):
         assert type(pipe.scheduler) is DDIMScheduler
         for key in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "prediction_type"):
             assert pipe.scheduler.config[key] == own.config[key]
@@ -36,9 +38,9 @@ def test_model_scheduler_and_no_freeu_leave_the_pipeline_as_it_is(pipe):
     own = pipe.scheduler
     pipe.enable_freeu(0.9, 0.2, 1.4, 1.6)  # the user's own FreeU
     try:
-        with run_sampler(pipe, "unet", "model", None):
+        with run_sampler(family_of(pipe), "model", None):
             assert pipe.scheduler is own and freeu_factors(pipe.unet) == (0.9, 0.2, 1.4, 1.6)
-        with run_sampler(pipe, "unet", "model", OFFICIAL_FREEU):
+        with run_sampler(family_of(pipe), "model", OFFICIAL_FREEU):
             assert freeu_factors(pipe.unet) == OFFICIAL_FREEU
         assert freeu_factors(pipe.unet) == (0.9, 0.2, 1.4, 1.6)
     finally:
@@ -47,7 +49,7 @@ def test_model_scheduler_and_no_freeu_leave_the_pipeline_as_it_is(pipe):
 
 def test_restored_after_an_error(pipe):
     own = pipe.scheduler
-    with pytest.raises(RuntimeError, match="boom"), run_sampler(pipe, "unet", "ddim", OFFICIAL_FREEU):
+    with pytest.raises(RuntimeError, match="boom"), run_sampler(family_of(pipe), "ddim", OFFICIAL_FREEU):
         raise RuntimeError("boom")
     assert pipe.scheduler is own and freeu_factors(pipe.unet) is None
 
@@ -56,7 +58,7 @@ def test_restored_after_an_error(pipe):
     ("scheduler", "freeu", "field"), [("ddim", None, "scheduler"), ("model", OFFICIAL_FREEU, "freeu")]
 )
 def test_transformers_refuse_unet_sampler_settings(scheduler, freeu, field):
-    with pytest.raises(InvalidSetting) as info, run_sampler(None, "flux", scheduler, freeu):
+    with pytest.raises(InvalidSetting) as info, run_sampler(FluxFamily(None), scheduler, freeu):
         pass
     message = str(info.value)
     assert info.value.field == field and "applies to UNet models" in message and "a flux model" in message

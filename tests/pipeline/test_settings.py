@@ -2,8 +2,8 @@
 
 import pytest
 
-from storydiff.config import ConsistencyConfig, InvalidSetting
-from storydiff.settings import BANK_DEFAULTS, WINDOW_DEFAULTS, RunSettings
+from storydiff.consistency.config import ConsistencyConfig, InvalidSetting
+from storydiff.runs.settings import BANK_DEFAULTS, WINDOW_DEFAULTS, RunSettings
 
 
 @pytest.mark.parametrize(

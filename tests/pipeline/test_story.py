@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from storydiff.story import (
+from storydiff.pages.story import (
     Character,
     Frame,
     IdentityFramesWarning,
@@ -15,7 +15,7 @@ from storydiff.story import (
     parse_story,
     story_source,
 )
-from storydiff.styles import DEFAULT_STYLE, OFFICIAL_NAMES, STYLES, apply_style, get_style
+from storydiff.pages.styles import DEFAULT_STYLE, OFFICIAL_NAMES, STYLES, apply_style, get_style
 
 BOB = "a man, wearing a black suit"
 ALICE = "a woman with red hair, in a green coat"
@@ -302,7 +302,7 @@ def test_unknown_style() -> None:
 
 def test_story_source_round_trips():
     """Resume re-parses the story text stored in the run metadata: it must give back the same story."""
-    from storydiff.story import story_source
+    from storydiff.pages.story import story_source
 
     text = (
         "[Bob] a man\n[Ann Lee] a woman\n---\n[Bob] walks #Walk\nno tag at all\n[NC] a #1 fan #\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path
+from ..support.atomic import atomic_path
 
 BANK_FORMAT = "storydiff-bank-v2"
 # What a bank must agree on with the run that reads it; each is recorded when the bank is written.

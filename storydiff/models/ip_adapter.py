@@ -37,27 +37,24 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .config import InvalidSetting
+from ..consistency.config import InvalidSetting
+from ..families.base import SUPPORTED, Family
+from ..families.registry import find_family
+from .errors import ModelLoadError
 
 _SOURCE_ATTR = "_storydiff_ip_adapter"  # on the denoiser: where load_ip_adapter's adapter came from
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-# the error for the other families (SD3 and PixArt stories take no IP-Adapter)
-SUPPORTED = "reference images work with UNet models (SD1.x/2.x, SDXL) and FLUX.1 only"
+
+
+def _family(pipe) -> Family | None:
+    """The pipeline's family if its stories take reference images, else None."""
+    family = find_family(pipe)
+    return family if family is not None and family.supports_reference_images else None
 
 
 def _denoiser(pipe):
-    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
-
-    for name, cls in (("unet", UNet2DConditionModel), ("transformer", FluxTransformer2DModel)):
-        if isinstance(getattr(pipe, name, None), cls):
-            return getattr(pipe, name)
-    return None
-
-
-def _is_flux(pipe) -> bool:
-    from diffusers import FluxTransformer2DModel
-
-    return isinstance(_denoiser(pipe), FluxTransformer2DModel)
+    family = _family(pipe)
+    return family.denoiser if family is not None else None
 
 
 def adapter_projection(pipe):
@@ -139,8 +136,6 @@ def _check_pipe(pipe) -> None:
 
 
 def _weights_file(weights: str | Path) -> Path:
-    from .loading import ModelLoadError
-
     path = Path(weights).expanduser()
     if path.is_dir():
         found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
@@ -172,8 +167,6 @@ def load_ip_adapter(
     """
     from transformers import CLIPVisionModelWithProjection
 
-    from .loading import ModelLoadError
-
     _check_pipe(pipe)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise InvalidSetting("ip_scale", f"must be a finite number, got {scale!r}")
@@ -200,10 +193,7 @@ def load_ip_adapter(
         pipe.register_modules(image_encoder=encoder.to(denoiser.device).eval())
     # no image encoder folder (FLUX's loader names the argument differently): it is registered above (or
     # was already there)
-    encoder_argument = (
-        "image_encoder_pretrained_model_name_or_path" if _is_flux(pipe) else "image_encoder_folder"
-    )
-    no_encoder = {encoder_argument: None}
+    no_encoder = {_family(pipe).ip_encoder_argument: None}
     try:
         pipe.load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name, **no_encoder)
     except Exception as exc:
@@ -287,44 +277,17 @@ def check_reference_images(pipe, images: Mapping, appears) -> None:
 
 
 def check_adapter_layers(pipe) -> None:
-    """FLUX: the IP-Adapter's processors must still be on the double-stream blocks (consistency installed
-    there after loading the adapter replaces them)."""
-    if not _is_flux(pipe) or adapter_projection(pipe) is None:
-        return
-    processors = pipe.transformer.attn_processors
-    double = [name for name in processors if name.startswith("transformer_blocks.")]
-    if not all(isinstance(processors[name], _ip_processor_classes()) for name in double):
-        raise ValueError(
-            "consistent attention replaced the IP-Adapter on FLUX's double-stream blocks; with an "
-            "IP-Adapter use consistency on the single-stream blocks (layers='single', the default)"
-        )
+    """The IP-Adapter's processors must still be where the family needs them (FLUX: the double-stream
+    blocks, which consistency installed there after loading the adapter replaces)."""
+    family = _family(pipe)
+    if family is not None and adapter_projection(pipe) is not None:
+        family.check_adapter_layers(_ip_processor_classes())
 
 
-def masked_flux_processors(pipe) -> None:
-    """FLUX: swap diffusers' IP-Adapter processors (no masks) for the masked ones, same weights."""
-    from .dit_processors import FluxMaskedIPAdapterProcessor
-
-    transformer = pipe.transformer
-    processors = dict(transformer.attn_processors)
-    swapped = False
-    for name, processor in processors.items():
-        if type(processor) in _ip_processor_classes():
-            processors[name], swapped = FluxMaskedIPAdapterProcessor.replacing(processor), True
-    if swapped:
-        transformer.set_attn_processor(processors)
-
-
-@torch.no_grad()
 def encode_reference(pipe, image: Image.Image, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positive, negative) embedding of one image, as diffusers' pipelines make them for the loaded
-    adapter: the image embedding (plain) or penultimate hidden states (plus, full), shape (*embed). FLUX
-    (no CFG batch): the image embedding, and zeros as the unused negative."""
-    if _is_flux(pipe):
-        (embeds,) = pipe.prepare_ip_adapter_image_embeds([image], None, device, 1)  # (1, 1, *embed)
-        return embeds[0, 0], torch.zeros_like(embeds[0, 0])
-    (embeds,) = pipe.prepare_ip_adapter_image_embeds([image], None, device, 1, True)  # (2, 1, *embed)
-    negative, positive = embeds[:, 0]
-    return positive, negative
+    """(positive, negative) embedding of one image, as diffusers' pipelines make them for the loaded adapter
+    (the family's ``encode_reference``: FLUX has no CFG batch, and zeros stand for the unused negative)."""
+    return _family(pipe).encode_reference(image, device)
 
 
 def _filler_shape(layer) -> tuple[int, ...]:
@@ -351,8 +314,8 @@ class ReferenceImages:
         cls, pipe, images: Mapping[str, Image.Image], frame_characters: Sequence[Sequence[str]], device
     ) -> ReferenceImages:
         """Encode ``images`` (name -> RGB image) once; ``frame_characters``: each frame's characters."""
-        if _is_flux(pipe):
-            masked_flux_processors(pipe)
+        family = _family(pipe)
+        family.prepare_reference_images(_ip_processor_classes())
         embeds = {name: encode_reference(pipe, image, device) for name, image in images.items()}
         slots = [tuple(name for name in names if name in embeds) for names in frame_characters]
         if embeds:

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
+from ..families.base import Family
+from ..families.registry import family_of
+from ..models.ip_adapter import ReferenceImages, wants_image_inputs
+from ..support.progress import Progress, progress_bar
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import current_partition, gather_to_all
-from .families import Family, family_of
-from .ip_adapter import ReferenceImages, wants_image_inputs
-from .progress import Progress, progress_bar
 
 
 class LockstepDenoiser:

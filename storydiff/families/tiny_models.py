@@ -42,19 +42,8 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from .compat import clip_image_processor_class
-
-TEXT_TO_IMAGE = ("tiny-sdxl", "tiny-sd15", "random-sdxl")
-TINY_TEXT_TO_IMAGE = ("tiny-sdxl", "tiny-sd15")  # small enough for a CPU
-TINY_SVD = "tiny-svd"
-# Diffusion transformers (FLUX, SD3.5, PixArt-Σ structure at tiny widths).
-TINY_DIT = ("tiny-flux", "tiny-sd3", "tiny-pixart")
-# Real-size diffusion transformers with random weights, for GPU memory and speed (not for a CPU).
-RANDOM_DIT = ("random-flux",)
-RESERVED_MODELS = (*TEXT_TO_IMAGE, TINY_SVD, *TINY_DIT, *RANDOM_DIT)
-# Reserved models whose default dtype is not ``loading.default_dtype``'s: FLUX.1 runs in bfloat16 (float16
-# overflows in its activations, float32 would be 48 GB).
-NATIVE_DTYPES = {"random-flux": torch.bfloat16}
+from ..support.compat import clip_image_processor_class
+from .reserved import RESERVED_MODELS, TINY_SVD
 
 # CLIP's context length: prompt-truncation behaviour must match the real models.
 _MAX_TOKENS = 77

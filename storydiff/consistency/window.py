@@ -19,11 +19,11 @@ from csa_kernels import consistent_attention
 from csa_kernels.pool import gather_reference_pool
 from csa_kernels.tiled import tiled_consistent_attention
 
-from ..modes import attend_rows, offered_keys, rows_kwarg
+from .modes import attend_rows, offered_keys, rows_kwarg
 
 if TYPE_CHECKING:
-    from ..distributed import HaloExchange
-    from ..state import ConsistencyState, LayerInfo
+    from ..runs.distributed import HaloExchange
+    from .state import ConsistencyState, LayerInfo
 
 
 class WindowMode:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path
+from ..support.atomic import atomic_path
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "storydiff-lockstep-v2"

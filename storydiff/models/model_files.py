@@ -25,25 +25,18 @@ from typing import Any
 
 import torch
 
-from .compat import dtype_kwargs
-from .loading import ModelLoadError, is_offline, one_line
+from ..families.registry import family_of_pipeline_class, single_file_families
+from ..support.compat import dtype_kwargs
+from .errors import ModelLoadError, is_offline, one_line
 
 __all__ = ["SINGLE_FILE_SUFFIXES", "apply_loras", "is_single_file", "load_single_file", "parse_lora"]
 
 # What a checkpoint file is called; pickled ones (.ckpt, .pt, .pth) are read by diffusers with
 # torch.load(weights_only=True), which refuses arbitrary objects, so they are as safe to load as safetensors.
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
-# Pipelines whose single files hold the whole model (UNet, VAE, text encoders).
-_WHOLE_FILE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-# Pipelines whose single files hold the transformer only (the rest comes from ``config``).
-_TRANSFORMER_FILE = ("FluxPipeline", "StableDiffusion3Pipeline")
+# Which families load from single files, and how: ``Family.single_file`` ("whole": UNet, VAE and text
+# encoders in one file; "transformer": the denoiser only, the rest from ``config``).
 _FAMILIES = "SD1.x/2.x and SDXL (whole checkpoints), FLUX.1 and SD3 (transformer files)"
-# The original checkpoints' key prefixes that tell SDXL from SD1.x/2.x (their text encoders).
-_UNET_PREFIX = "model.diffusion_model."
-_LAYOUTS = {
-    "conditioner.embedders.": "StableDiffusionXLPipeline",
-    "cond_stage_model.": "StableDiffusionPipeline",
-}
 _CONFIG_HINT = "a local diffusers folder of the same architecture, e.g. the base model's folder"
 
 
@@ -73,11 +66,12 @@ def _keys(path: str) -> list[str]:
 
 
 def _file_layout(keys: list[str]) -> str | None:
-    """The pipeline class an original-format whole checkpoint belongs to, from its text encoders' keys
+    """The pipeline class name an original-format whole checkpoint belongs to, from its text encoders' keys
     (None: no text encoders, e.g. a UNet-only or transformer-only file)."""
-    for prefix, cls in _LAYOUTS.items():
-        if any(k.startswith(prefix) for k in keys):
-            return cls
+    for family in single_file_families():
+        for prefix, cls in getattr(family, "single_file_layouts", {}).items():
+            if any(k.startswith(prefix) for k in keys):
+                return cls.__name__
     return None
 
 
@@ -129,14 +123,17 @@ def load_single_file(
             f"cannot load {what}: it is not a whole SD1.x/2.x or SDXL checkpoint, so its architecture is "
             f"unknown; pass --config DIR, {_CONFIG_HINT}"
         )
-    if name not in (*_WHOLE_FILE, *_TRANSFORMER_FILE):
+    family = family_of_pipeline_class(name)
+    if family is None or family.single_file is None:
         raise ModelLoadError(f"cannot load {what}: single files load for {_FAMILIES}; {config!r} is a {name}")
     pipeline_class = getattr(diffusers, name)
-    if name in _WHOLE_FILE:
-        if not any(k.startswith(_UNET_PREFIX) for k in keys):
+    whole = family.single_file == "whole"
+    if whole:
+        prefix = family.single_file_unet_prefix
+        if not any(k.startswith(prefix) for k in keys):
             raise ModelLoadError(
                 f"cannot load {what}: not an original-format SD/SDXL checkpoint (no UNet weights under "
-                f"{_UNET_PREFIX}*); for a diffusers folder pass the folder itself"
+                f"{prefix}*); for a diffusers folder pass the folder itself"
             )
         if layout is not None and layout != name:
             raise ModelLoadError(
@@ -145,7 +142,7 @@ def load_single_file(
             )
     local = {"local_files_only": True} if config is not None else {}
     try:
-        if name in _WHOLE_FILE:
+        if whole:
             pipe = pipeline_class.from_single_file(path, config=config, **local, **dtype_kwargs(dtype))
         else:
             denoiser_class = getattr(diffusers, entries["transformer"][1])

@@ -2,7 +2,8 @@
 
 One error type, ``ModelLoadError``, with a one-line message that names the model and says what to do; a
 mistyped local path never turns into a hub request, and a hub id without a network says so instead of
-printing a connection traceback. Reserved names (``tiny_models.RESERVED_MODELS``) build offline.
+printing a connection traceback. Reserved names (``families/reserved.py``) build offline
+(``families/tiny_models.py``, imported only then).
 Single-file checkpoints and LoRA files: ``model_files.py``.
 """
 
@@ -14,9 +15,8 @@ from typing import Any
 
 import torch
 
-from .compat import dtype_kwargs
-from .families import family_of
-from .tiny_models import (
+from ..families.registry import family_of
+from ..families.reserved import (
     NATIVE_DTYPES,
     RANDOM_DIT,
     RESERVED_MODELS,
@@ -24,14 +24,21 @@ from .tiny_models import (
     TINY_DIT,
     TINY_SVD,
     TINY_TEXT_TO_IMAGE,
-    build_tiny_pipeline,
 )
+from ..families.svd import SVDPipeline
+from ..support.compat import dtype_kwargs
+from .errors import ModelLoadError, is_offline, one_line
+from .model_files import apply_loras, is_single_file, load_single_file
 
-__all__ = ["ModelLoadError", "default_dtype", "load_pipeline", "load_svd_pipeline", "looks_like_local_path"]
-
-
-class ModelLoadError(ValueError):
-    """A model name, folder or file could not be loaded as what was asked for."""
+__all__ = [
+    "ModelLoadError",
+    "default_dtype",
+    "is_offline",
+    "load_pipeline",
+    "load_svd_pipeline",
+    "looks_like_local_path",
+    "one_line",
+]
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -42,27 +49,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def looks_like_local_path(model: str) -> bool:
     # Hub ids are "name" or "org/name" and never start like this, so these can only mean a local path.
     return model.startswith(("/", ".", "~")) or os.path.isabs(model) or os.path.exists(model)
-
-
-def one_line(exc: BaseException) -> str:
-    """``Type: message`` on one line; a first line that only announces a list (ends with ':') takes the
-    list's first entry with it."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    if text.endswith(":") and len(lines) > 1:
-        text = f"{text} {lines[1]}"
-    return f"{type(exc).__name__}: {text}".rstrip(": ")
-
-
-def is_offline(exc: BaseException) -> bool:
-    """Whether loading failed because the hub could not be reached (no network, or offline mode)."""
-    names = {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectionError", "ConnectError"}
-    names |= {"ConnectTimeout", "ReadTimeout", "TimeoutException", "NameResolutionError", "MaxRetryError"}
-    while exc is not None:
-        if type(exc).__name__ in names or "offline" in str(exc).lower():
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def from_pretrained(cls: Any, model: str, what: str, hint: str = "", **kwargs: Any) -> Any:
@@ -108,8 +94,6 @@ def load_pipeline(
     """
     from diffusers import DiffusionPipeline
 
-    from .model_files import apply_loras, is_single_file, load_single_file
-
     model = os.fspath(model)
     config = os.path.expanduser(os.fspath(config)) if config is not None else None
     device = torch.device(device)
@@ -121,6 +105,8 @@ def load_pipeline(
             f"not one (a diffusers folder or hub id has its own configs)"
         )
     if model in (*TEXT_TO_IMAGE, *TINY_DIT, *RANDOM_DIT):
+        from ..families.tiny_models import build_tiny_pipeline  # tiny builders load only when asked for
+
         pipe = build_tiny_pipeline(model, seed=seed, dtype=dtype, progress_bar=progress_bar, device=device)
         apply_loras(pipe, loras)
         return pipe
@@ -152,14 +138,14 @@ def load_svd_pipeline(
     progress_bar: bool = True,
 ):
     """Stable Video Diffusion: ``"tiny-svd"`` (offline, random weights), a local folder or a hub id."""
-    from diffusers import StableVideoDiffusionPipeline
-
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     if model == TINY_SVD:
+        from ..families.tiny_models import build_tiny_pipeline
+
         return build_tiny_pipeline(model, seed=seed, dtype=dtype, progress_bar=progress_bar, device=device)
     hint = f"offline random-weight model: {TINY_SVD}"
-    pipe = from_pretrained(StableVideoDiffusionPipeline, model, "SVD model", hint, **dtype_kwargs(dtype))
+    pipe = from_pretrained(SVDPipeline, model, "SVD model", hint, **dtype_kwargs(dtype))
     if not progress_bar:
         pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

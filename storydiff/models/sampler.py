@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .config import InvalidSetting
+from ..consistency.config import InvalidSetting
+from ..families.base import Family
 
 SCHEDULERS = ("model", "ddim")
 #: FreeU's factors on a UNet's up blocks, in ``enable_freeu``'s argument order.
@@ -27,26 +28,26 @@ def freeu_factors(unet) -> tuple[float, float, float, float] | None:
 
 
 @contextmanager
-def run_sampler(pipe, family: str, scheduler: str, freeu: tuple[float, ...] | None) -> Iterator[None]:
-    """``pipe`` with ``scheduler`` and ``freeu`` (``RunSettings`` values) inside the block, as it was after.
-
-    ``family``: the pipeline's model family (``families.Family.name``); InvalidSetting naming the setting
-    when asked for what the family has not.
+def run_sampler(family: Family, scheduler: str, freeu: tuple[float, ...] | None) -> Iterator[None]:
+    """``family.pipe`` with ``scheduler`` and ``freeu`` (``RunSettings`` values) inside the block, as it was
+    after. InvalidSetting naming the setting when asked for what the family has not
+    (``Family.official_sampler``).
     """
-    if family != "unet":
+    if not family.official_sampler:
         if scheduler != "model":
             raise InvalidSetting(
-                "scheduler", f"'{scheduler}' applies to UNet models; this is a {family} model"
+                "scheduler", f"'{scheduler}' applies to UNet models; this is a {family.name} model"
             )
         if freeu is not None:
             raise InvalidSetting(
                 "freeu",
-                f"applies to UNet models (it rescales their skip connections); this is a {family} model",
+                f"applies to UNet models (it rescales their skip connections); this is a {family.name} model",
             )
         yield
         return
     from diffusers import DDIMScheduler
 
+    pipe = family.pipe
     saved_scheduler, saved_freeu = pipe.scheduler, freeu_factors(pipe.unet)
     try:
         if scheduler == "ddim":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .atomic import atomic_path, write_json
+from ..support.atomic import atomic_path, write_json
 
 METADATA = "metadata.json"
 

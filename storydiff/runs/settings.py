@@ -17,12 +17,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .comic import CAPTION_STYLES, LAYOUTS
-from .config import InvalidSetting
-from .fonts import check_font
-from .sampler import SCHEDULERS
-from .story import CAPTION_SOURCES
-from .styles import DEFAULT_STYLE, get_style
+from ..consistency.config import InvalidSetting
+from ..models.sampler import SCHEDULERS
+from ..pages.comic import CAPTION_STYLES, LAYOUTS
+from ..pages.fonts import check_font
+from ..pages.story import CAPTION_SOURCES
+from ..pages.styles import DEFAULT_STYLE, get_style
 
 BANK_SHARING = ("recompute", "broadcast")
 # bank mode over several processes: the faster one measured (README "Several GPUs")

@@ -8,20 +8,15 @@ storydiff.remove_consistent_attention(pipe)
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from diffusers.models.attention_processor import Attention
 
-from .config import ConsistencyConfig, InvalidSetting
-from .hosts import find_host, selector
 from .state import ConsistencyState, LayerInfo
 
-_STATE_ATTR = "_storydiff_consistency"  # set on the UNet so remove_consistent_attention can undo
-_BINDING_ATTR = "_storydiff_binding"  # set on each attention module consistency is installed on
+BINDING_ATTR = "_storydiff_binding"  # set on each attention module consistency is installed on (install.py)
 
 
 def head_projections(attn: Attention, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -55,8 +50,8 @@ class BoundProcessor:
     diffusers rebuilds processors by calling their class with no arguments — ``load_ip_adapter`` does so for
     every attention layer it does not give an IP-Adapter processor (self-attention included), and so does
     ``unload_ip_adapter``. Such a processor reads its binding from the attention module it is called with:
-    :func:`apply_consistent_attention` records one on every module it installs on, and
-    :func:`remove_consistent_attention` removes them. No globals: two pipelines keep their own states.
+    ``install.install`` records one on every module it installs on, and ``install.uninstall``
+    removes them. No globals: two pipelines keep their own states.
     """
 
     def __init__(self, state: ConsistencyState | None = None, layer: LayerInfo | None = None, **options):
@@ -68,7 +63,7 @@ class BoundProcessor:
         """This processor's (state, layer, options): its own, or the attention module's."""
         if self._binding is not None:
             return self._binding
-        bound = getattr(attn, _BINDING_ATTR, None)
+        bound = getattr(attn, BINDING_ATTR, None)
         if bound is None:
             raise RuntimeError(
                 f"{type(self).__name__} was built without (state, layer) and is called on an attention "
@@ -132,100 +127,3 @@ class ConsistentAttnProcessor(BoundProcessor):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
-
-
-def host_signature(denoiser, layers: list[LayerInfo]) -> dict:
-    """What identifies the denoiser for an identity bank: its class and configuration (a hash: same for
-    every checkpoint of one architecture) and each consistent layer's [heads, head dim]."""
-    config = {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")}
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    shapes = {}
-    for layer in layers:
-        attn = denoiser.get_submodule(layer.name.removesuffix(".processor"))
-        shapes[layer.name] = [attn.heads, attn.to_k.out_features // attn.heads]
-    return {"architecture": f"{type(denoiser).__name__}:{digest}", "layers": shapes}
-
-
-def apply_consistent_attention(pipe_or_denoiser, config: ConsistencyConfig | None = None) -> ConsistencyState:
-    """Install consistent-attention processors on the selected attention layers; returns the state.
-
-    Works on a diffusers pipeline or its denoiser: a UNet (SD1.x/2.x, SDXL), FLUX, SD3/SD3.5 or PixArt
-    transformer (``hosts.py`` lists which layers each gets by default). Calling it again replaces the
-    previous installation (its state is discarded).
-    """
-    config = config or ConsistencyConfig()
-    host = find_host(pipe_or_denoiser)
-    if config.rope != "source" and not host.rope:
-        raise InvalidSetting(
-            "rope",
-            f"applies to FLUX (RoPE) hosts only; this {host.family} denoiser has no rotary position "
-            f"embedding, so borrowed keys carry no position to move: use 'source', got {config.rope!r}",
-        )
-    denoiser = host.denoiser
-    if hasattr(denoiser, _STATE_ATTR):
-        remove_consistent_attention(denoiser)
-    chosen = selector(host, config)
-    original = dict(denoiser.attn_processors)
-    layers = []
-    for name in original:  # attn_processors lists layers in module order, which is forward order
-        if chosen(name):
-            layers.append(LayerInfo(name=name, index=len(layers), level=host.level(name)))
-    if isinstance(config.layers, list):
-        unknown = sorted(set(config.layers) - {layer.name for layer in layers})
-        if unknown:
-            raise ValueError(
-                f"config.layers names no consistent-capable attention processor of this {host.family} "
-                f"denoiser: {unknown[:3]}"
-            )
-    if not layers:
-        raise ValueError(f"config.layers selects no attention layer of this {host.family} denoiser")
-    offload = config.offload_bank if config.offload_bank is not None else denoiser.device.type == "cuda"
-    state = ConsistencyState(config, layers, offload_bank=offload)
-    state.host = host_signature(denoiser, layers)
-    if host.rope:  # a bank holds keys where this policy put them: reading it under another would mislead
-        state.host["rope"] = config.rope
-    processors = dict(original)
-    for layer in layers:
-        binding = Binding(state, layer, dict(host.options))
-        # read by processors diffusers rebuilds without arguments (load_ip_adapter): see BoundProcessor
-        setattr(denoiser.get_submodule(layer.name.removesuffix(".processor")), _BINDING_ATTR, binding)
-        processors[layer.name] = host.processor(layer.name)(state, layer, **host.options)
-    denoiser.set_attn_processor(processors)
-    # the text length of joint sequences, for blocks that only see them concatenated (FLUX single-stream)
-    hook = denoiser.register_forward_pre_hook(state.record_text_length, with_kwargs=True)
-    setattr(denoiser, _STATE_ATTR, (state, original, hook))
-    return state
-
-
-def replaced_layers(pipe_or_denoiser) -> list[str]:
-    """Consistent layers whose processor something else replaced after :func:`apply_consistent_attention`
-    (e.g. FLUX's ``load_ip_adapter`` puts its own on the double-stream blocks): consistency is off there."""
-    denoiser = find_host(pipe_or_denoiser).denoiser
-    installed = getattr(denoiser, _STATE_ATTR, None)
-    if installed is None:
-        return []
-    processors = denoiser.attn_processors
-    return [
-        layer.name for layer in installed[0].layers if not isinstance(processors[layer.name], BoundProcessor)
-    ]
-
-
-def remove_consistent_attention(pipe_or_denoiser) -> None:
-    """Undo :func:`apply_consistent_attention`: the layers it installed on get back the processors they had
-    before; every other layer keeps what it has now (e.g. the IP-Adapter processors ``load_ip_adapter``
-    put on the cross-attention layers since)."""
-    denoiser = find_host(pipe_or_denoiser).denoiser
-    installed = getattr(denoiser, _STATE_ATTR, None)
-    if installed is None:
-        return
-    state, original, hook = installed
-    processors = dict(denoiser.attn_processors)
-    for layer in state.layers:
-        if isinstance(processors[layer.name], BoundProcessor):  # ours, or diffusers' rebuild of ours
-            processors[layer.name] = original[layer.name]
-        module = denoiser.get_submodule(layer.name.removesuffix(".processor"))
-        if hasattr(module, _BINDING_ATTR):
-            delattr(module, _BINDING_ATTR)
-    denoiser.set_attn_processor(processors)
-    hook.remove()
-    delattr(denoiser, _STATE_ATTR)

@@ -1,0 +1,120 @@
+"""What consistent attention does in a UNet: the user-facing configuration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+# "default": each family's choice (hosts.py); the others exist for some families only
+LAYER_PRESETS = ("default", "all", "up", "up+mid", "single", "double")
+# where borrowed keys sit for RoPE hosts (FLUX): see ConsistencyConfig.rope
+ROPE_POLICIES = ("source", "shift", "none")
+
+
+class InvalidSetting(ValueError):
+    """A setting's value is not allowed. ``field`` names the setting, ``problem`` says what is wrong, so
+    the CLI can name its own flag instead of the Python name."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def _check_rate(name: str, rate: object) -> None:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= float(rate) <= 1.0:
+        raise InvalidSetting(name, f"must be a number in [0, 1], got {rate!r}")
+
+
+@dataclass
+class ConsistencyConfig:
+    """Consistent self-attention settings (defaults follow the official StoryDiffusion code).
+
+    Attributes:
+        rate: fraction of each frame's tokens offered to the other frames, for every level not in
+            ``level_rates``. Official default 0.5 (its HF Space uses 0.7).
+        level_rates: per-level rates keyed by the level's downsampling factor relative to the image:
+            8 (full latent resolution), 16, 32, 64. Official ``sa32`` is ``level_rates[32]`` and ``sa64``
+            is ``level_rates[16]`` (the names count latent pixels at 1024²).
+        layers: which attention layers become consistent: "default" (each model family's choice, see
+            ``hosts.py``; for UNets the up blocks' ``attn1``, as the official code), "all", "up" /
+            "up+mid" (UNets), "single" / "double" (FLUX), a list of processor names, or a predicate.
+        warmup_steps: the first denoising steps use plain attention (official variant B: 1).
+        skip_prob_early / skip_prob_late / skip_switch_step: each layer call randomly falls back to plain
+            self-attention with probability ``skip_prob_early`` before step ``skip_switch_step`` and
+            ``skip_prob_late`` after (official 0.3 / 0.1 / 20; 0 disables). Decisions depend only on
+            (seed, step, layer), so batching never changes them.
+        window: None lets a frame see every other frame of its batch; w >= 1 only story neighbours
+            within w frames (identity frames are written as one such batch).
+        tile: long-story (window) mode only: the paper's tiled form instead of the sliding window,
+            tiles of ``tile`` consecutive frames (stride 1) within each UNet chunk, outputs averaged;
+            tiles take every frame of the chunk, [NC] frames included.
+        seed: seeds every random choice (token samples, layer skips).
+        rope: where borrowed keys sit for hosts with rotary position embeddings (FLUX). Every FLUX frame
+            uses the same positions, so a borrowed token at grid position (h, w) lands on the reader's own
+            (h, w). "source" (default): keep the source frame's rotation, the host's plain math.
+            "shift": move borrowed keys off the reader's grid by +1 on position-id axis 0 (FLUX ids are
+            (0, h, w); FLUX Kontext marks reference-image tokens the same way, (1, h, w)). "none": borrowed
+            keys carry no rotation. Applies to banked keys too; other hosts accept "source" only.
+        offload_bank: keep the identity bank in (pinned) CPU memory and prefetch it layer by layer;
+            None means "on when running on CUDA".
+    """
+
+    rate: float = 0.5
+    level_rates: dict[int, float] = field(default_factory=dict)
+    layers: str | list[str] | Callable[[str], bool] = "default"
+    warmup_steps: int = 1
+    skip_prob_early: float = 0.3
+    skip_prob_late: float = 0.1
+    skip_switch_step: int = 20
+    window: int | None = None
+    tile: int | None = None
+    seed: int = 0
+    offload_bank: bool | None = None
+    rope: str = "source"
+
+    def __post_init__(self) -> None:
+        _check_rate("rate", self.rate)
+        for level, rate in self.level_rates.items():
+            if level not in (8, 16, 32, 64):
+                problem = f"keys must be level factors 8, 16, 32 or 64, got {level!r}"
+                raise InvalidSetting("level_rates", problem)
+            _check_rate(f"level_rates[{level}]", rate)
+        _check_rate("skip_prob_early", self.skip_prob_early)
+        _check_rate("skip_prob_late", self.skip_prob_late)
+        if isinstance(self.layers, str) and self.layers not in LAYER_PRESETS:
+            raise InvalidSetting("layers", f"must be one of {LAYER_PRESETS}, a list of names or a predicate")
+        for name in ("warmup_steps", "skip_switch_step", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidSetting(name, f"must be a whole number >= 0, got {value!r}")
+        if self.window is not None and (
+            isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1
+        ):
+            raise InvalidSetting("window", f"must be None or a whole number >= 1, got {self.window!r}")
+        if self.tile is not None and (
+            isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1
+        ):
+            raise InvalidSetting("tile", f"must be None or a whole number >= 1, got {self.tile!r}")
+        if self.rope not in ROPE_POLICIES:
+            raise InvalidSetting("rope", f"must be one of {ROPE_POLICIES}, got {self.rope!r}")
+
+    def rate_for(self, level_factor: int) -> float:
+        return float(self.level_rates.get(level_factor, self.rate))
+
+    def skip_prob(self, step: int) -> float:
+        return self.skip_prob_early if step < self.skip_switch_step else self.skip_prob_late
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ConsistencyConfig:
+        """The inverse of ``to_dict`` (level keys back to ints); a predicate ``layers`` cannot come back."""
+        data = dict(data)
+        data["level_rates"] = {int(k): v for k, v in data.get("level_rates", {}).items()}
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form for metadata (a predicate ``layers`` is recorded by name)."""
+        data = asdict(self)
+        if callable(self.layers):
+            data["layers"] = getattr(self.layers, "__name__", repr(self.layers))
+        data["level_rates"] = {str(k): v for k, v in self.level_rates.items()}
+        return data
