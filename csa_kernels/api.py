@@ -13,7 +13,7 @@ def consistent_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    ref_idx: torch.Tensor,
+    ref_idx: torch.Tensor | None,
     *,
     groups: int = 1,
     window: int | None = None,
@@ -23,6 +23,9 @@ def consistent_attention(
     backend: str = "auto",
     query_rows: tuple[int, int] | None = None,
     pool_k: torch.Tensor | None = None,
+    key_lengths: torch.Tensor | None = None,
+    pool: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pool_ranges: torch.Tensor | None = None,
     check_indices: bool = True,
 ) -> torch.Tensor:
     """Consistent self-attention: each frame attends to its own tokens plus sampled tokens of others.
@@ -32,10 +35,14 @@ def consistent_attention(
             and device, any strides.
             B frames, H heads, N tokens per frame, head dim D.
         ref_idx: (B, S) int64 token positions in [0, N): row j lists the tokens of frame j that other
-            frames may attend to (see ``sample_reference_indices``). S may be 0.
+            frames may attend to (see ``sample_reference_indices``). S may be 0. With ``key_lengths``,
+            row j must sample only frame j's own keys (values < key_lengths[j]). With ``pool``: None or
+            (B, 0) (the caller's pool replaces the sampled tokens).
         groups: B splits into ``groups`` contiguous groups (e.g. the uncond/cond halves under CFG); a
-            frame sees reference tokens of frames in its own group only.
+            frame sees reference tokens of frames in its own group only (with ``pool``: only picks the
+            bank of the group).
         window: None: every other frame of the group; w >= 1: only frames j with 1 <= |i - j| <= w.
+            Must be None with ``pool``.
         bank_k, bank_v: optional (groups, H, M, D) extra tokens that every frame of a group attends to
             (e.g. cached identity tokens). Given together or not at all; M may be 0.
         scale: softmax scale, default D ** -0.5.
@@ -44,22 +51,46 @@ def consistent_attention(
             first used; needs the triton package) or "torch".
         query_rows: None (every query row borrows) or (a, b) with 0 <= a <= b <= N: only query rows
             a <= r < b of every frame attend to the borrowed keys (pool and bank); every other row gets
-            plain attention over its own frame's N keys. For joint text + image sequences (FLUX: text
+            plain attention over its own frame's keys. For joint text + image sequences (FLUX: text
             first, SD3: image first), the image rows: text rows then never see other frames' prompts.
-            Keys are not restricted: every row sees all N of its own frame's tokens.
+            Keys are not restricted: every row sees all of its own frame's keys.
         pool_k: None, or (B, H, S, D) (S = ref_idx.shape[1]), same dtype and device as k, any strides: the
             borrowed keys of each frame, in place of k gathered at ``ref_idx`` (e.g. re-positioned for
             RoPE: a rotation by Δ of an already rotated key is the key rotated to its position + Δ, so the
             caller re-positions only these S rows per frame). Values are still gathered from ``v``.
-        check_indices: check that ``ref_idx`` values lie in [0, N) (default). Reading them syncs the
-            host with the GPU, so the check is skipped anyway while tracing or compiling, on fake tensors
-            and during CUDA graph capture; callers whose indices come from ``sample_reference_indices``
-            (this library's processors) pass False, so a denoising step never waits for the GPU. With
-            False, out-of-range indices are the caller's bug (the torch path raises, the kernel reads
-            garbage).
+            Must be None with ``pool``.
+        key_lengths: None (all N rows of a frame are its keys), or (B,) int32/int64 on q's device with
+            1 <= key_lengths[b] <= N: frame b's own keys are only its rows [0, key_lengths[b]); rows at or
+            past it are padding that no query row of frame b attends to (they are never read: any values,
+            NaN included). Every query row still gets an output (padded rows' queries attend to the valid
+            own keys plus what they borrow); borrowed keys (pool, bank) are unaffected. For batches of
+            prompts of different lengths whose padding sits at the end of each frame's sequence (e.g.
+            Qwen-Image's joint attention with the image tokens first).
+        pool: None, or an explicit borrowed pool ``(keys, values)``, each (R, H, D) — R pool rows (any
+            count, 0 included), heads, head dim; k's dtype and device, any strides (a last dim that is
+            not contiguous, or keys and values with different strides, cost one copy) — given together
+            with ``pool_ranges``. It replaces the pool gathered at ``ref_idx`` and the frame windows:
+            e.g. a long story's window mode lays out, per CFG group, the sampled tokens of the visible
+            frames contiguous in story order, so each frame's neighbours are one range before its own
+            segment and one after it.
+        pool_ranges: None, or (B, 4) int32/int64 on q's device: row b is [before_start, before_end,
+            after_start, after_end], pool rows with 0 <= start <= end <= R (either range may be empty,
+            may overlap the frame's own segment or the other range: rows are attended as listed, a row in
+            both ranges twice). Frame b attends to its own keys, pool rows [before_start, before_end),
+            pool rows [after_start, after_end), then its group's bank, in one softmax.
+        check_indices: check the values of the index tensors (default): ``ref_idx`` in [0, N) and below
+            ``key_lengths``, ``key_lengths`` in [1, N], ``pool_ranges`` inside the pool. Reading them
+            syncs the host with the GPU, so the check is skipped anyway while tracing or compiling, on
+            fake tensors and during CUDA graph capture; callers whose indices come from
+            ``sample_reference_indices`` (this library's processors) pass False, so a denoising step never
+            waits for the GPU. With False, bad values are the caller's bug: an out-of-range ``ref_idx``
+            makes the torch path raise and the kernel read garbage; ``key_lengths`` past N and
+            ``pool_ranges`` outside the pool act as if clamped to them on every path (nothing outside is
+            read); a length below 1 gives NaN rows.
 
-    The keys and values of frame i are its own N tokens, plus ``k[j, :, ref_idx[j]]`` (or ``pool_k[j]``) /
-    ``v[j, :, ref_idx[j]]`` for every visible frame j != i of its group, plus the M bank tokens of its
+    The keys and values of frame i are its own N tokens (the first ``key_lengths[i]``), plus
+    ``k[j, :, ref_idx[j]]`` (or ``pool_k[j]``) / ``v[j, :, ref_idx[j]]`` for every visible frame j != i of its
+    group (or, with ``pool``, the pool rows of its two ``pool_ranges``), plus the M bank tokens of its
     group; one softmax runs over that whole set (for the query rows in ``query_rows``).
 
     Autograd: the Triton path is forward-only. If grad is enabled and any input requires grad, the torch
@@ -72,14 +103,16 @@ def consistent_attention(
     Raises:
         TypeError, ValueError: naming the argument and what was expected (shapes, dtypes, devices,
             ref_idx range, ``B % groups``, ``window``, bank shape, head dim, backend, ``query_rows``,
-            ``pool_k``).
+            ``pool_k``, ``key_lengths``, ``pool``, ``pool_ranges`` and the combinations ``pool`` rules out).
         ModuleNotFoundError: ``backend="triton"`` without the triton package installed.
     """
     check_inputs(
-        q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, backend, query_rows, pool_k, check_indices
-    )
+        q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, backend, query_rows, pool_k,
+        key_lengths, pool, pool_ranges, check_indices,
+    )  # fmt: skip
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    tensors = (q, k, v, bank_k, bank_v, pool_k)
+    pool_rows_k, pool_rows_v = (None, None) if pool is None else pool
+    tensors = (q, k, v, bank_k, bank_v, pool_k, pool_rows_k, pool_rows_v)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if backend == "triton" and not needs_grad:
         check_triton_inputs(q)
@@ -88,8 +121,13 @@ def consistent_attention(
         or (backend == "auto" and q.device.type == "cuda" and TRITON_INSTALLED and triton_supports(q))
     )
     if use_triton:
+        if ref_idx is None:  # with a pool: the op's schema takes a tensor
+            ref_idx = torch.empty(q.shape[0], 0, dtype=torch.int64, device=q.device)
         rows = (None, None) if query_rows is None else tuple(query_rows)
-        return consistent_attention_op(q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, *rows, pool_k)
+        return consistent_attention_op(
+            q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, *rows, pool_k,
+            key_lengths, pool_rows_k, pool_rows_v, pool_ranges,
+        )  # fmt: skip
     return consistent_attention_torch(
         q,
         k,
@@ -102,4 +140,7 @@ def consistent_attention(
         scale=scale,
         query_rows=query_rows,
         pool_k=pool_k,
+        key_lengths=key_lengths,
+        pool=pool,
+        pool_ranges=pool_ranges,
     )

@@ -29,17 +29,24 @@ def consistent_attention_op(
     query_row_start: Optional[int] = None,  # noqa: UP045
     query_row_end: Optional[int] = None,  # noqa: UP045
     pool_k: Optional[torch.Tensor] = None,  # noqa: UP045
+    key_lengths: Optional[torch.Tensor] = None,  # noqa: UP045
+    pool_rows_k: Optional[torch.Tensor] = None,  # noqa: UP045
+    pool_rows_v: Optional[torch.Tensor] = None,  # noqa: UP045
+    pool_ranges: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> torch.Tensor:
     """``consistent_attention``'s arguments, positionally; ``query_rows=(a, b)`` travels as
-    ``query_row_start=a, query_row_end=b`` (both None: every row borrows)."""
+    ``query_row_start=a, query_row_end=b`` (both None: every row borrows), ``pool=(keys, values)`` as
+    ``pool_rows_k=keys, pool_rows_v=values``; with a pool, ``ref_idx`` is an empty (B, 0) tensor."""
     require_triton()  # a clear one-line error, not an ImportError from deep inside the kernel module
     # Imported here: Triton reads TRITON_INTERPRET when the kernel module is first imported.
     from .triton_kernel import triton_consistent_attention
 
     query_rows = None if query_row_start is None else (query_row_start, query_row_end)
+    pool = None if pool_rows_k is None else (pool_rows_k, pool_rows_v)
     return triton_consistent_attention(
-        q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, query_rows, pool_k
-    )
+        q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, query_rows, pool_k,
+        key_lengths=key_lengths, pool=pool, pool_ranges=pool_ranges,
+    )  # fmt: skip
 
 
 @consistent_attention_op.register_fake

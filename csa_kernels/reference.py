@@ -47,7 +47,7 @@ def consistent_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    ref_idx: torch.Tensor,
+    ref_idx: torch.Tensor | None,
     *,
     groups: int = 1,
     window: int | None = None,
@@ -56,16 +56,27 @@ def consistent_attention_reference(
     scale: float | None = None,
     query_rows: tuple[int, int] | None = None,
     pool_k: torch.Tensor | None = None,
+    key_lengths: torch.Tensor | None = None,
+    pool: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pool_ranges: torch.Tensor | None = None,
     upcast: bool = True,
 ) -> torch.Tensor:
     """Consistent attention by explicit per-frame concatenation (see ``consistent_attention``).
 
     ``query_rows=(a, b)``: only query rows a <= r < b (rows of ``q``) attend to the borrowed keys (pool
     and bank); the scores of every other row over them are -inf, so those rows get plain softmax attention
-    over their frame's own N keys. None: every row borrows.
+    over their frame's own keys. None: every row borrows.
 
     ``pool_k``: (B, H, S, D) keys frame j offers in place of ``k[j][:, ref_idx[j]]`` (e.g. re-positioned
     for RoPE); the values offered are still ``v[j][:, ref_idx[j]]``.
+
+    ``key_lengths``: (B,) — frame i's own keys are only its rows [0, key_lengths[i]); the rest is padding
+    that no query of frame i attends to. Borrowed keys are unaffected.
+
+    ``pool=(keys, values)``, each (R, H, D), with ``pool_ranges`` (B, 4): frame i borrows pool rows
+    [before_start, before_end) then [after_start, after_end) of its row ``pool_ranges[i]`` (a row in both
+    ranges is attended twice: it is concatenated twice), in place of the sampled tokens of its visible
+    frames (``ref_idx`` is None or (B, 0), ``window`` None; ``groups`` then only picks the bank).
 
     With ``upcast=True`` (the default) all math is fp32; ``upcast=False`` does the same math in the
     inputs' dtype, which measures PyTorch's own low-precision error for test tolerances.
@@ -77,12 +88,20 @@ def consistent_attention_reference(
     cast = (lambda t: t.float()) if upcast else (lambda t: t)
     qc, kc, vc = cast(q), cast(k), cast(v)
     per_group = num_frames // groups
+    lengths = [num_tokens] * num_frames if key_lengths is None else [int(n) for n in key_lengths]
     outs = []
     for i in range(num_frames):
-        keys, values = [kc[i]], [vc[i]]
-        for j in visible_frames(i, num_frames, groups, window):
-            keys.append(kc[j][:, ref_idx[j]] if pool_k is None else cast(pool_k[j]))
-            values.append(vc[j][:, ref_idx[j]])
+        own = lengths[i]
+        keys, values = [kc[i][:, :own]], [vc[i][:, :own]]
+        if pool_ranges is not None:
+            before_start, before_end, after_start, after_end = (int(r) for r in pool_ranges[i])
+            for start, end in ((before_start, before_end), (after_start, after_end)):
+                keys.append(cast(pool[0][start:end]).transpose(0, 1))  # [R', H, D] -> [H, R', D]
+                values.append(cast(pool[1][start:end]).transpose(0, 1))
+        else:
+            for j in visible_frames(i, num_frames, groups, window):
+                keys.append(kc[j][:, ref_idx[j]] if pool_k is None else cast(pool_k[j]))
+                values.append(vc[j][:, ref_idx[j]])
         if bank_k is not None:
             keys.append(cast(bank_k[i // per_group]))
             values.append(cast(bank_v[i // per_group]))
@@ -91,6 +110,6 @@ def consistent_attention_reference(
         if query_rows is not None:
             rows = torch.arange(num_queries, device=q.device)
             own_only = (rows < query_rows[0]) | (rows >= query_rows[1])
-            logits[:, own_only, num_tokens:] = float("-inf")
+            logits[:, own_only, own:] = float("-inf")
         outs.append(logits.softmax(dim=-1) @ value)
     return torch.stack(outs).to(q.dtype)

@@ -22,15 +22,20 @@ CHUNK_BYTES = 2**28
 
 def _reference_in(inputs: dict, dtype: torch.dtype) -> torch.Tensor:
     """The reference with all math in ``dtype``, over query chunks that bound its score matrices."""
-    args = {
-        key: val.to(dtype) if isinstance(val, torch.Tensor) and val.is_floating_point() else val
-        for key, val in inputs.items()
-    }
-    q, ref_idx = args["q"], args["ref_idx"]
+
+    def cast(val):
+        if isinstance(val, (tuple, list)):  # pool=(keys, values)
+            return type(val)(cast(item) for item in val)
+        return val.to(dtype) if isinstance(val, torch.Tensor) and val.is_floating_point() else val
+
+    args = {key: cast(val) for key, val in inputs.items()}
+    q, ref_idx, pool = args["q"], args.get("ref_idx"), args.get("pool")
     frames, heads, tokens, _ = q.shape
     per_group = frames // args.get("groups", 1)
     bank = 0 if args.get("bank_k") is None else args["bank_k"].shape[2]
-    keys = tokens + ref_idx.shape[1] * (per_group - 1) + bank  # the most any frame attends to
+    # the most any frame attends to (a pool: both ranges may span it)
+    borrowed = 2 * pool[0].shape[0] if pool is not None else ref_idx.shape[1] * (per_group - 1)
+    keys = tokens + borrowed + bank
     rows = max(1, CHUNK_BYTES // (2 * heads * keys * q.element_size()))
     query_rows = args.get("query_rows")
 
@@ -76,8 +81,9 @@ class ErrorBound:
 
 def reference_error_bound(inputs: dict) -> ErrorBound:
     """The rule for ``inputs`` (keyword arguments of ``consistent_attention_reference``: q, k, v, ref_idx,
-    and optionally groups, window, bank_k, bank_v, scale, query_rows): gold in float64, and PyTorch's own
-    error in the dtype of ``q``. Compute it once and check every implementation's output against it."""
+    and optionally groups, window, bank_k, bank_v, scale, query_rows, pool_k, key_lengths, pool,
+    pool_ranges): gold in float64, and PyTorch's own error in the dtype of ``q``. Compute it once and check
+    every implementation's output against it."""
     dtype = inputs["q"].dtype
     if dtype not in ATOL:
         raise ValueError(f"inputs['q'] has dtype {dtype}; the rule knows {list(ATOL)}")

@@ -10,6 +10,16 @@ about (1 + visible frames · S/N) times K and V; never a (B·N)² mask.
 With ``query_rows=(a, b)`` only query rows [a, b) take that path; the rows before a and after b need
 nothing but their own frame's keys, so they go through one plain SDPA call each on (B, H, N, D) K and V
 as they are (no gather, no mask), and the three row blocks are concatenated.
+
+``key_lengths`` (frame b's own keys are rows [0, key_lengths[b])) becomes a (frames, 1, 1, keys) boolean
+mask over the own columns, built on the device (no value is read on the host); the padding rows are
+zeroed first (one masked copy of K and V), so whatever they hold never reaches the output.
+
+An explicit ``pool`` with ``pool_ranges`` has per-frame ranges that only the device knows, so every frame
+gets the same key set, [own N | all R pool rows | its bank M], under a (B, 1, 1, N + R + M) additive mask:
+-inf outside the frame's two ranges, 0 inside one, log 2 inside both (a row in both ranges counts twice,
+as in the concatenation). Extra memory is B·(N + R + M) rows of K and V, with rows outside a frame's
+ranges zeroed in its copy.
 """
 
 from __future__ import annotations
@@ -41,11 +51,16 @@ def _key_rows(
     ]
 
 
+def own_key_mask(key_lengths: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(B, N) bool: key n of frame b is an own key (n < key_lengths[b]). Computed on the device."""
+    return torch.arange(num_tokens, device=key_lengths.device) < key_lengths[:, None]
+
+
 def consistent_attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    ref_idx: torch.Tensor,
+    ref_idx: torch.Tensor | None,
     *,
     groups: int = 1,
     window: int | None = None,
@@ -54,19 +69,39 @@ def consistent_attention_torch(
     scale: float | None = None,
     query_rows: tuple[int, int] | None = None,
     pool_k: torch.Tensor | None = None,
+    key_lengths: torch.Tensor | None = None,
+    pool: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pool_ranges: torch.Tensor | None = None,
 ) -> torch.Tensor:
     num_tokens = q.shape[2]
-    borrowed = (ref_idx, groups, window, bank_k, bank_v, scale, pool_k)
+    own_k, own_v, own_mask = k, v, None
+    if key_lengths is not None:
+        valid = own_key_mask(key_lengths, num_tokens)  # [B, N]
+        own_k, own_v = (torch.where(valid[:, None, :, None], x, 0) for x in (k, v))  # padding zeroed
+        own_mask = valid[:, None, None, :]  # [B, 1, 1, N]
+
+    def borrowing(rows: torch.Tensor) -> torch.Tensor:
+        if pool_ranges is not None:
+            return _pool_range_attention(
+                rows, own_k, own_v, pool, pool_ranges, groups, bank_k, bank_v, scale, own_mask
+            )
+        return _borrowing_attention(
+            rows, k, v, ref_idx, groups, window, bank_k, bank_v, scale, pool_k, own_k, own_v, key_lengths
+        )
+
+    def plain(rows: torch.Tensor) -> torch.Tensor:  # own keys only
+        return F.scaled_dot_product_attention(rows, own_k, own_v, attn_mask=own_mask, scale=scale)
+
     if query_rows is None or tuple(query_rows) == (0, num_tokens):
-        return _borrowing_attention(q, k, v, *borrowed)
+        return borrowing(q)
     start, stop = query_rows
     if start == stop:  # no row borrows: plain attention
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    parts = [_borrowing_attention(q[:, :, start:stop], k, v, *borrowed)]
+        return plain(q)
+    parts = [borrowing(q[:, :, start:stop])]
     if start > 0:
-        parts.insert(0, F.scaled_dot_product_attention(q[:, :, :start], k, v, scale=scale))
+        parts.insert(0, plain(q[:, :, :start]))
     if stop < num_tokens:
-        parts.append(F.scaled_dot_product_attention(q[:, :, stop:], k, v, scale=scale))
+        parts.append(plain(q[:, :, stop:]))
     return torch.cat(parts, dim=2)
 
 
@@ -81,21 +116,26 @@ def _borrowing_attention(
     bank_v: torch.Tensor | None,
     scale: float | None,
     pool_k: torch.Tensor | None,
+    own_k: torch.Tensor,
+    own_v: torch.Tensor,
+    key_lengths: torch.Tensor | None,
 ) -> torch.Tensor:
     """Every row of q (B, H, N', D) attends to its frame's own N keys, pool segments and bank.
-    ``pool_k`` (B, H, S, D), when given, is the key pool instead of k's rows at ``ref_idx``."""
+    ``pool_k`` (B, H, S, D), when given, is the key pool instead of k's rows at ``ref_idx``. The own rows
+    come from ``own_k`` / ``own_v`` (k and v with padding zeroed), masked past ``key_lengths``; the pool
+    is gathered from ``k`` and ``v``."""
     num_frames, num_heads, num_tokens, head_dim = k.shape
     num_refs = ref_idx.shape[1]
     num_bank = 0 if bank_k is None else bank_k.shape[2]
 
-    def row_table(x: torch.Tensor, bank: torch.Tensor | None, pool: torch.Tensor | None) -> torch.Tensor:
+    def row_table(x: torch.Tensor, own: torch.Tensor, bank: torch.Tensor | None, pool: torch.Tensor | None):
         pool = gather_reference_pool(x, ref_idx) if pool is None else pool.transpose(1, 2)  # [B, S, H, D]
-        parts = [x.transpose(1, 2).reshape(-1, num_heads, head_dim), pool.flatten(0, 1)]  # [rows, H, D]
+        parts = [own.transpose(1, 2).reshape(-1, num_heads, head_dim), pool.flatten(0, 1)]  # [rows, H, D]
         if bank is not None:
             parts.append(bank.transpose(1, 2).reshape(-1, num_heads, head_dim))
         return torch.cat(parts)
 
-    table_k, table_v = row_table(k, bank_k, pool_k), row_table(v, bank_v, None)
+    table_k, table_v = row_table(k, own_k, bank_k, pool_k), row_table(v, own_v, bank_v, None)
     key_sets: dict[int, list[tuple[int, torch.Tensor]]] = {}  # key-set length -> [(frame, rows)]
     for i in range(num_frames):
         parts = _key_rows(i, num_frames, num_tokens, num_refs, groups, window, num_bank)
@@ -108,8 +148,60 @@ def _borrowing_attention(
         rows = torch.stack([r for _, r in batch]).to(q.device)  # [F', L]
         keys = table_k[rows].transpose(1, 2)  # [F', H, L, D]
         values = table_v[rows].transpose(1, 2)
-        result = F.scaled_dot_product_attention(q[frames], keys, values, scale=scale)
+        mask = None
+        if key_lengths is not None:  # the own keys are the first N columns of every key set
+            columns = torch.arange(rows.shape[1], device=q.device)
+            lengths = key_lengths if len(key_sets) == 1 else key_lengths[_index(frames, q.device)]
+            mask = ((columns >= num_tokens) | (columns < lengths[:, None]))[:, None, None, :]
+        result = F.scaled_dot_product_attention(q[frames], keys, values, attn_mask=mask, scale=scale)
         if out is None:
             return result
-        out = out.index_copy(0, torch.tensor(frames, device=q.device), result)
+        out = out.index_copy(0, _index(frames, q.device), result)
     return out
+
+
+def _index(frames: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(frames, device=device)
+
+
+def _pool_range_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pool: tuple[torch.Tensor, torch.Tensor],
+    pool_ranges: torch.Tensor,
+    groups: int,
+    bank_k: torch.Tensor | None,
+    bank_v: torch.Tensor | None,
+    scale: float | None,
+    own_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Every row of q (B, H, N', D) attends to its frame's own keys (k, v: padding already zeroed, masked by
+    ``own_mask`` (B, 1, 1, N) when given), the pool rows of its two ranges, and its group's bank."""
+    num_frames, _, num_tokens, _ = k.shape
+    num_rows = pool[0].shape[0]
+    rows = torch.arange(num_rows, device=q.device)
+    starts, ends = pool_ranges[:, 0::2], pool_ranges[:, 1::2]  # [B, 2]
+    inside = (rows[None, None, :] >= starts[..., None]) & (rows[None, None, :] < ends[..., None])  # [B, 2, R]
+    count = inside.sum(dim=1)  # [B, R]: 0, 1 or 2 ranges hold the row
+    # log(count): -inf outside both ranges, 0 in one, log 2 in both (the row's weight doubles)
+    pool_bias = torch.where(count > 0, count.to(q.dtype).clamp(min=1).log(), float("-inf"))
+    own_bias = torch.zeros(num_frames, num_tokens, dtype=q.dtype, device=q.device)
+    if own_mask is not None:
+        own_bias = own_bias.masked_fill(~own_mask[:, 0, 0], float("-inf"))
+    biases = [own_bias, pool_bias]
+    group_of = torch.arange(num_frames, device=q.device) // (num_frames // groups)
+
+    def key_set(x: torch.Tensor, rows_x: torch.Tensor, bank: torch.Tensor | None) -> torch.Tensor:
+        borrowed = rows_x.transpose(0, 1)[None]  # [1, H, R, D]
+        # each frame's copy holds only the rows of its ranges: the others never reach the output
+        parts = [x, torch.where(count[:, None, :, None] > 0, borrowed, 0)]  # [B, H, N | R, D]
+        if bank is not None:
+            parts.append(bank[group_of])  # [B, H, M, D]
+        return torch.cat(parts, dim=2)
+
+    keys, values = key_set(k, pool[0], bank_k), key_set(v, pool[1], bank_v)
+    if bank_k is not None:
+        biases.append(torch.zeros(num_frames, bank_k.shape[2], dtype=q.dtype, device=q.device))
+    bias = torch.cat(biases, dim=1)[:, None, None, :]  # [B, 1, 1, N + R + M]
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale)

@@ -1,6 +1,7 @@
 """Pieces both fused kernels share (the pointer kernel, triton_kernel.py; the descriptor kernel,
-triton_tma.py): which frame and keys a program works on, which of its query rows borrow, and the online
-softmax update of one tile of scores. Only how tiles arrive differs between the kernels."""
+triton_tma.py): which frame and keys a program works on (own-key end, pool row ranges), which of its query
+rows borrow, and the online softmax update of one tile of scores. Only how tiles arrive differs between the
+kernels."""
 
 from __future__ import annotations
 
@@ -21,6 +22,33 @@ def _program_frame(H, num_frames, frames_per_group, window):
     lo = tl.maximum(i_b - window, g_start)
     hi = tl.minimum(i_b + window + 1, g_start + frames_per_group)
     return i_b, i_h, i_g, lo, hi
+
+
+@triton.jit
+def _own_keys_end(KL, i_b, N, HAS_KEY_LENGTHS: tl.constexpr):
+    """End of the frame's own key range: N, or with per-frame key lengths min(N, KL[i_b]) (rows past it are
+    padding: the range's masked tail tile stops there, and nothing past it is read)."""
+    return tl.minimum(tl.load(KL + i_b).to(tl.int32), N) if HAS_KEY_LENGTHS else N
+
+
+@triton.jit
+def _pool_rows(PR, i_b, lo, hi, S, P, HAS_POOL_RANGES: tl.constexpr):
+    """(before_start, before_end, after_start, after_end): the pool rows this frame borrows. By default the
+    visible frames' segments of the gathered pool (frame j's S rows at j·S): [lo·S, i·S) and
+    [(i+1)·S, hi·S). HAS_POOL_RANGES: the frame's row of the (B, 4) pool_ranges tensor PR (contiguous),
+    clamped to the P pool rows with end >= start, so no value makes a range read outside the pool."""
+    if HAS_POOL_RANGES:
+        p_r = PR + i_b * 4
+        before_start = tl.minimum(tl.maximum(tl.load(p_r).to(tl.int32), 0), P)
+        before_end = tl.minimum(tl.maximum(tl.load(p_r + 1).to(tl.int32), before_start), P)
+        after_start = tl.minimum(tl.maximum(tl.load(p_r + 2).to(tl.int32), 0), P)
+        after_end = tl.minimum(tl.maximum(tl.load(p_r + 3).to(tl.int32), after_start), P)
+    else:
+        before_start = lo * S
+        before_end = i_b * S
+        after_start = (i_b + 1) * S
+        after_end = hi * S
+    return before_start, before_end, after_start, after_end
 
 
 @triton.jit

@@ -16,6 +16,12 @@ Ranges 2-4 are the *borrowed* keys. With a query-row range [row_start, row_end) 
 sequences: only image rows borrow, HAS_ROW_RANGE), a query tile entirely outside it skips them, a tile
 entirely inside walks them as above, and a tile straddling a boundary walks them with a per-row mask.
 
+Two per-frame loads change where ranges end, nothing else (triton_common.py): HAS_KEY_LENGTHS ends range 1
+at min(N, key_lengths[b]) (padding past it is never loaded: the tail tile's mask stops there);
+HAS_POOL_RANGES takes ranges 2 and 3 from the frame's row of ``pool_ranges`` over a caller's (R, H, D)
+pool instead of computing them from the window. With both flags off the kernel compiles to the code it
+had before they existed (the same SASS instructions, register numbering aside).
+
 Reads top to bottom: tile step → range walk → borrowed ranges → kernel → autotune configs → launcher.
 """
 
@@ -30,7 +36,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .pool import new_output
-from .triton_common import _borrowing_rows, _program_frame, _softmax_update
+from .triton_common import _borrowing_rows, _own_keys_end, _pool_rows, _program_frame, _softmax_update
 from .triton_gather import gather_pools
 from .triton_tma import (
     _consistent_attn_fwd_tma,
@@ -179,6 +185,7 @@ def _consistent_attn_fwd(
     stride_bg, stride_bh, stride_bm,
     stride_ob, stride_oh, stride_on,
     H, N, S, M, frames_per_group, window, row_start, row_end, qk_scale,
+    KL, PR, P,  # key lengths (B,), pool ranges (B, 4), pool rows: read only under their flags
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -187,10 +194,13 @@ def _consistent_attn_fwd(
     HAS_ROW_RANGE: tl.constexpr,
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    HAS_KEY_LENGTHS: tl.constexpr = False,
+    HAS_POOL_RANGES: tl.constexpr = False,
 ):  # fmt: skip
     i_m = tl.program_id(0)
     # head-major: the frames of one head run next to each other and share its pool and bank rows in L2
     i_b, i_h, i_g, lo, hi = _program_frame(H, tl.num_programs(1) // H, frames_per_group, window)
+    own_end = _own_keys_end(KL, i_b, N, HAS_KEY_LENGTHS)
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, HEAD_DIM_P)
@@ -209,23 +219,25 @@ def _consistent_attn_fwd(
     # Own tokens first: every query row then has a finite running max before any masked tile.
     acc, l_i, m_i = _attn_range(
         acc, l_i, m_i, b_q, K + i_b * stride_kb + i_h * stride_kh, V + i_b * stride_vb + i_h * stride_vh,
-        stride_kn, stride_vn, 0, N, o_m, qk_scale,
+        stride_kn, stride_vn, 0, own_end, o_m, qk_scale,
         HEAD_DIM, HEAD_DIM_P, BLOCK_N, False, DOT_F32, INPUT_PRECISION,
     )  # fmt: skip
     p_pk = PK + i_h * stride_ph
     p_pv = PV + i_h * stride_ph
     o_bank = i_g * stride_bg + i_h * stride_bh
     m_rows, borrow_all, borrow_any = _borrowing_rows(o_m, i_m * BLOCK_M, N, row_start, row_end, HAS_ROW_RANGE)
+    # after the own keys' loop (the ranges need not stay live across it)
+    before_start, before_end, after_start, after_end = _pool_rows(PR, i_b, lo, hi, S, P, HAS_POOL_RANGES)
     if borrow_all:
         acc, l_i, m_i = _attn_borrowed(
             acc, l_i, m_i, b_q, p_pk, p_pv, BK + o_bank, BV + o_bank, stride_pn, stride_bm,
-            lo * S, i_b * S, (i_b + 1) * S, hi * S, M, m_rows, qk_scale,
+            before_start, before_end, after_start, after_end, M, m_rows, qk_scale,
             HEAD_DIM, HEAD_DIM_P, BLOCK_N, HAS_BANK, False, DOT_F32, INPUT_PRECISION,
         )  # fmt: skip
     elif borrow_any:
         acc, l_i, m_i = _attn_borrowed(
             acc, l_i, m_i, b_q, p_pk, p_pv, BK + o_bank, BV + o_bank, stride_pn, stride_bm,
-            lo * S, i_b * S, (i_b + 1) * S, hi * S, M, m_rows, qk_scale,
+            before_start, before_end, after_start, after_end, M, m_rows, qk_scale,
             HEAD_DIM, HEAD_DIM_P, BLOCK_N, HAS_BANK, True, DOT_F32, INPUT_PRECISION,
         )  # fmt: skip
 
@@ -238,7 +250,7 @@ _consistent_attn_fwd_tuned = triton.autotune(
     configs=autotune_configs(),
     # Tile shape depends on the per-frame token count and head dim, hardly on how many reference or bank
     # tokens follow: leaving S, M and the group size out avoids re-tuning for every story layout.
-    key=["N", "HEAD_DIM", "HAS_BANK", "HAS_ROW_RANGE"],
+    key=["N", "HEAD_DIM", "HAS_BANK", "HAS_ROW_RANGE", "HAS_KEY_LENGTHS", "HAS_POOL_RANGES"],
     prune_configs_by={"early_config_prune": prune},
 )(_consistent_attn_fwd)
 
@@ -247,7 +259,7 @@ _consistent_attn_fwd_tma_tuned = triton.autotune(
         triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=set_block_shapes)
         for c in autotune_configs("tma")
     ],
-    key=["N", "HEAD_DIM_P", "HAS_BANK", "HAS_ROW_RANGE"],
+    key=["N", "HEAD_DIM_P", "HAS_BANK", "HAS_ROW_RANGE", "HAS_KEY_LENGTHS", "HAS_POOL_RANGES"],
     prune_configs_by={"early_config_prune": prune_tma},
 )(_consistent_attn_fwd_tma)
 
@@ -288,10 +300,17 @@ def triton_consistent_attention(
     query_rows: tuple[int, int] | None = None,
     pool_k: torch.Tensor | None = None,
     path: str | None = None,
+    *,
+    key_lengths: torch.Tensor | None = None,
+    pool: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pool_ranges: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the fused forward. Inputs are assumed validated (see validation.py). ``pool_k``: (B, H, S, D)
-    key pool to use instead of gathering k at ``ref_idx``. ``path``: "pointer" or "tma" (tensor
-    descriptors; falls back to "pointer" for tensors TMA cannot address); None: ``kernel_path(q)``."""
+    key pool to use instead of gathering k at ``ref_idx``. ``key_lengths`` (B,): frame b's own keys end at
+    key_lengths[b]. ``pool`` ((R, H, D) keys, values) with ``pool_ranges`` (B, 4): the borrowed rows of each
+    frame, in place of the pool gathered at ``ref_idx`` (then (B, 0)) and the window. ``path``: "pointer"
+    or "tma" (tensor descriptors; falls back to "pointer" for tensors TMA cannot address); None:
+    ``kernel_path(q)``."""
     if q.device.type != "cuda" and not INTERPRETED:
         raise ValueError(
             f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before csa_kernels' Triton "
@@ -301,13 +320,22 @@ def triton_consistent_attention(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     num_frames, num_heads, num_tokens, head_dim = q.shape
     num_refs = ref_idx.shape[1]
-    if num_refs:
+    # pool_k / pool_v: (rows, H, D) with one set of strides (the kernel reads both with it)
+    if pool is not None:
+        pool_k, pool_v = pool
+        if pool_k.stride() != pool_v.stride() or pool_k.stride(-1) != 1:
+            pool_k, pool_v = pool_k.contiguous(), pool_v.contiguous()
+    elif num_refs:
         # [B, S, H, D], contiguous, both in one launch
         gathered_k, pool_v = gather_pools(k, v, ref_idx, gather_k=pool_k is None)
         # The kernel reads both pools with one set of strides: a given pool_k goes to the same layout.
         pool_k = gathered_k if pool_k is None else pool_k.transpose(1, 2).contiguous()
-    else:  # never read (empty ranges); an empty tensor may have a null data pointer, which launchers reject
-        pool_k, pool_v = k.transpose(1, 2), v.transpose(1, 2)
+        pool_k, pool_v = pool_k.flatten(0, 1), pool_v.flatten(0, 1)
+    else:
+        pool_k = pool_v = None
+    num_pool = 0 if pool_k is None else pool_k.shape[0]
+    if num_pool == 0:  # never read (empty ranges); an empty tensor may have a null data pointer, which
+        pool_k, pool_v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # launchers reject: k, v's rows instead
     has_bank = bank_k is not None and bank_k.shape[2] > 0
     if has_bank:
         # The kernel takes one set of bank strides for K and V.
@@ -320,6 +348,10 @@ def triton_consistent_attention(
     # (0, N) is every row: the kernel without a row range, bit-identical to query_rows=None.
     row_start, row_end = (0, num_tokens) if query_rows is None else query_rows
     has_row_range = (row_start, row_end) != (0, num_tokens)
+    # per-frame data of the optional features: contiguous index tensors (or q, never read, when off)
+    has_key_lengths, has_pool_ranges = key_lengths is not None, pool_ranges is not None
+    key_lengths = key_lengths.contiguous() if has_key_lengths else q
+    pool_ranges = pool_ranges.contiguous() if has_pool_ranges else q
     head_dim_p = max(16, triton.next_power_of_2(head_dim))
     dtype = q.dtype
     # fp32 inputs get true fp32 products (ieee), not TF32, to stay within 2x of PyTorch's fp32 error.
@@ -332,11 +364,12 @@ def triton_consistent_attention(
     def grid(meta):
         return (triton.cdiv(num_tokens, meta["BLOCK_M"]), num_frames * num_heads)
 
+    features = (key_lengths, pool_ranges, num_pool, has_key_lengths, has_pool_ranges)
     path = path or kernel_path(q)
     if path == "tma" and tma_compatible(q, k, v, pool_k, pool_v, bank_k, bank_v, out):
         args = (q, k, v, pool_k, pool_v, bank_k, bank_v, out, num_refs, num_bank, has_bank, has_row_range)
         args += (frames_per_group, window, row_start, row_end, scale, head_dim_p, dot_f32, input_precision)
-        _launch_tma(*args, grid)
+        _launch_tma(*args, *features, grid)
         return out
     if INTERPRETED:
         kernel, extra = _consistent_attn_fwd, dict(INTERPRETER_CONFIG)
@@ -349,19 +382,22 @@ def triton_consistent_attention(
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        pool_k.stride(1), pool_k.stride(2),
+        pool_k.stride(0), pool_k.stride(1),
         bank_k.stride(0), bank_k.stride(1), bank_k.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         num_heads, num_tokens, num_refs, num_bank, frames_per_group,
         frames_per_group if window is None else window,
         row_start, row_end,
         scale * LOG2E,
+        key_lengths, pool_ranges, num_pool,
         HEAD_DIM=head_dim,
         HEAD_DIM_P=head_dim_p,
         HAS_BANK=has_bank,
         HAS_ROW_RANGE=has_row_range,
         DOT_F32=dot_f32,
         INPUT_PRECISION=input_precision,
+        HAS_KEY_LENGTHS=has_key_lengths,
+        HAS_POOL_RANGES=has_pool_ranges,
         **extra,
     )  # fmt: skip
     return out
@@ -369,7 +405,8 @@ def triton_consistent_attention(
 
 def _launch_tma(
     q, k, v, pool_k, pool_v, bank_k, bank_v, out, num_refs, num_bank, has_bank, has_row_range,
-    frames_per_group, window, row_start, row_end, scale, head_dim_p, dot_f32, input_precision, grid,
+    frames_per_group, window, row_start, row_end, scale, head_dim_p, dot_f32, input_precision,
+    key_lengths, pool_ranges, num_pool, has_key_lengths, has_pool_ranges, grid,
 ) -> None:  # fmt: skip
     """The Hopper kernel over tensor descriptors (triton_tma.py); boxes sized for the config that runs."""
     if INTERPRETED:
@@ -379,10 +416,7 @@ def _launch_tma(
     else:
         kernel, config = _consistent_attn_fwd_tma, fixed_config(head_dim_p, q.dtype, path="tma")
     block_m, block_n = config.get("BLOCK_M", 64), config.get("BLOCK_N", 64)  # autotune: set per config
-    if num_refs:
-        pools = (describe_pool(pool_k, block_n, head_dim_p), describe_pool(pool_v, block_n, head_dim_p))
-    else:  # never read (empty ranges): any valid descriptor
-        pools = (describe(k, block_n, head_dim_p), describe(v, block_n, head_dim_p))
+    pools = (describe_pool(pool_k, block_n, head_dim_p), describe_pool(pool_v, block_n, head_dim_p))
     num_frames, num_heads, num_tokens, _ = q.shape
     kernel[grid](
         describe(q, block_m, head_dim_p), describe(k, block_n, head_dim_p), describe(v, block_n, head_dim_p),
@@ -392,11 +426,14 @@ def _launch_tma(
         frames_per_group if window is None else window,
         row_start, row_end,
         scale * LOG2E,
+        key_lengths, pool_ranges, num_pool,
         HEAD_DIM_P=head_dim_p,
         HAS_BANK=has_bank,
         HAS_ROW_RANGE=has_row_range,
         DOT_F32=dot_f32,
         INPUT_PRECISION=input_precision,
+        HAS_KEY_LENGTHS=has_key_lengths,
+        HAS_POOL_RANGES=has_pool_ranges,
         **config,
     )  # fmt: skip
 
@@ -411,6 +448,8 @@ def compile_for_target(
     num_stages: int = 3,
     has_bank: bool = True,
     has_row_range: bool = False,
+    has_key_lengths: bool = False,
+    has_pool_ranges: bool = False,
     arch: int = 90,
     example: tuple[int, int, int, int, int] | None = (4, 8, 1024, 512, 256),
     path: str = "pointer",
@@ -424,10 +463,12 @@ def compile_for_target(
 
     ``example`` = (frames, heads, tokens, refs, bank tokens) of a representative launch (contiguous
     (B, H, N, D) tensors, one group, a full window, query rows (tokens // 4, tokens) when
-    ``has_row_range``): the kernel gets the specialization that launch gets from the JIT — Triton's own
-    binder decides which integer arguments are divisible by 16 and which pointers are 16-byte aligned
-    (``tt.divisibility``), so the code is what such a launch runs (vector / cp.async loads). ``example=None``
-    compiles without those hints (scalar loads: not what any real launch runs; kept for comparison).
+    ``has_row_range``; int32 key lengths (``has_key_lengths``) and pool ranges over the gathered pool's
+    frames·refs rows (``has_pool_ranges``) when asked): the kernel gets the specialization that launch gets
+    from the JIT — Triton's own binder decides which integer arguments are divisible by 16 and which
+    pointers are 16-byte aligned (``tt.divisibility``), so the code is what such a launch runs (vector /
+    cp.async loads). ``example=None`` compiles without those hints (scalar loads: not what any real launch
+    runs; kept for comparison).
 
     Returns Triton's compiled kernel: ``.asm["ptx"]`` / ``.asm["ttgir"]`` / ``.asm["cubin"]`` show what the
     GPU would run (e.g. ``wgmma`` instructions on Hopper). Needs the compiled (not interpreted) kernel.
@@ -446,7 +487,10 @@ def compile_for_target(
         "HAS_ROW_RANGE": has_row_range,
         "DOT_F32": False,
         "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "HAS_KEY_LENGTHS": has_key_lengths,
+        "HAS_POOL_RANGES": has_pool_ranges,
     }
+    features = (has_key_lengths, has_pool_ranges)
     target = GPUTarget("cuda", arch, 32)
     options = {"num_warps": num_warps, "num_stages": num_stages}
     if path == "tma":
@@ -456,11 +500,13 @@ def compile_for_target(
         constexprs["WARP_SPECIALIZE"] = warp_specialize
         fn = _consistent_attn_fwd_tma
         args = _example_tma_args(dtype, head_dim, example, has_bank, has_row_range, block_m, block_n)
+        args += _example_feature_args(dtype, example, *features)
     elif example is None:
         pointer = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
         names = _consistent_attn_fwd.arg_names
         signature = {name: "i32" for name in names}
         signature.update({name: pointer for name in ("Q", "K", "V", "PK", "PV", "BK", "BV", "Out")})
+        signature.update(KL="*i32" if has_key_lengths else pointer, PR="*i32" if has_pool_ranges else pointer)
         signature.update({name: "constexpr" for name in constexprs}, qk_scale="fp32")
         source = ASTSource(
             fn=_consistent_attn_fwd,
@@ -471,6 +517,7 @@ def compile_for_target(
     else:
         fn = _consistent_attn_fwd
         args = _example_launch_args(dtype, head_dim, example, has_bank, has_row_range)
+        args += _example_feature_args(dtype, example, *features)
     # What JITFunction.run does for a launch (triton/runtime/jit.py): bind, specialize, pack.
     from triton.runtime.jit import create_function_from_signature
 
@@ -530,3 +577,13 @@ def _example_tma_args(dtype, head_dim, example, has_bank, has_row_range, block_m
         pool, pool, bank_desc, bank_desc, desc(shape, strides, block_m),
         frames, heads, tokens, refs, bank, frames, frames, *row_range, 0.125 * LOG2E,
     ]  # fmt: skip
+
+
+def _example_feature_args(dtype, example, has_key_lengths, has_pool_ranges) -> list:
+    """KL, PR, P of a launch: int32 index tensors where the feature is on, else q (never read); the pool's
+    rows (frames·refs of the gathered pool)."""
+    from triton.runtime.jit import MockTensor
+
+    frames, _, _, refs, _ = example
+    t, index = MockTensor(dtype), MockTensor(torch.int32)
+    return [index if has_key_lengths else t, index if has_pool_ranges else t, frames * refs]

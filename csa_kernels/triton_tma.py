@@ -8,10 +8,11 @@ cp.async bookkeeping, fewer registers — and the out-of-bounds parts of a box a
 
 Every operand is seen as a 4-D tensor whose third dimension is the token axis, so one tile step serves all:
 q/k/v/out (B, H, N, D) at [frame, head, n, 0], the bank (G, H, M, D) at [group, head, n, 0] and the pool,
-(B·S, H, D) contiguous, as (1, H, B·S, D) at [0, head, n, 0] (its rows of consecutive frames are one block).
-Tails: the own keys and the bank end at their descriptor's bound (zeros past it); a pool range ends inside
-the pool, so the tail tile masks its scores and zeroes its values past the range end in registers — a
-neighbour frame's rows are never mixed in, whatever they hold.
+(R, H, D) rows — the gathered (B·S, H, D) or a caller's pool of R rows — as (1, H, R, D) at [0, head, n, 0]
+(the rows of consecutive frames are one block). Tails: every range's tail tile masks its scores and zeroes
+its values past the range end in registers (past the descriptor's bound the box holds zeros anyway): a pool
+range ends inside the pool and the own keys may end at a frame's key length before N, so a neighbour
+frame's rows and a frame's padding are never mixed in, whatever they hold.
 
 Chosen by triton_kernel.triton_consistent_attention on GPUs of compute capability 9.0 and above when the
 tensors meet TMA's rules (16-byte aligned bases and strides, contiguous last dimension); the interpreter
@@ -25,7 +26,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .triton_common import _borrowing_rows, _program_frame, _softmax_update
+from .triton_common import _borrowing_rows, _own_keys_end, _pool_rows, _program_frame, _softmax_update
 
 
 @triton.jit
@@ -134,6 +135,7 @@ def _tma_borrowed(
 def _consistent_attn_fwd_tma(
     desc_q, desc_k, desc_v, desc_pk, desc_pv, desc_bk, desc_bv, desc_o,
     B, H, N, S, M, frames_per_group, window, row_start, row_end, qk_scale,
+    KL, PR, P,  # key lengths (B,), pool ranges (B, 4), pool rows: read only under their flags
     HEAD_DIM_P: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -142,9 +144,12 @@ def _consistent_attn_fwd_tma(
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr = False,
+    HAS_KEY_LENGTHS: tl.constexpr = False,
+    HAS_POOL_RANGES: tl.constexpr = False,
 ):  # fmt: skip
     i_m = tl.program_id(0)
     i_b, i_h, i_g, lo, hi = _program_frame(H, B, frames_per_group, window)
+    own_end = _own_keys_end(KL, i_b, N, HAS_KEY_LENGTHS)
 
     m0 = i_m * BLOCK_M
     o_m = m0 + tl.arange(0, BLOCK_M)
@@ -157,20 +162,22 @@ def _consistent_attn_fwd_tma(
 
     # Own tokens first: every query row then has a finite running max before any masked tile.
     acc, l_i, m_i = _tma_range(
-        acc, l_i, m_i, b_q, desc_k, desc_v, i_b, i_h, 0, N, o_m, qk_scale,
+        acc, l_i, m_i, b_q, desc_k, desc_v, i_b, i_h, 0, own_end, o_m, qk_scale,
         HEAD_DIM_P, BLOCK_N, False, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE,
     )  # fmt: skip
     m_rows, borrow_all, borrow_any = _borrowing_rows(o_m, m0, N, row_start, row_end, HAS_ROW_RANGE)
+    # after the own keys' loop (the ranges need not stay live across it)
+    before_start, before_end, after_start, after_end = _pool_rows(PR, i_b, lo, hi, S, P, HAS_POOL_RANGES)
     if borrow_all:
         acc, l_i, m_i = _tma_borrowed(
             acc, l_i, m_i, b_q, desc_pk, desc_pv, desc_bk, desc_bv, i_g, i_h,
-            lo * S, i_b * S, (i_b + 1) * S, hi * S, M, m_rows, qk_scale,
+            before_start, before_end, after_start, after_end, M, m_rows, qk_scale,
             HEAD_DIM_P, BLOCK_N, HAS_BANK, False, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE,
         )  # fmt: skip
     elif borrow_any:
         acc, l_i, m_i = _tma_borrowed(
             acc, l_i, m_i, b_q, desc_pk, desc_pv, desc_bk, desc_bv, i_g, i_h,
-            lo * S, i_b * S, (i_b + 1) * S, hi * S, M, m_rows, qk_scale,
+            before_start, before_end, after_start, after_end, M, m_rows, qk_scale,
             HEAD_DIM_P, BLOCK_N, HAS_BANK, True, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE,
         )  # fmt: skip
 
@@ -196,11 +203,13 @@ def describe(t: torch.Tensor, block_n: int, head_dim_p: int) -> TensorDescriptor
 
 
 def describe_pool(pool: torch.Tensor, block_n: int, head_dim_p: int) -> TensorDescriptor:
-    """A contiguous (B, S, H, D) pool as (1, H, B·S, D): the token rows of consecutive frames are one axis."""
-    frames, samples, heads, dim = pool.shape
-    rows = max(1, frames * samples)  # an empty pool is never read; a descriptor needs a positive shape
+    """A (R, H, D) pool (last dim contiguous) as (1, H, R, D): all R rows on the token axis — the gathered
+    pool's rows of consecutive frames, or a caller's pool of any row count. Boxes past R arrive as zeros."""
+    rows, heads, dim = pool.shape
+    stride_r, stride_h, _ = pool.stride()
+    # the leading axis has one index: any 16-byte multiple is a valid stride for it
     return TensorDescriptor(
-        pool, [1, heads, rows, dim], [rows * heads * dim, dim, heads * dim, 1], [1, 1, block_n, head_dim_p]
+        pool, [1, heads, rows, dim], [rows * stride_r, stride_h, stride_r, 1], [1, 1, block_n, head_dim_p]
     )
 
 

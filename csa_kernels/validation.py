@@ -10,6 +10,7 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DTYPES = (*TRITON_DTYPES, torch.float64)  # float64: torch path only (gradcheck, gold answers)
+INDEX_DTYPES = (torch.int32, torch.int64)  # key_lengths, pool_ranges
 MAX_TRITON_HEAD_DIM = 256
 
 # Triton is optional: it has wheels for Linux only, and CPU-only installs may lack it. Read once at import (a
@@ -55,16 +56,26 @@ def check_inputs(
     backend: str,
     query_rows: tuple[int, int] | None = None,
     pool_k: torch.Tensor | None = None,
+    key_lengths: torch.Tensor | None = None,
+    pool: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pool_ranges: torch.Tensor | None = None,
     check_indices: bool = True,
 ) -> None:
     """Raise ``TypeError``/``ValueError`` naming the bad argument and what was expected.
 
-    ``check_indices``: also check that ``ref_idx`` values are token positions. That reads the data (a
-    host-device sync on CUDA), so it runs only when the values can be read without one being recorded:
-    never while tracing or compiling, on fake tensors or during CUDA graph capture."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("ref_idx", ref_idx)):
+    ``check_indices``: also check the values of the index tensors: ``ref_idx`` are token positions below
+    their frame's ``key_lengths``, ``key_lengths`` lie in [1, N], ``pool_ranges`` lie in the pool. That
+    reads the data (a host-device sync on CUDA), so it runs only when the values can be read without one
+    being recorded: never while tracing or compiling, on fake tensors or during CUDA graph capture.
+
+    ``ref_idx`` may be None only with ``pool`` (the caller's pool replaces the sampled tokens)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ref_idx is None and pool is None:
+        raise TypeError("ref_idx must be a torch.Tensor, got None (None is only allowed with pool=...)")
+    if ref_idx is not None and not isinstance(ref_idx, torch.Tensor):
+        raise TypeError(f"ref_idx must be a torch.Tensor, got {type(ref_idx).__name__}")
     if q.dim() != 4:
         raise ValueError(f"q must be 4-D (B, H, N, D), got shape {tuple(q.shape)}")
     num_frames, num_heads, num_tokens, head_dim = q.shape
@@ -80,18 +91,8 @@ def check_inputs(
         if t.device != q.device:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
 
-    if ref_idx.dtype != torch.int64:
-        raise TypeError(f"ref_idx must be int64, got {ref_idx.dtype}")
-    if ref_idx.dim() != 2 or ref_idx.shape[0] != num_frames:
-        raise ValueError(f"ref_idx must have shape (B={num_frames}, S), got {tuple(ref_idx.shape)}")
-    if ref_idx.device != q.device:
-        raise ValueError(f"ref_idx must be on the device of q ({q.device}), got {ref_idx.device}")
-    if check_indices and ref_idx.numel() and values_readable(ref_idx):
-        lo, hi = int(ref_idx.min()), int(ref_idx.max())
-        if lo < 0 or hi >= num_tokens:
-            raise ValueError(
-                f"ref_idx values must be token positions in [0, N={num_tokens}), got range [{lo}, {hi}]"
-            )
+    if ref_idx is not None:
+        check_ref_idx(ref_idx, q, check_indices)
 
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be an int >= 1, got {groups!r}")
@@ -130,7 +131,130 @@ def check_inputs(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_query_rows(query_rows, num_tokens)
-    check_pool_k(pool_k, k, ref_idx)
+    check_key_lengths(key_lengths, q, ref_idx, check_indices)
+    if pool is None and pool_ranges is None:
+        check_pool_k(pool_k, k, ref_idx)
+    else:
+        check_pool(pool, pool_ranges, k, ref_idx, window, pool_k, check_indices)
+
+
+def check_ref_idx(ref_idx: torch.Tensor, q: torch.Tensor, check_indices: bool) -> None:
+    """(B, S) int64 on q's device; with ``check_indices``, values in [0, N)."""
+    num_frames, num_tokens = q.shape[0], q.shape[2]
+    if ref_idx.dtype != torch.int64:
+        raise TypeError(f"ref_idx must be int64, got {ref_idx.dtype}")
+    if ref_idx.dim() != 2 or ref_idx.shape[0] != num_frames:
+        raise ValueError(f"ref_idx must have shape (B={num_frames}, S), got {tuple(ref_idx.shape)}")
+    if ref_idx.device != q.device:
+        raise ValueError(f"ref_idx must be on the device of q ({q.device}), got {ref_idx.device}")
+    if check_indices and ref_idx.numel() and values_readable(ref_idx):
+        lo, hi = int(ref_idx.min()), int(ref_idx.max())
+        if lo < 0 or hi >= num_tokens:
+            raise ValueError(
+                f"ref_idx values must be token positions in [0, N={num_tokens}), got range [{lo}, {hi}]"
+            )
+
+
+def _check_index_tensor(name: str, t: object, shape: tuple[int, ...], shape_text: str, q: torch.Tensor):
+    """An int32 or int64 tensor of ``shape`` on q's device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be None or a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape_text}, got {tuple(t.shape)}")
+    if t.device != q.device:
+        raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+
+
+def check_key_lengths(
+    key_lengths: torch.Tensor | None, q: torch.Tensor, ref_idx: torch.Tensor | None, check_indices: bool
+) -> None:
+    """None, or (B,) int32/int64 on q's device; with ``check_indices``, values in [1, N] and every ``ref_idx``
+    row below its frame's length (a sampled padding row would lend a key no query of its frame sees)."""
+    if key_lengths is None:
+        return
+    num_frames, num_tokens = q.shape[0], q.shape[2]
+    _check_index_tensor("key_lengths", key_lengths, (num_frames,), f"(B={num_frames},)", q)
+    if not (check_indices and values_readable(key_lengths)):
+        return
+    lo, hi = int(key_lengths.min()), int(key_lengths.max())
+    if lo < 1 or hi > num_tokens:
+        raise ValueError(
+            f"key_lengths values must lie in [1, N={num_tokens}] (every frame keeps at least one own key), "
+            f"got range [{lo}, {hi}]"
+        )
+    if ref_idx is not None and ref_idx.numel() and values_readable(ref_idx):
+        past = ref_idx >= key_lengths[:, None].to(ref_idx.dtype)
+        if bool(past.any()):
+            frame, col = (int(i) for i in past.nonzero()[0])
+            raise ValueError(
+                f"ref_idx values must be own keys of their frame (ref_idx[b] < key_lengths[b]): "
+                f"ref_idx[{frame}, {col}] = {int(ref_idx[frame, col])} >= key_lengths[{frame}] = "
+                f"{int(key_lengths[frame])}"
+            )
+
+
+def check_pool(
+    pool: tuple[torch.Tensor, torch.Tensor] | None,
+    pool_ranges: torch.Tensor | None,
+    k: torch.Tensor,
+    ref_idx: torch.Tensor | None,
+    window: int | None,
+    pool_k: torch.Tensor | None,
+    check_indices: bool,
+) -> None:
+    """An explicit pool: ``pool=(keys, values)``, each (R, H, D) with k's dtype and device, given with
+    ``pool_ranges`` (B, 4) int32/int64 on k's device; ``ref_idx`` None or (B, 0), no ``pool_k``, no
+    ``window``. With ``check_indices``, every range satisfies 0 <= start <= end <= R."""
+    if pool is None or pool_ranges is None:
+        raise ValueError("pool and pool_ranges must be given together (or both None)")
+    if (
+        not isinstance(pool, (tuple, list))
+        or len(pool) != 2
+        or not all(isinstance(t, torch.Tensor) for t in pool)
+    ):
+        raise TypeError(f"pool must be None or a pair (keys, values) of tensors, got {type(pool).__name__}")
+    num_frames, num_heads, _, head_dim = k.shape
+    keys, values = pool
+    for name, t in (("pool[0] (keys)", keys), ("pool[1] (values)", values)):
+        if t.dim() != 3 or t.shape[1] != num_heads or t.shape[2] != head_dim:
+            raise ValueError(
+                f"{name} must have shape (R, H={num_heads}, D={head_dim}) (R pool rows), got {tuple(t.shape)}"
+            )
+        if t.dtype != k.dtype:
+            raise ValueError(f"{name} must have the dtype of k ({k.dtype}), got {t.dtype}")
+        if t.device != k.device:
+            raise ValueError(f"{name} must be on the device of k ({k.device}), got {t.device}")
+    if keys.shape != values.shape:
+        raise ValueError(
+            f"pool[1] (values) must have the shape of pool[0] (keys) {tuple(keys.shape)}, "
+            f"got {tuple(values.shape)}"
+        )
+    _check_index_tensor("pool_ranges", pool_ranges, (num_frames, 4), f"(B={num_frames}, 4)", k)
+    if ref_idx is not None and ref_idx.shape[1] != 0:
+        raise ValueError(
+            f"ref_idx must be None or empty (B, 0) when pool is given (the pool replaces the sampled "
+            f"tokens), got shape {tuple(ref_idx.shape)}"
+        )
+    if pool_k is not None:
+        raise ValueError("pool_k must be None when pool is given (pool[0] holds the borrowed keys)")
+    if window is not None:
+        raise ValueError(
+            f"window must be None when pool_ranges is given (the ranges say which pool rows each frame "
+            f"sees), got {window!r}"
+        )
+    if check_indices and pool_ranges.numel() and values_readable(pool_ranges):
+        num_rows = keys.shape[0]
+        starts, ends = pool_ranges[:, 0::2], pool_ranges[:, 1::2]
+        bad = (starts < 0) | (starts > ends) | (ends > num_rows)
+        if bool(bad.any()):
+            frame = int(bad.any(dim=1).nonzero()[0, 0])
+            raise ValueError(
+                f"pool_ranges rows [before_start, before_end, after_start, after_end] must have "
+                f"0 <= start <= end <= R={num_rows} (pool rows), got {pool_ranges[frame].tolist()} "
+                f"for frame {frame}"
+            )
 
 
 def check_pool_k(pool_k: torch.Tensor | None, k: torch.Tensor, ref_idx: torch.Tensor) -> None:

@@ -25,10 +25,11 @@ SCRIPT = r"""
 import json, sys, torch
 from csa_kernels.inspect import inspect_kernel
 from csa_kernels.tuning import fixed_config
-arch, dtype, head_dim, path, example = json.loads(sys.argv[1])
+arch, dtype, head_dim, path, example, features = json.loads(sys.argv[1])
 dtype = getattr(torch, dtype)
 config = fixed_config(head_dim, dtype, path)
-row = inspect_kernel(arch, head_dim, dtype, config, path=path, **({} if example else {"example": None}))
+kwargs = {**features, **({} if example else {"example": None})}
+row = inspect_kernel(arch, head_dim, dtype, config, path=path, **kwargs)
 print(json.dumps(row))
 """
 
@@ -43,10 +44,12 @@ def run_python(*args: str) -> str:
     return proc.stdout
 
 
-def inspect_default(arch: int, dtype: str, head_dim: int, path: str, example: bool = True) -> dict:
-    return json.loads(
-        run_python("-c", SCRIPT, json.dumps([arch, dtype, head_dim, path, example])).splitlines()[-1]
-    )
+def inspect_default(
+    arch: int, dtype: str, head_dim: int, path: str, example: bool = True, features: dict | None = None
+) -> dict:
+    """``features``: compile_for_target's feature flags (has_key_lengths, has_pool_ranges), default off."""
+    args = json.dumps([arch, dtype, head_dim, path, example, features or {}])
+    return json.loads(run_python("-c", SCRIPT, args).splitlines()[-1])
 
 
 # (arch, path, dtype, head dim, load kind, mma kind). bf16 and fp16 compile to the same tiles and
@@ -75,6 +78,29 @@ def test_default_configs_compile_clean(arch, path, dtype, head_dim, load, mma):
     assert row["load"] == load and row["mma"] == mma, row
     assert row["shared_bytes"] <= shared_memory_limit(arch), row
     assert len(row["loops"]) >= 2 and row["instr_per_1k_scores"] > 0, row  # own tokens, then borrowed
+    if arch == 90:
+        assert row["instr_per_1k_scores"] <= SM90_BAR[head_dim], row
+
+
+@pytest.mark.parametrize(
+    ("arch", "path", "dtype", "head_dim", "load", "mma"),
+    [
+        (90, "tma", "float16", 64, "TMA", "wgmma"),
+        pytest.param(90, "tma", "bfloat16", 128, "TMA", "wgmma", marks=pytest.mark.slow),
+        pytest.param(89, "pointer", "float16", 64, "cp.async.128", "mma", marks=pytest.mark.slow),
+        pytest.param(89, "pointer", "bfloat16", 128, "cp.async.128", "mma", marks=pytest.mark.slow),
+    ],
+)
+def test_key_lengths_and_pool_ranges_compile_clean(arch, path, dtype, head_dim, load, mma):
+    """The default configs with both per-frame loads on (key lengths, pool ranges): still spill-free, the
+    same load and MMA kinds, and on sm_90 the same bar — the loads happen once per program, outside the
+    loops."""
+    features = {"has_key_lengths": True, "has_pool_ranges": True}
+    row = inspect_default(arch, dtype, head_dim, path, features=features)
+    assert row["spill_bytes"] == 0 and row["local_bytes"] == 0, row
+    assert row["load"] == load and row["mma"] == mma, row
+    assert row["shared_bytes"] <= shared_memory_limit(arch), row
+    assert row["has_key_lengths"] and row["has_pool_ranges"], row  # the flags reached the compile
     if arch == 90:
         assert row["instr_per_1k_scores"] <= SM90_BAR[head_dim], row
 

@@ -1,14 +1,17 @@
 """The Hopper path (tensor descriptors, ``triton_tma.py``) under the interpreter, against the float64
 reference, outputs NaN-poisoned: the same case tables as the pointer kernel's tests (test_correctness.py,
-test_query_rows.py), so both paths answer for the same awkward sizes — tails of every key range, padded
-head dims, empty pools, windows, groups, banks, row ranges, fp32/fp16/bf16 — plus what only descriptors
-have: boxes past the tensor's end, a pool range's tail whose next rows belong to another frame (poisoned
-here to prove they are never read into the output), diffusers' (B, N, H, D) views, and the fallback to the
-pointer path for tensors TMA cannot address.
+test_query_rows.py, test_key_lengths.py, test_pool_ranges.py), so both paths answer for the same awkward
+sizes — tails of every key range, padded head dims, empty pools, windows, groups, banks, row ranges,
+per-frame key lengths (NaN padding), caller pools and their ranges (NaN rows no range reaches, heads-major
+strides), fp32/fp16/bf16 — plus what only descriptors have: boxes past the tensor's end, a pool range's tail
+whose next rows belong to another frame (poisoned here to prove they are never read into the output),
+diffusers' (B, N, H, D) views, and the fallback to the pointer path for tensors TMA cannot address.
 """
 
 import pytest
 import test_correctness as pointer_cases
+import test_key_lengths as length_cases
+import test_pool_ranges as pool_cases
 import test_query_rows as row_cases
 import torch
 from helpers import Case, assert_matches_reference, make_inputs
@@ -27,12 +30,13 @@ def tma(monkeypatch):
     return launches
 
 
+ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # one dtype per case (the pointer tests run all three): the descriptor path's loads, casts and stores are the
 # same code for every dtype, and each dtype still meets several tails, widths and ranges
 TMA_CASES = [
     pytest.param(
         case,
-        (torch.float16, torch.bfloat16, torch.float32)[i % 3],
+        ALL_DTYPES[i % 3],
         id=f"{label}-{case.id}",
         # E (N=988, fp32, the longest softmax) tests the online softmax, the same code on both paths: slow
         marks=[pytest.mark.slow] if label == "E" else [],
@@ -67,6 +71,41 @@ def test_tma_query_rows(case, tiles, tma, poisoned_outputs, monkeypatch):
         monkeypatch.setattr(tk, "INTERPRETER_CONFIG", tiles)
     inputs = make_inputs(case, torch.float16, seed=1)
     assert_matches_reference(consistent_attention(**inputs, backend="triton"), inputs)
+
+
+@pytest.mark.parametrize(
+    ("case", "lengths", "dtype", "tiles"),
+    [
+        pytest.param(case, lengths, ALL_DTYPES[i % 3], tiles, id=label)
+        for i, (label, case, lengths, _, tiles) in enumerate(length_cases.CASE_TABLE)
+    ],
+)
+def test_tma_key_lengths(case, lengths, dtype, tiles, tma, poisoned_outputs, monkeypatch):
+    """Own-key ranges that end at each frame's length (tails inside the descriptor's bound, NaN past them)."""
+    if tiles is not None:
+        monkeypatch.setattr(tk, "INTERPRETER_CONFIG", tiles)
+    inputs = length_cases.with_key_lengths(case, lengths, dtype, seed=1)
+    assert_matches_reference(consistent_attention(**inputs, backend="triton"), inputs)
+    assert len(tma) == 1
+
+
+@pytest.mark.parametrize(
+    ("case", "rows", "ranges", "lengths", "layout", "dtype", "tiles"),
+    [
+        pytest.param(*row[1:6], ALL_DTYPES[i % 3], row[7], id=row[0])
+        for i, row in enumerate(pool_cases.CASE_TABLE)
+    ],
+)
+def test_tma_pool_ranges(
+    case, rows, ranges, lengths, layout, dtype, tiles, tma, poisoned_outputs, monkeypatch
+):
+    """A caller's pool as one (1, H, R, D) descriptor (heads-major strides too), its ranges' tail boxes
+    running into NaN rows no range reaches."""
+    if tiles is not None:
+        monkeypatch.setattr(tk, "INTERPRETER_CONFIG", tiles)
+    inputs = pool_cases.with_pool(case, rows, ranges, lengths, layout, dtype, seed=1)
+    assert_matches_reference(consistent_attention(**inputs, backend="triton"), inputs)
+    assert len(tma) == 1
 
 
 @pytest.mark.parametrize("path", tk.PATHS)
