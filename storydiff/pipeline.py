@@ -1,25 +1,17 @@
 """``StoryDiffusionPipeline``: a story in, consistent frames and comic pages out.
 
 It composes an existing diffusers text-to-image pipeline (SDXL, SD1.5, SD2.x, FLUX.1, SD3/SD3.5,
-PixArt-Σ; ``families.py`` says how each takes a step) and drives the
-consistent-attention state around its calls. Two modes (``RunSettings.mode``):
-
-* bank (as the official code): for each character, its identity frames (its first solo frames) are
-  denoised together and every consistent layer banks their sampled K/V per step; then every other frame
-  attends to its own tokens plus the banks of the characters it shows, ``read_batch_size`` frames per
-  denoiser call, whatever characters they show.
-* window (long stories, ``longstory/``): every frame draws tokens from story neighbours; all frames advance
-  step by step in chunks, with checkpoints and resume.
+PixArt-Σ; ``families/`` says how each takes a step) and drives the consistent-attention state around its
+calls. A thin facade: load (``from_pretrained``), check and plan (``runs/plan.py``), run one of the two modes
+(``RunSettings.mode``: bank, ``runs/bank_run.py``, as the official code; window, ``runs/window_run.py``, for
+long stories), write (frames as soon as each is done, then the comic pages and the metadata).
 
 Either mode can take a reference image per character (UNet models and FLUX, through an IP-Adapter:
-``ip_adapter.py``): each frame is conditioned on the images of the characters it shows.
-
-Each frame is saved as soon as it is done; then the comic pages and the metadata.
+``models/ip_adapter.py``): each frame is conditioned on the images of the characters it shows.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import platform
 import time
@@ -33,7 +25,6 @@ from PIL import Image
 
 from .consistency.bank import signature_differences
 from .consistency.config import ConsistencyConfig, InvalidSetting
-from .consistency.modes import JointMode
 from .families.attach import apply_consistent_attention, remove_consistent_attention, replaced_layers
 from .families.base import SUPPORTED
 from .families.registry import family_of
@@ -49,19 +40,18 @@ from .pages.comic import make_pages
 from .pages.output import StoryOutput, read_metadata
 from .pages.story import Story, load_story, parse_story, story_source
 from .pages.styles import apply_style
+from .runs.bank_run import bank_signature, run_bank
 from .runs.checkpoint import checkpoint_name
 from .runs.distributed import (
     Partition,
-    bank_owners,
     current_partition,
     gather_to_leader,
     leader_first,
-    share_banks,
 )
-from .runs.lockstep import LockstepDenoiser, run_lockstep
+from .runs.plan import RunPlan, StoryRun, check_run
 from .runs.settings import DISTRIBUTED_BANK_SHARING, RunSettings
-from .runs.window_run import denoise_long_story
-from .support.progress import Progress, progress_bar
+from .runs.window_run import run_story_window
+from .support.progress import Progress
 
 
 @dataclass
@@ -75,22 +65,6 @@ class StoryResult:
     # story indices of ``images``; None: every frame in story order (ranks other than 0 of a distributed
     # run hold only the frames they made, and no pages)
     frame_indices: list[int] | None = None
-
-
-@dataclass
-class _Run:
-    """One story run as both modes take it: what to make, where it goes, what it must match."""
-
-    story: Story
-    styled: list[tuple[str, str]]  # each frame's (styled prompt, negative prompt)
-    settings: RunSettings
-    images: dict[int, Image.Image]  # filled as frames finish (this rank's)
-    output: StoryOutput | None
-    resume: bool
-    progress: Progress
-    partition: Partition
-    references: ReferenceImages | None = None  # the characters' encoded reference images (ip_adapter.py)
-    summary: dict = field(default_factory=dict)  # what checkpoints must match besides the settings
 
 
 def _versions() -> dict:
@@ -116,43 +90,6 @@ def as_story(story: Story | str | Path, known: dict[str, str] | None = None) -> 
     if isinstance(story, str):
         return parse_story(story, known=known)
     raise TypeError(f"story must be a Story, story text or a path, got {type(story).__name__}")
-
-
-def check_run(
-    story: Story,
-    settings: RunSettings,
-    config: ConsistencyConfig,
-    *,
-    banked: set[str] = frozenset(),
-    loaded: bool = False,
-    out_dir: str | Path | None = None,
-    resume: bool = False,
-) -> dict[str, list[int]]:
-    """Check that ``story`` can run with these (resolved) settings before any model is involved; returns
-    the identity frames each character without a bank (``banked``: loaded from files when ``loaded``, or
-    kept from an earlier story) writes (bank mode; else {})."""
-    if settings.mode == "window" and config.window is None and config.tile is None:
-        raise InvalidSetting("window", "is needed in window mode: ConsistencyConfig(window=W), e.g. 2")
-    if settings.mode == "bank" and config.tile is not None:
-        raise InvalidSetting("tile", "applies to window mode only")
-    if (settings.checkpoint_every or resume) and out_dir is None:
-        raise ValueError("checkpoints and resume need an output folder (out_dir)")
-    if resume and not settings.steps_in_lockstep:
-        raise ValueError(
-            "only window-mode and lockstep bank runs can be resumed (stored banks keep no checkpoints)"
-        )
-    if loaded and settings.mode != "bank":
-        raise InvalidSetting("load_bank", "applies to bank mode only (window mode keeps no identity bank)")
-    if loaded and settings.bank_schedule == "lockstep":
-        raise InvalidSetting("bank_schedule", "lockstep cannot read banks loaded from files; use stored")
-    unused = sorted(name for name in banked if not story.appears(name)) if loaded else []
-    if unused:
-        raise InvalidSetting(
-            "load_bank", f"loads {', '.join(map(repr, unused))}, who is in no frame of the story"
-        )
-    if settings.mode != "bank":
-        return {}
-    return story.identity_frames(settings.id_frames, names=[c for c in story.characters if c not in banked])
 
 
 class StoryDiffusionPipeline:
@@ -234,16 +171,7 @@ class StoryDiffusionPipeline:
 
     def run_signature(self, settings: RunSettings) -> dict:
         """What a bank written by this run records, and what a bank read by it must match."""
-        scheduler = copy.deepcopy(self.pipe.scheduler)
-        side = self.default_size  # FLUX's sigmas shift with the image size
-        height, width = settings.height or side, settings.width or side
-        timesteps = self.family.set_timesteps(scheduler, settings.num_inference_steps, height, width)
-        return {
-            **self.state.host,
-            "num_inference_steps": settings.num_inference_steps,
-            "timesteps": [round(float(t), 4) for t in timesteps],
-            "cfg_groups": 2 if self.family.uses_cfg_batch(settings.guidance_scale) else 1,
-        }
+        return bank_signature(self.family, self.state, settings)
 
     @property
     def default_size(self) -> int:
@@ -330,14 +258,24 @@ class StoryDiffusionPipeline:
             apply_style(story.prompt(frame), settings.style, settings.negative_prompt)
             for frame in story.frames
         ]
+        plan = RunPlan(
+            settings,
+            tuple(p for p, _ in styled),
+            tuple(n for _, n in styled),
+            story=story,
+            identity=identity,
+            partition=partition,
+            model=self.model_name,
+            extras=self._reference_summary(reference, adapter),
+        )
         metadata = {
             "model": self.model_name,
             "story_text": story_source(story),
             "settings": settings.to_dict(),
             "consistency": self.config.to_dict(),
-            "frame_seeds": [settings.seed + f.index for f in story.frames],
-            "prompts": [p for p, _ in styled],
-            "negative_prompts": [n for _, n in styled],
+            "frame_seeds": plan.seeds,
+            "prompts": list(plan.prompts),
+            "negative_prompts": list(plan.negatives),
             "captions": story.panel_captions(settings.captions),
             **self.model_files,
             "characters": {c.name: c.description for c in story.characters.values()},
@@ -360,18 +298,17 @@ class StoryDiffusionPipeline:
             output = leader_first(partition, prepare)
             if not partition.leader:
                 output = StoryOutput(out_dir, resume=resume, follower=True)
-        images: dict[int, Image.Image] = {}
         start = time.perf_counter()
         self.state.bank.reset_peak()
         try:
-            run = _Run(story, styled, settings, images, output, resume, progress, partition)
-            run.references, run.summary = self._reference_inputs(story, reference, adapter)
+            run = StoryRun(plan, self.family, self.state, output, resume, progress)
+            run.references = self._encode_references(story, reference, adapter)
             if settings.mode == "bank":
-                metadata.update(self._run_bank(run, identity))
+                metadata.update(run_bank(run, lambda name: self._bank_metadata(plan, name)))
             else:
-                metadata.update(self._run_window(run))
-            own = dict(images)
-            images = gather_to_leader(partition, images)  # pages and metadata need every frame
+                metadata.update(run_story_window(run))
+            own = dict(run.images)
+            images = gather_to_leader(partition, run.images)  # pages and metadata need every frame
             if output is not None:  # every rank's frames are on disk now: the checkpoints are done with
                 output.root.joinpath(checkpoint_name(partition)).unlink(missing_ok=True)
         except BaseException as exc:
@@ -410,185 +347,38 @@ class StoryDiffusionPipeline:
             output.finish(**memory, seconds=metadata["seconds"], pages=len(pages))
         return StoryResult(ordered, captions, pages, metadata, output.root if output else None, bank_bytes)
 
-    def _reference_inputs(
+    def _encode_references(
         self, story: Story, reference: dict, adapter: dict | None
-    ) -> tuple[ReferenceImages | None, dict]:
-        """The run's ``references`` (each character's image encoded once; None without images: with an
-        adapter loaded, LockstepDenoiser then masks every image out) and what their checkpoints must match
-        besides the settings: the adapter and the images' contents."""
+    ) -> ReferenceImages | None:
+        """Each character's reference image encoded once; None without images (with an adapter loaded,
+        LockstepDenoiser then masks every image out)."""
+        if adapter is None or not reference:
+            return None
+        pictures = {name: image for name, (image, _) in reference.items()}
+        frame_characters = [f.characters for f in story.frames]
+        return ReferenceImages.encode(self.pipe, pictures, frame_characters, self.family.device)
+
+    @staticmethod
+    def _reference_summary(reference: dict, adapter: dict | None) -> dict:
+        """What a checkpoint must match besides the settings: the adapter and the images' contents."""
         if adapter is None:
-            return None, {}
-        references = None
-        if reference:
-            pictures = {name: image for name, (image, _) in reference.items()}
-            frame_characters = [f.characters for f in story.frames]
-            references = ReferenceImages.encode(self.pipe, pictures, frame_characters, self.family.device)
+            return {}
         weights = adapter["weights"] and Path(adapter["weights"]).name
-        summary = {
+        return {
             "ip_adapter": {"weights": weights, "variant": adapter["variant"], "scale": adapter["scale"]},
             "reference_images": {name: record["sha256"] for name, (_, record) in reference.items()},
         }
-        return references, summary
 
-    def _run_bank(self, run: _Run, identity: dict[str, list[int]]) -> dict:
-        """Identity frames write each character's bank, every other frame reads the banks of the
-        characters it shows; both in chunks through one step-synchronous denoiser, so a chunk's frames
-        are the same whatever the schedule: "stored" runs each chunk through all steps in turn (every
-        step's bank kept), "lockstep" advances all chunks one step at a time (one step's bank alive).
-
-        Over several ranks each reads its contiguous share of the read batches — the single-process
-        batches, so every frame is bit-identical to it — and each character's bank is written by the rank
-        its identity frames were dealt to and broadcast ("broadcast"), or by every rank ("recompute", no
-        traffic). Returns the traffic."""
-        story, styled, settings, images, output = run.story, run.styled, run.settings, run.images, run.output
-        resume, progress, partition, references = run.resume, run.progress, run.partition, run.references
-        identity_set = {i for frames in identity.values() for i in frames}
-        read_frames = [f.index for f in story.frames if f.index not in identity_set]
-        size = settings.read_batch_size
-        reads = [read_frames[i : i + size] for i in range(0, len(read_frames), size)]
-        first, last = partition.block(len(reads))
-        reads = reads[first:last]
-        denoiser = self._denoiser(story, styled, settings, references)
-        steps = settings.num_inference_steps
-        owners = bank_owners(partition, list(identity), settings.bank_sharing)
-        owned = {i for name, frames in identity.items() if owners[name] == partition.rank for i in frames}
-        # "broadcast": a rank denoises only the identity frames of its characters and receives the other banks
-        broadcast = partition.distributed and settings.bank_sharing == "broadcast"
-        writing = {
-            name: frames
-            for name, frames in identity.items()
-            if owners[name] == partition.rank or not broadcast
+    def _bank_metadata(self, plan: RunPlan, name: str) -> dict:
+        """What character ``name``'s bank records: its description, the model, the reference image it was
+        made with, and the run's signature."""
+        shown = plan.extras.get("reference_images", {})  # character -> its reference image's sha256
+        return {
+            "description": plan.story.characters[name].description,
+            "model": self.model_name,
+            **({"reference_image": shown[name]} if name in shown else {}),
+            **self.run_signature(plan.settings),
         }
-
-        def write(name: str, frames: list[int], step: int) -> None:
-            self.state.begin(JointMode(len(frames), writing=name), step=step)
-            denoiser.step(frames, step)
-
-        def read(frames: list[int], step: int) -> None:
-            self.state.begin_read([story.frames[i].characters for i in frames], step=step)
-            denoiser.step(frames, step)
-
-        def finish(frames: list[int]) -> None:
-            for i in frames:
-                if i in identity_set and i not in owned:  # recomputed here, another rank's to decode
-                    continue
-                images[i] = self.family.decode(denoiser.latents[i], settings.height, settings.width)
-                if output is not None:
-                    output.save_frame(i, images[i])
-
-        shown = run.summary.get("reference_images", {})  # character -> its reference image's sha256
-        for name in identity:
-            # also on resume: a lockstep run's bank holds one step, written again at the next step
-            self.state.bank.start(name)
-            self.state.bank.set_metadata(
-                name,
-                description=story.characters[name].description,
-                model=self.model_name,
-                **({"reference_image": shown[name]} if name in shown else {}),  # what the bank was made with
-                **self.run_signature(settings),
-            )
-        received = 0
-        if settings.bank_schedule == "stored":
-            made = sum(map(len, writing.values())) + sum(map(len, reads))  # the frames this rank denoises
-            bar = progress_bar(made, "story frames", "frame", progress)
-            for name, frames in writing.items():
-                bar.set_postfix_str(f"identity of {name}")
-                for step in range(steps):
-                    write(name, frames, step)
-                finish(frames)
-                bar.update(len(frames))
-            if broadcast:
-                received = share_banks(partition, self.state.bank, owners)
-            if settings.save_banks and output is not None and partition.leader:
-                for name in identity:
-                    self.state.bank.save(name, output.bank_path(name))
-            bar.set_postfix_str("story frames")
-            for frames in reads:
-                for step in range(steps):
-                    read(frames, step)
-                finish(frames)
-                bar.update(len(frames))
-            bar.close()
-            return {"bank_bytes_received": received} if broadcast else {}
-
-        def one_step(step: int) -> None:
-            nonlocal received
-            for name, frames in writing.items():
-                write(name, frames, step)
-            if broadcast:
-                received += share_banks(partition, self.state.bank, owners, step)
-            for frames in reads:
-                read(frames, step)
-            self.state.bank.drop_step(step, identity)  # read by everyone: free it
-
-        run_lockstep(
-            denoiser,
-            one_step,
-            num_inference_steps=steps,
-            checkpoint_path=output.root / checkpoint_name(partition) if output is not None else None,
-            checkpoint_every=settings.checkpoint_every,
-            summary={
-                "model": self.model_name,
-                "story": story_source(story),
-                "settings": settings.to_dict(),
-                "consistency": self.config.to_dict(),
-                **({"world_size": partition.world, "rank": partition.rank} if partition.distributed else {}),
-                **run.summary,
-            },
-            resume=resume,
-            progress=progress,
-        )
-        finish(sorted(identity_set) + [i for frames in reads for i in frames])
-        return {"bank_bytes_received": received} if broadcast else {}
-
-    def _denoiser(self, story: Story, styled, settings: RunSettings, references=None) -> LockstepDenoiser:
-        return LockstepDenoiser(
-            self.pipe,
-            prompts=[p for p, _ in styled],
-            negatives=[n for _, n in styled],
-            seeds=[settings.seed + f.index for f in story.frames],
-            num_inference_steps=settings.num_inference_steps,
-            guidance_scale=settings.guidance_scale,
-            height=settings.height,
-            width=settings.width,
-            references=references,
-        )
-
-    def _run_window(self, run: _Run) -> dict:
-        """Window mode; returns {"halo_bytes_sent": this rank's traffic} on several ranks, else {}."""
-        story, styled, settings, images, output = run.story, run.styled, run.settings, run.images, run.output
-        partition = run.partition
-        stats: dict = {}
-        latents = denoise_long_story(
-            self.pipe,
-            self.state,
-            prompts=[p for p, _ in styled],
-            negatives=[n for _, n in styled],
-            active=[bool(f.characters) for f in story.frames],
-            seeds=[settings.seed + f.index for f in story.frames],
-            num_inference_steps=settings.num_inference_steps,
-            guidance_scale=settings.guidance_scale,
-            height=settings.height,
-            width=settings.width,
-            chunk_size=settings.chunk_size,
-            checkpoint_path=output.root / checkpoint_name(partition) if output is not None else None,
-            checkpoint_every=settings.checkpoint_every,
-            resume=run.resume,
-            run_summary={"model": self.model_name, **run.summary},
-            references=run.references,
-            progress=run.progress,
-            partition=partition,
-            stats=stats,
-        )
-        start, stop = partition.block(len(story.frames))
-        bar = progress_bar(stop - start, "decoding frames", "frame", run.progress)
-        for index in range(start, stop):
-            images[index] = self.family.decode(latents[index], settings.height, settings.width)
-            if output is not None:
-                output.save_frame(index, images[index])
-            bar.update()
-        bar.close()
-        return stats
 
     def _check_partition(self, partition: Partition, settings: RunSettings, out_dir, resume: bool) -> None:
         """What a run split over processes needs (and a resume of one), checked on every rank before

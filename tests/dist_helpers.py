@@ -46,27 +46,18 @@ def window_latents(
     from storydiff.consistency.config import ConsistencyConfig
     from storydiff.families.attach import apply_consistent_attention, remove_consistent_attention
     from storydiff.families.tiny_models import build_tiny_pipeline
-    from storydiff.runs.window_run import denoise_long_story
+    from storydiff.runs.plan import RunPlan
+    from storydiff.runs.settings import RunSettings
+    from storydiff.runs.window_run import run_window
 
     pipe = build_tiny_pipeline(model, progress_bar=False)
     state = apply_consistent_attention(pipe, ConsistencyConfig(window=window, seed=1, **NO_SKIP))
     frames = len(active)
     try:
-        return denoise_long_story(
-            pipe,
-            state,
-            prompts=[f"a man with a red scarf, scene {i}" for i in range(frames)],
-            negatives=[""] * frames,
-            active=active,
-            seeds=list(range(frames)),
-            num_inference_steps=steps,
-            guidance_scale=5.0,
-            height=None,
-            width=None,
-            chunk_size=chunk,
-            progress=False,
-            partition=partition,
-        )
+        settings = RunSettings(mode="window", num_inference_steps=steps, guidance_scale=5.0, chunk_size=chunk)
+        prompts = [f"a man with a red scarf, scene {i}" for i in range(frames)]
+        plan = RunPlan.from_prompts(prompts, settings, active=active, partition=partition)
+        return run_window(pipe, state, plan, progress=False)
     finally:
         remove_consistent_attention(pipe)
 

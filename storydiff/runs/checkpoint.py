@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -51,17 +52,20 @@ def save_checkpoint(path: Path, *, step: int, latents: torch.Tensor, schedulers:
         )
 
 
-def load_checkpoint(path: Path, summary: dict) -> dict:
-    """Read and check a checkpoint; ValueError (never silently wrong frames) if corrupt or for another run."""
+def load_checkpoint(path: Path, summary: dict, legacy: Sequence[dict] = ()) -> dict:
+    """Read and check a checkpoint; ValueError (never silently wrong frames) if corrupt or for another run.
+    ``legacy``: the same run's summary in the layouts older versions wrote, also accepted."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds scheduler state
     except Exception as exc:
         raise ValueError(f"corrupt checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"corrupt checkpoint {path}: not a {CHECKPOINT_FORMAT} file")
-    if data["fingerprint"] != fingerprint(summary):
+    if data["fingerprint"] not in {fingerprint(s) for s in (summary, *legacy)}:
         stored = data.get("summary", {})
-        differing = sorted(k for k in set(stored) | set(summary) if stored.get(k) != summary.get(k))
+        # name what differs against the layout the checkpoint was written in
+        closest = next((s for s in (summary, *legacy) if set(s) == set(stored)), summary)
+        differing = sorted(k for k in set(stored) | set(closest) if stored.get(k) != closest.get(k))
         raise ValueError(
             f"checkpoint {path} was written for a different run (differs in: "
             f"{', '.join(differing) or 'prompts'}); resume with the same story, model and settings, "

@@ -2,7 +2,7 @@
 
 ``LockstepDenoiser`` holds the latents of all frames (host memory: 64 KiB a frame at 1024²) and runs the
 denoiser on any chunk of them at a given step, the way the model family's diffusers pipeline does
-(``families.py``: classifier-free guidance as [uncond; cond] halves, or FLUX's guidance embedding). Each
+(``families/``: classifier-free guidance as [uncond; cond] halves, or FLUX's guidance embedding). Each
 chunk has its own copy of the scheduler (schedulers keep per-step state). Text conditioning is encoded
 when a chunk comes (a few ms against a denoiser step) instead of being kept for every frame; only the last
 chunk's is kept, for a chunk that runs several steps in a row. So memory depends on the chunk size, not on
@@ -16,48 +16,42 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from ..consistency.config import ConsistencyConfig
 from ..families.base import Family
 from ..families.registry import family_of
 from ..models.ip_adapter import ReferenceImages, wants_image_inputs
 from ..support.progress import Progress, progress_bar
 from .checkpoint import load_checkpoint, save_checkpoint
-from .distributed import current_partition, gather_to_all
+from .distributed import gather_to_all
+from .plan import Checkpointing, RunPlan
 
 
 class LockstepDenoiser:
     """Latents, timesteps and per-chunk schedulers of frames that are denoised step by step together."""
 
-    def __init__(
-        self,
-        pipe,
-        *,
-        prompts: list[str],
-        negatives: list[str],
-        seeds: list[int],
-        num_inference_steps: int,
-        guidance_scale: float,
-        height: int,
-        width: int,
-        references: ReferenceImages | None = None,
-    ) -> None:
-        self.pipe, self.prompts, self.negatives = pipe, prompts, negatives
+    def __init__(self, pipe, plan: RunPlan, *, references: ReferenceImages | None = None) -> None:
+        """The frames of ``plan`` (its prompts, negatives, seeds, steps, guidance and size: resolved)."""
+        settings = plan.settings
+        height, width = settings.height, settings.width
+        self.pipe, self.prompts, self.negatives = pipe, plan.prompts, plan.negatives
         self.family: Family = family_of(pipe)
         self.family.check_size(height, width)
         if references is None and wants_image_inputs(pipe):  # an IP-Adapter is loaded: it wants inputs
-            references = ReferenceImages.none(pipe, len(prompts), self.family.device)
+            references = ReferenceImages.none(pipe, plan.num_frames, self.family.device)
         self.references = references
-        self.guidance_scale = guidance_scale
-        self.cfg = self.family.uses_cfg_batch(guidance_scale)
+        self.guidance_scale = settings.guidance_scale
+        self.cfg = self.family.uses_cfg_batch(settings.guidance_scale)
         self.height, self.width = height, width
-        self.timesteps = self.family.set_timesteps(pipe.scheduler, num_inference_steps, height, width)
+        steps = settings.num_inference_steps
+        self.timesteps = self.family.set_timesteps(pipe.scheduler, steps, height, width)
         self.schedulers: dict[tuple[int, ...], object] = {}
         self._saved_schedulers: dict = {}
         shape = self.family.noise_shape(height, width)
         # frame i's starting noise comes from seed i alone: independent of chunking and story length
+        seeds = plan.seeds
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
         self.latents = self.family.initial_latents(noise, height, width).to(self.family.denoiser.dtype)
         # the last chunk's conditioning: reused while one chunk runs step after step (the stored bank
@@ -110,25 +104,25 @@ class LockstepDenoiser:
 def run_lockstep(
     denoiser: LockstepDenoiser,
     one_step: Callable[[int], None],
-    *,
-    num_inference_steps: int,
-    checkpoint_path: Path | None = None,
-    checkpoint_every: int | None = None,
-    summary: dict | None = None,
-    resume: bool = False,
+    plan: RunPlan,
+    consistency: ConsistencyConfig,
+    checkpointing: Checkpointing,
     progress: Progress = True,
 ) -> None:
-    """Run ``one_step(step)`` for every step (it advances every chunk by that step), writing a checkpoint
-    every ``checkpoint_every`` steps; with ``resume`` it continues from ``checkpoint_path``, which must
-    have been written for the same run (``summary``)."""
-    summary = summary or {}
+    """Run ``one_step(step)`` for every step of ``plan`` (it advances every chunk by that step), writing a
+    checkpoint every ``checkpointing.every`` steps; with ``checkpointing.resume`` it continues from
+    ``checkpointing.path``, which must have been written for the same run (``RunPlan.checkpoint_summary``,
+    or the layout a checkpoint from before 0.6 carries)."""
+    summary = plan.checkpoint_summary(consistency)
+    path, every = checkpointing.path, checkpointing.every
+    num_inference_steps = plan.settings.num_inference_steps
     start = 0
-    if resume and checkpoint_path is not None and checkpoint_path.exists():
-        data = load_checkpoint(checkpoint_path, summary)
+    if checkpointing.resume and path is not None and path.exists():
+        data = load_checkpoint(path, summary, legacy=plan.legacy_summaries(consistency))
         start = data["step"]
         denoiser.load_state_dict(data["latents"], data["schedulers"])
         torch.set_rng_state(data["rng"])
-    partition = current_partition()
+    partition = plan.partition
     if partition.distributed:  # ranks exchange tokens at every step: they must all continue from one step
         steps = gather_to_all(partition, start)
         if len(set(steps)) > 1:
@@ -141,7 +135,7 @@ def run_lockstep(
         for step in range(start, num_inference_steps):
             one_step(step)
             bar.update()
-            if checkpoint_path is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
-                save_checkpoint(checkpoint_path, step=step + 1, **denoiser.state_dict(), summary=summary)
+            if path is not None and every and (step + 1) % every == 0:
+                save_checkpoint(path, step=step + 1, **denoiser.state_dict(), summary=summary)
     finally:
         bar.close()

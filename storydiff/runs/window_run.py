@@ -31,7 +31,7 @@ The scheme (what ``storydiff generate --mode window`` runs):
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
 
 import torch
 
@@ -39,9 +39,10 @@ from ..consistency.state import ConsistencyState
 from ..consistency.window import WindowMode
 from ..families.registry import family_of
 from ..models.ip_adapter import ReferenceImages
-from ..support.progress import Progress
-from .distributed import HaloExchange, Partition, check_frames_per_rank
+from ..support.progress import Progress, progress_bar
+from .distributed import HaloExchange, check_frames_per_rank
 from .lockstep import LockstepDenoiser, run_lockstep
+from .plan import Checkpointing, RunPlan, StoryRun
 
 
 def chunk_order(num_frames: int, chunk_size: int, step: int) -> list[tuple[int, int]]:
@@ -50,66 +51,39 @@ def chunk_order(num_frames: int, chunk_size: int, step: int) -> list[tuple[int, 
     return chunks if step % 2 == 0 else chunks[::-1]
 
 
-def denoise_long_story(
+def run_window(
     pipe,
     state: ConsistencyState,
+    plan: RunPlan,
     *,
-    prompts: list[str],
-    negatives: list[str],
-    active: list[bool],
-    seeds: list[int],
-    num_inference_steps: int,
-    guidance_scale: float,
-    height: int | None,
-    width: int | None,
-    chunk_size: int,
-    checkpoint_path: Path | None = None,
-    checkpoint_every: int | None = None,
-    resume: bool = False,
-    run_summary: dict | None = None,
-    progress: Progress = True,
-    partition: Partition | None = None,
-    stats: dict | None = None,
+    checkpointing: Checkpointing | None = None,
     references: ReferenceImages | None = None,
+    progress: Progress = True,
+    stats: dict | None = None,
 ) -> torch.Tensor:
-    """Denoise every frame in window mode; returns the final latents (host memory), story order.
+    """Denoise every frame of ``plan`` in window mode; returns the final latents (host memory), story order.
 
-    ``active[i]``: frame i shows a character (takes part in consistency). With ``checkpoint_path``, a
-    checkpoint is written every ``checkpoint_every`` steps and ``resume=True`` continues from it.
-    ``partition`` (several processes): only this rank's block of frames is denoised, as one batch in step
-    with the other ranks (``distributed.py``); only its latents are final. ``stats`` (a dict) receives
-    ``halo_bytes_sent``, this rank's traffic. ``references``: reference images per character
-    (``ip_adapter.ReferenceImages``), for a pipeline with an IP-Adapter.
+    ``plan.active[i]``: frame i shows a character (takes part in consistency); ``plan.settings.chunk_size``
+    frames go through the denoiser at a time. ``checkpointing``: a checkpoint is written every ``every``
+    steps to ``path``, and ``resume`` continues from it. Over several processes (``plan.partition``) only
+    this rank's block of frames is denoised, as one batch in step with the other ranks
+    (``distributed.py``); only its latents are final. ``stats`` (a dict) receives ``halo_bytes_sent``, this
+    rank's traffic. ``references``: reference images per character (``ip_adapter.ReferenceImages``), for a
+    pipeline with an IP-Adapter.
     """
+    settings = plan.settings
+    chunk_size = settings.chunk_size
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     default_side = family_of(pipe).default_size
-    height, width = height or default_side, width or default_side
-    num_frames = len(prompts)
-    summary = {
-        **(run_summary or {}),
-        "prompts": prompts,
-        "negatives": negatives,
-        "seeds": seeds,
-        "steps": num_inference_steps,
-        "guidance": guidance_scale,
-        "height": height,
-        "width": width,
-        "chunk_size": chunk_size,
-        "consistency": state.config.to_dict(),
-    }
-    denoiser = LockstepDenoiser(
-        pipe,
-        prompts=prompts,
-        negatives=negatives,
-        seeds=seeds,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        height=height,
-        width=width,
-        references=references,
-    )
-    partition = partition or Partition()
+    if settings.height is None or settings.width is None:
+        settings = settings.replace(
+            height=settings.height or default_side, width=settings.width or default_side
+        )
+        plan = dataclasses.replace(plan, settings=settings)
+    checkpointing = checkpointing or Checkpointing()
+    num_frames, partition, active = plan.num_frames, plan.partition, plan.active
+    denoiser = LockstepDenoiser(pipe, plan, references=references)
     halo = None
     if partition.distributed:
         window = state.config.window or 0
@@ -121,7 +95,6 @@ def denoise_long_story(
                 f"frames as one batch: chunk_size must be at least that, got {chunk_size} (or use more ranks)"
             )
         halo = HaloExchange(partition, active, window)
-        summary.update(world_size=partition.world, rank=partition.rank)
     mode = WindowMode(active, window=state.config.window, tile=state.config.tile, halo=halo)
 
     def chunks(step: int) -> list[tuple[int, int]]:
@@ -138,18 +111,31 @@ def denoise_long_story(
 
     state.begin(mode)
     try:
-        run_lockstep(
-            denoiser,
-            one_step,
-            num_inference_steps=num_inference_steps,
-            checkpoint_path=checkpoint_path,
-            checkpoint_every=checkpoint_every,
-            summary=summary,
-            resume=resume,
-            progress=progress,
-        )
+        run_lockstep(denoiser, one_step, plan, state.config, checkpointing, progress)
     finally:
         state.end()
     if stats is not None and halo is not None:
         stats["halo_bytes_sent"] = halo.bytes_sent
     return denoiser.latents
+
+
+def run_story_window(run: StoryRun) -> dict:
+    """Window mode for a story: denoise, then decode and save this rank's frames. Returns this rank's
+    traffic ({"halo_bytes_sent": n} over several ranks, else {})."""
+    plan, stats = run.plan, {}
+    latents = run_window(
+        run.family.pipe,
+        run.state,
+        plan,
+        checkpointing=run.checkpointing,
+        references=run.references,
+        progress=run.progress,
+        stats=stats,
+    )
+    start, stop = plan.partition.block(plan.num_frames)
+    bar = progress_bar(stop - start, "decoding frames", "frame", run.progress)
+    for index in range(start, stop):
+        run.finish(index, latents[index])
+        bar.update()
+    bar.close()
+    return stats

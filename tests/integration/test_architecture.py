@@ -218,3 +218,17 @@ def test_imports_from_before_the_layers_keep_working() -> None:
     assert StoryDiffusionPipeline is storydiff.StoryDiffusionPipeline
     for name in storydiff.__all__:
         assert getattr(storydiff, name) is not None
+
+
+def test_run_layer_functions_take_at_most_twelve_parameters() -> None:
+    """Runs take a plan (runs/plan.py), not long parameter lists."""
+    long = []
+    for path in (PACKAGE / "runs").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args
+                names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
+                count = len([n for n in names if n not in ("self", "cls")])
+                if count > 12:
+                    long.append(f"{path.name}:{node.name} ({count})")
+    assert long == []

@@ -23,6 +23,8 @@ from storydiff.models.ip_adapter import ReferenceImages, encode_reference, load_
 from storydiff.models.loading import ModelLoadError
 from storydiff.pipeline import StoryDiffusionPipeline
 from storydiff.runs.lockstep import LockstepDenoiser
+from storydiff.runs.plan import RunPlan
+from storydiff.runs.settings import RunSettings
 
 STORY = """\
 [Bob] a man with red hair
@@ -342,17 +344,9 @@ def test_a_frame_does_not_depend_on_the_frames_sharing_its_chunk(weights, encode
     assert masks[0][:, 1].tolist() == [[[0.0] * 4] * 4, [[1.0] * 4] * 4] * 2  # Bob has no second slot
 
     def frame_zero(chunk):
-        denoiser = LockstepDenoiser(
-            pipe,
-            prompts=["a man", "a man and a woman", "a street"],
-            negatives=[""] * 3,
-            seeds=[0, 1, 2],
-            num_inference_steps=2,
-            guidance_scale=5.0,
-            height=32,
-            width=32,
-            references=refs,
-        )
+        settings = RunSettings(num_inference_steps=2, guidance_scale=5.0, height=32, width=32)
+        plan = RunPlan.from_prompts(["a man", "a man and a woman", "a street"], settings)
+        denoiser = LockstepDenoiser(pipe, plan, references=refs)
         for step in range(2):
             denoiser.step(chunk, step)
         return denoiser.latents[0]

@@ -19,6 +19,8 @@ from storydiff.families.tiny_models import build_tiny_pipeline
 from storydiff.pipeline import StoryDiffusionPipeline
 from storydiff.runs.checkpoint import CHECKPOINT
 from storydiff.runs.lockstep import LockstepDenoiser
+from storydiff.runs.plan import RunPlan
+from storydiff.runs.settings import RunSettings
 
 STORY = """\
 [Bob] a man with red hair
@@ -79,16 +81,11 @@ def test_steps_equal_the_stock_pipeline(dit, guidance):
         output_type="latent",
         **STOCK[name],
     ).images
-    ours = LockstepDenoiser(
-        pipe,
-        prompts=PROMPTS,
-        negatives=["", ""],
-        seeds=seeds,
-        num_inference_steps=3,
-        guidance_scale=guidance,
-        height=side,
-        width=side,
+    settings = RunSettings(
+        num_inference_steps=3, guidance_scale=guidance, height=side, width=side, seed=seeds[0]
     )
+    assert RunPlan.from_prompts(PROMPTS, settings).seeds == seeds
+    ours = LockstepDenoiser(pipe, RunPlan.from_prompts(PROMPTS, settings))
     for step in range(3):
         ours.step([0, 1], step)
     assert torch.equal(ours.latents, stock)

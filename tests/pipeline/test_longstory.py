@@ -25,26 +25,23 @@ from storydiff.families.attach import (
 )
 from storydiff.families.tiny_models import build_tiny_pipeline
 from storydiff.runs.checkpoint import CHECKPOINT
-from storydiff.runs.window_run import denoise_long_story
+from storydiff.runs.plan import Checkpointing, RunPlan
+from storydiff.runs.settings import RunSettings
+from storydiff.runs.window_run import run_window
 
 NO_SKIP = {"warmup_steps": 0, "skip_prob_early": 0.0, "skip_prob_late": 0.0}
 
 
-def run(pipe, state, frames, chunk, steps=3, active=None):
-    return denoise_long_story(
-        pipe,
-        state,
-        prompts=[f"a man with a red scarf, scene {i}" for i in range(frames)],
-        negatives=[""] * frames,
-        active=active or [True] * frames,
-        seeds=list(range(frames)),
-        num_inference_steps=steps,
-        guidance_scale=5.0,
-        height=None,
-        width=None,
-        chunk_size=chunk,
-        progress=False,
+def window_plan(frames: int, chunk: int, steps: int = 3, active=None, seed: int = 0) -> RunPlan:
+    settings = RunSettings(
+        mode="window", num_inference_steps=steps, guidance_scale=5.0, chunk_size=chunk, seed=seed
     )
+    prompts = [f"a man with a red scarf, scene {i}" for i in range(frames)]
+    return RunPlan.from_prompts(prompts, settings, active=active)
+
+
+def run(pipe, state, frames, chunk, steps=3, active=None):
+    return run_window(pipe, state, window_plan(frames, chunk, steps, active), progress=False)
 
 
 @pytest.fixture(scope="module", params=["tiny-sdxl", "tiny-sd15"])
@@ -216,25 +213,17 @@ def test_kill_then_resume_gives_the_uninterrupted_frames(tmp_path):
 def test_corrupt_or_foreign_checkpoint_is_a_clear_error(windowed, tmp_path):
     pipe, state = windowed
     path = tmp_path / CHECKPOINT
-    settings = {
-        "prompts": ["a man, scene 0", "a man, scene 1", "a man, scene 2"],
-        "negatives": [""] * 3,
-        "active": [True] * 3,
-        "seeds": [0, 1, 2],
-        "num_inference_steps": 2,
-        "guidance_scale": 5.0,
-        "height": None,
-        "width": None,
-        "chunk_size": 2,
-        "progress": False,
-    }
-    denoise_long_story(pipe, state, checkpoint_path=path, checkpoint_every=1, **settings)
+    plan = window_plan(3, chunk=2, steps=2)
+    run_window(pipe, state, plan, checkpointing=Checkpointing(path, every=1), progress=False)
     assert path.exists()
+    resume = Checkpointing(path, resume=True)
     with pytest.raises(ValueError, match=r"different run .*seeds"):
-        denoise_long_story(pipe, state, checkpoint_path=path, resume=True, **{**settings, "seeds": [5, 6, 7]})
+        run_window(
+            pipe, state, window_plan(3, chunk=2, steps=2, seed=5), checkpointing=resume, progress=False
+        )
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="corrupt checkpoint"):
-        denoise_long_story(pipe, state, checkpoint_path=path, resume=True, **settings)
+        run_window(pipe, state, plan, checkpointing=resume, progress=False)
 
 
 def test_resume_needs_an_unfinished_window_run(tmp_path, capsys):
