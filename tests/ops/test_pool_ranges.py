@@ -18,7 +18,9 @@ reaches the output). What covers what (BLOCK_M = BLOCK_N = 64 by default, 16 in 
   (bit for bit on both kernels and the reference); a range covering the frame's own segment means what it
   says (its own tokens borrowed again); ref_idx None equals (B, 0);
 - the reference against an independent concatenation, gradients, the custom op (opcheck, torch.compile
-  fullgraph) and no host reads of the ranges with ``check_indices=False``.
+  fullgraph) and no host reads of the ranges with ``check_indices=False``;
+- hypothesis draws (derandomized) of all of it together: groups, banks, query rows, key lengths, layouts,
+  random ranges over random pools (6 on the interpreter, 25 on the torch path).
 """
 
 import pytest
@@ -26,6 +28,8 @@ import test_key_lengths as kl
 import torch
 import torch.nn.functional as F
 from helpers import Case, assert_matches_reference, make_inputs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import csa_kernels.triton_kernel as tk
 from csa_kernels import consistent_attention, consistent_attention_reference
@@ -320,3 +324,56 @@ def test_compiled_kernel_on_a_window_layer(dtype, path, poisoned_outputs, monkey
     case = Case(8, 20, 1024, 64, 0, groups=2, bank=77)
     random_pool = with_pool(case, 2100, ranges, [1024, 1000, 999, 1] * 2, "contiguous", dtype, device="cuda")
     assert_matches_reference(consistent_attention(**random_pool, backend="triton"), random_pool)
+
+
+@st.composite
+def pool_draws(draw, max_tokens: int, max_frames: int, max_rows: int):
+    """A case with an explicit pool, random ranges (empty, overlapping, reaching R) and maybe key lengths."""
+    groups = draw(st.integers(1, 2))
+    frames = groups * draw(st.integers(1, max_frames // groups))
+    tokens = draw(st.integers(1, max_tokens))
+    rows = draw(st.integers(0, max_rows))
+    bound = st.integers(0, rows)
+    ranges = [
+        [value for pair in (sorted(draw(st.tuples(bound, bound))) for _ in range(2)) for value in pair]
+        for _ in range(frames)
+    ]
+    lengths = draw(st.one_of(st.none(), st.lists(st.integers(1, tokens), min_size=frames, max_size=frames)))
+    query_rows = draw(st.one_of(st.none(), st.tuples(st.integers(0, tokens), st.integers(0, tokens))))
+    case = Case(
+        frames=frames,
+        heads=draw(st.integers(1, 2)),
+        tokens=tokens,
+        head_dim=draw(st.sampled_from([8, 16, 24, 40])),
+        refs=0,
+        groups=groups,
+        bank=draw(st.one_of(st.none(), st.integers(0, 9))),
+        query_rows=None if query_rows is None else tuple(sorted(query_rows)),
+    )
+    layout = draw(st.sampled_from(["contiguous", "heads-major", "mixed"]))
+    return case, rows, ranges, lengths, layout
+
+
+def fuzz(max_examples: int):
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=True,  # the same draws every run (see test_fuzz.py)
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+
+
+@fuzz(max_examples=6)
+@given(draw=pool_draws(max_tokens=32, max_frames=4, max_rows=40), dtype=st.sampled_from(ALL_DTYPES[:2]))
+def test_fuzz_triton_matches_reference(draw, dtype, monkeypatch, poisoned_outputs):
+    monkeypatch.setattr(tk, "INTERPRETER_CONFIG", {"BLOCK_M": 16, "BLOCK_N": 16})
+    inputs = with_pool(*draw, dtype, seed=3)
+    assert_matches_reference(consistent_attention(**inputs, backend="triton"), inputs)
+
+
+@fuzz(max_examples=25)
+@given(draw=pool_draws(max_tokens=60, max_frames=6, max_rows=90), dtype=st.sampled_from(ALL_DTYPES[:2]))
+def test_fuzz_torch_matches_reference(draw, dtype):
+    inputs = with_pool(*draw, dtype, seed=3)
+    assert_matches_reference(consistent_attention(**inputs, backend="torch"), inputs)
