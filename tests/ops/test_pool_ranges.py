@@ -377,3 +377,32 @@ def test_fuzz_triton_matches_reference(draw, dtype, monkeypatch, poisoned_output
 def test_fuzz_torch_matches_reference(draw, dtype):
     inputs = with_pool(*draw, dtype, seed=3)
     assert_matches_reference(consistent_attention(**inputs, backend="torch"), inputs)
+
+
+@pytest.mark.gpu
+def test_no_sync_and_cuda_graph_replay_with_every_new_argument():
+    """On a GPU: key lengths, a caller pool and its ranges add no host sync (sync debug mode "error" with
+    check_indices=False), and the op replays inside a CUDA graph (the value checks are skipped during
+    capture) to the eager result."""
+    case = Case(4, 8, 512, 64, 0, groups=2, bank=32, query_rows=(0, 400))
+    ranges = [[0, 300, 300, 600], [100, 200, 250, 600], [0, 0, 0, 0], [0, 600, 599, 600]]
+    inputs = with_pool(case, 600, ranges, [512, 450, 401, 1], "contiguous", torch.float16, device="cuda")
+    inputs["pool_ranges"] = inputs["pool_ranges"].to(torch.int32)
+    expected = consistent_attention(**inputs)  # compiles / tunes, and checks the values once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        consistent_attention(**inputs, check_indices=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as CUDA graph capture wants
+        consistent_attention(**inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = consistent_attention(**inputs)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
