@@ -58,9 +58,9 @@ def _flag(name: str) -> str:
 def _from_resume(args: argparse.Namespace) -> Job:
     """The job of the run being resumed, as its metadata stores it."""
     from ..consistency.config import ConsistencyConfig
-    from ..pages.output import check_output_folder, read_metadata
+    from ..pages.output import check_output_folder
+    from ..pages.record import check_resume_world, read_record
     from ..pages.story import parse_story
-    from ..pipeline import check_resume_world
     from ..runs.distributed import current_partition
     from ..runs.settings import RunSettings
 
@@ -72,18 +72,19 @@ def _from_resume(args: argparse.Namespace) -> Job:
             "(or start a new run in another folder)"
         )
     check_output_folder(args.resume, resume=True)
-    meta = read_metadata(args.resume)
+    needs = ("model", "story_text", "settings", "consistency")
+    record = read_record(args.resume, need=needs, purpose="a resume")
     try:
-        settings = RunSettings.from_dict(meta["settings"])
-        config = ConsistencyConfig.from_dict(meta["consistency"])
-        story = parse_story(meta["story_text"])
-        model = meta["model"]
-        files = {"model_config": meta.get("model_config"), "loras": [tuple(x) for x in meta.get("loras", [])]}
-        adapter = meta.get("ip_adapter")
-        references = {name: record.get("path") for name, record in meta.get("reference_images", {}).items()}
+        settings = RunSettings.from_dict(record.settings)
+        config = ConsistencyConfig.from_dict(record.consistency)
+        adapter = record.ip_adapter
+        adapter = None if adapter is None else {k: adapter[k] for k in ("weights", "image_encoder", "scale")}
     except (KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{args.resume}: metadata.json lacks what a resume needs ({exc})") from None
-    if adapter is not None and adapter.get("weights") is None:
+        raise ValueError(f"{record.source}: metadata.json lacks what a resume needs ({exc})") from None
+    story = parse_story(record.story_text)
+    files = {"model_config": record.model_config, "loras": list(record.loras)}
+    references = record.reference_paths
+    if adapter is not None and adapter["weights"] is None:
         raise ValueError(
             f"{args.resume} was made with an IP-Adapter loaded from Python; resume it from Python"
         )
@@ -93,10 +94,9 @@ def _from_resume(args: argparse.Namespace) -> Job:
             f"{args.resume}: the reference images of {', '.join(map(repr, unknown))} were given as pictures, "
             "not files; resume the run from Python with the same images"
         )
-    ip = {"adapter": adapter and {k: adapter[k] for k in ("weights", "image_encoder", "scale")}}
-    ip["references"] = references
-    check_resume_world(args.resume, current_partition())  # before any model loads
-    return Job(model, args.resume, story, settings, config, {}, files, ip)
+    ip = {"adapter": adapter, "references": references}
+    check_resume_world(args.resume, current_partition().world)  # before any model loads
+    return Job(record.model, args.resume, story, settings, config, {}, files, ip)
 
 
 def _from_flags(args: argparse.Namespace) -> Job:

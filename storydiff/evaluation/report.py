@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..pages.output import StoryOutput, read_metadata
+from ..pages.output import StoryOutput
+from ..pages.record import StoryRecord, read_record
 from ..pages.story import parse_story
 from ..support.progress import Progress
 from .encoders import TINY, ClipEncoder, DinoEncoder
@@ -47,7 +48,7 @@ class StoryFrames:
     """
 
     root: Path
-    metadata: dict
+    record: StoryRecord
     total: int
     indices: list[int]
     paths: list[Path]
@@ -58,8 +59,8 @@ class StoryFrames:
     @property
     def character_names(self) -> list[str]:
         """Every character of the story, in definition order."""
-        names = dict.fromkeys(self.metadata.get("characters") or {})
-        for names_in_frame in self.metadata["frame_characters"]:
+        names = dict.fromkeys(self.record.characters)
+        for names_in_frame in self.record.frame_characters or []:
             names.update(dict.fromkeys(names_in_frame))
         return list(names)
 
@@ -70,18 +71,19 @@ def read_story_frames(root: str | os.PathLike, *, allow_incomplete: bool = False
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"story folder {root} does not exist")
-    meta = read_metadata(root)
-    status = meta.get("status", "?")
+    record = read_record(root)
+    status = record.status or "?"
     if status != "complete" and not allow_incomplete:
         raise ValueError(
             f"{root} holds a run with status {status!r}, not 'complete'; to evaluate the frames it has, "
             "add --allow-incomplete"
         )
+    record.need(("story_text", "prompts", "frame_characters"), "an evaluation")
+    prompts, frame_characters = record.prompts, record.frame_characters
     try:
-        story = parse_story(meta["story_text"])
-        prompts, frame_characters = list(meta["prompts"]), [list(c) for c in meta["frame_characters"]]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{root}: metadata.json lacks what an evaluation needs ({exc})") from None
+        story = parse_story(record.story_text)
+    except ValueError as exc:
+        raise ValueError(f"{record.source}: its story_text does not parse ({exc})") from None
     if not len(story.frames) == len(prompts) == len(frame_characters):
         raise ValueError(
             f"{root}: metadata.json disagrees with itself: {len(story.frames)} frames in story_text, "
@@ -98,7 +100,7 @@ def read_story_frames(root: str | os.PathLike, *, allow_incomplete: bool = False
         raise ValueError(f"{root} holds no frames yet ({layout.frames_dir} has none of the story's frames)")
     return StoryFrames(
         root=root,
-        metadata=meta,
+        record=record,
         total=len(prompts),
         indices=indices,
         paths=[layout.frame_path(i) for i in indices],
@@ -202,8 +204,8 @@ def build_report(
     tiny = TINY in sources.values()
     return {
         "story_dir": str(frames.root),
-        "status": frames.metadata.get("status"),
-        "style": (frames.metadata.get("settings") or {}).get("style"),
+        "status": frames.record.status,
+        "style": (frames.record.settings or {}).get("style"),
         "frames_total": frames.total,
         "frames_evaluated": len(frames.indices),
         "frames_missing": sorted(set(range(frames.total)) - set(frames.indices)),

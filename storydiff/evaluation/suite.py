@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..consistency.config import ConsistencyConfig, InvalidSetting
-from ..pages.output import METADATA, check_output_folder, read_metadata
+from ..pages.output import METADATA, check_output_folder
+from ..pages.record import NewerFormat, RecordError, StoryRecord, read_record
 from ..pages.story import Story, parse_story, story_source
 from ..runs.settings import RunSettings
 from ..support.progress import Progress, progress_bar
@@ -228,19 +229,19 @@ def _json_form(data):
     return json.loads(json.dumps(data, default=str))
 
 
-def _differences(job: SuiteJob, meta: dict) -> list[str]:
+def _differences(job: SuiteJob, record: StoryRecord) -> list[str]:
     """How the complete run in ``job.folder`` differs from the run the job asks for."""
     differences = []
-    if meta.get("model") != job.model:
-        differences.append(f"model {meta.get('model')!r} there, {job.model!r} now")
-    if meta.get("story_text") != story_source(job.story):
+    if record.model != job.model:
+        differences.append(f"model {record.model!r} there, {job.model!r} now")
+    if record.story_text != story_source(job.story):
         differences.append("another story (the benchmark set changed)")
-    stored, wanted = meta.get("settings") or {}, _json_form(job.settings.to_dict())
+    stored, wanted = record.settings or {}, _json_form(job.settings.to_dict())
     for key, value in wanted.items():
         # a size not given is the model's, filled in by the pipeline: any stored size matches it
         if value is not None and stored.get(key) != value:
             differences.append(f"{key} {stored.get(key)!r} there, {value!r} now")
-    stored, wanted = meta.get("consistency") or {}, _json_form(job.consistency.to_dict())
+    stored, wanted = record.consistency or {}, _json_form(job.consistency.to_dict())
     for key, value in wanted.items():
         if stored.get(key) != value:
             differences.append(f"{key} {stored.get(key)!r} there, {value!r} now")
@@ -253,12 +254,14 @@ def _generated(job: SuiteJob) -> bool:
     if not (job.folder / METADATA).is_file():
         return False
     try:
-        meta = read_metadata(job.folder)
-    except ValueError:  # unreadable: a half-written folder, done again
+        record = read_record(job.folder)
+    except NewerFormat:  # a newer storydiff's run: not replaced by this one
+        raise
+    except RecordError:  # unreadable: a half-written folder, done again
         return False
-    if meta.get("status") != "complete":
+    if not record.complete:
         return False
-    differences = _differences(job, meta)
+    differences = _differences(job, record)
     if differences:
         raise ValueError(
             f"{job.folder} holds a finished run of other settings ({'; '.join(differences)}); give the "

@@ -8,7 +8,6 @@ it is done, then concatenates the clips into one story video and records what wa
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import time
@@ -24,6 +23,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..families.svd import SVDPipeline
+from ..pages.record import METADATA, RecordError, read_record
 from ..support.atomic import write_json
 from ..support.compat import progress_bar_config
 from ..support.progress import Progress, progress_bar
@@ -55,7 +55,8 @@ def read_story_frames(story_dir: str | os.PathLike) -> list[Path]:
 
     Either a ``storydiff generate`` folder (``frames/frame_000.png ...`` and ``metadata.json``) or a plain
     folder of PNGs, sorted by name (numbers in names compare as numbers). Raises ``FileNotFoundError`` for a
-    missing folder and ``ValueError`` for fewer than 2 frames; warns when the story run did not complete.
+    missing folder and ``ValueError`` for fewer than 2 frames; warns when the story run did not complete or
+    its ``metadata.json`` cannot be read.
     """
     root = Path(story_dir)
     if not root.is_dir():
@@ -67,18 +68,15 @@ def read_story_frames(story_dir: str | os.PathLike) -> list[Path]:
         raise ValueError(
             f"{source} holds {len(paths)} PNG frame(s); a transition video needs at least 2 frames"
         )
-    meta_path = root / "metadata.json"
-    if meta_path.is_file():
+    if (root / METADATA).is_file():
         try:
-            status = json.loads(meta_path.read_text()).get("status")
-        except (json.JSONDecodeError, AttributeError):
-            status = "unreadable"
+            status = read_record(root).status
+        except RecordError as exc:
+            status, reason = "unreadable", f"{exc}; "
+        else:
+            reason = f"story run in {root} has status {status!r}; "
         if status not in (None, "complete"):
-            warnings.warn(
-                f"story run in {root} has status {status!r}; using the {len(paths)} frames present",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            warnings.warn(f"{reason}using the {len(paths)} frames present", RuntimeWarning, stacklevel=2)
     return paths
 
 

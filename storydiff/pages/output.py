@@ -1,31 +1,35 @@
 """The output folder of a story run: frames as they finish, comic pages, metadata.
 
 Every file is written under a temporary name and renamed into place (``atomic.py``), so a killed run never
-leaves a truncated file under a final name. ``metadata.json`` says ``"status": "running"`` from the start
-and only says ``"complete"`` once everything else is written (``"failed"`` or ``"interrupted"`` otherwise).
+leaves a truncated file under a final name. ``metadata.json`` (a ``StoryRecord``, ``record.py``) says
+``"status": "running"`` from the start and only says ``"complete"`` once everything else is written
+(``"failed"`` or ``"interrupted"`` otherwise).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
-from ..support.atomic import atomic_path, write_json
+from ..support.atomic import atomic_path
+from .record import METADATA, StoryRecord, read_record
 
-METADATA = "metadata.json"
+__all__ = ["METADATA", "StoryOutput", "check_output_folder", "read_metadata", "save_image"]
 
 
 def read_metadata(root: str | os.PathLike) -> dict:
-    """A run folder's metadata; ValueError if it is not readable JSON."""
-    path = Path(root) / METADATA
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from exc
+    """A run folder's ``metadata.json`` as a dict (``StoryRecord.to_dict``), for scripts; storydiff's own
+    readers use :func:`~storydiff.pages.record.read_record`. RecordError (a ValueError) if unreadable."""
+    return read_record(root).to_dict()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def save_image(image: Image.Image, path: Path) -> Path:
@@ -47,7 +51,7 @@ def check_output_folder(
         if parent.exists() and not parent.is_dir():
             what = "is a file" if parent == root else f"is inside {parent}, which is a file"
             raise NotADirectoryError(f"output folder {root} {what}; choose a folder")
-    status = read_metadata(root).get("status", "?") if (root / METADATA).is_file() else None
+    status = (read_record(root).status or "?") if (root / METADATA).is_file() else None
     if resume and status is None:
         raise FileNotFoundError(f"nothing to resume in {root}: no {METADATA}")
     if resume and status == "complete":
@@ -81,17 +85,26 @@ class StoryOutput:
         self.frames_dir, self.pages_dir, self.banks_dir = (
             self.root / d for d in ("frames", "pages", "banks")
         )
-        self.metadata: dict = {}
+        self.record = StoryRecord()
 
-    def start(self, metadata: dict) -> None:
+    @property
+    def metadata(self) -> dict:
+        """What ``metadata.json`` holds now, as a dict."""
+        return self.record.to_dict()
+
+    def start(self, record: StoryRecord | Mapping[str, Any]) -> None:
+        """Prepare the folder and write ``record`` (a dict is read as ``StoryRecord.from_dict`` reads a
+        file) with status "running"."""
         if self.follower:
             return
+        if not isinstance(record, StoryRecord):
+            record = StoryRecord.from_dict(record)
         self.frames_dir.mkdir(parents=True, exist_ok=True)
         if not self.resume:  # an overwritten run must not keep frames of the previous story
             for stale in [*self.frames_dir.glob("frame_*.png"), *self.pages_dir.glob("page_*.png")]:
                 stale.unlink()
-        self.metadata = {**metadata, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        write_json(self.root / METADATA, self.metadata)
+        self.record = record.replace(status="running", started=_now(), finished=None, error=None)
+        self.record.write(self.root / METADATA)
 
     def frame_path(self, index: int) -> Path:
         return self.frames_dir / f"frame_{index:03d}.png"
@@ -107,17 +120,19 @@ class StoryOutput:
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in character)
         return self.banks_dir / f"{safe}.safetensors"
 
-    def finish(self, **extra) -> None:
+    def finish(self, **results: Any) -> None:
+        """Record the run complete, with ``results``: fields of ``StoryRecord`` (``bank_bytes``,
+        ``bank_peak_bytes``, ``seconds``, ``pages``); a TypeError for any other name."""
         if self.follower:
             return
-        self.metadata.update(extra, status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        write_json(self.root / METADATA, self.metadata)
+        self.record = self.record.replace(**results, status="complete", finished=_now())
+        self.record.write(self.root / METADATA)
 
     def fail(self, error: BaseException) -> None:
         if self.follower:
             return
         if isinstance(error, KeyboardInterrupt):
-            self.metadata.update(status="interrupted", error="interrupted by the user (Ctrl-C)")
+            self.record = self.record.replace(status="interrupted", error="interrupted by the user (Ctrl-C)")
         else:
-            self.metadata.update(status="failed", error=f"{type(error).__name__}: {error}")
-        write_json(self.root / METADATA, self.metadata)
+            self.record = self.record.replace(status="failed", error=f"{type(error).__name__}: {error}")
+        self.record.write(self.root / METADATA)
