@@ -15,11 +15,13 @@ as they are (no gather, no mask), and the three row blocks are concatenated.
 mask over the own columns, built on the device (no value is read on the host); the padding rows are
 zeroed first (one masked copy of K and V), so whatever they hold never reaches the output.
 
-An explicit ``pool`` with ``pool_ranges`` has per-frame ranges that only the device knows, so every frame
-gets the same key set, [own N | all R pool rows | its bank M], under a (B, 1, 1, N + R + M) additive mask:
--inf outside the frame's two ranges, 0 inside one, log 2 inside both (a row in both ranges counts twice,
-as in the concatenation). Extra memory is B·(N + R + M) rows of K and V, with rows outside a frame's
-ranges zeroed in its copy.
+An explicit ``pool`` with ``pool_ranges``: ranges on the CPU are read (no sync to pay) and every frame's key
+set is its own rows, its two pool ranges and its bank, gathered compactly and batched by length as above —
+the same key sets, in the same order, as the concatenation. Ranges on a device only that device knows, so
+there every frame gets the same key set, [own N | all R pool rows | its bank M], under a (B, 1, 1,
+N + R + M) additive mask: -inf outside the frame's two ranges, 0 inside one, log 2 inside both (a row in
+both ranges counts twice, as in the concatenation). Extra memory is B·(N + R + M) rows of K and V, with rows
+outside a frame's ranges zeroed in its copy.
 """
 
 from __future__ import annotations
@@ -81,6 +83,10 @@ def consistent_attention_torch(
         own_mask = valid[:, None, None, :]  # [B, 1, 1, N]
 
     def borrowing(rows: torch.Tensor) -> torch.Tensor:
+        if pool_ranges is not None and _host_known(pool_ranges):
+            return _host_range_attention(
+                rows, k, own_k, own_v, pool, pool_ranges, groups, bank_k, bank_v, scale, key_lengths
+            )
         if pool_ranges is not None:
             return _pool_range_attention(
                 rows, own_k, own_v, pool, pool_ranges, groups, bank_k, bank_v, scale, own_mask
@@ -136,10 +142,30 @@ def _borrowing_attention(
         return torch.cat(parts)
 
     table_k, table_v = row_table(k, own_k, bank_k, pool_k), row_table(v, own_v, bank_v, None)
+    key_rows = [
+        torch.cat([torch.arange(part.start, part.stop) for part in parts])
+        for parts in (
+            _key_rows(i, num_frames, num_tokens, num_refs, groups, window, num_bank)
+            for i in range(num_frames)
+        )
+    ]
+    return _key_set_attention(q, table_k, table_v, key_rows, num_tokens, key_lengths, scale)
+
+
+def _key_set_attention(
+    q: torch.Tensor,
+    table_k: torch.Tensor,
+    table_v: torch.Tensor,
+    key_rows: list[torch.Tensor],
+    num_tokens: int,
+    key_lengths: torch.Tensor | None,
+    scale: float | None,
+) -> torch.Tensor:
+    """Frame i's rows of q attend to rows ``key_rows[i]`` of the (rows, H, D) tables, whose first
+    ``num_tokens`` are its own keys (masked past ``key_lengths``); frames with key sets of one length go
+    through one batched SDPA call."""
     key_sets: dict[int, list[tuple[int, torch.Tensor]]] = {}  # key-set length -> [(frame, rows)]
-    for i in range(num_frames):
-        parts = _key_rows(i, num_frames, num_tokens, num_refs, groups, window, num_bank)
-        rows = torch.cat([torch.arange(part.start, part.stop) for part in parts])
+    for i, rows in enumerate(key_rows):
         key_sets.setdefault(len(rows), []).append((i, rows))
 
     out = q.new_empty(q.shape) if len(key_sets) > 1 else None
@@ -158,6 +184,50 @@ def _borrowing_attention(
             return result
         out = out.index_copy(0, _index(frames, q.device), result)
     return out
+
+
+def _host_known(ranges: torch.Tensor) -> bool:
+    """Whether reading ``ranges`` costs nothing: CPU values, not being traced."""
+    tracing = torch.compiler.is_compiling() or isinstance(ranges, torch._subclasses.FakeTensor)
+    return ranges.device.type == "cpu" and not tracing
+
+
+def _host_range_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    own_k: torch.Tensor,
+    own_v: torch.Tensor,
+    pool: tuple[torch.Tensor, torch.Tensor],
+    pool_ranges: torch.Tensor,
+    groups: int,
+    bank_k: torch.Tensor | None,
+    bank_v: torch.Tensor | None,
+    scale: float | None,
+    key_lengths: torch.Tensor | None,
+) -> torch.Tensor:
+    """Pool ranges known on the host: the compact key sets [own N | two pool ranges | bank M] of each frame,
+    rows of the table [own tokens (B·N) | pool (R) | banks (G·M)], clamped to the pool as the kernels do."""
+    num_frames, num_heads, num_tokens, head_dim = k.shape
+    num_rows, num_bank = pool[0].shape[0], 0 if bank_k is None else bank_k.shape[2]
+    pool_start, bank_start = num_frames * num_tokens, num_frames * num_tokens + num_rows
+
+    def table(own: torch.Tensor, rows: torch.Tensor, bank: torch.Tensor | None) -> torch.Tensor:
+        parts = [own.transpose(1, 2).reshape(-1, num_heads, head_dim), rows]
+        if bank is not None:
+            parts.append(bank.transpose(1, 2).reshape(-1, num_heads, head_dim))
+        return torch.cat(parts)
+
+    key_rows = []
+    for frame, (b0, b1, a0, a1) in enumerate(pool_ranges.tolist()):
+        group = frame // (num_frames // groups)
+        parts = [range(frame * num_tokens, (frame + 1) * num_tokens)]
+        for start, end in ((b0, b1), (a0, a1)):
+            start, end = min(max(start, 0), num_rows), min(max(end, 0), num_rows)
+            parts.append(range(pool_start + start, pool_start + max(start, end)))
+        parts.append(range(bank_start + group * num_bank, bank_start + (group + 1) * num_bank))
+        key_rows.append(torch.cat([torch.arange(part.start, part.stop) for part in parts]))
+    table_k, table_v = table(own_k, pool[0], bank_k), table(own_v, pool[1], bank_v)
+    return _key_set_attention(q, table_k, table_v, key_rows, num_tokens, key_lengths, scale)
 
 
 def _index(frames: list[int], device: torch.device) -> torch.Tensor:

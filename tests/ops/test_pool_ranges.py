@@ -31,6 +31,7 @@ from helpers import Case, assert_matches_reference, make_inputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import csa_kernels.torch_path as tp
 import csa_kernels.triton_kernel as tk
 from csa_kernels import consistent_attention, consistent_attention_reference
 from csa_kernels.op import consistent_attention_op
@@ -295,9 +296,11 @@ def test_compile_fullgraph(backend):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_no_host_reads_without_check_indices(backend, monkeypatch):
     """check_indices=False: the ranges (and key lengths) are only read on the device (the kernel's loads,
-    the torch path's masks); the default check reads them."""
+    the torch path's masks); the default check reads them. (The torch path reads ranges that live on the
+    CPU, where reading costs no sync: here it is made to take its device form, as on a GPU.)"""
     inputs = with_pool(*CASE_TABLE[0][1:6], torch.float32)
     inputs["key_lengths"] = torch.tensor([50, 20, 33, 1])
+    monkeypatch.setattr(tp, "_host_known", lambda ranges: False)
     with kl.no_host_reads(monkeypatch):
         out = consistent_attention(**inputs, backend=backend, check_indices=False)
         with pytest.raises(AssertionError, match="host read"):
@@ -406,3 +409,15 @@ def test_no_sync_and_cuda_graph_replay_with_every_new_argument():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("case", [c[1:6] for c in CASE_TABLE[:3]], ids=[c[0] for c in CASE_TABLE[:3]])
+def test_host_and_device_forms_of_the_torch_path_agree(case, monkeypatch):
+    """Ranges on the CPU are read and gathered as compact key sets; on a device they become masks over the
+    whole pool. Same keys, same result (to float rounding: the masked form sums over more columns)."""
+    inputs = with_pool(*case, torch.float32)
+    compact = consistent_attention(**inputs, backend="torch")
+    monkeypatch.setattr(tp, "_host_known", lambda ranges: False)
+    masked = consistent_attention(**inputs, backend="torch")
+    torch.testing.assert_close(compact, masked, atol=2e-6, rtol=2e-6)
+    assert_matches_reference(compact, inputs)
