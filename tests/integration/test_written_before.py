@@ -57,7 +57,7 @@ def test_a_bank_from_before_loads_and_equals_one_written_now(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("folder", ["bank-stored", "window-killed"])
 def test_metadata_from_before_reads(folder: str) -> None:
-    from storydiff.pages.output import read_metadata
+    from storydiff.pages.record import StoryRecord
 
-    record = read_metadata(BEFORE / folder)
-    assert record["model"] == "tiny-sd15" and len(record["prompts"]) == 5
+    record = StoryRecord.read(BEFORE / folder / "metadata.json")
+    assert record.format_version == 1 and record.model == "tiny-sd15" and len(record.prompts) == 5
