@@ -10,7 +10,8 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-DTYPES = ("float16", "bfloat16", "float32")
+from ..runs.options import DTYPES as DTYPES  # --dtype's choices, declared in the option table
+
 EXIT_USAGE = 2  # argparse's own code for bad input; every input error exits with it
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..runs.options import SUITE_OPTIONS
 from .common import DTYPES, check_output_dir, fail, positive_int
 from .eval import encoder_options
 
@@ -39,10 +40,10 @@ def register(subparsers, parents: list) -> None:
         action="append",
         required=True,
         metavar="NAME[:KEY=VALUE,...]",
-        help="a named configuration, repeatable, e.g. base:rate=0.0 and csa:rate=0.5,window=2; keys are "
-        "RunSettings and ConsistencyConfig fields (mode, style, num_inference_steps, guidance_scale, "
-        "height, width, id_frames, rate, level_rates=32:0.5+16:0.3, window, layers, ...; 'none' for an "
-        "optional value)",
+        help="a named configuration, repeatable, e.g. base:rate=0.0 and "
+        "csa:rate=0.5,window=2,level-rate=32=0.5; each KEY=VALUE is a flag of `storydiff generate` as typed "
+        "there, without its -- (a repeatable one repeated, a switch bare: no-skip); keys: "
+        + ", ".join(option.key for option in SUITE_OPTIONS),
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N sets")
@@ -70,10 +71,10 @@ def _plan(args: argparse.Namespace):
     from ..consistency.config import InvalidSetting
     from ..evaluation.benchmark_file import load_benchmark
     from ..evaluation.suite import parse_config, plan_suite
+    from ..runs.options import flag_for
     from ..runs.settings import RunSettings
 
     check_output_dir(args.out)
-    flags = {"num_inference_steps": "--steps", "seed": "--seed", "height": "--height", "width": "--width"}
     try:
         base = RunSettings(
             num_inference_steps=args.steps,
@@ -83,7 +84,7 @@ def _plan(args: argparse.Namespace):
             style=args.style,
         )
     except InvalidSetting as exc:
-        raise ValueError(f"{flags.get(exc.field, '--' + exc.field)} {exc.problem}") from None
+        raise ValueError(f"{flag_for(exc.field)} {exc.problem}") from None
     configs = [parse_config(text, base) for text in args.config]
     sets = load_benchmark(args.benchmark)[: args.limit]
     jobs = plan_suite(sets, configs, model=args.model, out_dir=args.out, base=base)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .common import fail
-from .generate_flags import FLAGS, PRESET_FIELDS, RUN_FLAGS, add_parser
+from .generate_flags import RUN_FLAGS, add_parser
 
 
 class Job(NamedTuple):
@@ -34,17 +34,6 @@ class Job(NamedTuple):
 
 def register(subparsers, parents: list) -> None:
     add_parser(subparsers, parents).set_defaults(run=run)
-
-
-def _parse_level_rates(items: list[str]) -> dict[int, float]:
-    rates = {}
-    for item in items:
-        level, _, rate = item.partition("=")
-        try:
-            rates[int(level)] = float(rate)
-        except ValueError:
-            raise ValueError(f"--level-rate expects LEVEL=RATE such as 32=0.5, got {item!r}") from None
-    return rates
 
 
 def _given(args: argparse.Namespace, names) -> list[str]:
@@ -101,14 +90,17 @@ def _from_resume(args: argparse.Namespace) -> Job:
 
 def _from_flags(args: argparse.Namespace) -> Job:
     """The job of a new run, from the flags."""
-    from ..consistency.config import ConsistencyConfig
     from ..pages.output import check_output_folder
     from ..pages.story import load_story
-    from ..runs.settings import RunSettings
+    from ..runs.options import OPTIONS
+    from ..runs.settings import from_options
 
     missing = [_flag(name) for name in ("model", "story", "out") if getattr(args, name) is None]
     if missing:
         raise ValueError(f"{', '.join(missing)} required (or --resume DIR)")
+    # the settings first: the option table says which flag sets what, and in which mode it applies
+    values = {option.name: getattr(args, option.name) for option in OPTIONS}
+    settings, config = from_options(values, banks_loaded=bool(args.load_bank))
     characters = None
     if args.characters is not None:
         try:
@@ -119,46 +111,6 @@ def _from_flags(args: argparse.Namespace) -> Job:
     story = load_story(
         args.story, characters, known={name: meta["description"] for name, (_, meta) in banks.items()}
     )
-    given = {
-        "mode": args.mode,
-        "style": args.style,
-        "negative_prompt": args.negative,
-        "num_inference_steps": args.steps,
-        "guidance_scale": args.guidance,
-        "height": args.height,
-        "width": args.width,
-        "seed": args.seed,
-        "scheduler": args.scheduler,
-        "freeu": args.freeu,
-        "layout": args.layout,
-        "font": args.font,
-        "captions": args.captions,
-        "caption_style": args.caption_style,
-        "id_frames": args.id_frames,
-        "read_batch_size": args.read_batch,
-        "bank_schedule": args.bank_schedule,
-        "save_banks": args.save_banks,
-        "chunk_size": args.chunk_size,
-        "checkpoint_every": args.checkpoint_every,
-        "bank_sharing": args.dist_bank,
-    }
-    given = {k: v for k, v in given.items() if v is not None}
-    if given.get("freeu") == "off":
-        given["freeu"] = None  # given, so it overrides a preset's factors
-    base = RunSettings.from_preset(args.preset, **given) if args.preset else RunSettings().replace(**given)
-    settings = base.resolved(banks_loaded=bool(banks))
-    consistency = {
-        "rate": args.rate,
-        "level_rates": _parse_level_rates(args.level_rate) if args.level_rate else None,
-        "warmup_steps": args.warmup_steps,
-        "window": args.window if args.window is not None else (2 if settings.mode == "window" else None),
-        "tile": args.tile,
-        "layers": args.layers,
-        "rope": args.rope,
-    }
-    if args.no_skip:
-        consistency.update(skip_prob_early=0.0, skip_prob_late=0.0)
-    config = ConsistencyConfig(seed=settings.seed, **{k: v for k, v in consistency.items() if v is not None})
     files = _model_files(args)
     ip = _reference_images(args, story)
     check_output_folder(args.out, overwrite=bool(args.overwrite))
@@ -169,6 +121,7 @@ def _reference_images(args: argparse.Namespace, story) -> dict:
     """--ip-adapter, --image-encoder, --ip-scale and --ref, checked before any model loads (the images are
     read here, so an unreadable one fails at once)."""
     from ..models.ip_adapter import read_reference_image
+    from ..runs.options import option
 
     if args.ip_adapter is None:
         given = [
@@ -198,7 +151,7 @@ def _reference_images(args: argparse.Namespace, story) -> dict:
             raise ValueError(f"--ref {item}: {name!r} is in no frame of the story")
         read_reference_image(name, path)
         references[name] = path
-    scale = 1.0 if args.ip_scale is None else args.ip_scale
+    scale = option("ip_scale").default if args.ip_scale is None else args.ip_scale
     if not math.isfinite(scale):
         raise ValueError(f"--ip-scale must be a finite number, got {args.ip_scale}")
     if not references:
@@ -318,10 +271,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def _setting_error(exc, args: argparse.Namespace) -> str:
     """An InvalidSetting as the flag that sets it would say it; a value the preset chose says so."""
-    flag = FLAGS.get(exc.field, exc.field)
-    came_from_preset = getattr(args, "preset", None) and getattr(args, exc.field, None) is None
-    if came_from_preset and exc.field in PRESET_FIELDS:
-        return f"{flag} {exc.problem} (set by --preset {args.preset}; give {flag} to override it)"
+    from ..runs.options import flag_for, option_for_field
+    from ..runs.settings import PRESETS
+
+    found, flag = option_for_field(exc.field), flag_for(exc.field)
+    preset = getattr(args, "preset", None)
+    chosen = found is not None and exc.field in PRESETS.get(preset, {}) and getattr(args, found.name) is None
+    if chosen:  # the preset chose the value, no flag gave it
+        return f"{flag} {exc.problem} (set by --preset {preset}; give {flag} to override it)"
     return f"{flag} {exc.problem}"
 
 

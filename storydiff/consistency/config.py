@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 # "default": each family's choice (hosts.py); the others exist for some families only
 LAYER_PRESETS = ("default", "all", "up", "up+mid", "single", "double")
 # where borrowed keys sit for RoPE hosts (FLUX): see ConsistencyConfig.rope
 ROPE_POLICIES = ("source", "shift", "none")
+# window mode's window when none is given: story neighbours within 2 frames (ConsistencyConfig.resolved)
+WINDOW_MODE_WINDOW = 2
 
 
 class InvalidSetting(ValueError):
@@ -44,7 +46,8 @@ class ConsistencyConfig:
             ``skip_prob_late`` after (official 0.3 / 0.1 / 20; 0 disables). Decisions depend only on
             (seed, step, layer), so batching never changes them.
         window: None lets a frame see every other frame of its batch; w >= 1 only story neighbours
-            within w frames (identity frames are written as one such batch).
+            within w frames (identity frames are written as one such batch). Window mode fills in
+            ``WINDOW_MODE_WINDOW`` (2) when none is given (:meth:`resolved`).
         tile: long-story (window) mode only: the paper's tiled form instead of the sliding window,
             tiles of ``tile`` consecutive frames (stride 1) within each UNet chunk, outputs averaged;
             tiles take every frame of the chunk, [NC] frames included.
@@ -97,6 +100,14 @@ class ConsistencyConfig:
             raise InvalidSetting("tile", f"must be None or a whole number >= 1, got {self.tile!r}")
         if self.rope not in ROPE_POLICIES:
             raise InvalidSetting("rope", f"must be one of {ROPE_POLICIES}, got {self.rope!r}")
+
+    def resolved(self, mode: str) -> ConsistencyConfig:
+        """This configuration as a run in ``mode`` ("bank" or "window") uses it: window mode's ``window``
+        is ``WINDOW_MODE_WINDOW`` when none was given; anything else is kept. The one place that default is
+        applied, by the library and the CLI alike."""
+        if mode == "window" and self.window is None:
+            return replace(self, window=WINDOW_MODE_WINDOW)
+        return self
 
     def rate_for(self, level_factor: int) -> float:
         return float(self.level_rates.get(level_factor, self.rate))

@@ -27,7 +27,8 @@ from ..consistency.config import ConsistencyConfig, InvalidSetting
 from ..pages.output import METADATA, check_output_folder
 from ..pages.record import NewerFormat, RecordError, StoryRecord, read_record
 from ..pages.story import Story, parse_story, story_source
-from ..runs.settings import RunSettings
+from ..runs.options import SUITE_OPTIONS, flag_for, option_for_field, split_fields
+from ..runs.settings import RunSettings, consistency_for, from_options
 from ..support.progress import Progress, progress_bar
 from .benchmark_file import BenchmarkSet
 
@@ -50,91 +51,81 @@ __all__ = [
 EVAL_FILES = ("report.json", "frames.csv", "characters.csv", "report.png")
 
 
-class _Reader:
-    """Text → a configuration value: ``parse``, or None for "none" where the setting is optional;
-    ``kind`` says what was expected, for the error."""
-
-    def __init__(self, parse: Callable[[str], object], kind: str, *, optional: bool = False) -> None:
-        self.parse, self.kind, self.optional = parse, kind + (" or none" if optional else ""), optional
-
-    def __call__(self, text: str) -> object:
-        if self.optional and text.lower() == "none":
-            return None
-        try:
-            return self.parse(text)
-        except ValueError:
-            raise ValueError(f"expected {self.kind}, got {text!r}") from None
-
-
-def _level_rates(text: str) -> dict[int, float]:
-    rates = {}
-    for item in text.split("+"):
-        level, _, rate = item.partition(":")
-        rates[int(level)] = float(rate)
-    return rates
-
-
-_TEXT = _Reader(str, "text")
-_INT, _OPTIONAL_INT = _Reader(int, "a whole number"), _Reader(int, "a whole number", optional=True)
-_FLOAT = _Reader(float, "a number")
-# Configuration keys and how their text becomes a value. The seed is the suite's (--seed), the same for
-# every configuration, so that configurations differ only in what they name; options that change no frame
-# (pages, fonts, saved banks, checkpoints, bank offloading, torchrun) are left out.
-RUN_KEYS: dict[str, _Reader] = {
-    "mode": _TEXT,
-    "style": _TEXT,
-    "negative_prompt": _TEXT,
-    "num_inference_steps": _INT,
-    "guidance_scale": _FLOAT,
-    "height": _OPTIONAL_INT,
-    "width": _OPTIONAL_INT,
-    "id_frames": _OPTIONAL_INT,
-    "read_batch_size": _OPTIONAL_INT,
-    "bank_schedule": _Reader(str, "text", optional=True),
-    "chunk_size": _OPTIONAL_INT,
-}
-CONSISTENCY_KEYS: dict[str, _Reader] = {
-    "rate": _FLOAT,
-    "level_rates": _Reader(_level_rates, "LEVEL:RATE items joined by '+', e.g. 32:0.5+16:0.3"),
-    "layers": _TEXT,
-    "warmup_steps": _INT,
-    "skip_prob_early": _FLOAT,
-    "skip_prob_late": _FLOAT,
-    "skip_switch_step": _INT,
-    "window": _OPTIONAL_INT,
-    "tile": _OPTIONAL_INT,
-    "rope": _TEXT,
-}
-ALLOWED_KEYS = (*RUN_KEYS, *CONSISTENCY_KEYS)
+# Configuration keys: the flags of `storydiff generate` that change the frames (the option table's
+# SUITE_OPTIONS). The seed is the suite's (--seed), the same for every configuration, so that
+# configurations differ only in what they name; options that change no frame (pages, fonts, saved banks,
+# checkpoints, torchrun) are left out.
+ALLOWED_KEYS = tuple(option.key for option in SUITE_OPTIONS)
+_BY_KEY = {option.key: option for option in SUITE_OPTIONS}
+_KINDS = {int: "a whole number", float: "a number"}
 _CONFIG_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,63}")
 # what the suite itself writes into OUT beside the configurations' folders
 RESERVED_NAMES = ("comparison.json", "comparison.csv", "tradeoff.png")
+# keys of the old syntax (RunSettings / ConsistencyConfig field names) that no flag sets
+_NO_FLAG = ("skip_prob_early", "skip_prob_late", "skip_switch_step")
+
+
+def _key(text: str) -> str:
+    """A key as the flag spells it: ``--level_rate`` → ``level-rate``."""
+    return text.strip().removeprefix("--").replace("_", "-")
+
+
+def _rewrite(key: str, value: str) -> str | None:
+    """How to write ``key=value`` of the old syntax (field names, ``level_rates=32:0.5+16:0.3``, ``none`` for
+    an optional value) as flags, or None if it is not of that syntax."""
+    if key in _NO_FLAG:
+        return "write no-skip to turn the layer skips off (no flag of storydiff generate sets their odds)"
+    if key == "level_rates":
+        items = [item.partition(":") for item in value.split("+")]
+        if all(level and colon and rate for level, colon, rate in items):
+            return "write " + ",".join(f"level-rate={level}={rate}" for level, _, rate in items)
+        return "write level-rate=LEVEL=RATE once per level, e.g. level-rate=32=0.5,level-rate=16=0.3"
+    found = _BY_KEY.get(_key(key)) or option_for_field(key)
+    if found is None or not found.suite:
+        return None
+    takes_none = found.parse is None and (found.choices is None or "none" in found.choices)
+    if value.lower() == "none" and not takes_none:
+        return f"leave {found.key} out for its default ({found.flag} takes no 'none')"
+    return f"write {found.key}={value}" if found.key != _key(key) else None
 
 
 @dataclass(frozen=True)
 class SuiteConfig:
-    """A named configuration: RunSettings fields (``run``) and ConsistencyConfig fields (``consistency``)
-    that differ from the suite's base; ``text`` is the form it was given in."""
+    """A named configuration: the values of `storydiff generate` options (``values``, by option name) that
+    differ from the suite's base; ``run`` and ``consistency`` are the RunSettings and ConsistencyConfig
+    fields they set; ``text`` is the form it was given in."""
 
     name: str
-    run: dict
-    consistency: dict
+    values: dict
     text: str
 
+    @property
+    def run(self) -> dict:
+        return split_fields(self.values)[0]
+
+    @property
+    def consistency(self) -> dict:
+        return split_fields(self.values)[1]
+
+    def build(self, base: RunSettings) -> tuple[RunSettings, ConsistencyConfig]:
+        """The run's settings and configuration over ``base``, made as `storydiff generate` makes them."""
+        return from_options(self.values, base=base)
+
     def settings(self, base: RunSettings) -> RunSettings:
-        return base.replace(**self.run).resolved()
+        return self.build(base)[0]
 
     def consistency_config(self, settings: RunSettings) -> ConsistencyConfig:
-        values = dict(self.consistency)
-        if settings.mode == "window" and values.get("window") is None and values.get("tile") is None:
-            values["window"] = 2  # as `storydiff generate` in window mode
-        return ConsistencyConfig(seed=settings.seed, **values)
+        return consistency_for(settings, self.consistency)
 
 
 def parse_config(text: str, base: RunSettings | None = None) -> SuiteConfig:
-    """``NAME`` or ``NAME:KEY=VALUE,KEY=VALUE`` (keys: ``ALLOWED_KEYS``; ``none`` for an optional value;
-    ``level_rates=32:0.5+16:0.3``). ValueError naming the configuration and what is wrong; the values are
-    checked by RunSettings and ConsistencyConfig themselves (over ``base``)."""
+    """``NAME`` or ``NAME:KEY=VALUE,KEY=VALUE``, each item a flag of `storydiff generate` as it is typed
+    there, its ``--`` optional and ``_`` / ``-`` alike (keys: ``ALLOWED_KEYS``): ``level-rate=32=0.5``
+    (repeatable, as the flag), ``no-skip`` (a switch, bare). ``csa:rate=0.5,level-rate=32=0.5`` runs what
+    ``storydiff generate --rate 0.5 --level-rate 32=0.5`` runs. ValueError naming the configuration and what
+    is wrong (an item of the old syntax — field names, ``level_rates=32:0.5+16:0.3``, ``none`` — says how to
+    write it now); the values are checked by RunSettings and ConsistencyConfig themselves (over
+    ``base``)."""
     name, _, body = text.partition(":")
     name = name.strip()
     if name in RESERVED_NAMES:
@@ -146,27 +137,47 @@ def parse_config(text: str, base: RunSettings | None = None) -> SuiteConfig:
             f"--config {text!r}: the name must be 1-64 letters, digits, '_', '.' or '-' (it names a folder), "
             f"got {name!r}; expected NAME:KEY=VALUE,KEY=VALUE"
         )
-    run, consistency = {}, {}
+    values: dict = {}
     for item in filter(None, (part.strip() for part in body.split(","))):
         key, equals, value = (part.strip() for part in item.partition("="))
-        if not equals:
-            raise ValueError(f"--config {text!r}: expected KEY=VALUE, got {item!r}")
-        if key not in ALLOWED_KEYS:
+        rewrite = _rewrite(key, value) if equals else None
+        if rewrite is not None:
+            raise ValueError(
+                f"--config {text!r}: {item} is the old syntax; {rewrite} (configurations take the flags of "
+                "storydiff generate)"
+            )
+        found = _BY_KEY.get(_key(key))
+        if found is None:
             raise ValueError(
                 f"--config {text!r}: unknown key {key!r}; allowed keys: {', '.join(ALLOWED_KEYS)}"
             )
-        target, parse = (run, RUN_KEYS[key]) if key in RUN_KEYS else (consistency, CONSISTENCY_KEYS[key])
-        if key in target:
-            raise ValueError(f"--config {text!r}: {key} is given twice")
-        try:
-            target[key] = parse(value)
-        except ValueError as exc:
-            raise ValueError(f"--config {text!r}: {key}: {exc}") from None
-    config = SuiteConfig(name, run, consistency, text)
+        if found.action == "store_true":
+            if equals:
+                raise ValueError(f"--config {text!r}: {found.key} is a switch: give it bare, got {item!r}")
+            parsed = True
+        elif not equals:
+            raise ValueError(f"--config {text!r}: expected KEY=VALUE, got {item!r}")
+        else:
+            try:
+                parsed = (found.parse or str)(value)
+            except ValueError as exc:
+                kind = _KINDS.get(found.parse)
+                problem = f"expected {kind}, got {value!r}" if kind else str(exc)
+                raise ValueError(f"--config {text!r}: {found.key}: {problem}") from None
+        if found.action == "append":
+            values.setdefault(found.name, []).append(parsed)
+        elif found.name in values:
+            raise ValueError(f"--config {text!r}: {found.key} is given twice")
+        else:
+            values[found.name] = parsed
+    config = SuiteConfig(name, values, text)
     try:
-        config.consistency_config(config.settings(base or RunSettings()))
+        config.build(base or RunSettings())
     except InvalidSetting as exc:
-        raise ValueError(f"--config {text!r}: {exc.field} {exc.problem}") from None
+        key = flag_for(exc.field).removeprefix("--")  # its key: the flag without --
+        raise ValueError(f"--config {text!r}: {key} {exc.problem}") from None
+    except ValueError as exc:  # a value its flag cannot take: --level-rate 16:0.5
+        raise ValueError(f"--config {text!r}: {exc}") from None
     return config
 
 
@@ -206,8 +217,7 @@ def plan_suite(
         raise ValueError(f"--config names must differ (each names a folder); given twice: {', '.join(twice)}")
     jobs = []
     for config in configs:
-        settings = config.settings(base)
-        consistency = config.consistency_config(settings)
+        settings, consistency = config.build(base)
         for one in sets:
             story = parse_story(one.story_text())
             folder = Path(out_dir) / config.name / one.id

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from ..consistency.config import InvalidSetting
-from ..families.base import Family
+
+if TYPE_CHECKING:  # a name for annotations only: the option table reads SCHEDULERS without torch
+    from ..families.base import Family
 
 SCHEDULERS = ("model", "ddim")
 #: FreeU's factors on a UNet's up blocks, in ``enable_freeu``'s argument order.

@@ -7,28 +7,40 @@ block back, so a resumed run runs exactly the settings that were written. Invali
 ``InvalidSetting`` naming the field, which the CLI turns into its flag's name.
 
 Settings that only one mode uses default to None ("not given") and are filled in by ``resolved()``; giving
-one in the other mode is an error, never silently ignored.
+one in the other mode is an error, never silently ignored. Which mode a setting applies to, and the default
+a mode fills in, are declared in the option table (``options.py``), as are the flags that set them;
+``from_options`` makes a run's settings from option values, for the CLI and ``eval-suite`` alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..consistency.config import InvalidSetting
+from ..consistency.config import ConsistencyConfig, InvalidSetting
 from ..models.sampler import SCHEDULERS
 from ..pages.comic import CAPTION_STYLES, LAYOUTS
 from ..pages.fonts import check_font
 from ..pages.story import CAPTION_SOURCES
 from ..pages.styles import DEFAULT_STYLE, get_style
+from .options import (
+    BANK_SCHEDULES,
+    BANK_SHARING,
+    MODES,
+    OWNER,
+    Option,
+    applies,
+    check_modes,
+    mode_defaults,
+    restricted,
+    split_fields,
+)
 
-BANK_SHARING = ("recompute", "broadcast")
 # bank mode over several processes: the faster one measured (README "Several GPUs")
 DISTRIBUTED_BANK_SHARING = "broadcast"
-MODES = ("bank", "window")
-BANK_SCHEDULES = ("lockstep", "stored")
 
 #: ``--preset official``: the official StoryDiffusion app's settings (its low-VRAM SDXL app, the one its
 #: README recommends): DDIM + FreeU(s1 0.6, s2 0.4, b1 1.1, b2 1.2), 768², guidance 5, 35 steps, one identity
@@ -47,9 +59,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     }
 }
 
-# Defaults of the mode-specific settings, applied by ``resolved``.
-BANK_DEFAULTS = {"id_frames": 2, "read_batch_size": 4}
-WINDOW_DEFAULTS = {"chunk_size": 8}
+# Defaults of the mode-specific settings, applied by ``resolved`` (declared in the option table).
+BANK_DEFAULTS = mode_defaults("bank")
+WINDOW_DEFAULTS = mode_defaults("window")
+# the settings that apply in one mode only (the option table's ``modes``)
+_ONE_MODE = tuple(option.field for option in restricted("settings") if option.field)
 
 
 def _count(name: str, value: Any, *, optional: bool = False) -> None:
@@ -172,15 +186,8 @@ class RunSettings:
         if self.bank_sharing is not None and self.bank_sharing not in BANK_SHARING:
             choices = ", ".join(BANK_SHARING)
             raise InvalidSetting("bank_sharing", f"must be one of {choices}, got {self.bank_sharing!r}")
-        other = {
-            "bank": ("chunk_size",),
-            "window": ("id_frames", "read_batch_size", "bank_schedule", "bank_sharing"),
-        }
-        for name in other[self.mode]:
-            if getattr(self, name) is not None:
-                raise InvalidSetting(name, f"does not apply in {self.mode} mode")
-        if self.mode == "window" and self.save_banks:
-            raise InvalidSetting("save_banks", "does not apply in window mode (it keeps no identity bank)")
+        # given (not None; not False for a switch; counts were checked >= 1) in a mode it does not apply to
+        check_modes(self.mode, [name for name in _ONE_MODE if getattr(self, name) not in (None, False)])
         if self.bank_schedule is not None and self.bank_schedule not in BANK_SCHEDULES:
             choices = ", ".join(BANK_SCHEDULES)
             raise InvalidSetting("bank_schedule", f"must be one of {choices}, got {self.bank_schedule!r}")
@@ -205,10 +212,8 @@ class RunSettings:
         settings are left out when ``given`` chooses window mode."""
         if name not in PRESETS:
             raise InvalidSetting("preset", f"must be one of {', '.join(PRESETS)}, got {name!r}")
-        values = dict(PRESETS[name])
-        if given.get("mode") == "window":
-            for key in BANK_DEFAULTS:
-                values.pop(key, None)
+        mode = given.get("mode", cls.mode)
+        values = {key: value for key, value in PRESETS[name].items() if applies(key, mode)}
         return cls().replace(**{**values, **given})
 
     def resolved(self, *, banks_loaded: bool = False) -> RunSettings:
@@ -239,3 +244,40 @@ class RunSettings:
         if unknown:
             raise ValueError(f"unknown settings {unknown}: written by another version of storydiff?")
         return cls(**data)
+
+
+def default_of(option: Option) -> Any:
+    """An option's default: its owner's dataclass default (``RunSettings``, ``ConsistencyConfig``) for an
+    owned option, else the table's (``option.default``)."""
+    if option.default is not OWNER:
+        return option.default
+    owner = {"settings": RunSettings, "consistency": ConsistencyConfig}[option.owner]
+    found = {f.name: f for f in dataclasses.fields(owner)}[option.field]
+    return found.default if found.default is not dataclasses.MISSING else found.default_factory()
+
+
+def from_options(
+    values: Mapping[str, Any], *, base: RunSettings | None = None, banks_loaded: bool = False
+) -> tuple[RunSettings, ConsistencyConfig]:
+    """A run's resolved settings and consistency configuration from option values (by option name, None:
+    not given, as argparse leaves them; ``options.OPTIONS``) over ``base`` (default: ``RunSettings()``),
+    made the one way ``storydiff generate`` and ``eval-suite`` both make them: an option given in a mode it
+    does not apply to is refused first, then ``--preset`` chooses settings the given ones override, the
+    mode fills in its defaults (``RunSettings.resolved``, ``ConsistencyConfig.resolved``), and the
+    configuration takes the run's seed. InvalidSetting (naming the field) or ValueError."""
+    given = {name: value for name, value in values.items() if value is not None}
+    base = base or RunSettings()
+    mode = given.get("mode", base.mode)
+    if mode in MODES:  # else RunSettings names the mode itself
+        check_modes(mode, given)
+    run, consistency = split_fields(given)
+    preset = given.get("preset")
+    start = RunSettings.from_preset(preset, **run) if preset else base.replace(**run)
+    settings = start.resolved(banks_loaded=banks_loaded)
+    return settings, consistency_for(settings, consistency)
+
+
+def consistency_for(settings: RunSettings, fields: Mapping[str, Any]) -> ConsistencyConfig:
+    """The consistency configuration of a run with (resolved) ``settings``: the ``ConsistencyConfig``
+    fields given, the run's seed, and the mode's defaults (``ConsistencyConfig.resolved``)."""
+    return ConsistencyConfig(seed=settings.seed, **fields).resolved(settings.mode)

@@ -126,7 +126,7 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_config_keys_become_settings():
-    config = parse_config("csa:rate=0.7,window=2,level_rates=32:0.5+16:0.3,mode=bank,height=none")
+    config = parse_config("csa:rate=0.7,window=2,level-rate=32=0.5,--level_rate=16=0.3,mode=bank")
     settings = config.settings(RunSettings(seed=3))
     consistency = config.consistency_config(settings)
     assert (config.name, settings.mode, settings.height, settings.seed) == ("csa", "bank", None, 3)
@@ -146,7 +146,12 @@ def test_config_keys_become_settings():
         ("csa:rate=2", "rate must be a number in [0, 1]"),
         ("csa:rate=0.5,rate=0.6", "rate is given twice"),
         ("csa:rate", "expected KEY=VALUE, got 'rate'"),
-        ("csa:level_rates=32", "level_rates: expected LEVEL:RATE items"),
+        ("csa:level-rate=32", "--level-rate expects LEVEL=RATE such as 32=0.5, got '32'"),
+        # the old syntax (field names, LEVEL:RATE+..., 'none'): one line saying what to write instead
+        ("csa:level_rates=32:0.5+16:0.3", "old syntax; write level-rate=32=0.5,level-rate=16=0.3"),
+        ("csa:num_inference_steps=20", "num_inference_steps=20 is the old syntax; write steps=20"),
+        ("csa:height=none", "leave height out for its default"),
+        ("csa:skip_prob_early=0", "write no-skip"),
         ("a/b:rate=0.5", "the name must be"),
         ("tradeoff.png:rate=0.5", "the name of a file the suite writes"),
         ("csa:mode=fast", "mode must be one of bank, window"),
@@ -162,8 +167,8 @@ def test_cli_refuses_bad_input_before_loading_anything(tmp_path, capsys):
     out = tmp_path / "out"
     assert _suite(out, "--config", "base:rate=0.0", "--config", "csa:speed=2") == 2
     err = capsys.readouterr().err
-    assert "--config 'csa:speed=2': unknown key 'speed'; allowed keys: mode, style" in err
-    assert "rate, level_rates, layers" in err
+    assert "--config 'csa:speed=2': unknown key 'speed'; allowed keys: style, negative, steps" in err
+    assert "rate, level-rate, layers" in err
     assert _suite(out, "--config", "a", "--config", "a") == 2
     assert "given twice: a" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
