@@ -222,6 +222,7 @@ class StoryDiffusionPipeline:
         self, story: Story, settings: RunSettings, out_dir, overwrite, resume, progress, reference_images
     ) -> StoryResult:
         self.family.check_size(settings.height, settings.width)
+        config = self.config.resolved(settings.mode)  # window mode's default window filled in
         # characters of this story with a bank already (loaded, or written by an earlier story)
         banked = set()
         if settings.mode == "bank":
@@ -229,7 +230,7 @@ class StoryDiffusionPipeline:
         identity = check_run(
             story,
             settings,
-            self.config,
+            config,
             banked=banked,
             loaded=bool(self.loaded_banks),
             out_dir=out_dir,
@@ -273,7 +274,7 @@ class StoryDiffusionPipeline:
             model=self.model_name,
             story_text=story_source(story),
             settings=settings.to_dict(),
-            consistency=self.config.to_dict(),
+            consistency=config.to_dict(),
             frame_seeds=plan.seeds,
             prompts=list(plan.prompts),
             negative_prompts=list(plan.negatives),
@@ -303,6 +304,7 @@ class StoryDiffusionPipeline:
                 output = StoryOutput(out_dir, resume=resume, follower=True)
         start = time.perf_counter()
         self.state.bank.reset_peak()
+        installed, self.state.config = self.state.config, config  # this run's, as recorded
         try:
             run = StoryRun(plan, self.family, self.state, output, resume, progress)
             run.references = self._encode_references(story, reference, adapter)
@@ -320,6 +322,7 @@ class StoryDiffusionPipeline:
             raise
         finally:
             self.state.end()
+            self.state.config = installed
         bank = self.state.bank
         bank_bytes = {name: bank.written_bytes(name) for name in story.characters if bank.has(name)}
         memory = {"bank_bytes": bank_bytes, "bank_peak_bytes": bank.peak_bytes}

@@ -176,9 +176,8 @@ def check_run(
 ) -> dict[str, list[int]]:
     """Check that ``story`` can run with these (resolved) settings before any model is involved; returns
     the identity frames each character without a bank (``banked``: loaded from files when ``loaded``, or
-    kept from an earlier story) writes (bank mode; else {})."""
-    if settings.mode == "window" and config.window is None and config.tile is None:
-        raise InvalidSetting("window", "is needed in window mode: ConsistencyConfig(window=W), e.g. 2")
+    kept from an earlier story) writes (bank mode; else {}). ``config`` as the run uses it
+    (``ConsistencyConfig.resolved``: window mode's window filled in)."""
     if settings.mode == "bank" and config.tile is not None:
         raise InvalidSetting("tile", "applies to window mode only")
     if (settings.checkpoint_every or resume) and out_dir is None:

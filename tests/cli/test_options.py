@@ -160,13 +160,16 @@ def test_window_mode_has_one_window_default(tmp_path, story):
     assert "(default: 2 in window mode)" in " ".join(generate_parser().format_help().split())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the run's check still raises 'window is needed in window mode': it should take "
-    "ConsistencyConfig.resolved(settings.mode) (runs/plan.py check_run, pipeline.py _run_story)",
-)
 def test_the_library_run_fills_in_window_modes_window():
-    from storydiff.pages.story import parse_story
-    from storydiff.runs.plan import check_run
+    """A window-mode run from the library without a window runs with the CLI's default and records it."""
+    from storydiff import StoryDiffusionPipeline
 
-    check_run(parse_story(STORY), RunSettings(mode="window").resolved(), ConsistencyConfig())
+    sp = StoryDiffusionPipeline.from_pretrained("tiny-sd15", ConsistencyConfig())
+    result = sp(
+        "[Bob] a man\n---\n[Bob] walks\n[Bob] sits\n[Bob] runs\n",
+        mode="window",
+        num_inference_steps=1,
+        progress=False,
+    )
+    assert result.metadata["consistency"]["window"] == WINDOW_MODE_WINDOW
+    assert sp.config.window is None and sp.state.config.window is None  # the installed config is left alone
