@@ -6,6 +6,10 @@ the character. Per character, per denoising step, per layer it holds ``(k, v)`` 
 tokens. Compared with the official banks (full hidden states, or sampled hidden states re-projected on
 every read), it stores only sampled tokens, already as K/V, in the compute dtype; with ``offload`` they
 live in pinned CPU memory and the next layer's tensors are copied to the GPU while this layer computes.
+
+Two-pass CFG (``state.CfgPass``: one denoiser call per group) hands each group in its own call
+(``store_group``); the entry appears, in the batched layout, once every group is in, so a bank written
+either way has the same layout and signature, and either kind of run reads it.
 """
 
 from __future__ import annotations
@@ -94,6 +98,8 @@ class IdBank:
         self._store: dict[str, dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
         self._meta: dict[str, dict] = {}
         self._prefetched: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor, object]] = {}
+        # (character, step, layer) -> {group: (k, v)}: CFG groups of a two-pass write not all in yet
+        self._groups: dict[tuple[str, int, str], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._stream: torch.cuda.Stream | None = None
         # Memory as data: bytes alive now, the most alive at once, and bytes each character ever wrote
         # (equal under every schedule; a lockstep run frees each step's bank after reading it).
@@ -107,6 +113,8 @@ class IdBank:
         self._store.pop(character, None)
         self._meta.pop(character, None)
         self._written.pop(character, None)
+        for key in [key for key in self._groups if key[0] == character]:
+            del self._groups[key]
 
     def start(self, character: str) -> None:
         """Begin a fresh bank for ``character``: it exists from now on, even before (or without) any
@@ -127,11 +135,42 @@ class IdBank:
         layers[layer] = (k, v)
         self._account(character, _pair_bytes((k, v)))
 
+    def store_group(
+        self,
+        character: str,
+        step: int,
+        layer: str,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        group: int,
+        groups: int,
+    ) -> None:
+        """One CFG group's (1, H, M, D) tokens, from one pass of two-pass guidance. Once all ``groups`` of
+        (character, step, layer) are in, they are stored as one (groups, H, M, D) entry in group order —
+        the entry a batched [uncond; cond] write stores — and readers see it; until then nothing."""
+        key = (character, step, layer)
+        parts = self._groups.setdefault(key, {})
+        parts[group] = (k, v)
+        if len(parts) < groups:
+            return
+        del self._groups[key]
+        if sorted(parts) != list(range(groups)):
+            raise ValueError(
+                f"CFG groups {sorted(parts)} of {character!r} at step {step}, {layer}: not 0..{groups - 1}"
+            )
+        ordered = [parts[g] for g in range(groups)]
+        self.store(
+            character, step, layer, torch.cat([k for k, _ in ordered]), torch.cat([v for _, v in ordered])
+        )
+
     def drop_step(self, step: int, characters) -> None:
         """Free the characters' tokens of denoising ``step`` (a lockstep run, once the step is read)."""
         for character in characters:
             for pair in self._store.get(character, {}).pop(step, {}).values():
                 self.live_bytes -= _pair_bytes(pair)
+        for key in [key for key in self._groups if key[1] == step and key[0] in set(characters)]:
+            del self._groups[key]
 
     def _account(self, character: str, nbytes: int) -> None:
         self.live_bytes += nbytes

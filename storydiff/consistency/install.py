@@ -110,6 +110,12 @@ def install(host: Host, config: ConsistencyConfig) -> ConsistencyState:
     return state
 
 
+def installed_state(denoiser) -> ConsistencyState | None:
+    """The state :func:`install` put on ``denoiser`` (a ``torch.compile``'d one: its module's), or None."""
+    installed = getattr(getattr(denoiser, "_orig_mod", denoiser), _STATE_ATTR, None)
+    return None if installed is None else installed[0]
+
+
 def replaced(denoiser) -> list[str]:
     """Consistent layers whose processor something else replaced after :func:`install` (e.g. FLUX's
     ``load_ip_adapter`` puts its own on the double-stream blocks): consistency is off there."""

@@ -4,8 +4,10 @@
   with ``writing`` set, every consistent layer also banks those sampled K/V for that character.
 * ``ReadMode``: each frame attends to its own tokens plus the banked tokens of the characters it shows.
 
-Long stories have their own mode (``longstory/window.py``). Modes receive (B, H, N, D) q, k, v with B =
-groups x frames, the CFG halves stacked as [uncond frames; cond frames].
+Long stories have their own mode (``window.py``). Modes receive (B, H, N, D) q, k, v with B =
+groups x frames, the CFG halves stacked as [uncond frames; cond frames]; in one pass of two-pass CFG the
+batch is just the frames (groups = 1) and ``state.current_pass`` says which group it is: a write then banks
+that group's tokens where a batched write puts them, and a read takes that group of the bank.
 """
 
 from __future__ import annotations
@@ -95,7 +97,19 @@ class JointMode:
         if self.writing is not None:
             # banked as offered: frames that read the bank see the keys this batch's frames saw
             bank_k, bank_v = bank_tokens(k, ref_idx, groups, pool_k), bank_tokens(v, ref_idx, groups)
-            state.bank.store(self.writing, state.step, layer.name, bank_k, bank_v)
+            cfg_pass = state.current_pass
+            if cfg_pass is None:
+                state.bank.store(self.writing, state.step, layer.name, bank_k, bank_v)
+            else:  # one group of two-pass CFG: the entry appears once every pass has banked its group
+                state.bank.store_group(
+                    self.writing,
+                    state.step,
+                    layer.name,
+                    bank_k,
+                    bank_v,
+                    group=cfg_pass.group,
+                    groups=cfg_pass.groups,
+                )
         return out
 
 
@@ -118,6 +132,7 @@ class ReadMode:
         # they were written
         frames = self.num_frames
         rows = rows_kwarg(image, q.shape[2])
+        first, total = state.cfg_groups(groups)  # the bank groups this batch reads: [first, first + groups)
 
         def read(characters: tuple[str, ...], q_, k_, v_) -> torch.Tensor:
             bank = state.bank.get(characters, state.step, layer.name, q.device) if characters else None
@@ -125,11 +140,13 @@ class ReadMode:
                 return F.scaled_dot_product_attention(q_, k_, v_)
             state.bank.prefetch(characters, *state.next_layer(layer), q.device)
             bank_k, bank_v = (t.to(q.dtype) for t in bank)
-            if bank_k.shape[0] != groups:
+            if bank_k.shape[0] != total:
                 raise RuntimeError(
                     f"bank of {characters} was written with {bank_k.shape[0]} CFG group(s), but this "
-                    f"batch has {groups}: write and read with the same guidance setting"
+                    f"run has {total}: write and read with the same guidance setting"
                 )
+            if groups != total:  # one pass of two-pass CFG: its group of the bank
+                bank_k, bank_v = bank_k[first : first + groups], bank_v[first : first + groups]
             no_refs = torch.empty(q_.shape[0], 0, dtype=torch.int64, device=q.device)
             return consistent_attention(
                 q_, k_, v_, no_refs, groups=groups, bank_k=bank_k, bank_v=bank_v, **rows

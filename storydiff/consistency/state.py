@@ -5,14 +5,23 @@ counts, and every random choice is a pure function of (seed, what, step, layer o
 frames differently never changes a result.
 
 A *mode* says what the frames now in the denoiser's batch attend to (``modes.py``: joint, write, read;
-``longstory/window.py``: story neighbours). The processors compute the host's own projections and hand
-q, k, v to :meth:`ConsistencyState.attend`, which asks the mode.
+``window.py``: story neighbours). The processors compute the host's own projections and hand q, k, v to
+:meth:`ConsistencyState.attend`, which asks the mode.
+
+Classifier-free guidance runs one of two ways. Batched (UNets, SD3, PixArt): one denoiser call per step on
+[uncond frames; cond frames], the CFG *groups* (``UNCOND``, ``COND``) stacked in that order. Two passes
+(Qwen-Image, Wan: ``Family.cfg_passes``): two calls per step, each on just the frames; the family says which
+group each call computes (:meth:`ConsistencyState.cfg_pass`, never inferred from call counts), and every
+mode then does for that group exactly what it does for the group's half of a batched call: banks are
+written and read in the batched layout (groups, H, M, D), window mode's boundary cache is kept per group,
+and token draws and layer skips are shared by both passes as they are by both halves.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +41,17 @@ Span = tuple[int, int]  # token positions [start, stop) within each frame's sequ
 Reposition = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+UNCOND, COND = 0, 1  # CFG groups, in the order a batched call stacks them: [uncond frames; cond frames]
+
+
+@dataclass(frozen=True)
+class CfgPass:
+    """The CFG group one denoiser call of two-pass guidance computes: its batch is just the frames."""
+
+    group: int  # UNCOND or COND: its place in the batched layout (banks, halo messages)
+    groups: int = 2  # CFG groups in all
+
+
 @dataclass(frozen=True)
 class LayerInfo:
     name: str  # processor name in ``unet.attn_processors``
@@ -45,6 +65,9 @@ class Mode(Protocol):
     name: str
     #: story frames in the batch now; the batch holds ``groups`` copies of them (CFG halves)
     num_frames: int
+
+    # ``groups`` below is the CFG groups in this batch: 2 for batched CFG ([uncond; cond]), 1 without
+    # guidance or in one pass of two-pass CFG, where ``state.current_pass`` (a ``CfgPass``) says which group
 
     def attend(
         self,
@@ -72,7 +95,8 @@ class ConsistencyState:
 
     ``mode`` is None when the processors compute stock self-attention. ``begin_joint``, ``begin_write``
     and ``begin_read`` set the identity-bank modes; ``set_step`` (or ``step_callback`` as diffusers'
-    ``callback_on_step_end``) advances the step.
+    ``callback_on_step_end``) advances the step. Under two-pass CFG the family wraps each denoiser call in
+    ``cfg_pass(group)``; ``current_pass`` is the pass now running (None: every group is in the batch).
     """
 
     def __init__(self, config: ConsistencyConfig, layers: list[LayerInfo], *, offload_bank: bool) -> None:
@@ -84,6 +108,7 @@ class ConsistencyState:
         self._draws: dict[tuple, torch.Tensor] = {}  # token draws of the current step, shared by layers
         self.host: dict = {}  # what identifies the denoiser (attention.host_signature), for banks
         self.text_tokens: int | None = None  # text length of the current call's joint sequences
+        self.current_pass: CfgPass | None = None  # the CFG pass now running (two-pass guidance), or None
 
     # -- driven by the pipeline ----------------------------------------------------------------------
     def begin(self, mode: Mode, *, step: int = 0) -> None:
@@ -113,6 +138,35 @@ class ConsistencyState:
     def end(self) -> None:
         self.mode = None
         self._draws.clear()
+
+    def set_pass(self, group: int | None, groups: int = 2) -> None:
+        """The next denoiser calls compute CFG group ``group`` (``UNCOND`` or ``COND``) of ``groups``, on a
+        batch of just the frames; None: calls hold every group again ([uncond; cond], or no guidance)."""
+        if group is None:
+            self.current_pass = None
+            return
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 2:
+            raise ValueError(f"a CFG pass is one of >= 2 groups, got groups={groups!r}")
+        if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < groups:
+            raise ValueError(f"CFG group must be an int in [0, {groups}), got {group!r}")
+        self.current_pass = CfgPass(group, groups)
+
+    @contextmanager
+    def cfg_pass(self, group: int, groups: int = 2) -> Iterator[CfgPass]:
+        """``with state.cfg_pass(COND): denoiser(...)``: the calls inside compute CFG group ``group``."""
+        previous = self.current_pass
+        self.set_pass(group, groups)
+        try:
+            yield self.current_pass
+        finally:
+            self.current_pass = previous
+
+    def cfg_groups(self, groups: int) -> tuple[int, int]:
+        """(first, total): the CFG groups a batch holding ``groups`` of them computes are
+        [first, first + groups) of ``total``, in the batched layout."""
+        if self.current_pass is None:
+            return 0, groups
+        return self.current_pass.group, self.current_pass.groups
 
     def set_step(self, step: int) -> None:
         self.step = step
@@ -159,8 +213,14 @@ class ConsistencyState:
                 f"the state was told about ({mode.name} mode)"
             )
         image = image or (0, q.shape[2])
-        # 2 under classifier-free guidance: [uncond frames; cond frames]
-        return mode.attend(self, layer, q, k, v, q.shape[0] // mode.num_frames, image, reposition)
+        # 2 under batched classifier-free guidance: [uncond frames; cond frames]
+        groups = q.shape[0] // mode.num_frames
+        if self.current_pass is not None and groups != 1:
+            raise RuntimeError(
+                f"{layer.name}: in CFG pass {self.current_pass.group} the batch holds just the "
+                f"{mode.num_frames} frames, got {q.shape[0]} rows"
+            )
+        return mode.attend(self, layer, q, k, v, groups, image, reposition)
 
     def consistent_now(self, layer: LayerInfo) -> bool:
         """False during warm-up and when this (step, layer) randomly falls back to plain attention."""
@@ -171,7 +231,8 @@ class ConsistencyState:
 
     def reference_indices(self, layer: LayerInfo, image: Span, device: torch.device) -> torch.Tensor:
         """(num_frames, S) positions of the image tokens each frame of the batch offers; one draw per
-        (step, level), shared by the level's layers and by both CFG halves, as in the official code."""
+        (step, level), shared by the level's layers and by both CFG halves (or passes), as in the
+        official code."""
         writing = getattr(self.mode, "writing", None)
         key = (self.step, layer.level, self.mode.num_frames, image[1] - image[0], writing)
         if key not in self._draws:
@@ -185,7 +246,7 @@ class ConsistencyState:
         self, layer: LayerInfo, frames: range, image: Span, device: torch.device
     ) -> torch.Tensor:
         """(len(frames), S) image-token positions offered by each story frame: one draw per (step, level,
-        frame), so a frame offers the same tokens whichever batch it is computed in."""
+        frame), so a frame offers the same tokens whichever batch (or CFG pass) it is computed in."""
         rows = []
         count = image[1] - image[0]
         for frame in frames:

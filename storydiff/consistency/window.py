@@ -6,6 +6,10 @@ chunk of consecutive story frames at a time (``begin_chunk``). A neighbour outsi
 its chunk was already computed at this step: its sampled K/V wait in a boundary cache that holds just the
 current step and just the frames some pending frame can still read. See ``longstory/__init__.py`` for the
 sweep order that makes chunk boundaries symmetric over steps.
+
+Under two-pass CFG (``state.CfgPass``) each chunk is computed twice per step, one CFG group per denoiser
+call: the cache is keyed by the group too, so a pass reads only its own group's tokens of earlier chunks
+(and, over ranks, of the halo), exactly the half a batched [uncond; cond] call would read.
 """
 
 from __future__ import annotations
@@ -48,8 +52,12 @@ class WindowMode:
         self.window, self.tile = window or 0, tile
         self.chunk = (0, len(active))  # story frames [a, b) in the denoiser batch now
         self.pending = set(range(len(active)))  # story frames not yet computed at this step
-        # (layer, frame) -> sampled (k, v), [G, H, S, D]: frames of finished chunks that pending ones read
-        self.boundary: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # over ranks: the other ranks' frames whose tokens arrived at this step, per CFG pass (None: the
+        # batch holds every group) — a pass sees what its own exchanges brought, as a batched call would
+        self.arrived: dict[int | None, set[int]] = {}
+        # (layer, frame, CFG pass) -> sampled (k, v), [G, H, S, D]: frames of finished chunks that pending
+        # ones read; the pass is None when the batch holds every CFG group, else its group (two-pass CFG)
+        self.boundary: dict[tuple[str, int, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def num_frames(self) -> int:
@@ -58,6 +66,7 @@ class WindowMode:
     def on_step(self) -> None:
         self.pending = set(range(len(self.active)))
         self.boundary.clear()
+        self.arrived.clear()
 
     def begin_chunk(self, start: int, stop: int) -> None:
         """The next denoiser call computes story frames [start, stop) at the current step."""
@@ -106,21 +115,29 @@ class WindowMode:
             pool_k = gather_reference_pool(k, both_halves).transpose(1, 2)
         pool_v = gather_reference_pool(v, both_halves).transpose(1, 2)
         pools = [pool.unflatten(0, (groups, count)) for pool in (pool_k, pool_v)]
+        # the CFG group of a two-pass call: its tokens are cached, and read, apart from the other group's
+        cfg_pass = None if state.current_pass is None else state.current_pass.group
         if self.halo is None:
-            self._offer(layer, pools)
+            self._offer(layer, pools, cfg_pass)
         elif pools[0].shape[3]:  # every rank skips alike: the sample count depends on the level only
+            # every rank runs the same passes in the same order: each message holds the same group
             for frame, kv in self.halo.exchange(*pools).items():
-                self.boundary[(layer.name, frame)] = kv
-                self.pending.discard(frame)  # computed at this step, on its own rank
+                self.boundary[(layer.name, frame, cfg_pass)] = kv
+                self.arrived.setdefault(cfg_pass, set()).add(frame)  # computed at this step, on its rank
+        arrived = self.arrived.get(cfg_pass, set())
 
         def tokens_of(frame: int, kind: int) -> torch.Tensor:  # [G, H, S, D]
             if start <= frame < stop:
                 return pools[kind][:, frame - start]
-            return self.boundary[(layer.name, frame)][kind]
+            if not pools[kind].shape[3]:  # nothing sampled at this level: no frame offers a token
+                return pools[kind][:, 0]
+            return self.boundary[(layer.name, frame, cfg_pass)][kind]
 
-        # neighbours in this chunk, or already computed at this step
+        # neighbours in this chunk, or already computed at this step (here, or on another rank)
         visible = {
-            f: tuple(j for j in self.neighbours(f) if start <= j < stop or j not in self.pending)
+            f: tuple(
+                j for j in self.neighbours(f) if start <= j < stop or j not in self.pending or j in arrived
+            )
             for f in range(start, stop)
         }
         by_count: dict[int, list[int]] = {}
@@ -152,11 +169,13 @@ class WindowMode:
         ]
         return attend_rows(q, k, v, row_sets, read)
 
-    def _offer(self, layer: LayerInfo, pools: list[torch.Tensor]) -> None:
-        """Keep the sampled tokens of this chunk's frames that frames of later chunks will read."""
+    def _offer(self, layer: LayerInfo, pools: list[torch.Tensor], cfg_pass: int | None) -> None:
+        """Keep the sampled tokens of this chunk's frames that frames of later chunks will read (of the CFG
+        group ``cfg_pass`` under two-pass CFG; None: every group, as the batch holds them)."""
         start, stop = self.chunk
         for local, frame in enumerate(range(start, stop)):
             later = (j for j in self.pending if not start <= j < stop and abs(j - frame) <= self.window)
             if self.active[frame] and any(self.active[j] for j in later):
                 # clone: a view would keep the whole chunk's pool alive after the chunk is done
-                self.boundary[(layer.name, frame)] = (pools[0][:, local].clone(), pools[1][:, local].clone())
+                kv = (pools[0][:, local].clone(), pools[1][:, local].clone())
+                self.boundary[(layer.name, frame, cfg_pass)] = kv

@@ -15,12 +15,15 @@ for every family).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import nullcontext
 from typing import ClassVar
 
 import torch
 from PIL import Image
 
-from ..consistency.install import Host
+from ..consistency.install import Host, installed_state
+from ..consistency.state import COND, UNCOND
 from ..support.compat import execution_device
 
 # the error for the families whose stories take no IP-Adapter
@@ -49,6 +52,11 @@ class Family:
     #: single-file checkpoints (``models/model_files.py``): None, "whole" (UNet, VAE and text encoders in one
     #: file) or "transformer" (the denoiser only; the rest comes from a config folder)
     single_file: ClassVar[str | None] = None
+    #: how classifier-free guidance runs: 1 — one denoiser call per step on [uncond frames; cond frames];
+    #: 2 — two calls per step, cond then uncond, each on just the frames (Qwen-Image, Wan), through
+    #: ``guided_passes``, which tells the installed consistency state which CFG group each call computes.
+    #: Either way the conditioning from ``encode`` holds both halves and banks hold both groups.
+    cfg_passes: ClassVar[int] = 1
 
     def __init__(self, pipe) -> None:
         self.pipe = pipe
@@ -93,7 +101,8 @@ class Family:
         return self.pipe.default_sample_size * self.pipe.vae_scale_factor
 
     def uses_cfg_batch(self, guidance_scale: float) -> bool:
-        """Whether guidance doubles the batch as [uncond frames; cond frames]."""
+        """Whether guidance is classifier-free with [uncond; cond] halves: one doubled batch
+        (``cfg_passes`` 1) or two denoiser calls (2). Either way banks hold 2 CFG groups."""
         return guidance_scale > 1
 
     def check_size(self, height: int, width: int) -> None:
@@ -124,6 +133,18 @@ class Family:
     def predict(self, scheduler, latents, t, conditioning, guidance_scale: float, cfg: bool) -> torch.Tensor:
         """The guided model output for ``latents`` (a batch of frames) at timestep ``t``."""
         raise NotImplementedError
+
+    def guided_passes(self, call: Callable[[int], torch.Tensor], guidance_scale: float) -> torch.Tensor:
+        """True CFG as two denoiser calls (``cfg_passes`` 2): ``call(group)`` runs the denoiser once on just
+        the frames, with the conditioning of CFG group ``group`` — ``COND``, then ``UNCOND`` — while the
+        consistency state installed on the denoiser (if any) is told which group that call computes
+        (``ConsistencyState.cfg_pass``). Returns ``uncond + guidance_scale · (cond − uncond)``."""
+        state = installed_state(self.denoiser)
+        out = {}
+        for group in (COND, UNCOND):
+            with state.cfg_pass(group) if state is not None else nullcontext():
+                out[group] = call(group)
+        return out[UNCOND] + guidance_scale * (out[COND] - out[UNCOND])
 
     def decode(self, latent: torch.Tensor, height: int, width: int) -> Image.Image:
         """One frame's final latent → PIL image (SDXL's fp32 VAE upcast where its config asks for it)."""

@@ -4,7 +4,10 @@
   Levels by block depth (VAE factor 8 × 2^depth); presets "default" = "up", "up+mid", "all". Image-only
   self-attention: ``ConsistentAttnProcessor`` (diffusers' ``AttnProcessor2_0`` math around the state's
   attention). No RoPE.
-* Step: CFG as one [uncond; cond] batch; SDXL's pooled text and micro-conditioning ids.
+* Step: CFG as one [uncond; cond] batch; SDXL's pooled text and micro-conditioning ids. Setting
+  ``cfg_passes = 2`` (tests only, e.g. on a subclass) runs it as two calls instead, cond then uncond, each
+  on the frames with their half of the same conditioning: how Qwen-Image and Wan guide, on a model that
+  runs offline.
 * Reference images through diffusers' UNet IP-Adapter (masks per image); DDIM + FreeU apply (the official
   app's sampler); whole single-file checkpoints (UNet, VAE and text encoders).
 * Offline models: ``tiny-sdxl``, ``tiny-sd15``, ``random-sdxl`` (``tiny_models.py``).
@@ -115,10 +118,19 @@ class UNetFamily(Family):
         return hidden, {**(added or {}), "image_embeds": image_embeds}, {"ip_adapter_masks": masks}
 
     def predict(self, scheduler, latents, t, conditioning, guidance_scale: float, cfg: bool) -> torch.Tensor:
+        if cfg and self.cfg_passes == 2:
+            model_in = scheduler.scale_model_input(latents, t)
+            return self.guided_passes(
+                lambda group: self._unet(model_in, t, cfg_half(conditioning, group)), guidance_scale
+            )
         model_in = torch.cat([latents, latents]) if cfg else latents
         model_in = scheduler.scale_model_input(model_in, t)
+        out = self._unet(model_in, t, conditioning)
+        return guide(out, guidance_scale) if cfg else out
+
+    def _unet(self, model_in: torch.Tensor, t, conditioning) -> torch.Tensor:
         hidden, added, *images = conditioning  # images: cross-attention kwargs of reference images
-        out = self.pipe.unet(
+        return self.pipe.unet(
             model_in,
             t,
             encoder_hidden_states=hidden,
@@ -126,4 +138,15 @@ class UNetFamily(Family):
             cross_attention_kwargs=images[0] if images else None,
             return_dict=False,
         )[0]
-        return guide(out, guidance_scale) if cfg else out
+
+
+def cfg_half(conditioning, group: int):
+    """CFG group ``group``'s half of [uncond; cond] conditioning from ``UNetFamily.encode`` (and
+    ``with_reference_images``): every tensor in it is stacked along its first dimension."""
+    if isinstance(conditioning, torch.Tensor):
+        return conditioning.chunk(2)[group]
+    if isinstance(conditioning, dict):
+        return {key: cfg_half(value, group) for key, value in conditioning.items()}
+    if isinstance(conditioning, (list, tuple)):
+        return type(conditioning)(cfg_half(value, group) for value in conditioning)
+    return conditioning
