@@ -24,6 +24,22 @@ if TYPE_CHECKING:
     from .state import ConsistencyState, LayerInfo, Reposition, Span
 
 
+def plain_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The host's own self-attention of each frame; ``key_lengths`` (B,): frame b's keys end there (its
+    text padding follows, Qwen-Image)."""
+    if key_lengths is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    valid = torch.arange(k.shape[2], device=key_lengths.device) < key_lengths[:, None]  # [B, N]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+
+
+def lengths_kwarg(key_lengths: torch.Tensor | None) -> dict:
+    """The op's ``key_lengths`` keyword, or nothing (every frame's keys are all its N tokens)."""
+    return {} if key_lengths is None else {"key_lengths": key_lengths}
+
+
 def rows_kwarg(image: Span, tokens: int) -> dict:
     """The op's ``query_rows`` keyword for an image span of a ``tokens``-long sequence: only the image
     rows read other frames. Nothing when the whole sequence is image (UNets), so their calls stay as
@@ -52,19 +68,26 @@ def offered_keys(
 
 
 def attend_rows(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_sets: list[tuple[object, list[int]]], attend
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    row_sets: list[tuple[object, list[int]]],
+    attend,
+    key_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run ``attend(key, q_rows, k_rows, v_rows)`` per set of batch rows and assemble the output.
+    """Run ``attend(key, q_rows, k_rows, v_rows, key_lengths_rows)`` per set of batch rows and assemble the
+    output.
 
     Rows that share a key set (same characters, same neighbours) go through one call; with a single set
     the whole batch goes through as is, without gathering rows.
     """
     if len(row_sets) == 1:
-        return attend(row_sets[0][0], q, k, v)
+        return attend(row_sets[0][0], q, k, v, key_lengths)
     out = torch.empty_like(q)
     for key, rows in row_sets:
         index = index_tensor(rows, q.device)
-        out.index_copy_(0, index, attend(key, q[index], k[index], v[index]))
+        lengths = None if key_lengths is None else key_lengths[index]
+        out.index_copy_(0, index, attend(key, q[index], k[index], v[index], lengths))
     return out
 
 
@@ -81,14 +104,23 @@ class JointMode:
         pass
 
     def attend(
-        self, state: ConsistencyState, layer: LayerInfo, q, k, v, groups: int, image, reposition=None
+        self,
+        state: ConsistencyState,
+        layer: LayerInfo,
+        q,
+        k,
+        v,
+        groups: int,
+        image,
+        reposition=None,
+        key_lengths=None,
     ) -> torch.Tensor:
         ref_idx = state.reference_indices(layer, image, q.device).repeat(groups, 1)
         pool_k = offered_keys(k, ref_idx, reposition)
         if ref_idx.shape[1] == 0:  # rate 0 at this level: nothing to borrow, exactly the host's attention
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = plain_attention(q, k, v, key_lengths)
         else:
-            rows = rows_kwarg(image, q.shape[2])
+            rows = {**rows_kwarg(image, q.shape[2]), **lengths_kwarg(key_lengths)}
             window = state.config.window
             # indices from the seeded sampler: no range check, so the step never syncs the host
             out = consistent_attention(
@@ -126,7 +158,16 @@ class ReadMode:
         pass
 
     def attend(
-        self, state: ConsistencyState, layer: LayerInfo, q, k, v, groups: int, image, reposition=None
+        self,
+        state: ConsistencyState,
+        layer: LayerInfo,
+        q,
+        k,
+        v,
+        groups: int,
+        image,
+        reposition=None,
+        key_lengths=None,
     ) -> torch.Tensor:
         # reposition is not needed: reading frames offer nothing, and banked keys were re-positioned when
         # they were written
@@ -134,10 +175,10 @@ class ReadMode:
         rows = rows_kwarg(image, q.shape[2])
         first, total = state.cfg_groups(groups)  # the bank groups this batch reads: [first, first + groups)
 
-        def read(characters: tuple[str, ...], q_, k_, v_) -> torch.Tensor:
+        def read(characters: tuple[str, ...], q_, k_, v_, lengths) -> torch.Tensor:
             bank = state.bank.get(characters, state.step, layer.name, q.device) if characters else None
             if bank is None:  # an [NC] frame, or the writer skipped this (step, layer)
-                return F.scaled_dot_product_attention(q_, k_, v_)
+                return plain_attention(q_, k_, v_, lengths)
             state.bank.prefetch(characters, *state.next_layer(layer), q.device)
             bank_k, bank_v = (t.to(q.dtype) for t in bank)
             if bank_k.shape[0] != total:
@@ -149,11 +190,19 @@ class ReadMode:
                 bank_k, bank_v = bank_k[first : first + groups], bank_v[first : first + groups]
             no_refs = torch.empty(q_.shape[0], 0, dtype=torch.int64, device=q.device)
             return consistent_attention(
-                q_, k_, v_, no_refs, groups=groups, bank_k=bank_k, bank_v=bank_v, **rows
+                q_,
+                k_,
+                v_,
+                no_refs,
+                groups=groups,
+                bank_k=bank_k,
+                bank_v=bank_v,
+                **rows,
+                **lengths_kwarg(lengths),
             )
 
         row_sets = [
             (chars, [g * frames + f for g in range(groups) for f in members])
             for chars, members in self.read_sets.items()
         ]
-        return attend_rows(q, k, v, row_sets, read)
+        return attend_rows(q, k, v, row_sets, read, key_lengths)

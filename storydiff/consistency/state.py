@@ -26,14 +26,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from csa_kernels import sample_reference_indices
 from csa_kernels.pool import to_device_async
 
 from .bank import IdBank
 from .config import ConsistencyConfig
-from .modes import JointMode, ReadMode
+from .modes import JointMode, ReadMode, plain_attention
 
 Span = tuple[int, int]  # token positions [start, stop) within each frame's sequence
 # (pool_k (B, H, S, D), positions (B, S)) -> pool_k: the host moves borrowed keys, already carrying their
@@ -79,10 +78,12 @@ class Mode(Protocol):
         groups: int,
         image: Span,
         reposition: Reposition | None = None,
+        key_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, H, N, D) attention output for this batch; only called when consistency is on. ``image``:
         the token range [a, b) of each frame's sequence that holds image tokens (the rest is text).
-        ``reposition``: applied to the keys this batch's frames offer (to each other and to a bank)."""
+        ``reposition``: applied to the keys this batch's frames offer (to each other and to a bank).
+        ``key_lengths`` (B,): where each frame's own keys end (passed only when given)."""
         ...
 
     def on_step(self) -> None:
@@ -194,6 +195,7 @@ class ConsistencyState:
         v: torch.Tensor,
         image: Span | None = None,
         reposition: Reposition | None = None,
+        key_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Self-attention of (B, H, N, D) q, k, v under the current mode (stock when off or skipped).
 
@@ -203,10 +205,12 @@ class ConsistencyState:
         ``reposition(pool_k, positions)``: the keys a frame offers, (B, H, S, D), gathered at ``positions``
         (B, S) (token positions in the sequence), to wherever they should sit instead (RoPE hosts); they
         are offered and banked that way. None: offered as they are.
+        ``key_lengths`` (B,): frame b's own keys are its first ``key_lengths[b]`` tokens (the rest is text
+        padding, which nothing attends to: Qwen-Image puts image tokens first); None: all N.
         """
         mode = self.mode
         if mode is None or not self.consistent_now(layer):
-            return F.scaled_dot_product_attention(q, k, v)
+            return plain_attention(q, k, v, key_lengths)
         if q.shape[0] % mode.num_frames:
             raise RuntimeError(
                 f"{layer.name}: batch of {q.shape[0]} is not a multiple of the {mode.num_frames} frames "
@@ -220,7 +224,15 @@ class ConsistencyState:
                 f"{layer.name}: in CFG pass {self.current_pass.group} the batch holds just the "
                 f"{mode.num_frames} frames, got {q.shape[0]} rows"
             )
-        return mode.attend(self, layer, q, k, v, groups, image, reposition)
+        if key_lengths is None:  # as modes were called before key lengths existed
+            return mode.attend(self, layer, q, k, v, groups, image, reposition)
+        return mode.attend(self, layer, q, k, v, groups, image, reposition, key_lengths)
+
+    def borrows(self, layer: LayerInfo) -> bool:
+        """Whether a call of ``layer`` now may read other frames' tokens: a mode is on, this (step, layer)
+        is consistent and its level samples tokens. When False, ``attend`` is the host's own attention,
+        so a host whose own math differs from ours in layout (Qwen-Image) can run its own instead."""
+        return self.consistent_now(layer) and self.config.rate_for(layer.level) > 0
 
     def consistent_now(self, layer: LayerInfo) -> bool:
         """False during warm-up and when this (step, layer) randomly falls back to plain attention."""

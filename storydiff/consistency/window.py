@@ -4,8 +4,12 @@ A frame that shows a character reads the sampled K/V (drawn per step, level and 
 ``config.window`` of it that also show one; [NC] frames neither read nor offer tokens. The denoiser sees one
 chunk of consecutive story frames at a time (``begin_chunk``). A neighbour outside the chunk is seen only if
 its chunk was already computed at this step: its sampled K/V wait in a boundary cache that holds just the
-current step and just the frames some pending frame can still read. See ``longstory/__init__.py`` for the
+current step and just the frames some pending frame can still read. See ``runs/window_run.py`` for the
 sweep order that makes chunk boundaries symmetric over steps.
+
+The op does the reading: each call hands it one pool (the sampled tokens of the frames the chunk may read,
+in story order) and per frame the range of its neighbours before it and after it (``pool_ranges``), so no
+per-frame key set is stacked here.
 
 Under two-pass CFG (``state.CfgPass``) each chunk is computed twice per step, one CFG group per denoiser
 call: the cache is keyed by the group too, so a pass reads only its own group's tokens of earlier chunks
@@ -14,16 +18,16 @@ call: the cache is keyed by the group too, so a pass reads only its own group's 
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from csa_kernels import consistent_attention
 from csa_kernels.pool import gather_reference_pool
 from csa_kernels.tiled import tiled_consistent_attention
 
-from .modes import attend_rows, offered_keys, rows_kwarg
+from .modes import attend_rows, lengths_kwarg, offered_keys, plain_attention, rows_kwarg
 
 if TYPE_CHECKING:
     from ..runs.distributed import HaloExchange
@@ -97,7 +101,16 @@ class WindowMode:
         ]
 
     def attend(
-        self, state: ConsistencyState, layer: LayerInfo, q, k, v, groups: int, image, reposition=None
+        self,
+        state: ConsistencyState,
+        layer: LayerInfo,
+        q,
+        k,
+        v,
+        groups: int,
+        image,
+        reposition=None,
+        key_lengths=None,
     ) -> torch.Tensor:
         start, stop = self.chunk
         count = stop - start
@@ -105,7 +118,7 @@ class WindowMode:
         rows = rows_kwarg(image, q.shape[2])
         both_halves = ref_idx.repeat(groups, 1)
         if self.tile is not None:  # the paper's tiled form, within this chunk (all its frames)
-            if rows or reposition is not None:
+            if rows or reposition is not None or key_lengths is not None:
                 raise ValueError("the tiled form (tile) supports image-only self-attention (UNets, PixArt)")
             return tiled_consistent_attention(q, k, v, both_halves, tile=self.tile, stride=1, groups=groups)
         # [G, F, H, S, D]: each chunk frame's sampled tokens, per CFG half; keys as offered (re-positioned
@@ -133,41 +146,72 @@ class WindowMode:
                 return pools[kind][:, 0]
             return self.boundary[(layer.name, frame, cfg_pass)][kind]
 
-        # neighbours in this chunk, or already computed at this step (here, or on another rank)
-        visible = {
-            f: tuple(
-                j for j in self.neighbours(f) if start <= j < stop or j not in self.pending or j in arrived
+        # The frames this chunk reads, in story order: its own active frames, and the active frames already
+        # computed at this step (here, or on another rank) within the window of an active frame of it. A
+        # frame's visible neighbours are those within its window: one run just before it, one just after.
+        readers_of = [f for f in range(start, stop) if self.active[f]]
+        lo, hi = max(0, start - self.window), min(len(self.active), stop + self.window)
+        shared = [
+            j
+            for j in range(lo, hi)
+            if self.active[j]
+            and (
+                start <= j < stop
+                or (
+                    (j not in self.pending or j in arrived)
+                    and any(abs(f - j) <= self.window for f in readers_of)
+                )
             )
-            for f in range(start, stop)
-        }
-        by_count: dict[int, list[int]] = {}
-        for frame in range(start, stop):
-            by_count.setdefault(len(visible[frame]), []).append(frame)
+        ]
+        size = pools[0].shape[3]  # S: every frame offers as many tokens at this level
+        ranges, readers = [], []
+        for g in range(groups):
+            for frame in range(start, stop):
+                base = g * len(shared)
+                if not self.active[frame]:  # an [NC] frame reads nothing
+                    ranges.append((0, 0, 0, 0))
+                    continue
+                own = shared.index(frame)
+                first = bisect_left(shared, frame - self.window)
+                last = bisect_right(shared, frame + self.window)
+                ranges.append(
+                    (
+                        (base + first) * size,
+                        (base + own) * size,
+                        (base + own + 1) * size,
+                        (base + last) * size,
+                    )
+                )
+                if last - first > 1:
+                    readers.append(g * count + frame - start)
 
-        def read(num: int, q_, k_, v_) -> torch.Tensor:
-            if num == 0:
-                return F.scaled_dot_product_attention(q_, k_, v_)
-            members = by_count[num]
-            bank_k, bank_v = (
-                torch.stack(
-                    [
-                        torch.cat([tokens_of(j, kind)[g] for j in visible[f]], dim=1)
-                        for g in range(groups)
-                        for f in members
-                    ]
+        def read(borrows: bool, q_, k_, v_, lengths) -> torch.Tensor:
+            if not borrows:
+                return plain_attention(q_, k_, v_, lengths)
+            # one pool per call: the shared frames' tokens, CFG group by group, each frame's S rows in story
+            # order; a frame reads the rows of its neighbours before it and after it (the op's pool_ranges)
+            pool = tuple(
+                torch.cat([tokens_of(j, kind)[g] for g in range(groups) for j in shared], dim=1).transpose(
+                    0, 1
                 )
                 for kind in (0, 1)
-            )
-            no_refs = torch.empty(q_.shape[0], 0, dtype=torch.int64, device=q.device)
+            )  # (R, H, D) each
+            mine = torch.tensor([ranges[i] for i in readers], dtype=torch.int64).to(q.device)
             return consistent_attention(
-                q_, k_, v_, no_refs, groups=q_.shape[0], bank_k=bank_k, bank_v=bank_v, **rows
+                q_,
+                k_,
+                v_,
+                None,
+                pool=pool,
+                pool_ranges=mine,
+                **rows,
+                **lengths_kwarg(lengths),
             )
 
-        row_sets = [
-            (num, [g * count + (f - start) for g in range(groups) for f in members])
-            for num, members in by_count.items()
-        ]
-        return attend_rows(q, k, v, row_sets, read)
+        reading = set(readers)
+        row_sets = [(False, [i for i in range(groups * count) if i not in reading]), (True, readers)]
+        row_sets = [(borrows, members) for borrows, members in row_sets if members]
+        return attend_rows(q, k, v, row_sets, read, key_lengths)
 
     def _offer(self, layer: LayerInfo, pools: list[torch.Tensor], cfg_pass: int | None) -> None:
         """Keep the sampled tokens of this chunk's frames that frames of later chunks will read (of the CFG
