@@ -71,8 +71,9 @@ def install(host: Host, config: ConsistencyConfig) -> ConsistencyState:
     if config.rope != "source" and not host.rope:
         raise InvalidSetting(
             "rope",
-            f"applies to FLUX (RoPE) hosts only; this {host.family} denoiser has no rotary position "
-            f"embedding, so borrowed keys carry no position to move: use 'source', got {config.rope!r}",
+            f"applies to RoPE hosts only (FLUX, Qwen-Image); this {host.family} denoiser has no rotary "
+            "position embedding, so borrowed keys carry no position to move: use 'source', "
+            f"got {config.rope!r}",
         )
     denoiser = host.denoiser
     if hasattr(denoiser, _STATE_ATTR):

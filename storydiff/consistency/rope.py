@@ -54,7 +54,7 @@ def reposition_for(
         return None
     if image_rotary_emb is None:
         raise RuntimeError(
-            f"rope={policy!r} needs the rotary embedding the FLUX transformer passes its attention "
+            f"rope={policy!r} needs the rotary embedding the transformer passes its attention "
             "(image_rotary_emb); this call had none"
         )
     if policy == "shift":

@@ -134,17 +134,22 @@ class Family:
         """The guided model output for ``latents`` (a batch of frames) at timestep ``t``."""
         raise NotImplementedError
 
-    def guided_passes(self, call: Callable[[int], torch.Tensor], guidance_scale: float) -> torch.Tensor:
+    def pass_outputs(self, call: Callable[[int], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """True CFG as two denoiser calls (``cfg_passes`` 2): ``call(group)`` runs the denoiser once on just
         the frames, with the conditioning of CFG group ``group`` — ``COND``, then ``UNCOND`` — while the
         consistency state installed on the denoiser (if any) is told which group that call computes
-        (``ConsistencyState.cfg_pass``). Returns ``uncond + guidance_scale · (cond − uncond)``."""
+        (``ConsistencyState.cfg_pass``). Returns (cond, uncond)."""
         state = installed_state(self.denoiser)
         out = {}
         for group in (COND, UNCOND):
             with state.cfg_pass(group) if state is not None else nullcontext():
                 out[group] = call(group)
-        return out[UNCOND] + guidance_scale * (out[COND] - out[UNCOND])
+        return out[COND], out[UNCOND]
+
+    def guided_passes(self, call: Callable[[int], torch.Tensor], guidance_scale: float) -> torch.Tensor:
+        """``pass_outputs`` combined: ``uncond + guidance_scale · (cond − uncond)``."""
+        cond, uncond = self.pass_outputs(call)
+        return uncond + guidance_scale * (cond - uncond)
 
     def decode(self, latent: torch.Tensor, height: int, width: int) -> Image.Image:
         """One frame's final latent → PIL image (SDXL's fp32 VAE upcast where its config asks for it)."""

@@ -10,6 +10,7 @@ from ..consistency.install import Host
 from .base import Family
 from .flux import FluxFamily
 from .pixart import PixArtFamily
+from .qwen import QwenImageFamily
 from .sd3 import SD3Family
 from .unet import UNetFamily
 
@@ -18,6 +19,7 @@ STORY_FAMILIES: tuple[type[Family], ...] = (
     FluxFamily,
     SD3Family,
     PixArtFamily,
+    QwenImageFamily,
 )
 
 
@@ -93,3 +95,8 @@ def family_of_reserved(model: str) -> type[Family] | None:
 def single_file_families() -> tuple[type[Family], ...]:
     """The families whose checkpoints load from single files (``Family.single_file``)."""
     return tuple(family for family in STORY_FAMILIES if family.single_file is not None)
+
+
+def reserved_story_models() -> tuple[str, ...]:
+    """Every story family's offline random-weight model names."""
+    return tuple(name for family in STORY_FAMILIES for name in family.reserved)

@@ -606,6 +606,71 @@ def _build_tiny_pixart(device: torch.device):
     )
 
 
+def _tiny_qwen_tokenizer():
+    """A byte-level ``Qwen2Tokenizer`` (256 byte symbols, no merges) with Qwen's chat-template specials and
+    ``<|endoftext|>`` as padding: every character of a prompt is a token, as far as the tiny model goes."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {symbol: index for index, symbol in enumerate(_bytes_to_unicode().values())}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], pad_token="<|endoftext|>", model_max_length=1024)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
+def _build_tiny_qwen_image(device: torch.device):
+    """Qwen-Image's structure: a Qwen2.5-VL text encoder (2 layers, M-RoPE), double-stream blocks joining
+    text and image for attention with multi-axis RoPE, true CFG as two passes, 2x2-packed latents of a
+    video VAE (one frame, 8x like the real one), 16 latent channels shrunk to 4."""
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = _tiny_qwen_tokenizer()
+    text = {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
+        "vocab_size": len(tokenizer),
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
+    vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 37, "num_heads": 2, "out_hidden_size": 32}
+    # Qwen's own bos/eos ids lie outside the tiny vocabulary: none, as in a model without them
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, bos_token_id=None, eos_token_id=None)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,  # 4 latent channels x 2x2 packing
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=4,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    pipe = QwenImagePipeline(
+        scheduler=_flow_scheduler(dynamic=True),
+        vae=vae,
+        text_encoder=Qwen2_5_VLForConditionalGeneration(config),
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    pipe.default_sample_size = 8  # the real one's 128 latent pixels (1024²) at tiny size: 64²
+    return pipe
+
+
 _BUILDERS = {
     "tiny-sdxl": _build_tiny_sdxl,
     "tiny-sd15": _build_tiny_sd15,
@@ -614,6 +679,7 @@ _BUILDERS = {
     "tiny-flux": _build_tiny_flux,
     "tiny-sd3": _build_tiny_sd3,
     "tiny-pixart": _build_tiny_pixart,
+    "tiny-qwen-image": _build_tiny_qwen_image,
 }
 # Built on the device in the target dtype directly (too large to build in float32 and cast).
 _IN_PLACE_BUILDERS = {"random-flux": _build_random_flux}

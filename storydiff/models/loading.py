@@ -15,15 +15,11 @@ from typing import Any
 
 import torch
 
-from ..families.registry import family_of
+from ..families.registry import family_of, family_of_reserved, reserved_story_models
 from ..families.reserved import (
     NATIVE_DTYPES,
-    RANDOM_DIT,
     RESERVED_MODELS,
-    TEXT_TO_IMAGE,
-    TINY_DIT,
     TINY_SVD,
-    TINY_TEXT_TO_IMAGE,
 )
 from ..families.svd import SVDPipeline
 from ..support.compat import dtype_kwargs
@@ -104,19 +100,20 @@ def load_pipeline(
             f"config {config!r} applies to single-file checkpoints (.safetensors, .ckpt) only; {model!r} is "
             f"not one (a diffusers folder or hub id has its own configs)"
         )
-    if model in (*TEXT_TO_IMAGE, *TINY_DIT, *RANDOM_DIT):
+    if family_of_reserved(model) is not None:
         from ..families.tiny_models import build_tiny_pipeline  # tiny builders load only when asked for
 
         pipe = build_tiny_pipeline(model, seed=seed, dtype=dtype, progress_bar=progress_bar, device=device)
         apply_loras(pipe, loras)
         return pipe
     if model in RESERVED_MODELS:
-        names = ", ".join((*TEXT_TO_IMAGE, *TINY_DIT, *RANDOM_DIT))
+        names = ", ".join(reserved_story_models())
         raise ModelLoadError(f"{model!r} is a video model; text-to-image models: {names}")
     if single_file:
         pipe = load_single_file(model, config=config, dtype=dtype)
     else:
-        hint = f"offline random-weight models: {', '.join((*TINY_TEXT_TO_IMAGE, *TINY_DIT))}"
+        tiny = [name for name in reserved_story_models() if name.startswith("tiny-")]
+        hint = f"offline random-weight models: {', '.join(tiny)}"
         pipe = from_pretrained(DiffusionPipeline, model, "model", hint, **dtype_kwargs(dtype))
     try:
         family_of(pipe)

@@ -336,7 +336,9 @@ def test_banks_record_the_policy():
 def test_rope_is_refused_on_hosts_without_rope():
     pipe = build_tiny_pipeline("tiny-sd15", progress_bar=False)
     before = dict(pipe.unet.attn_processors)
-    with pytest.raises(InvalidSetting, match=r"^rope applies to FLUX \(RoPE\) hosts only; this unet") as info:
+    with pytest.raises(
+        InvalidSetting, match=r"^rope applies to RoPE hosts only \(FLUX, Qwen-Image\); this unet"
+    ) as info:
         apply_consistent_attention(pipe, ConsistencyConfig(rope="none"))
     assert info.value.field == "rope"
     assert dict(pipe.unet.attn_processors) == before  # refused before anything was installed

@@ -226,7 +226,7 @@ def test_cli_flux_window_kill_and_resume(tmp_path):
     [
         (["--model", "tiny-svd"], "'tiny-svd' is a video model"),
         (["--model", "tiny-flux", "--layers", "up"], "--layers 'up' is not a preset of flux denoisers"),
-        (["--model", "tiny-sd3", "--rope", "shift"], "--rope applies to FLUX (RoPE) hosts only"),
+        (["--model", "tiny-sd3", "--rope", "shift"], "--rope applies to RoPE hosts only (FLUX, Qwen-Image)"),
         (["--model", "tiny-flux", "--height", "72"], "height must be a multiple of 16 pixels for flux"),
     ],
     ids=["video-model", "preset-of-another-family", "rope-without-rope", "size"],
