@@ -24,7 +24,8 @@ from collections.abc import Callable
 
 import torch
 
-from .state import Reposition
+from .processors import Binding, BoundProcessor
+from .state import ConsistencyState, LayerInfo, Reposition
 
 Rotation = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), (..., D), FLUX's interleaved channel pairs
 
@@ -69,3 +70,36 @@ def reposition_for(
 
         return unrotate
     raise ValueError(f"rope must be 'source', 'shift' or 'none', got {policy!r}")
+
+
+class RotaryProcessor(BoundProcessor):
+    """Base of the processors of RoPE hosts (FLUX, Qwen-Image): the binding's ``pos_embed`` option (the
+    transformer's own position embedder) and, made from it once per device, the rotation rope="shift" turns
+    borrowed keys by (``shift_rotation``, each family's)."""
+
+    def __init__(
+        self, state: ConsistencyState | None = None, layer: LayerInfo | None = None, pos_embed=None
+    ) -> None:
+        super().__init__(state, layer, **({} if pos_embed is None else {"pos_embed": pos_embed}))
+        self._shift: dict[torch.device, Rotation] = {}
+
+    def shift_rotation(self, pos_embed) -> Rotation:
+        """(cos, sin), (1, D): the rotation by the host's shift offset."""
+        raise NotImplementedError
+
+    def reposition(self, binding: Binding, rotation: Rotation | None) -> Reposition | None:
+        """``reposition_for`` this call: the state's policy, the host's rows ``rotation`` (cos, sin) of the
+        joint sequence, and the shift rotation made on first use."""
+
+        def shift(device: torch.device) -> Rotation:
+            if device not in self._shift:
+                pos_embed = binding.options.get("pos_embed")
+                if pos_embed is None:
+                    raise RuntimeError(
+                        f"{binding.layer.name}: rope='shift' needs the transformer's pos_embed"
+                    )
+                cos, sin = self.shift_rotation(pos_embed)
+                self._shift[device] = (cos.to(device), sin.to(device))
+            return self._shift[device]
+
+        return reposition_for(binding.state.config.rope, rotation, shift)

@@ -20,9 +20,7 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 
 from ..consistency.install import Host
-from ..consistency.processors import BoundProcessor
-from ..consistency.rope import Rotation, reposition_for, shift_ids
-from ..consistency.state import ConsistencyState, LayerInfo
+from ..consistency.rope import RotaryProcessor, Rotation, shift_ids
 from ..support.compat import flux_image_ids, flux_pack, flux_qkv_projections, flux_shift, flux_unpack
 from .base import TransformerFamily, text_length
 from .reserved import FLUX
@@ -164,7 +162,7 @@ class FluxFamily(TransformerFamily):
         return embeds[0, 0], torch.zeros_like(embeds[0, 0])
 
 
-class FluxConsistentProcessor(BoundProcessor):
+class FluxConsistentProcessor(RotaryProcessor):
     """For ``FluxAttention``: double-stream blocks (text tokens, then image tokens, concatenated before
     RoPE) and single-stream blocks (text already inside ``hidden_states``: its length comes from the
     state, which the transformer's forward pre-hook sets from ``encoder_hidden_states``).
@@ -172,20 +170,9 @@ class FluxConsistentProcessor(BoundProcessor):
     ``pos_embed`` (an option of the binding): the transformer's ``FluxPosEmbed``, which gives rope="shift"
     its offset rotation."""
 
-    def __init__(
-        self, state: ConsistencyState | None = None, layer: LayerInfo | None = None, pos_embed=None
-    ) -> None:
-        super().__init__(state, layer, **({} if pos_embed is None else {"pos_embed": pos_embed}))
-        self._shift: dict[torch.device, Rotation] = {}  # computed once per device
-
-    def shift_rotation(self, pos_embed, layer: LayerInfo, device: torch.device) -> Rotation:
-        """(cos, sin), (1, D): the rotation by rope="shift"'s position ids, from the host's own embedder."""
-        if device not in self._shift:
-            if pos_embed is None:
-                raise RuntimeError(f"{layer.name}: rope='shift' needs the transformer's pos_embed")
-            cos, sin = pos_embed(shift_ids(len(pos_embed.axes_dim)))
-            self._shift[device] = (cos.to(device), sin.to(device))
-        return self._shift[device]
+    def shift_rotation(self, pos_embed) -> Rotation:
+        """The rotation by rope="shift"'s position ids (``shift_ids``), from the host's own embedder."""
+        return pos_embed(shift_ids(len(pos_embed.axes_dim)))
 
     @torch.compiler.disable  # see ConsistentAttnProcessor: the state's bookkeeping stays eager
     def __call__(
@@ -229,12 +216,7 @@ class FluxConsistentProcessor(BoundProcessor):
 
         tokens = query.shape[1]
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, H, N, D) views
-        pos_embed = binding.options.get("pos_embed")
-
-        def shift(device: torch.device) -> Rotation:
-            return self.shift_rotation(pos_embed, layer, device)
-
-        reposition = reposition_for(state.config.rope, image_rotary_emb, shift)
+        reposition = self.reposition(binding, image_rotary_emb)
         out = state.attend(layer, q, k, v, image=(text, tokens), reposition=reposition)
         hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 

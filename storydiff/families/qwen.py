@@ -29,8 +29,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
 )
 
 from ..consistency.install import Host
-from ..consistency.processors import BoundProcessor
-from ..consistency.rope import Rotation, reposition_for
+from ..consistency.rope import RotaryProcessor, Rotation
 from ..consistency.state import ConsistencyState, LayerInfo
 from ..support.compat import flux_pack, flux_shift, flux_unpack
 from .base import TransformerFamily
@@ -133,7 +132,7 @@ def _complex_rotation(freqs: torch.Tensor) -> Rotation:
     return freqs.real.repeat_interleave(2, dim=-1).float(), freqs.imag.repeat_interleave(2, dim=-1).float()
 
 
-class QwenConsistentProcessor(BoundProcessor):
+class QwenConsistentProcessor(RotaryProcessor):
     """For ``QwenDoubleStreamAttnProcessor2_0``'s attention modules: the same math, image tokens first.
 
     ``pos_embed`` (an option of the binding): the transformer's ``QwenEmbedRope``, which gives rope="shift"
@@ -142,20 +141,15 @@ class QwenConsistentProcessor(BoundProcessor):
     def __init__(
         self, state: ConsistencyState | None = None, layer: LayerInfo | None = None, pos_embed=None
     ) -> None:
-        super().__init__(state, layer, **({} if pos_embed is None else {"pos_embed": pos_embed}))
+        super().__init__(state, layer, pos_embed)
         self._stock = QwenDoubleStreamAttnProcessor2_0()
-        self._shift: dict[torch.device, Rotation] = {}
 
-    def shift_rotation(self, pos_embed, layer: LayerInfo, device: torch.device) -> Rotation:
-        """(cos, sin), (1, D): frame axis +1, height and width +0."""
-        if device not in self._shift:
-            if pos_embed is None:
-                raise RuntimeError(f"{layer.name}: rope='shift' needs the transformer's pos_embed")
-            frame_pairs = pos_embed.axes_dim[0] // 2
-            freqs = torch.ones(sum(pos_embed.axes_dim) // 2, dtype=pos_embed.pos_freqs.dtype)
-            freqs[:frame_pairs] = pos_embed.pos_freqs[1, :frame_pairs].cpu()
-            self._shift[device] = tuple(x[None].to(device) for x in _complex_rotation(freqs))
-        return self._shift[device]
+    def shift_rotation(self, pos_embed) -> Rotation:
+        """Frame axis +1, height and width +0."""
+        frame_pairs = pos_embed.axes_dim[0] // 2
+        freqs = torch.ones(sum(pos_embed.axes_dim) // 2, dtype=pos_embed.pos_freqs.dtype)
+        freqs[:frame_pairs] = pos_embed.pos_freqs[1, :frame_pairs].cpu()
+        return tuple(x[None] for x in _complex_rotation(freqs))
 
     @torch.compiler.disable  # see ConsistentAttnProcessor: the state's bookkeeping stays eager
     def __call__(
@@ -210,12 +204,7 @@ class QwenConsistentProcessor(BoundProcessor):
         key_lengths = None
         if encoder_hidden_states_mask is not None:
             key_lengths = image + encoder_hidden_states_mask.sum(dim=1)
-        pos_embed = binding.options.get("pos_embed")
-
-        def shift(device: torch.device) -> Rotation:
-            return self.shift_rotation(pos_embed, layer, device)
-
-        reposition = reposition_for(state.config.rope, rotation, shift)
+        reposition = self.reposition(binding, rotation)
         out = state.attend(layer, q, k, v, image=(0, image), reposition=reposition, key_lengths=key_lengths)
         out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
         img_out = attn.to_out[0](out[:, :image].contiguous())

@@ -1,4 +1,4 @@
-"""ConsistencyConfig.rope on FLUX: where borrowed keys sit (source, shift, none; storydiff/rope.py).
+"""ConsistencyConfig.rope on FLUX: where borrowed keys sit (source, shift, none; consistency/rope.py).
 
 - the fact the policies rest on: turning a RoPE-rotated key by Δ is rotating the raw key to pos + Δ, and
   turning it by -pos undoes it (fp32 rounding); ``rotate`` is diffusers' FLUX RoPE math, bit for bit;
@@ -16,7 +16,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
 import storydiff.consistency.modes as modes
-import storydiff.families.flux as flux_family
+import storydiff.consistency.rope as rope
 from csa_kernels import consistent_attention_reference
 from storydiff.consistency.bank import signature_differences
 from storydiff.consistency.config import ConsistencyConfig, InvalidSetting
@@ -137,7 +137,7 @@ def test_identity_repositioning_changes_no_bit(flux, monkeypatch):
     nothing gives "source"'s outputs bit for bit in every mode."""
     config = ConsistencyConfig(rate=0.5, layers="all", **NO_SKIP)
     plain = run_every_mode(flux, config)
-    monkeypatch.setattr(flux_family, "reposition_for", lambda *args: lambda pool, positions: pool)
+    monkeypatch.setattr(rope, "reposition_for", lambda *args: lambda pool, positions: pool)
     identity = run_every_mode(flux, config)
     for a, b in zip(plain, identity, strict=True):
         assert torch.equal(a, b)
