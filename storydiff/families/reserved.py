@@ -1,8 +1,10 @@
-"""The reserved model names: models this project builds offline with seeded random weights
-(``tiny_models.py`` builds them; it is imported only when one of these names is asked for).
+"""Reserved model names: models this project builds offline with seeded random weights (``tiny_models.py``
+builds them; it is imported only when one of these names is asked for).
 
-Each family module points at its own names (``Family.reserved``); this module is the one list, light enough
-for every loader and CLI command to import.
+Each family module declares its names (``Family.reserved``): the first four families take theirs from the
+groups here, which tests and benchmarks pick models by; a later family declares its own in its module
+(``qwen.py``). Every story model name: ``registry.reserved_story_models()``. ``RESERVED_MODELS`` are the
+names of this module's groups; ``TINY_SVD`` is the video model's.
 """
 
 from __future__ import annotations

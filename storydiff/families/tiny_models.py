@@ -43,7 +43,7 @@ from transformers import (
 )
 
 from ..support.compat import clip_image_processor_class
-from .reserved import RESERVED_MODELS, TINY_SVD
+from .reserved import TINY_SVD
 
 # CLIP's context length: prompt-truncation behaviour must match the real models.
 _MAX_TOKENS = 77
@@ -693,7 +693,8 @@ def build_tiny_pipeline(
     progress_bar: bool = True,
     device: str | torch.device = "cpu",
 ) -> DiffusionPipeline:
-    """Build one of ``RESERVED_MODELS`` offline with random weights; the same seed gives the same weights.
+    """Build a reserved model (``reserved.py``, ``Family.reserved``) offline with random weights; the same
+    seed gives the same weights.
 
     Weights are initialised in float32 and then cast, so a seed names the same model in every dtype —
     except ``random-flux``, initialised in ``dtype`` on ``device`` (its weights depend on both; ``device``
@@ -701,7 +702,8 @@ def build_tiny_pipeline(
     progress bar (global logging is left alone).
     """
     if name not in _BUILDERS and name not in _IN_PLACE_BUILDERS:
-        raise ValueError(f"unknown reserved model {name!r}; choose from {', '.join(RESERVED_MODELS)}")
+        names = ", ".join(sorted({*_BUILDERS, *_IN_PLACE_BUILDERS}))
+        raise ValueError(f"unknown reserved model {name!r}; choose from {names}")
     # A private RNG stream: seeding must not disturb the caller's global torch RNG.
     device = torch.device(device)
     cuda_devices = [device.index or 0] if device.type == "cuda" else []

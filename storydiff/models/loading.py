@@ -16,11 +16,7 @@ from typing import Any
 import torch
 
 from ..families.registry import family_of, family_of_reserved, reserved_story_models
-from ..families.reserved import (
-    NATIVE_DTYPES,
-    RESERVED_MODELS,
-    TINY_SVD,
-)
+from ..families.reserved import NATIVE_DTYPES, TINY_SVD
 from ..families.svd import SVDPipeline
 from ..support.compat import dtype_kwargs
 from .errors import ModelLoadError, is_offline, one_line
@@ -106,7 +102,7 @@ def load_pipeline(
         pipe = build_tiny_pipeline(model, seed=seed, dtype=dtype, progress_bar=progress_bar, device=device)
         apply_loras(pipe, loras)
         return pipe
-    if model in RESERVED_MODELS:
+    if model == TINY_SVD:
         names = ", ".join(reserved_story_models())
         raise ModelLoadError(f"{model!r} is a video model; text-to-image models: {names}")
     if single_file:
