@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..consistency.config import InvalidSetting
     from ..models.loading import ModelLoadError
-    from ..pipeline import check_run
+    from ..runs.plan import check_run
     from ..runs.distributed import communicate, current_partition
 
     partition = current_partition()

@@ -209,7 +209,7 @@ def plan_suite(
     """Every (configuration, set) job, configurations outermost; ValueError naming the set and the
     configuration for a set that cannot run under it (e.g. fewer frames than identity frames), or for two
     configurations of one name. Nothing is created."""
-    from ..pipeline import check_run
+    from ..runs.plan import check_run
 
     names = [config.name for config in configs]
     twice = sorted({name for name in names if names.count(name) > 1})
