@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..consistency.config import ConsistencyConfig
 from ..consistency.official import install_official
+from ..families.registry import family_of
 from ..pipeline import StoryDiffusionPipeline
 from .memory import MemorySampler, plot_memory_timeline, plot_peak_vs_length
 
@@ -45,8 +46,8 @@ def story_text(frames: int) -> str:
 
 
 def has_official(pipe) -> bool:
-    """Whether the official modes can run on ``pipe``: the official processors install on a UNet only."""
-    return getattr(pipe, "unet", None) is not None
+    """Whether the official modes can run on ``pipe``: its family has the official variants (UNets)."""
+    return family_of(pipe).official_variants
 
 
 def _run_official(pipe, variant: str, frames: int, call: dict, id_frames: int, sampler: MemorySampler) -> int:

@@ -230,8 +230,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..consistency.config import InvalidSetting
     from ..models.loading import ModelLoadError
-    from ..runs.plan import check_run
     from ..runs.distributed import communicate, current_partition
+    from ..runs.plan import check_run
 
     partition = current_partition()
     try:
