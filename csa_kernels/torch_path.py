@@ -130,16 +130,13 @@ def _borrowing_attention(
     ``pool_k`` (B, H, S, D), when given, is the key pool instead of k's rows at ``ref_idx``. The own rows
     come from ``own_k`` / ``own_v`` (k and v with padding zeroed), masked past ``key_lengths``; the pool
     is gathered from ``k`` and ``v``."""
-    num_frames, num_heads, num_tokens, head_dim = k.shape
+    num_frames, _, num_tokens, _ = k.shape
     num_refs = ref_idx.shape[1]
     num_bank = 0 if bank_k is None else bank_k.shape[2]
 
     def row_table(x: torch.Tensor, own: torch.Tensor, bank: torch.Tensor | None, pool: torch.Tensor | None):
         pool = gather_reference_pool(x, ref_idx) if pool is None else pool.transpose(1, 2)  # [B, S, H, D]
-        parts = [own.transpose(1, 2).reshape(-1, num_heads, head_dim), pool.flatten(0, 1)]  # [rows, H, D]
-        if bank is not None:
-            parts.append(bank.transpose(1, 2).reshape(-1, num_heads, head_dim))
-        return torch.cat(parts)
+        return _row_table(own, pool.flatten(0, 1), bank)
 
     table_k, table_v = row_table(k, own_k, bank_k, pool_k), row_table(v, own_v, bank_v, None)
     key_rows = [
@@ -207,15 +204,9 @@ def _host_range_attention(
 ) -> torch.Tensor:
     """Pool ranges known on the host: the compact key sets [own N | two pool ranges | bank M] of each frame,
     rows of the table [own tokens (B·N) | pool (R) | banks (G·M)], clamped to the pool as the kernels do."""
-    num_frames, num_heads, num_tokens, head_dim = k.shape
+    num_frames, _, num_tokens, _ = k.shape
     num_rows, num_bank = pool[0].shape[0], 0 if bank_k is None else bank_k.shape[2]
     pool_start, bank_start = num_frames * num_tokens, num_frames * num_tokens + num_rows
-
-    def table(own: torch.Tensor, rows: torch.Tensor, bank: torch.Tensor | None) -> torch.Tensor:
-        parts = [own.transpose(1, 2).reshape(-1, num_heads, head_dim), rows]
-        if bank is not None:
-            parts.append(bank.transpose(1, 2).reshape(-1, num_heads, head_dim))
-        return torch.cat(parts)
 
     key_rows = []
     for frame, (b0, b1, a0, a1) in enumerate(pool_ranges.tolist()):
@@ -226,8 +217,17 @@ def _host_range_attention(
             parts.append(range(pool_start + start, pool_start + max(start, end)))
         parts.append(range(bank_start + group * num_bank, bank_start + (group + 1) * num_bank))
         key_rows.append(torch.cat([torch.arange(part.start, part.stop) for part in parts]))
-    table_k, table_v = table(own_k, pool[0], bank_k), table(own_v, pool[1], bank_v)
+    table_k, table_v = _row_table(own_k, pool[0], bank_k), _row_table(own_v, pool[1], bank_v)
     return _key_set_attention(q, table_k, table_v, key_rows, num_tokens, key_lengths, scale)
+
+
+def _row_table(own: torch.Tensor, pool_rows: torch.Tensor, bank: torch.Tensor | None) -> torch.Tensor:
+    """The (rows, H, D) table [own tokens (B·N) | pool rows | banks (G·M)] key sets index into."""
+    heads, head_dim = own.shape[1], own.shape[3]
+    parts = [own.transpose(1, 2).reshape(-1, heads, head_dim), pool_rows]
+    if bank is not None:
+        parts.append(bank.transpose(1, 2).reshape(-1, heads, head_dim))
+    return torch.cat(parts)
 
 
 def _index(frames: list[int], device: torch.device) -> torch.Tensor:
