@@ -185,17 +185,90 @@ def halo_bytes_per_layer(
     samples: int,
     head_dim: int,
     itemsize: int,
+    rank: int | None = None,
 ) -> int:
-    """Bytes all ranks send in one consistent layer call: K and V of each crossing frame, per CFG half
-    (``2 · G · H · S · D · b`` per frame; at most ``window`` frames per boundary and direction)."""
+    """Bytes all ranks (or only ``rank``) send in one consistent layer call: K and V of each crossing frame,
+    per CFG half (``halo_bytes_per_frame``; at most ``window`` frames per boundary and direction)."""
     exchange = HaloExchange(Partition(0, world), active, window)
     frames = sum(
-        len(exchange.crossing(rank, peer))
-        for rank in range(world)
-        for peer in (rank - 1, rank + 1)
+        len(exchange.crossing(source, peer))
+        for source in (range(world) if rank is None else [rank])
+        for peer in (source - 1, source + 1)
         if 0 <= peer < world
     )
-    return frames * 2 * groups * heads * samples * head_dim * itemsize
+    return frames * halo_bytes_per_frame(
+        groups=groups, heads=heads, samples=samples, head_dim=head_dim, itemsize=itemsize
+    )
+
+
+def halo_bytes_per_frame(*, groups: int, heads: int, samples: int, head_dim: int, itemsize: int) -> int:
+    """One frame's message in one layer call: ``2 · G · H · S · D · b`` (K and V of its ``samples`` sampled
+    tokens, per CFG half)."""
+    return 2 * groups * heads * samples * head_dim * itemsize
+
+
+def halo_bytes_per_step(
+    active: list[bool],
+    world: int,
+    window: int,
+    layers: list[tuple[int, int, int]],
+    *,
+    groups: int,
+    itemsize: int,
+    rank: int | None = None,
+) -> int:
+    """Bytes all ranks (or only ``rank``) send in one denoising step: ``halo_bytes_per_layer`` summed over
+    the consistent ``layers``, each (heads, samples, head_dim)."""
+    return sum(
+        halo_bytes_per_layer(
+            active,
+            world,
+            window,
+            groups=groups,
+            heads=heads,
+            samples=samples,
+            head_dim=head_dim,
+            itemsize=itemsize,
+            rank=rank,
+        )
+        for heads, samples, head_dim in layers
+    )
+
+
+def bank_bytes_per_character_step(
+    layers: list[tuple[int, int, int]], *, groups: int, identity_frames: int, itemsize: int
+) -> int:
+    """Bytes of one character's bank for one step, which every rank that does not write it receives in bank
+    mode (``share_banks``): ``Σ_l 2 · G · n · S_l · H_l · D_l · b`` over the consistent ``layers``, each
+    (heads, samples, head_dim), for n identity frames."""
+    return sum(
+        identity_frames
+        * halo_bytes_per_frame(
+            groups=groups, heads=heads, samples=samples, head_dim=head_dim, itemsize=itemsize
+        )
+        for heads, samples, head_dim in layers
+    )
+
+
+def bank_bytes_per_step(
+    layers: list[tuple[int, int]], *, keeps: str, frames: int, groups: int, rate: float, itemsize: int
+) -> int:
+    """Bytes one denoising step's identity bank holds, for ``frames`` identity frames over the consistent
+    ``layers``, each (tokens N_l, channels C_l): ``G · F · b · f · Σ_l N_l · C_l`` where ``keeps`` says what
+    is stored — "official_a": the full hidden states (f = 1), "official_b": the sampled hidden states
+    (f = r), "ours": the sampled K and V, no re-projection (f = 2r); the sampled count per layer is
+    ``round(r · N_l)``, as the token draws take it (``csa_kernels.sampling``)."""
+    per_frame = sum(
+        {"official_a": tokens, "official_b": round(rate * tokens), "ours": 2 * round(rate * tokens)}[keeps]
+        * channels
+        for tokens, channels in layers
+    )
+    return groups * frames * itemsize * per_frame
+
+
+def transfer_seconds(nbytes: int, bytes_per_second: float) -> float:
+    """``nbytes`` over a link of ``bytes_per_second`` (no latency, no overlap): the README's link times."""
+    return nbytes / bytes_per_second
 
 
 def leader_first(partition: Partition, action):

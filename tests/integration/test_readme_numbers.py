@@ -1,0 +1,251 @@
+"""The README's worked numbers come from the code's formula functions, and its measured numbers from the files
+under ``benchmarks/results/`` it names: each number is rendered here and must appear in README.md as written
+(whitespace-insensitive), so neither can drift from its source."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from storydiff.runs.distributed import (
+    bank_bytes_per_character_step,
+    bank_bytes_per_step,
+    halo_bytes_per_frame,
+    halo_bytes_per_layer,
+    halo_bytes_per_step,
+    transfer_seconds,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+MiB, GiB = 2**20, 2**30
+NVLINK = 450e9  # bytes/s, one direction (H100 NVLink 4: 900 GB/s both ways)
+GBIT = 1e9 / 8  # bytes/s per Gb/s
+
+# SDXL 1024², the default consistent layers: 30 at 1/32 (32² tokens, 1280 channels = 20 heads × 64),
+# 6 at 1/16 (64² tokens, 640 channels = 10 heads × 64); rate 0.5 samples half of each layer's tokens
+SDXL_LEVELS = [(30, 1024, 20, 64), (6, 4096, 10, 64)]  # (layers, tokens, heads, head_dim)
+# FLUX 1024²: 38 single-stream layers, 4096 image tokens, 24 heads × 128
+FLUX_LEVELS = [(38, 4096, 24, 128)]
+RATE = 0.5
+
+
+def _layers(levels) -> list[tuple[int, int, int]]:
+    """(heads, samples, head_dim) per consistent layer."""
+    return [(heads, round(RATE * tokens), dim) for count, tokens, heads, dim in levels for _ in range(count)]
+
+
+def _g(value: float, digits: int) -> str:
+    """``value`` to ``digits`` significant digits, as the README writes it (no trailing zeros dropped)."""
+    decimals = max(0, digits - 1 - int(f"{value:e}".split("e")[1]))
+    return f"{value:.{decimals}f}"
+
+
+@pytest.fixture(scope="module")
+def readme() -> str:
+    return " ".join((ROOT / "README.md").read_text().split())
+
+
+def expect(readme: str, phrase: str) -> None:
+    phrase = " ".join(phrase.split())
+    assert phrase in readme, f"README.md does not say: {phrase!r}"
+
+
+def test_window_mode_traffic(readme):
+    """ "Traffic in window mode": per frame, per step for an interior and an end rank of a 3-rank story
+    (window 2: two frames cross each boundary each way), all ranks together, and the NVLink time."""
+    active, world, window = [True] * 9, 3, 2  # three ranks of three frames: rank 1 is interior
+    per_frame = {
+        tokens: halo_bytes_per_frame(groups=2, heads=h, samples=round(RATE * tokens), head_dim=d, itemsize=2)
+        for _, tokens, h, d in SDXL_LEVELS
+    }
+    assert per_frame == {1024: 5 * MiB, 4096: 10 * MiB}
+    expect(readme, "a 1/32 layer (1024 tokens, 1280 channels, S = 512) sends 5 MiB per frame")
+    expect(readme, "a 1/16 layer (4096 tokens, 640 channels, S = 2048) 10 MiB")
+    interior = halo_bytes_per_step(active, world, window, _layers(SDXL_LEVELS), groups=2, itemsize=2, rank=1)
+    end = halo_bytes_per_step(active, world, window, _layers(SDXL_LEVELS), groups=2, itemsize=2, rank=0)
+    sum_text = " + ".join(f"{n} × {per_frame[t] // MiB}" for n, t, _, _ in SDXL_LEVELS)
+    expect(readme, f"2 × 2 × ({sum_text}) MiB = {interior // MiB} MiB per step")
+    expect(readme, f"an end rank {end // MiB} MiB")
+
+    flux_frame = halo_bytes_per_frame(groups=1, heads=24, samples=2048, head_dim=128, itemsize=2)
+    flux = _layers(FLUX_LEVELS)
+    interior = halo_bytes_per_step(active, world, window, flux, groups=1, itemsize=2, rank=1)
+    total = halo_bytes_per_step(active, world, window, flux, groups=1, itemsize=2)
+    assert interior == 2 * 2 * 38 * flux_frame and total == 2 * interior
+    assert total == sum(
+        halo_bytes_per_step(active, world, window, flux, groups=1, itemsize=2, rank=r) for r in range(world)
+    )
+    expect(readme, f"{flux_frame // MiB} MiB per frame and layer")
+    expect(
+        readme,
+        f"{_g(interior / GiB, 3)} GiB per step for an interior rank (2 × 2 × 38 × {flux_frame // MiB} MiB",
+    )
+    expect(readme, f"all three ranks of a 3-rank story send {_g(total / GiB, 3)} GiB together")
+    expect(readme, f"{_g(transfer_seconds(interior, NVLINK) * 1e3, 2)} ms at NVLink's 450 GB/s")
+
+
+def test_halo_step_is_the_sum_of_its_layers():
+    active = [True, False, True, True, True, False, True]
+    layers = [(2, 3, 4), (1, 5, 8)]
+    for rank in (None, 0, 1, 2):
+        assert halo_bytes_per_step(active, 3, 1, layers, groups=2, itemsize=4, rank=rank) == sum(
+            halo_bytes_per_layer(
+                active, 3, 1, groups=2, heads=h, samples=s, head_dim=d, itemsize=4, rank=rank
+            )
+            for h, s, d in layers
+        )
+
+
+def test_bank_mode_traffic(readme):
+    """ "Traffic and compute in bank mode": one character's bank per step (2 identity frames), over NVLink and
+    over a 400 Gb/s link."""
+    per_character = bank_bytes_per_character_step(
+        _layers(SDXL_LEVELS), groups=2, identity_frames=2, itemsize=2
+    )
+    per_layer = [
+        2 * halo_bytes_per_frame(groups=2, heads=h, samples=round(RATE * t), head_dim=d, itemsize=2) // MiB
+        for _, t, h, d in SDXL_LEVELS
+    ]
+    expect(
+        readme,
+        f"{per_character // MiB} MiB per character and step (30 × {per_layer[0]} MiB at 1/32 + "
+        f"6 × {per_layer[1]} MiB at 1/16",
+    )
+    nvlink = transfer_seconds(per_character, NVLINK) * 1e3
+    link = transfer_seconds(per_character, 400 * GBIT) * 1e3
+    expect(readme, f"{_g(nvlink, 2)} ms at NVLink's 450 GB/s or {_g(link, 2)} ms over a 400 Gb/s link")
+
+
+def test_identity_bank_memory(readme):
+    """ "Identity-bank memory": Σ N·C, the table (per step; whole run of 50 steps, 49 after 1 warm-up step for
+    the stored schedule, one step for lockstep) and the broadcast times."""
+    levels = [(n, tokens, heads * dim) for n, tokens, heads, dim in SDXL_LEVELS]
+    expect(readme, f"Σ N·C = {sum(n * t * c for n, t, c in levels):,}")
+    layers = [(t, c) for n, t, c in levels for _ in range(n)]
+
+    def step(keeps: str) -> int:
+        return bank_bytes_per_step(layers, keeps=keeps, frames=4, groups=2, rate=RATE, itemsize=2)
+
+    def gib(nbytes: int, decimals: int) -> str:
+        return f"{nbytes / GiB:.{decimals}f} GiB"
+
+    expect(readme, f"| official A | {gib(step('official_a'), 2)} | {gib(50 * step('official_a'), 1)} |")
+    expect(readme, f"| official B | {gib(step('official_b'), 2)} | {gib(50 * step('official_b'), 1)} |")
+    expect(
+        readme, f"| ours, stored (1 warm-up step) | {gib(step('ours'), 2)} | {gib(49 * step('ours'), 1)} ("
+    )
+    expect(readme, f"| ours, lockstep | {gib(step('ours'), 2)} | **{gib(step('ours'), 2)}** —")
+    ours = step("ours")
+    expect(
+        readme,
+        f"({gib(ours, 2)} per step in the example: {_g(transfer_seconds(ours, NVLINK) * 1e3, 2)} ms at "
+        f"NVLink's 450 GB/s, {_g(transfer_seconds(ours, 200 * GBIT) * 1e3, 2)} ms over 200 Gb/s InfiniBand, "
+        f"{_g(transfer_seconds(ours, 1 * GBIT), 2)} s over 1 GbE",
+    )
+
+
+def test_bank_formula_matches_the_traffic_formula():
+    """Our bank (sampled K and V) per step is what bank mode sends per character and step, over its frames."""
+    layers = [(64, 32), (256, 16)]  # (tokens, channels); 4 heads of 8 and 2 heads of 8
+    ours = bank_bytes_per_step(layers, keeps="ours", frames=3, groups=2, rate=0.25, itemsize=2)
+    assert ours == bank_bytes_per_character_step(
+        [(4, 16, 8), (2, 64, 8)], groups=2, identity_frames=3, itemsize=2
+    )
+    assert (
+        bank_bytes_per_step(layers, keeps="official_b", frames=3, groups=2, rate=0.25, itemsize=2) * 2 == ours
+    )
+
+
+def test_distributed_measurements(readme):
+    """The "Measured" table of "Several GPUs" is the stored dist run, row by row."""
+    name = "dist-tiny-sd15_cpu_20261202-013852"
+    expect(readme, f"`benchmarks/results/{name}.*`")
+    rows = json.loads((RESULTS / f"{name}.json").read_text())
+    labels = {"window": "window", "bank-recompute": "bank", "bank-broadcast": "bank, broadcast (default)"}
+    fpm = {}
+    for row in rows:
+        label = labels[row["mode"]]
+        if row["mode"] == "bank-recompute" and row["ranks"] > 1:
+            label = "bank, recompute"
+        traffic = row["halo_bytes_sent"] or row["bank_bytes_received"]
+        kind = " (halo)" if row["halo_bytes_sent"] else " (banks)"
+        traffic_text = f"{traffic / MiB:.2f} MiB{kind}" if traffic else "0"
+        expect(
+            readme,
+            f"| {label} | {row['ranks']} | {row['frames_per_minute']:.0f} | "
+            f"{row['peak_bytes_per_rank'] / MiB:.0f} MiB | {traffic_text} |",
+        )
+        fpm[label] = row["frames_per_minute"]
+    faster = fpm["bank, broadcast (default)"] / fpm["bank, recompute"] - 1
+    expect(readme, f"Broadcast is {faster:.0%} faster than recompute here")
+
+
+def _instr(value: float) -> str:
+    return f"{value:.0f}"
+
+
+def test_kernel_inspection_numbers(readme):
+    """The static numbers of "How it is built": the Triton 3.9 table, the sm_90 pointer kernel at 128x64x8x2,
+    Triton 3.6's descriptor path, and the pruned space's size — each from the stored inspect file the README
+    names."""
+    defaults = json.loads((RESULTS / "inspect_defaults_triton3.9.0.json").read_text())
+    assert "`benchmarks/results/inspect_*`" in readme
+    for row in defaults:
+        if row["dtype"] != "float16":
+            continue
+        path = {"tma": "descriptors", "pointer": "pointers"}[row["path"]]
+        load = row["load"]
+        expect(
+            readme,
+            f"| {path}, sm_{row['arch']} | {row['head_dim']} | {row['config']} | {row['registers']} | "
+            f"{row['spill_bytes']} | {row['shared_bytes'] // 1024} KiB | {load} | {row['mma']} | "
+            f"{_instr(row['instr_per_1k_scores'])} |",
+        )
+    pairs = {(r["dtype"], r["arch"], r["head_dim"]): r for r in defaults}
+    for (dtype, arch, hd), row in pairs.items():  # fp16 = bf16, as the table says
+        if dtype == "bfloat16":
+            twin = pairs[("float16", arch, hd)]
+            assert {k: v for k, v in row.items() if k != "dtype"} == {
+                k: v for k, v in twin.items() if k != "dtype"
+            }
+
+    before = "inspect_sm90-pointer-128x64x8x2_triton3.9.0.json"
+    expect(readme, f"`benchmarks/results/{before}`")
+    rows = {r["head_dim"]: r for r in json.loads((RESULTS / before).read_text())}
+    assert {(r["arch"], r["path"], r["config"]) for r in rows.values()} == {(90, "pointer", "128x64x8x2")}
+    expect(
+        readme,
+        f"{rows[64]['instr_per_1k_scores']} (hd64) and {rows[128]['instr_per_1k_scores']} (hd128) "
+        "instructions per 1,000 scores",
+    )
+
+    expect(readme, "`benchmarks/results/inspect_defaults_triton3.6.0.json`")
+    tma36 = {
+        r["head_dim"]: r
+        for r in json.loads((RESULTS / "inspect_defaults_triton3.6.0.json").read_text())
+        if r["arch"] == 90 and r["path"] == "tma"
+    }
+    assert all(r["spill_bytes"] == 0 and (r["load"], r["mma"]) == ("TMA", "wgmma") for r in tma36.values())
+    expect(
+        readme,
+        f"the descriptor path compiles to {_instr(tma36[64]['instr_per_1k_scores'])} / "
+        f"{_instr(tma36[128]['instr_per_1k_scores'])}, no spills, TMA + wgmma",
+    )
+
+    pruned_name = "inspect_pruned_sm90-tma_sm89-pointer_fp16-bf16_triton3.9.0.json"
+    expect(readme, "`benchmarks/results/inspect_pruned_*.json`")
+    assert [p.name for p in RESULTS.glob("inspect_pruned_*.json")] == [pruned_name]
+    pruned = json.loads((RESULTS / pruned_name).read_text())
+    assert all(r["spill_bytes"] == 0 for r in pruned)
+    expect(readme, f"all {len(pruned)} configs it keeps")
+
+
+def test_every_results_file_the_readme_names_exists(readme):
+    names = re.findall(r"benchmarks/results/([\w.*+-]+)", readme)
+    assert names
+    for name in names:
+        assert list(RESULTS.glob(name)), f"README.md names benchmarks/results/{name}, which is not stored"
