@@ -4,12 +4,25 @@ Every file is written under a temporary name and renamed into place (``atomic.py
 leaves a truncated file under a final name. ``metadata.json`` (a ``StoryRecord``, ``record.py``) says
 ``"status": "running"`` from the start and only says ``"complete"`` once everything else is written
 (``"failed"`` or ``"interrupted"`` otherwise).
+
+One run at a time: the run writing a folder holds its lock, ``run.lock`` (created with ``O_EXCL``, which
+network filesystems honour too; it names the host, the process and when that process started). Ranks of a
+torchrun run share the folder: rank 0 takes the lock, the others join the folder it prepared. A lock is
+stale, and taken over, when its process is gone (same host: no such process, or another process under
+that id) or, from another host, when its heartbeat stopped (the live run touches the file every
+``HEARTBEAT_S`` seconds; ``STALE_S`` without one means its run is dead).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import socket
+import threading
 import time
+import uuid
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +32,172 @@ from PIL import Image
 from ..support.atomic import atomic_path
 from .record import METADATA, StoryRecord, read_record
 
-__all__ = ["METADATA", "StoryOutput", "check_output_folder", "read_metadata", "save_image"]
+__all__ = [
+    "LOCK",
+    "METADATA",
+    "FolderInUse",
+    "StoryOutput",
+    "check_output_folder",
+    "lock_holder",
+    "read_metadata",
+    "save_image",
+]
+
+LOCK = "run.lock"
+HEARTBEAT_S = 20.0  # how often a live run touches its lock
+STALE_S = 120.0  # a lock from another host untouched this long belongs to a dead run
+
+
+class FolderInUse(FileExistsError):
+    """The output folder is being written by a run still going."""
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from /proc), None where that cannot be read:
+    with the pid it names one process, not a later one that got the same id."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    """Whether process ``pid`` (started at ``start``) is still running on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc: the pid exists, take it as the holder
+    if state in ("Z", "X"):  # killed, not yet reaped
+        return False
+    return start is None or _process_start(pid) in (None, start)
+
+
+def _describe(owner: dict) -> str:
+    return f"host {owner.get('host', '?')}, process {owner.get('pid', '?')}, since {owner.get('since', '?')}"
+
+
+# the locks this process holds, by file: the token of the StoryOutput holding it (weakly: an output that is
+# gone holds nothing)
+_HELD: dict[Path, str] = {}
+_HEARTBEAT: list[threading.Thread] = []
+_HELD_LOCK = threading.Lock()
+
+
+def _heartbeat() -> None:
+    while True:
+        time.sleep(HEARTBEAT_S)
+        with _HELD_LOCK:
+            paths = list(_HELD)
+        for path in paths:
+            with contextlib.suppress(OSError):
+                os.utime(path)
+
+
+def _read_lock(path: Path) -> dict | None:
+    """The lock's owner (None: no lock); an unreadable lock is an owner of unknown host."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return {}
+    try:
+        owner = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _is_live(path: Path, owner: dict) -> bool:
+    path = Path(os.path.abspath(path))
+    pid = owner.get("pid")
+    if owner.get("host") == socket.gethostname() and isinstance(pid, int):
+        if pid == os.getpid():  # this process: live while one of its outputs holds it
+            with _HELD_LOCK:
+                return _HELD.get(path) == owner.get("token")
+        return _alive(pid, owner.get("start"))
+    try:  # another host (or a lock without an owner): live while its heartbeat goes on
+        return time.time() - path.stat().st_mtime < STALE_S
+    except FileNotFoundError:
+        return False
+
+
+def lock_holder(root: str | os.PathLike) -> dict | None:
+    """The run holding folder ``root`` now ({host, pid, since, ...}), or None: no lock, or a stale one."""
+    path = Path(root) / LOCK
+    owner = _read_lock(path)
+    if owner is None or not _is_live(path, owner):
+        return None
+    return owner
+
+
+def _in_use(root: Path, owner: dict) -> FolderInUse:
+    return FolderInUse(
+        f"{root} is being written by a run still going ({_describe(owner)}); wait for it to end or stop it "
+        f"first (a run killed on another host frees the folder {STALE_S:.0f} s after its last heartbeat)"
+    )
+
+
+def _acquire(root: Path) -> str:
+    """Take ``root``'s lock for this process (taking over a stale one); its token. FolderInUse if a live
+    run holds it."""
+    path = Path(os.path.abspath(root / LOCK))
+    token = uuid.uuid4().hex
+    owner = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "start": _process_start(os.getpid()),
+        "since": _now(),
+        "token": token,
+    }
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            held = _read_lock(path)
+            if held is None:
+                continue  # released meanwhile
+            if _is_live(path, held):
+                raise _in_use(root, held) from None
+            # stale: move it aside (only one contender's rename succeeds), then try again
+            aside = path.with_name(f".{LOCK}.stale-{token}")
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                continue
+            if _read_lock(aside) != held:  # a newer lock was moved: put it back
+                with contextlib.suppress(OSError):
+                    os.link(aside, path)
+            aside.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            json.dump(owner, file)
+        with _HELD_LOCK:
+            _HELD[path] = token
+            if not _HEARTBEAT:
+                _HEARTBEAT.append(threading.Thread(target=_heartbeat, name="storydiff-lock", daemon=True))
+                _HEARTBEAT[0].start()
+        return token
+    raise _in_use(root, _read_lock(path) or {})
+
+
+def _release(path: Path, token: str) -> None:
+    """Remove the lock at ``path`` if it is still the one ``token`` took."""
+    path = Path(os.path.abspath(path))
+    with _HELD_LOCK:
+        if _HELD.get(path) == token:
+            del _HELD[path]
+    held = _read_lock(path)
+    if held is not None and held.get("token") == token:
+        path.unlink(missing_ok=True)
 
 
 def read_metadata(root: str | os.PathLike) -> dict:
@@ -51,6 +229,9 @@ def check_output_folder(
         if parent.exists() and not parent.is_dir():
             what = "is a file" if parent == root else f"is inside {parent}, which is a file"
             raise NotADirectoryError(f"output folder {root} {what}; choose a folder")
+    owner = lock_holder(root) if root.is_dir() else None
+    if owner is not None:
+        raise _in_use(root, owner)
     status = (read_record(root).status or "?") if (root / METADATA).is_file() else None
     if resume and status is None:
         raise FileNotFoundError(f"nothing to resume in {root}: no {METADATA}")
@@ -86,6 +267,7 @@ class StoryOutput:
             self.root / d for d in ("frames", "pages", "banks")
         )
         self.record = StoryRecord()
+        self._unlock = None  # releases the folder's lock (the leader's, from start to finish or fail)
 
     @property
     def metadata(self) -> dict:
@@ -100,6 +282,9 @@ class StoryOutput:
         if not isinstance(record, StoryRecord):
             record = StoryRecord.from_dict(record)
         self.frames_dir.mkdir(parents=True, exist_ok=True)
+        if self._unlock is None:
+            token = _acquire(self.root)
+            self._unlock = weakref.finalize(self, _release, self.root / LOCK, token)
         if not self.resume:  # an overwritten run must not keep frames of the previous story
             for stale in [*self.frames_dir.glob("frame_*.png"), *self.pages_dir.glob("page_*.png")]:
                 stale.unlink()
@@ -127,6 +312,12 @@ class StoryOutput:
             return
         self.record = self.record.replace(**results, status="complete", finished=_now())
         self.record.write(self.root / METADATA)
+        self.release()
+
+    def release(self) -> None:
+        """Free the folder for another run (done by ``finish`` and ``fail``)."""
+        if self._unlock is not None:
+            self._unlock()
 
     def fail(self, error: BaseException) -> None:
         if self.follower:
@@ -135,4 +326,7 @@ class StoryOutput:
             self.record = self.record.replace(status="interrupted", error="interrupted by the user (Ctrl-C)")
         else:
             self.record = self.record.replace(status="failed", error=f"{type(error).__name__}: {error}")
-        self.record.write(self.root / METADATA)
+        try:
+            self.record.write(self.root / METADATA)
+        finally:
+            self.release()
