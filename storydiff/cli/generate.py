@@ -111,6 +111,14 @@ def _from_flags(args: argparse.Namespace) -> Job:
     story = load_story(
         args.story, characters, known={name: meta["description"] for name, (_, meta) in banks.items()}
     )
+    for name, (path, header) in banks.items():
+        told, banked = story.characters[name].description, header.get("description")
+        if banked is not None and told != banked:
+            warnings.warn(
+                f"--load-bank {path}: the story describes {name!r} as {told!r}, the bank was made for "
+                f"{banked!r}; the frames are prompted with the story's description",
+                stacklevel=2,
+            )
     files = _model_files(args)
     ip = _reference_images(args, story)
     check_output_folder(args.out, overwrite=bool(args.overwrite))
@@ -197,7 +205,13 @@ def _bank_headers(items) -> dict[str, tuple[str, dict]]:
             header = read_bank_header(path)
         except ValueError as exc:
             raise ValueError(f"--load-bank: {exc}") from None
-        name = name or header["character"]
+        recorded = header["character"]
+        if name and name != recorded:
+            raise ValueError(
+                f"--load-bank {item}: the file is the bank of {recorded!r}, not {name!r} (a bank holds one "
+                f"character's identity); give --load-bank {recorded}={path} or another bank"
+            )
+        name = name or recorded
         if name in banks:
             raise ValueError(f"--load-bank: two banks for {name!r}")
         banks[name] = (path, header)
@@ -282,6 +296,23 @@ def _setting_error(exc, args: argparse.Namespace) -> str:
     return f"{flag} {exc.problem}"
 
 
+def _unused_negative(family, settings) -> str | None:
+    """Why --negative would change nothing on this model (None: it is used): a negative prompt acts only
+    through classifier-free guidance, which FLUX (guidance-distilled) never runs and --guidance 1 or below
+    turns off. Refused rather than recorded as if applied."""
+    if not settings.negative_prompt or family.uses_cfg_batch(settings.guidance_scale):
+        return None
+    if family.uses_cfg_batch(max(settings.guidance_scale, 2.0)):
+        return (
+            "--negative needs classifier-free guidance, which --guidance "
+            f"{settings.guidance_scale:g} turns off (use --guidance above 1, or drop --negative)"
+        )
+    return (
+        f"--negative has no effect on {family.name} models: their guidance is distilled into the model (no "
+        "classifier-free guidance, so no negative prompt); drop --negative"
+    )
+
+
 def _generate(args, job: Job) -> int:
     from ..pipeline import StoryDiffusionPipeline
     from ..runs.distributed import current_partition
@@ -293,6 +324,9 @@ def _generate(args, job: Job) -> int:
         job.model, job.config, device=device, dtype=resolve_dtype(args.dtype), **job.files
     )
     say = print if current_partition().leader else (lambda *a, **k: None)  # one voice for N ranks
+    problem = None if args.resume else _unused_negative(pipeline.family, job.settings)
+    if problem:
+        return fail(problem)
     if job.ip["adapter"] is not None:
         adapter = job.ip["adapter"]
         loaded = pipeline.load_ip_adapter(

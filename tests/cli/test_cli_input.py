@@ -223,6 +223,6 @@ def test_banks_carry_model_identity_and_description(tmp_path, story, capsys):
     # a character not in the story, and window mode
     carol = ["--load-bank", f"Carol={bob}"]
     assert generate(story, tmp_path / "e", "--steps", "2", *carol) == 2
-    assert "'Carol', who is in no frame" in error_line(capsys)
+    assert "the file is the bank of 'Bob', not 'Carol'" in error_line(capsys)
     assert generate(story, tmp_path / "f", "--mode", "window", "--load-bank", str(bob)) == 2
     assert "--load-bank applies to bank mode only" in error_line(capsys)
