@@ -20,6 +20,11 @@ def register(subparsers, parents: list) -> None:
     parser.add_argument("--story-dir", required=True, help="story folder (frames/ + metadata.json, or PNGs)")
     parser.add_argument("--out", required=True, help="output folder for the clips and the story video")
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the story video and clips already in --out (default: refuse)",
+    )
+    parser.add_argument(
         "--svd",
         required=True,
         help="Stable Video Diffusion path or hub id, or tiny-svd (random weights, offline)",
@@ -34,7 +39,7 @@ def register(subparsers, parents: list) -> None:
         "--frames",
         type=positive_int,
         default=None,
-        help="frames per clip (default: predictor's + 2, else SVD's)",
+        help="frames per clip, at least 3: start, intermediates, end (default: predictor's + 2, else SVD's)",
     )
     parser.add_argument(
         "--steps", type=positive_int, default=25, help="denoising steps (default: %(default)s)"
@@ -84,6 +89,24 @@ def register(subparsers, parents: list) -> None:
     parser.set_defaults(run=run)
 
 
+def _check_video_folder(out: str, overwrite: bool) -> None:
+    """A folder holding a story video is not replaced without --overwrite."""
+    from pathlib import Path
+
+    folder = Path(out)
+    if overwrite or not folder.is_dir():
+        return
+    names = ("video.json", "story.gif", "story.mp4")
+    found = [name for name in names if (folder / name).exists()] + [
+        p.name for p in sorted(folder.glob("transition_*.*"))[:1]
+    ]
+    if found:
+        raise ValueError(
+            f"--out {out} already holds a story video ({', '.join(found)}); choose a new folder, or "
+            "replace it with --overwrite"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from ..families.reserved import TINY_SVD
     from ..models.loading import ModelLoadError, load_svd_pipeline
@@ -95,6 +118,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         device = resolve_device(args.device)
         check_output_dir(args.out)
+        _check_video_folder(args.out, args.overwrite)
+        if args.frames is not None and args.frames < 3:
+            raise ValueError(
+                f"--frames must be >= 3 (the start frame, at least one in between, the end frame), got "
+                f"{args.frames}"
+            )
         read_story_frames(args.story_dir)  # fail on a bad story before loading any model
         # The predictor first: it loads in a moment, and a bad path should not wait for the video model.
         predictor = load_predictor(args.predictor, device) if args.predictor else None

@@ -30,7 +30,7 @@ from typing import Any
 from PIL import Image
 
 from ..support.atomic import atomic_path
-from .record import METADATA, StoryRecord, read_record
+from .record import METADATA, RecordError, StoryRecord, read_record
 
 __all__ = [
     "LOCK",
@@ -232,7 +232,14 @@ def check_output_folder(
     owner = lock_holder(root) if root.is_dir() else None
     if owner is not None:
         raise _in_use(root, owner)
-    status = (read_record(root).status or "?") if (root / METADATA).is_file() else None
+    status = None
+    if (root / METADATA).is_file():
+        try:
+            status = read_record(root).status or "?"
+        except RecordError:
+            if not overwrite or resume:
+                raise
+            status = "unreadable"  # --overwrite replaces a damaged record too
     if resume and status is None:
         raise FileNotFoundError(f"nothing to resume in {root}: no {METADATA}")
     if resume and status == "complete":
@@ -240,8 +247,15 @@ def check_output_folder(
     if status is not None and not (overwrite or resume):
         raise FileExistsError(
             f"{root} already holds a story run (status {status!r}); choose a new folder, or replace it "
-            "with --overwrite (overwrite=True)"
+            "with --overwrite"
         )
+    if status is None and not overwrite:
+        old = [*root.glob("frames/frame_*.png"), *root.glob("pages/page_*.png")]
+        if old:
+            raise FileExistsError(
+                f"{root} holds {len(old)} frame/page image(s) of an earlier run but no {METADATA}; choose a "
+                "new folder, or replace them with --overwrite"
+            )
     return status
 
 

@@ -91,6 +91,15 @@ def _list_of(item: Callable[[Any], Any]) -> Callable[[Any], list]:
     return read
 
 
+STATUSES = ("running", "complete", "failed", "interrupted")
+
+
+def _status(value: Any) -> str:
+    if value not in STATUSES:
+        raise TypeError(f"one of {', '.join(map(repr, STATUSES))}")
+    return value
+
+
 def _maybe_text(value: Any) -> str | None:
     return None if value is None else _text(value)
 
@@ -129,7 +138,7 @@ _READ: dict[str, tuple[Callable[[Any], Any], str]] = {
     "reference_images": (_dict_of(_mapping), "an object of name: {sha256, path, ...}"),
     "world_size": (_whole, "a whole number"),
     "versions": (_dict_of(_maybe_text), "an object of package: version"),
-    "status": (_text, "a text"),
+    "status": (_status, "one of " + ", ".join(map(repr, STATUSES))),
     "started": (_text, "a text"),
     "bank_bytes": (_dict_of(_whole), "an object of name: bytes"),
     "bank_peak_bytes": (_whole, "a whole number"),
