@@ -37,14 +37,17 @@ def visible_frame_range(frame: int, num_frames: int, groups: int, window: int | 
     return max(start, frame - window), min(start + per_group, frame + window + 1)
 
 
-def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor (indices drawn on the CPU) on ``device`` without a host sync: on CUDA it goes
-    through pinned memory with a non-blocking copy (a pageable copy would wait for the GPU)."""
-    if device.type != "cuda" or t.device == device:
+def to_device_async(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A small host tensor (indices drawn or computed on the CPU) on ``device`` without a host sync: on
+    CUDA it goes through pinned memory with a non-blocking copy (a pageable copy would wait for the GPU).
+    The one way this library moves indices to a device (sampler draws, row sets, tiles, pool ranges)."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
-    """``torch.tensor(values)`` on ``device``, copied without a host sync."""
-    return to_device_async(torch.tensor(values, dtype=torch.int64), torch.device(device))
+def index_tensor(values: list[int] | list[tuple[int, ...]], device: torch.device | str) -> torch.Tensor:
+    """``torch.tensor(values)`` (int64; a list of ints, or of equal-length tuples for a 2-D table) on
+    ``device``, copied without a host sync."""
+    return to_device_async(torch.tensor(values, dtype=torch.int64), device)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .pool import to_device_async
+
 
 def sample_reference_indices(
     num_frames: int,
@@ -39,4 +41,4 @@ def sample_reference_indices(
     # Random keys + argsort = a uniform random permutation per row, vectorized over frames.
     keys = torch.rand(num_frames, num_tokens, generator=generator, device=draw_device)
     idx = keys.argsort(dim=1)[:, :num_refs].sort(dim=1).values
-    return idx.to(device) if device is not None else idx
+    return to_device_async(idx, device) if device is not None else idx  # CPU draws: pinned, non-blocking

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .api import consistent_attention
+from .pool import index_tensor
 
 
 def tile_starts(num_frames: int, tile: int, stride: int) -> list[int]:
@@ -34,11 +35,14 @@ def tiled_consistent_attention(
     groups: int = 1,
     scale: float | None = None,
     backend: str = "auto",
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """Tiled consistent attention over each of ``groups`` contiguous groups (e.g. CFG halves).
 
     Args follow ``consistent_attention``; ``tile`` >= 1 frames per tile, ``stride`` >= 1 frames between
-    tile starts (stride < tile makes tiles overlap).
+    tile starts (stride < tile makes tiles overlap). ``check_indices`` is passed on to every tile's call:
+    False (this library's window mode, whose indices come from the seeded sampler) reads no value back on
+    the host, so a step never waits for the GPU.
     """
     for name, value in (("tile", tile), ("stride", stride), ("groups", groups)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -49,11 +53,19 @@ def tiled_consistent_attention(
     out = torch.zeros_like(q, dtype=torch.promote_types(q.dtype, torch.float32))  # sum tiles in >= fp32
     count = torch.zeros(q.shape[0], device=q.device)
     for start in tile_starts(per_group, tile, stride):
-        frames = torch.cat(
-            [torch.arange(start, min(start + tile, per_group)) + g * per_group for g in range(groups)]
-        ).to(q.device)
+        members = [
+            g * per_group + f for g in range(groups) for f in range(start, min(start + tile, per_group))
+        ]
+        frames = index_tensor(members, q.device)  # pinned and non-blocking: no host sync
         result = consistent_attention(
-            q[frames], k[frames], v[frames], ref_idx[frames], groups=groups, scale=scale, backend=backend
+            q[frames],
+            k[frames],
+            v[frames],
+            ref_idx[frames],
+            groups=groups,
+            scale=scale,
+            backend=backend,
+            check_indices=check_indices,
         )
         out.index_add_(0, frames, result.to(out.dtype))
         count.index_add_(0, frames, torch.ones(len(frames), device=q.device))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .pool import gather_reference_pool, visible_frame_range
+from .pool import gather_reference_pool, index_tensor, to_device_async, visible_frame_range
 
 
 def _key_rows(
@@ -168,18 +168,20 @@ def _key_set_attention(
     out = q.new_empty(q.shape) if len(key_sets) > 1 else None
     for batch in key_sets.values():
         frames = [i for i, _ in batch]
-        rows = torch.stack([r for _, r in batch]).to(q.device)  # [F', L]
+        # indices copied to the device pinned and non-blocking: no host sync (a list index would be one)
+        index = index_tensor(frames, q.device)
+        rows = to_device_async(torch.stack([r for _, r in batch]), q.device)  # [F', L]
         keys = table_k[rows].transpose(1, 2)  # [F', H, L, D]
         values = table_v[rows].transpose(1, 2)
         mask = None
         if key_lengths is not None:  # the own keys are the first N columns of every key set
             columns = torch.arange(rows.shape[1], device=q.device)
-            lengths = key_lengths if len(key_sets) == 1 else key_lengths[_index(frames, q.device)]
+            lengths = key_lengths if out is None else key_lengths[index]
             mask = ((columns >= num_tokens) | (columns < lengths[:, None]))[:, None, None, :]
-        result = F.scaled_dot_product_attention(q[frames], keys, values, attn_mask=mask, scale=scale)
+        result = F.scaled_dot_product_attention(q[index], keys, values, attn_mask=mask, scale=scale)
         if out is None:
             return result
-        out = out.index_copy(0, _index(frames, q.device), result)
+        out = out.index_copy(0, index, result)
     return out
 
 
@@ -228,10 +230,6 @@ def _row_table(own: torch.Tensor, pool_rows: torch.Tensor, bank: torch.Tensor | 
     if bank is not None:
         parts.append(bank.transpose(1, 2).reshape(-1, heads, head_dim))
     return torch.cat(parts)
-
-
-def _index(frames: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(frames, device=device)
 
 
 def _pool_range_attention(

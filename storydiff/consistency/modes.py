@@ -197,6 +197,7 @@ class ReadMode:
                 groups=groups,
                 bank_k=bank_k,
                 bank_v=bank_v,
+                check_indices=False,  # no sampled indices; key_lengths from the mask: nothing read back
                 **rows,
                 **lengths_kwarg(lengths),
             )

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from csa_kernels import consistent_attention
-from csa_kernels.pool import gather_reference_pool
+from csa_kernels.pool import gather_reference_pool, index_tensor
 from csa_kernels.tiled import tiled_consistent_attention
 
 from .modes import attend_rows, lengths_kwarg, offered_keys, plain_attention, rows_kwarg
@@ -120,7 +120,9 @@ class WindowMode:
         if self.tile is not None:  # the paper's tiled form, within this chunk (all its frames)
             if rows or reposition is not None or key_lengths is not None:
                 raise ValueError("the tiled form (tile) supports image-only self-attention (UNets, PixArt)")
-            return tiled_consistent_attention(q, k, v, both_halves, tile=self.tile, stride=1, groups=groups)
+            return tiled_consistent_attention(
+                q, k, v, both_halves, tile=self.tile, stride=1, groups=groups, check_indices=False
+            )
         # [G, F, H, S, D]: each chunk frame's sampled tokens, per CFG half; keys as offered (re-positioned
         # when the host asks), so the boundary cache hands later chunks the same keys this chunk saw
         pool_k = offered_keys(k, both_halves, reposition)
@@ -196,7 +198,8 @@ class WindowMode:
                 )
                 for kind in (0, 1)
             )  # (R, H, D) each
-            mine = torch.tensor([ranges[i] for i in readers], dtype=torch.int64).to(q.device)
+            # made on the host, copied pinned and non-blocking; no range check: nothing is read back
+            mine = index_tensor([ranges[i] for i in readers], q.device)
             return consistent_attention(
                 q_,
                 k_,
@@ -204,6 +207,7 @@ class WindowMode:
                 None,
                 pool=pool,
                 pool_ranges=mine,
+                check_indices=False,
                 **rows,
                 **lengths_kwarg(lengths),
             )

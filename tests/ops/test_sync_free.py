@@ -1,10 +1,23 @@
-"""The op reads ``ref_idx`` values (a host-device sync on CUDA) only for the public range check, and never
-while tracing, on fake tensors, or from this library's processors. GPU-side proofs (sync debug mode, CUDA
-graph replay) live in tests/ops/test_gpu.py's marked tests when a GPU is there."""
+"""The op reads index values (a host-device sync on CUDA) only for the public range check, and never
+while tracing, on fake tensors, or from this library's processors: a story's denoising step, in every mode,
+reads no tensor value back on the host. GPU-side proofs (sync debug mode, CUDA graph replay) are
+tests/pipeline/test_gpu_sync_free.py's, run when a GPU is there."""
 
 import pytest
 import torch
 from helpers import Case, make_inputs
+from host_reads import (
+    BANK_CALLERS,
+    NO_SKIP,
+    RUN,
+    STORY,
+    STORY_SETUPS,
+    guard_forward,
+    load_tiny_ip_adapter,
+    no_host_reads,
+    report,
+    story_pipeline,
+)
 
 import csa_kernels.api as api
 from csa_kernels import consistent_attention
@@ -72,3 +85,94 @@ def test_the_processors_call_the_op_without_reading_indices(monkeypatch):
         remove_consistent_attention(pipe)
     assert calls and any(size for size, _ in calls)
     assert all(flag is False for _, flag in calls)
+
+
+# -- every mode, every family kind: a denoising step reads no value back on the host ----------------------
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Every op call as (caller "module:function", check_indices), the pool ranges in their device form.
+
+    On a CPU run the torch path reads CPU ``pool_ranges`` on purpose (``_host_known``: no device, no sync);
+    forcing the form it takes for device tensors makes the spy see exactly what a GPU step would read."""
+    import sys
+
+    import csa_kernels.torch_path as torch_path
+
+    monkeypatch.setattr(torch_path, "_host_known", lambda ranges: False)
+    calls = []
+    check = api.check_inputs
+
+    def spy(*args):
+        frame = sys._getframe(1)
+        while frame.f_code.co_filename.endswith("api.py"):
+            frame = frame.f_back
+        calls.append((f"{frame.f_globals['__name__']}:{frame.f_code.co_name}", args[-1]))
+        return check(*args)
+
+    monkeypatch.setattr(api, "check_inputs", spy)
+    return calls
+
+
+def watched_story(sp, op_calls, **settings) -> set[str]:
+    """Run a story with the denoiser's every call watched: no host read, every op call with
+    check_indices=False; returns the op's callers (short module name:function)."""
+    reads = []
+    denoiser = sp.family.denoiser
+    guard_forward(denoiser, reads)
+    try:
+        sp(STORY, **{**RUN, **settings})
+    finally:
+        del denoiser.forward
+    assert not reads, report(reads)
+    assert op_calls, "consistency never called the op"
+    checking = sorted({caller for caller, check in op_calls if check is not False})
+    assert not checking, f"call sites that let the op read index values: {checking}"
+    return {caller.rsplit(".", 1)[-1] for caller, _ in op_calls}
+
+
+@pytest.mark.parametrize(("model", "config", "settings", "callers"), STORY_SETUPS)
+def test_a_story_step_reads_nothing_back_on_the_host(model, config, settings, callers, op_calls):
+    """Every consistency mode on a UNet and on both kinds of DiT (FLUX's joint attention, Qwen-Image's
+    padded prompts): while the denoiser runs, no tensor value comes back to Python (on a GPU: no host
+    sync), and every library call of the op says check_indices=False."""
+    sp = story_pipeline(model, **config)
+    try:
+        assert watched_story(sp, op_calls, **settings) == callers
+    finally:
+        sp.close()
+
+
+def test_ip_adapter_frames_read_nothing_back_on_the_host(op_calls, tmp_path):
+    """Reference images per character (IP-Adapter, its masks per frame) on top of bank mode."""
+    sp = story_pipeline("tiny-sd15")
+    try:
+        settings = load_tiny_ip_adapter(sp, tmp_path)
+        assert watched_story(sp, op_calls, **settings) == BANK_CALLERS
+    finally:
+        sp.close()
+
+
+def test_joint_mode_reads_nothing_back_on_the_host(op_calls):
+    """A batch of frames attending to each other's sampled tokens, no bank (``begin_joint``)."""
+    from storydiff.consistency.config import ConsistencyConfig
+    from storydiff.families.attach import apply_consistent_attention, remove_consistent_attention
+    from storydiff.families.tiny_models import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("tiny-sd15", progress_bar=False)
+    state = apply_consistent_attention(pipe, ConsistencyConfig(rate=0.5, **NO_SKIP))
+    unet, reads = pipe.unet, []
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(4, unet.config.in_channels, 16, 16, generator=gen)
+    context = torch.randn(4, 7, unet.config.cross_attention_dim, generator=gen)
+    try:
+        state.begin_joint(2)  # 2 frames x CFG halves
+        with torch.no_grad(), no_host_reads(reads):
+            unet(sample, torch.tensor(10), encoder_hidden_states=context)
+    finally:
+        state.end()
+        remove_consistent_attention(pipe)
+    assert not reads, report(reads)
+    assert {caller for caller, _ in op_calls} == {"storydiff.consistency.modes:attend"}
+    assert all(check is False for _, check in op_calls)

@@ -1,9 +1,14 @@
-"""On a CUDA GPU: a denoising step with consistency on never synchronizes the host, and the op replays
-inside a CUDA graph. Skipped without CUDA (conftest.py); run on the GPU machine with `pytest -m gpu`."""
+"""On a CUDA GPU: a denoising step with consistency on never synchronizes the host — in every mode and
+family kind tests/ops/test_sync_free.py's CPU spy covers (its setups, ``host_reads.STORY_SETUPS``), under
+``torch.cuda.set_sync_debug_mode("error")`` — and the op replays inside a CUDA graph. Skipped without
+CUDA (conftest.py); run on the GPU machine with `pytest -m gpu`."""
+
+import contextlib
 
 import pytest
 import torch
 from helpers import Case, make_inputs
+from host_reads import RUN, STORY, STORY_SETUPS, load_tiny_ip_adapter, story_pipeline
 
 from csa_kernels import consistent_attention
 
@@ -55,3 +60,50 @@ def test_the_op_replays_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, expected)
+
+
+@contextlib.contextmanager
+def syncs_are_errors():
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def story_never_syncs(sp, **settings) -> None:
+    """Run the story twice: once to warm up (autotuning, allocations, per-device caches), then with every
+    denoiser call (each step, CFG pass or chunk) under sync debug mode "error": a host sync raises."""
+    sp(STORY, **{**RUN, **settings})
+    torch.cuda.synchronize()
+    denoiser = sp.family.denoiser
+    forward = denoiser.forward
+
+    def watched(*args, **kwargs):
+        with syncs_are_errors():
+            return forward(*args, **kwargs)
+
+    denoiser.forward = watched
+    try:
+        sp(STORY, **{**RUN, **settings, "seed": RUN["seed"] + 1})  # fresh draws reach the GPU too
+    finally:
+        del denoiser.forward
+
+
+@pytest.mark.parametrize(("model", "config", "settings", "callers"), STORY_SETUPS)
+def test_a_story_never_syncs_the_host(model, config, settings, callers):
+    """Bank mode (both schedules), window mode, the tiled form, FLUX and Qwen-Image (key lengths, two-pass
+    CFG), in half precision on the Triton kernel."""
+    sp = story_pipeline(model, device="cuda", dtype=torch.float16, **config)
+    try:
+        story_never_syncs(sp, **settings)
+    finally:
+        sp.close()
+
+
+def test_ip_adapter_frames_never_sync_the_host(tmp_path):
+    sp = story_pipeline("tiny-sd15", device="cuda", dtype=torch.float16)
+    try:
+        story_never_syncs(sp, **load_tiny_ip_adapter(sp, tmp_path))
+    finally:
+        sp.close()

@@ -1,0 +1,154 @@
+"""A spy for values read back on the host: on a GPU every such read is a host-device sync.
+
+``HostReads`` is a TorchDispatchMode that records every op handing a tensor's value to Python
+(``.item()``, ``int()``, ``float()``, ``bool()``, ``torch.equal``: ``aten._local_scalar_dense`` and friends);
+``no_host_reads()`` also catches ``Tensor.tolist`` / ``numpy`` / ``__array__``, which do not dispatch.
+``guard_forward(module, reads)`` runs a denoiser's every forward under both, so a story's denoising steps
+are watched while its text encoding, decoding and saving (host work by design) are not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+
+
+def _where() -> str:
+    return "".join(traceback.format_list(traceback.extract_stack()[-12:-2]))
+
+
+class HostReads(TorchDispatchMode):
+    """Records (what, where) for every op that reads a tensor's value on the host."""
+
+    def __init__(self, reads: list[tuple[str, str]]):
+        super().__init__()
+        self.reads = reads
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in READS or func.overloadpacket is torch.ops.aten.equal:
+            self.reads.append((str(func), _where()))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def no_host_reads(reads: list[tuple[str, str]]):
+    """Within: every host read of a tensor's value is appended to ``reads`` (and still happens)."""
+    saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy", "__array__")}
+
+    def spying(name):
+        def read(self, *args, **kwargs):
+            reads.append((f"Tensor.{name}", _where()))
+            return saved[name](self, *args, **kwargs)
+
+        return read
+
+    for name in saved:
+        setattr(torch.Tensor, name, spying(name))
+    try:
+        with HostReads(reads):
+            yield reads
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def guard_forward(module: torch.nn.Module, reads: list[tuple[str, str]]) -> None:
+    """Every call of ``module`` (a denoiser: one denoising step, or one CFG pass or chunk of it) runs
+    under ``no_host_reads(reads)``; ``del module.forward`` undoes it."""
+    forward = module.forward
+
+    def watched(*args, **kwargs):
+        with no_host_reads(reads):
+            return forward(*args, **kwargs)
+
+    module.forward = watched
+
+
+def report(reads: list[tuple[str, str]]) -> str:
+    """The first reads, each with where it happened."""
+    return "\n".join(f"{what} at\n{where}" for what, where in reads[:3])
+
+
+# -- the story setups both the CPU spy (tests/ops/test_sync_free.py) and the GPU sync-debug tests
+# (tests/pipeline/test_gpu_sync_free.py) run: every consistency mode, on a UNet and on both kinds of DiT
+
+STORY = """\
+[Bob] a man with red hair
+[Alice] a woman in a yellow dress
+---
+[Bob] walks in the park
+[Alice] waters the flowers
+[Bob] and [Alice] have dinner together by the sea
+[NC] a quiet street
+[Bob] waves goodbye
+"""
+RUN = {"num_inference_steps": 2, "seed": 3, "style": "none", "progress": False}
+NO_SKIP = {"warmup_steps": 0, "skip_prob_early": 0.0, "skip_prob_late": 0.0}
+BANK_CALLERS = {"modes:attend", "modes:read"}  # identity frames write (joint attention + bank), others read
+
+# (model, ConsistencyConfig fields, run settings, the op's callers "module:function")
+STORY_SETUPS = [
+    pytest.param("tiny-sd15", {}, {"id_frames": 1}, BANK_CALLERS, id="bank"),
+    pytest.param(
+        "tiny-sd15", {}, {"id_frames": 1, "bank_schedule": "stored"}, BANK_CALLERS, id="bank-stored"
+    ),
+    # window mode over chunks: one pool per call, pool_ranges made on the host
+    pytest.param(
+        "tiny-sd15", {"window": 1}, {"mode": "window", "chunk_size": 2}, {"window:read"}, id="window"
+    ),
+    # the paper's tiled form
+    pytest.param(
+        "tiny-sd15",
+        {"tile": 3},
+        {"mode": "window", "chunk_size": 4},
+        {"tiled:tiled_consistent_attention"},
+        id="tiled",
+    ),
+    # DiT joint attention: text rows never borrow (query_rows)
+    pytest.param("tiny-flux", {}, {"id_frames": 1}, BANK_CALLERS, id="flux"),
+    # Qwen-Image: prompts of different lengths (key_lengths), true CFG in two passes
+    pytest.param("tiny-qwen-image", {}, {"id_frames": 1}, BANK_CALLERS, id="qwen-bank"),
+    pytest.param(
+        "tiny-qwen-image",
+        {"window": 1},
+        {"mode": "window", "chunk_size": 2},
+        {"window:read"},
+        id="qwen-window",
+    ),
+]
+
+
+def story_pipeline(model: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32, **config):
+    from storydiff.consistency.config import ConsistencyConfig
+    from storydiff.families.tiny_models import build_tiny_pipeline
+    from storydiff.pipeline import StoryDiffusionPipeline
+
+    pipe = build_tiny_pipeline(model, progress_bar=False, device=device, dtype=dtype)
+    return StoryDiffusionPipeline(pipe, ConsistencyConfig(rate=0.5, seed=1, **{**NO_SKIP, **config}))
+
+
+def picture(seed: int):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (40, 40, 3), dtype=np.uint8))
+
+
+def load_tiny_ip_adapter(sp, folder) -> dict:
+    """Random IP-Adapter weights and image encoder for ``sp``'s tiny model, loaded; the run settings that
+    give each character a reference image."""
+    from storydiff.families.tiny_models import (
+        save_tiny_image_encoder,
+        tiny_clip_vision_model,
+        write_tiny_ip_adapter,
+    )
+
+    weights = write_tiny_ip_adapter(folder / "ip.safetensors", sp.family.denoiser, tiny_clip_vision_model())
+    sp.load_ip_adapter(weights, image_encoder=save_tiny_image_encoder(folder / "encoder"))
+    return {"id_frames": 1, "reference_images": {"Bob": picture(0), "Alice": picture(1)}}
