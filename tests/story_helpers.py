@@ -4,6 +4,7 @@ counting the bytes tensors hold on the CPU (tests that check memory does not gro
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +62,79 @@ def save_then_die(*args, **kwargs):
 lockstep.save_checkpoint = save_then_die
 sys.exit(main(sys.argv[1:]))
 """
+
+
+# -- latents, and mutations that show a comparison of them is sharp (issue 26, item 1) -------------------
+# Equality tests compare the latents each frame is decoded from (float, before the VAE and 8-bit PNGs): a
+# wrong bank moves a tiny model's PNG by at most a grey level or two, its latents by far more. Each such
+# test has a mutation twin (a bank of the previous step, the other rank's bank, rate 0, a resume from
+# another step) whose max relative change ``relative_change`` must be at least MIN_RELATIVE_CHANGE.
+MIN_RELATIVE_CHANGE = 1e-3
+
+
+@contextmanager
+def recorded_latents():
+    """Yield a dict that fills, while active, with {frame index: the latent the frame is decoded from}
+    for every story run in this process (``StoryRun.finish``, the one place frames are decoded)."""
+    from storydiff.runs.plan import StoryRun
+
+    latents: dict[int, torch.Tensor] = {}
+    finish = StoryRun.finish
+
+    def recording_finish(self, frame, latent):
+        latents[frame] = latent.detach().to("cpu", torch.float32).clone()
+        return finish(self, frame, latent)
+
+    StoryRun.finish = recording_finish
+    try:
+        yield latents
+    finally:
+        StoryRun.finish = finish
+
+
+def stacked(latents: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The recorded latents in story order, one row per frame."""
+    return torch.stack([latents[i] for i in sorted(latents)])
+
+
+def relative_change(mutant: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |mutant - reference| / max |reference|."""
+    return ((mutant - reference).abs().max() / reference.abs().max()).item()
+
+
+@contextmanager
+def bank_of_the_previous_step():
+    """Mutation: a read at step s gets the bank written at step s - 1 (the same step's where s - 1 wrote
+    none, e.g. the first step after warm-up); lockstep runs keep every step's bank so that it exists."""
+    from storydiff.consistency.bank import IdBank
+
+    get, drop_step = IdBank.get, IdBank.drop_step
+
+    def previous_get(self, characters, step, layer, device):
+        previous = get(self, characters, step - 1, layer, device)
+        return previous if previous is not None else get(self, characters, step, layer, device)
+
+    IdBank.get, IdBank.drop_step = previous_get, lambda self, step, characters: None
+    try:
+        yield
+    finally:
+        IdBank.get, IdBank.drop_step = get, drop_step
+
+
+@contextmanager
+def resumed_from_another_step(shift: int = 1):
+    """Mutation: a resume restarts the step loop ``shift`` steps away from the checkpoint's own step
+    (latents and schedulers as saved): a checkpoint read as if written at another step."""
+    import storydiff.runs.lockstep as lockstep
+
+    load = lockstep.load_checkpoint
+
+    def shifted_load(*args, **kwargs):
+        data = load(*args, **kwargs)
+        return {**data, "step": data["step"] + shift}
+
+    lockstep.load_checkpoint = shifted_load
+    try:
+        yield
+    finally:
+        lockstep.load_checkpoint = load

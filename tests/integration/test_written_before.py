@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from story_helpers import read_frames
+from story_helpers import (
+    MIN_RELATIVE_CHANGE,
+    read_frames,
+    recorded_latents,
+    relative_change,
+    resumed_from_another_step,
+    stacked,
+)
 
 from storydiff.cli import main
 
@@ -22,15 +29,26 @@ STORY = BEFORE / "story.txt"
 
 
 def test_a_checkpoint_from_before_resumes_to_the_uninterrupted_frames(tmp_path: Path) -> None:
+    """The resumed run's latents (and frames) are the uninterrupted run's; mutation twin: the same
+    checkpoint resumed as if written at step 3 (not 2) moves them by at least MIN_RELATIVE_CHANGE
+    (measured: 0.20)."""
     killed = tmp_path / "killed"
     shutil.copytree(BEFORE / "window-killed", killed)
-    assert main(["generate", "--resume", str(killed)]) == 0
+    shutil.copytree(BEFORE / "window-killed", tmp_path / "misread")
+    with recorded_latents() as resumed_latents:
+        assert main(["generate", "--resume", str(killed)]) == 0
     args = ["generate", "--model", "tiny-sd15", "--story", str(STORY), "--out", str(tmp_path / "whole")]
     args += ["--mode", "window", "--window", "1", "--chunk-size", "2", "--steps", "4"]
-    assert main(args) == 0
+    with recorded_latents() as whole_latents:
+        assert main(args) == 0
+    assert torch.equal(stacked(resumed_latents), stacked(whole_latents))
     resumed, whole = read_frames(killed), read_frames(tmp_path / "whole")
     assert len(resumed) == 5 and all(np.array_equal(a, b) for a, b in zip(resumed, whole, strict=True))
     assert json.loads((killed / "metadata.json").read_text())["status"] == "complete"
+    with recorded_latents() as misread_latents, resumed_from_another_step(+1):
+        assert main(["generate", "--resume", str(tmp_path / "misread")]) == 0
+    change = relative_change(stacked(misread_latents), stacked(whole_latents))
+    assert change >= MIN_RELATIVE_CHANGE, change
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -1,6 +1,10 @@
-"""The lockstep bank schedule: one step's bank alive at a time, the same frames as the stored schedule."""
+"""The lockstep bank schedule: one step's bank alive at a time, the same frames as the stored schedule.
+
+Equalities compare the latents frames are decoded from (``story_helpers.recorded_latents``), in a setup where
+every step reads the banks (no warm-up, 3 steps); mutation twins show the comparison is sharp."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,7 +12,17 @@ import sys
 import numpy as np
 import pytest
 import torch
-from story_helpers import KILL_AFTER_FIRST_CHECKPOINT, AllocationTracker, read_frames
+from story_helpers import (
+    KILL_AFTER_FIRST_CHECKPOINT,
+    MIN_RELATIVE_CHANGE,
+    AllocationTracker,
+    bank_of_the_previous_step,
+    read_frames,
+    recorded_latents,
+    relative_change,
+    resumed_from_another_step,
+    stacked,
+)
 
 from storydiff.cli import main
 from storydiff.consistency.config import ConsistencyConfig
@@ -28,15 +42,23 @@ STORY = """\
 [NC] a quiet street at night #Night falls
 [Alice] rides a bicycle
 """
-NO_SKIP = {"warmup_steps": 1, "skip_prob_early": 0.0, "skip_prob_late": 0.0}
+# no warm-up: all 3 steps read the banks (the first, the one that moves the latents most, included)
+NO_SKIP = {"warmup_steps": 0, "skip_prob_early": 0.0, "skip_prob_late": 0.0}
 
 
-def story_run(pipe, **settings):
-    sp = StoryDiffusionPipeline(pipe, ConsistencyConfig(rate=0.5, seed=2, **NO_SKIP))
+def story_run(pipe, rate=0.5, **settings):
+    sp = StoryDiffusionPipeline(pipe, ConsistencyConfig(rate=rate, seed=2, **NO_SKIP))
     try:
         return sp(STORY, num_inference_steps=3, id_frames=1, progress=False, seed=5, **settings)
     finally:
         sp.close()
+
+
+def story_latents(pipe, **settings):
+    """(the run's result, the latents of its frames in story order)."""
+    with recorded_latents() as latents:
+        result = story_run(pipe, **settings)
+    return result, stacked(latents)
 
 
 def pixels(result):
@@ -51,12 +73,28 @@ def pixels(result):
 def test_lockstep_equals_stored_bit_exact(model, guidance, read_batch):
     pipe = build_tiny_pipeline(model, progress_bar=False)
     common = {"guidance_scale": guidance, "read_batch_size": read_batch}
-    lockstep = story_run(pipe, bank_schedule="lockstep", **common)
-    stored = story_run(pipe, bank_schedule="stored", **common)
+    lockstep, lockstep_latents = story_latents(pipe, bank_schedule="lockstep", **common)
+    stored, stored_latents = story_latents(pipe, bank_schedule="stored", **common)
+    assert torch.equal(lockstep_latents, stored_latents)
     assert np.array_equal(pixels(lockstep), pixels(stored))
     # the banks were real: both schedules wrote the same bytes, lockstep kept far fewer alive
     assert lockstep.bank_bytes == stored.bank_bytes and all(stored.bank_bytes.values())
     assert lockstep.metadata["bank_peak_bytes"] < stored.metadata["bank_peak_bytes"]
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-sd15"])
+def test_lockstep_equals_stored_is_sharp(model):
+    """Mutation twin of the test above: lockstep runs that read a bank of the previous step, or none (rate
+    0), move the latents by far more than 0 — at least MIN_RELATIVE_CHANGE of their largest value.
+    Measured (max |Δ| / max |latent|, 1 torch thread): previous step's bank 1.4e-3 (sdxl), 3.1e-3 (sd15);
+    rate 0 9.0e-3 (sdxl), 7.1e-3 (sd15)."""
+    pipe = build_tiny_pipeline(model, progress_bar=False)
+    _, reference = story_latents(pipe, bank_schedule="lockstep")
+    with bank_of_the_previous_step():
+        _, previous = story_latents(pipe, bank_schedule="lockstep")
+    _, plain = story_latents(pipe, rate=0.0, bank_schedule="lockstep")
+    assert relative_change(previous, reference) >= MIN_RELATIVE_CHANGE
+    assert relative_change(plain, reference) >= MIN_RELATIVE_CHANGE
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +120,14 @@ def test_peak_bank_bytes_do_not_grow_with_steps(sd15):
     consistent_steps = 4 - NO_SKIP["warmup_steps"]
     one_step = sum(stored["bank_bytes"].values()) // consistent_steps
     assert stored["bank_peak_bytes"] == sum(stored["bank_bytes"].values())
-    assert lock4["bank_peak_bytes"] <= stored["bank_peak_bytes"] / consistent_steps + one_step
+    # at most one step's bank alive (every character's, written and read at that step), never two
+    assert stored["bank_peak_bytes"] == consistent_steps * one_step
+    assert 0 < lock4["bank_peak_bytes"] <= one_step
     assert lock6["bank_peak_bytes"] == lock4["bank_peak_bytes"]  # one step's bank, whatever the steps
-    assert 3 * sum(lock6["bank_bytes"].values()) == 5 * sum(lock4["bank_bytes"].values())  # 5 vs 3 steps
+    # written: every consistent step's bank (6 vs 4 steps)
+    assert (4 - NO_SKIP["warmup_steps"]) * sum(lock6["bank_bytes"].values()) == (
+        6 - NO_SKIP["warmup_steps"]
+    ) * sum(lock4["bank_bytes"].values())
     # measured independently of the bank's own accounting: all tensors alive at once
     assert tracked6 - tracked4 < one_step, (tracked4, tracked6)
 
@@ -108,20 +151,32 @@ def test_lockstep_has_no_bank_left_and_records_its_schedule(sd15, tmp_path):
 
 
 def test_kill_then_resume_a_lockstep_bank_run(tmp_path):
+    """A run killed after its step-2 checkpoint resumes to the uninterrupted run's latents (and frames);
+    mutation twin: the same checkpoint resumed as if written at step 3 moves them by at least
+    MIN_RELATIVE_CHANGE (measured: 0.26)."""
     story = tmp_path / "story.txt"
     story.write_text(STORY)
     args = ["generate", "--model", "tiny-sd15", "--story", str(story), "--steps", "5", "--id-frames", "1"]
-    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    args += ["--warmup-steps", "0", "--no-skip"]  # every step reads the banks
+    with recorded_latents() as whole_latents:
+        assert main([*args, "--out", str(tmp_path / "whole")]) == 0
     killed = tmp_path / "killed"
     command = [sys.executable, "-c", KILL_AFTER_FIRST_CHECKPOINT, *args, "--out", str(killed)]
     proc = subprocess.run([*command, "--checkpoint-every", "2"], capture_output=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert torch.load(killed / CHECKPOINT, weights_only=False)["step"] == 2
     assert json.loads((killed / "metadata.json").read_text())["status"] == "running"
-    assert main(["generate", "--resume", str(killed)]) == 0
+    shutil.copytree(killed, tmp_path / "misread")
+    with recorded_latents() as resumed_latents:
+        assert main(["generate", "--resume", str(killed)]) == 0
+    assert torch.equal(stacked(resumed_latents), stacked(whole_latents))
     resumed, whole = read_frames(killed), read_frames(tmp_path / "whole")
     assert len(resumed) == 6 and all(np.array_equal(a, b) for a, b in zip(resumed, whole, strict=True))
     assert not (killed / CHECKPOINT).exists()
+    with recorded_latents() as misread_latents, resumed_from_another_step(+1):
+        assert main(["generate", "--resume", str(tmp_path / "misread")]) == 0
+    change = relative_change(stacked(misread_latents), stacked(whole_latents))
+    assert change >= MIN_RELATIVE_CHANGE, change
 
 
 def test_lockstep_refuses_loaded_banks(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Long stories: window mode, chunked denoising, the tiled variant, checkpoints and resume."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +11,16 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 from helpers import Case, make_inputs
-from story_helpers import KILL_AFTER_FIRST_CHECKPOINT, AllocationTracker, read_frames
+from story_helpers import (
+    KILL_AFTER_FIRST_CHECKPOINT,
+    MIN_RELATIVE_CHANGE,
+    AllocationTracker,
+    read_frames,
+    recorded_latents,
+    relative_change,
+    resumed_from_another_step,
+    stacked,
+)
 
 from csa_kernels import consistent_attention, consistent_attention_reference
 from csa_kernels.tiled import tile_starts, tiled_consistent_attention
@@ -196,18 +206,30 @@ def test_window_mode_cli_and_tiled_option(tmp_path):
 
 
 def test_kill_then_resume_gives_the_uninterrupted_frames(tmp_path):
-    assert generate(tmp_path, "whole", "--steps", "6") == 0
+    """A window run killed after its step-2 checkpoint resumes to the uninterrupted run's latents (and
+    frames); mutation twin: the same checkpoint resumed as if written at step 3 moves them by at least
+    MIN_RELATIVE_CHANGE (measured: 0.29)."""
+    consistent = ["--warmup-steps", "0", "--no-skip"]  # every step reads the neighbours
+    with recorded_latents() as whole_latents:
+        assert generate(tmp_path, "whole", "--steps", "6", *consistent) == 0
     args = ["generate", "--model", "tiny-sd15", "--story", str(tmp_path / "story.txt")]
     args += ["--out", str(tmp_path / "killed"), "--mode", "window", "--window", "1", "--chunk-size", "3"]
-    args += ["--steps", "6", "--checkpoint-every", "2"]
+    args += ["--steps", "6", "--checkpoint-every", "2", *consistent]
     proc = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_CHECKPOINT, *args], capture_output=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert torch.load(tmp_path / "killed" / CHECKPOINT, weights_only=False)["step"] == 2
     meta = json.loads((tmp_path / "killed" / "metadata.json").read_text())
     assert meta["status"] == "running" and not list((tmp_path / "killed" / "frames").glob("*.png"))
-    assert main(["generate", "--resume", str(tmp_path / "killed")]) == 0
+    shutil.copytree(tmp_path / "killed", tmp_path / "misread")
+    with recorded_latents() as resumed_latents:
+        assert main(["generate", "--resume", str(tmp_path / "killed")]) == 0
+    assert torch.equal(stacked(resumed_latents), stacked(whole_latents))
     resumed, whole = read_frames(tmp_path / "killed"), read_frames(tmp_path / "whole")
     assert len(resumed) == 7 and all(np.array_equal(a, b) for a, b in zip(resumed, whole, strict=True))
+    with recorded_latents() as misread_latents, resumed_from_another_step(+1):
+        assert main(["generate", "--resume", str(tmp_path / "misread")]) == 0
+    change = relative_change(stacked(misread_latents), stacked(whole_latents))
+    assert change >= MIN_RELATIVE_CHANGE, change
 
 
 def test_corrupt_or_foreign_checkpoint_is_a_clear_error(windowed, tmp_path):
