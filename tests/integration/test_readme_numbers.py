@@ -249,3 +249,22 @@ def test_every_results_file_the_readme_names_exists(readme):
     assert names
     for name in names:
         assert list(RESULTS.glob(name)), f"README.md names benchmarks/results/{name}, which is not stored"
+
+
+def test_warp_specialization_claim(readme):
+    """Triton applies warp specialization on sm_100 and not on sm_90 (same registers and loops), as stored."""
+    name = "inspect_warp_specialize_sm90-sm100_triton3.9.0.json"
+    expect(readme, f"`benchmarks/results/{name}`")
+    expect(readme, "Triton 3.9 applies it on sm_100 and ignores it on sm_90")
+    rows = {
+        (r["arch"], r["head_dim"], r["warp_specialize"]): r for r in json.loads((RESULTS / name).read_text())
+    }
+    assert {arch for arch, _, _ in rows} == {90, 100}
+    for arch, head_dim, asked in rows:
+        assert rows[(arch, head_dim, asked)]["warp_specialized"] == (asked and arch >= 100)
+        if arch == 90 and asked:
+            plain = rows[(90, head_dim, False)]
+            assert (rows[(90, head_dim, True)]["registers"], rows[(90, head_dim, True)]["loops"]) == (
+                plain["registers"],
+                plain["loops"],
+            )
