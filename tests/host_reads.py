@@ -3,20 +3,38 @@
 ``HostReads`` is a TorchDispatchMode that records every op handing a tensor's value to Python
 (``.item()``, ``int()``, ``float()``, ``bool()``, ``torch.equal``: ``aten._local_scalar_dense`` and friends);
 ``no_host_reads()`` also catches ``Tensor.tolist`` / ``numpy`` / ``__array__``, which do not dispatch.
-``guard_forward(module, reads)`` runs a denoiser's every forward under both, so a story's denoising steps
-are watched while its text encoding, decoding and saving (host work by design) are not.
+It also records, from this library's own code, every copy of a host index to a device that would be
+pageable on a GPU (and so wait for it): an integer tensor's ``.to(device)`` without ``non_blocking``, or
+``torch.tensor(..., device=...)``, anywhere but ``csa_kernels.pool.to_device_async`` (pinned,
+non-blocking). On a CPU run such a copy is a no-op, so nothing else would see it.
+``guard_forward(module, reads)`` runs a denoiser's every forward under all of it, so a story's denoising
+steps are watched while its text encoding, decoding and saving (host work by design) are not.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import csa_kernels
+import csa_kernels.pool
+import storydiff
+
 READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+LIBRARY = tuple(str(Path(package.__file__).parent) for package in (csa_kernels, storydiff))
+ASYNC_COPY = csa_kernels.pool.__file__  # to_device_async: the one place a host index may go to a device
+
+
+def _from_library(depth: int) -> bool:
+    """Whether the caller ``depth`` frames up is this library's code, other than ``to_device_async``."""
+    filename = sys._getframe(depth + 1).f_code.co_filename
+    return filename.startswith(LIBRARY) and filename != ASYNC_COPY
 
 
 def _where() -> str:
@@ -38,8 +56,10 @@ class HostReads(TorchDispatchMode):
 
 @contextlib.contextmanager
 def no_host_reads(reads: list[tuple[str, str]]):
-    """Within: every host read of a tensor's value is appended to ``reads`` (and still happens)."""
-    saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy", "__array__")}
+    """Within: every host read of a tensor's value, and every pageable index copy the library makes, is
+    appended to ``reads`` (and still happens)."""
+    saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy", "__array__", "to")}
+    make_tensor = torch.tensor
 
     def spying(name):
         def read(self, *args, **kwargs):
@@ -48,14 +68,28 @@ def no_host_reads(reads: list[tuple[str, str]]):
 
         return read
 
-    for name in saved:
+    def to(self, *args, **kwargs):
+        device, _, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        index = not (self.is_floating_point() or self.is_complex())
+        if device is not None and index and not non_blocking and _from_library(1):
+            reads.append(("pageable index copy: Tensor.to(device)", _where()))
+        return saved["to"](self, *args, **kwargs)
+
+    def tensor(data, *args, **kwargs):
+        if kwargs.get("device") is not None and _from_library(1):
+            reads.append(("pageable index copy: torch.tensor(..., device=...)", _where()))
+        return make_tensor(data, *args, **kwargs)
+
+    for name in ("tolist", "numpy", "__array__"):
         setattr(torch.Tensor, name, spying(name))
+    torch.Tensor.to, torch.tensor = to, tensor
     try:
         with HostReads(reads):
             yield reads
     finally:
         for name, method in saved.items():
             setattr(torch.Tensor, name, method)
+        torch.tensor = make_tensor
 
 
 def guard_forward(module: torch.nn.Module, reads: list[tuple[str, str]]) -> None:

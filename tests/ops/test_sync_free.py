@@ -116,8 +116,8 @@ def op_calls(monkeypatch):
 
 
 def watched_story(sp, op_calls, **settings) -> set[str]:
-    """Run a story with the denoiser's every call watched: no host read, every op call with
-    check_indices=False; returns the op's callers (short module name:function)."""
+    """Run a story with the denoiser's every call watched: no host read, no pageable index copy, every op
+    call with check_indices=False; returns the op's callers (short module name:function)."""
     reads = []
     denoiser = sp.family.denoiser
     guard_forward(denoiser, reads)
@@ -135,8 +135,9 @@ def watched_story(sp, op_calls, **settings) -> set[str]:
 @pytest.mark.parametrize(("model", "config", "settings", "callers"), STORY_SETUPS)
 def test_a_story_step_reads_nothing_back_on_the_host(model, config, settings, callers, op_calls):
     """Every consistency mode on a UNet and on both kinds of DiT (FLUX's joint attention, Qwen-Image's
-    padded prompts): while the denoiser runs, no tensor value comes back to Python (on a GPU: no host
-    sync), and every library call of the op says check_indices=False."""
+    padded prompts): while the denoiser runs, no tensor value comes back to Python and no host index goes
+    to the device but pinned and non-blocking (on a GPU: no host sync), and every library call of the op
+    says check_indices=False."""
     sp = story_pipeline(model, **config)
     try:
         assert watched_story(sp, op_calls, **settings) == callers
