@@ -110,7 +110,13 @@ def story_worker(rank, world, rendezvous, out_dir, model, story, settings, confi
 
 
 def stories_worker(rank, world, rendezvous, runs, model, story, config, timeout_s=600.0) -> None:
-    """Several story runs, one after the other, by the same ranks: ``runs`` = [(out_dir, settings)]."""
+    """Several story runs, one after the other, by the same ranks: ``runs`` = [(out_dir, settings)]. Each
+    rank saves the latents of the frames it decoded in ``out_dir/latents-rank{rank}.pt`` ({frame: latent});
+    a ``"mutation"`` key in settings names a ``story_helpers.MUTATIONS`` entry the run is made under."""
+    from contextlib import nullcontext
+
+    from story_helpers import MUTATIONS, recorded_latents
+
     from storydiff.consistency.config import ConsistencyConfig
     from storydiff.families.tiny_models import build_tiny_pipeline
     from storydiff.pipeline import StoryDiffusionPipeline
@@ -119,8 +125,12 @@ def stories_worker(rank, world, rendezvous, runs, model, story, config, timeout_
     try:
         tiny = build_tiny_pipeline(model, progress_bar=False)
         pipe = StoryDiffusionPipeline(tiny, ConsistencyConfig(**config), model_name=model)
-        for out_dir, settings in runs:
-            result = pipe(story, out_dir=out_dir, progress=False, **settings)
+        for out_dir, run_settings in runs:
+            settings = dict(run_settings)
+            mutation = settings.pop("mutation", None)
+            with recorded_latents() as latents, MUTATIONS[mutation]() if mutation else nullcontext():
+                result = pipe(story, out_dir=out_dir, progress=False, **settings)
+            torch.save(latents, Path(out_dir) / f"latents-rank{rank}.pt")
             (Path(out_dir) / f"result-rank{rank}.json").write_text(
                 json.dumps(
                     {

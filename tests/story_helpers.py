@@ -138,3 +138,63 @@ def resumed_from_another_step(shift: int = 1):
         yield
     finally:
         lockstep.load_checkpoint = load
+
+
+@contextmanager
+def banks_swapped(swap: dict[str, str] | None = None):
+    """Mutation: a frame showing one character reads another's bank (default Bob <-> Alice; over two
+    ranks that deal one character each, the other rank's bank)."""
+    from storydiff.consistency.bank import IdBank
+
+    swap = swap if swap is not None else {"Bob": "Alice", "Alice": "Bob"}
+    get = IdBank.get
+
+    def swapped_get(self, characters, step, layer, device):
+        return get(self, tuple(swap.get(c, c) for c in characters), step, layer, device)
+
+    IdBank.get = swapped_get
+    try:
+        yield
+    finally:
+        IdBank.get = get
+
+
+MUTATIONS = {  # by name, for runs in other processes (tests/dist_helpers.py)
+    "previous_step": bank_of_the_previous_step,
+    "swapped": banks_swapped,
+    "resumed_later": resumed_from_another_step,
+}
+
+
+def merged_latents(folder: Path, world: int) -> torch.Tensor:
+    """The latents a run over ``world`` ranks decoded (each rank's ``latents-rank{r}.pt``, written by
+    ``dist_helpers.stories_worker``), one row per frame in story order."""
+    latents: dict[int, torch.Tensor] = {}
+    for rank in range(world):
+        part = torch.load(folder / f"latents-rank{rank}.pt")
+        assert not set(part) & set(latents), "two ranks decoded the same frame"
+        latents.update(part)
+    return stacked(latents)
+
+
+# ``python -c RECORD_LATENTS FOLDER generate ...`` (also as torchrun's command): the CLI, saving the latents
+# of the frames this process decodes in FOLDER/latents-rank{RANK}.pt ({frame: latent}, as
+# ``dist_helpers.stories_worker`` does; read with ``merged_latents``)
+RECORD_LATENTS = """
+import os, sys
+from pathlib import Path
+import torch
+from storydiff.cli import main
+from storydiff.runs.plan import StoryRun
+
+latents, finish = {}, StoryRun.finish
+
+def recording_finish(self, frame, latent):
+    latents[frame] = latent.detach().to("cpu", torch.float32).clone()
+    return finish(self, frame, latent)
+
+StoryRun.finish = recording_finish
+code = main(sys.argv[2:])
+torch.save(latents, Path(sys.argv[1]) / f"latents-rank{os.environ.get('RANK', '0')}.pt")
+sys.exit(code)
+"""

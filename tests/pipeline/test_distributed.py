@@ -1,6 +1,7 @@
 """Stories split over processes (gloo on the CPU, tiny models): the frames are the single-process ones."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +15,16 @@ from dist_helpers import (
     window_latents,
     window_worker,
 )
-from story_helpers import read_frames
+from story_helpers import (
+    MIN_RELATIVE_CHANGE,
+    RECORD_LATENTS,
+    bank_of_the_previous_step,
+    merged_latents,
+    read_frames,
+    recorded_latents,
+    relative_change,
+    stacked,
+)
 
 from storydiff.cli import main
 from storydiff.runs.distributed import HaloExchange, Partition, halo_bytes_per_layer
@@ -31,8 +41,9 @@ STORY = """\
 [Alice] rides a bicycle
 [Bob] sleeps
 """
-NO_SKIP = {"warmup_steps": 1, "skip_prob_early": 0.0, "skip_prob_late": 0.0}
-NO_SKIP_ALL = {"skip_prob_early": 0.0, "skip_prob_late": 0.0}  # the CLI's --no-skip (warm-up as default)
+# no warm-up, no skipped layers: every step reads the banks (the CLI's --warmup-steps 0 --no-skip)
+EVERY_STEP = {"warmup_steps": 0, "skip_prob_early": 0.0, "skip_prob_late": 0.0}
+WINDOW_ATOL = 5e-5  # window mode over ranks vs one process: batch rounding only (see the test)
 
 
 def test_blocks_are_contiguous_and_balanced():
@@ -79,31 +90,44 @@ def test_halo_exchange_sends_the_boundary_frames_only(world, window, tmp_path):
 )
 def test_window_mode_equals_the_unchunked_single_process_run(world, window, active, tmp_path):
     """Each rank denoises its block as one batch, in step with the others, reading the neighbour ranks'
-    boundary frames: the unchunked computation, up to fp32 rounding (other batch compositions)."""
+    boundary frames: the unchunked single-process latents (no warm-up: both steps read the neighbours).
+
+    Not bit for bit: a rank's batch is its block, and CPU kernels round a frame's rows differently in
+    another batch (the tiny UNet on 10 rows vs the last 4 of them: 8e-7 apart, the first 6: 0.0), so the
+    latents agree to WINDOW_ATOL (measured: max |Δ| 9.3e-6, on latents of max |x| ~14). Mutation twin:
+    chunks of 2 frames (boundary neighbours seen on alternate steps only) move the latents by at least
+    100 x WINDOW_ATOL and MIN_RELATIVE_CHANGE (measured max |Δ|, relative: 2ranks-w1 4.2e-2, 4.9e-3;
+    3ranks-w2 4.4e-2, 5.2e-3)."""
     spawn(window_worker, world, tmp_path, str(tmp_path), "tiny-sd15", active, window, 2)
     single = window_latents("tiny-sd15", active, window, steps=2, chunk=len(active))
     for rank in range(world):
         part = torch.load(tmp_path / f"rank{rank}.pt")
         start, latents = part["start"], part["latents"]
-        torch.testing.assert_close(latents, single[start : start + len(latents)], rtol=1e-3, atol=1e-4)
-    # and the neighbours matter: chunks of 2 frames (boundary neighbours seen on alternate steps only)
-    # differ from the unchunked run by far more than that
+        torch.testing.assert_close(latents, single[start : start + len(latents)], rtol=0, atol=WINDOW_ATOL)
     chunked = window_latents("tiny-sd15", active, window, steps=2, chunk=2)
-    assert (chunked - single).abs().max() > 1e-2
+    assert (chunked - single).abs().max() >= 100 * WINDOW_ATOL
+    assert relative_change(chunked, single) >= MIN_RELATIVE_CHANGE
 
 
 def test_bank_mode_over_two_ranks_is_bit_identical(tmp_path):
     """The characters dealt over the ranks, each bank broadcast by its owner (the default; lockstep and
-    stored schedules), or every bank recomputed on every rank: the one-process frames every way; each rank
-    gets the frames it made (its characters' identity frames included) and only rank 0 makes pages."""
-    settings = {"num_inference_steps": 2, "id_frames": 1, "read_batch_size": 2, "seed": 5}
-    config = {"rate": 0.5, "seed": 2, **NO_SKIP}
+    stored schedules), or every bank recomputed on every rank: the one-process latents (and frames) every
+    way; each rank gets the frames it made (its characters' identity frames included) and only rank 0 makes
+    pages. All 3 steps read the banks (no warm-up). Mutation twins, run by the same ranks: reading the
+    other rank's bank (Bob's frames read Alice's, dealt to rank 1, and vice versa) or the previous step's
+    bank moves the latents by at least MIN_RELATIVE_CHANGE (measured: other rank's 8.0e-3, previous step's
+    3.0e-3)."""
+    settings = {"num_inference_steps": 3, "id_frames": 1, "read_batch_size": 2, "seed": 5}
+    config = {"rate": 0.5, "seed": 2, **EVERY_STEP}
     runs = {  # the stored run last: its banks outlive it (a later story on the pipeline would read them)
         "lockstep": settings,
         "recompute": {**settings, "bank_sharing": "recompute"},
+        "other-rank": {**settings, "mutation": "swapped"},
+        "previous-step": {**settings, "mutation": "previous_step"},
         "stored": {**settings, "bank_schedule": "stored"},
     }
-    story_worker_single(tmp_path / "single", settings, config)  # first: the forked ranks inherit its imports
+    with recorded_latents() as single_latents:  # first: the forked ranks inherit its imports
+        story_worker_single(tmp_path / "single", settings, config)
     spawn(
         stories_worker,
         2,
@@ -113,8 +137,9 @@ def test_bank_mode_over_two_ranks_is_bit_identical(tmp_path):
         STORY,
         config,
     )
-    single = read_frames(tmp_path / "single")
-    for folder in runs:
+    single, reference = read_frames(tmp_path / "single"), stacked(single_latents)
+    for folder in ("lockstep", "recompute", "stored"):
+        assert torch.equal(merged_latents(tmp_path / folder, 2), reference), folder
         split = read_frames(tmp_path / folder)
         assert len(split) == 7 and all(np.array_equal(a, b) for a, b in zip(split, single, strict=True))
         metadata = json.loads((tmp_path / folder / "metadata.json").read_text())
@@ -131,6 +156,9 @@ def test_bank_mode_over_two_ranks_is_bit_identical(tmp_path):
             written = sum(metadata["bank_bytes"].values())
             assert min(received) > 0 and sum(received) == written
     assert (tmp_path / "recompute" / "pages" / "page_000.png").is_file()
+    for mutant in ("other-rank", "previous-step"):
+        change = relative_change(merged_latents(tmp_path / mutant, 2), reference)
+        assert change >= MIN_RELATIVE_CHANGE, (mutant, change)
 
 
 def story_worker_single(out_dir, settings, config, model="tiny-sd15"):
@@ -153,9 +181,11 @@ def test_a_killed_rank_fails_the_others_clearly_and_resume_finishes_the_run(tmp_
     """Rank 1 dies after its first checkpoint (window mode, 2 ranks): rank 0 stops with a clear error at
     its next exchange (gloo sees the closed connection; the group's timeout is generous so that load on the
     test machine never trips it), its metadata says failed, the finished state stays;
-    a resume with the same world size gives the frames of an uninterrupted 2-rank run."""
+    a resume with the same world size gives the latents (and frames) of an uninterrupted 2-rank run.
+    Mutation twin: the same checkpoints resumed as if written at step 3 (not 2) move the latents by at least
+    MIN_RELATIVE_CHANGE (measured: 0.20)."""
     settings = {"num_inference_steps": 4, "mode": "window", "chunk_size": 8, "checkpoint_every": 2, "seed": 5}
-    config = {"rate": 0.5, "seed": 2, "window": 2, **NO_SKIP}  # frames 3 and 5 cross the ranks' boundary
+    config = {"rate": 0.5, "seed": 2, "window": 2, **EVERY_STEP}  # frames 3 and 5 cross the ranks' boundary
     killed = tmp_path / "killed"
     codes = spawn_unjoined(
         killed_story_worker, 2, tmp_path, str(killed), "tiny-sd15", STORY, settings, config, 600
@@ -170,40 +200,63 @@ def test_a_killed_rank_fails_the_others_clearly_and_resume_finishes_the_run(tmp_
     assert main(["generate", "--resume", str(killed)]) == 2
     assert "generated by 2 process(es); resume it with the same number" in capsys.readouterr().err
 
-    runs = [(str(killed), {**settings, "resume": True}), (str(tmp_path / "whole"), settings)]
-    spawn(stories_worker, 2, tmp_path, runs, "tiny-sd15", STORY, config)  # resume, then a run in one go
+    misread = tmp_path / "misread"
+    shutil.copytree(killed, misread)
+    runs = [
+        (str(killed), {**settings, "resume": True}),
+        (str(tmp_path / "whole"), settings),
+        (str(misread), {**settings, "resume": True, "mutation": "resumed_later"}),
+    ]
+    spawn(stories_worker, 2, tmp_path, runs, "tiny-sd15", STORY, config)  # resume, a run in one go, a twin
+    whole_latents = merged_latents(tmp_path / "whole", 2)
+    assert torch.equal(merged_latents(killed, 2), whole_latents)
     resumed, whole = read_frames(killed), read_frames(tmp_path / "whole")
     assert len(resumed) == 7 and all(np.array_equal(a, b) for a, b in zip(resumed, whole, strict=True))
     assert json.loads((killed / "metadata.json").read_text())["status"] == "complete"
     assert not list(killed.glob("checkpoint*.pt"))
+    change = relative_change(merged_latents(misread, 2), whole_latents)
+    assert change >= MIN_RELATIVE_CHANGE, change
 
 
 def test_cli_under_torchrun(tmp_path):
     """`torchrun -m storydiff.cli generate`: bank mode over 2 ranks (each step's banks broadcast by their
-    owners, the default) makes the one-process frames; one voice on stdout."""
+    owners, the default) makes the one-process latents (and frames); one voice on stdout. The ranks run the
+    CLI's ``main`` through ``RECORD_LATENTS`` (what ``-m storydiff.cli`` runs, saving the decoded latents).
+    Mutation twin (one process): the previous step's bank moves the latents by at least MIN_RELATIVE_CHANGE
+    (measured: 3.2e-3)."""
     import os
     import subprocess
     import sys
 
     story = tmp_path / "story.txt"
     story.write_text(STORY)
-    args = ["generate", "--model", "tiny-sd15", "--story", str(story), "--steps", "2", "--id-frames", "1"]
-    args += ["--read-batch", "2", "--no-skip"]
+    args = ["generate", "--model", "tiny-sd15", "--story", str(story), "--steps", "3", "--id-frames", "1"]
+    args += ["--read-batch", "2", "--no-skip", "--warmup-steps", "0"]  # every step reads the banks
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the ranks' thread count, for bit-identical CPU math
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    split_dir, latents_dir = tmp_path / "split", tmp_path / "latents"
+    latents_dir.mkdir()
+    command = ["--no-python", sys.executable, "-c", RECORD_LATENTS, str(latents_dir)]
     split = subprocess.run(
-        [*torchrun, "-m", "storydiff.cli", *args, "--out", str(tmp_path / "split")],
+        [*torchrun, *command, *args, "--out", str(split_dir)],
         capture_output=True,
         text=True,
         env=env,
     )
     assert split.returncode == 0, split.stderr[-3000:]
     assert split.stdout.count("7 frames and ") == 1, split.stdout
-    settings = {"num_inference_steps": 2, "id_frames": 1, "read_batch_size": 2}
-    story_worker_single(tmp_path / "single", settings, {"rate": 0.5, "seed": 0, **NO_SKIP_ALL})
-    a, b = read_frames(tmp_path / "split"), read_frames(tmp_path / "single")
+    settings = {"num_inference_steps": 3, "id_frames": 1, "read_batch_size": 2}
+    config = {"rate": 0.5, "seed": 0, **EVERY_STEP}
+    with recorded_latents() as single_latents:
+        story_worker_single(tmp_path / "single", settings, config)
+    assert torch.equal(merged_latents(latents_dir, 2), stacked(single_latents))
+    a, b = read_frames(split_dir), read_frames(tmp_path / "single")
     assert len(a) == 7 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
-    assert json.loads((tmp_path / "split" / "metadata.json").read_text())["world_size"] == 2
+    assert json.loads((split_dir / "metadata.json").read_text())["world_size"] == 2
+    with recorded_latents() as mutant_latents, bank_of_the_previous_step():
+        story_worker_single(tmp_path / "mutant", settings, config)
+    change = relative_change(stacked(mutant_latents), stacked(single_latents))
+    assert change >= MIN_RELATIVE_CHANGE, change
 
 
 @pytest.mark.slow  # spawns its own ranks again; the distributed paths it times are tested above
