@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
+from math import isqrt
 from pathlib import Path
 
 import pytest
+import torch
 
 from storydiff.runs.distributed import (
     bank_bytes_per_character_step,
@@ -25,11 +28,6 @@ MiB, GiB = 2**20, 2**30
 NVLINK = 450e9  # bytes/s, one direction (H100 NVLink 4: 900 GB/s both ways)
 GBIT = 1e9 / 8  # bytes/s per Gb/s
 
-# SDXL 1024², the default consistent layers: 30 at 1/32 (32² tokens, 1280 channels = 20 heads × 64),
-# 6 at 1/16 (64² tokens, 640 channels = 10 heads × 64); rate 0.5 samples half of each layer's tokens
-SDXL_LEVELS = [(30, 1024, 20, 64), (6, 4096, 10, 64)]  # (layers, tokens, heads, head_dim)
-# FLUX 1024²: 38 single-stream layers, 4096 image tokens, 24 heads × 128
-FLUX_LEVELS = [(38, 4096, 24, 128)]
 RATE = 0.5
 
 
@@ -44,6 +42,53 @@ def _g(value: float, digits: int) -> str:
     return f"{value:.{decimals}f}"
 
 
+def _default_levels(family: str, config: dict, side: int) -> list[tuple[int, int, int, int]]:
+    """(layers, tokens, heads, head_dim) per level of ``family``'s default consistent layers on the real
+    architecture ``config`` (built on the meta device: no weights), at ``side``² pixels, finest level last."""
+    from storydiff.consistency.config import ConsistencyConfig
+    from storydiff.consistency.install import install
+    from storydiff.families.registry import family_named
+
+    family_class = family_named(family)
+    with torch.device("meta"):
+        denoiser = family_class.denoiser_class(**config)
+    state = install(family_class.host(denoiser), ConsistencyConfig())
+    counts = Counter((layer.level, *state.host["layers"][layer.name]) for layer in state.layers)
+    return [
+        (count, (side // level) ** 2, heads, dim)
+        for (level, heads, dim), count in sorted(counts.items())[::-1]
+    ]
+
+
+@pytest.fixture(scope="module")
+def sdxl() -> list[tuple[int, int, int, int]]:
+    """SDXL 1024²: the default layers are the up blocks' (30 at 1/32, 1280 channels; 6 at 1/16, 640)."""
+    from storydiff.families.tiny_models import SDXL_UNET_CONFIG
+
+    return _default_levels("unet", SDXL_UNET_CONFIG, 1024)
+
+
+@pytest.fixture(scope="module")
+def flux() -> list[tuple[int, int, int, int]]:
+    """FLUX.1-dev 1024²: the default layers are the 38 single-stream blocks (4096 tokens, 24 heads × 128)."""
+    from storydiff.families.tiny_models import FLUX_DEV_CONFIG
+
+    return _default_levels("flux", FLUX_DEV_CONFIG, 1024)
+
+
+def test_model_geometry(readme, sdxl, flux):
+    assert sdxl == [(30, 1024, 20, 64), (6, 4096, 10, 64)] and flux == [(38, 4096, 24, 128)]
+    (n32, t32, h32, d32), (n16, t16, h16, d16) = sdxl
+    expect(
+        readme,
+        f"the up blocks' {n32} layers at {t32} tokens × {h32 * d32} and {n16} at {t16} × {h16 * d16} give",
+    )
+    ((n, t, h, d),) = flux
+    expect(
+        readme, f"FLUX 1024² ({n} single-stream layers, {h} heads × {d} = {h * d} channels, {t} image tokens"
+    )
+
+
 @pytest.fixture(scope="module")
 def readme() -> str:
     return " ".join((ROOT / "README.md").read_text().split())
@@ -54,35 +99,49 @@ def expect(readme: str, phrase: str) -> None:
     assert phrase in readme, f"README.md does not say: {phrase!r}"
 
 
-def test_window_mode_traffic(readme):
+def test_window_mode_traffic(readme, sdxl, flux):
     """ "Traffic in window mode": per frame, per step for an interior and an end rank of a 3-rank story
     (window 2: two frames cross each boundary each way), all ranks together, and the NVLink time."""
     active, world, window = [True] * 9, 3, 2  # three ranks of three frames: rank 1 is interior
     per_frame = {
         tokens: halo_bytes_per_frame(groups=2, heads=h, samples=round(RATE * tokens), head_dim=d, itemsize=2)
-        for _, tokens, h, d in SDXL_LEVELS
+        for _, tokens, h, d in sdxl
     }
-    assert per_frame == {1024: 5 * MiB, 4096: 10 * MiB}
-    expect(readme, "a 1/32 layer (1024 tokens, 1280 channels, S = 512) sends 5 MiB per frame")
-    expect(readme, "a 1/16 layer (4096 tokens, 640 channels, S = 2048) 10 MiB")
-    interior = halo_bytes_per_step(active, world, window, _layers(SDXL_LEVELS), groups=2, itemsize=2, rank=1)
-    end = halo_bytes_per_step(active, world, window, _layers(SDXL_LEVELS), groups=2, itemsize=2, rank=0)
-    sum_text = " + ".join(f"{n} × {per_frame[t] // MiB}" for n, t, _, _ in SDXL_LEVELS)
+    (_, t32, h32, d32), (_, t16, h16, d16) = sdxl
+    expect(
+        readme,
+        f"a 1/{1024 // isqrt(t32)} layer ({t32} tokens, {h32 * d32} channels, S = {round(RATE * t32)}) sends "
+        f"{per_frame[t32] // MiB} MiB per frame",
+    )
+    expect(
+        readme,
+        f"a 1/{1024 // isqrt(t16)} layer ({t16} tokens, {h16 * d16} channels, S = {round(RATE * t16)}) "
+        f"{per_frame[t16] // MiB} MiB",
+    )
+    assert all(nbytes % MiB == 0 for nbytes in per_frame.values())  # whole MiB, as written
+    interior = halo_bytes_per_step(active, world, window, _layers(sdxl), groups=2, itemsize=2, rank=1)
+    end = halo_bytes_per_step(active, world, window, _layers(sdxl), groups=2, itemsize=2, rank=0)
+    sum_text = " + ".join(f"{n} × {per_frame[t] // MiB}" for n, t, _, _ in sdxl)
     expect(readme, f"2 × 2 × ({sum_text}) MiB = {interior // MiB} MiB per step")
     expect(readme, f"an end rank {end // MiB} MiB")
 
-    flux_frame = halo_bytes_per_frame(groups=1, heads=24, samples=2048, head_dim=128, itemsize=2)
-    flux = _layers(FLUX_LEVELS)
-    interior = halo_bytes_per_step(active, world, window, flux, groups=1, itemsize=2, rank=1)
-    total = halo_bytes_per_step(active, world, window, flux, groups=1, itemsize=2)
-    assert interior == 2 * 2 * 38 * flux_frame and total == 2 * interior
+    ((_, tokens, heads, dim),) = flux
+    flux_frame = halo_bytes_per_frame(
+        groups=1, heads=heads, samples=round(RATE * tokens), head_dim=dim, itemsize=2
+    )
+    flux_layers = _layers(flux)
+    interior = halo_bytes_per_step(active, world, window, flux_layers, groups=1, itemsize=2, rank=1)
+    total = halo_bytes_per_step(active, world, window, flux_layers, groups=1, itemsize=2)
+    assert interior == 2 * 2 * len(flux_layers) * flux_frame and total == 2 * interior
     assert total == sum(
-        halo_bytes_per_step(active, world, window, flux, groups=1, itemsize=2, rank=r) for r in range(world)
+        halo_bytes_per_step(active, world, window, flux_layers, groups=1, itemsize=2, rank=r)
+        for r in range(world)
     )
     expect(readme, f"{flux_frame // MiB} MiB per frame and layer")
     expect(
         readme,
-        f"{_g(interior / GiB, 3)} GiB per step for an interior rank (2 × 2 × 38 × {flux_frame // MiB} MiB",
+        f"{_g(interior / GiB, 3)} GiB per step for an interior rank "
+        f"(2 × 2 × {len(flux_layers)} × {flux_frame // MiB} MiB",
     )
     expect(readme, f"all three ranks of a 3-rank story send {_g(total / GiB, 3)} GiB together")
     expect(readme, f"{_g(transfer_seconds(interior, NVLINK) * 1e3, 2)} ms at NVLink's 450 GB/s")
@@ -100,30 +159,28 @@ def test_halo_step_is_the_sum_of_its_layers():
         )
 
 
-def test_bank_mode_traffic(readme):
+def test_bank_mode_traffic(readme, sdxl):
     """ "Traffic and compute in bank mode": one character's bank per step (2 identity frames), over NVLink and
     over a 400 Gb/s link."""
-    per_character = bank_bytes_per_character_step(
-        _layers(SDXL_LEVELS), groups=2, identity_frames=2, itemsize=2
-    )
+    per_character = bank_bytes_per_character_step(_layers(sdxl), groups=2, identity_frames=2, itemsize=2)
     per_layer = [
         2 * halo_bytes_per_frame(groups=2, heads=h, samples=round(RATE * t), head_dim=d, itemsize=2) // MiB
-        for _, t, h, d in SDXL_LEVELS
+        for _, t, h, d in sdxl
     ]
     expect(
         readme,
-        f"{per_character // MiB} MiB per character and step (30 × {per_layer[0]} MiB at 1/32 + "
-        f"6 × {per_layer[1]} MiB at 1/16",
+        f"{per_character // MiB} MiB per character and step ({sdxl[0][0]} × {per_layer[0]} MiB at 1/32 + "
+        f"{sdxl[1][0]} × {per_layer[1]} MiB at 1/16",
     )
     nvlink = transfer_seconds(per_character, NVLINK) * 1e3
     link = transfer_seconds(per_character, 400 * GBIT) * 1e3
     expect(readme, f"{_g(nvlink, 2)} ms at NVLink's 450 GB/s or {_g(link, 2)} ms over a 400 Gb/s link")
 
 
-def test_identity_bank_memory(readme):
+def test_identity_bank_memory(readme, sdxl):
     """ "Identity-bank memory": Σ N·C, the table (per step; whole run of 50 steps, 49 after 1 warm-up step for
     the stored schedule, one step for lockstep) and the broadcast times."""
-    levels = [(n, tokens, heads * dim) for n, tokens, heads, dim in SDXL_LEVELS]
+    levels = [(n, tokens, heads * dim) for n, tokens, heads, dim in sdxl]
     expect(readme, f"Σ N·C = {sum(n * t * c for n, t, c in levels):,}")
     layers = [(t, c) for n, t, c in levels for _ in range(n)]
 
@@ -268,3 +325,26 @@ def test_warp_specialization_claim(readme):
                 plain["registers"],
                 plain["loops"],
             )
+
+
+def test_settings_numbers(readme):
+    """The settings the README quotes are the code's defaults: the official preset, the app's layer skipping,
+    window mode's default window."""
+    from storydiff.consistency.config import WINDOW_MODE_WINDOW, ConsistencyConfig
+    from storydiff.runs.settings import PRESETS
+
+    preset = PRESETS["official"]
+    s1, s2, b1, b2 = preset["freeu"]
+    expect(
+        readme,
+        f"FreeU (s1 {s1}, s2 {s2}, b1 {b1}, b2 {b2}), {preset['height']} × {preset['width']}, guidance "
+        f"{preset['guidance_scale']:g}, {preset['num_inference_steps']} steps, "
+        f"{'one' if preset['id_frames'] == 1 else preset['id_frames']} identity frame",
+    )
+    config = ConsistencyConfig()
+    expect(
+        readme,
+        f"{config.skip_prob_early * 100:.0f} % of layer calls before step {config.skip_switch_step}, "
+        f"{config.skip_prob_late * 100:.0f} % after",
+    )
+    expect(readme, f"`--window` frames (default {WINDOW_MODE_WINDOW},")
