@@ -3,7 +3,9 @@
 What is tested here is the diffusers key layout of the transformer (``save_file(transformer.state_dict())``),
 for both families; the original layouts (Black Forest Labs' ``double_blocks.*`` / ``single_blocks.*``,
 Stability's ``joint_blocks.*``) are converted by diffusers' ``from_single_file`` and are not tested here
-(no writer for them, no download) — the README says so."""
+(no download; diffusers 0.42's FLUX converter hard-codes FLUX.1's inner width 3072, so a tiny file in that
+layout cannot be converted at all; SD3's converter is size-generic, but this repository has no writer for
+its layout yet) — the README says so."""
 
 from __future__ import annotations
 
