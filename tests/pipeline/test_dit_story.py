@@ -2,6 +2,7 @@
 the stock pipelines exactly; bank mode, window mode, banks on disk, the CLI and resume work as on UNets."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,7 +10,17 @@ import sys
 import numpy as np
 import pytest
 import torch
-from story_helpers import KILL_AFTER_FIRST_CHECKPOINT, read_frames
+from story_helpers import (
+    KILL_AFTER_FIRST_CHECKPOINT,
+    MIN_RELATIVE_CHANGE,
+    bank_of_the_previous_step,
+    banks_swapped,
+    read_frames,
+    recorded_latents,
+    relative_change,
+    resumed_from_another_step,
+    stacked,
+)
 
 from storydiff.cli import main
 from storydiff.consistency.config import ConsistencyConfig
@@ -32,7 +43,7 @@ STORY = """\
 [NC] a quiet street at night #Night falls
 [Bob] reads a newspaper
 """
-NO_SKIP = {"warmup_steps": 1, "skip_prob_early": 0.0, "skip_prob_late": 0.0}
+NO_SKIP = {"warmup_steps": 0, "skip_prob_early": 0.0, "skip_prob_late": 0.0}  # every step reads
 PROMPTS = ["a man walks in the park", "a woman sings"]
 # what the stock pipelines need to do exactly what a story does (tiny tokenizers hold 77 tokens)
 STOCK = {
@@ -103,19 +114,47 @@ def test_steps_equal_the_stock_pipeline(dit, guidance):
         assert np.abs(decoded - np.asarray(stock_image).astype(int)).max() <= 1
 
 
+def story_latents(pipe, **settings):
+    """(the run's result, the latents of its frames in story order)."""
+    with recorded_latents() as latents:
+        result = story_run(pipe, **settings)
+    return result, stacked(latents)
+
+
+# max |Δ| / max |latent| of the mutation twins below (1 torch thread); a bank of the previous step barely
+# moves tiny PixArt-Σ (1.3e-4: its tokens change little from step to step), so it is not asserted there
+MARGINS = {
+    "tiny-flux": {"other character's bank": 1.6e-3, "previous step's bank": 1.2e-3, "rate 0": 4.1e-3},
+    "tiny-sd3": {"other character's bank": 7.3e-3, "previous step's bank": 5.2e-3, "rate 0": 1.2e-2},
+    "tiny-pixart": {"other character's bank": 6.1e-3, "rate 0": 7.3e-3},
+}
+
+
 def test_bank_schedules_agree_and_consistency_acts(dit):
-    """Lockstep == stored bit-exact (banks of image tokens only), and sharing changes the frames."""
-    _, pipe = dit
-    lockstep = story_run(pipe, id_frames=1, bank_schedule="lockstep")
-    stored = story_run(pipe, id_frames=1, bank_schedule="stored")
+    """Lockstep == stored bit-exact in latents and frames (banks of image tokens only; every step reads
+    them), and sharing changes the frames. Mutation twins: the other character's bank, the previous step's
+    bank and rate 0 move the latents by at least MIN_RELATIVE_CHANGE (measured: MARGINS)."""
+    name, pipe = dit
+    lockstep, reference = story_latents(pipe, id_frames=1, bank_schedule="lockstep")
+    stored, stored_latents = story_latents(pipe, id_frames=1, bank_schedule="stored")
+    assert torch.equal(stored_latents, reference)
     assert np.array_equal(pixels(lockstep), pixels(stored))
     assert lockstep.bank_bytes == stored.bank_bytes and all(stored.bank_bytes.values())
     assert lockstep.metadata["bank_peak_bytes"] < stored.metadata["bank_peak_bytes"]
-    plain = story_run(pipe, rate=0.0, id_frames=1)
+    plain, plain_latents = story_latents(pipe, rate=0.0, id_frames=1)
     changed = np.abs(pixels(lockstep).astype(int) - pixels(plain).astype(int)).max(axis=(1, 2, 3))
     # frames 0 and 1 write the banks alone (one identity frame each: nothing to borrow, so stock), 2 and 4
     # read them; the [NC] frame 3 reads nothing (batch rounding only)
     assert changed[[0, 1]].max() == 0 and changed[[2, 4]].min() > 0 and changed[3] <= 1, changed
+    with banks_swapped():
+        _, swapped = story_latents(pipe, id_frames=1, bank_schedule="lockstep")
+    mutants = {"other character's bank": swapped, "rate 0": plain_latents}
+    if "previous step's bank" in MARGINS[name]:
+        with bank_of_the_previous_step():
+            mutants["previous step's bank"] = story_latents(pipe, id_frames=1, bank_schedule="lockstep")[1]
+    for what, mutant in mutants.items():
+        change = relative_change(mutant, reference)
+        assert change >= MIN_RELATIVE_CHANGE, (what, change)
 
 
 def test_rate_zero_story_equals_stock_frames(dit):
@@ -206,19 +245,30 @@ def test_cli_flux_rope_policy(tmp_path):
 
 
 def test_cli_flux_window_kill_and_resume(tmp_path):
+    """A FLUX window run killed after its step-2 checkpoint resumes to the uninterrupted run's latents (and
+    frames); mutation twin: the same checkpoint resumed as if written at step 3 moves them by at least
+    MIN_RELATIVE_CHANGE (measured: 0.17)."""
     story = tmp_path / "story.txt"
     story.write_text(STORY)
     args = ["generate", "--model", "tiny-flux", "--story", str(story), "--steps", "4", "--mode", "window"]
-    args += ["--chunk-size", "2", "--window", "1"]
-    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    args += ["--chunk-size", "2", "--window", "1", "--warmup-steps", "0", "--no-skip"]
+    with recorded_latents() as whole_latents:
+        assert main([*args, "--out", str(tmp_path / "whole")]) == 0
     killed = tmp_path / "killed"
     command = [sys.executable, "-c", KILL_AFTER_FIRST_CHECKPOINT, *args, "--out", str(killed)]
     proc = subprocess.run([*command, "--checkpoint-every", "2"], capture_output=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert torch.load(killed / CHECKPOINT, weights_only=False)["step"] == 2
-    assert main(["generate", "--resume", str(killed)]) == 0
+    shutil.copytree(killed, tmp_path / "misread")
+    with recorded_latents() as resumed_latents:
+        assert main(["generate", "--resume", str(killed)]) == 0
+    assert torch.equal(stacked(resumed_latents), stacked(whole_latents))
     resumed, whole = read_frames(killed), read_frames(tmp_path / "whole")
     assert len(resumed) == 5 and all(np.array_equal(a, b) for a, b in zip(resumed, whole, strict=True))
+    with recorded_latents() as misread_latents, resumed_from_another_step(+1):
+        assert main(["generate", "--resume", str(tmp_path / "misread")]) == 0
+    change = relative_change(stacked(misread_latents), stacked(whole_latents))
+    assert change >= MIN_RELATIVE_CHANGE, change
 
 
 @pytest.mark.parametrize(
