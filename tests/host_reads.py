@@ -27,6 +27,11 @@ import csa_kernels.pool
 import storydiff
 
 READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+# ops whose output shape depends on values: the host waits for them on a GPU
+SHAPE_FROM_VALUES = {
+    getattr(torch.ops.aten, name)
+    for name in ("nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive")
+}
 LIBRARY = tuple(str(Path(package.__file__).parent) for package in (csa_kernels, storydiff))
 ASYNC_COPY = csa_kernels.pool.__file__  # to_device_async: the one place a host index may go to a device
 
@@ -41,17 +46,34 @@ def _where() -> str:
     return "".join(traceback.format_list(traceback.extract_stack()[-12:-2]))
 
 
+def _value_read(func, args, kwargs) -> str | None:
+    """What ``func`` on these arguments reads back on the host, if anything."""
+    packet = func.overloadpacket
+    if func in READS or packet is torch.ops.aten.equal or packet in SHAPE_FROM_VALUES:
+        return str(func)
+    if packet is torch.ops.aten.repeat_interleave and "output_size" not in kwargs:
+        repeats = args[0] if len(args) == 1 else args[1]
+        return f"{func}, repeats as a tensor" if isinstance(repeats, torch.Tensor) else None
+    if packet in (torch.ops.aten.index, torch.ops.aten.index_put, torch.ops.aten._unsafe_index):
+        masks = [i for i in args[1] or () if isinstance(i, torch.Tensor) and i.dtype == torch.bool]
+        return f"{func} with a boolean mask" if masks else None
+    return None
+
+
 class HostReads(TorchDispatchMode):
-    """Records (what, where) for every op that reads a tensor's value on the host."""
+    """Records (what, where) for every op that reads a tensor's value on the host, or whose output shape
+    depends on values (nonzero, boolean-mask indexing, unique, ...: the host waits for those too)."""
 
     def __init__(self, reads: list[tuple[str, str]]):
         super().__init__()
         self.reads = reads
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in READS or func.overloadpacket is torch.ops.aten.equal:
-            self.reads.append((str(func), _where()))
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        what = _value_read(func, args, kwargs)
+        if what is not None:
+            self.reads.append((what, _where()))
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
