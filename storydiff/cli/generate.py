@@ -84,8 +84,23 @@ def _from_resume(args: argparse.Namespace) -> Job:
             "not files; resume the run from Python with the same images"
         )
     ip = {"adapter": adapter, "references": references}
-    check_resume_world(args.resume, current_partition().world)  # before any model loads
+    partition = current_partition()
+    check_resume_world(args.resume, partition.world)  # before any model loads
+    _warn_no_checkpoint(args.resume, settings, partition)
     return Job(record.model, args.resume, story, settings, config, {}, files, ip)
+
+
+def _warn_no_checkpoint(folder: str, settings, partition) -> None:
+    """A resume that cannot continue (no checkpoint: deleted, or the run stopped before its first)
+    starts the run again from its first step; say so rather than do it quietly."""
+    from ..runs.checkpoint import checkpoint_name
+
+    if settings.steps_in_lockstep and not (Path(folder) / checkpoint_name(partition)).is_file():
+        warnings.warn(
+            f"--resume {folder}: no {checkpoint_name(partition)} there; the run starts again from its first "
+            "step",
+            stacklevel=2,
+        )
 
 
 def _from_flags(args: argparse.Namespace) -> Job:
@@ -111,6 +126,16 @@ def _from_flags(args: argparse.Namespace) -> Job:
     story = load_story(
         args.story, characters, known={name: meta["description"] for name, (_, meta) in banks.items()}
     )
+    from ..runs.settings import MAX_SEED
+
+    _warn_ignored(args, settings, config)
+
+    last = settings.seed + len(story.frames) - 1  # frame i starts from seed + i
+    if last > MAX_SEED:
+        raise ValueError(
+            f"--seed {settings.seed} is too large for {len(story.frames)} frames: frame i uses seed + i, and "
+            f"seeds are 64-bit (at most {MAX_SEED - len(story.frames) + 1})"
+        )
     for name, (path, header) in banks.items():
         told, banked = story.characters[name].description, header.get("description")
         if banked is not None and told != banked:
@@ -123,6 +148,18 @@ def _from_flags(args: argparse.Namespace) -> Job:
     ip = _reference_images(args, story)
     check_output_folder(args.out, overwrite=bool(args.overwrite))
     return Job(args.model, args.out, story, settings, config, banks, files, ip)
+
+
+def _warn_ignored(args: argparse.Namespace, settings, config) -> None:
+    """Flags a new run accepts but that change nothing in it, each said once."""
+    if config.warmup_steps >= settings.num_inference_steps:
+        warnings.warn(
+            f"--warmup-steps {config.warmup_steps} >= --steps {settings.num_inference_steps}: no step uses "
+            "consistency (the frames are those of --rate 0)",
+            stacklevel=2,
+        )
+    if args.caption_style is not None and settings.captions == "none":
+        warnings.warn("--caption-style with --captions none: there are no captions to style", stacklevel=2)
 
 
 def _reference_images(args: argparse.Namespace, story) -> dict:
@@ -220,8 +257,28 @@ def _bank_headers(items) -> dict[str, tuple[str, dict]]:
 
 def run(args: argparse.Namespace) -> int:
     from ..runs.distributed import launched_by_torchrun
+    from ..runs.options import option
+    from .common import check_environment
 
+    default_timeout = option("dist_timeout").default
+
+    try:
+        check_environment()
+    except ValueError as exc:
+        return fail(str(exc))
+    if not args.dist_timeout > 0:
+        return fail(f"--dist-timeout must be a number of seconds > 0, got {args.dist_timeout}")
     if not launched_by_torchrun():
+        given = [
+            flag
+            for flag, value in (
+                ("--dist-backend", args.dist_backend is not None),
+                ("--dist-timeout", args.dist_timeout != default_timeout),
+            )
+            if value
+        ]
+        if given:
+            warnings.warn(f"{', '.join(given)} apply only under torchrun: ignored", stacklevel=1)
         return _run(args)
     # under torchrun: every rank runs the same command on its share of the frames (distributed.py)
     import torch.distributed as dist
@@ -229,8 +286,6 @@ def run(args: argparse.Namespace) -> int:
     from ..runs.distributed import init_from_environment
     from .common import resolve_device
 
-    if not args.dist_timeout > 0:
-        return fail(f"--dist-timeout must be a number of seconds > 0, got {args.dist_timeout}")
     try:
         init_from_environment(args.dist_backend, resolve_device(args.device), args.dist_timeout)
     except (RuntimeError, ValueError) as exc:
@@ -279,8 +334,19 @@ def _run(args: argparse.Namespace) -> int:
         return 130
     except InvalidSetting as exc:
         return fail(_setting_error(exc, args))
-    except (ModelLoadError, ValueError, OSError, RuntimeError) as exc:
+    except (ModelLoadError, ValueError, OSError) as exc:
         return fail(str(exc))
+    except RuntimeError as exc:
+        if not _exchange_failed(exc):
+            raise  # a bug or an out-of-memory: storydiff's "unexpected" line, --debug shows where
+        print(f"error: {exc}", file=sys.stderr)  # not an input error: another rank stopped
+        return 1
+
+
+def _exchange_failed(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is a torchrun rank's report that the run stopped elsewhere (runs/distributed.py)."""
+    text = str(exc)
+    return text.startswith("rank ") and ("could not start the run" in text or "failed — another rank" in text)
 
 
 def _setting_error(exc, args: argparse.Namespace) -> str:

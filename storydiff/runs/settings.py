@@ -77,6 +77,9 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds; frame i uses seed + i
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """One story run's settings (defaults follow the official StoryDiffusion app where it has them).
@@ -155,8 +158,8 @@ class RunSettings:
                 isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8
             ):
                 raise InvalidSetting(name, f"must be a positive multiple of 8 (pixels), got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise InvalidSetting("seed", f"must be a whole number >= 0, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise InvalidSetting("seed", f"must be a whole number from 0 to 2**64 - 1, got {self.seed!r}")
         if self.scheduler not in SCHEDULERS:
             choices = ", ".join(SCHEDULERS)
             raise InvalidSetting("scheduler", f"must be one of {choices}, got {self.scheduler!r}")

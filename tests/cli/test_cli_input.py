@@ -67,7 +67,7 @@ def error_line(capsys) -> str:
         (["--level-rate", "12=0.5"], "--level-rate keys must be level factors"),
         (["--rate", "1.5"], "--rate must be a number in [0, 1]"),
         (["--style", "baroque"], "--style"),
-        (["--seed", "-3"], "--seed must be a whole number >= 0"),
+        (["--seed", "-3"], "--seed must be a whole number from 0 to 2**64 - 1"),
         (["--font", "/no/such/font.ttf"], "--font must name a font file"),
         (["--device", "cuda"], "no CUDA device"),
     ],
