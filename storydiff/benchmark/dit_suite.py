@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from ..consistency.config import ConsistencyConfig
 from ..families.attach import apply_consistent_attention, remove_consistent_attention
 from ..families.registry import family_named
 from ..families.tiny_models import FLUX_DEV_CONFIG, build_tiny_pipeline, default_dtype
+from ..support.progress import default_progress, progress_bar
 from .timing import median_ms, peak_extra_mib
 
 Model = Literal["flux", "sd3"]
@@ -164,7 +164,9 @@ def run_dit_suite(
     and frees it before building the next."""
     providers = providers or PROVIDERS
     rows = []
-    progress = tqdm(total=sum(len(providers[case.model]) for case in cases), desc="dit suite", unit="run")
+    progress = progress_bar(
+        sum(len(providers[case.model]) for case in cases), "dit suite", "run", default_progress()
+    )
     for model in dict.fromkeys(case.model for case in cases):
         transformer = build_transformer(model, size, device, dtype)
         for case in (case for case in cases if case.model == model):

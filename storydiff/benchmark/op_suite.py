@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from csa_kernels import reference_error_bound, sample_reference_indices
 
+from ..support.progress import default_progress, progress_bar
 from .providers import UNGATED, query_key_pairs, setup_provider
 from .timing import median_ms, peak_extra_mib
 
@@ -159,7 +159,7 @@ def run_op_suite(
 ) -> list[dict]:
     """One row per (case, provider): median ms, effective TFLOP/s, peak extra MiB, status."""
     rows = []
-    progress = tqdm(total=len(cases) * len(providers), desc="op suite", unit="run")
+    progress = progress_bar(len(cases) * len(providers), "op suite", "run", default_progress())
     for case in cases:
         inputs = make_case_inputs(case, dtype, device)
         flops = case_flops(case)

@@ -152,6 +152,18 @@ PROVIDERS = ("reference", "official_a", "official_b", "flex", "sdpa_dense", "our
 UNGATED = {"sdpa_dense"}  # computes another function: timed as the ceiling, never compared
 
 
+def unavailable(name: str, device: torch.device) -> str | None:
+    """Why provider ``name`` cannot run on ``device`` (None: it can)."""
+    import os
+
+    if name == "ours_triton":
+        if not TRITON_INSTALLED:
+            return "needs Triton, which is not installed"
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "needs a CUDA device (or TRITON_INTERPRET=1 to interpret the kernel on the CPU)"
+    return None
+
+
 def default_providers(device: torch.device, size: str = "cpu") -> list[str]:
     names = ["official_a", "official_b", "flex", "sdpa_dense", "ours_torch"]
     if device.type == "cuda":

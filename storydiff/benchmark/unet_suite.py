@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from ..consistency.config import ConsistencyConfig
 from ..consistency.official import install_official
 from ..families.attach import apply_consistent_attention, remove_consistent_attention
 from ..families.registry import family_named
 from ..families.tiny_models import SDXL_UNET_CONFIG, build_tiny_pipeline
+from ..support.progress import default_progress, progress_bar
 from .timing import median_ms, peak_extra_mib
 
 TEXT_TOKENS = 77
@@ -139,7 +139,7 @@ def run_unet_suite(
 ) -> list[dict]:
     rows = []
     unet = build_unet(size, device, dtype)
-    progress = tqdm(total=len(cases) * len(providers), desc="unet suite", unit="run")
+    progress = progress_bar(len(cases) * len(providers), "unet suite", "run", default_progress())
     for case in cases:
         write_inputs = unet_inputs(unet, case, device, dtype, case.frames)
         inputs = unet_inputs(unet, case, device, dtype, case.batch_frames)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
-from .common import DTYPES, check_output_dir, fail, resolve_device
+from .common import DTYPES, check_environment, check_output_dir, fail, resolve_device
 
 
 def register(subparsers, parents: list) -> None:
@@ -42,7 +43,7 @@ def register(subparsers, parents: list) -> None:
     bench.add_argument(
         "--model",
         choices=("flux", "sd3", "all"),
-        default="all",
+        default=None,
         help="dit suite: FLUX.1-dev, SD3.5-large or both (default: all)",
     )
     bench.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
@@ -70,10 +71,11 @@ def run(args: argparse.Namespace) -> int:
 
     from ..benchmark import dit_suite, op_suite, unet_suite
     from ..benchmark.environment import environment
-    from ..benchmark.providers import PROVIDERS, default_providers
+    from ..benchmark.providers import PROVIDERS, default_providers, unavailable
     from ..benchmark.results import DIT_PANELS, UNET_PANELS, format_table, plot_rows, save_rows
 
     try:
+        check_environment()
         device = resolve_device(args.device)
         check_output_dir(args.out)
     except ValueError as exc:
@@ -86,6 +88,33 @@ def run(args: argparse.Namespace) -> int:
     unknown = [p for p in providers if p not in PROVIDERS]
     if unknown:
         return fail(f"unknown provider(s) {unknown}; choose from {list(PROVIDERS)}")
+    for name in providers:
+        reason = unavailable(name, device)
+        if reason and args.suite in ("op", "all"):
+            return fail(f"--providers {name} {reason}")
+    ignored = [
+        flag
+        for flag, given, suites in (
+            ("--providers", args.providers is not None, ("op", "all")),
+            ("--model", args.model is not None, ("dit",)),  # --size dit picks the op cases, not a model
+            ("--ranks", args.ranks is not None, ("dist",)),
+        )
+        if given and args.suite not in suites
+    ]
+    if ignored:
+        warnings.warn(f"{', '.join(ignored)} do(es) not apply to --suite {args.suite}: ignored", stacklevel=1)
+    args.model = args.model or "all"
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    ranks = None
+    if args.ranks is not None:  # checked before any suite runs
+        try:
+            ranks = [int(n) for n in args.ranks.split(",")]
+        except ValueError:
+            return fail(f"--ranks expects world sizes such as 1,2,4, got {args.ranks!r}")
+        if any(n < 1 for n in ranks):
+            return fail(f"--ranks must be world sizes >= 1, got {args.ranks}")
+        if gpus and max(ranks) > gpus:
+            return fail(f"--ranks {args.ranks}: at most the {gpus} visible GPUs")
     env = environment(device)
     out = Path(args.out)
     written = []
@@ -128,14 +157,7 @@ def run(args: argparse.Namespace) -> int:
     if args.suite == "dist":
         from ..benchmark.dist_scaling import format_scaling_table, plot_scaling, run_scaling
 
-        gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-        default = [n for n in (1, 2, 4) if n <= gpus] if gpus else [1, 2]
-        try:
-            ranks = [int(n) for n in args.ranks.split(",")] if args.ranks else default
-        except ValueError:
-            return fail(f"--ranks expects world sizes such as 1,2,4, got {args.ranks!r}")
-        if any(n < 1 for n in ranks) or (gpus and max(ranks) > gpus):
-            return fail(f"--ranks must be >= 1 (and at most the {gpus} visible GPUs on CUDA), got {ranks}")
+        ranks = ranks or ([n for n in (1, 2, 4) if n <= gpus] if gpus else [1, 2])
         model = "random-sdxl" if device.type == "cuda" else "tiny-sd15"
         frames, steps = (16, 10) if device.type == "cuda" else (12, 3)
         rows = []

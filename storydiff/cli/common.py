@@ -137,3 +137,29 @@ def check_output_dir(path: str, flag: str = "--out") -> None:
         if parent.exists() and not parent.is_dir():
             where = "is a file" if parent == target else f"is inside {parent}, which is a file"
             raise ValueError(f"{flag} {path} {where}; give a folder")
+
+
+def check_environment() -> None:
+    """ValueError (one line naming the variable) for environment variables storydiff reads that hold
+    nothing it can use: torchrun's RANK / WORLD_SIZE / LOCAL_RANK, CSA_KERNEL_PATH."""
+    import os
+
+    for name, least in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)):
+        value = os.environ.get(name)
+        if value is None:
+            continue
+        if not value.strip().isdigit() or int(value) < least:
+            raise ValueError(
+                f"environment variable {name}={value!r} is not a whole number >= {least} (torchrun sets it; "
+                "unset it to run in one process)"
+            )
+    path = os.environ.get("CSA_KERNEL_PATH")
+    if path:
+        try:
+            from csa_kernels.triton_kernel import PATHS
+        except ImportError:  # no Triton: the variable changes nothing, but is still checked
+            PATHS = ("pointer", "tma")
+        if path not in PATHS:
+            raise ValueError(
+                f"environment variable CSA_KERNEL_PATH={path!r} must be one of {', '.join(PATHS)} (or unset)"
+            )

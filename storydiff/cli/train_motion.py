@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..motion.defaults import DEFAULT_MODEL
@@ -158,6 +159,24 @@ class _Report:
             )
 
 
+def _check_model_flags(args: argparse.Namespace) -> None:
+    """The predictor's size and --resume, checked before any video is read or embedded (ValueError naming
+    the flag); --resume with nothing to resume warns."""
+    import warnings
+
+    from ..motion.checkpoints import latest_checkpoint
+
+    for flag, value in (("--hidden", args.hidden), ("--layers", args.layers), ("--heads", args.heads)):
+        if value < 1:
+            raise ValueError(f"{flag} must be a whole number >= 1, got {value}")
+    if args.hidden % args.heads:
+        raise ValueError(f"--hidden {args.hidden} must be divisible by --heads {args.heads}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout:g}")
+    if args.resume and (not Path(args.out).is_dir() or latest_checkpoint(args.out) is None):
+        warnings.warn(f"--resume: no checkpoint in {args.out}; training starts from step 1", stacklevel=2)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..models.loading import ModelLoadError
     from ..motion.train import train_motion
@@ -166,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
     report = _Report(args.checkpoint_every, lines=not args.no_progress and not bar)
     try:
         check_output_dir(args.out)
+        _check_model_flags(args)
         result = train_motion(
             args.data,
             args.out,

@@ -118,13 +118,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         device = resolve_device(args.device)
         check_output_dir(args.out)
+        read_story_frames(args.story_dir)  # fail on a bad story before loading any model
         _check_video_folder(args.out, args.overwrite)
         if args.frames is not None and args.frames < 3:
             raise ValueError(
                 f"--frames must be >= 3 (the start frame, at least one in between, the end frame), got "
                 f"{args.frames}"
             )
-        read_story_frames(args.story_dir)  # fail on a bad story before loading any model
         # The predictor first: it loads in a moment, and a bad path should not wait for the video model.
         predictor = load_predictor(args.predictor, device) if args.predictor else None
         svd_pipe = load_svd_pipeline(args.svd, device, resolve_dtype(args.dtype))

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from PIL import Image
 
 from storydiff.cli import main
 from storydiff.pages.output import LOCK, STALE_S, FolderInUse, StoryOutput, check_output_folder, lock_holder
@@ -168,11 +169,106 @@ def test_video_keeps_a_story_video_without_overwrite_and_checks_frames(tmp_path,
     out = tmp_path / "video"
     out.mkdir()
     (out / "story.gif").write_bytes(b"mine")
-    base = ["video", "--story-dir", str(tmp_path / "nothing"), "--svd", "tiny-svd", "--out", str(out)]
+    story = tmp_path / "story"
+    story.mkdir()
+    for i in range(2):
+        Image.new("RGB", (16, 16)).save(story / f"frame_{i:03d}.png")
+    base = ["video", "--story-dir", str(story), "--svd", "missing-svd-folder", "--out", str(out)]
     assert main(base) == 2
     assert "already holds a story video (story.gif)" in capsys.readouterr().err
-    assert main([*base, "--overwrite"]) == 2  # passes the folder check; the story folder is missing
-    assert "already holds" not in capsys.readouterr().err
     assert main([*base, "--overwrite", "--frames", "1"]) == 2
     assert "--frames must be >= 3" in capsys.readouterr().err
+    assert main([*base, "--overwrite"]) == 2  # passes the folder check; the video model is missing
+    assert "already holds" not in capsys.readouterr().err
     assert (out / "story.gif").read_bytes() == b"mine"
+
+
+def test_a_seed_out_of_range_is_refused_up_front(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert generate(tmp_path, out, "--seed", str(2**64)) == 2
+    assert "--seed must be a whole number from 0 to 2**64 - 1" in capsys.readouterr().err
+    assert generate(tmp_path, out, "--seed", str(2**64 - 1)) == 2  # the second frame would use 2**64
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --seed {2**64 - 1} is too large for 2 frames"), err
+    assert not out.exists()
+
+
+def test_a_runtime_error_is_not_an_input_error(tmp_path, capsys, monkeypatch):
+    import storydiff.cli.generate as command
+
+    def broken(args, job):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(command, "_generate", broken)
+    assert generate(tmp_path, tmp_path / "a") == 1
+    assert "unexpected RuntimeError: boom" in capsys.readouterr().err
+
+    def peer_gone(args, job):
+        raise RuntimeError("rank 1 of 2: starting the run failed — another rank stopped or ...")
+
+    monkeypatch.setattr(command, "_generate", peer_gone)
+    assert generate(tmp_path, tmp_path / "b") == 1
+    assert capsys.readouterr().err.startswith("error: rank 1 of 2: starting the run failed")
+
+
+def test_bench_refuses_what_cannot_run_here_and_warns_of_ignored_flags(tmp_path, capsys, monkeypatch):
+    import storydiff.benchmark.op_suite as op_suite
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    base = ["bench", "--device", "cpu", "--out", str(tmp_path)]
+    assert main([*base, "--suite", "op", "--providers", "ours_triton"]) == 2
+    assert "--providers ours_triton needs" in capsys.readouterr().err
+    assert main([*base, "--suite", "dist", "--ranks", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--ranks must be world sizes >= 1, got 0" in err and "visible GPUs" not in err
+    monkeypatch.setenv("CSA_KERNEL_PATH", "bogus")
+    assert main([*base, "--suite", "op"]) == 2
+    assert "CSA_KERNEL_PATH='bogus' must be one of pointer, tma" in capsys.readouterr().err
+    monkeypatch.delenv("CSA_KERNEL_PATH")
+    ran = []
+    monkeypatch.setattr(op_suite, "run_op_suite", lambda *a, **k: ran.append(1) or [])
+    monkeypatch.setattr("storydiff.benchmark.results.save_rows", lambda *a, **k: [])
+    assert main([*base, "--suite", "op", "--model", "flux", "--ranks", "2", "--no-plot"]) == 0
+    assert "warning: --model, --ranks do(es) not apply to --suite op: ignored" in capsys.readouterr().err
+    assert ran == [1] and not list(tmp_path.iterdir())
+
+
+def test_environment_and_dist_flags_outside_torchrun(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    monkeypatch.setenv("RANK", "0")
+    assert generate(tmp_path, tmp_path / "a") == 2
+    assert "environment variable WORLD_SIZE='abc' is not a whole number" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    assert generate(tmp_path, tmp_path / "a", "--dist-timeout", "-5") == 2
+    assert "--dist-timeout must be a number of seconds > 0" in capsys.readouterr().err
+    out = tmp_path / "b"
+    args = ["--dist-backend", "gloo", "--warmup-steps", "2", "--captions", "none", "--caption-style", "band"]
+    assert generate(tmp_path, out, *args) == 0
+    err = capsys.readouterr().err
+    assert "warning: --dist-backend apply only under torchrun: ignored" in err
+    assert "--warmup-steps 2 >= --steps 2: no step uses consistency" in err
+    assert "--caption-style with --captions none" in err
+
+
+def test_resume_without_its_checkpoint_says_it_starts_again(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert generate(tmp_path, out, "--mode", "window") == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    (out / "metadata.json").write_text(json.dumps({**meta, "status": "interrupted"}))
+    assert main(["generate", "--resume", str(out)]) == 0
+    assert "no checkpoint.pt there; the run starts again from its first step" in capsys.readouterr().err
+
+
+def test_train_motion_checks_the_model_flags_before_any_work(tmp_path, capsys):
+    data = tmp_path / "videos"
+    data.mkdir()
+    out = tmp_path / "run"
+    base = ["train-motion", "--data", str(data), "--out", str(out), "--encoder", "tiny"]
+    assert main([*base, "--hidden", "30", "--heads", "4"]) == 2
+    assert "--hidden 30 must be divisible by --heads 4" in capsys.readouterr().err
+    assert main([*base, "--dropout", "2"]) == 2
+    assert "--dropout must be in [0, 1), got 2" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*base, "--resume"]) == 2  # the empty data folder stops it, after the warning
+    assert "warning: --resume: no checkpoint in" in capsys.readouterr().err

@@ -410,6 +410,7 @@ def test_video_cli(tmp_path, capsys):
     assert "transitions: clip 1/1 done" in captured.err and "\r" not in captured.err
     assert ("note: no MP4 encoder" in out_text) == (not mp4_available())
 
+    args += ["--overwrite"]  # the calls below reuse the folder (a story video is not replaced without it)
     assert main(["video", *args[:1], str(tmp_path / "nope"), *args[2:]]) == 2
     err = capsys.readouterr().err
     assert "error: story folder" in err and "does not exist" in err
@@ -417,7 +418,7 @@ def test_video_cli(tmp_path, capsys):
     assert "cannot load motion predictor" in capsys.readouterr().err
     assert main(["video", *args, "--size", "63x64"]) == 2
     assert "multiples of 8" in capsys.readouterr().err
-    assert main(["video", *args[:4], "--svd", str(tmp_path / "no-svd")]) == 2
+    assert main(["video", *args[:4], "--overwrite", "--svd", str(tmp_path / "no-svd")]) == 2
     assert "error: cannot load SVD model" in capsys.readouterr().err
 
 
