@@ -166,8 +166,12 @@ STORY_SETUPS = [
         {"tiled:tiled_consistent_attention"},
         id="tiled",
     ),
-    # DiT joint attention: text rows never borrow (query_rows)
+    # DiT joint attention: text rows never borrow (query_rows; FLUX text first, SD3 image first); PixArt
     pytest.param("tiny-flux", {}, {"id_frames": 1}, BANK_CALLERS, id="flux"),
+    pytest.param("tiny-sd3", {}, {"id_frames": 1}, BANK_CALLERS, id="sd3"),
+    pytest.param(
+        "tiny-pixart", {"window": 1}, {"mode": "window", "chunk_size": 2}, {"window:read"}, id="pixart-window"
+    ),
     # Qwen-Image: prompts of different lengths (key_lengths), true CFG in two passes
     pytest.param("tiny-qwen-image", {}, {"id_frames": 1}, BANK_CALLERS, id="qwen-bank"),
     pytest.param(
