@@ -177,3 +177,46 @@ def test_joint_mode_reads_nothing_back_on_the_host(op_calls):
     assert not reads, report(reads)
     assert {caller for caller, _ in op_calls} == {"storydiff.consistency.modes:attend"}
     assert all(check is False for _, check in op_calls)
+
+
+# -- the one way indices reach a device, and the tiled form -----------------------------------------------
+
+
+def test_host_indices_reach_a_gpu_pinned_and_non_blocking(monkeypatch):
+    """``to_device_async`` (and ``index_tensor`` through it): a CPU tensor bound for CUDA is pinned and
+    copied with non_blocking=True; anything else is a plain ``.to``. Checked without a GPU by recording the
+    calls."""
+    from csa_kernels.pool import index_tensor, to_device_async
+
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self)
+    monkeypatch.setattr(
+        torch.Tensor, "to", lambda self, device, **kw: calls.append((str(device), kw)) or self
+    )
+    host = torch.arange(3)
+    to_device_async(host, torch.device("cuda"))
+    assert calls == ["pin", ("cuda", {"non_blocking": True})]
+    calls.clear()
+    to_device_async(host, "cpu")
+    assert calls == [("cpu", {})]
+    monkeypatch.undo()
+    table = index_tensor([(0, 1, 2, 3), (4, 5, 6, 7)], "cpu")
+    assert table.dtype == torch.int64 and table.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_the_tiled_form_passes_check_indices_on():
+    """``tiled_consistent_attention(check_indices=False)`` reads nothing back on the host and gives what
+    the checked call gives."""
+    from csa_kernels.tiled import tiled_consistent_attention
+
+    inputs = make_inputs(Case(6, 2, 16, 8, 4, groups=2), torch.float32)
+    args = [inputs[name] for name in ("q", "k", "v", "ref_idx")]
+    expected = tiled_consistent_attention(*args, tile=2, groups=2, backend="torch")
+    reads = []
+    with no_host_reads(reads):
+        out = tiled_consistent_attention(*args, tile=2, groups=2, backend="torch", check_indices=False)
+    assert not reads, report(reads)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    with no_host_reads(reads):
+        tiled_consistent_attention(*args, tile=2, groups=2, backend="torch")
+    assert reads  # the default checks the range: it reads the values
