@@ -71,30 +71,23 @@ def pixels(result):
     ids=["sdxl-cfg-rb3", "sdxl-nocfg-rb1", "sd15-cfg-rb1", "sd15-nocfg-rb3"],
 )
 def test_lockstep_equals_stored_bit_exact(model, guidance, read_batch):
+    """The same latents (and frames) under both schedules. Mutation twin (with CFG): a lockstep run whose
+    reads get the previous step's bank moves the latents by at least MIN_RELATIVE_CHANGE (measured, max
+    |Δ| / max |latent|: sdxl 1.4e-3, sd15 3.1e-3; rate 0 instead: 9.0e-3, 7.1e-3)."""
     pipe = build_tiny_pipeline(model, progress_bar=False)
     common = {"guidance_scale": guidance, "read_batch_size": read_batch}
     lockstep, lockstep_latents = story_latents(pipe, bank_schedule="lockstep", **common)
     stored, stored_latents = story_latents(pipe, bank_schedule="stored", **common)
     assert torch.equal(lockstep_latents, stored_latents)
     assert np.array_equal(pixels(lockstep), pixels(stored))
+    if guidance > 1:
+        with bank_of_the_previous_step():
+            _, previous = story_latents(pipe, bank_schedule="lockstep", **common)
+        change = relative_change(previous, lockstep_latents)
+        assert change >= MIN_RELATIVE_CHANGE, change
     # the banks were real: both schedules wrote the same bytes, lockstep kept far fewer alive
     assert lockstep.bank_bytes == stored.bank_bytes and all(stored.bank_bytes.values())
     assert lockstep.metadata["bank_peak_bytes"] < stored.metadata["bank_peak_bytes"]
-
-
-@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-sd15"])
-def test_lockstep_equals_stored_is_sharp(model):
-    """Mutation twin of the test above: lockstep runs that read a bank of the previous step, or none (rate
-    0), move the latents by far more than 0 — at least MIN_RELATIVE_CHANGE of their largest value.
-    Measured (max |Δ| / max |latent|, 1 torch thread): previous step's bank 1.4e-3 (sdxl), 3.1e-3 (sd15);
-    rate 0 9.0e-3 (sdxl), 7.1e-3 (sd15)."""
-    pipe = build_tiny_pipeline(model, progress_bar=False)
-    _, reference = story_latents(pipe, bank_schedule="lockstep")
-    with bank_of_the_previous_step():
-        _, previous = story_latents(pipe, bank_schedule="lockstep")
-    _, plain = story_latents(pipe, rate=0.0, bank_schedule="lockstep")
-    assert relative_change(previous, reference) >= MIN_RELATIVE_CHANGE
-    assert relative_change(plain, reference) >= MIN_RELATIVE_CHANGE
 
 
 @pytest.fixture(scope="module")
