@@ -119,13 +119,20 @@ def _from_flags(args: argparse.Namespace) -> Job:
     characters = None
     if args.characters is not None:
         try:
-            characters = Path(args.characters).read_text(encoding="utf-8")
+            characters = Path(args.characters).read_text(encoding="utf-8-sig")  # a BOM is no text
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"cannot read --characters {args.characters}: {exc}") from None
     banks = _bank_headers(args.load_bank or ())
-    story = load_story(
-        args.story, characters, known={name: meta["description"] for name, (_, meta) in banks.items()}
-    )
+    try:
+        story = load_story(
+            args.story, characters, known={name: meta["description"] for name, (_, meta) in banks.items()}
+        )
+    except ValueError as exc:  # a line of the characters file is that file's, not the story's
+        prefix, text = f"{args.story}: ", str(exc)
+        if characters is None or not text.startswith(prefix + "characters line"):
+            raise
+        text = text[len(prefix) :].replace("characters line", "line", 1)
+        raise ValueError(f"--characters {args.characters}: {text}") from None
     from ..runs.settings import MAX_SEED
 
     _warn_ignored(args, settings, config)
@@ -225,9 +232,13 @@ def _model_files(args: argparse.Namespace) -> dict:
         if not os.path.isdir(os.path.expanduser(args.config)):
             raise ValueError(f"--config {args.config}: no such folder (expected a local diffusers folder)")
     loras = [parse_lora(text) for text in args.lora or ()]
-    for path, _ in loras:
-        if not os.path.exists(os.path.expanduser(path)):
-            raise ValueError(f"--lora {path}: no such file or folder")
+    for text, (path, _) in zip(args.lora or (), loras, strict=True):
+        if os.path.exists(os.path.expanduser(path)):
+            continue
+        head, colon, tail = text.rpartition(":")
+        if colon and head and os.path.exists(os.path.expanduser(head)):  # FILE:abc, a scale that is not one
+            raise ValueError(f"--lora {text}: the scale {tail!r} is not a number (expected PATH[:SCALE])")
+        raise ValueError(f"--lora {path}: no such file or folder")
     return {"model_config": args.config, "loras": loras}
 
 
@@ -355,11 +366,12 @@ def _setting_error(exc, args: argparse.Namespace) -> str:
     from ..runs.settings import PRESETS
 
     found, flag = option_for_field(exc.field), flag_for(exc.field)
+    problem = exc.problem.replace("must be None or ", "must be ")  # None is Python's; a flag is left out
     preset = getattr(args, "preset", None)
     chosen = found is not None and exc.field in PRESETS.get(preset, {}) and getattr(args, found.name) is None
     if chosen:  # the preset chose the value, no flag gave it
-        return f"{flag} {exc.problem} (set by --preset {preset}; give {flag} to override it)"
-    return f"{flag} {exc.problem}"
+        return f"{flag} {problem} (set by --preset {preset}; give {flag} to override it)"
+    return f"{flag} {problem}"
 
 
 def _unused_negative(family, settings) -> str | None:

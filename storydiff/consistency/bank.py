@@ -57,6 +57,15 @@ def read_bank_header(path: str | Path) -> dict:
         raise ValueError(f"{path}: damaged bank header ({exc})") from None
 
 
+def _default_mode(path: Path) -> None:
+    """The permissions every other file gets (0666 less the umask; safetensors writes 0600)."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    path.chmod(0o666 & ~mask)
+
+
 _LABELS = {
     "architecture": "model architecture",
     "num_inference_steps": "denoising steps (--steps)",
@@ -282,6 +291,7 @@ class IdBank:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:  # a crash never leaves a truncated file under the final name
             save_file(tensors, str(tmp), metadata=meta)
+            _default_mode(tmp)
         return path
 
     def load(self, path: str | Path, *, character: str | None = None, expected: dict | None = None) -> str:

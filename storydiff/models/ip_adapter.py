@@ -176,8 +176,8 @@ def load_ip_adapter(
         image_encoder = path.parent / "image_encoder"
         if not image_encoder.is_dir():
             raise ModelLoadError(
-                f"no image encoder for the IP-Adapter {path}: pass image_encoder (a CLIP vision model "
-                f"folder), or put one at {image_encoder}"
+                f"no image encoder for the IP-Adapter {path}: give --image-encoder (image_encoder: a "
+                f"CLIP vision model folder), or put one at {image_encoder}"
             )
     encoder_path = None
     if image_encoder is not None:

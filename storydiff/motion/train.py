@@ -355,8 +355,8 @@ def train_motion(
     latest = latest_checkpoint(out)
     if latest is not None and not resume:
         raise FileExistsError(
-            f"{out} already holds checkpoints (latest: {latest.name}); pass resume=True (--resume) to "
-            "continue that run, or choose another output folder"
+            f"{out} already holds checkpoints (latest: {latest.name}); continue that run with --resume, "
+            "or choose another output folder"
         )
     amp = dev.type == "cuda" if mixed_precision is None else mixed_precision and dev.type == "cuda"
 

@@ -77,7 +77,8 @@ def captioned(
 ) -> Image.Image:
     """A new RGB image: ``image`` with ``caption`` in a white band below it (a plain copy if no caption).
 
-    The caption is word-wrapped to the image width and the band is just tall enough for it. The default
+    The caption is word-wrapped to the image width and the band is just tall enough for it, at most three
+    times the image's larger side (a longer caption ends in "..."). The default
     font size is about width / 20, clamped to [10, 48] px; ``font``: a font file instead of the default.
     """
     picture = image.convert("RGB")  # always a new image, so callers may draw on the result
@@ -85,7 +86,9 @@ def captioned(
         return picture
     face = font_for(caption, font_size or default_font_size(picture.width), font)
     pad = max(4, round(face.size / 2))
-    lines = wrap(caption.strip(), face, max(1, picture.width - 2 * pad))
+    # at most three times the picture's larger side: a longer caption is cut, "..." marking the cut
+    max_lines = max(8, 3 * max(picture.size) // line_height(face))
+    lines = fit_lines(caption.strip(), face, picture.width - 2 * pad, max_lines)
     band = len(lines) * line_height(face) + 2 * pad
     result = Image.new("RGB", (picture.width, picture.height + band), WHITE)
     result.paste(picture, (0, 0))
@@ -97,7 +100,8 @@ def captioned(
 
 def fit_lines(text: str, font: Font, width: int, max_lines: int) -> list[str]:
     """``text`` wrapped to ``width`` px, cut to ``max_lines`` lines with "..." marking the cut."""
-    lines = wrap(text, font, max(1, width))
+    limit = (max_lines + 1) * max(1, width)  # a character is at least a pixel wide: the rest cannot show
+    lines = wrap(text[:limit], font, max(1, width))
     if len(lines) > max_lines:
         lines = lines[:max_lines]
         last = lines[-1]

@@ -330,7 +330,7 @@ def load_story(
     """Read a UTF-8 story file and parse it (``parse_story``); every error names the file."""
     name = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # a byte-order mark (Windows editors) is no text
             text = handle.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"story file not found: {name}") from None

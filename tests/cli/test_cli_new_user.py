@@ -272,3 +272,35 @@ def test_train_motion_checks_the_model_flags_before_any_work(tmp_path, capsys):
     assert not out.exists()
     assert main([*base, "--resume"]) == 2  # the empty data folder stops it, after the warning
     assert "warning: --resume: no checkpoint in" in capsys.readouterr().err
+
+
+def test_a_very_long_caption_is_cut_to_the_panel(tmp_path):
+    from storydiff.pages.panels import captioned
+
+    start = time.perf_counter()
+    page = captioned(Image.new("RGB", (64, 64)), "word " * 24_000)
+    assert page.size[0] == 64 and page.size[1] <= 64 + 3 * 64
+    assert time.perf_counter() - start < 5
+
+
+def test_messages_name_the_flag_and_the_file(tmp_path, capsys):
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"x")
+    assert generate(tmp_path, tmp_path / "a", "--lora", f"{lora}:abc") == 2
+    assert "the scale 'abc' is not a number (expected PATH[:SCALE])" in capsys.readouterr().err
+    characters = tmp_path / "characters.txt"
+    characters.write_text("[Bob] a man\nnot a character line\n")
+    frames_only = "[Bob] walks\n[Bob] reads\n"
+    assert generate(tmp_path, tmp_path / "b", "--characters", str(characters), story=frames_only) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --characters {characters}: line 2"), err
+    assert generate(tmp_path, tmp_path / "c", "--mode", "window", "--window", "0") == 2
+    err = capsys.readouterr().err
+    assert "--window must be a whole number >= 1" in err and "None" not in err
+
+
+def test_a_story_with_a_byte_order_mark_and_banks_readable_by_all(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert generate(tmp_path, out, "--save-banks", story="\ufeff" + STORY) == 0
+    bank = out / "banks" / "Bob.safetensors"
+    assert bank.stat().st_mode & 0o777 == (out / "metadata.json").stat().st_mode & 0o777

@@ -305,7 +305,7 @@ def test_resume_reproduces_uninterrupted_run(small_videos, tmp_path):
     with pytest.raises(Killed):
         _train(small_videos, tmp_path / "resumed", cache_dir=cache, callback=kill_after_checkpoint)
     assert latest_checkpoint(tmp_path / "resumed").name == "checkpoint-6"
-    with pytest.raises(FileExistsError, match="pass resume=True"):
+    with pytest.raises(FileExistsError, match="continue that run with --resume"):
         _train(small_videos, tmp_path / "resumed", cache_dir=cache)
     with pytest.raises(ValueError, match=r"settings differ.*lr"):
         _train(small_videos, tmp_path / "resumed", cache_dir=cache, resume=True, lr=5e-4)
