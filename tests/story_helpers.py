@@ -1,5 +1,7 @@
-"""Helpers for the story-run tests: reading a run's frames, killing a run after its first checkpoint, and
-counting the bytes tensors hold on the CPU (tests that check memory does not grow)."""
+"""Helpers for the story-run tests: reading a run's frames, killing a run after its first checkpoint,
+counting the bytes tensors hold on the CPU (tests that check memory does not grow), recording the latents
+frames are decoded from, and the mutations (a wrong bank, a resume from another step) whose twins show that
+an equality of latents is sharp (issue 26, item 1)."""
 
 from __future__ import annotations
 
