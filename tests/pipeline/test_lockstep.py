@@ -96,8 +96,12 @@ def sd15():
 
 
 def test_peak_bank_bytes_do_not_grow_with_steps(sd15):
-    def run(schedule, steps):
-        sp = StoryDiffusionPipeline(sd15, ConsistencyConfig(rate=0.5, seed=2, **NO_SKIP))
+    """Lockstep keeps one step's bank alive, by the bank's own count and by the bytes of every CPU tensor
+    alive at once (measured: a lockstep run's peak is a rate-0 run's + one step's bank + 12 bytes; the
+    stored schedule's, + 4 steps' banks - 12 bytes)."""
+
+    def run(schedule, steps, rate=0.5):
+        sp = StoryDiffusionPipeline(sd15, ConsistencyConfig(rate=rate, seed=2, **NO_SKIP))
         try:
             with AllocationTracker() as tracker:
                 result = sp(
@@ -107,9 +111,10 @@ def test_peak_bank_bytes_do_not_grow_with_steps(sd15):
         finally:
             sp.close()
 
-    stored, _ = run("stored", 4)
+    stored, tracked_stored = run("stored", 4)
     lock4, tracked4 = run("lockstep", 4)
     lock6, tracked6 = run("lockstep", 6)
+    _, tracked_plain = run("lockstep", 4, rate=0.0)  # no bank at all
     consistent_steps = 4 - NO_SKIP["warmup_steps"]
     one_step = sum(stored["bank_bytes"].values()) // consistent_steps
     assert stored["bank_peak_bytes"] == sum(stored["bank_bytes"].values())
@@ -123,6 +128,9 @@ def test_peak_bank_bytes_do_not_grow_with_steps(sd15):
     ) * sum(lock4["bank_bytes"].values())
     # measured independently of the bank's own accounting: all tensors alive at once
     assert tracked6 - tracked4 < one_step, (tracked4, tracked6)
+    # above a run without banks: one step's bank (the stored schedule's: every step's), not two
+    assert tracked4 - tracked_plain < 1.5 * one_step, (tracked4, tracked_plain, one_step)
+    assert tracked_stored - tracked_plain > (consistent_steps - 0.5) * one_step  # the measure sees banks
 
 
 def test_lockstep_has_no_bank_left_and_records_its_schedule(sd15, tmp_path):
