@@ -83,6 +83,7 @@ class MemorySampler:
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
         self._first_sample = threading.Event()
+        self._first_failed = False  # the very first sample could not be read (start() raises)
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
         self._stopped = False
@@ -109,7 +110,9 @@ class MemorySampler:
         # Waiting for the first sample means samples is never empty once start() returns, and a source
         # that cannot be read at all fails here rather than at the end of a long benchmark.
         self._first_sample.wait()
-        if self.error is not None:
+        # Only a failed first sample fails here: a later sample may already have failed too by the time
+        # this thread wakes (a loaded machine), and that error belongs to the end of the measurement.
+        if self._first_failed:
             self.stop()  # joins, shuts NVML down and raises the captured error
         return self
 
@@ -253,7 +256,11 @@ class MemorySampler:
 
     def _run(self) -> None:
         try:
-            self._append()
+            try:
+                self._append()
+            except BaseException:
+                self._first_failed = True
+                raise
             self._first_sample.set()
             # Event.wait returns as soon as stop() sets it, so stopping never waits out a whole interval.
             while not self._stop_event.wait(self.interval_s):

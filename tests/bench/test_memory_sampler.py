@@ -271,6 +271,39 @@ def test_body_exception_wins_and_sampler_error_is_warned(monkeypatch: pytest.Mon
         raise KeyError("body")
 
 
+def test_a_later_sample_failing_before_start_returns_is_reported_at_the_end(monkeypatch) -> None:
+    """On a loaded machine the sampling thread can take its second sample (and fail) before start() wakes
+    from waiting for the first: start() must still return, the error comes at the end. Forced here by
+    holding start() until the thread has failed."""
+    calls = {"n": 0}
+    real = memory.host_rss_bytes
+
+    def fails_second(*args) -> int:
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            raise OSError("boom")
+        return real()
+
+    monkeypatch.setattr(memory, "host_rss_bytes", fails_second)
+    sampler = MemorySampler(device="cpu", interval_s=0.002)
+    first_sample = sampler._first_sample
+
+    class LateWake:  # the main thread wakes only once the second sample has failed
+        def set(self) -> None:
+            first_sample.set()
+
+        def wait(self, timeout=None) -> bool:
+            first_sample.wait()
+            while sampler.error is None and sampler.running:
+                time.sleep(0.001)
+            return True
+
+    sampler._first_sample = LateWake()
+    with pytest.warns(RuntimeWarning, match="boom"), pytest.raises(KeyError, match="body"), sampler:
+        assert sampler.error is not None  # failed already, and start() returned all the same
+        raise KeyError("body")
+
+
 def lines_by_label(fig) -> dict[str, tuple[list[float], list[float]]]:
     (ax,) = fig.axes
     return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines}
