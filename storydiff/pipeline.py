@@ -309,7 +309,8 @@ class StoryDiffusionPipeline:
             run = StoryRun(plan, self.family, self.state, output, resume, progress)
             run.references = self._encode_references(story, reference, adapter)
             if settings.mode == "bank":
-                metadata.update(run_bank(run, lambda name: self._bank_metadata(plan, name)))
+                signature = self.run_signature(settings)  # the same for every character's bank
+                metadata.update(run_bank(run, lambda name: self._bank_metadata(plan, name, signature)))
             else:
                 metadata.update(run_story_window(run))
             own = dict(run.images)
@@ -375,15 +376,15 @@ class StoryDiffusionPipeline:
             "reference_images": {name: record["sha256"] for name, (_, record) in reference.items()},
         }
 
-    def _bank_metadata(self, plan: RunPlan, name: str) -> dict:
+    def _bank_metadata(self, plan: RunPlan, name: str, signature: dict) -> dict:
         """What character ``name``'s bank records: its description, the model, the reference image it was
-        made with, and the run's signature."""
+        made with, and the run's ``signature`` (``run_signature``)."""
         shown = plan.extras.get("reference_images", {})  # character -> its reference image's sha256
         return {
             "description": plan.story.characters[name].description,
             "model": self.model_name,
             **({"reference_image": shown[name]} if name in shown else {}),
-            **self.run_signature(plan.settings),
+            **signature,
         }
 
     def _check_partition(self, partition: Partition, settings: RunSettings, out_dir, resume: bool) -> None:
