@@ -88,18 +88,6 @@ class WindowMode:
             if any(abs(key[1] - j) <= self.window for j in self.pending)
         }
 
-    def neighbours(self, frame: int) -> list[int]:
-        """Active story frames within the window of active ``frame``, ascending (the order in which their
-        tokens are concatenated)."""
-        if not self.active[frame]:
-            return []
-        total = len(self.active)
-        return [
-            j
-            for j in range(max(0, frame - self.window), min(total, frame + self.window + 1))
-            if j != frame and self.active[j]
-        ]
-
     def attend(
         self,
         state: ConsistencyState,
