@@ -57,7 +57,7 @@ def run_bank(run: StoryRun, bank_metadata: Callable[[str], dict]) -> dict:
     writing = {
         name: frames for name, frames in identity.items() if owners[name] == partition.rank or not broadcast
     }
-    frame_characters = [plan.story.frames[i].characters for i in range(plan.num_frames)]
+    frame_characters = [frame.characters for frame in plan.story.frames]
 
     def write(name: str, frames: list[int], step: int) -> None:
         state.begin(JointMode(len(frames), writing=name), step=step)
