@@ -4,6 +4,7 @@ it made into a folder the test reads."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 from pathlib import Path
@@ -12,6 +13,30 @@ import torch
 import torch.distributed as dist
 
 NO_SKIP = {"warmup_steps": 0, "skip_prob_early": 0.0, "skip_prob_late": 0.0}
+
+
+@contextlib.contextmanager
+def batch_invariant_linear(max_rows: int = 64):
+    """CPU BLAS rounds a row of ``x @ W.T`` differently depending on how many rows share the call (MKL's
+    small-M kernels: ``Linear(128, 128)`` on rows [6:10] of a 10-row batch vs those 4 rows alone is 2e-7
+    apart). A rank batches only its block of frames, so the UNet's per-frame vectors (the time
+    embedding: [batch, 128]) would differ from the one-process batch by that rounding alone. Inside this
+    context, linear layers on at most ``max_rows`` rows compute each row on its own — identical
+    whatever batch it sits in — so a test can demand bit-identical latents from differently batched runs.
+    Larger inputs (the token rows) are left to BLAS: their row blocks already do not depend on the batch.
+    """
+    linear = torch.nn.functional.linear
+
+    def row_by_row(x, weight, bias=None):
+        if x.dim() == 2 and 1 < x.shape[0] <= max_rows:
+            return torch.cat([linear(row, weight, bias) for row in x.split(1)])
+        return linear(x, weight, bias)
+
+    torch.nn.functional.linear = row_by_row
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = linear
 
 
 def join(rank: int, world: int, rendezvous: str, timeout_s: float = 600.0) -> None:
@@ -57,7 +82,8 @@ def window_latents(
         settings = RunSettings(mode="window", num_inference_steps=steps, guidance_scale=5.0, chunk_size=chunk)
         prompts = [f"a man with a red scarf, scene {i}" for i in range(frames)]
         plan = RunPlan.from_prompts(prompts, settings, active=active, partition=partition)
-        return run_window(pipe, state, plan, progress=False)
+        with batch_invariant_linear():  # ranks batch their blocks only: see there
+            return run_window(pipe, state, plan, progress=False)
     finally:
         remove_consistent_attention(pipe)
 
