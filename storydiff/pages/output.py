@@ -5,11 +5,12 @@ leaves a truncated file under a final name. ``metadata.json`` (a ``StoryRecord``
 ``"status": "running"`` from the start and only says ``"complete"`` once everything else is written
 (``"failed"`` or ``"interrupted"`` otherwise).
 
-One run at a time: the run writing a folder holds its lock, ``run.lock`` (created with ``O_EXCL``, which
-network filesystems honour too; it names the host, the process and when that process started). Ranks of a
-torchrun run share the folder: rank 0 takes the lock, the others join the folder it prepared. A lock is
-stale, and taken over, when its process is gone (same host: no such process, or another process under
-that id) or, from another host, when its heartbeat stopped (the live run touches the file every
+One run at a time: the run writing a folder holds its lock, ``run.lock``: a ``RunLock`` its ``StoryOutput``
+owns (the file is created with ``O_EXCL``, which network filesystems honour too; it names the host, the
+process and when that process started). Ranks of a torchrun run share the folder: rank 0 takes the lock,
+the others join the folder it prepared. A lock is stale, and taken over, when its process is gone (same
+host: no such process, or another process under that id; this process: no RunLock of it holds it any
+more) or, from another host, when its heartbeat stopped (the live run touches the file every
 ``HEARTBEAT_S`` seconds; ``STALE_S`` without one means its run is dead).
 """
 
@@ -36,6 +37,7 @@ __all__ = [
     "LOCK",
     "METADATA",
     "FolderInUse",
+    "RunLock",
     "StoryOutput",
     "check_output_folder",
     "lock_holder",
@@ -84,21 +86,25 @@ def _describe(owner: dict) -> str:
     return f"host {owner.get('host', '?')}, process {owner.get('pid', '?')}, since {owner.get('since', '?')}"
 
 
-# the locks this process holds, by file: the token of the StoryOutput holding it (weakly: an output that is
-# gone holds nothing)
-_HELD: dict[Path, str] = {}
-_HEARTBEAT: list[threading.Thread] = []
-_HELD_LOCK = threading.Lock()
+def _heartbeat_name(token: str) -> str:
+    return f"storydiff-lock-{token}"
 
 
-def _heartbeat() -> None:
-    while True:
-        time.sleep(HEARTBEAT_S)
-        with _HELD_LOCK:
-            paths = list(_HELD)
-        for path in paths:
-            with contextlib.suppress(OSError):
-                os.utime(path)
+def _heartbeat(path: Path, stop: threading.Event) -> None:
+    """Touch the lock every ``HEARTBEAT_S`` seconds until ``stop`` is set (so other hosts see it live)."""
+    while not stop.wait(HEARTBEAT_S):
+        with contextlib.suppress(OSError):
+            os.utime(path)
+
+
+def _held_here(token: object) -> bool:
+    """Whether a ``RunLock`` of this process holds the lock taken with ``token``. Its heartbeat thread,
+    named after the token, runs from before the file is written until after it is removed, so the thread is
+    the proof: no record of held locks needs to be kept beside it."""
+    if not isinstance(token, str):
+        return False
+    name = _heartbeat_name(token)
+    return any(thread.name == name and thread.is_alive() for thread in threading.enumerate())
 
 
 def _read_lock(path: Path) -> dict | None:
@@ -117,12 +123,10 @@ def _read_lock(path: Path) -> dict | None:
 
 
 def _is_live(path: Path, owner: dict) -> bool:
-    path = Path(os.path.abspath(path))
     pid = owner.get("pid")
     if owner.get("host") == socket.gethostname() and isinstance(pid, int):
-        if pid == os.getpid():  # this process: live while one of its outputs holds it
-            with _HELD_LOCK:
-                return _HELD.get(path) == owner.get("token")
+        if pid == os.getpid():  # this process: live while one of its RunLocks holds it (not left over)
+            return _held_here(owner.get("token"))
         return _alive(pid, owner.get("start"))
     try:  # another host (or a lock without an owner): live while its heartbeat goes on
         return time.time() - path.stat().st_mtime < STALE_S
@@ -146,58 +150,100 @@ def _in_use(root: Path, owner: dict) -> FolderInUse:
     )
 
 
-def _acquire(root: Path) -> str:
-    """Take ``root``'s lock for this process (taking over a stale one); its token. FolderInUse if a live
-    run holds it."""
-    path = Path(os.path.abspath(root / LOCK))
-    token = uuid.uuid4().hex
-    owner = {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "start": _process_start(os.getpid()),
-        "since": _now(),
-        "token": token,
-    }
-    for _ in range(5):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            held = _read_lock(path)
-            if held is None:
-                continue  # released meanwhile
-            if _is_live(path, held):
-                raise _in_use(root, held) from None
-            # stale: move it aside (only one contender's rename succeeds), then try again
-            aside = path.with_name(f".{LOCK}.stale-{token}")
-            try:
-                os.rename(path, aside)
-            except FileNotFoundError:
-                continue
-            if _read_lock(aside) != held:  # a newer lock was moved: put it back
-                with contextlib.suppress(OSError):
-                    os.link(aside, path)
-            aside.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            json.dump(owner, file)
-        with _HELD_LOCK:
-            _HELD[path] = token
-            if not _HEARTBEAT:
-                _HEARTBEAT.append(threading.Thread(target=_heartbeat, name="storydiff-lock", daemon=True))
-                _HEARTBEAT[0].start()
-        return token
-    raise _in_use(root, _read_lock(path) or {})
-
-
-def _release(path: Path, token: str) -> None:
-    """Remove the lock at ``path`` if it is still the one ``token`` took."""
-    path = Path(os.path.abspath(path))
-    with _HELD_LOCK:
-        if _HELD.get(path) == token:
-            del _HELD[path]
+def _let_go(path: Path, token: str, stop: threading.Event, heartbeat: threading.Thread) -> None:
+    """Remove the lock at ``path`` if it is still the one ``token`` took, then stop its heartbeat: until the
+    file is gone the thread keeps saying, to this process's other locks, that the folder is held."""
     held = _read_lock(path)
     if held is not None and held.get("token") == token:
         path.unlink(missing_ok=True)
+    stop.set()
+    if heartbeat is not threading.current_thread():  # a finalizer may run on any thread, this one too
+        heartbeat.join()
+
+
+class RunLock:
+    """The lock on one output folder, ``run.lock``: held by one run from ``acquire`` to ``release`` (or
+    until this object is gone, or the process exits), with its own heartbeat thread meanwhile.
+
+    ``with RunLock(root):`` holds it for the block. A second lock on the same folder, in another process
+    or this one, is refused with ``FolderInUse`` while this one is held.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.path = Path(os.path.abspath(self.root / LOCK))
+        self._release: weakref.finalize | None = None  # lets go of the lock this object holds
+
+    @property
+    def is_held(self) -> bool:
+        return self._release is not None and self._release.alive
+
+    def acquire(self) -> RunLock:
+        """Take the folder's lock (taking over a stale one). FolderInUse if a live run holds it."""
+        if self.is_held:
+            raise RuntimeError(f"the lock on {self.root} is already held by this RunLock")
+        token = uuid.uuid4().hex
+        owner = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "start": _process_start(os.getpid()),
+            "since": _now(),
+            "token": token,
+        }
+        # the heartbeat starts before the file exists: whoever in this process reads the file finds its
+        # thread (_held_here). It takes no reference to self, so a RunLock dropped unreleased is collected
+        stop = threading.Event()
+        heartbeat = threading.Thread(
+            target=_heartbeat, args=(self.path, stop), name=_heartbeat_name(token), daemon=True
+        )
+        heartbeat.start()
+        try:
+            self._create(owner)
+        except BaseException:
+            stop.set()
+            heartbeat.join()
+            raise
+        # weakref.finalize: released by release(), when this object is collected, or at exit
+        self._release = weakref.finalize(self, _let_go, self.path, token, stop, heartbeat)
+        return self
+
+    def _create(self, owner: dict) -> None:
+        path = self.path
+        for _ in range(5):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                held = _read_lock(path)
+                if held is None:
+                    continue  # released meanwhile
+                if _is_live(path, held):
+                    raise _in_use(self.root, held) from None
+                # stale: move it aside (only one contender's rename succeeds), then try again
+                aside = path.with_name(f".{LOCK}.stale-{owner['token']}")
+                try:
+                    os.rename(path, aside)
+                except FileNotFoundError:
+                    continue
+                if _read_lock(aside) != held:  # a newer lock was moved: put it back
+                    with contextlib.suppress(OSError):
+                        os.link(aside, path)
+                aside.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                json.dump(owner, file)
+            return
+        raise _in_use(self.root, _read_lock(path) or {})
+
+    def release(self) -> None:
+        """Remove the lock file (if still this lock's) and stop the heartbeat; nothing if not held."""
+        if self._release is not None:
+            self._release()
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def read_metadata(root: str | os.PathLike) -> dict:
@@ -281,7 +327,7 @@ class StoryOutput:
             self.root / d for d in ("frames", "pages", "banks")
         )
         self.record = StoryRecord()
-        self._unlock = None  # releases the folder's lock (the leader's, from start to finish or fail)
+        self.lock = RunLock(self.root)  # the leader holds it from start to finish or fail
 
     @property
     def metadata(self) -> dict:
@@ -296,9 +342,8 @@ class StoryOutput:
         if not isinstance(record, StoryRecord):
             record = StoryRecord.from_dict(record)
         self.frames_dir.mkdir(parents=True, exist_ok=True)
-        if self._unlock is None:
-            token = _acquire(self.root)
-            self._unlock = weakref.finalize(self, _release, self.root / LOCK, token)
+        if not self.lock.is_held:
+            self.lock.acquire()
         if not self.resume:  # an overwritten run must not keep frames of the previous story
             for stale in [*self.frames_dir.glob("frame_*.png"), *self.pages_dir.glob("page_*.png")]:
                 stale.unlink()
@@ -330,8 +375,7 @@ class StoryOutput:
 
     def release(self) -> None:
         """Free the folder for another run (done by ``finish`` and ``fail``)."""
-        if self._unlock is not None:
-            self._unlock()
+        self.lock.release()
 
     def fail(self, error: BaseException) -> None:
         if self.follower:
