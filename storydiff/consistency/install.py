@@ -33,6 +33,9 @@ class Host:
     processor: Callable[[str], type]
     rope: bool = False  # rotary position embeddings on the keys: ConsistencyConfig.rope applies
     options: dict = field(default_factory=dict)  # keyword options every processor of this host takes
+    # further denoisers of the same architecture that run other steps of the same story (Wan 2.2's
+    # low-noise expert): they get the same layers' processors, bound to the same state
+    experts: tuple[torch.nn.Module, ...] = ()
 
 
 def selector(host: Host, config: ConsistencyConfig) -> Callable[[str], bool]:
@@ -98,6 +101,20 @@ def install(host: Host, config: ConsistencyConfig) -> ConsistencyState:
     state.host = host_signature(denoiser, layers)
     if host.rope:  # a bank holds keys where this policy put them: reading it under another would mislead
         state.host["rope"] = config.rope
+    for expert in host.experts:
+        if list(expert.attn_processors) != list(original):
+            raise ValueError(
+                f"the {host.family} experts differ in their attention layers: one state cannot serve both"
+            )
+        if hasattr(expert, _STATE_ATTR):
+            uninstall(expert)
+    for module in (denoiser, *host.experts):
+        _install_on(module, host, state, layers)
+    return state
+
+
+def _install_on(denoiser, host: Host, state: ConsistencyState, layers: list[LayerInfo]) -> None:
+    original = dict(denoiser.attn_processors)
     processors = dict(original)
     for layer in layers:
         binding = Binding(state, layer, dict(host.options))
@@ -107,8 +124,8 @@ def install(host: Host, config: ConsistencyConfig) -> ConsistencyState:
     denoiser.set_attn_processor(processors)
     # the text length of joint sequences, for blocks that only see them concatenated (FLUX single-stream)
     hook = denoiser.register_forward_pre_hook(state.record_text_length, with_kwargs=True)
-    setattr(denoiser, _STATE_ATTR, (state, original, hook))
-    return state
+    experts = host.experts if denoiser is host.denoiser else ()
+    setattr(denoiser, _STATE_ATTR, (state, original, hook, experts))
 
 
 def installed_state(denoiser) -> ConsistencyState | None:
@@ -136,7 +153,9 @@ def uninstall(denoiser) -> None:
     installed = getattr(denoiser, _STATE_ATTR, None)
     if installed is None:
         return
-    state, original, hook = installed
+    state, original, hook, experts = installed
+    for expert in experts:
+        uninstall(expert)
     processors = dict(denoiser.attn_processors)
     for layer in state.layers:
         if isinstance(processors[layer.name], BoundProcessor):  # ours, or diffusers' rebuild of ours

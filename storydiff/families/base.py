@@ -57,6 +57,11 @@ class Family:
     #: ``guided_passes``, which tells the installed consistency state which CFG group each call computes.
     #: Either way the conditioning from ``encode`` holds both halves and banks hold both groups.
     cfg_passes: ClassVar[int] = 1
+    #: a story frame is a shot (a clip of ``RunSettings.shot_frames`` video frames): ``decode`` gives its
+    #: frames, and the output writes videos and a storyboard
+    video: ClassVar[bool] = False
+    #: each shot starts from a given image (image-to-video): ``RunPlan.keyframes``
+    needs_keyframes: ClassVar[bool] = False
 
     def __init__(self, pipe) -> None:
         self.pipe = pipe
@@ -76,6 +81,11 @@ class Family:
     def host(cls, denoiser) -> Host:
         """Which attention modules of ``denoiser`` get consistency, at which level, with which processor."""
         raise NotImplementedError
+
+    @classmethod
+    def experts(cls, pipe) -> tuple[torch.nn.Module, ...]:
+        """Further denoisers of ``pipe`` that take other steps of the same run (``Host.experts``)."""
+        return ()
 
     @classmethod
     def is_transformer(cls) -> bool:
@@ -99,6 +109,11 @@ class Family:
     def default_size(self) -> int:
         """The model's native image side in pixels."""
         return self.pipe.default_sample_size * self.pipe.vae_scale_factor
+
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """The dtype the run keeps latents in between steps (the stock pipeline's)."""
+        return self.denoiser.dtype
 
     def uses_cfg_batch(self, guidance_scale: float) -> bool:
         """Whether guidance is classifier-free with [uncond; cond] halves: one doubled batch
@@ -126,9 +141,16 @@ class Family:
         scheduler.set_timesteps(steps, device=self.device)
         return scheduler.timesteps
 
+    def prepare(self, plan) -> None:
+        """Take what a run (``runs.plan.RunPlan``) says beyond prompts and size (video: the clip length)."""
+
     def encode(self, prompts: list[str], negatives: list[str], cfg: bool, height: int, width: int):
         """Conditioning of some frames (the uncond half first under CFG), for ``predict``."""
         raise NotImplementedError
+
+    def encode_frames(self, frames: list[int], prompts, negatives, cfg: bool, height: int, width: int):
+        """``encode`` for the story frames ``frames`` (families whose frames have more than a prompt)."""
+        return self.encode(prompts, negatives, cfg, height, width)
 
     def predict(self, scheduler, latents, t, conditioning, guidance_scale: float, cfg: bool) -> torch.Tensor:
         """The guided model output for ``latents`` (a batch of frames) at timestep ``t``."""

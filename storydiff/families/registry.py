@@ -6,6 +6,8 @@ and one line in ``STORY_FAMILIES``.
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..consistency.install import Host
 from .base import Family
 from .flux import FluxFamily
@@ -13,6 +15,7 @@ from .pixart import PixArtFamily
 from .qwen import QwenImageFamily
 from .sd3 import SD3Family
 from .unet import UNetFamily
+from .wan import WanFamily, WanImageToVideoFamily
 
 STORY_FAMILIES: tuple[type[Family], ...] = (
     UNetFamily,
@@ -20,6 +23,8 @@ STORY_FAMILIES: tuple[type[Family], ...] = (
     SD3Family,
     PixArtFamily,
     QwenImageFamily,
+    WanFamily,
+    WanImageToVideoFamily,
 )
 
 
@@ -59,7 +64,8 @@ def host_of(pipe_or_denoiser) -> Host:
     denoiser = denoiser_of(pipe_or_denoiser)
     for family in STORY_FAMILIES:
         if family.hosts(denoiser):
-            return family.host(denoiser)
+            experts = family.experts(pipe_or_denoiser) if pipe_or_denoiser is not denoiser else ()
+            return dataclasses.replace(family.host(denoiser), experts=experts)
     names = ", ".join(family.denoiser_class.__name__ for family in STORY_FAMILIES)
     raise ValueError(
         f"consistent attention installs on {names} denoisers, or pipelines with one as `.unet` / "

@@ -44,6 +44,8 @@ from transformers import (
 
 from ..support.compat import clip_image_processor_class
 from .reserved import TINY_SVD
+from .tiny_text import tiny_t5, tiny_t5_tokenizer
+from .tiny_wan import BUILDERS as WAN_BUILDERS
 
 # CLIP's context length: prompt-truncation behaviour must match the real models.
 _MAX_TOKENS = 77
@@ -351,38 +353,6 @@ def _build_tiny_svd(device: torch.device) -> StableVideoDiffusionPipeline:
 # -- Diffusion transformers -------------------------------------------------------------------------------
 
 
-def _tiny_t5_tokenizer(max_length: int):
-    """A T5 (unigram) tokenizer built in memory: every printable ASCII character, alone and word-initial.
-
-    transformers 5 takes the vocabulary as (piece, score) pairs, so no sentencepiece model file is needed.
-    """
-    import string
-
-    from transformers import T5Tokenizer
-
-    chars = sorted(set(string.printable) - set(string.whitespace))
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [(c, -3.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
-
-
-def _tiny_t5(d_model: int, layers: int = 2):
-    from transformers import T5Config, T5EncoderModel
-
-    config = T5Config(
-        vocab_size=len(_tiny_t5_tokenizer(8)),
-        d_model=d_model,
-        d_kv=8,
-        d_ff=37,
-        num_layers=layers,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    return T5EncoderModel(config)
-
-
 def _flow_scheduler(dynamic: bool):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -443,8 +413,8 @@ def _build_tiny_flux(device: torch.device):
         vae=_dit_vae(4, shift_factor=0.1159),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        text_encoder_2=_tiny_t5(32),
-        tokenizer_2=_tiny_t5_tokenizer(_MAX_TOKENS),
+        text_encoder_2=tiny_t5(32),
+        tokenizer_2=tiny_t5_tokenizer(_MAX_TOKENS),
         transformer=transformer,
     )
     # FluxPipeline's default size is a constant 128 latent pixels (1024²); the other tiny models are 64²
@@ -518,7 +488,7 @@ def _build_random_flux(device: torch.device, dtype: torch.dtype):
         text_encoder = CLIPTextModel(
             tiny_clip_text_config(tokenizer, 768, act="quick_gelu", projection_dim=768, layers=1)
         )
-        text_encoder_2 = _tiny_t5(FLUX_DEV_CONFIG["joint_attention_dim"], layers=1)
+        text_encoder_2 = tiny_t5(FLUX_DEV_CONFIG["joint_attention_dim"], layers=1)
         transformer = FluxTransformer2DModel(**FLUX_DEV_CONFIG)
         vae = AutoencoderKL(**FLUX_VAE_CONFIG)
     pipe = FluxPipeline(
@@ -527,7 +497,7 @@ def _build_random_flux(device: torch.device, dtype: torch.dtype):
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,
-        tokenizer_2=_tiny_t5_tokenizer(_FLUX_TEXT_TOKENS),
+        tokenizer_2=tiny_t5_tokenizer(_FLUX_TEXT_TOKENS),
         transformer=transformer,
     )
     pipe.default_sample_size = 128  # FluxPipeline's own: 128 latent pixels x 8 = 1024²
@@ -570,8 +540,8 @@ def _build_tiny_sd3(device: torch.device):
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
-        text_encoder_3=_tiny_t5(64),
-        tokenizer_3=_tiny_t5_tokenizer(_MAX_TOKENS),
+        text_encoder_3=tiny_t5(64),
+        tokenizer_3=tiny_t5_tokenizer(_MAX_TOKENS),
     )
 
 
@@ -598,8 +568,8 @@ def _build_tiny_pixart(device: torch.device):
         norm_eps=1e-6,
     )
     return PixArtSigmaPipeline(
-        tokenizer=_tiny_t5_tokenizer(_MAX_TOKENS),
-        text_encoder=_tiny_t5(32),
+        tokenizer=tiny_t5_tokenizer(_MAX_TOKENS),
+        text_encoder=tiny_t5(32),
         vae=_tiny_vae(scaling_factor=0.13025),
         transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(),
@@ -681,6 +651,7 @@ _BUILDERS = {
     "tiny-pixart": _build_tiny_pixart,
     "tiny-qwen-image": _build_tiny_qwen_image,
 }
+_BUILDERS.update(WAN_BUILDERS)  # tiny_wan.py: the video family's, in a module of their own
 # Built on the device in the target dtype directly (too large to build in float32 and cast).
 _IN_PLACE_BUILDERS = {"random-flux": _build_random_flux}
 

@@ -39,6 +39,7 @@ class LockstepDenoiser:
         self.pipe, self.prompts, self.negatives = pipe, plan.prompts, plan.negatives
         self.family: Family = family_of(pipe)
         self.family.check_size(height, width)
+        self.family.prepare(plan)
         if references is None and wants_image_inputs(pipe):  # an IP-Adapter is loaded: it wants inputs
             references = ReferenceImages.none(pipe, plan.num_frames, self.family.device)
         self.references = references
@@ -53,7 +54,7 @@ class LockstepDenoiser:
         # frame i's starting noise comes from seed i alone: independent of chunking and story length
         seeds = plan.seeds
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-        self.latents = self.family.initial_latents(noise, height, width).to(self.family.denoiser.dtype)
+        self.latents = self.family.initial_latents(noise, height, width).to(self.family.latent_dtype)
         # the last chunk's conditioning: reused while one chunk runs step after step (the stored bank
         # schedule, or a story that fits in one chunk); other chunks encode again (memory stays bounded)
         self._last: tuple[tuple[int, ...], tuple] | None = None
@@ -70,7 +71,9 @@ class LockstepDenoiser:
         if self._last is None or self._last[0] != key:
             prompts = [self.prompts[i] for i in frames]
             negatives = [self.negatives[i] for i in frames]
-            conditioning = self.family.encode(prompts, negatives, self.cfg, self.height, self.width)
+            conditioning = self.family.encode_frames(
+                frames, prompts, negatives, self.cfg, self.height, self.width
+            )
             if self.references is not None:  # the chunk's characters' reference images (ip_adapter.py)
                 size = self.family.image_mask_size(self.height, self.width)
                 embeds, masks = self.references.chunk(frames, self.cfg, size)

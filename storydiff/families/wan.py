@@ -1,0 +1,360 @@
+"""The Wan 2.x video family (``WanPipeline``, ``WanImageToVideoPipeline``; ``WanTransformer3DModel``).
+
+A story "frame" is a shot: one clip of ``RunSettings.shot_frames`` video frames, denoised as one latent
+video (C, T, h, w), T = (frames - 1) / 4 + 1.
+
+* Consistency: every block's self-attention ``attn1`` (video tokens only; text and the 2.1 I2V image
+  tokens come through ``attn2``, which stays stock). Every video token of a shot may be borrowed: a shot's
+  pool is rate x T·h·w tokens (see the README for the bank size per shot and step). ``WanConsistentProcessor``
+  keeps ``WanAttnProcessor``'s math — projections (fused or not), RMS norm on q and k across heads, the 3D
+  RoPE — and replaces only the attention call; when a call borrows nothing it *is* diffusers' processor.
+* RoPE: every shot's tokens sit at (t, h, w), t < T. ``ConsistencyConfig.rope``: "source" leaves borrowed
+  keys where they were in their own shot (on the reader's positions); "shift" moves them T latent frames
+  later, to (t + T, h, w) — the frames right after the reader's shot, which no token of the reader occupies
+  (2T must fit the transformer's ``rope_max_seq_len``); "none" unrotates them.
+* Step: the stock pipelines' loop — float32 latents, the model input cast to the transformer's dtype, true
+  CFG as two transformer calls (cond, then uncond) with the state told which pass runs, and Wan 2.2's two
+  experts (``transformer`` above ``boundary_ratio`` x 1000, ``transformer_2`` below; both carry the
+  processors and share one state). I2V adds the shot's condition — the mask and the VAE latents of its
+  first (and, for first–last-frame clips, last) image — and, for 2.1 models, the CLIP image embedding.
+* Offline models: ``tiny-wan``, ``tiny-wan2.2`` (two experts), ``tiny-wan-i2v`` (2.1-style: CLIP image
+  encoder), ``tiny-wan2.2-i2v`` (two experts, no image encoder); ``tiny_models.py``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from diffusers import WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
+from PIL import Image
+
+from ..consistency.install import Host, installed_state
+from ..consistency.rope import RotaryProcessor, Rotation, reposition_for
+from ..consistency.state import COND, ConsistencyState, LayerInfo
+from .base import TransformerFamily, text_length
+
+DEFAULT_SHOT_FRAMES = 81  # Wan's own default clip: 5 s at 16 fps
+DEFAULT_SIDE = 480  # 480p; Wan's native 832 x 480 is --width 832 --height 480
+TEXT_LENGTH = 512  # Wan's text length; 2.1 I2V processors split image tokens from text at 512 (hard-coded)
+
+
+def latent_frames(shot_frames: int, temporal: int = 4) -> int:
+    """Latent frames of a clip of ``shot_frames`` video frames (Wan's VAE: 4x in time, the first alone)."""
+    return (shot_frames - 1) // temporal + 1
+
+
+def check_shot_frames(shot_frames: int, temporal: int = 4) -> None:
+    if not isinstance(shot_frames, int) or shot_frames < 1 or (shot_frames - 1) % temporal:
+        raise ValueError(
+            f"shot_frames must be of the form {temporal}k+1 (1, 5, 9, ..., 81: Wan's VAE compresses "
+            f"{temporal} frames into one after the first), got {shot_frames!r}"
+        )
+
+
+class WanFamily(TransformerFamily):
+    name = "wan"
+    title = "Wan 2.x"
+    pipelines = (WanPipeline,)
+    denoiser_class = WanTransformer3DModel
+    reserved = ("tiny-wan", "tiny-wan2.2")
+    cfg_passes = 2  # the stock pipelines run the transformer once for the prompts, once for the negatives
+    video: ClassVar[bool] = True
+
+    def __init__(self, pipe) -> None:
+        super().__init__(pipe)
+        self.shot_frames = self.default_shot_frames
+
+    # -- where consistency goes -----------------------------------------------------------------------
+    @classmethod
+    def host(cls, denoiser) -> Host:
+        def level(name: str) -> int | None:
+            # video self-attention only; one token grid: the VAE's 8x and the (1, 2, 2) patches
+            return 16 if name.endswith(".attn1.processor") else None
+
+        presets = {"default": lambda name: True, "all": lambda name: True}
+        return Host(
+            cls.name,
+            denoiser,
+            presets,
+            level,
+            lambda name: WanConsistentProcessor,
+            rope=True,
+            options={"pos_embed": denoiser.rope},
+        )
+
+    @classmethod
+    def experts(cls, pipe) -> tuple[torch.nn.Module, ...]:
+        """Wan 2.2's second expert, which denoises the low-noise steps: it gets the processors too."""
+        second = getattr(pipe, "transformer_2", None)
+        return () if second is None else (second,)
+
+    # -- facts of the pipeline -----------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.transformer if self.pipe.transformer is not None else self.pipe.transformer_2
+
+    @property
+    def default_shot_frames(self) -> int:
+        return getattr(self.pipe, "default_num_frames", DEFAULT_SHOT_FRAMES)
+
+    @property
+    def multiple(self) -> int:
+        return self.pipe.vae_scale_factor_spatial * self.denoiser.config.patch_size[1]
+
+    @property
+    def default_size(self) -> int:
+        sample = getattr(self.pipe, "default_sample_size", None)
+        return DEFAULT_SIDE if sample is None else sample * self.pipe.vae_scale_factor_spatial
+
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        return torch.float32  # the stock loop keeps latents in float32 and casts the model input
+
+    def prepare(self, plan) -> None:
+        """Take the run's clip length (``RunSettings.shot_frames``; None: the model's default)."""
+        frames = getattr(plan.settings, "shot_frames", None)
+        if frames is not None:
+            check_shot_frames(frames, self.pipe.vae_scale_factor_temporal)
+            self.shot_frames = frames
+        state = installed_state(self.denoiser)
+        table = self.denoiser.config.rope_max_seq_len
+        if state is not None and state.config.rope == "shift" and 2 * self.latent_frames > table:
+            raise ValueError(
+                f"rope='shift' puts borrowed tokens {self.latent_frames} latent frames after the shot's own, "
+                f"beyond this transformer's {table} RoPE positions: use shorter shots or rope='none'"
+            )
+
+    @property
+    def latent_frames(self) -> int:
+        return latent_frames(self.shot_frames, self.pipe.vae_scale_factor_temporal)
+
+    # -- one story ----------------------------------------------------------------------------------------
+    def noise_shape(self, height: int, width: int) -> tuple[int, ...]:
+        scale = self.pipe.vae_scale_factor_spatial
+        return (self.pipe.vae.config.z_dim, self.latent_frames, height // scale, width // scale)
+
+    def initial_latents(self, noise: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return noise
+
+    def set_timesteps(self, scheduler, steps: int, height: int, width: int) -> torch.Tensor:
+        scheduler.set_timesteps(steps, device=self.device)
+        if type(self.pipe) is WanPipeline:
+            scheduler.set_begin_index(0)  # as WanPipeline does (the I2V pipeline does not)
+        return scheduler.timesteps
+
+    @property
+    def text_length(self) -> int:
+        return text_length(self.pipe, TEXT_LENGTH, "tokenizer")
+
+    def encode(self, prompts, negatives, cfg, height, width):
+        """(prompt embeddings, negative embeddings or None), in the transformer's dtype."""
+        embeds, negative = self.pipe.encode_prompt(
+            prompt=prompts,
+            negative_prompt=negatives if cfg else None,
+            do_classifier_free_guidance=cfg,
+            max_sequence_length=self.text_length,
+            device=self.device,
+        )
+        dtype = self.denoiser.dtype
+        return embeds.to(dtype), None if negative is None else negative.to(dtype)
+
+    def expert(self, t: torch.Tensor) -> torch.nn.Module:
+        """The transformer that denoises timestep ``t`` (Wan 2.2: the high-noise one above the boundary)."""
+        ratio = self.pipe.config.boundary_ratio
+        if ratio is None or t >= ratio * self.pipe.scheduler.config.num_train_timesteps:
+            return self.pipe.transformer
+        return self.pipe.transformer_2
+
+    def model_input(self, latents: torch.Tensor, conditioning) -> tuple[torch.Tensor, dict]:
+        """The transformer's input for ``latents`` and any extra keyword arguments (I2V: the condition)."""
+        return latents.to(self.denoiser.dtype), {}
+
+    def predict(self, scheduler, latents, t, conditioning, guidance_scale, cfg):
+        embeds, negative = conditioning[:2]
+        model = self.expert(t)
+        hidden_states, extra = self.model_input(latents, conditioning)
+        timestep = t.expand(latents.shape[0])
+
+        def run(group: int) -> torch.Tensor:
+            text = embeds if group == COND else negative
+            return model(
+                hidden_states=hidden_states,
+                timestep=timestep,
+                encoder_hidden_states=text,
+                return_dict=False,
+                **extra,
+            )[0]
+
+        if not cfg:
+            return run(COND)
+        # guidance_scale_2 defaults to guidance_scale in the stock pipelines: one scale for both experts
+        return self.guided_passes(run, guidance_scale)
+
+    def decode(self, latent: torch.Tensor, height: int, width: int) -> list[Image.Image]:
+        """One shot's final latent (C, T, h, w) → its video frames."""
+        vae = self.pipe.vae
+        latents = latent[None].to(self.device, vae.dtype)
+        config = vae.config
+        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents)
+        std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latents)
+        with torch.no_grad():
+            video = vae.decode(latents / std + mean, return_dict=False)[0]
+        return self.pipe.video_processor.postprocess_video(video, output_type="pil")[0]
+
+
+class WanImageToVideoFamily(WanFamily):
+    """Shots that start on a given image (and may end on another: first–last-frame clips)."""
+
+    title = "Wan 2.x image-to-video"
+    pipelines = (WanImageToVideoPipeline,)
+    reserved = ("tiny-wan-i2v", "tiny-wan2.2-i2v")
+    needs_keyframes: ClassVar[bool] = True
+
+    def __init__(self, pipe) -> None:
+        super().__init__(pipe)
+        self.keyframes: list[tuple[Image.Image, Image.Image | None]] = []
+        self._conditions: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def prepare(self, plan) -> None:
+        super().prepare(plan)
+        keyframes = getattr(plan, "keyframes", None)
+        if keyframes is None or len(keyframes) != plan.num_frames:
+            raise ValueError(
+                f"image-to-video stories need one keyframe per shot ({plan.num_frames}), got "
+                f"{0 if keyframes is None else len(keyframes)}"
+            )
+        self.keyframes, self._conditions = list(keyframes), {}
+
+    @property
+    def uses_image_encoder(self) -> bool:
+        return self.denoiser.config.image_dim is not None
+
+    @torch.no_grad()
+    def shot_condition(self, frame: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Shot ``frame``'s (mask + condition latents (1, 4 + C, T, h, w), CLIP embedding or None), as the
+        stock pipeline makes them for its image (and last image); made once per shot."""
+        if frame not in self._conditions:
+            pipe, device = self.pipe, self.device
+            first, last = self.keyframes[frame]
+            embeds = None
+            if self.uses_image_encoder:
+                embeds = pipe.encode_image(first if last is None else [first, last], device)
+                embeds = embeds.to(self.denoiser.dtype)
+
+            def pixels(image: Image.Image) -> torch.Tensor:
+                tensor = pipe.video_processor.preprocess(image, height=height, width=width)
+                return tensor.to(device, torch.float32)
+
+            image = pixels(first)
+            last = None if last is None else pixels(last)
+            placeholder = torch.zeros(1, *self.noise_shape(height, width), device=device)
+            _, condition = pipe.prepare_latents(
+                image,
+                1,
+                pipe.vae.config.z_dim,
+                height,
+                width,
+                self.shot_frames,
+                torch.float32,
+                device,
+                None,
+                placeholder,
+                last,
+            )
+            self._conditions[frame] = (condition, embeds)
+        return self._conditions[frame]
+
+    def encode_frames(self, frames, prompts, negatives, cfg, height, width):
+        embeds, negative = self.encode(prompts, negatives, cfg, height, width)
+        shots = [self.shot_condition(frame, height, width) for frame in frames]
+        condition = torch.cat([c for c, _ in shots])
+        images = torch.cat([e for _, e in shots]) if self.uses_image_encoder else None
+        return embeds, negative, condition, images
+
+    def model_input(self, latents, conditioning):
+        condition, images = conditioning[2:]
+        hidden_states = torch.cat([latents, condition.to(latents)], dim=1).to(self.denoiser.dtype)
+        return hidden_states, {"encoder_hidden_states_image": images}
+
+
+def _rows(rotary_emb) -> Rotation:
+    """Wan's (cos, sin), each (1, N, 1, D) with every value repeated per channel pair, as (N, D) rows."""
+    cos, sin = rotary_emb
+    return cos[0, :, 0], sin[0, :, 0]
+
+
+def rotate_as_wan(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``WanAttnProcessor``'s RoPE on (B, N, H, D) ``x`` with (1, N, 1, D) ``cos``/``sin`` (same math)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+def time_shift(rotary_emb, pos_embed) -> Rotation:
+    """(1, D) rotation by (T, 0, 0): T = the shot's latent frames. Read off the call's own rows without a
+    host sync: its last row turns the time channels by T - 1 steps, ``pos_embed``'s row 1 by one more."""
+    cos, sin = _rows(rotary_emb)
+    t_channels = pos_embed.t_dim
+    last_cos, last_sin = cos[-1:].clone(), sin[-1:].clone()
+    last_cos[:, t_channels:], last_sin[:, t_channels:] = 1, 0
+    one_cos = torch.ones_like(last_cos)
+    one_sin = torch.zeros_like(last_sin)
+    one_cos[:, :t_channels] = pos_embed.freqs_cos[1, :t_channels].to(one_cos)
+    one_sin[:, :t_channels] = pos_embed.freqs_sin[1, :t_channels].to(one_sin)
+    # angle addition: turning by a then by b is turning by a + b
+    return last_cos * one_cos - last_sin * one_sin, last_sin * one_cos + last_cos * one_sin
+
+
+class WanConsistentProcessor(RotaryProcessor):
+    """For ``WanAttnProcessor``'s self-attention modules (``attn1``): the same math, the fused op's
+    attention. ``pos_embed`` (an option of the binding): the transformer's ``WanRotaryPosEmbed``."""
+
+    def __init__(
+        self, state: ConsistencyState | None = None, layer: LayerInfo | None = None, pos_embed=None
+    ) -> None:
+        super().__init__(state, layer, pos_embed)
+        self._stock = WanAttnProcessor()
+
+    @torch.compiler.disable  # see ConsistentAttnProcessor: the state's bookkeeping stays eager
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        binding = self.binding(attn)
+        state, layer = binding.state, binding.layer
+        if not state.borrows(layer):  # nothing to borrow in this call: diffusers' processor, bit for bit
+            return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
+            raise ValueError(f"{layer.name}: consistent attention is for Wan's video self-attention (attn1)")
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+        rows = None
+        if rotary_emb is not None:
+            query, key = (rotate_as_wan(x, *rotary_emb) for x in (query, key))
+            rows = _rows(rotary_emb)
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+        reposition = self.reposition_wan(binding, rotary_emb, rows)
+        out = state.attend(layer, q, k, v, reposition=reposition)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def reposition_wan(self, binding, rotary_emb, rows):
+        """``reposition_for`` this call: "shift" turns by this shot's own length in time (``time_shift``)."""
+        pos_embed = binding.options.get("pos_embed")
+
+        def shift(device: torch.device) -> Rotation:
+            if pos_embed is None:
+                raise RuntimeError(f"{binding.layer.name}: rope='shift' needs the transformer's rope module")
+            return tuple(x.to(device) for x in time_shift(rotary_emb, pos_embed))
+
+        return reposition_for(binding.state.config.rope, rows, shift)
