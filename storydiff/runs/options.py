@@ -40,6 +40,7 @@ GROUPS = (
     "model",
     "story and output",
     "images",
+    "video (Wan 2.x)",
     "comic pages",
     "reference images (IP-Adapter; SD1.x/2.x, SDXL, FLUX.1)",
     "consistency",
@@ -534,6 +535,21 @@ OPTIONS: tuple[Option, ...] = (
         owner="consistency",
         parse=int,
         mode_defaults={"window": WINDOW_MODE_WINDOW},
+        suite=True,
+    ),
+    Option(
+        "shot_frames",
+        "video (Wan 2.x)",
+        "video models: frames of each shot (a story line is a shot), of the form 4k+1 (default: the "
+        "model's, 81 for Wan)",
+        parse=int,
+        suite=True,
+    ),
+    Option(
+        "fps",
+        "video (Wan 2.x)",
+        "video models: frames per second of the shot and story files (default: 16, Wan's)",
+        parse=float,
         suite=True,
     ),
     Option(

@@ -108,6 +108,8 @@ class RunSettings:
             "stored": each character's identity frames run all their steps first and keep every step's
             bank (needed to save or load banks). Same frames either way. Default: lockstep unless banks
             are saved or loaded.
+        shot_frames, fps: video models (Wan) only — video frames per shot (4k+1; None: the model's) and
+            the frame rate of the files written (None: 16, Wan's).
         chunk_size: window mode only — frames per denoiser call.
         checkpoint_every: window mode or the lockstep bank schedule — write a checkpoint every N steps.
         bank_sharing: bank mode over several processes (torchrun) only. "broadcast" (the default there):
@@ -135,6 +137,8 @@ class RunSettings:
     read_batch_size: int | None = None
     bank_schedule: str | None = None
     save_banks: bool = False
+    shot_frames: int | None = None
+    fps: float | None = None
     chunk_size: int | None = None
     checkpoint_every: int | None = None
     bank_sharing: str | None = None
@@ -182,8 +186,10 @@ class RunSettings:
                 check_font(self.font)
             except ValueError as exc:
                 raise InvalidSetting("font", f"must name a font file Pillow can use: {exc}") from None
-        for name in ("id_frames", "read_batch_size", "chunk_size", "checkpoint_every"):
+        for name in ("id_frames", "read_batch_size", "chunk_size", "checkpoint_every", "shot_frames"):
             _count(name, getattr(self, name), optional=True)
+        if self.fps is not None and not (_finite(self.fps) and self.fps > 0):
+            raise InvalidSetting("fps", f"must be a positive number of frames per second, got {self.fps!r}")
         if not isinstance(self.save_banks, bool):
             raise InvalidSetting("save_banks", f"must be True or False, got {self.save_banks!r}")
         if self.bank_sharing is not None and self.bank_sharing not in BANK_SHARING:
