@@ -60,7 +60,8 @@ def pixels(result) -> np.ndarray:
 def story(pipe, rate=0.5, rope="source", **settings):
     sp = StoryDiffusionPipeline(pipe, ConsistencyConfig(rate=rate, seed=2, rope=rope, **NO_SKIP))
     try:
-        return sp(STORY, num_inference_steps=3, progress=False, seed=5, style="none", **settings)
+        run = {"num_inference_steps": 3, "progress": False, "seed": 5, "style": "none", **settings}
+        return sp(STORY, **run)
     finally:
         sp.close()
 
@@ -155,27 +156,36 @@ def story_latents(pipe, **settings):
     return result, stacked(latents)
 
 
+# Where the bank mutations show: true CFG at guidance 15 multiplies the difference between the prompts' pass
+# and the negatives' pass — and so what a bank changes in it — before the rescale to the conditional norm
+# (at the default 5 the tiny model's twins move the latents by 5e-4 to 9e-4 only); two steps (both read the
+# banks) over the same schedule: the previous step's bank is that of a sigma further away, and each run is
+# cheaper than at three.
+SHARP = {"guidance_scale": 15.0, "num_inference_steps": 2}
+
+
 def test_bank_schedules_agree_and_consistency_acts(pipe):
-    """Lockstep == stored bit-exact in latents and frames (every step reads the banks). Mutation twins, max
-    |Δ| / max |latent| measured: rate 0 2.6e-3 (asserted >= MIN_RELATIVE_CHANGE); the other character's
-    bank 9.1e-4 and the previous step's 5.0e-4 (tiny Qwen-Image's banks differ little between characters
-    and steps; 1.2e-3 and 5.1e-4 at rate 1): asserted above 1e-4
-    only (the exact comparison sees any change)."""
-    lockstep_run, reference = story_latents(pipe, id_frames=1, bank_schedule="lockstep")
-    stored, stored_latents = story_latents(pipe, id_frames=1, bank_schedule="stored")
-    plain, plain_latents = story_latents(pipe, rate=0.0, id_frames=1)
+    """Lockstep == stored bit-exact in latents and frames (every step reads the banks). Mutation twins: the
+    other character's bank, the previous step's bank and rate 0 move the latents by at least
+    MIN_RELATIVE_CHANGE (max |Δ| / max |latent| measured, 1 torch thread: 4.4e-3, 3.0e-3 and 1.3e-2 under
+    SHARP)."""
+    lockstep_run, reference = story_latents(pipe, id_frames=1, bank_schedule="lockstep", **SHARP)
+    stored, stored_latents = story_latents(pipe, id_frames=1, bank_schedule="stored", **SHARP)
+    plain, plain_latents = story_latents(pipe, rate=0.0, id_frames=1, **SHARP)
     assert torch.equal(stored_latents, reference)
     assert np.array_equal(pixels(lockstep_run), pixels(stored))
     assert all(stored.bank_bytes.values())
     moved = np.abs(pixels(lockstep_run) - pixels(plain)).max(axis=(1, 2, 3))
     # frames 0 and 1 write alone (nothing to borrow), 2 and 3 read the banks, the [NC] frame 4 reads none
     assert moved[[0, 1, 4]].max() == 0 and moved[[2, 3]].min() > 0, moved
-    assert relative_change(plain_latents, reference) >= MIN_RELATIVE_CHANGE
     with banks_swapped():
-        _, swapped = story_latents(pipe, id_frames=1, bank_schedule="lockstep")
+        _, swapped = story_latents(pipe, id_frames=1, bank_schedule="lockstep", **SHARP)
     with bank_of_the_previous_step():
-        _, previous = story_latents(pipe, id_frames=1, bank_schedule="lockstep")
-    assert relative_change(swapped, reference) > 1e-4 and relative_change(previous, reference) > 1e-4
+        _, previous = story_latents(pipe, id_frames=1, bank_schedule="lockstep", **SHARP)
+    mutants = {"other character's bank": swapped, "previous step's bank": previous, "rate 0": plain_latents}
+    for what, mutant in mutants.items():
+        change = relative_change(mutant, reference)
+        assert change >= MIN_RELATIVE_CHANGE, (what, change)
 
 
 def test_window_mode_and_rope_policies(pipe):
