@@ -40,6 +40,7 @@ from .pages.comic import make_pages
 from .pages.output import StoryOutput
 from .pages.record import StoryRecord, check_resume_world
 from .pages.story import Story, load_story, parse_story, story_source
+from .pages.storyboard import storyboard_pages
 from .pages.styles import apply_style
 from .runs.bank_run import bank_signature, run_bank
 from .runs.checkpoint import checkpoint_name
@@ -57,7 +58,8 @@ from .support.progress import Progress
 
 @dataclass
 class StoryResult:
-    images: list[Image.Image]  # one per frame, story order
+    # one per frame, story order; a video story's: each shot's frames (a list of images per shot)
+    images: list[Image.Image] | list[list[Image.Image]]
     captions: list[str | None]
     pages: list[Image.Image]
     metadata: dict
@@ -190,6 +192,7 @@ class StoryDiffusionPipeline:
         resume: bool = False,
         progress: Progress = True,
         reference_images: Mapping[str, Image.Image | str | Path] | None = None,
+        keyframes: Sequence[Image.Image | tuple[Image.Image, Image.Image | None]] | None = None,
         **overrides: Any,
     ) -> StoryResult:
         """Generate every frame of ``story`` (a ``Story``, story text, or a path to a story file).
@@ -204,6 +207,11 @@ class StoryDiffusionPipeline:
         (SD1.x/2.x, SDXL, FLUX.1): every frame is conditioned on the images of the characters it shows,
         identity frames and the frames reading their bank alike; each image is encoded once.
 
+        Video models (Wan 2.x): each frame of the story is a shot of ``shot_frames`` video frames; the
+        result's ``images`` are the shots' frames, ``out_dir`` gets each shot's frames and video, the
+        joined story video and storyboard pages. Image-to-video models take ``keyframes``: per shot the
+        image it starts on, or (first, last) for a clip that also ends on a given image.
+
         Frame i starts from noise seeded with ``seed + i``, so a frame's image does not depend on how the
         frames are batched. Errors in the story or the settings are raised before anything is written.
         """
@@ -216,12 +224,24 @@ class StoryDiffusionPipeline:
         settings = settings.replace(height=settings.height or side, width=settings.width or side)
         # the scheduler and FreeU asked for hold for this run (timesteps, bank signatures), undone after
         with run_sampler(self.family, settings.scheduler, settings.freeu):
-            return self._run_story(story, settings, out_dir, overwrite, resume, progress, reference_images)
+            return self._run_story(
+                story, settings, out_dir, overwrite, resume, progress, reference_images, keyframes
+            )
 
     def _run_story(
-        self, story: Story, settings: RunSettings, out_dir, overwrite, resume, progress, reference_images
+        self,
+        story: Story,
+        settings: RunSettings,
+        out_dir,
+        overwrite,
+        resume,
+        progress,
+        reference_images,
+        keyframes,
     ) -> StoryResult:
         self.family.check_size(settings.height, settings.width)
+        self.family.check_settings(settings)
+        keyframes = self._check_keyframes(story, keyframes)
         config = self.config.resolved(settings.mode)  # window mode's default window filled in
         # characters of this story with a bank already (loaded, or written by an earlier story)
         banked = set()
@@ -268,7 +288,8 @@ class StoryDiffusionPipeline:
             identity=identity,
             partition=partition,
             model=self.model_name,
-            extras=self._reference_summary(reference, adapter),
+            extras={**self._reference_summary(reference, adapter), **_keyframe_summary(keyframes)},
+            keyframes=keyframes,
         )
         record = StoryRecord(
             model=self.model_name,
@@ -341,18 +362,46 @@ class StoryDiffusionPipeline:
 
         ordered = [images[f.index] for f in story.frames]
         captions = story.panel_captions(settings.captions)
-        pages = make_pages(
-            ordered,
-            captions,
-            settings.layout,
-            seed=settings.seed,
-            caption_style=settings.caption_style,
-            font=settings.font,
-        )
+        if self.family.video:
+            pages = storyboard_pages(
+                ordered, captions, caption_style=settings.caption_style, font=settings.font
+            )
+        else:
+            pages = make_pages(
+                ordered,
+                captions,
+                settings.layout,
+                seed=settings.seed,
+                caption_style=settings.caption_style,
+                font=settings.font,
+            )
         if output is not None:
+            if self.family.video:
+                output.save_story_video(ordered, self.family.fps(settings))
             output.save_pages(pages)
             output.finish(**memory, seconds=metadata["seconds"], pages=len(pages))
         return StoryResult(ordered, captions, pages, metadata, output.root if output else None, bank_bytes)
+
+    def _check_keyframes(self, story: Story, keyframes) -> tuple | None:
+        """Per shot (first image, last image or None) for image-to-video models; refused elsewhere."""
+        if not self.family.needs_keyframes:
+            if keyframes is not None:
+                raise ValueError(f"keyframes are for image-to-video models, not {self.family.title} models")
+            return None
+        if keyframes is None:
+            raise ValueError(
+                f"{self.family.title} models animate given images: pass keyframes (one per shot), or use "
+                "`storydiff video --model MODEL --story-dir DIR` on a generated image story"
+            )
+        if len(keyframes) != len(story.frames):
+            raise ValueError(f"keyframes: one per shot ({len(story.frames)}), got {len(keyframes)}")
+        pairs = [key if isinstance(key, tuple) else (key, None) for key in keyframes]
+        for index, (first, last) in enumerate(pairs):
+            if not isinstance(first, Image.Image) or not (last is None or isinstance(last, Image.Image)):
+                raise ValueError(f"keyframes[{index}]: expected a PIL image or (first, last) images")
+        return tuple(
+            (first.convert("RGB"), None if last is None else last.convert("RGB")) for first, last in pairs
+        )
 
     def _encode_references(
         self, story: Story, reference: dict, adapter: dict | None
@@ -408,6 +457,18 @@ class StoryDiffusionPipeline:
                     f"the bank of {name!r} does not fit this run: {'; '.join(differences)}; banks are per "
                     "denoising step: read them with the steps, scheduler and guidance they were written with"
                 )
+
+
+def _keyframe_summary(keyframes) -> dict:
+    """What a checkpoint of an image-to-video run must match: the keyframes' pixels."""
+    if keyframes is None:
+        return {}
+    digest = [[image_sha256(image) if image is not None else None for image in pair] for pair in keyframes]
+    return {"keyframes": digest}
+
+
+def image_sha256(image: Image.Image) -> str:
+    return hashlib.sha256(image.convert("RGB").tobytes()).hexdigest()
 
 
 def file_sha256(path: str | Path) -> str:

@@ -431,5 +431,11 @@ def _generate(args, job: Job) -> int:
     if result.bank_bytes:
         peak = result.metadata["bank_peak_bytes"] / 2**20
         say(f"banks alive at once: at most {peak:.1f} MiB ({job.settings.bank_schedule} schedule)")
-    say(f"{len(result.images)} frames and {len(result.pages)} page(s) written to {result.out_dir}")
+    if pipeline.family.video:
+        say(
+            f"{len(result.images)} shots (frames, GIF/MP4), the story video and {len(result.pages)} "
+            f"storyboard page(s) written to {result.out_dir}"
+        )
+    else:
+        say(f"{len(result.images)} frames and {len(result.pages)} page(s) written to {result.out_dir}")
     return 0

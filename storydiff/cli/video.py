@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models.loading import ModelLoadError, load_svd_pipeline
     from ..motion.model import load_predictor
     from ..motion.story_video import read_story_frames, story_transitions
-    from ..motion.video_io import MP4_PACKAGES
+    from ..pages.video_io import MP4_PACKAGES
     from ..support.progress import default_progress
 
     try:

@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 from PIL import Image
 
+from ..consistency.config import InvalidSetting
 from ..consistency.install import Host, installed_state
 from ..consistency.state import COND, UNCOND
 from ..support.compat import execution_device
@@ -140,6 +141,15 @@ class Family:
     def set_timesteps(self, scheduler, steps: int, height: int, width: int) -> torch.Tensor:
         scheduler.set_timesteps(steps, device=self.device)
         return scheduler.timesteps
+
+    def check_settings(self, settings) -> None:
+        """Raise ``InvalidSetting`` for run settings this family cannot take (before anything is written)."""
+        for name in ("shot_frames", "fps"):
+            if getattr(settings, name) is not None:
+                raise InvalidSetting(name, f"applies to video models (Wan 2.x), not {self.title} models")
+
+    def fps(self, settings) -> float:
+        raise ValueError(f"{self.title} models make images, not video")
 
     def prepare(self, plan) -> None:
         """Take what a run (``runs.plan.RunPlan``) says beyond prompts and size (video: the clip length)."""

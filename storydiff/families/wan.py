@@ -36,6 +36,7 @@ from ..consistency.state import COND, ConsistencyState, LayerInfo
 from .base import TransformerFamily, text_length
 
 DEFAULT_SHOT_FRAMES = 81  # Wan's own default clip: 5 s at 16 fps
+DEFAULT_FPS = 16.0  # Wan's
 DEFAULT_SIDE = 480  # 480p; Wan's native 832 x 480 is --width 832 --height 480
 TEXT_LENGTH = 512  # Wan's text length; 2.1 I2V processors split image tokens from text at 512 (hard-coded)
 
@@ -114,7 +115,7 @@ class WanFamily(TransformerFamily):
 
     def prepare(self, plan) -> None:
         """Take the run's clip length (``RunSettings.shot_frames``; None: the model's default)."""
-        frames = getattr(plan.settings, "shot_frames", None)
+        frames = plan.settings.shot_frames
         if frames is not None:
             check_shot_frames(frames, self.pipe.vae_scale_factor_temporal)
             self.shot_frames = frames
@@ -125,6 +126,13 @@ class WanFamily(TransformerFamily):
                 f"rope='shift' puts borrowed tokens {self.latent_frames} latent frames after the shot's own, "
                 f"beyond this transformer's {table} RoPE positions: use shorter shots or rope='none'"
             )
+
+    def fps(self, settings) -> float:
+        return settings.fps if settings.fps is not None else DEFAULT_FPS
+
+    def check_settings(self, settings) -> None:
+        if settings.shot_frames is not None:
+            check_shot_frames(settings.shot_frames, self.pipe.vae_scale_factor_temporal)
 
     @property
     def latent_frames(self) -> int:
@@ -219,7 +227,7 @@ class WanImageToVideoFamily(WanFamily):
 
     def prepare(self, plan) -> None:
         super().prepare(plan)
-        keyframes = getattr(plan, "keyframes", None)
+        keyframes = plan.keyframes
         if keyframes is None or len(keyframes) != plan.num_frames:
             raise ValueError(
                 f"image-to-video stories need one keyframe per shot ({plan.num_frames}), got "

@@ -24,11 +24,11 @@ from torch import Tensor
 
 from ..families.svd import SVDPipeline
 from ..pages.record import METADATA, RecordError, read_record
+from ..pages.video_io import write_video
 from ..support.atomic import write_json
 from ..support.compat import progress_bar_config
 from ..support.progress import Progress, progress_bar
 from .transition import TransitionResult, TransitionVideoPipeline
-from .video_io import write_video
 
 __all__ = ["StoryVideoResult", "read_story_frames", "story_transitions"]
 

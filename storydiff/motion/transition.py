@@ -25,10 +25,10 @@ from PIL import Image
 from torch import Tensor
 
 from ..families.svd import SVDPipeline
+from ..pages.video_io import write_video
 from ..support.compat import svd_image_embedding
 from .baselines import linear_interpolation
 from .conditioning import PerFrameEmbeddingState, per_frame_conditioning
-from .video_io import write_video
 
 __all__ = ["ImageInput", "TransitionResult", "TransitionVideoPipeline", "check_predictor"]
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -32,6 +33,7 @@ from PIL import Image
 
 from ..support.atomic import atomic_path
 from .record import METADATA, RecordError, StoryRecord, read_record
+from .video_io import write_video
 
 __all__ = [
     "LOCK",
@@ -296,7 +298,7 @@ def check_output_folder(
             "with --overwrite"
         )
     if status is None and not overwrite:
-        old = [*root.glob("frames/frame_*.png"), *root.glob("pages/page_*.png")]
+        old = [*root.glob("frames/frame_*.png"), *root.glob("pages/page_*.png"), *root.glob("shots/shot_*")]
         if old:
             raise FileExistsError(
                 f"{root} holds {len(old)} frame/page image(s) of an earlier run but no {METADATA}; choose a "
@@ -306,7 +308,8 @@ def check_output_folder(
 
 
 class StoryOutput:
-    """Layout: ``frames/frame_000.png``, ``pages/page_000.png``, ``banks/<name>.safetensors``, metadata."""
+    """Layout: ``frames/frame_000.png``, ``pages/page_000.png``, ``banks/<name>.safetensors``, metadata;
+    video stories also ``shots/shot_000/frame_0000.png``, ``shots/shot_000.gif`` (``.mp4``), ``story.gif``."""
 
     def __init__(
         self,
@@ -347,6 +350,11 @@ class StoryOutput:
         if not self.resume:  # an overwritten run must not keep frames of the previous story
             for stale in [*self.frames_dir.glob("frame_*.png"), *self.pages_dir.glob("page_*.png")]:
                 stale.unlink()
+            shots = self.root / "shots"
+            if shots.is_dir():  # a video story's shots (folders of frames, and their videos)
+                shutil.rmtree(shots)
+            for stale in self.root.glob("story.*"):
+                stale.unlink()
         self.record = record.replace(status="running", started=_now(), finished=None, error=None)
         self.record.write(self.root / METADATA)
 
@@ -355,6 +363,26 @@ class StoryOutput:
 
     def save_frame(self, index: int, image: Image.Image) -> Path:
         return save_image(image, self.frame_path(index))
+
+    def shot_dir(self, index: int) -> Path:
+        return self.root / "shots" / f"shot_{index:03d}"
+
+    def save_shot(self, index: int, frames: list[Image.Image], fps: float) -> Path:
+        """A video story's shot: every frame as ``shots/shot_NNN/frame_NNNN.png`` (lossless, what eval
+        reads), the shot as ``shots/shot_NNN.gif`` (and ``.mp4`` with imageio-ffmpeg), and its first frame
+        as ``frames/frame_NNN.png``. The frame files come first, the videos last: a shot with its video
+        file is complete."""
+        folder = self.shot_dir(index)
+        folder.mkdir(parents=True, exist_ok=True)
+        for number, frame in enumerate(frames):
+            save_image(frame, folder / f"frame_{number:04d}.png")
+        self.save_frame(index, frames[0])
+        write_video(frames, folder.parent, folder.name, fps)
+        return folder
+
+    def save_story_video(self, shots: list[list[Image.Image]], fps: float) -> None:
+        """The shots one after another: ``story.gif`` (and ``story.mp4``)."""
+        write_video([frame for shot in shots for frame in shot], self.root, "story", fps)
 
     def save_pages(self, pages: list[Image.Image]) -> list[Path]:
         self.pages_dir.mkdir(parents=True, exist_ok=True)

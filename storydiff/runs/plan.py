@@ -59,6 +59,8 @@ class RunPlan:
     extras: dict = field(default_factory=dict)
     # bare prompts: which frames take part in consistency (None: all); a story's come from its frames
     active_frames: tuple[bool, ...] | None = None
+    # image-to-video: per shot, the image it starts on and the one it ends on (None: free)
+    keyframes: tuple[tuple[Image.Image, Image.Image | None], ...] | None = None
 
     @classmethod
     def from_prompts(
@@ -211,7 +213,8 @@ class StoryRun:
     resume: bool = False
     progress: Progress = True
     references: ReferenceImages | None = None  # the characters' encoded reference images (ip_adapter.py)
-    images: dict[int, Image.Image] = field(default_factory=dict)  # filled as frames finish (this rank's)
+    # filled as frames finish (this rank's); a video family's: each shot's frames
+    images: dict[int, Image.Image | list[Image.Image]] = field(default_factory=dict)
 
     @property
     def checkpointing(self) -> Checkpointing:
@@ -220,8 +223,12 @@ class StoryRun:
         return Checkpointing(path, settings.checkpoint_every, self.resume)
 
     def finish(self, frame: int, latent) -> None:
-        """Decode one frame and save it as soon as it is done."""
+        """Decode one frame (a video family's: one shot, its frames) and save it as soon as it is done."""
         settings = self.plan.settings
         self.images[frame] = self.family.decode(latent, settings.height, settings.width)
-        if self.output is not None:
+        if self.output is None:
+            return
+        if self.family.video:
+            self.output.save_shot(frame, self.images[frame], self.family.fps(settings))
+        else:
             self.output.save_frame(frame, self.images[frame])

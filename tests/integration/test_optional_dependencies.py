@@ -43,7 +43,7 @@ CHILD = textwrap.dedent(
         import storydiff
         import storydiff.benchmark.memory
         import storydiff.benchmark.providers
-        import storydiff.motion.video_io
+        import storydiff.pages.video_io
         import storydiff.pipeline  # imports diffusers and transformers
     # Nothing is said about a missing optional piece until its feature is used.
     noisy = [str(w.message) for w in caught if any(n in str(w.message) for n in MISSING + ("NVML",))]
@@ -108,7 +108,7 @@ CHILD = textwrap.dedent(
     # MP4 (transition videos): GIF only, with one warning naming the packages and the extra.
     from PIL import Image
 
-    from storydiff.motion.video_io import mp4_available, write_video
+    from storydiff.pages.video_io import mp4_available, write_video
 
     assert not mp4_available()
     frames = [Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(3)]

@@ -13,7 +13,6 @@ from PIL import Image
 from storydiff.cli import main
 from storydiff.families.tiny_models import build_tiny_pipeline
 from storydiff.models.loading import ModelLoadError, load_svd_pipeline
-from storydiff.motion import video_io
 from storydiff.motion.conditioning import (
     PerFrameCrossAttnProcessor,
     PerFrameEmbeddingState,
@@ -22,7 +21,8 @@ from storydiff.motion.conditioning import (
 )
 from storydiff.motion.story_video import read_story_frames, story_transitions
 from storydiff.motion.transition import TransitionVideoPipeline
-from storydiff.motion.video_io import mp4_available, write_video
+from storydiff.pages import video_io
+from storydiff.pages.video_io import mp4_available, write_video
 from storydiff.support.compat import progress_bar_config
 
 SIZE, FRAMES, STEPS = 32, 6, 2
