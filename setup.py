@@ -49,6 +49,10 @@ EXTRAS = {
     "face": ["dlib-bin", "face-recognition-models"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+# Wan image-to-video prompt cleaning as diffusers does it (ftfy repairs mojibake). Not in "all" (so not in
+# "dev"): the offline machines the tests run on have no ftfy wheel; without it prompts are used as given
+# (families/wan.py).
+EXTRAS["wan"] = ["ftfy"]
 # The tests exercise the optional features too (NVML through fakes, MP4 where installed), and diffusers'
 # model CPU offload, which needs accelerate.
 # pytest-xdist: the test command runs one worker per core (the suite is thousands of one-thread tiny ops).

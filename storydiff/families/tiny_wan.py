@@ -7,7 +7,9 @@ latent channels, and the UniPC flow-matching scheduler the real ones ship. Varia
 * ``tiny-wan``: text to video (Wan 2.1 T2V);
 * ``tiny-wan2.2``: two experts switched at ``boundary_ratio`` 0.875 (Wan 2.2 A14B T2V);
 * ``tiny-wan-i2v``: image to video with a CLIP image encoder, whose tokens enter through ``attn2``'s added
-  K/V (Wan 2.1 I2V / FLF2V): the text is padded to 512 tokens, which its processors assume;
+  K/V (Wan 2.1 I2V): the text is padded to 512 tokens, which its processors assume;
+* ``tiny-wan-flf2v``: the same for first–last-frame clips (Wan 2.1 FLF2V: the image embedder takes both
+  images' tokens, ``pos_embed_seq_len``);
 * ``tiny-wan2.2-i2v``: image to video with two experts and no image encoder (Wan 2.2 A14B I2V).
 
 Image-to-video transformers take 12 channels: the noise (4), the first-frame mask (4: one per frame of a
@@ -23,6 +25,7 @@ from .tiny_text import tiny_t5_tokenizer
 # the real pipelines' default clip (81 frames) at tiny size: 9 frames = 3 latent frames
 TINY_SHOT_FRAMES = 9
 TINY_SIDE_LATENT = 4  # 32 pixels
+CLIP_TOKENS = 17  # the tiny CLIP's 4 x 4 patches and its class token
 
 
 def _text_encoder(vocab_size: int):
@@ -42,7 +45,7 @@ def _text_encoder(vocab_size: int):
     return UMT5EncoderModel(config)
 
 
-def _transformer(in_channels: int, image_dim: int | None = None):
+def _transformer(in_channels: int, image_dim: int | None = None, image_pairs: bool = False):
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(
@@ -60,6 +63,7 @@ def _transformer(in_channels: int, image_dim: int | None = None):
         image_dim=image_dim,
         added_kv_proj_dim=None if image_dim is None else 48,
         rope_max_seq_len=32,
+        pos_embed_seq_len=2 * CLIP_TOKENS if image_pairs else None,
     )
 
 
@@ -102,7 +106,12 @@ def _image_encoder():
 
 
 def build_tiny_wan(
-    device: torch.device, *, image_to_video: bool = False, experts: int = 1, image_encoder: bool = False
+    device: torch.device,
+    *,
+    image_to_video: bool = False,
+    experts: int = 1,
+    image_encoder: bool = False,
+    image_pairs: bool = False,
 ):
     from diffusers import WanImageToVideoPipeline, WanPipeline
 
@@ -110,7 +119,7 @@ def build_tiny_wan(
     tokenizer = tiny_t5_tokenizer(512 if image_encoder else 32)
     in_channels = 12 if image_to_video else 4
     image_dim = 32 if image_encoder else None
-    transformers = [_transformer(in_channels, image_dim) for _ in range(experts)]
+    transformers = [_transformer(in_channels, image_dim, image_pairs) for _ in range(experts)]
     parts = {
         "tokenizer": tokenizer,
         "text_encoder": _text_encoder(len(tokenizer)),
@@ -134,5 +143,8 @@ BUILDERS = {
     "tiny-wan": lambda device: build_tiny_wan(device),
     "tiny-wan2.2": lambda device: build_tiny_wan(device, experts=2),
     "tiny-wan-i2v": lambda device: build_tiny_wan(device, image_to_video=True, image_encoder=True),
+    "tiny-wan-flf2v": lambda device: build_tiny_wan(
+        device, image_to_video=True, image_encoder=True, image_pairs=True
+    ),
     "tiny-wan2.2-i2v": lambda device: build_tiny_wan(device, image_to_video=True, experts=2),
 }

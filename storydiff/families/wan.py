@@ -17,12 +17,14 @@ video (C, T, h, w), T = (frames - 1) / 4 + 1.
   experts (``transformer`` above ``boundary_ratio`` x 1000, ``transformer_2`` below; both carry the
   processors and share one state). I2V adds the shot's condition — the mask and the VAE latents of its
   first (and, for first–last-frame clips, last) image — and, for 2.1 models, the CLIP image embedding.
-* Offline models: ``tiny-wan``, ``tiny-wan2.2`` (two experts), ``tiny-wan-i2v`` (2.1-style: CLIP image
-  encoder), ``tiny-wan2.2-i2v`` (two experts, no image encoder); ``tiny_models.py``.
+* Offline models: ``tiny-wan``, ``tiny-wan2.2`` (two experts), ``tiny-wan-i2v`` (2.1 I2V: CLIP image
+  encoder, first frame only), ``tiny-wan-flf2v`` (2.1 FLF2V: first and last frame), ``tiny-wan2.2-i2v``
+  (two experts, no image encoder: either); ``tiny_wan.py``.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import ClassVar
 
 import torch
@@ -212,16 +214,28 @@ class WanFamily(TransformerFamily):
         return self.pipe.video_processor.postprocess_video(video, output_type="pil")[0]
 
 
+def clean_prompts_without_ftfy() -> None:
+    """diffusers' Wan I2V pipeline cleans prompts with ``ftfy.fix_text`` whether or not ftfy is installed
+    (its T2V pipeline only when it is), so without the package every I2V prompt fails with a NameError.
+    Without ftfy the I2V pipeline gets the T2V pipeline's behaviour: text as given (ftfy repairs mojibake,
+    which well-formed UTF-8 prompts do not have). ``pip install ftfy`` (the [video] extra) restores it."""
+    from diffusers.pipelines.wan import pipeline_wan_i2v
+
+    if not hasattr(pipeline_wan_i2v, "ftfy"):
+        pipeline_wan_i2v.ftfy = SimpleNamespace(fix_text=lambda text: text)
+
+
 class WanImageToVideoFamily(WanFamily):
     """Shots that start on a given image (and may end on another: first–last-frame clips)."""
 
     title = "Wan 2.x image-to-video"
     pipelines = (WanImageToVideoPipeline,)
-    reserved = ("tiny-wan-i2v", "tiny-wan2.2-i2v")
+    reserved = ("tiny-wan-i2v", "tiny-wan-flf2v", "tiny-wan2.2-i2v")
     needs_keyframes: ClassVar[bool] = True
 
     def __init__(self, pipe) -> None:
         super().__init__(pipe)
+        clean_prompts_without_ftfy()
         self.keyframes: list[tuple[Image.Image, Image.Image | None]] = []
         self._conditions: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
@@ -233,7 +247,26 @@ class WanImageToVideoFamily(WanFamily):
                 f"image-to-video stories need one keyframe per shot ({plan.num_frames}), got "
                 f"{0 if keyframes is None else len(keyframes)}"
             )
+        self.check_keyframes(keyframes)
         self.keyframes, self._conditions = list(keyframes), {}
+
+    def check_keyframes(self, keyframes) -> None:
+        """Wan 2.1's image encoder takes one image per clip (I2V) or exactly two (FLF2V: its
+        ``pos_embed_seq_len`` holds both); Wan 2.2 I2V models, without one, take either."""
+        if not self.uses_image_encoder:
+            return
+        pairs = self.denoiser.config.pos_embed_seq_len is not None
+        for index, (_, last) in enumerate(keyframes):
+            if pairs and last is None:
+                raise ValueError(
+                    f"shot {index}: this first–last-frame model (Wan 2.1 FLF2V) needs a last image for every "
+                    "clip (storydiff video --transitions); animate single keyframes with an I2V model"
+                )
+            if not pairs and last is not None:
+                raise ValueError(
+                    f"shot {index}: this image-to-video model (Wan 2.1 I2V) cannot end on a given image; "
+                    "first–last-frame clips need Wan 2.1 FLF2V or a Wan 2.2 I2V model"
+                )
 
     @property
     def uses_image_encoder(self) -> bool:

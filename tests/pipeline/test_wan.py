@@ -9,15 +9,20 @@
 - "shift" puts borrowed keys on time positions T..2T-1: none is a position of the reading shot.
 """
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from story_helpers import relative_change
 
 from csa_kernels import consistent_attention_reference
 from storydiff.consistency.config import ConsistencyConfig
 from storydiff.families.attach import apply_consistent_attention, remove_consistent_attention
 from storydiff.families.registry import family_of
 from storydiff.families.tiny_models import build_tiny_pipeline
-from storydiff.families.wan import WanConsistentProcessor, time_shift
+from storydiff.families.wan import WanConsistentProcessor, clean_prompts_without_ftfy, time_shift
 from storydiff.runs.lockstep import LockstepDenoiser
 from storydiff.runs.plan import RunPlan
 from storydiff.runs.settings import RunSettings
@@ -196,3 +201,78 @@ def test_the_family():
     assert family.noise_shape(SIDE, SIDE) == (4, 3, 4, 4)
     frames = family.decode(torch.zeros(4, 3, 4, 4), SIDE, SIDE)
     assert len(frames) == pipe.default_num_frames and frames[0].size == (SIDE, SIDE)
+
+
+# ------------------------------------------------------------------------------------ image to video
+
+
+def keyframe(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((SIDE, SIDE, 3)) * 255).astype("uint8"))
+
+
+def i2v_latents(pipe, prompts, keyframes, config: ConsistencyConfig) -> torch.Tensor:
+    state = apply_consistent_attention(pipe, config)
+    try:
+        settings = RunSettings(mode="window", num_inference_steps=STEPS, height=SIDE, width=SIDE, seed=1)
+        plan = dataclasses.replace(RunPlan.from_prompts(prompts, settings), keyframes=tuple(keyframes))
+        denoiser = LockstepDenoiser(pipe, plan)
+        state.begin_joint(len(prompts))
+        for step in range(STEPS):
+            state.set_step(step)
+            denoiser.step(list(range(len(prompts))), step)
+        return denoiser.latents
+    finally:
+        state.end()
+        remove_consistent_attention(pipe)
+
+
+@pytest.mark.parametrize(
+    ("name", "last"),
+    [
+        ("tiny-wan2.2-i2v", False),
+        ("tiny-wan2.2-i2v", True),
+        ("tiny-wan-i2v", False),
+        ("tiny-wan-flf2v", True),
+    ],
+    ids=["two-experts", "two-experts-first-last", "2.1-i2v", "2.1-flf2v"],
+)
+def test_image_to_video_rate_zero_equals_the_stock_pipeline(name, last):
+    """The stock pipeline conditions a batch on one image (and one last image): so do the shots here."""
+    pipe = build(name)
+    clean_prompts_without_ftfy()  # what the family does for the stock pipeline when ftfy is missing
+    prompts = PROMPTS[:2]
+    first, end = keyframe(0), keyframe(1) if last else None
+    stock = pipe(
+        image=first,
+        last_image=end,
+        prompt=prompts,
+        negative_prompt=[""] * len(prompts),
+        num_frames=pipe.default_num_frames,
+        height=SIDE,
+        width=SIDE,
+        num_inference_steps=STEPS,
+        max_sequence_length=pipe.tokenizer.model_max_length,
+        generator=[torch.Generator().manual_seed(1 + i) for i in range(len(prompts))],
+        output_type="latent",
+    ).frames
+    ours = i2v_latents(pipe, prompts, [(first, end)] * len(prompts), ConsistencyConfig(rate=0.0, **NO_SKIP))
+    assert torch.equal(ours, stock)
+    shared = i2v_latents(pipe, prompts, [(first, end)] * len(prompts), ConsistencyConfig(rate=0.5, **NO_SKIP))
+    assert torch.isfinite(shared).all() and relative_change(shared, stock) > 1e-3
+
+
+def test_each_shot_gets_its_own_keyframe():
+    """A shot's condition comes from its own keyframe: another image for shot 1 changes shot 1 only."""
+    pipe = build("tiny-wan2.2-i2v")
+    config = ConsistencyConfig(rate=0.0, **NO_SKIP)
+    a = i2v_latents(pipe, PROMPTS[:2], [(keyframe(0), None), (keyframe(1), None)], config)
+    b = i2v_latents(pipe, PROMPTS[:2], [(keyframe(0), None), (keyframe(2), None)], config)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize(("name", "last"), [("tiny-wan-i2v", True), ("tiny-wan-flf2v", False)])
+def test_image_encoder_models_take_the_keyframes_they_are_made_for(name, last):
+    pipe = build(name)
+    with pytest.raises(ValueError, match="FLF2V"):
+        i2v_latents(pipe, PROMPTS[:1], [(keyframe(0), keyframe(1) if last else None)], ConsistencyConfig())
