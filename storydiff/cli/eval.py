@@ -46,7 +46,9 @@ def register(subparsers, parents: list) -> None:
         "it with the styled prompt. Writes report.json, frames.csv, characters.csv and report.png into "
         "DIR/eval (or --out). Optional identity metrics: --face (dlib face descriptors, on the frames where "
         "a face is found) and --dreamsim (1 - DreamSim distance); --mask-dir measures identity on masked "
-        "subjects. `--clip tiny --dino tiny`: random offline encoders that test the plumbing only; their "
+        "subjects. A video story (shots/shot_000/frame_0000.png, ...) is scored per shot: identity across "
+        "shots and CLIP-T on --shot-samples frames of each, and each shot's temporal stability (consecutive "
+        "frames). `--clip tiny --dino tiny`: random offline encoders that test the plumbing only; their "
         "numbers mean nothing.",
     )
     parser.add_argument("dir", metavar="DIR", help="story folder written by `storydiff generate`")
@@ -72,6 +74,14 @@ def register(subparsers, parents: list) -> None:
         help="measure identity on masked subjects: DIR/mask_007.png masks frame 7 (white keeps, black "
         "becomes gray); frames without a mask are measured whole; CLIP-T always sees whole frames",
     )
+    parser.add_argument(
+        "--shot-samples",
+        type=positive_int,
+        default=3,  # evaluation.report.DEFAULT_SHOT_SAMPLES (not imported: the parser loads no torch)
+        metavar="K",
+        help="video stories: frames sampled per shot, evenly spaced with the first and last, for identity "
+        "across shots and CLIP-T; temporal stability uses every frame (default: %(default)s)",
+    )
     parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: DIR/eval)")
     parser.add_argument(
         "--device", default=None, help="device the encoders run on (default: cuda if available, else cpu)"
@@ -89,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.dreamsim import load_dreamsim
     from ..evaluation.face import load_face
     from ..evaluation.masks import MaskDir
+    from ..evaluation.report import check_video_options
     from ..support.progress import default_progress
     from .common import resolve_device
 
@@ -97,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         if args.out is not None:
             check_output_dir(args.out)
         frames = read_story_frames(args.dir, allow_incomplete=args.allow_incomplete)  # before any loading
+        check_video_options(frames, face=args.face, mask=args.mask_dir is not None)
         mask_fn = None
         if args.mask_dir is not None:
             mask_fn = MaskDir(args.mask_dir)
@@ -116,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
             dreamsim=dreamsim,
             face=face,
             mask_fn=mask_fn,
+            shot_samples=args.shot_samples,
         )
     except (OSError, ValueError) as exc:  # ModelLoadError is a ValueError
         return fail(str(exc))

@@ -14,7 +14,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-__all__ = ["PairSummary", "cosine_matrix", "pair_values", "paired_cosine", "summarize_pairs"]
+__all__ = [
+    "PairSummary",
+    "block_mean_matrix",
+    "consecutive_cosine",
+    "cosine_matrix",
+    "pair_values",
+    "paired_cosine",
+    "summarize_pairs",
+]
 
 
 def _unit_rows(embeddings: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
@@ -54,6 +62,30 @@ def paired_cosine(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) ->
     if units_a.shape != units_b.shape:
         raise ValueError(f"paired embeddings must have one shape, got {units_a.shape} and {units_b.shape}")
     return _cosine_of_units(units_a, units_b)
+
+
+def consecutive_cosine(embeddings: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(N - 1,) cosine similarity of row i with row i + 1 (a clip's frames in order: temporal stability)."""
+    units = _unit_rows(embeddings, "embeddings")
+    return _cosine_of_units(units[:-1], units[1:]) if len(units) > 1 else np.zeros(0)
+
+
+def block_mean_matrix(embeddings: torch.Tensor | np.ndarray, sizes: list[int]) -> np.ndarray:
+    """(G, G) similarities between G groups of consecutive rows of ``embeddings`` (group g has
+    ``sizes[g]`` rows): entry (a, b) is the mean cosine over every pair of a row of group a and a row of
+    group b (exact sums); the diagonal is 1, as in ``cosine_matrix``. A video story's shot-by-shot identity
+    matrix: each shot is the group of its sampled frames."""
+    if any(size < 1 for size in sizes) or sum(sizes) != len(embeddings):
+        raise ValueError(f"group sizes {sizes} do not split {len(embeddings)} rows into non-empty groups")
+    full = cosine_matrix(embeddings) if len(embeddings) else np.zeros((0, 0))
+    edges = np.cumsum([0, *sizes])
+    groups = len(sizes)
+    matrix = np.ones((groups, groups))
+    for a in range(groups):
+        for b in range(a + 1, groups):
+            block = full[edges[a] : edges[a + 1], edges[b] : edges[b + 1]]
+            matrix[a, b] = matrix[b, a] = math.fsum(block.ravel().tolist()) / block.size
+    return matrix
 
 
 def pair_values(matrix: np.ndarray) -> np.ndarray:

@@ -19,7 +19,8 @@ _METRIC_LABELS = {"clip_i": "CLIP-I", "dino": "DINO"}
 
 def report_figure(report: dict) -> Figure:
     """Heatmaps of the first identity metric's matrix for each character seen in two frames or more
-    (axes: story frame numbers), then a bar chart of CLIP-T per frame (story text and styled prompt)."""
+    (axes: story frame numbers), then a bar chart of CLIP-T per frame (story text and styled prompt); for a
+    video story (frames are shots), then the cosine of consecutive video frames along each shot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -28,9 +29,12 @@ def report_figure(report: dict) -> Figure:
     heat_rows = -(-len(shown) // _HEATMAPS_PER_ROW)
     columns = max(1, min(len(shown), _HEATMAPS_PER_ROW))
     frames = report["frames"]
-    fig = Figure(figsize=(max(3.2 * columns, 0.4 * len(frames) + 3), 3.2 * heat_rows + 3.4))
+    video = report.get("video")
+    extra = 1 if video else 0  # a video story: a row for temporal stability
+    fig = Figure(figsize=(max(3.2 * columns, 0.4 * len(frames) + 3), 3.2 * heat_rows + 3.4 + 3.0 * extra))
     FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(heat_rows + 1, columns, height_ratios=[1.0] * heat_rows + [0.9])
+    ratios = [1.0] * heat_rows + [0.9] * (1 + extra)
+    grid = fig.add_gridspec(heat_rows + 1 + extra, columns, height_ratios=ratios)
     for k, (name, entry) in enumerate(shown.items()):
         ax = fig.add_subplot(grid[k // columns, k % columns])
         image = ax.imshow(entry[metric]["matrix"], vmin=-1.0, vmax=1.0, cmap="viridis")
@@ -48,10 +52,36 @@ def report_figure(report: dict) -> Figure:
     labels = [f"{f['index']}\n{'+'.join(f['characters']) or 'NC'}" for f in frames]
     bars.set_xticks(list(xs), labels, fontsize=7)
     bars.set_ylabel("CLIP-T (cosine)")
-    bars.set_title("prompt fidelity per frame", fontsize=9)
+    title = (
+        "prompt fidelity per shot (mean over its sampled frames)" if video else "prompt fidelity per frame"
+    )
+    bars.set_title(title, fontsize=9)
     bars.grid(axis="y", alpha=0.3)
     bars.legend(fontsize=8)
+    if video:
+        _temporal_axes(fig.add_subplot(grid[heat_rows + 1, :]), report)
     if report.get("note"):
         fig.text(0.01, 0.005, report["note"], fontsize=7, color="dimgray", ha="left", va="bottom")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return fig
+
+
+def _temporal_axes(ax, report: dict) -> None:
+    """A line per shot: the first encoder's cosine of video frame j with j + 1, against j; min marked."""
+    from matplotlib.ticker import MaxNLocator
+
+    metric = report["video"]["temporal_metrics"][0]
+    for shot in report["frames"]:
+        stats = shot["temporal"][metric]
+        if stats["mean"] is None:
+            continue
+        (line,) = ax.plot(
+            range(len(stats["values"])), stats["values"], marker=".", label=f"shot {shot['index']}"
+        )
+        ax.plot([stats["min_pair"]], [stats["min"]], marker="v", color=line.get_color())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("frame pair (j, j + 1)")
+    ax.set_ylabel(f"{_METRIC_LABELS.get(metric, metric)} (cosine)")
+    ax.set_title("temporal stability per shot (consecutive frames; ▼ the lowest)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=4)

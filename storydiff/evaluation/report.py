@@ -6,6 +6,13 @@ text without the style's wording (what the user asked for) and, beside it, again
 model was given. ``[NC]`` frames show no character, so they only get CLIP-T. A frame showing two
 characters counts for both: whole frames are compared unless a mask function (``masks.py``) cuts each
 character out before the identity encoders see it.
+
+A video story (``settings["shot_frames"]`` set, e.g. Wan) has a shot per story frame, every video frame of
+shot i in ``shots/shot_{i:03d}/frame_{j:04d}.png``. Its report has the same sections, a story frame being a
+shot: identity compares shots (the mean cosine over pairs of frames sampled from two shots, ``samples``
+evenly spaced per shot, first and last included), CLIP-T is the mean over a shot's sampled frames, and
+each frame entry adds the shot's temporal stability (the cosine of every frame with the next, each image
+encoder, every frame of the shot) beside a ``video`` summary.
 """
 
 from __future__ import annotations
@@ -25,18 +32,71 @@ from ..pages.story import parse_story
 from ..support.progress import Progress
 from .encoders import TINY, ClipEncoder, DinoEncoder
 from .masks import MaskFn, encode_masked, mask_name
-from .metrics import PairSummary, cosine_matrix, paired_cosine, summarize_pairs
+from .metrics import (
+    PairSummary,
+    block_mean_matrix,
+    consecutive_cosine,
+    cosine_matrix,
+    paired_cosine,
+    summarize_pairs,
+)
 
 if TYPE_CHECKING:
     from .dreamsim import DreamSimEncoder
     from .face import FaceEncoder
 
-__all__ = ["EvalResult", "StoryFrames", "build_report", "evaluate_story", "read_story_frames"]
+__all__ = [
+    "DEFAULT_SHOT_SAMPLES",
+    "EvalResult",
+    "Shot",
+    "StoryFrames",
+    "build_report",
+    "build_video_report",
+    "check_video_options",
+    "evaluate_story",
+    "read_story_frames",
+    "sample_positions",
+    "shot_frame_path",
+]
 
 TINY_NOTE = "tiny random encoders: these numbers only test the plumbing and mean nothing"
 # Face similarity is measured only on the frames where a face is found: its own pairs, with the count.
 FACE = "face"
 Embeddings = torch.Tensor | np.ndarray
+# A video story's frames (the layout its output folder is written in): shots/shot_000/frame_0000.png, ...
+SHOTS_DIR = "shots"
+#: frames sampled per shot for a video story's identity and CLIP-T: first, middle, last
+DEFAULT_SHOT_SAMPLES = 3
+
+
+def shot_frame_path(root: str | os.PathLike, shot: int, frame: int) -> Path:
+    """Video frame ``frame`` of shot ``shot`` (story frame ``shot``) of a video story folder."""
+    return Path(root) / SHOTS_DIR / f"shot_{shot:03d}" / f"frame_{frame:04d}.png"
+
+
+def sample_positions(frames: int, samples: int) -> list[int]:
+    """``samples`` frame numbers of a clip of ``frames``, evenly spaced with the first and the last
+    (rounded down between them): 9 frames, 3 samples -> 0, 4, 8; 1 sample -> the first frame; every frame
+    when the clip has no more than ``samples``."""
+    if samples < 1:
+        raise ValueError(f"frames sampled per shot must be >= 1, got {samples}")
+    if samples >= frames:
+        return list(range(frames))
+    if samples == 1:
+        return [0]
+    return [k * (frames - 1) // (samples - 1) for k in range(samples)]
+
+
+@dataclass(frozen=True)
+class Shot:
+    """One shot of a video story: its story frame number and every video frame's file, in order."""
+
+    index: int
+    paths: list[Path]
+
+    @property
+    def folder(self) -> Path:
+        return self.paths[0].parent
 
 
 @dataclass(frozen=True)
@@ -55,6 +115,13 @@ class StoryFrames:
     characters: list[list[str]]
     texts: list[str]
     prompts: list[str]
+    # a video story: the evaluated shots, following ``indices`` (``paths`` are their first frames); None
+    # for an image story
+    shots: list[Shot] | None = None
+
+    @property
+    def is_video(self) -> bool:
+        return self.shots is not None
 
     @property
     def character_names(self) -> list[str]:
@@ -89,6 +156,9 @@ def read_story_frames(root: str | os.PathLike, *, allow_incomplete: bool = False
             f"{root}: metadata.json disagrees with itself: {len(story.frames)} frames in story_text, "
             f"{len(prompts)} prompts, {len(frame_characters)} frame_characters entries"
         )
+    shot_frames = (record.settings or {}).get("shot_frames")
+    if shot_frames is not None:
+        return _read_video_frames(root, record, story, shot_frames)
     # follower=True: a view of the folder's layout that checks and writes nothing; frame_path is the one
     # definition of the frames' file names.
     layout = StoryOutput(root, follower=True)
@@ -107,6 +177,48 @@ def read_story_frames(root: str | os.PathLike, *, allow_incomplete: bool = False
         characters=[frame_characters[i] for i in indices],
         texts=[story.prompt(story.frames[i]) for i in indices],
         prompts=[prompts[i] for i in indices],
+    )
+
+
+def _read_video_frames(root: Path, record: StoryRecord, story, shot_frames) -> StoryFrames:
+    """A video story: shot i is evaluated when ``shots/shot_{i:03d}/`` holds all its ``shot_frames``
+    frames. A complete run missing one is an error naming the folder and the first missing file; an
+    incomplete run (let through by ``allow_incomplete``) is evaluated on its whole shots."""
+    if isinstance(shot_frames, bool) or not isinstance(shot_frames, int) or shot_frames < 1:
+        raise ValueError(
+            f"{record.source}: settings.shot_frames should be a whole number >= 1, not {shot_frames!r}"
+        )
+    complete = record.status == "complete"
+    shots = []
+    for index in range(len(record.prompts)):
+        paths = [shot_frame_path(root, index, j) for j in range(shot_frames)]
+        missing = next((path for path in paths if not path.is_file()), None)
+        if missing is None:
+            shots.append(Shot(index, paths))
+            continue
+        if complete:
+            folder = missing.parent
+            have = len(list(folder.glob("frame_*.png"))) if folder.is_dir() else 0
+            where = f"has {have} of its {shot_frames} frames ({missing.name} is missing)"
+            if not folder.is_dir():
+                where = "is missing"
+            raise ValueError(f"{root} says its video story is complete, but shot folder {folder} {where}")
+    if not shots:
+        raise ValueError(
+            f"{root} holds no whole shot yet ({root / SHOTS_DIR} has no shot folder with all its "
+            f"{shot_frames} frames)"
+        )
+    indices = [shot.index for shot in shots]
+    return StoryFrames(
+        root=root,
+        record=record,
+        total=len(record.prompts),
+        indices=indices,
+        paths=[shot.paths[0] for shot in shots],
+        characters=[record.frame_characters[i] for i in indices],
+        texts=[story.prompt(story.frames[i]) for i in indices],
+        prompts=[record.prompts[i] for i in indices],
+        shots=shots,
     )
 
 
@@ -200,6 +312,20 @@ def build_report(
         }
         for r, index in enumerate(frames.indices)
     ]
+    return _assemble(frames, list(embeddings), sources, mask, clip_t, clip_t_styled, characters, per_frame)
+
+
+def _assemble(
+    frames: StoryFrames,
+    metrics: list[str],
+    sources: dict[str, str] | None,
+    mask: str | None,
+    clip_t,
+    clip_t_styled,
+    characters: dict,
+    per_frame: list[dict],
+) -> dict:
+    """The report's keys, in the order report.json has them (an image story's report has exactly these)."""
     sources = sources or {}
     tiny = TINY in sources.values()
     return {
@@ -210,7 +336,7 @@ def build_report(
         "frames_evaluated": len(frames.indices),
         "frames_missing": sorted(set(range(frames.total)) - set(frames.indices)),
         "encoders": {name: sources.get(name) for name in ("clip", "dino", "dreamsim", "face")},
-        "identity_metrics": list(embeddings),
+        "identity_metrics": metrics,
         "mask": mask,
         "note": TINY_NOTE if tiny else None,
         "clip_t_mean": _mean(clip_t),
@@ -218,6 +344,127 @@ def build_report(
         "characters": characters,
         "frames": per_frame,
     }
+
+
+def _as_array(values: Embeddings) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+
+
+def _temporal(embeddings: np.ndarray) -> dict:
+    """A shot's stability in one encoder: cosine of each frame with the next (``values``, pair j is frames
+    j and j + 1), their mean and min, and the pair at the min (the likeliest cut or jump)."""
+    values = consecutive_cosine(embeddings) if len(embeddings) > 1 else np.zeros(0)
+    if not values.size:
+        return {"mean": None, "min": None, "min_pair": None, "values": [], "reason": "1 frame: no pair"}
+    return {
+        "mean": _mean(values),
+        "min": float(values.min()),
+        "min_pair": int(values.argmin()),
+        "values": values.tolist(),
+        "reason": None,
+    }
+
+
+def build_video_report(
+    frames: StoryFrames,
+    clip_images: Embeddings,
+    clip_texts: Embeddings,
+    clip_prompts: Embeddings,
+    *,
+    sources: dict[str, str] | None = None,
+    identity: dict[str, Embeddings] | None = None,
+    samples: int = DEFAULT_SHOT_SAMPLES,
+) -> dict:
+    """The report of a video story from embeddings of every video frame of its evaluated shots, shot after
+    shot: CLIP image (F, D) and ``identity`` ("dino", "dreamsim": (F, D')); CLIP text of the story texts
+    and of the styled prompts, one row per shot (N, D).
+
+    The same sections as ``build_report``, a story frame being a shot: per character the shot-by-shot
+    matrix (``block_mean_matrix`` of the ``samples`` frames sampled from each shot) and its mean, std and
+    min over shot pairs; per shot CLIP-T, the mean over its sampled frames, and ``temporal``: per image
+    encoder, the cosine of every frame with the next. Then ``video``: the sampling and the temporal means.
+    """
+    shots = frames.shots or []
+    embeddings = {"clip_i": _as_array(clip_images), **{k: _as_array(v) for k, v in (identity or {}).items()}}
+    sizes = [len(shot.paths) for shot in shots]
+    starts = np.cumsum([0, *sizes]).tolist()
+    if starts[-1] != len(embeddings["clip_i"]):
+        raise ValueError(
+            f"{starts[-1]} video frames in the shots, but {len(embeddings['clip_i'])} embeddings"
+        )
+    positions = [sample_positions(size, samples) for size in sizes]
+    sampled = [[starts[r] + j for j in chosen] for r, chosen in enumerate(positions)]
+    characters = {}
+    for name in frames.character_names:
+        shown = [r for r, names in enumerate(frames.characters) if name in names]
+        entry: dict = {"frames": [frames.indices[r] for r in shown]}
+        rows = [row for r in shown for row in sampled[r]]
+        for metric, values in embeddings.items():
+            matrix = block_mean_matrix(values[rows], [len(sampled[r]) for r in shown])
+            summary = summarize_pairs(matrix)
+            entry[metric] = {
+                "mean": summary.mean,
+                "std": summary.std,
+                "min": summary.min,
+                "matrix": matrix.tolist(),
+            }
+            reason = (
+                None
+                if summary.pairs
+                else f"{len(shown)} shot{'' if len(shown) == 1 else 's'}: no pair to compare"
+            )
+            entry.update(pairs=summary.pairs, reason=reason)
+        characters[name] = entry
+    texts, prompts = _as_array(clip_texts), _as_array(clip_prompts)
+    clip_t, clip_t_styled, per_frame = [], [], []
+    for r, index in enumerate(frames.indices):
+        images = embeddings["clip_i"][sampled[r]]
+        to_text = paired_cosine(images, np.repeat(texts[r : r + 1], len(images), axis=0))
+        to_prompt = paired_cosine(images, np.repeat(prompts[r : r + 1], len(images), axis=0))
+        clip_t.append(_mean(to_text))
+        clip_t_styled.append(_mean(to_prompt))
+        per_frame.append(
+            {
+                "index": index,
+                "characters": frames.characters[r],
+                "clip_t": clip_t[-1],
+                "clip_t_styled": clip_t_styled[-1],
+                "text": frames.texts[r],
+                "prompt": frames.prompts[r],
+                "video_frames": sizes[r],
+                "sampled_frames": positions[r],
+                "clip_t_sampled": to_text.tolist(),
+                "temporal": {
+                    metric: _temporal(values[starts[r] : starts[r + 1]])
+                    for metric, values in embeddings.items()
+                },
+            }
+        )
+    report = _assemble(frames, list(embeddings), sources, None, clip_t, clip_t_styled, characters, per_frame)
+    settings = frames.record.settings or {}
+    temporal = {}
+    for metric in embeddings:
+        shot_stats = [
+            (f["index"], f["temporal"][metric])
+            for f in per_frame
+            if f["temporal"][metric]["mean"] is not None
+        ]
+        worst = min(shot_stats, key=lambda item: item[1]["min"], default=(None, {"min": None}))
+        temporal[metric] = {
+            "mean": _mean(stats["mean"] for _, stats in shot_stats),
+            "min": worst[1]["min"],
+            "min_shot": worst[0],
+        }
+    report["video"] = {
+        "shot_frames": settings.get("shot_frames"),
+        "fps": settings.get("fps"),
+        "samples_per_shot": samples,
+        "temporal_metrics": list(embeddings),
+        "temporal": temporal,
+    }
+    return report
 
 
 @dataclass(frozen=True)
@@ -241,6 +488,7 @@ def evaluate_story(
     dreamsim: DreamSimEncoder | None = None,
     face: FaceEncoder | None = None,
     mask_fn: MaskFn | None = None,
+    shot_samples: int = DEFAULT_SHOT_SAMPLES,
 ) -> EvalResult:
     """Embed a story folder's frames and texts, build the report and write it (``writers.py``) into
     ``out_dir`` (default: ``root/eval``).
@@ -248,10 +496,19 @@ def evaluate_story(
     ``dreamsim`` and ``face`` add those identity metrics. ``mask_fn(image, frame_index, character)``
     returns a mask or None (``masks.py``): when given, every identity encoder (CLIP-I, DINO, DreamSim,
     face) sees each character's frames through that character's mask; CLIP-T still sees whole frames.
+
+    A video story (``StoryFrames.is_video``) is scored by ``build_video_report``: every video frame is
+    embedded once per image encoder, ``shot_samples`` frames per shot feed identity and CLIP-T, all of
+    them temporal stability. Face descriptors and masks are per still frame and are refused there.
     """
     from .writers import write_report
 
     frames = read_story_frames(root, allow_incomplete=allow_incomplete)
+    if frames.is_video:
+        check_video_options(frames, face=face is not None, mask=mask_fn is not None)
+        report = _video_report(frames, clip, dino, dreamsim, shot_samples, batch_size, progress)
+        paths = write_report(report, Path(out_dir) if out_dir is not None else frames.root / "eval")
+        return EvalResult(report, paths)
     clip_images = clip.encode_images(frames.paths, batch_size=batch_size, progress=progress)
     clip_texts = clip.encode_texts(frames.texts, batch_size=batch_size)
     clip_prompts = clip.encode_texts(frames.prompts, batch_size=batch_size)
@@ -290,3 +547,46 @@ def _masked_identity(
         }
         for metric, rows in embedded.items()
     }
+
+
+def check_video_options(frames: StoryFrames, *, face: bool = False, mask: bool = False) -> None:
+    """ValueError for what a video story cannot be scored with (face descriptors, per-frame masks)."""
+    if not frames.is_video:
+        return
+    refused = [
+        what for what, given in (("face identity (--face)", face), ("masks (--mask-dir)", mask)) if given
+    ]
+    if refused:
+        raise ValueError(
+            f"{frames.root} is a video story: {' and '.join(refused)} apply to image stories only; "
+            "CLIP-I, DINO and DreamSim score its shots"
+        )
+
+
+def _video_report(
+    frames: StoryFrames,
+    clip: ClipEncoder,
+    dino: DinoEncoder | None,
+    dreamsim: DreamSimEncoder | None,
+    samples: int,
+    batch_size: int,
+    progress: Progress,
+) -> dict:
+    """Embed every video frame of the evaluated shots once per image encoder, and the shots' texts."""
+    sample_positions(1, samples)  # a wrong count fails before any encoding
+    paths = [path for shot in frames.shots or [] for path in shot.paths]
+    clip_images = clip.encode_images(paths, batch_size=batch_size, progress=progress)
+    others = {name: e for name, e in (("dino", dino), ("dreamsim", dreamsim)) if e is not None}
+    identity = {
+        name: encoder.encode_images(paths, batch_size=batch_size, progress=progress)
+        for name, encoder in others.items()
+    }
+    return build_video_report(
+        frames,
+        clip_images,
+        clip.encode_texts(frames.texts, batch_size=batch_size),
+        clip.encode_texts(frames.prompts, batch_size=batch_size),
+        sources={"clip": clip.source, **{name: encoder.source for name, encoder in others.items()}},
+        identity=identity,
+        samples=samples,
+    )

@@ -28,12 +28,21 @@ def _csv(header: list[str], rows: list[list]) -> str:
 
 
 def frames_csv(report: dict) -> str:
-    """One row per evaluated frame: index, characters ('+'-joined, empty for [NC]), CLIP-T, texts."""
+    """One row per evaluated frame: index, characters ('+'-joined, empty for [NC]), CLIP-T, texts; for a
+    video story (a row per shot), then its video frames, the sampled ones ('+'-joined) and, per image
+    encoder, the mean and min cosine of consecutive frames with the pair at the min."""
     header = ["index", "characters", "clip_t", "clip_t_styled", "text", "prompt"]
     rows = [
         [f["index"], "+".join(f["characters"]), f["clip_t"], f["clip_t_styled"], f["text"], f["prompt"]]
         for f in report["frames"]
     ]
+    if "video" in report:
+        metrics = report["video"]["temporal_metrics"]
+        header += ["video_frames", "sampled_frames"]
+        header += [f"{m}_temporal_{s}" for m in metrics for s in ("mean", "min", "min_pair")]
+        for row, f in zip(rows, report["frames"], strict=True):
+            row += [f["video_frames"], "+".join(map(str, f["sampled_frames"]))]
+            row += [f["temporal"][m][s] for m in metrics for s in ("mean", "min", "min_pair")]
     return _csv(header, rows)
 
 
@@ -77,17 +86,21 @@ def summary_lines(report: dict) -> list[str]:
     metrics = report["identity_metrics"]
     names = list(report["characters"])
     width = max([len("character"), *map(len, names)])
-    header = f"{'character':<{width}}  frames  " + "  ".join(f"{_LABELS.get(m, m):<15}" for m in metrics)
+    unit = "shots" if "video" in report else "frames"
+    header = f"{'character':<{width}}  {unit}  " + "  ".join(f"{_LABELS.get(m, m):<15}" for m in metrics)
     lines = [header.rstrip()]
     for name, entry in report["characters"].items():
         cells = "  ".join(f"{_stat(entry[m]):<15}" for m in metrics)
         reason = f"  ({entry['reason']})" if entry["reason"] else ""
         lines.append(f"{name:<{width}}  {len(entry['frames']):>6}  {cells}{reason}".rstrip())
     evaluated = report["frames_evaluated"]
-    lines.append(
-        f"CLIP-T, mean over {evaluated} frame{'' if evaluated == 1 else 's'}: "
-        f"{report['clip_t_mean']:.3f} (story text), {report['clip_t_styled_mean']:.3f} (styled prompt)"
-    )
+    if "video" in report:
+        lines += _video_lines(report)
+    else:
+        lines.append(
+            f"CLIP-T, mean over {evaluated} frame{'' if evaluated == 1 else 's'}: "
+            f"{report['clip_t_mean']:.3f} (story text), {report['clip_t_styled_mean']:.3f} (styled prompt)"
+        )
     if "face" in metrics:
         counts = [
             f"{name} {e['face']['faces_detected']}/{e['face']['frames']}"
@@ -97,7 +110,43 @@ def summary_lines(report: dict) -> list[str]:
     if report.get("mask"):
         lines.append(f"identity measured through masks ({report['mask']}); CLIP-T on whole frames")
     if report["frames_missing"]:
-        lines.append(f"not evaluated (no image yet): frames {', '.join(map(str, report['frames_missing']))}")
+        what = (
+            "not evaluated (not all its frames yet): shots"
+            if "video" in report
+            else "not evaluated (no image yet): frames"
+        )
+        lines.append(f"{what} {', '.join(map(str, report['frames_missing']))}")
     if report["note"]:
         lines.append(f"note: {report['note']}")
+    return lines
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _video_lines(report: dict) -> list[str]:
+    """A video story's CLIP-T over shots, then temporal stability: per shot mean / min per encoder."""
+    video, shots = report["video"], report["frames"]
+    count = len(shots)
+    lines = [
+        f"CLIP-T, mean over {count} shot{'' if count == 1 else 's'} ({video['samples_per_shot']} sampled "
+        f"frames each): {report['clip_t_mean']:.3f} (story text), {report['clip_t_styled_mean']:.3f} "
+        "(styled prompt)",
+        "temporal stability (cosine of consecutive frames), mean / min:",
+    ]
+    metrics = video["temporal_metrics"]
+    header = "  shot  frames  " + "  ".join(f"{_LABELS.get(m, m):<15}" for m in metrics)
+    lines.append(header.rstrip())
+    for shot in shots:
+        cells = "  ".join(
+            f"{_number(shot['temporal'][m]['mean']) + ' / ' + _number(shot['temporal'][m]['min']):<15}"
+            for m in metrics
+        )
+        lines.append(f"  {shot['index']:>4}  {shot['video_frames']:>6}  {cells}".rstrip())
+    overall = "  ".join(
+        f"{_number(video['temporal'][m]['mean']) + ' / ' + _number(video['temporal'][m]['min']):<15}"
+        for m in metrics
+    )
+    lines.append(f"  {'all':>4}  {'':>6}  {overall}".rstrip())
     return lines
