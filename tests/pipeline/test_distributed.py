@@ -81,13 +81,14 @@ def test_halo_exchange_sends_the_boundary_frames_only(world, window, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("world", "window", "active"),
+    ("model", "world", "window", "active"),
     [
-        pytest.param(2, 1, [True, True, True, False, True], id="2ranks-w1-5frames"),
-        pytest.param(3, 2, [True, True, True, True, False, True, True], id="3ranks-w2-7frames"),
+        pytest.param("tiny-sd15", 2, 1, [True, True, True, False, True], id="2ranks-w1-5frames"),
+        pytest.param("tiny-sd15", 3, 2, [True, True, True, True, False, True, True], id="3ranks-w2-7frames"),
+        pytest.param("tiny-wan", 2, 1, [True, True, True, False], id="wan-2ranks-w1-4shots"),
     ],
 )
-def test_window_mode_equals_the_unchunked_single_process_run(world, window, active, tmp_path):
+def test_window_mode_equals_the_unchunked_single_process_run(model, world, window, active, tmp_path):
     """Each rank denoises its block as one batch, in step with the others, reading the neighbour ranks'
     boundary frames: the unchunked single-process latents, bit for bit (no warm-up: both steps read the
     neighbours).
@@ -97,14 +98,14 @@ def test_window_mode_equals_the_unchunked_single_process_run(world, window, acti
     the machine's arithmetic, not our exchange. Mutation twin: chunks of 2 frames (boundary neighbours
     seen on alternate steps only) move the latents by at least MIN_RELATIVE_CHANGE (measured max |Δ|,
     relative: 2ranks-w1 4.2e-2, 4.9e-3; 3ranks-w2 4.4e-2, 5.2e-3)."""
-    spawn(window_worker, world, tmp_path, str(tmp_path), "tiny-sd15", active, window, 2)
-    single = window_latents("tiny-sd15", active, window, steps=2, chunk=len(active))
+    spawn(window_worker, world, tmp_path, str(tmp_path), model, active, window, 2)
+    single = window_latents(model, active, window, steps=2, chunk=len(active))
     for rank in range(world):
         part = torch.load(tmp_path / f"rank{rank}.pt")
         start, latents = part["start"], part["latents"]
         expected = single[start : start + len(latents)]
         assert torch.equal(latents, expected), (rank, (latents - expected).abs().max())
-    chunked = window_latents("tiny-sd15", active, window, steps=2, chunk=2)
+    chunked = window_latents(model, active, window, steps=2, chunk=2)
     assert relative_change(chunked, single) >= MIN_RELATIVE_CHANGE
 
 
