@@ -18,12 +18,22 @@
 #   vram-window  profile-vram, window mode vs story length
 #   vram-flux    profile-vram on random-flux (the real FLUX.1-dev transformer and VAE, random bf16 weights) at
 #                1024²: ours / lockstep / window, stories of 4 and 8 frames, 4 steps (sized for ~2 minutes)
+#   wan-dit      one Wan-1.3B transformer step (real config, random bf16 weights; two CFG passes) for a 3-shot 480p
+#                story of 81-frame shots (32,760 tokens each), rate 0 (stock) vs 0.1 (estimated ~2 minutes)
+#   wan-op       op suite at Wan shapes (benchmarks/bench_wan.py op): 1.3B / 14B, 480p, 81 frames, 3 shots, rates
+#                0.05 / 0.1 / 0.25, ours vs official A (dense (3·32,760)² mask) and B (per-shot loop); a row whose
+#                memory estimate exceeds the free GPU memory says so (estimated ~5 minutes: float64 gold per case)
+#   vram-wan     profile-vram on random-wan (Wan-1.3B transformer and VAE, random bf16 weights): 2- and 4-shot 480p
+#                stories of 81 frames, lockstep and stored banks at rate 0.1, 4 steps (estimated ~4 minutes)
+#   wan14b-dit   one Wan-14B step (28.6 GB of bf16 weights), same story as wan-dit (estimated ~5 minutes: a call of
+#                its own)
 # One device call runs at most 10 minutes: all of it does not fit in one. Run "tests headline headline-pointer" first
-# (the rows not measured yet), the rest in a later call. No GPU run has timed these sections yet.
+# (the rows not measured yet), the rest in later calls ("wan-dit wan-op", then "vram-wan", then "wan14b-dit"). No GPU
+# run has timed these sections yet; the Wan estimates are from FLOP counts, not measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-ALL=(tests headline headline-pointer dit-op dit unet motion vram vram-window vram-flux)
+ALL=(tests headline headline-pointer dit-op dit unet motion vram vram-window vram-flux wan-dit wan-op vram-wan wan14b-dit)
 if [ $# -gt 0 ]; then SECTIONS=("$@"); else SECTIONS=("${ALL[@]}"); fi
 for name in "${SECTIONS[@]}"; do  # a typo fails now, not after the long sections before it
     case " ${ALL[*]} " in *" $name "*) ;; *) echo "unknown section '$name'; choose from: ${ALL[*]}"; exit 2 ;; esac
@@ -43,6 +53,10 @@ section() {
         vram) python3 -m storydiff.cli profile-vram --modes official_b,ours,ours_offload,window --lengths 4,8,16 --steps 10 ;;
         vram-window) python3 -m storydiff.cli profile-vram --modes window,window_unchunked --lengths 8,32,128,256 --steps 4 --size 768 ;;
         vram-flux) python3 -m storydiff.cli profile-vram --model random-flux --modes ours,ours_lockstep,window --lengths 4,8 --steps 4 ;;
+        wan-dit) python3 benchmarks/bench_wan.py dit wan 81 ;;
+        wan-op) python3 benchmarks/bench_wan.py op ;;
+        vram-wan) python3 benchmarks/bench_wan.py vram random-wan 4 ;;
+        wan14b-dit) python3 benchmarks/bench_wan.py dit wan14b 81 ;;
     esac
 }
 

@@ -1,9 +1,12 @@
-"""Op suite: one consistent-attention layer call per provider, at SDXL / SD1.5 / hd128 shapes, and at the
-joint text + image shapes of FLUX.1-dev and SD3.5-large (only image rows borrow: ``query_rows``).
+"""Op suite: one consistent-attention layer call per provider, at SDXL / SD1.5 / hd128 shapes, at the
+joint text + image shapes of FLUX.1-dev and SD3.5-large (only image rows borrow: ``query_rows``), and at
+Wan 2.x's video self-attention (a story frame is a shot of T·h·w tokens).
 
 Every provider except the speed-of-light SDPA is first checked on the same inputs with the project's one
 tolerance rule (``csa_kernels.reference_error_bound``: within twice PyTorch's own error of the float64
-reference); a provider that fails is reported as failed and not timed.
+reference); a provider that fails is reported as failed and not timed. A case or provider whose estimated
+memory (``estimated_bytes``) exceeds what the device has free — on a CPU, ``CPU_BUDGET_BYTES`` — is reported
+as skipped, with the estimate, and not run.
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ class OpCase:
 
 
 def gpu_cases() -> list[OpCase]:
-    """Real sizes: SDXL levels at 768² and 1024², SD1.5 head dims, an hd128 case."""
+    """Real sizes: SDXL levels at 768² and 1024², SD1.5 head dims, an hd128 case, then the DiT and Wan
+    cases."""
     cases = [
         OpCase(f"sdxl{res}-1/{level}-f{frames}-r{rate}", frames, heads, (res // level) ** 2, 64, rate)
         for res in (768, 1024)
@@ -66,7 +70,7 @@ def gpu_cases() -> list[OpCase]:
         OpCase("sd15-512-1/32-hd160", 4, 8, 256, 160, 0.5),
         OpCase("hd128-4096", 4, 24, 4096, 128, 0.5),
     ]
-    return cases + dit_cases()
+    return cases + dit_cases() + wan_cases()
 
 
 # FLUX.1-dev: T5 prompt of 512 tokens before the image tokens, 24 heads x 128, guidance-distilled (no CFG
@@ -99,6 +103,39 @@ def dit_cases() -> list[OpCase]:
     ]
 
 
+# Wan 2.x (families/wan.py): consistency on every block's video self-attention (attn1), 128-dim heads; a
+# shot of F video frames at W x H is T·h·w tokens, T = (F - 1) / 4 + 1, h = H / 16, w = W / 16 (81 frames at
+# 832 x 480: 21 x 30 x 52 = 32,760). Guidance is two transformer calls per step, each on just the shots, so
+# one layer call holds one CFG group (cfg=False); a step makes two such calls per layer.
+WAN_HEADS = {"wan1.3b": 12, "wan14b": 40}
+WAN_480P_81F = (21, 30, 52)  # (T, h, w)
+WAN_RATES = (0.05, 0.1, 0.25)
+
+
+def wan_case(
+    model: str,
+    shots: int,
+    rate: float,
+    grid: tuple[int, int, int] = WAN_480P_81F,
+    *,
+    heads: int | None = None,
+    head_dim: int = 128,
+    label: str = "480p-81f",
+) -> OpCase:
+    """One Wan layer call over ``shots`` shots of ``grid`` = (T, h, w) tokens; ``heads`` defaults to the
+    model's (``WAN_HEADS``). The official variants run on the joined shots: A's dense (shots·N)² mask, B's
+    per-shot loop (own tokens + the other shots' gathered tokens, SDPA)."""
+    latent, rows, cols = grid
+    heads = WAN_HEADS[model] if heads is None else heads
+    name = f"{model}-{label}-s{shots}-r{rate}"
+    return OpCase(name, shots, heads, latent * rows * cols, head_dim, rate, cfg=False)
+
+
+def wan_cases() -> list[OpCase]:
+    """Wan-1.3B (12 heads) and Wan-14B (40 heads) at 480p, 81 frames, 3 shots, rates 0.05 / 0.1 / 0.25."""
+    return [wan_case(model, 3, rate) for model in WAN_HEADS for rate in WAN_RATES]
+
+
 def headline_cases() -> list[OpCase]:
     """Issue targets: SDXL 1024², 1/16 level, 4 frames x CFG, rate 0.5, at hd64 (10 heads) and hd128."""
     return [
@@ -115,6 +152,7 @@ def cpu_cases() -> list[OpCase]:
         OpCase("tiny-1/16-f8-r0.3", 8, 1, 576, 64, 0.3),
         OpCase("tiny-sd15-hd40", 4, 2, 256, 40, 0.5),
         *cpu_dit_cases(),
+        *cpu_wan_cases(),
     ]
 
 
@@ -125,6 +163,12 @@ def cpu_dit_cases() -> list[OpCase]:
         OpCase("tiny-flux-f4-r0.5", 4, 2, 256, 64, 0.5, cfg=False, text_tokens=40, text_first=True),
         OpCase("tiny-sd3-f2-r0.5", 2, 2, 256, 32, 0.5, cfg=True, text_tokens=45, text_first=False),
     ]
+
+
+def cpu_wan_cases() -> list[OpCase]:
+    """``wan_cases`` scaled down (same builder, same providers): 3 shots of a (3, 4, 6) token grid (72
+    tokens: 4 borrowed per shot at rate 0.05), 2 heads of 128."""
+    return [wan_case("wan1.3b", 3, rate, (3, 4, 6), heads=2, label="tiny") for rate in WAN_RATES]
 
 
 def make_case_inputs(case: OpCase, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
@@ -149,6 +193,43 @@ def case_flops(case: OpCase) -> int:
     return 4 * case.heads * case.head_dim * pairs
 
 
+# The most a case may need on a CPU: the suite's CPU cases need a few MiB; a real-size case (Wan's 98,280
+# joined tokens) is for a GPU.
+CPU_BUDGET_BYTES = 2 * 2**30
+
+
+def estimated_bytes(case: OpCase, provider: str, itemsize: int) -> int:
+    """Memory one (case, provider) row needs at its peak, roughly: q, k, v and an output in the run's
+    dtype; the float64 gold and its error (the correctness gate); and the provider's own: official A's
+    (F·S)² boolean mask per CFG group, which SDPA turns into an additive mask in the run's dtype and pads
+    (two copies); official B's per-frame keys and values; dense SDPA's keys and values."""
+    elements = case.batch * case.heads * case.sequence * case.head_dim
+    need = 4 * elements * itemsize
+    if provider not in UNGATED:
+        need += 2 * elements * 8
+    joined = case.frames * case.sequence
+    refs = round(case.rate * case.tokens)
+    if provider in ("official_a", "flex"):
+        need += case.groups * joined * joined * (1 + (2 * itemsize if provider == "official_a" else 0))
+    elif provider in ("official_b", "sdpa_dense"):
+        keys = case.sequence + refs * (case.frames - 1)
+        need += 2 * case.groups * case.heads * keys * case.head_dim * itemsize
+    return need
+
+
+def skip_reason(case: OpCase, provider: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why (case, provider) is not run on ``device``: its ``estimated_bytes`` exceed the device's free
+    memory (CUDA: ``mem_get_info``; a CPU: ``CPU_BUDGET_BYTES``); None when it fits."""
+    need = estimated_bytes(case, provider, torch.empty((), dtype=dtype).element_size())
+    if device.type == "cuda":
+        free, what = torch.cuda.mem_get_info(device)[0], "free on the GPU"
+    else:
+        free, what = CPU_BUDGET_BYTES, "allowed on a CPU"
+    if need <= free:
+        return None
+    return f"skipped: needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB {what}"
+
+
 def run_op_suite(
     cases: list[OpCase],
     providers: list[str],
@@ -161,13 +242,19 @@ def run_op_suite(
     rows = []
     progress = progress_bar(len(cases) * len(providers), "op suite", "run", default_progress())
     for case in cases:
-        inputs = make_case_inputs(case, dtype, device)
         flops = case_flops(case)
+        skips = {name: skip_reason(case, name, device, dtype) for name in providers}
+        inputs = None if all(skips.values()) else make_case_inputs(case, dtype, device)
         bound = None
         for name in providers:
             progress.set_postfix_str(f"{case.name} {name}")
             row = {**asdict(case), "provider": name, "dtype": str(dtype).removeprefix("torch."), **env}
             row.update(gflop=flops / 1e9, ms=None, tflops=None, peak_extra_mib=None, max_err=None)
+            if skips[name]:
+                row["status"] = skips[name]
+                rows.append(row)
+                progress.update()
+                continue
             try:
                 fn = setup_provider(name, inputs)
                 if name not in UNGATED:

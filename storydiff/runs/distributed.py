@@ -30,6 +30,8 @@ import torch.distributed as dist
 
 from csa_kernels.pool import index_tensor
 
+from ..families.wan import latent_frames
+
 
 @dataclass(frozen=True)
 class Partition:
@@ -264,6 +266,42 @@ def bank_bytes_per_step(
         for tokens, channels in layers
     )
     return groups * frames * itemsize * per_frame
+
+
+def shot_tokens(shot_frames: int, height: int, width: int, *, patch: int = 16) -> int:
+    """Video tokens of one shot (Wan 2.x: ``families/wan.py``): T·h·w, T = ``latent_frames(shot_frames)``
+    (the VAE's 4x in time, the first frame alone), h = H / ``patch``, w = W / ``patch`` (the VAE's 8x, then
+    (1, 2, 2) patches): 81 frames at 832 x 480 give 21 x 30 x 52 = 32,760."""
+    return latent_frames(shot_frames) * (height // patch) * (width // patch)
+
+
+def video_bank_bytes_per_step(
+    *,
+    layers: int,
+    heads: int,
+    head_dim: int,
+    shot_frames: int,
+    height: int,
+    width: int,
+    shots: int,
+    rate: float,
+    groups: int = 2,
+    itemsize: int = 2,
+) -> int:
+    """Bytes of one character's bank for one step on a video family whose every consistent layer has the
+    same token grid (Wan: every block's ``attn1``), for ``shots`` identity shots: ``bank_bytes_per_step``
+    with "ours" over ``layers`` layers of N = ``shot_tokens`` tokens and C = H·D channels, i.e.
+    ``layers · 2 (K and V) · G · shots · round(r · T·h·w) · H · D · b``; G = 2: the two CFG passes write
+    the batched layout's two groups."""
+    tokens = shot_tokens(shot_frames, height, width)
+    return bank_bytes_per_step(
+        [(tokens, heads * head_dim)] * layers,
+        keeps="ours",
+        frames=shots,
+        groups=groups,
+        rate=rate,
+        itemsize=itemsize,
+    )
 
 
 def transfer_seconds(nbytes: int, bytes_per_second: float) -> float:

@@ -76,7 +76,7 @@ def test_embedded_configs_are_the_real_architectures():
             layers[provider] = len(apply_consistent_attention(flux, ConsistencyConfig(layers=preset)).layers)
             remove_consistent_attention(flux)
     assert layers == {"ours": 38, "ours_double": 19, "ours_all": 57}
-    assert set(PROVIDERS) == set(dit_suite.TEXT_TOKENS) == {"flux", "sd3"}
+    assert set(PROVIDERS) == set(dit_suite.TEXT_TOKENS) == {"flux", "sd3", "wan", "wan14b"}
 
 
 def test_bench_cli_dit_suite_writes_rows_and_plot(tmp_path, monkeypatch, capsys):

@@ -19,7 +19,9 @@ from storydiff.runs.distributed import (
     halo_bytes_per_frame,
     halo_bytes_per_layer,
     halo_bytes_per_step,
+    shot_tokens,
     transfer_seconds,
+    video_bank_bytes_per_step,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -203,6 +205,43 @@ def test_identity_bank_memory(readme, sdxl):
         f"NVLink's 450 GB/s, {_g(transfer_seconds(ours, 200 * GBIT) * 1e3, 2)} ms over 200 Gb/s InfiniBand, "
         f"{_g(transfer_seconds(ours, 1 * GBIT), 2)} s over 1 GbE",
     )
+
+
+def test_wan_bank_memory(readme):
+    """ "Identity-bank memory", Wan: tokens per shot, and the table for the real Wan 2.1 configs (built on the
+    meta device: their consistent layers, heads and head dims) at 480p, 81 frames, rate 0.1, 4 identity
+    shots, 50 steps (49 banked after the warm-up step under the stored schedule); and the op suite's official
+    A estimate the Benchmarks section quotes."""
+    from storydiff.benchmark.dit_suite import WAN_1_3B_CONFIG, WAN_14B_CONFIG
+    from storydiff.benchmark.op_suite import estimated_bytes, wan_cases
+    from storydiff.consistency.config import ConsistencyConfig
+    from storydiff.consistency.install import install
+    from storydiff.families.wan import WanFamily, latent_frames
+
+    tokens = shot_tokens(81, 480, 832)
+    expect(readme, f"81 frames at 832 × 480 are {latent_frames(81)} × {480 // 16} × {832 // 16} = {tokens:,}")
+    expect(readme, f"at 1280 × 720, {shot_tokens(81, 720, 1280):,})")
+    expect(readme, f"rate 0.1 ({round(0.1 * tokens):,} sampled tokens per shot)")
+    warmup = ConsistencyConfig().warmup_steps
+    for name, config in (("Wan-1.3B", WAN_1_3B_CONFIG), ("Wan-14B", WAN_14B_CONFIG)):
+        with torch.device("meta"):
+            transformer = WanFamily.denoiser_class(**config)
+        state = install(WanFamily.host(transformer), ConsistencyConfig())
+        ((heads, dim),) = {tuple(state.host["layers"][layer.name]) for layer in state.layers}
+        layers = len(state.layers)
+
+        shape = {"layers": layers, "heads": heads, "head_dim": dim, "shot_frames": 81, "height": 480}
+        per_shot, four = (
+            video_bank_bytes_per_step(**shape, width=832, shots=shots, rate=0.1) for shots in (1, 4)
+        )
+        assert four == 4 * per_shot == layers * 2 * 2 * 4 * round(0.1 * tokens) * heads * dim * 2
+        expect(
+            readme,
+            f"| {name} ({layers} layers, {heads} heads × {dim}) | {per_shot / GiB:.2f} GiB | "
+            f"{four / GiB:.2f} GiB | {(50 - warmup) * four / GiB:.1f} GiB |",
+        )
+    official_a = estimated_bytes(wan_cases()[0], "official_a", 2)
+    expect(readme, f"(official A at Wan-1.3B needs about {official_a / GiB:.0f} GiB in bf16)")
 
 
 def test_bank_formula_matches_the_traffic_formula():
