@@ -50,7 +50,8 @@ def dit(model: str = "wan", shot_frames: str = "81") -> None:
     cases = [dit_suite.wan_case(model, int(shot_frames))] if size == "full" else dit_suite.cpu_cases(("wan",))
     rows = dit_suite.run_dit_suite(cases, size=size, device=DEVICE, dtype=DTYPE, env=env)
     print(dit_suite.format_dit_table(rows))
-    print(*save_rows(rows, OUT, f"dit-{size}-{model}-{shot_frames}f", env["device"]), sep="\n")
+    stem = f"dit-full-{model}-{shot_frames}f" if size == "full" else "dit-tiny-wan"
+    print(*save_rows(rows, OUT, stem, env["device"]), sep="\n")
 
 
 def vram(model: str = "random-wan", steps: str = "4") -> None:
@@ -79,9 +80,8 @@ def vram(model: str = "random-wan", steps: str = "4") -> None:
     rows = [{**row, "model": model, "family": "wan", "height": height, "width": width, **env} for row in rows]
     for row in rows:
         peak = row["peak_bytes"] / 2**30 if row["peak_bytes"] else float("nan")
-        bank = (row["bank_peak_bytes"] or 0) / 2**30
-        shots, status = row["frames"], row["status"]
-        print(f"{row['mode']:<14} {shots} shots  peak {peak:7.2f} GiB  bank {bank:7.3f} GiB  {status}")
+        bank, shots, status = row["bank_peak_bytes"] or 0, row["frames"], row["status"]
+        print(f"{row['mode']:<14} {shots} shots  peak {peak:7.2f} GiB  bank {bank:,} bytes alive  {status}")
     json_path, csv_path = save_rows(rows, OUT, f"vram-{model}", env["device"])
     timeline = write_json_file(
         json_path.with_name(json_path.stem + "_timeline.json"), timeline_rows(timelines)
