@@ -399,9 +399,11 @@ class StoryDiffusionPipeline:
         for index, (first, last) in enumerate(pairs):
             if not isinstance(first, Image.Image) or not (last is None or isinstance(last, Image.Image)):
                 raise ValueError(f"keyframes[{index}]: expected a PIL image or (first, last) images")
-        return tuple(
+        pairs = tuple(
             (first.convert("RGB"), None if last is None else last.convert("RGB")) for first, last in pairs
         )
+        self.family.check_keyframes(pairs)
+        return pairs
 
     def _encode_references(
         self, story: Story, reference: dict, adapter: dict | None

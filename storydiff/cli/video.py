@@ -12,10 +12,15 @@ def register(subparsers, parents: list) -> None:
     parser = subparsers.add_parser(
         "video",
         parents=parents,
-        help="transition videos between consecutive frames of a story (Stable Video Diffusion)",
-        description="Transition videos between consecutive frames of a story (a `storydiff generate` folder "
-        "or a folder of PNGs) with Stable Video Diffusion, each frame conditioned on its own CLIP embedding: "
-        "predicted by a Semantic Motion Predictor (--predictor) or linearly interpolated.",
+        help="animate a story: transition videos (Stable Video Diffusion) or consistent shots (Wan I2V)",
+        description="Animate a story generated as images (a `storydiff generate` folder). With Stable Video "
+        "Diffusion (--model tiny-svd or an SVD model; --svd is the same flag): transition videos between "
+        "consecutive frames, each frame conditioned on its own CLIP embedding, predicted by a Semantic "
+        "Motion Predictor (--predictor) or linearly interpolated. With a Wan 2.x image-to-video model "
+        "(--model tiny-wan-i2v or a Wan I2V folder): each frame becomes a shot starting on it, the shots "
+        "kept consistent by consistent attention (identity banks, as in generate); --transitions makes "
+        "first-last-frame clips from each frame to the next instead, each attending to its neighbours "
+        "(window mode; Wan 2.1 FLF2V or Wan 2.2 I2V models).",
     )
     parser.add_argument("--story-dir", required=True, help="story folder (frames/ + metadata.json, or PNGs)")
     parser.add_argument("--out", required=True, help="output folder for the clips and the story video")
@@ -24,10 +29,27 @@ def register(subparsers, parents: list) -> None:
         action="store_true",
         help="replace the story video and clips already in --out (default: refuse)",
     )
-    parser.add_argument(
+    models = parser.add_mutually_exclusive_group(required=True)
+    models.add_argument(
+        "--model",
+        help="the video model: a Stable Video Diffusion or Wan 2.x image-to-video path or hub id, or "
+        "offline random weights: tiny-svd, tiny-wan-i2v, tiny-wan-flf2v, tiny-wan2.2-i2v (default: none; "
+        "give --model or --svd)",
+    )
+    models.add_argument(
         "--svd",
-        required=True,
-        help="Stable Video Diffusion path or hub id, or tiny-svd (random weights, offline)",
+        help="a Stable Video Diffusion model, as before --model took Wan models too (default: none)",
+    )
+    parser.add_argument(
+        "--transitions",
+        action="store_true",
+        help="Wan: a first-last-frame clip from each frame to the next, instead of a shot per frame",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="Wan: consistent attention's sampling rate across shots (default: the library's)",
     )
     parser.add_argument(
         "--predictor",
@@ -39,13 +61,17 @@ def register(subparsers, parents: list) -> None:
         "--frames",
         type=positive_int,
         default=None,
-        help="frames per clip, at least 3: start, intermediates, end (default: predictor's + 2, else SVD's)",
+        help="frames per clip: SVD at least 3 (default: predictor's + 2, else SVD's); Wan 4k+1 (default: the "
+        "model's, 81)",
     )
     parser.add_argument(
         "--steps", type=positive_int, default=25, help="denoising steps (default: %(default)s)"
     )
     parser.add_argument(
-        "--size", type=video_size, default=None, help="WxH (default: 64x64 for tiny-svd, else 1024x576)"
+        "--size",
+        type=video_size,
+        default=None,
+        help="WxH (default: SVD 1024x576, tiny-svd 64x64; Wan: the story frames' size)",
     )
     parser.add_argument(
         "--seed",
@@ -56,8 +82,8 @@ def register(subparsers, parents: list) -> None:
     parser.add_argument(
         "--fps",
         type=positive_int,
-        default=7,
-        help="frames per second of the files, and SVD's fps condition (default: %(default)s)",
+        default=None,
+        help="frames per second of the files, and SVD's fps condition (default: 7 for SVD, 16 for Wan)",
     )
     parser.add_argument(
         "--motion-bucket-id",
@@ -107,7 +133,94 @@ def _check_video_folder(out: str, overwrite: bool) -> None:
         )
 
 
+def _is_svd(model: str) -> bool:
+    """Whether ``model`` names Stable Video Diffusion (tiny-svd, or a folder whose pipeline is SVD's)."""
+    import json
+    from pathlib import Path
+
+    from ..families.reserved import TINY_SVD
+    from ..families.svd import SVDPipeline
+
+    index = Path(model).expanduser() / "model_index.json"
+    if model == TINY_SVD or "stable-video-diffusion" in model.lower():
+        return True
+    return (
+        index.is_file() and json.loads(index.read_text()).get("_class_name") == "StableVideoDiffusionPipeline"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.svd is None and not _is_svd(args.model):
+        return run_wan(args)
+    args.model = args.model or args.svd
+    if args.transitions or args.rate is not None:
+        flag = "--transitions" if args.transitions else "--rate"
+        return fail(
+            f"{flag} applies to Wan image-to-video models; Stable Video Diffusion always makes transitions"
+        )
+    if args.fps is None:
+        args.fps = 7
+    return run_svd(args)
+
+
+def run_wan(args: argparse.Namespace) -> int:
+    """Shots (or transitions) of a Wan I2V model from the story's frames: one story run, consistent."""
+    from ..consistency.config import ConsistencyConfig, InvalidSetting
+    from ..models.loading import ModelLoadError, load_pipeline
+    from ..motion.keyframe_video import keyframe_story, transition_story
+    from ..pipeline import StoryDiffusionPipeline
+    from ..runs.settings import RunSettings
+    from ..support.progress import default_progress
+
+    svd_only = {"--predictor": args.predictor, "--decode-chunk-size": args.decode_chunk_size}
+    svd_only["--motion-bucket-id"] = args.motion_bucket_id if args.motion_bucket_id != 127 else None
+    svd_only["--noise-aug-strength"] = args.noise_aug_strength if args.noise_aug_strength != 0.02 else None
+    given = [flag for flag, value in svd_only.items() if value is not None]
+    if given:
+        return fail(f"{given[0]} applies to Stable Video Diffusion, not Wan models")
+    try:
+        device = resolve_device(args.device)
+        check_output_dir(args.out)
+        story, keyframes = (transition_story if args.transitions else keyframe_story)(args.story_dir)
+        width, height = args.size or keyframes[0][0].size
+        settings = RunSettings(
+            # transitions show several characters each: neighbouring clips, not identity banks
+            mode="window" if args.transitions else "bank",
+            num_inference_steps=args.steps,
+            seed=args.seed,
+            height=height,
+            width=width,
+            shot_frames=args.frames,
+            fps=args.fps,
+            style="none",  # the keyframes have their style already; the story's prompts describe them
+        )
+        config = ConsistencyConfig() if args.rate is None else ConsistencyConfig(rate=args.rate)
+        pipe = load_pipeline(args.model, device=device, dtype=resolve_dtype(args.dtype))
+        story_pipe = StoryDiffusionPipeline(pipe, config, model_name=args.model)
+        if not story_pipe.family.needs_keyframes:
+            return fail(
+                f"--model {args.model} makes video from text: use `storydiff generate --model {args.model}`"
+            )
+        keyframes = [
+            (first.resize((width, height)), last and last.resize((width, height)))
+            for first, last in keyframes
+        ]
+        result = story_pipe(
+            story,
+            settings,
+            out_dir=args.out,
+            overwrite=args.overwrite,
+            keyframes=keyframes,
+            progress=default_progress(),
+        )
+    except (FileNotFoundError, FileExistsError, ValueError, InvalidSetting, ModelLoadError) as exc:
+        return fail(str(exc))
+    what = "transition clips" if args.transitions else "shots"
+    print(f"{len(result.images)} {what}, the story video and storyboard written to {result.out_dir}")
+    return 0
+
+
+def run_svd(args: argparse.Namespace) -> int:
     from ..families.reserved import TINY_SVD
     from ..models.loading import ModelLoadError, load_svd_pipeline
     from ..motion.model import load_predictor
@@ -127,8 +240,8 @@ def run(args: argparse.Namespace) -> int:
             )
         # The predictor first: it loads in a moment, and a bad path should not wait for the video model.
         predictor = load_predictor(args.predictor, device) if args.predictor else None
-        svd_pipe = load_svd_pipeline(args.svd, device, resolve_dtype(args.dtype))
-        width, height = args.size or ((64, 64) if args.svd == TINY_SVD else (1024, 576))
+        svd_pipe = load_svd_pipeline(args.model, device, resolve_dtype(args.dtype))
+        width, height = args.size or ((64, 64) if args.model == TINY_SVD else (1024, 576))
         with warnings.catch_warnings():
             # The note printed below says it once; the per-file warning would repeat it.
             warnings.filterwarnings("ignore", message="MP4 not written", category=RuntimeWarning)

@@ -1,0 +1,138 @@
+"""`storydiff video --model WAN_I2V`: an image story animated shot by shot, or as first–last-frame
+transitions (motion/keyframe_video.py), with consistent attention across the clips.
+
+- shots: a clip per story frame, starting on it (tests/pipeline/test_wan.py: each shot's own keyframe);
+- transitions between 3 keyframes make 2 clips; at rate 0 each clip is the stock pipeline's first–last-
+  frame clip for its two keyframes, bit for bit; consistency changes them;
+- --svd still names SVD models; bad combinations are one line and exit 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import pairwise
+
+import pytest
+import torch
+from PIL import Image
+from story_helpers import recorded_latents, stacked
+
+from storydiff import ConsistencyConfig, StoryDiffusionPipeline
+from storydiff.cli import main
+from storydiff.families.registry import family_of
+from storydiff.families.tiny_models import build_tiny_pipeline
+from storydiff.motion.keyframe_video import keyframe_story, transition_story
+
+STORY = """\
+[Bob] a man with red hair
+[Alice] a woman in a yellow dress
+---
+[Bob] walks in the park #the walk
+[Alice] waters the flowers
+[Bob] and [Alice] have dinner together
+"""
+
+
+@pytest.fixture(scope="module")
+def image_story(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("story")
+    story = folder / "story.txt"
+    story.write_text(STORY)
+    args = [
+        "generate",
+        "--model",
+        "tiny-sd15",
+        "--story",
+        str(story),
+        "--steps",
+        "1",
+        "--out",
+        str(folder / "out"),
+    ]
+    assert main([*args, "--id-frames", "1", "--height", "32", "--width", "32"]) == 0
+    return folder / "out"
+
+
+def video(story_dir, out, *args):
+    return main(
+        ["video", "--story-dir", str(story_dir), "--out", str(out), "--steps", "2", "--frames", "5", *args]
+    )
+
+
+def test_shots_of_an_image_story(image_story, tmp_path):
+    assert video(image_story, tmp_path / "v", "--model", "tiny-wan2.2-i2v") == 0
+    folder = tmp_path / "v"
+    assert sorted(p.name for p in (folder / "shots").glob("shot_*.gif")) == [
+        f"shot_{i:03d}.gif" for i in range(3)
+    ]
+    assert len(list((folder / "shots" / "shot_002").glob("frame_*.png"))) == 5
+    metadata = json.loads((folder / "metadata.json").read_text())
+    assert metadata["status"] == "complete" and metadata["model"] == "tiny-wan2.2-i2v"
+    assert metadata["settings"]["shot_frames"] == 5
+
+
+def test_transitions_are_the_stock_first_last_frame_clips_at_rate_zero(image_story):
+    """3 keyframes → 2 clips, clip i from keyframe i to keyframe i + 1: each clip (run on its own, rate 0)
+    is the stock pipeline's clip for image=keyframe i, last_image=keyframe i + 1, bit for bit."""
+    pipe = build_tiny_pipeline("tiny-wan2.2-i2v", progress_bar=False)
+    story, keyframes = transition_story(image_story)
+    assert len(keyframes) == 2 and len(story.frames) == 2
+    frames = [Image.open(image_story / "frames" / f"frame_{i:03d}.png").convert("RGB") for i in range(3)]
+    for (first, last), (before, after) in zip(keyframes, pairwise(frames), strict=True):
+        assert first.tobytes() == before.tobytes() and last.tobytes() == after.tobytes()
+    run = {"num_inference_steps": 2, "seed": 3, "shot_frames": 5, "height": 32, "width": 32, "style": "none"}
+    run |= {"mode": "window", "chunk_size": 1, "progress": False, "keyframes": keyframes}
+    outputs = {}
+    for rate in (0.0, 0.5):
+        sp = StoryDiffusionPipeline(pipe, ConsistencyConfig(rate=rate, warmup_steps=0))
+        with recorded_latents() as latents:
+            result = sp(story, **run)
+        sp.close()
+        outputs[rate] = stacked(latents)
+    prompts, seeds = result.metadata["prompts"], result.metadata["frame_seeds"]
+    family_of(pipe)  # prompt cleaning without ftfy, as the family sets it up
+    for clip, (first, last) in enumerate(keyframes):
+        stock = pipe(
+            image=first,
+            last_image=last,
+            prompt=prompts[clip],
+            negative_prompt=result.metadata["negative_prompts"][clip],
+            num_frames=5,
+            height=32,
+            width=32,
+            num_inference_steps=2,
+            max_sequence_length=pipe.tokenizer.model_max_length,
+            generator=torch.Generator().manual_seed(seeds[clip]),
+            output_type="latent",
+        ).frames
+        assert torch.equal(outputs[0.0][clip : clip + 1], stock), clip
+    assert not torch.equal(outputs[0.5], outputs[0.0])
+
+
+def test_keyframe_story_is_the_image_story(image_story):
+    story, keyframes = keyframe_story(image_story)
+    assert [f.characters for f in story.frames] == [("Bob",), ("Alice",), ("Bob", "Alice")]
+    assert all(last is None for _, last in keyframes)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "tiny-wan-i2v", "--transitions"], "FLF2V"),
+        (["--model", "tiny-wan"], "storydiff generate"),
+        (["--model", "tiny-svd", "--transitions"], "--transitions applies to Wan"),
+        (["--model", "tiny-wan2.2-i2v", "--predictor", "p"], "--predictor applies to Stable Video Diffusion"),
+        (["--model", "tiny-wan2.2-i2v", "--frames", "6"], "4k+1"),
+    ],
+    ids=["i2v-cannot-end", "text-to-video", "svd-transitions", "svd-flag", "frames"],
+)
+def test_refusals(image_story, tmp_path, capsys, args, message):
+    assert video(image_story, tmp_path / "out", *args) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error:") and message in error, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_and_svd_together_are_refused(image_story, tmp_path, capsys):
+    assert video(image_story, tmp_path / "out", "--model", "tiny-svd", "--svd", "tiny-svd") == 2
+    assert "not allowed with" in capsys.readouterr().err
