@@ -144,9 +144,7 @@ def _is_svd(model: str) -> bool:
     index = Path(model).expanduser() / "model_index.json"
     if model == TINY_SVD or "stable-video-diffusion" in model.lower():
         return True
-    return (
-        index.is_file() and json.loads(index.read_text()).get("_class_name") == "StableVideoDiffusionPipeline"
-    )
+    return index.is_file() and json.loads(index.read_text()).get("_class_name") == SVDPipeline.__name__
 
 
 def run(args: argparse.Namespace) -> int:
