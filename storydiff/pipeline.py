@@ -112,6 +112,7 @@ class StoryDiffusionPipeline:
         self.model_name = model_name or type(pipe).__name__
         self.family = family_of(pipe)  # how this pipeline's model family takes a step
         self.state = apply_consistent_attention(pipe, self.config)
+        self.config = self.state.config  # the family's default rate filled in
         self.loaded_banks: dict[str, dict] = {}  # character -> {"path", "sha256"} of banks read from disk
         # how the model was loaded, beyond its name (from_pretrained): recorded so a resume loads the same
         self.model_files: dict = {"model_config": None, "loras": []}

@@ -11,6 +11,9 @@ LAYER_PRESETS = ("default", "all", "up", "up+mid", "single", "double")
 ROPE_POLICIES = ("source", "shift", "none")
 # window mode's window when none is given: story neighbours within 2 frames (ConsistencyConfig.resolved)
 WINDOW_MODE_WINDOW = 2
+# the rate when neither the config nor the model family names one: the official one (images); a family's
+# Host.default_rate overrides it for its models (Wan video: 0.1, families/wan.py)
+DEFAULT_RATE = 0.5
 
 
 class InvalidSetting(ValueError):
@@ -33,7 +36,8 @@ class ConsistencyConfig:
 
     Attributes:
         rate: fraction of each frame's tokens offered to the other frames, for every level not in
-            ``level_rates``. Official default 0.5 (its HF Space uses 0.7).
+            ``level_rates``. None (default): the model family's — 0.5 for image models (the official
+            default; its HF Space uses 0.7), 0.1 for Wan video (``install`` fills it in).
         level_rates: per-level rates keyed by the level's downsampling factor relative to the image:
             8 (full latent resolution), 16, 32, 64. Official ``sa32`` is ``level_rates[32]`` and ``sa64``
             is ``level_rates[16]`` (the names count latent pixels at 1024²).
@@ -62,7 +66,7 @@ class ConsistencyConfig:
             None means "on when running on CUDA".
     """
 
-    rate: float = 0.5
+    rate: float | None = None
     level_rates: dict[int, float] = field(default_factory=dict)
     layers: str | list[str] | Callable[[str], bool] = "default"
     warmup_steps: int = 1
@@ -76,7 +80,8 @@ class ConsistencyConfig:
     rope: str = "source"
 
     def __post_init__(self) -> None:
-        _check_rate("rate", self.rate)
+        if self.rate is not None:
+            _check_rate("rate", self.rate)
         for level, rate in self.level_rates.items():
             if level not in (8, 16, 32, 64):
                 problem = f"keys must be level factors 8, 16, 32 or 64, got {level!r}"
@@ -110,7 +115,13 @@ class ConsistencyConfig:
         return self
 
     def rate_for(self, level_factor: int) -> float:
-        return float(self.level_rates.get(level_factor, self.rate))
+        rate = DEFAULT_RATE if self.rate is None else self.rate
+        return float(self.level_rates.get(level_factor, rate))
+
+    def with_default_rate(self, rate: float) -> ConsistencyConfig:
+        """This config with ``rate`` where it leaves the rate to the model (``rate`` None): what
+        ``install`` does with its host's ``default_rate``."""
+        return self if self.rate is not None else replace(self, rate=rate)
 
     def skip_prob(self, step: int) -> float:
         return self.skip_prob_early if step < self.skip_switch_step else self.skip_prob_late

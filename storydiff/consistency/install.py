@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import ConsistencyConfig, InvalidSetting
+from .config import DEFAULT_RATE, ConsistencyConfig, InvalidSetting
 from .processors import BINDING_ATTR, Binding, BoundProcessor
 from .state import ConsistencyState, LayerInfo
 
@@ -36,6 +36,8 @@ class Host:
     # further denoisers of the same architecture that run other steps of the same story (Wan 2.2's
     # low-noise expert): they get the same layers' processors, bound to the same state
     experts: tuple[torch.nn.Module, ...] = ()
+    # the rate a config without one (ConsistencyConfig.rate None) gets on this host
+    default_rate: float = DEFAULT_RATE
 
 
 def selector(host: Host, config: ConsistencyConfig) -> Callable[[str], bool]:
@@ -78,6 +80,7 @@ def install(host: Host, config: ConsistencyConfig) -> ConsistencyState:
             "position embedding, so borrowed keys carry no position to move: use 'source', "
             f"got {config.rope!r}",
         )
+    config = config.with_default_rate(host.default_rate)
     denoiser = host.denoiser
     if hasattr(denoiser, _STATE_ATTR):
         uninstall(denoiser)

@@ -37,6 +37,9 @@ from ..consistency.rope import RotaryProcessor, Rotation, reposition_for
 from ..consistency.state import COND, ConsistencyState, LayerInfo
 from .base import TransformerFamily, text_length
 
+# a shot offers rate x T·h·w tokens to every other shot (32,760 tokens a shot at 480p / 81 frames): 0.1
+# keeps a 3-shot pool at 6,552 keys, a fifth of a shot's own; images default to 0.5 of ~4,096
+DEFAULT_VIDEO_RATE = 0.1
 DEFAULT_SHOT_FRAMES = 81  # Wan's own default clip: 5 s at 16 fps
 DEFAULT_FPS = 16.0  # Wan's
 DEFAULT_SIDE = 480  # 480p; Wan's native 832 x 480 is --width 832 --height 480
@@ -85,6 +88,7 @@ class WanFamily(TransformerFamily):
             lambda name: WanConsistentProcessor,
             rope=True,
             options={"pos_embed": denoiser.rope},
+            default_rate=DEFAULT_VIDEO_RATE,
         )
 
     @classmethod

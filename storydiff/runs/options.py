@@ -420,7 +420,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "rate",
         "consistency",
-        "share of tokens each frame offers, 0..1 (default: {default})",
+        "share of tokens each frame offers, 0..1 (default: the model's — 0.5 for images, 0.1 for Wan "
+        "video: its shots have tens of thousands of tokens)",
         owner="consistency",
         parse=float,
         suite=True,

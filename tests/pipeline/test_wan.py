@@ -196,6 +196,15 @@ def test_shift_lands_outside_every_position_of_the_reading_shot():
 
 def test_the_family():
     pipe = build("tiny-wan")
+    # a config without a rate takes the family's: 0.1 for video, 0.5 (the official) for images
+    state = apply_consistent_attention(pipe, ConsistencyConfig())
+    remove_consistent_attention(pipe)
+    image_pipe = build_tiny_pipeline("tiny-sd15", progress_bar=False)
+    image_state = apply_consistent_attention(image_pipe, ConsistencyConfig())
+    remove_consistent_attention(image_pipe)
+    assert state.config.rate == 0.1 and image_state.config.rate == 0.5
+    assert apply_consistent_attention(pipe, ConsistencyConfig(rate=0.3)).config.rate == 0.3
+    remove_consistent_attention(pipe)
     family = family_of(pipe)
     assert family.name == "wan" and family.video and family.cfg_passes == 2
     assert family.noise_shape(SIDE, SIDE) == (4, 3, 4, 4)

@@ -151,6 +151,7 @@ def test_cli_story_video(tmp_path):
     metadata = json.loads((folder / "metadata.json").read_text())
     assert metadata["status"] == "complete" and metadata["settings"]["shot_frames"] == 5
     assert metadata["settings"]["fps"] == 8.0
+    assert metadata["consistency"]["rate"] == 0.1  # Wan's default: shots have many tokens
     tree = read_tree(folder)
     assert tree and tree == read_tree(tmp_path / "b")  # same seed, same files
     assert generate(tmp_path, "w", "--model", "tiny-wan", "--mode", "window", "--chunk-size", "2") == 0
