@@ -69,6 +69,11 @@ class WanFamily(TransformerFamily):
     video: ClassVar[bool] = True
 
     def __init__(self, pipe) -> None:
+        if pipe.config.get("expand_timesteps"):
+            raise ValueError(
+                "Wan 2.2 TI2V-5B (expand_timesteps: a timestep per token) is not supported yet; use Wan 2.1 "
+                "or the Wan 2.2 A14B models"
+            )
         super().__init__(pipe)
         self.shot_frames = self.default_shot_frames
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from story_helpers import (
@@ -195,3 +196,43 @@ def test_a_wan_bank_is_refused_by_an_image_model(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "flux")]) == 2
     assert "bank" in capsys.readouterr().err
     assert not (tmp_path / "flux").exists()
+
+
+def test_memory_savers_give_the_same_shots(pipe):
+    """VAE slicing and tiling (Wan's VAE: tiles in space; forced small here so they really run) and model
+    CPU offload (hooks moving each model as it runs; on a CPU nothing moves) as for image stories."""
+    plain = story(pipe, id_frames=1).images
+    tiled = build_tiny_pipeline("tiny-wan", progress_bar=False)
+    tiled.vae.enable_slicing()
+    tiled.vae.enable_tiling(
+        tile_sample_min_height=16,
+        tile_sample_min_width=16,
+        tile_sample_stride_height=8,
+        tile_sample_stride_width=8,
+    )
+    calls = []
+    tiled_decode = tiled.vae.tiled_decode
+    tiled.vae.tiled_decode = lambda *a, **k: calls.append(1) or tiled_decode(*a, **k)
+    tiles = story(tiled, id_frames=1).images
+    assert len(calls) == len(plain)
+    difference = [np.abs(pixels(a) - pixels(b)).mean() for a, b in zip(tiles, plain, strict=True)]
+    assert all(0 <= d < 16 for d in difference), difference
+    pytest.importorskip("accelerate")
+    offloaded = build_tiny_pipeline("tiny-wan", progress_bar=False)
+    offloaded.enable_model_cpu_offload(device="cpu")
+    assert hasattr(offloaded.transformer, "_hf_hook")
+    same = story(offloaded, id_frames=1).images
+    assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(same, plain, strict=True))
+
+
+def pixels(shot) -> np.ndarray:
+    return np.stack([np.asarray(frame, dtype=np.int16) for frame in shot])
+
+
+def test_wan_22_ti2v_5b_is_refused_in_one_line(tmp_path):
+    from storydiff.families.registry import family_of
+
+    pipe = build_tiny_pipeline("tiny-wan", progress_bar=False)
+    pipe.register_to_config(expand_timesteps=True)
+    with pytest.raises(ValueError, match="TI2V-5B"):
+        family_of(pipe)
