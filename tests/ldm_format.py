@@ -171,8 +171,11 @@ def write_single_file(pipe: DiffusionPipeline, path: Path) -> Path:
     return path
 
 
-def write_random_lora(unet: torch.nn.Module, path: Path, seed: int, rank: int) -> dict[str, tuple]:
-    """A random LoRA on every attention projection, in diffusers' key layout; returns {module: (A, B)}."""
+def write_random_lora(
+    unet: torch.nn.Module, path: Path, seed: int, rank: int, prefix: str = "unet"
+) -> dict[str, tuple]:
+    """A random LoRA on every attention projection, in diffusers' key layout (keys under ``prefix``: the
+    pipeline's denoiser attribute); returns {module: (A, B)}."""
     g = torch.Generator().manual_seed(seed)
     factors = {}
     for name, module in unet.named_modules():
@@ -182,7 +185,7 @@ def write_random_lora(unet: torch.nn.Module, path: Path, seed: int, rank: int) -
                 torch.randn(rank, module.in_features, generator=g) / module.in_features**0.5,
                 torch.randn(module.out_features, rank, generator=g) * 0.1,
             )
-    tensors = {f"unet.{n}.lora_A.weight": a for n, (a, _) in factors.items()}
-    tensors |= {f"unet.{n}.lora_B.weight": b for n, (_, b) in factors.items()}
+    tensors = {f"{prefix}.{n}.lora_A.weight": a for n, (a, _) in factors.items()}
+    tensors |= {f"{prefix}.{n}.lora_B.weight": b for n, (_, b) in factors.items()}
     save_file(tensors, path)
     return factors

@@ -316,3 +316,24 @@ def test_kohya_lora_layout(stock: DiffusionPipeline, loras: dict, tmp_path: Path
     pipe = load_pipeline("tiny-sdxl", loras=[(str(path), 1.0)], progress_bar=False)
     expected = _merged(stock.unet, [(factors, 1.0)])
     torch.testing.assert_close(_unet_out(pipe.unet), _unet_out(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_on_wan(tmp_path: Path) -> None:
+    """diffusers loads LoRA into Wan's transformer (WanLoraLoaderMixin): --lora works on video models."""
+    stock = build_tiny_pipeline("tiny-wan", progress_bar=False)
+    path = tmp_path / "wan.safetensors"
+    factors = write_random_lora(stock.transformer, path, seed=5, rank=2, prefix="transformer")
+    assert factors
+
+    def out(transformer) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        latents = torch.randn(1, 4, 3, 4, 4, generator=gen)
+        text = torch.randn(1, 8, 32, generator=gen)
+        with torch.no_grad():
+            return transformer(latents, torch.tensor([500]), text, return_dict=False)[0]
+
+    loaded = load_pipeline("tiny-wan", loras=[(str(path), 1.0)], progress_bar=False)
+    assert loaded.get_list_adapters() == {"transformer": ["lora_0"]}
+    expected = out(_merged(stock.transformer, [(factors, 1.0)]))
+    assert not torch.allclose(expected, out(stock.transformer), atol=1e-3)
+    torch.testing.assert_close(out(loaded.transformer), expected, atol=1e-5, rtol=1e-5)
