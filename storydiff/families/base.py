@@ -140,6 +140,14 @@ class Family:
 
     def set_timesteps(self, scheduler, steps: int, height: int, width: int) -> torch.Tensor:
         scheduler.set_timesteps(steps, device=self.device)
+        timesteps, trained = scheduler.timesteps, scheduler.config.get("num_train_timesteps")
+        if trained and len(timesteps) and not timesteps.is_floating_point():
+            # "leading" spacing adds steps_offset after spacing: with as many steps as training timesteps
+            # the first is num_train_timesteps, one past the model's last (DDIM, PNDM index their alphas
+            # with it). Shifted down, the schedule is every trained timestep, as "trailing" gives.
+            over = int(timesteps.max()) - trained + 1
+            if over > 0:
+                scheduler.timesteps = timesteps - over
         return scheduler.timesteps
 
     def check_settings(self, settings) -> None:

@@ -8,8 +8,48 @@ the diffusers range stated in ``setup.py``.
 
 from __future__ import annotations
 
+import logging
+import re
+
 import torch
 import transformers
+
+
+class _TorchvisionFallbackFilter(logging.Filter):
+    """Drops transformers 5's one "`XImageProcessor` requires torchvision (not installed); falling back to
+    `XImageProcessorPil`" line, and nothing else."""
+
+    FALLBACK = re.compile(
+        r"`\w+ImageProcessor` requires torchvision \(not installed\); falling back to `\w+Pil`"
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.FALLBACK.match(record.getMessage())
+
+
+def _resolve_image_processors_quietly(*names: str) -> None:
+    """Resolve the image processor classes diffusers' pipelines import (CLIP's, SigLIP's) once, quietly.
+
+    Without torchvision (no CPU build on our machines) transformers 5 falls back to the PIL class on the
+    first ``from transformers import CLIPImageProcessor`` and logs a warning, so every ``import storydiff``
+    path that reaches a diffusers pipeline printed it. The fallback is cached on the module, so diffusers'
+    own import later finds it without a word; the fallback is what we use anyway
+    (``clip_image_processor_class``).
+    """
+    from transformers.utils import import_utils, is_torchvision_available
+
+    if is_torchvision_available():
+        return
+    quiet = _TorchvisionFallbackFilter()
+    import_utils.logger.addFilter(quiet)
+    try:
+        for name in names:
+            getattr(transformers, name, None)
+    finally:
+        import_utils.logger.removeFilter(quiet)
+
+
+_resolve_image_processors_quietly("CLIPImageProcessor", "SiglipImageProcessor")
 
 
 def execution_device(pipe) -> torch.device:

@@ -304,3 +304,47 @@ def test_a_story_with_a_byte_order_mark_and_banks_readable_by_all(tmp_path, caps
     assert generate(tmp_path, out, "--save-banks", story="\ufeff" + STORY) == 0
     bank = out / "banks" / "Bob.safetensors"
     assert bank.stat().st_mode & 0o777 == (out / "metadata.json").stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize("mode", ["bank", "window"])
+def test_more_steps_than_the_scheduler_takes_are_refused_before_the_folder(tmp_path, capsys, mode):
+    out = tmp_path / "out"
+    assert generate(tmp_path, out, "--mode", mode, "--steps", "20000") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --steps 20000 ") and "at most 1000" in err[0], err
+    assert not out.exists()
+
+
+def test_as_many_steps_as_training_timesteps_stay_in_the_trained_range():
+    """DDIM's "leading" spacing plus steps_offset 1 made the first of 1000 steps timestep 1000, which
+    DDIM indexes its 1000 alphas with (IndexError in both modes)."""
+    import torch
+
+    from storydiff.families.registry import family_of
+    from storydiff.families.tiny_models import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("tiny-sdxl", progress_bar=False)
+    family = family_of(pipe)
+    assert pipe.scheduler.config.steps_offset == 1 and pipe.scheduler.config.timestep_spacing == "leading"
+    timesteps = family.set_timesteps(pipe.scheduler, 1000, 64, 64)
+    assert timesteps.tolist() == list(range(999, -1, -1)) and pipe.scheduler.timesteps is timesteps
+    latents = torch.randn(1, *family.noise_shape(64, 64))
+    for t in (timesteps[0], timesteps[-1]):
+        assert pipe.scheduler.step(torch.randn_like(latents), t, latents).prev_sample.isfinite().all()
+    # a schedule that fits is the scheduler's own
+    assert family.set_timesteps(pipe.scheduler, 999, 64, 64).tolist() == list(range(999, 0, -1))
+
+
+def test_importing_the_library_prints_nothing():
+    """transformers 5 warns once that CLIPImageProcessor falls back to its PIL class without torchvision;
+    the CLI hid it, ``import storydiff.models.loading`` printed it."""
+    # one process: the import says nothing, and the warning alone is dropped (the filter is gone after the
+    # import; another line of the same logger still shows)
+    code = (
+        "import storydiff.models.loading\n"
+        "from transformers.utils import import_utils\n"
+        "assert not import_utils.logger.filters\n"
+        "import_utils.logger.warning('another line')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stderr == "[transformers] another line\n"
