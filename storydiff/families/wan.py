@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import torch
 from diffusers import WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
-from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
+from diffusers.models.transformers import transformer_wan
 from PIL import Image
 
 from ..consistency.install import Host, installed_state
@@ -329,6 +329,17 @@ class WanImageToVideoFamily(WanFamily):
         return hidden_states, {"encoder_hidden_states_image": images}
 
 
+# diffusers renamed Wan's processor (WanAttnProcessor2_0 before 0.36); either is the stock math
+WanAttnProcessor = getattr(transformer_wan, "WanAttnProcessor", None) or transformer_wan.WanAttnProcessor2_0
+
+
+def projections(attn, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of Wan's self-attention, from its fused projection when ``fuse_projections`` made one."""
+    if getattr(attn, "fused_projections", False):
+        return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+
+
 def _rows(rotary_emb) -> Rotation:
     """Wan's (cos, sin), each (1, N, 1, D) with every value repeated per channel pair, as (N, D) rows."""
     cos, sin = rotary_emb
@@ -385,7 +396,7 @@ class WanConsistentProcessor(RotaryProcessor):
             return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
             raise ValueError(f"{layer.name}: consistent attention is for Wan's video self-attention (attn1)")
-        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key, value = projections(attn, hidden_states)
         query, key = attn.norm_q(query), attn.norm_k(key)
         query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
         rows = None

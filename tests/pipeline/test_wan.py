@@ -285,3 +285,25 @@ def test_image_encoder_models_take_the_keyframes_they_are_made_for(name, last):
     pipe = build(name)
     with pytest.raises(ValueError, match="FLF2V"):
         i2v_latents(pipe, PROMPTS[:1], [(keyframe(0), keyframe(1) if last else None)], ConsistencyConfig())
+
+
+def test_fused_projections_give_the_same_layer():
+    """``fuse_qkv_projections`` (one to_qkv linear): our processor reads it as the stock one does."""
+    pipe = build("tiny-wan")
+    attn = pipe.transformer.blocks[0].attn1
+    hidden = torch.randn(FRAMES, T * H * W, attn.inner_dim, generator=torch.Generator().manual_seed(4))
+    rotary = rope_rows(pipe.transformer, T)
+
+    def layer() -> torch.Tensor:
+        state = apply_consistent_attention(pipe, ConsistencyConfig(rate=0.5, **NO_SKIP))
+        try:
+            state.begin_joint(FRAMES)
+            with torch.no_grad():
+                return attn(hidden, None, None, rotary)
+        finally:
+            remove_consistent_attention(pipe)
+
+    separate = layer()
+    pipe.transformer.fuse_qkv_projections()
+    assert attn.fused_projections
+    torch.testing.assert_close(layer(), separate, rtol=1e-5, atol=1e-5)
