@@ -223,6 +223,9 @@ class StoryDiffusionPipeline:
         )
         side = self.default_size
         settings = settings.replace(height=settings.height or side, width=settings.width or side)
+        if self.family.video:  # the clip length and frame rate the run uses, recorded as such
+            shot_frames = settings.shot_frames or self.family.default_shot_frames
+            settings = settings.replace(shot_frames=shot_frames, fps=self.family.fps(settings))
         # the scheduler and FreeU asked for hold for this run (timesteps, bank signatures), undone after
         with run_sampler(self.family, settings.scheduler, settings.freeu):
             return self._run_story(

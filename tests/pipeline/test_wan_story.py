@@ -157,6 +157,12 @@ def test_cli_story_video(tmp_path):
     assert tree and tree == read_tree(tmp_path / "b")  # same seed, same files
     assert generate(tmp_path, "w", "--model", "tiny-wan", "--mode", "window", "--chunk-size", "2") == 0
     assert len(list((tmp_path / "w" / "shots").glob("shot_*.gif"))) == 5
+    window = json.loads((tmp_path / "w" / "metadata.json").read_text())["settings"]
+    assert (window["shot_frames"], window["fps"]) == (9, 16.0)  # the model's, recorded as used
+    # storydiff eval reads the shots: identity across shots, CLIP-T and stability within each shot
+    assert main(["eval", "--clip", "tiny", "--dino", "tiny", str(folder)]) == 0
+    report = json.loads((folder / "eval" / "report.json").read_text())
+    assert report["video"]["shot_frames"] == 5 and set(report["video"]["temporal"]) == {"clip_i", "dino"}
 
 
 @pytest.mark.parametrize(
