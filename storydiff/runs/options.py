@@ -202,8 +202,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "model",
         "model",
-        "diffusers model path or hub id (SD1.x/2.x, SDXL, FLUX.1, SD3/SD3.5, PixArt-Σ); offline random "
-        "weights: tiny-sdxl, tiny-sd15, random-sdxl, tiny-flux, tiny-sd3, tiny-pixart, random-flux (GPU)",
+        "diffusers model path or hub id (SD1.x/2.x, SDXL, FLUX.1, SD3/SD3.5, PixArt-Σ, Qwen-Image, Wan 2.x "
+        "text to video); offline random weights: tiny-sdxl, tiny-sd15, random-sdxl, tiny-flux, tiny-sd3, "
+        "tiny-pixart, tiny-qwen-image, tiny-wan, tiny-wan2.2, random-flux (GPU)",
         owner="cli",
         field=None,
         default=None,
