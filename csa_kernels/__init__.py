@@ -10,7 +10,7 @@ __version__ = "0.8.0"
 
 from .api import consistent_attention
 from .reference import attended_keys, consistent_attention_reference
-from .sampling import sample_reference_indices
+from .sampling import sample_masked_reference_indices, sample_reference_indices
 from .tolerance import ErrorBound, reference_error_bound
 
 __all__ = [
@@ -20,5 +20,6 @@ __all__ = [
     "consistent_attention",
     "consistent_attention_reference",
     "reference_error_bound",
+    "sample_masked_reference_indices",
     "sample_reference_indices",
 ]
