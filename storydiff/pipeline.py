@@ -12,6 +12,7 @@ Either mode can take a reference image per character (UNet models and FLUX, thro
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import platform
 import time
@@ -245,6 +246,7 @@ class StoryDiffusionPipeline:
     ) -> StoryResult:
         self.family.check_size(settings.height, settings.width)
         self.family.check_settings(settings)
+        self._check_steps(settings)
         keyframes = self._check_keyframes(story, keyframes)
         config = self.config.resolved(settings.mode)  # window mode's default window filled in
         # characters of this story with a bank already (loaded, or written by an earlier story)
@@ -385,6 +387,23 @@ class StoryDiffusionPipeline:
             output.save_pages(pages)
             output.finish(**memory, seconds=metadata["seconds"], pages=len(pages))
         return StoryResult(ordered, captions, pages, metadata, output.root if output else None, bank_bytes)
+
+    def _check_steps(self, settings: RunSettings) -> None:
+        """More steps than the scheduler takes (DDIM, DDPM, LCM refuse more than their training timesteps;
+        Euler, PNDM and flow matching take any number): refused before anything is written, tried on a copy
+        of the scheduler this run uses."""
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        steps, limit = settings.num_inference_steps, scheduler.config.get("num_train_timesteps")
+        if limit is None or steps <= limit:
+            return
+        try:
+            self.family.set_timesteps(scheduler, steps, settings.height, settings.width)
+        except ValueError:
+            raise InvalidSetting(
+                "num_inference_steps",
+                f"{steps} is more than this model's scheduler ({type(scheduler).__name__}) takes: at most "
+                f"{limit}, the timesteps it was trained with",
+            ) from None
 
     def _check_keyframes(self, story: Story, keyframes) -> tuple | None:
         """Per shot (first image, last image or None) for image-to-video models; refused elsewhere."""

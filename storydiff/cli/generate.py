@@ -391,32 +391,6 @@ def _unused_negative(family, settings) -> str | None:
     )
 
 
-def _too_many_steps(pipeline, settings) -> str | None:
-    """Why --steps is more than the model's scheduler takes (None: it is not). The limit is the
-    scheduler's training timesteps, known only once the model is loaded; whether the scheduler refuses more
-    (DDIM, DDPM, LCM do; Euler, PNDM, flow matching take any number) is tried on a copy, before any folder
-    is touched."""
-    import copy
-
-    from ..models.sampler import run_sampler
-
-    steps, family = settings.num_inference_steps, pipeline.family
-    with run_sampler(family, settings.scheduler, None):  # --scheduler ddim: the scheduler the run uses
-        scheduler = copy.deepcopy(family.pipe.scheduler)
-    limit = scheduler.config.get("num_train_timesteps")
-    if limit is None or steps <= limit:
-        return None
-    side = pipeline.default_size
-    try:
-        family.set_timesteps(scheduler, steps, settings.height or side, settings.width or side)
-    except ValueError:
-        return (
-            f"--steps {steps} is more than this model's scheduler ({type(scheduler).__name__}) takes: at "
-            f"most {limit}, the timesteps it was trained with"
-        )
-    return None
-
-
 def _generate(args, job: Job) -> int:
     from ..pipeline import StoryDiffusionPipeline
     from ..runs.distributed import current_partition
@@ -428,9 +402,7 @@ def _generate(args, job: Job) -> int:
         job.model, job.config, device=device, dtype=resolve_dtype(args.dtype), **job.files
     )
     say = print if current_partition().leader else (lambda *a, **k: None)  # one voice for N ranks
-    problem = _too_many_steps(pipeline, job.settings)
-    if problem is None and not args.resume:
-        problem = _unused_negative(pipeline.family, job.settings)
+    problem = None if args.resume else _unused_negative(pipeline.family, job.settings)
     if problem:
         return fail(problem)
     if job.ip["adapter"] is not None:

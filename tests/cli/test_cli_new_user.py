@@ -315,6 +315,18 @@ def test_more_steps_than_the_scheduler_takes_are_refused_before_the_folder(tmp_p
     assert not out.exists()
 
 
+def test_more_steps_than_the_scheduler_takes_from_python(tmp_path):
+    """The library refuses too: the check is the pipeline's, before its output folder exists."""
+    from storydiff import StoryDiffusionPipeline
+    from storydiff.consistency.config import InvalidSetting
+    from storydiff.families.tiny_models import build_tiny_pipeline
+
+    sp = StoryDiffusionPipeline(build_tiny_pipeline("tiny-sd15", progress_bar=False))
+    with pytest.raises(InvalidSetting, match="num_inference_steps 20000 is more than"):
+        sp(STORY, num_inference_steps=20000, mode="window", out_dir=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_as_many_steps_as_training_timesteps_stay_in_the_trained_range():
     """DDIM's "leading" spacing plus steps_offset 1 made the first of 1000 steps timestep 1000, which
     DDIM indexes its 1000 alphas with (IndexError in both modes)."""
