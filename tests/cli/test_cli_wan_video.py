@@ -9,6 +9,7 @@ transitions (motion/keyframe_video.py), with consistent attention across the cli
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from itertools import pairwise
 
@@ -91,48 +92,19 @@ def test_transitions_are_the_stock_first_last_frame_clips_at_rate_zero(image_sto
         outputs[rate] = stacked(latents)
     prompts, seeds = result.metadata["prompts"], result.metadata["frame_seeds"]
     family_of(pipe)  # prompt cleaning without ftfy, as the family sets it up
-    for clip, (first, last) in enumerate(keyframes):
-        stock = pipe(
-            image=first,
-            last_image=last,
-            prompt=prompts[clip],
-            negative_prompt=result.metadata["negative_prompts"][clip],
-            num_frames=5,
-            height=32,
-            width=32,
-            num_inference_steps=2,
-            max_sequence_length=pipe.tokenizer.model_max_length,
-            generator=torch.Generator().manual_seed(seeds[clip]),
-            output_type="latent",
-        ).frames
-        assert torch.equal(outputs[0.0][clip : clip + 1], stock), clip
-    assert not torch.equal(outputs[0.5], outputs[0.0])
-
-
-def test_keyframe_story_is_the_image_story(image_story):
-    story, keyframes = keyframe_story(image_story)
-    assert [f.characters for f in story.frames] == [("Bob",), ("Alice",), ("Bob", "Alice")]
-    assert all(last is None for _, last in keyframes)
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--model", "tiny-wan-i2v", "--transitions"], "FLF2V"),
-        (["--model", "tiny-wan"], "storydiff generate"),
-        (["--model", "tiny-svd", "--transitions"], "--transitions applies to Wan"),
-        (["--model", "tiny-wan2.2-i2v", "--predictor", "p"], "--predictor applies to Stable Video Diffusion"),
-        (["--model", "tiny-wan2.2-i2v", "--frames", "6"], "4k+1"),
-    ],
-    ids=["i2v-cannot-end", "text-to-video", "svd-transitions", "svd-flag", "frames"],
-)
-def test_refusals(image_story, tmp_path, capsys, args, message):
-    assert video(image_story, tmp_path / "out", *args) == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("error:") and message in error, error
-    assert not (tmp_path / "out").exists()
-
-
-def test_model_and_svd_together_are_refused(image_story, tmp_path, capsys):
-    assert video(image_story, tmp_path / "out", "--model", "tiny-svd", "--svd", "tiny-svd") == 2
-    assert "not allowed with" in capsys.readouterr().err
+    for clip, (first, _) in enumerate(keyframes):
+        condition, images = family.shot_condition(clip, 32, 32)
+        mask, latents = condition[:, :4], condition[:, 4:]
+        assert images is None  # Wan 2.2 I2V has no image encoder
+        assert mask[0, :, 0].eq(1).all() and mask[0, :, 1].eq(0).all()  # first latent frame given
+        assert mask[0, :3, -1].eq(0).all() and mask[0, 3, -1].eq(1).all()  # only the very last frame
+        pixels = pipe.video_processor.preprocess(first, height=32, width=32)[:, :, None]
+        own = retrieve_latents(pipe.vae.encode(pixels), sample_mode="argmax")[:, :, 0]
+        assert torch.equal(latents[:, :, 0], own)
+    # another last image changes clip 0's last latent frame only
+    first, _ = keyframes[0]
+    changed = family_of(pipe)
+    changed.prepare(dataclasses.replace(plan, keyframes=((first, first), *keyframes[1:])))
+    moved = changed.shot_condition(0, 32, 32)[0][:, 4:]
+    latents = family.shot_condition(0, 32, 32)[0][:, 4:]
+    assert torch.equal(moved[:, :, :-1], latents[:, :, :-1]) and not torch.equal(moved, latents)
