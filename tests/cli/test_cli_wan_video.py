@@ -92,6 +92,67 @@ def test_transitions_are_the_stock_first_last_frame_clips_at_rate_zero(image_sto
         outputs[rate] = stacked(latents)
     prompts, seeds = result.metadata["prompts"], result.metadata["frame_seeds"]
     family_of(pipe)  # prompt cleaning without ftfy, as the family sets it up
+    for clip, (first, last) in enumerate(keyframes):
+        stock = pipe(
+            image=first,
+            last_image=last,
+            prompt=prompts[clip],
+            negative_prompt=result.metadata["negative_prompts"][clip],
+            num_frames=5,
+            height=32,
+            width=32,
+            num_inference_steps=2,
+            max_sequence_length=pipe.tokenizer.model_max_length,
+            generator=torch.Generator().manual_seed(seeds[clip]),
+            output_type="latent",
+        ).frames
+        assert torch.equal(outputs[0.0][clip : clip + 1], stock), clip
+    assert not torch.equal(outputs[0.5], outputs[0.0])
+
+
+def test_keyframe_story_is_the_image_story(image_story):
+    story, keyframes = keyframe_story(image_story)
+    assert [f.characters for f in story.frames] == [("Bob",), ("Alice",), ("Bob", "Alice")]
+    assert all(last is None for _, last in keyframes)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "tiny-wan-i2v", "--transitions"], "FLF2V"),
+        (["--model", "tiny-wan"], "storydiff generate"),
+        (["--model", "tiny-svd", "--transitions"], "--transitions applies to Wan"),
+        (["--model", "tiny-wan2.2-i2v", "--predictor", "p"], "--predictor applies to Stable Video Diffusion"),
+        (["--model", "tiny-wan2.2-i2v", "--frames", "6"], "4k+1"),
+    ],
+    ids=["i2v-cannot-end", "text-to-video", "svd-transitions", "svd-flag", "frames"],
+)
+def test_refusals(image_story, tmp_path, capsys, args, message):
+    assert video(image_story, tmp_path / "out", *args) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error:") and message in error, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_and_svd_together_are_refused(image_story, tmp_path, capsys):
+    assert video(image_story, tmp_path / "out", "--model", "tiny-svd", "--svd", "tiny-svd") == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_a_transition_is_conditioned_on_both_keyframes(image_story):
+    """Clip i's condition: the mask marks its first and last video frames as given, and its first latent
+    frame is keyframe i's own VAE latent (Wan's causal VAE encodes the first frame alone; the last latent
+    frame encodes the final 4 frames, zeros and keyframe i + 1, as the stock pipeline does)."""
+    from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
+
+    from storydiff.runs.plan import RunPlan
+    from storydiff.runs.settings import RunSettings
+
+    pipe = build_tiny_pipeline("tiny-wan2.2-i2v", progress_bar=False)
+    family = family_of(pipe)
+    story, keyframes = transition_story(image_story)
+    plan = RunPlan.from_prompts(story.prompts(), RunSettings(shot_frames=9, height=32, width=32))
+    family.prepare(dataclasses.replace(plan, keyframes=tuple(keyframes)))
     for clip, (first, _) in enumerate(keyframes):
         condition, images = family.shot_condition(clip, 32, 32)
         mask, latents = condition[:, :4], condition[:, 4:]
