@@ -20,19 +20,24 @@ and token draws and layer skips are shared by both passes as they are by both ha
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from csa_kernels import sample_reference_indices
+from csa_kernels import sample_masked_reference_indices, sample_reference_indices
 from csa_kernels.pool import to_device_async
+from csa_kernels.sampling import masked_sample_counts
 
 from .bank import IdBank
 from .config import ConsistencyConfig
 from .modes import JointMode, ReadMode, plain_attention
+
+if TYPE_CHECKING:
+    from .subject_masks import SubjectMasks
 
 Span = tuple[int, int]  # token positions [start, stop) within each frame's sequence
 # (pool_k (B, H, S, D), positions (B, S)) -> pool_k: the host moves borrowed keys, already carrying their
@@ -41,6 +46,9 @@ Reposition = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 UNCOND, COND = 0, 1  # CFG groups, in the order a batched call stacks them: [uncond frames; cond frames]
+# the share of a masked frame's draws taken outside its subject mask unless told: none (the argument is in
+# csa_kernels.sample_masked_reference_indices)
+DEFAULT_BACKGROUND_SHARE = 0.0
 
 
 @dataclass(frozen=True)
@@ -110,23 +118,50 @@ class ConsistencyState:
         self.host: dict = {}  # what identifies the denoiser (attention.host_signature), for banks
         self.text_tokens: int | None = None  # text length of the current call's joint sequences
         self.current_pass: CfgPass | None = None  # the CFG pass now running (two-pass guidance), or None
+        # subject masks (set_subject_masks): None draws tokens from whole frames, as always
+        self.subject_masks: SubjectMasks | None = None
+        self.background_share = DEFAULT_BACKGROUND_SHARE
+        self.batch_frames: tuple[int, ...] | None = None  # story frames of a joint batch (masks need them)
+        self._mask_warned: set[tuple[int, tuple[str, ...]]] = set()  # frames already warned about
 
     # -- driven by the pipeline ----------------------------------------------------------------------
-    def begin(self, mode: Mode, *, step: int = 0) -> None:
-        """Start ``mode`` at ``step`` (a diffusers pipeline call starts at 0; ``step_callback`` advances)."""
+    def begin(self, mode: Mode, *, step: int = 0, frames: Sequence[int] | None = None) -> None:
+        """Start ``mode`` at ``step`` (a diffusers pipeline call starts at 0; ``step_callback`` advances).
+        ``frames``: the story frames a joint (or write) batch holds, in batch order — what subject masks
+        are looked up by; without masks it changes nothing."""
         if mode.num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {mode.num_frames}")
+        if frames is not None and len(frames) != mode.num_frames:
+            raise ValueError(f"frames names {len(frames)} story frames for a batch of {mode.num_frames}")
         self.end()
         self.mode, self.step = mode, step
+        self.batch_frames = None if frames is None else tuple(frames)
 
-    def begin_joint(self, num_frames: int) -> None:
+    def begin_joint(self, num_frames: int, *, frames: Sequence[int] | None = None) -> None:
         """The frames of each batch attend to each other's sampled tokens (no bank)."""
-        self.begin(JointMode(num_frames))
+        self.begin(JointMode(num_frames), frames=frames)
 
-    def begin_write(self, character: str, num_frames: int) -> None:
+    def begin_write(self, character: str, num_frames: int, *, frames: Sequence[int] | None = None) -> None:
         """Like joint, and every consistent layer banks the frames' sampled K/V under ``character``."""
         self.bank.start(character)
-        self.begin(JointMode(num_frames, writing=character))
+        self.begin(JointMode(num_frames, writing=character), frames=frames)
+
+    def set_subject_masks(
+        self, masks: SubjectMasks | None, *, background_share: float = DEFAULT_BACKGROUND_SHARE
+    ) -> None:
+        """Draw each frame's offered tokens from its subject mask (``subject_masks.py``): the union of the
+        masks of the characters it shows, on the level's token grid, with ``background_share`` of the
+        draws outside it (``csa_kernels.sample_masked_reference_indices``); the count per frame is the
+        same as without masks. Draws become one per (step, level, story frame) in every mode, so a joint
+        batch must name its story frames (``begin(..., frames=...)``). A frame without characters draws
+        as without masks; one whose mask holds too few tokens at a level draws uniformly, with a warning
+        (once per frame). None: whole frames again, exactly as before."""
+        share = background_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= float(share) <= 1.0:
+            raise ValueError(f"background_share must be a number in [0, 1], got {share!r}")
+        self.subject_masks, self.background_share = masks, float(share)
+        self._draws.clear()
+        self._mask_warned.clear()
 
     def begin_read(self, frame_characters: list[tuple[str, ...]], *, step: int = 0) -> None:
         """Each frame attends to its own tokens plus the banks of the characters it shows; one entry per
@@ -138,6 +173,7 @@ class ConsistencyState:
 
     def end(self) -> None:
         self.mode = None
+        self.batch_frames = None
         self._draws.clear()
 
     def set_pass(self, group: int | None, groups: int = 2) -> None:
@@ -245,6 +281,13 @@ class ConsistencyState:
         """(num_frames, S) positions of the image tokens each frame of the batch offers; one draw per
         (step, level), shared by the level's layers and by both CFG halves (or passes), as in the
         official code."""
+        if self.subject_masks is not None:  # per story frame: its own mask, whatever batch it is in
+            if self.batch_frames is None:
+                raise RuntimeError(
+                    f"{layer.name}: subject masks are set, but the {self.mode.name} batch's story frames "
+                    "are unknown: begin it with frames=[...]"
+                )
+            return self.frame_reference_indices(layer, self.batch_frames, image, device)
         writing = getattr(self.mode, "writing", None)
         key = (self.step, layer.level, self.mode.num_frames, image[1] - image[0], writing)
         if key not in self._draws:
@@ -255,19 +298,43 @@ class ConsistencyState:
         return self._draws[key] + image[0]
 
     def frame_reference_indices(
-        self, layer: LayerInfo, frames: range, image: Span, device: torch.device
+        self, layer: LayerInfo, frames: Sequence[int], image: Span, device: torch.device
     ) -> torch.Tensor:
         """(len(frames), S) image-token positions offered by each story frame: one draw per (step, level,
-        frame), so a frame offers the same tokens whichever batch (or CFG pass) it is computed in."""
+        frame), so a frame offers the same tokens whichever batch (or CFG pass) it is computed in. With
+        subject masks, each frame's draw comes from its mask (same seed, same count)."""
         rows = []
         count = image[1] - image[0]
+        rate = self.config.rate_for(layer.level)
         for frame in frames:
             key = ("frame", self.step, layer.level, frame, count)
             if key not in self._draws:
-                drawn = draw_indices(self.seed_for("ref", *key), 1, count, self.config.rate_for(layer.level))
+                subject = None
+                if self.subject_masks is not None:
+                    subject = self.subject_masks.subject_tokens(frame, count)
+                if subject is None:
+                    drawn = draw_indices(self.seed_for("ref", *key), 1, count, rate)
+                else:
+                    self._warn_small_mask(frame, layer, subject, rate)
+                    share = self.background_share
+                    drawn = draw_masked_indices(self.seed_for("ref", *key), subject, rate, share)
                 self._draws[key] = to_device_async(drawn, device)
             rows.append(self._draws[key])
         return torch.cat(rows) + image[0]
+
+    def _warn_small_mask(self, frame: int, layer: LayerInfo, subject: torch.Tensor, rate: float) -> None:
+        inside, _ = masked_sample_counts(subject.numel(), rate, self.background_share)
+        held = int(subject.sum())
+        characters = self.subject_masks.frame_characters[frame]
+        if held >= inside or (frame, characters) in self._mask_warned:
+            return
+        self._mask_warned.add((frame, characters))
+        warnings.warn(
+            f"frame {frame} ({', '.join(characters)}): its subject mask holds {held} of {subject.numel()} "
+            f"tokens at level {layer.level}, fewer than the {inside} to draw: its tokens are drawn from the "
+            "whole frame there",
+            stacklevel=3,
+        )
 
     def next_layer(self, layer: LayerInfo) -> tuple[int, LayerInfo]:
         """(step, layer) that follows ``layer`` in forward order, for bank prefetch."""
@@ -290,6 +357,15 @@ def seed_for(*key) -> int:
     """A 63-bit seed from a tuple of Python values (stable across processes and platforms)."""
     digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def draw_masked_indices(
+    seed: int, subject: torch.Tensor, rate: float, background_share: float
+) -> torch.Tensor:
+    """``sample_masked_reference_indices`` of one frame's (N,) subject mask on the CPU from ``seed``:
+    (1, S), the same values on every device; an all-True mask gives ``draw_indices``'s draw."""
+    gen = torch.Generator().manual_seed(seed)
+    return sample_masked_reference_indices(subject[None], rate, background_share, generator=gen)
 
 
 @torch._dynamo.assume_constant_result

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..consistency.mask_files import mask_coverage, mask_path, read_mask
 from ..support.progress import Progress, progress_bar
 
 __all__ = ["NEUTRAL_GRAY", "MaskDir", "MaskFn", "apply_mask", "encode_masked", "mask_name", "masked_frame"]
@@ -38,8 +39,7 @@ def apply_mask(image: Image.Image, mask: Image.Image) -> Image.Image:
     region if it were stretched to fit)."""
     if mask.size != image.size:
         raise ValueError(f"mask is {mask.size[0]}x{mask.size[1]}, frame is {image.size[0]}x{image.size[1]}")
-    alpha = mask.getchannel("A") if mask.mode in ("RGBA", "LA", "PA") else mask.convert("L")
-    return Image.composite(image, Image.new("RGB", image.size, NEUTRAL_GRAY), alpha)
+    return Image.composite(image, Image.new("RGB", image.size, NEUTRAL_GRAY), mask_coverage(mask))
 
 
 def mask_name(mask_fn: MaskFn) -> str:
@@ -67,7 +67,8 @@ def masked_frame(path: str | os.PathLike, index: int, character: str, mask_fn: M
 
 class MaskDir:
     """Masks from a folder: ``mask_007.png`` for frame 7 (the frames' own numbering), one per frame and
-    shared by every character in it; a frame without a file is measured whole."""
+    shared by every character in it; a frame without a file is measured whole (the layout:
+    ``consistency/mask_files.py``)."""
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory)
@@ -76,7 +77,7 @@ class MaskDir:
         self.source = str(self.directory)
 
     def path(self, index: int) -> Path:
-        return self.directory / f"mask_{index:03d}.png"
+        return mask_path(self.directory, index)
 
     def check(self, indices: Sequence[int]) -> None:
         """ValueError when none of ``indices`` has a mask: a wrong folder, not a choice to mask nothing."""
@@ -88,8 +89,7 @@ class MaskDir:
         path = self.path(index)
         if not path.is_file():
             return None
-        with Image.open(path) as opened:
-            return opened.copy()  # read now: the file closes here
+        return read_mask(path)  # read now: the file closes here
 
 
 def encode_masked(
