@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -214,15 +214,15 @@ class SubjectMasks:
                 self._subjects[key] = self.frame_mask(frame, token_grid(tokens, self.size)).flatten()
         return self._subjects[key]
 
-    def level_masks(self, grids: Mapping[int, Size]) -> dict[int, dict[tuple[int, str], torch.Tensor]]:
-        """level -> (frame, character) -> that mask on the level's grid (``grids``: level -> (h, w))."""
+    def level_masks(self, levels: Iterable[int]) -> dict[int, dict[tuple[int, str], torch.Tensor]]:
+        """level -> (frame, character) -> that mask on the level's grid (``level_grid``)."""
         return {
             level: {
-                (frame, character): self.mask(frame, character, grid)
+                (frame, character): self.mask(frame, character, level_grid(self.size, level))
                 for frame, chars in sorted(self.masks.items())
                 for character in chars
             }
-            for level, grid in grids.items()
+            for level in levels
         }
 
 

@@ -62,7 +62,7 @@ def test_api_masks_on_every_level():
         both = masks.subject_tokens(2, tokens).view(side, side)
         assert both.sum() == side * side // 2  # the union of the frame's characters
     assert masks.subject_tokens(3, 256) is None  # [NC]
-    levels = masks.level_masks({16: (8, 8), 32: (4, 4)})
+    levels = masks.level_masks([16, 32])
     assert levels[32][(2, "Alice")].shape == (4, 4) and len(levels[16]) == 4
 
 

@@ -1,0 +1,355 @@
+"""Subject masks from cross-attention: where each frame's image looks at its character's words.
+
+ConsiStory's automatic masks, made explicit. For each image query, the probability the host's own softmax
+puts on a character's subject tokens (the words naming it in the frame's prompt) is
+
+    p = Σ_(j subject) softmax(q·kᵀ·scale + bias)_j = exp(lse(subject scores) − lse(all scores))
+
+normalised over **all** the keys the host's softmax sees (text padding included, masked keys excluded),
+through each row's logsumexp: never a softmax over the subject columns alone (that would be 1 everywhere),
+and never an (N, L) attention matrix at once — the logsumexp runs over key blocks
+(:func:`subject_probability`).
+
+:class:`SubjectAttentionRecorder` keeps, per (story frame, character), the sum of that probability over
+heads (their mean), layers and the denoiser calls so far, at one resolution: the level of
+:data:`RECORD_LEVEL` (1/16 of the image: SD1.5's and SDXL's middle levels, the level ConsiStory aggregates
+at; FLUX's only one). A processor feeds it per layer call; :meth:`SubjectAttentionRecorder.masks` turns the
+maps into boolean ``SubjectMasks``: each map mean over its calls, min-max normalised to [0, 1], thresholded
+by Otsu's method (:func:`otsu_threshold`), and resized to every other level by ``subject_masks``' rule.
+
+:class:`SubjectRecordingProcessor` is a plain diffusers processor for cross-attention (UNet ``attn2``,
+``AttnProcessor2_0``'s math, so its output is the stock output) that feeds a recorder;
+:func:`install_subject_recorder` puts it on a denoiser's cross-attention layers and returns what to restore.
+Joint text+image attention (FLUX, SD3) calls :meth:`SubjectAttentionRecorder.record` with its image rows'
+queries and the whole joint key sequence, the subject columns indexed in it.
+
+Under batched CFG ([uncond frames; cond frames]) only the conditional half is recorded: the unconditional
+prompt names no subject.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .subject_masks import Size, SubjectMasks, level_grid
+
+#: the level (downsampling factor) the recorder aggregates at unless told
+RECORD_LEVEL = 16
+#: keys per block of the chunked logsumexp
+KEY_BLOCK = 256
+#: histogram bins of Otsu's threshold over a map normalised to [0, 1]
+OTSU_BINS = 256
+
+
+def subject_probability(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    columns: torch.Tensor,
+    *,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+    block: int = KEY_BLOCK,
+) -> torch.Tensor:
+    """The attention probability each query puts on a set of key columns, normalised over all keys.
+
+    Args:
+        query: (B, H, N, D) image queries.
+        key: (B, H, L, D) every key the host's softmax sees (text; joint hosts: text and image).
+        columns: (B, L) or (B, C, L) bool: the subject columns of each row (per character C).
+        scale: the host's score scale (default ``D ** -0.5``, what SDPA uses).
+        bias: the host's attention mask, broadcastable to (B, H, N, L): additive (float, -inf masks a key)
+            or bool (True: attended).
+        block: keys per block of the chunked logsumexp.
+
+    Returns:
+        (B, H, N) or (B, C, H, N) float32 (float64 for float64 inputs): sum over the subject columns of
+        softmax(q·kᵀ·scale + bias), computed as exp(lse(subject) − lse(all)) in at most float32. A row
+        without subject columns gets 0.
+    """
+    if query.ndim != 4 or key.ndim != 4 or query.shape[:2] != key.shape[:2] or query.shape[3] != key.shape[3]:
+        raise ValueError(
+            f"query (B, H, N, D) and key (B, H, L, D), got {tuple(query.shape)}, {tuple(key.shape)}"
+        )
+    single = columns.ndim == 2
+    cols = columns[:, None] if single else columns
+    batch, heads, tokens, dim = query.shape
+    length = key.shape[2]
+    if cols.dtype != torch.bool or cols.shape[0] != batch or cols.shape[2] != length:
+        raise ValueError(
+            f"columns must be ({batch}, [C,] {length}) bool, got {columns.dtype} {tuple(columns.shape)}"
+        )
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    q = query.to(dtype) * (dim**-0.5 if scale is None else scale)
+    k = key.to(dtype)
+    if bias is not None and bias.dtype == torch.bool:
+        bias = torch.zeros(bias.shape, dtype=dtype, device=bias.device).masked_fill(~bias, -math.inf)
+    neg_inf = torch.tensor(-math.inf, dtype=dtype, device=q.device)
+    lse_all = torch.full((batch, heads, tokens), -math.inf, dtype=dtype, device=q.device)
+    lse_subject = torch.full((batch, cols.shape[1], heads, tokens), -math.inf, dtype=dtype, device=q.device)
+    for start in range(0, length, block):
+        stop = min(start + block, length)
+        scores = q @ k[:, :, start:stop].transpose(-1, -2)  # [B, H, N, blk]
+        if bias is not None:
+            scores = scores + bias[..., start:stop].to(dtype)
+        lse_all = torch.logaddexp(lse_all, torch.logsumexp(scores, dim=-1))
+        chosen = cols[:, :, None, None, start:stop]  # [B, C, 1, 1, blk]
+        if chosen.any():
+            subject = torch.where(chosen, scores[:, None], neg_inf)  # [B, C, H, N, blk]
+            lse_subject = torch.logaddexp(lse_subject, torch.logsumexp(subject, dim=-1))
+    prob = torch.exp(lse_subject - lse_all[:, None])
+    prob = torch.nan_to_num(prob, nan=0.0)  # a row whose keys are all masked
+    return prob[:, 0] if single else prob
+
+
+def otsu_histogram_threshold(counts: torch.Tensor) -> float:
+    """Otsu's threshold of a histogram: the split t maximising the between-class variance
+    ω₀ω₁(μ₀ − μ₁)² of bins [0, t] against bins (t, end], as a position in bin units (bin i spans [i, i+1)):
+    the upper edge of the last bin of class 0. When several splits tie (empty bins between two modes) the
+    middle of the tied run is taken, so the threshold sits halfway between the modes."""
+    counts = counts.to(torch.float64).flatten()
+    if counts.numel() < 2 or counts.sum() <= 0:
+        return float(counts.numel())  # nothing to split: everything below
+    p = counts / counts.sum()
+    omega = p.cumsum(0)[:-1]  # class-0 weight for splits after bins 0 .. n-2
+    mu = (p * torch.arange(len(p), dtype=torch.float64)).cumsum(0)[:-1]
+    mu_total = (p * torch.arange(len(p), dtype=torch.float64)).sum()
+    between = (mu_total * omega - mu) ** 2 / (omega * (1 - omega))
+    between = torch.nan_to_num(between, nan=-1.0, posinf=-1.0)  # one class empty: no split
+    best = between.max()
+    if best < 0:
+        return float(counts.numel())
+    tied = torch.nonzero(between >= best * (1 - 1e-12)).flatten()
+    # the tied run that holds the first maximum (contiguous splits between the same two classes)
+    run = [int(tied[0])]
+    for t in tied[1:].tolist():
+        if t != run[-1] + 1:
+            break
+        run.append(t)
+    return (run[0] + run[-1]) / 2 + 1
+
+
+def otsu_threshold(
+    values: torch.Tensor, bins: int = OTSU_BINS, value_range: tuple[float, float] = (0.0, 1.0)
+) -> float:
+    """Otsu's threshold of ``values`` over a ``bins``-bin histogram of ``value_range``: values above it
+    are foreground."""
+    low, high = value_range
+    counts = torch.histc(values.to(torch.float64).flatten(), bins=bins, min=low, max=high)
+    return low + otsu_histogram_threshold(counts) * (high - low) / bins
+
+
+def threshold_map(subject_map: torch.Tensor) -> torch.Tensor:
+    """A probability map → bool mask: min-max normalised to [0, 1], then above Otsu's threshold. A flat
+    map (nothing stands out) gives an empty mask."""
+    low, high = subject_map.min(), subject_map.max()
+    if not high > low:
+        return torch.zeros(subject_map.shape, dtype=torch.bool)
+    normalised = ((subject_map - low) / (high - low)).to(torch.float64)
+    return normalised > otsu_threshold(normalised)
+
+
+class SubjectAttentionRecorder:
+    """Accumulates, per (story frame, character), the probability image queries put on the character's
+    subject tokens, at the level ``level`` of an image of ``size`` (height, width).
+
+    Tell it the batch (:meth:`set_batch`) before each denoiser call; the processors call :meth:`record`
+    per layer call (calls at other resolutions are ignored); :meth:`masks` gives the masks so far. State is
+    all here: two pipelines keep two recorders. ``active`` False pauses recording (another pass of two-pass
+    CFG, a step not to count).
+    """
+
+    def __init__(self, size: Size, *, level: int = RECORD_LEVEL, block: int = KEY_BLOCK) -> None:
+        self.size = (int(size[0]), int(size[1]))
+        self.level = level
+        self.grid = level_grid(self.size, level)
+        self.block = block
+        self.active = True
+        self.frames: tuple[int, ...] = ()
+        self.subjects: list[dict[str, tuple[int, ...]]] = []
+        self.sums: dict[tuple[int, str], torch.Tensor] = {}  # (frame, character) -> (h·w,) float64, CPU
+        self.calls: dict[tuple[int, str], int] = {}
+
+    def set_batch(self, frames: Sequence[int], subjects: Sequence[Mapping[str, Sequence[int]]]) -> None:
+        """The next denoiser calls compute story frames ``frames`` (batch order; the conditional half under
+        batched CFG); ``subjects[i]``: character -> the columns of its subject tokens among frame i's text
+        keys (empty for a frame without characters)."""
+        if len(frames) != len(subjects):
+            raise ValueError(f"{len(frames)} frames but subject tokens for {len(subjects)}")
+        for frame, per_character in zip(frames, subjects, strict=True):
+            for character, cols in per_character.items():
+                if not cols:
+                    raise ValueError(f"frame {frame} ({character}): no subject token columns")
+        self.frames = tuple(frames)
+        self.subjects = [{c: tuple(int(j) for j in cols) for c, cols in s.items()} for s in subjects]
+
+    def reset(self) -> None:
+        """Forget the maps so far."""
+        self.sums.clear()
+        self.calls.clear()
+
+    def record(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        *,
+        scale: float | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> bool:
+        """Add one layer call: ``query`` (B, H, N, D) image queries, ``key`` (B, H, L, D) every key of the
+        host's softmax, ``scale`` / ``bias`` as the host's (``subject_probability``). Returns whether it was
+        recorded (active, at the recorder's level, characters in the batch)."""
+        tokens = self.grid[0] * self.grid[1]
+        if not self.active or query.shape[2] != tokens or not any(self.subjects):
+            return False
+        count = len(self.frames)
+        if count == 0 or query.shape[0] % count:
+            raise RuntimeError(
+                f"a batch of {query.shape[0]} rows is not a multiple of the {count} frames set_batch named"
+            )
+        # batched CFG stacks [uncond frames; cond frames]: the conditional rows are the last ones
+        rows = slice(query.shape[0] - count, None)
+        characters = sorted({c for s in self.subjects for c in s})
+        columns = torch.zeros(count, len(characters), key.shape[2], dtype=torch.bool)
+        for i, per_character in enumerate(self.subjects):
+            for character, cols in per_character.items():
+                if max(cols) >= key.shape[2]:
+                    raise ValueError(
+                        f"frame {self.frames[i]} ({character}): subject column {max(cols)} past the "
+                        f"{key.shape[2]} keys"
+                    )
+                columns[i, characters.index(character), list(cols)] = True
+        if bias is not None and bias.ndim == 4 and bias.shape[0] == query.shape[0]:
+            bias = bias[rows]
+        prob = subject_probability(
+            query[rows], key[rows], columns.to(query.device), scale=scale, bias=bias, block=self.block
+        )  # [F, C, H, N]
+        per_token = prob.mean(dim=2).to(torch.float64).cpu()  # heads aggregated: [F, C, N]
+        for i, per_character in enumerate(self.subjects):
+            for character in per_character:
+                entry = (self.frames[i], character)
+                value = per_token[i, characters.index(character)]
+                self.sums[entry] = self.sums[entry] + value if entry in self.sums else value.clone()
+                self.calls[entry] = self.calls.get(entry, 0) + 1
+        return True
+
+    def maps(self) -> dict[tuple[int, str], torch.Tensor]:
+        """(frame, character) -> (h, w) float64: the mean probability over the calls recorded."""
+        return {entry: (total / self.calls[entry]).view(self.grid) for entry, total in self.sums.items()}
+
+    def masks(self, frame_characters: Sequence[Sequence[str]]) -> SubjectMasks:
+        """The maps as ``SubjectMasks`` (normalised, Otsu-thresholded; at the recorded level's grid, resized
+        to any other by the masks' rule). ``frame_characters``: each story frame's characters; a frame
+        showing a character needs its map (ValueError naming it otherwise)."""
+        found: dict[int, dict[str, torch.Tensor]] = {}
+        for (frame, character), subject_map in self.maps().items():
+            found.setdefault(frame, {})[character] = threshold_map(subject_map)
+        for frame, shown in enumerate(frame_characters):
+            missing = [c for c in shown if c not in found.get(frame, {})]
+            if missing:
+                raise ValueError(f"frame {frame}: no cross-attention recorded for {', '.join(missing)}")
+        return SubjectMasks(found, frame_characters, self.size)
+
+
+class SubjectRecordingProcessor:
+    """Cross-attention processor (diffusers' ``AttnProcessor2_0`` math) that feeds a
+    ``SubjectAttentionRecorder`` with each call's queries and keys; its output is the stock output."""
+
+    def __init__(self, recorder: SubjectAttentionRecorder) -> None:
+        self.recorder = recorder
+
+    @torch.compiler.disable
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch, length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, length, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (
+            x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value)
+        )
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        self.recorder.record(query, key, bias=attention_mask)  # SDPA's default scale, as below
+
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.to(query.dtype)))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+#: the processors a recorder may replace: the stock ones, whose math ``SubjectRecordingProcessor`` repeats
+STOCK_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "SubjectRecordingProcessor")
+
+
+def is_cross_attention(name: str) -> bool:
+    """diffusers' name for a transformer block's cross-attention processor (``...attn2.processor``)."""
+    return ".attn2." in name
+
+
+def install_subject_recorder(
+    denoiser: torch.nn.Module,
+    recorder: SubjectAttentionRecorder,
+    select: Callable[[str], bool] = is_cross_attention,
+) -> dict[str, object]:
+    """Put a ``SubjectRecordingProcessor`` feeding ``recorder`` on the processors ``select`` picks (default:
+    every cross-attention); returns the processors it replaced, for :func:`remove_subject_recorder`.
+    ValueError for a picked processor that is not a stock one (an IP-Adapter's: its image branch would be
+    lost)."""
+    processors = dict(denoiser.attn_processors)
+    chosen = [name for name in processors if select(name)]
+    if not chosen:
+        raise ValueError("no cross-attention processor to record from on this denoiser")
+    foreign = [n for n in chosen if type(processors[n]).__name__ not in STOCK_PROCESSORS]
+    if foreign:
+        raise ValueError(
+            f"{foreign[0]} runs {type(processors[foreign[0]]).__name__}, not a stock processor: recording "
+            "would drop what it adds"
+        )
+    replaced = {name: processors[name] for name in chosen}
+    processor = SubjectRecordingProcessor(recorder)
+    denoiser.set_attn_processor({**processors, **dict.fromkeys(chosen, processor)})
+    return replaced
+
+
+def remove_subject_recorder(denoiser: torch.nn.Module, replaced: Mapping[str, object]) -> None:
+    """Put back the processors ``install_subject_recorder`` replaced."""
+    denoiser.set_attn_processor({**denoiser.attn_processors, **replaced})
