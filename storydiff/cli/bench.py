@@ -42,9 +42,10 @@ def register(subparsers, parents: list) -> None:
     )
     bench.add_argument(
         "--model",
-        choices=("flux", "sd3", "all"),
+        choices=("flux", "sd3", "wan", "wan14b", "all"),
         default=None,
-        help="dit suite: FLUX.1-dev, SD3.5-large or both (default: all)",
+        help="dit suite: FLUX.1-dev, SD3.5-large, Wan 2.1 1.3B or 14B (a 3-shot 480p story, two CFG passes), "
+        "or all = FLUX.1-dev and SD3.5-large (default: all)",
     )
     bench.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     bench.add_argument(

@@ -9,6 +9,8 @@
   ``build_random_wan`` builds the real transformer and VAE (meta device).
 """
 
+import json
+
 import pytest
 import torch
 
@@ -143,3 +145,16 @@ def test_profile_vram_wan_bank_is_the_formula():
 @pytest.mark.parametrize("model", ["wan", "wan14b"])
 def test_wan_models_have_providers_and_text(model):
     assert dit_suite.PROVIDERS[model] == ("stock", "ours") and dit_suite.TEXT_TOKENS[model] == 512
+
+
+def test_bench_cli_takes_wan(tmp_path, monkeypatch):
+    """`storydiff bench --suite dit --model wan` runs the Wan case (tiny on a CPU) through the CLI."""
+    from storydiff.cli import main
+
+    monkeypatch.setattr(dit_suite, "median_ms", lambda fn, device: 2.0)  # no timed repetitions
+    assert main(["bench", "--suite", "dit", "--model", "wan", "--out", str(tmp_path)]) == 0
+    (json_path,) = tmp_path.glob("dit-tiny-wan_*.json")
+    rows = json.loads(json_path.read_text())
+    assert [row["provider"] for row in rows] == ["stock", "ours"] and all(
+        row["status"] == "ok" for row in rows
+    )
