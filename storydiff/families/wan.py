@@ -130,11 +130,14 @@ class WanFamily(TransformerFamily):
         if frames is not None:
             check_shot_frames(frames, self.pipe.vae_scale_factor_temporal)
             self.shot_frames = frames
+        self._check_rope(self.latent_frames)
+
+    def _check_rope(self, latent_frames: int) -> None:
         state = installed_state(self.denoiser)
         table = self.denoiser.config.rope_max_seq_len
-        if state is not None and state.config.rope == "shift" and 2 * self.latent_frames > table:
+        if state is not None and state.config.rope == "shift" and 2 * latent_frames > table:
             raise ValueError(
-                f"rope='shift' puts borrowed tokens {self.latent_frames} latent frames after the shot's own, "
+                f"rope='shift' puts borrowed tokens {latent_frames} latent frames after the shot's own, "
                 f"beyond this transformer's {table} RoPE positions: use shorter shots or rope='none'"
             )
 
@@ -142,8 +145,10 @@ class WanFamily(TransformerFamily):
         return settings.fps if settings.fps is not None else DEFAULT_FPS
 
     def check_settings(self, settings) -> None:
+        temporal = self.pipe.vae_scale_factor_temporal
         if settings.shot_frames is not None:
-            check_shot_frames(settings.shot_frames, self.pipe.vae_scale_factor_temporal)
+            check_shot_frames(settings.shot_frames, temporal)
+        self._check_rope(latent_frames(settings.shot_frames or self.default_shot_frames, temporal))
 
     @property
     def latent_frames(self) -> int:

@@ -242,3 +242,14 @@ def test_wan_22_ti2v_5b_is_refused_in_one_line(tmp_path):
     pipe.register_to_config(expand_timesteps=True)
     with pytest.raises(ValueError, match="TI2V-5B"):
         family_of(pipe)
+
+
+def test_shift_that_would_leave_the_rope_table_is_refused_before_writing(pipe, tmp_path):
+    """tiny-wan's RoPE table has 32 positions: shots of 16+ latent frames (61+ frames) cannot shift by T."""
+    sp = StoryDiffusionPipeline(pipe, ConsistencyConfig(rope="shift", **NO_SKIP))
+    try:
+        with pytest.raises(ValueError, match="RoPE positions"):
+            sp(STORY, num_inference_steps=1, shot_frames=65, out_dir=tmp_path / "out", progress=False)
+    finally:
+        sp.close()
+    assert not (tmp_path / "out").exists()
