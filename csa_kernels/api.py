@@ -27,6 +27,9 @@ def consistent_attention(
     pool: tuple[torch.Tensor, torch.Tensor] | None = None,
     pool_ranges: torch.Tensor | None = None,
     check_indices: bool = True,
+    segments: torch.Tensor | None = None,
+    bank_segments: torch.Tensor | None = None,
+    pool_segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Consistent self-attention: each frame attends to its own tokens plus sampled tokens of others.
 
@@ -78,10 +81,23 @@ def consistent_attention(
             may overlap the frame's own segment or the other range: rows are attended as listed, a row in
             both ranges twice). Frame b attends to its own keys, pool rows [before_start, before_end),
             pool rows [after_start, after_end), then its group's bank, in one softmax.
+        segments: None, or (B, N) int32/int64 on q's device: the segment id of every token of every frame
+            (bounded attention, StoryBooth-style: several characters in one frame kept apart). 0 is shared
+            (background), c > 0 a character. It is both the segment of each query row and of each token
+            other frames borrow (a sampled token's segment is its source token's, ``segments[j,
+            ref_idx[j]]``; ``pool_k`` changes no segment). A borrowed key (sampled, pool or bank) of segment
+            t is seen by a query row of segment c only when t == 0 or t == c: segment-0 rows see only
+            segment-0 borrowed keys. A frame's own keys are seen by all of its rows whatever their segments
+            (so no row is left with nothing to attend to). None, and all zeros, leave every key shown:
+            bit for bit the result without segments.
+        bank_segments: None (every bank token is segment 0), or (groups, M) int32/int64: the bank tokens'
+            segments (e.g. each character's cached identity tokens). Only with a bank.
+        pool_segments: None (every pool row is segment 0), or (R,) int32/int64: the segments of the rows
+            of an explicit ``pool``. Only with ``pool``.
         check_indices: check the values of the index tensors (default): ``ref_idx`` in [0, N) and below
-            ``key_lengths``, ``key_lengths`` in [1, N], ``pool_ranges`` inside the pool. Reading them
-            syncs the host with the GPU, so the check is skipped anyway while tracing or compiling, on
-            fake tensors and during CUDA graph capture; callers whose indices come from
+            ``key_lengths``, ``key_lengths`` in [1, N], ``pool_ranges`` inside the pool, segment ids >= 0.
+            Reading them syncs the host with the GPU, so the check is skipped anyway while tracing or
+            compiling, on fake tensors and during CUDA graph capture; callers whose indices come from
             ``sample_reference_indices`` (this library's processors) pass False, so a denoising step never
             waits for the GPU. With False, bad values are the caller's bug: an out-of-range ``ref_idx``
             makes the torch path raise and the kernel read garbage; ``key_lengths`` past N and
@@ -103,12 +119,13 @@ def consistent_attention(
     Raises:
         TypeError, ValueError: naming the argument and what was expected (shapes, dtypes, devices,
             ref_idx range, ``B % groups``, ``window``, bank shape, head dim, backend, ``query_rows``,
-            ``pool_k``, ``key_lengths``, ``pool``, ``pool_ranges`` and the combinations ``pool`` rules out).
+            ``pool_k``, ``key_lengths``, ``pool``, ``pool_ranges``, the segment ids and the combinations
+            ``pool`` rules out).
         ModuleNotFoundError: ``backend="triton"`` without the triton package installed.
     """
     check_inputs(
         q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, backend, query_rows, pool_k,
-        key_lengths, pool, pool_ranges, check_indices,
+        key_lengths, pool, pool_ranges, segments, bank_segments, pool_segments, check_indices,
     )  # fmt: skip
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     pool_rows_k, pool_rows_v = (None, None) if pool is None else pool
@@ -126,7 +143,7 @@ def consistent_attention(
         rows = (None, None) if query_rows is None else tuple(query_rows)
         return consistent_attention_op(
             q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, *rows, pool_k,
-            key_lengths, pool_rows_k, pool_rows_v, pool_ranges,
+            key_lengths, pool_rows_k, pool_rows_v, pool_ranges, segments, bank_segments, pool_segments,
         )  # fmt: skip
     return consistent_attention_torch(
         q,
@@ -143,4 +160,7 @@ def consistent_attention(
         key_lengths=key_lengths,
         pool=pool,
         pool_ranges=pool_ranges,
+        segments=segments,
+        bank_segments=bank_segments,
+        pool_segments=pool_segments,
     )

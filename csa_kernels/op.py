@@ -33,6 +33,9 @@ def consistent_attention_op(
     pool_rows_k: Optional[torch.Tensor] = None,  # noqa: UP045
     pool_rows_v: Optional[torch.Tensor] = None,  # noqa: UP045
     pool_ranges: Optional[torch.Tensor] = None,  # noqa: UP045
+    segments: Optional[torch.Tensor] = None,  # noqa: UP045
+    bank_segments: Optional[torch.Tensor] = None,  # noqa: UP045
+    pool_segments: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> torch.Tensor:
     """``consistent_attention``'s arguments, positionally; ``query_rows=(a, b)`` travels as
     ``query_row_start=a, query_row_end=b`` (both None: every row borrows), ``pool=(keys, values)`` as
@@ -45,7 +48,8 @@ def consistent_attention_op(
     pool = None if pool_rows_k is None else (pool_rows_k, pool_rows_v)
     return triton_consistent_attention(
         q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, query_rows, pool_k,
-        key_lengths=key_lengths, pool=pool, pool_ranges=pool_ranges,
+        key_lengths=key_lengths, pool=pool, pool_ranges=pool_ranges, segments=segments,
+        bank_segments=bank_segments, pool_segments=pool_segments,
     )  # fmt: skip
 
 

@@ -59,6 +59,10 @@ def consistent_attention_reference(
     key_lengths: torch.Tensor | None = None,
     pool: tuple[torch.Tensor, torch.Tensor] | None = None,
     pool_ranges: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
+    bank_segments: torch.Tensor | None = None,
+    pool_segments: torch.Tensor | None = None,
+    query_segments: torch.Tensor | None = None,
     upcast: bool = True,
 ) -> torch.Tensor:
     """Consistent attention by explicit per-frame concatenation (see ``consistent_attention``).
@@ -78,6 +82,13 @@ def consistent_attention_reference(
     ranges is attended twice: it is concatenated twice), in place of the sampled tokens of its visible
     frames (``ref_idx`` is None or (B, 0), ``window`` None; ``groups`` then only picks the bank).
 
+    ``segments`` (B, N): the segment id of every token of every frame (0: shared / background, c > 0: a
+    character), ``bank_segments`` (groups, M) and ``pool_segments`` (R,) those of the bank and pool rows;
+    None is all zeros. A borrowed key (sampled, pool or bank) of segment t is seen by a query row of segment
+    c only when t == 0 or t == c; a frame's own keys are seen by all its rows. The borrowed tokens' segments
+    are their source tokens' (``segments[j, ref_idx[j]]``). ``query_segments`` (B, N'): the segments of q's
+    rows when q is a slice of the frames' rows (tolerance.py's query chunks); default ``segments``.
+
     With ``upcast=True`` (the default) all math is fp32; ``upcast=False`` does the same math in the
     inputs' dtype, which measures PyTorch's own low-precision error for test tolerances.
     Returns (B, H, N', D) (N' = q's rows) in the dtype of ``q``.
@@ -89,27 +100,44 @@ def consistent_attention_reference(
     qc, kc, vc = cast(q), cast(k), cast(v)
     per_group = num_frames // groups
     lengths = [num_tokens] * num_frames if key_lengths is None else [int(n) for n in key_lengths]
+    if query_segments is None:
+        query_segments = segments
+    with_segments = any(t is not None for t in (segments, bank_segments, pool_segments))
+
+    def ids(t: torch.Tensor | None, count: int) -> torch.Tensor:  # segment ids as int64, None: zeros
+        return torch.zeros(count, dtype=torch.int64) if t is None else t.cpu().to(torch.int64)
+
     outs = []
     for i in range(num_frames):
         own = lengths[i]
         keys, values = [kc[i][:, :own]], [vc[i][:, :own]]
+        borrowed = []  # segment ids of the borrowed keys, in their order
         if pool_ranges is not None:
             before_start, before_end, after_start, after_end = (int(r) for r in pool_ranges[i])
             for start, end in ((before_start, before_end), (after_start, after_end)):
                 keys.append(cast(pool[0][start:end]).transpose(0, 1))  # [R', H, D] -> [H, R', D]
                 values.append(cast(pool[1][start:end]).transpose(0, 1))
+                borrowed.append(ids(pool_segments, pool[0].shape[0])[start:end])
         else:
             for j in visible_frames(i, num_frames, groups, window):
                 keys.append(kc[j][:, ref_idx[j]] if pool_k is None else cast(pool_k[j]))
                 values.append(vc[j][:, ref_idx[j]])
+                borrowed.append(ids(None if segments is None else segments[j], num_tokens)[ref_idx[j].cpu()])
         if bank_k is not None:
             keys.append(cast(bank_k[i // per_group]))
             values.append(cast(bank_v[i // per_group]))
+            bank = None if bank_segments is None else bank_segments[i // per_group]
+            borrowed.append(ids(bank, bank_k.shape[2]))
         key, value = torch.cat(keys, dim=1), torch.cat(values, dim=1)  # [H, L, D]
         logits = (qc[i] @ key.transpose(-1, -2)) * scale  # [H, N', L]
         if query_rows is not None:
             rows = torch.arange(num_queries, device=q.device)
             own_only = (rows < query_rows[0]) | (rows >= query_rows[1])
             logits[:, own_only, own:] = float("-inf")
+        if with_segments:  # a borrowed key of segment t is hidden from rows of segment c unless t in (0, c)
+            t = torch.cat([torch.zeros(0, dtype=torch.int64), *borrowed])[None, :]
+            c = ids(None if query_segments is None else query_segments[i], num_queries)[:, None]
+            hidden = ((t != 0) & (t != c)).to(q.device)  # [N', L - own]
+            logits[:, :, own:] = logits[:, :, own:].masked_fill(hidden, float("-inf"))
         outs.append(logits.softmax(dim=-1) @ value)
     return torch.stack(outs).to(q.dtype)

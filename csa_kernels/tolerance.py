@@ -44,6 +44,8 @@ def _reference_in(inputs: dict, dtype: torch.dtype) -> torch.Tensor:
         chunk_args = {**args, "q": q[:, :, start:stop]}
         if query_rows is not None:
             chunk_args["query_rows"] = tuple(min(max(row - start, 0), stop - start) for row in query_rows)
+        if args.get("segments") is not None:  # the chunk's rows' segments; keys keep all N
+            chunk_args["query_segments"] = args["segments"][:, start:stop]
         return chunk_args
 
     chunks = [
@@ -82,8 +84,8 @@ class ErrorBound:
 def reference_error_bound(inputs: dict) -> ErrorBound:
     """The rule for ``inputs`` (keyword arguments of ``consistent_attention_reference``: q, k, v, ref_idx,
     and optionally groups, window, bank_k, bank_v, scale, query_rows, pool_k, key_lengths, pool,
-    pool_ranges): gold in float64, and PyTorch's own error in the dtype of ``q``. Compute it once and check
-    every implementation's output against it."""
+    pool_ranges, segments, bank_segments, pool_segments): gold in float64, and PyTorch's own error in the
+    dtype of ``q``. Compute it once and check every implementation's output against it."""
     dtype = inputs["q"].dtype
     if dtype not in ATOL:
         raise ValueError(f"inputs['q'] has dtype {dtype}; the rule knows {list(ATOL)}")

@@ -74,26 +74,32 @@ def consistent_attention_torch(
     key_lengths: torch.Tensor | None = None,
     pool: tuple[torch.Tensor, torch.Tensor] | None = None,
     pool_ranges: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
+    bank_segments: torch.Tensor | None = None,
+    pool_segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
     num_tokens = q.shape[2]
     own_k, own_v, own_mask = k, v, None
+    seg = _Segments.of(q, ref_idx, groups, bank_k, pool, segments, bank_segments, pool_segments)
     if key_lengths is not None:
         valid = own_key_mask(key_lengths, num_tokens)  # [B, N]
         own_k, own_v = (torch.where(valid[:, None, :, None], x, 0) for x in (k, v))  # padding zeroed
         own_mask = valid[:, None, None, :]  # [B, 1, 1, N]
 
-    def borrowing(rows: torch.Tensor) -> torch.Tensor:
+    def borrowing(rows: torch.Tensor, first: int = 0) -> torch.Tensor:
+        row_seg = None if seg is None else seg.for_rows(first, first + rows.shape[2])
         if pool_ranges is not None and _host_known(pool_ranges):
             return _host_range_attention(
-                rows, k, own_k, own_v, pool, pool_ranges, groups, bank_k, bank_v, scale, key_lengths
+                rows, k, own_k, own_v, pool, pool_ranges, groups, bank_k, bank_v, scale, key_lengths, row_seg
             )
         if pool_ranges is not None:
             return _pool_range_attention(
-                rows, own_k, own_v, pool, pool_ranges, groups, bank_k, bank_v, scale, own_mask
+                rows, own_k, own_v, pool, pool_ranges, groups, bank_k, bank_v, scale, own_mask, row_seg
             )
         return _borrowing_attention(
-            rows, k, v, ref_idx, groups, window, bank_k, bank_v, scale, pool_k, own_k, own_v, key_lengths
-        )
+            rows, k, v, ref_idx, groups, window, bank_k, bank_v, scale, pool_k, own_k, own_v, key_lengths,
+            row_seg,
+        )  # fmt: skip
 
     def plain(rows: torch.Tensor) -> torch.Tensor:  # own keys only
         return F.scaled_dot_product_attention(rows, own_k, own_v, attn_mask=own_mask, scale=scale)
@@ -103,7 +109,7 @@ def consistent_attention_torch(
     start, stop = query_rows
     if start == stop:  # no row borrows: plain attention
         return plain(q)
-    parts = [borrowing(q[:, :, start:stop])]
+    parts = [borrowing(q[:, :, start:stop], start)]
     if start > 0:
         parts.insert(0, plain(q[:, :, :start]))
     if stop < num_tokens:
@@ -125,6 +131,7 @@ def _borrowing_attention(
     own_k: torch.Tensor,
     own_v: torch.Tensor,
     key_lengths: torch.Tensor | None,
+    segments: _RowSegments | None = None,
 ) -> torch.Tensor:
     """Every row of q (B, H, N', D) attends to its frame's own N keys, pool segments and bank.
     ``pool_k`` (B, H, S, D), when given, is the key pool instead of k's rows at ``ref_idx``. The own rows
@@ -146,7 +153,7 @@ def _borrowing_attention(
             for i in range(num_frames)
         )
     ]
-    return _key_set_attention(q, table_k, table_v, key_rows, num_tokens, key_lengths, scale)
+    return _key_set_attention(q, table_k, table_v, key_rows, num_tokens, key_lengths, scale, segments)
 
 
 def _key_set_attention(
@@ -157,10 +164,12 @@ def _key_set_attention(
     num_tokens: int,
     key_lengths: torch.Tensor | None,
     scale: float | None,
+    segments: _RowSegments | None = None,
 ) -> torch.Tensor:
     """Frame i's rows of q attend to rows ``key_rows[i]`` of the (rows, H, D) tables, whose first
     ``num_tokens`` are its own keys (masked past ``key_lengths``); frames with key sets of one length go
-    through one batched SDPA call."""
+    through one batched SDPA call. ``segments``: the query rows' segment ids and the table rows' (the same
+    row numbers); a borrowed column is masked for the rows whose segment it does not show to."""
     key_sets: dict[int, list[tuple[int, torch.Tensor]]] = {}  # key-set length -> [(frame, rows)]
     for i, rows in enumerate(key_rows):
         key_sets.setdefault(len(rows), []).append((i, rows))
@@ -174,10 +183,14 @@ def _key_set_attention(
         keys = table_k[rows].transpose(1, 2)  # [F', H, L, D]
         values = table_v[rows].transpose(1, 2)
         mask = None
+        columns = torch.arange(rows.shape[1], device=q.device)
         if key_lengths is not None:  # the own keys are the first N columns of every key set
-            columns = torch.arange(rows.shape[1], device=q.device)
             lengths = key_lengths if out is None else key_lengths[index]
             mask = ((columns >= num_tokens) | (columns < lengths[:, None]))[:, None, None, :]
+        if segments is not None:  # [F', 1, N', L]: own columns always, borrowed ones by segment
+            shown = segments.shown(segments.table[rows], index if out is not None else None)
+            shown = shown | (columns < num_tokens)[None, None, :]
+            mask = shown[:, None] if mask is None else mask & shown[:, None]
         result = F.scaled_dot_product_attention(q[index], keys, values, attn_mask=mask, scale=scale)
         if out is None:
             return result
@@ -203,6 +216,7 @@ def _host_range_attention(
     bank_v: torch.Tensor | None,
     scale: float | None,
     key_lengths: torch.Tensor | None,
+    segments: _RowSegments | None = None,
 ) -> torch.Tensor:
     """Pool ranges known on the host: the compact key sets [own N | two pool ranges | bank M] of each frame,
     rows of the table [own tokens (B·N) | pool (R) | banks (G·M)], clamped to the pool as the kernels do."""
@@ -220,7 +234,7 @@ def _host_range_attention(
         parts.append(range(bank_start + group * num_bank, bank_start + (group + 1) * num_bank))
         key_rows.append(torch.cat([torch.arange(part.start, part.stop) for part in parts]))
     table_k, table_v = _row_table(own_k, pool[0], bank_k), _row_table(own_v, pool[1], bank_v)
-    return _key_set_attention(q, table_k, table_v, key_rows, num_tokens, key_lengths, scale)
+    return _key_set_attention(q, table_k, table_v, key_rows, num_tokens, key_lengths, scale, segments)
 
 
 def _row_table(own: torch.Tensor, pool_rows: torch.Tensor, bank: torch.Tensor | None) -> torch.Tensor:
@@ -243,6 +257,7 @@ def _pool_range_attention(
     bank_v: torch.Tensor | None,
     scale: float | None,
     own_mask: torch.Tensor | None,
+    segments: _RowSegments | None = None,
 ) -> torch.Tensor:
     """Every row of q (B, H, N', D) attends to its frame's own keys (k, v: padding already zeroed, masked by
     ``own_mask`` (B, 1, 1, N) when given), the pool rows of its two ranges, and its group's bank."""
@@ -272,4 +287,60 @@ def _pool_range_attention(
     if bank_k is not None:
         biases.append(torch.zeros(num_frames, bank_k.shape[2], dtype=q.dtype, device=q.device))
     bias = torch.cat(biases, dim=1)[:, None, None, :]  # [B, 1, 1, N + R + M]
+    if segments is not None:  # [B, 1, N', N + R + M]: borrowed columns hidden by segment
+        table = segments.table[num_frames * num_tokens :]  # [R + G·M]: the pool's, then the banks'
+        bank = torch.zeros(0, dtype=torch.int64, device=q.device)
+        if bank_k is not None:
+            bank_rows = group_of[:, None] * bank_k.shape[2] + torch.arange(bank_k.shape[2], device=q.device)
+            bank = table[num_rows:][bank_rows]  # [B, M]
+        borrowed = torch.cat([table[:num_rows].expand(num_frames, -1), bank.reshape(num_frames, -1)], dim=1)
+        shown = segments.shown(borrowed)  # [B, N', R + M]
+        hidden = torch.cat([torch.zeros_like(shown[..., :num_tokens]), ~shown], dim=2)
+        bias = bias.masked_fill(hidden[:, None], float("-inf"))
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale)
+
+
+class _RowSegments:
+    """Segment ids of a call's query rows (``rows``: (B, N')) and of its row table (``table``: one id per
+    row of [own tokens (B·N) | pool rows | banks (G·M)], own rows 0: own keys are always shown)."""
+
+    def __init__(self, rows: torch.Tensor, table: torch.Tensor):
+        self.rows, self.table = rows, table
+
+    def shown(self, key_segments: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """(F', N', L) bool: key l (segment ids (F', L)) is shown to row r: its segment is 0 or r's."""
+        rows = self.rows if frames is None else self.rows[frames]
+        keys = key_segments[:, None, :]
+        return (keys == 0) | (keys == rows[:, :, None])
+
+
+class _Segments:
+    """A call's segment ids as int64 on q's device, missing parts as zeros: every token's (B, N), and the
+    row table's (see _RowSegments)."""
+
+    def __init__(self, tokens: torch.Tensor, table: torch.Tensor):
+        self.tokens, self.table = tokens, table
+
+    @classmethod
+    def of(cls, q, ref_idx, groups, bank_k, pool, segments, bank_segments, pool_segments) -> _Segments | None:
+        if segments is None and bank_segments is None and pool_segments is None:
+            return None
+        num_frames, _, num_tokens, _ = q.shape
+
+        def ids(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+            if t is None:
+                return torch.zeros(shape, dtype=torch.int64, device=q.device)
+            return t.to(torch.int64)
+
+        tokens = ids(segments, (num_frames, num_tokens))
+        if pool is not None:
+            pooled = ids(pool_segments, (pool[0].shape[0],))
+        else:  # the gathered pool: frame j's sampled tokens at rows j·S .. j·S + S - 1
+            pooled = tokens.gather(1, ref_idx).flatten()
+        parts = [torch.zeros(num_frames * num_tokens, dtype=torch.int64, device=q.device), pooled]
+        if bank_k is not None:
+            parts.append(ids(bank_segments, (groups, bank_k.shape[2])).flatten())
+        return cls(tokens, torch.cat(parts))
+
+    def for_rows(self, start: int, stop: int) -> _RowSegments:
+        return _RowSegments(self.tokens[:, start:stop], self.table)

@@ -74,19 +74,48 @@ def _borrowing_rows(o_m, tile_start, N, row_start, row_end, HAS_ROW_RANGE: tl.co
 
 
 @triton.jit
-def _softmax_update(b_s, m_i, l_i, o_n, end, m_rows, qk_scale, MASK_N: tl.constexpr, MASK_M: tl.constexpr):
+def _load_segments(SEG, o, end, MASK: tl.constexpr):
+    """Segment ids (int32) at offsets ``o`` of SEG; MASK: offsets at or past ``end`` read 0 (not loaded)."""
+    if MASK:
+        return tl.load(SEG + o, mask=o < end, other=0)
+    return tl.load(SEG + o)
+
+
+@triton.jit
+def _softmax_update(
+    b_s,
+    m_i,
+    l_i,
+    o_n,
+    end,
+    m_rows,
+    qk_scale,
+    MASK_N: tl.constexpr,
+    MASK_M: tl.constexpr,
+    seg_k=None,
+    seg_q=None,
+    MASK_SEG: tl.constexpr = False,
+):
     """Raw scores [BLOCK_M, BLOCK_N] of keys ``o_n`` → (probabilities, rescale of the old accumulator, new
     row sums, new row maxima), exp2 domain. MASK_N: keys at or past ``end`` score -inf; MASK_M: so do all
     keys for rows outside ``m_rows`` — their running max comes from the own keys (always walked first), so
-    p = 0 and alpha = 1: their acc and l_i stay bit-exact."""
+    p = 0 and alpha = 1: their acc and l_i stay bit-exact. MASK_SEG: so do keys of segment ``seg_k``
+    [BLOCK_N] for rows of segment ``seg_q`` [BLOCK_M] unless seg_k is 0 or seg_q (bounded attention). Alone
+    it selects the raw scores and keeps the unmasked arithmetic, so all-zero segments give its bits."""
+    if MASK_SEG:
+        m_seg = (seg_k[None, :] == 0) | (seg_k[None, :] == seg_q[:, None])
     if MASK_N or MASK_M:
         m_s = o_n[None, :] < end
         if MASK_M:
             m_s = m_s & m_rows[:, None]
+        if MASK_SEG:
+            m_s = m_s & m_seg
         b_s = tl.where(m_s, b_s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(b_s, 1))
         b_s = b_s - m_new[:, None]
     else:
+        if MASK_SEG:
+            b_s = tl.where(m_seg, b_s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
         b_s = b_s * qk_scale - m_new[:, None]
     b_p = tl.math.exp2(b_s)

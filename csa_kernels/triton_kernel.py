@@ -36,7 +36,14 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .pool import new_output
-from .triton_common import _borrowing_rows, _own_keys_end, _pool_rows, _program_frame, _softmax_update
+from .triton_common import (
+    _borrowing_rows,
+    _load_segments,
+    _own_keys_end,
+    _pool_rows,
+    _program_frame,
+    _softmax_update,
+)
 from .triton_gather import gather_pools
 from .triton_tma import (
     _consistent_attn_fwd_tma,
@@ -71,6 +78,9 @@ def _attn_tile(
     MASK_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    p_seg=None,
+    seg_q=None,
+    MASK_SEG: tl.constexpr = False,
 ):
     o_n = n0 + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, HEAD_DIM_P)
@@ -85,7 +95,10 @@ def _attn_tile(
         b_kt = b_kt.to(tl.float32)
     # [BLOCK_M, BLOCK_N]
     b_s = tl.dot(b_q, b_kt, input_precision=INPUT_PRECISION)
-    b_p, alpha, l_i, m_new = _softmax_update(b_s, m_i, l_i, o_n, end, m_rows, qk_scale, MASK_N, MASK_M)
+    seg_k = _load_segments(p_seg, o_n, end, MASK_N) if MASK_SEG else o_n
+    b_p, alpha, l_i, m_new = _softmax_update(
+        b_s, m_i, l_i, o_n, end, m_rows, qk_scale, MASK_N, MASK_M, seg_k, seg_q, MASK_SEG
+    )
     # [BLOCK_N, HEAD_DIM_P]
     b_v = tl.load(p_v + o_n[:, None] * stride_vn + o_d[None, :], mask=m_v, other=0.0)
     if DOT_F32:
@@ -114,19 +127,23 @@ def _attn_range(
     MASK_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    p_seg=None,
+    seg_q=None,
+    MASK_SEG: tl.constexpr = False,
 ):
     """Keys/values rows [start, end): full tiles unmasked, then one masked tail tile if needed.
-    MASK_M: only the query rows where ``m_rows`` is true attend to them."""
+    MASK_M: only the query rows where ``m_rows`` is true attend to them. MASK_SEG: only the query rows of
+    segments ``seg_q`` a key's segment (at ``p_seg`` + row) shows it to."""
     full_end = start + (end - start) // BLOCK_N * BLOCK_N
     for n0 in range(start, full_end, BLOCK_N):
         acc, l_i, m_i = _attn_tile(
             acc, l_i, m_i, b_q, p_k, p_v, stride_kn, stride_vn, n0, end, m_rows, qk_scale,
-            HEAD_DIM, HEAD_DIM_P, BLOCK_N, False, MASK_M, DOT_F32, INPUT_PRECISION,
+            HEAD_DIM, HEAD_DIM_P, BLOCK_N, False, MASK_M, DOT_F32, INPUT_PRECISION, p_seg, seg_q, MASK_SEG,
         )  # fmt: skip
     if full_end < end:
         acc, l_i, m_i = _attn_tile(
             acc, l_i, m_i, b_q, p_k, p_v, stride_kn, stride_vn, full_end, end, m_rows, qk_scale,
-            HEAD_DIM, HEAD_DIM_P, BLOCK_N, True, MASK_M, DOT_F32, INPUT_PRECISION,
+            HEAD_DIM, HEAD_DIM_P, BLOCK_N, True, MASK_M, DOT_F32, INPUT_PRECISION, p_seg, seg_q, MASK_SEG,
         )  # fmt: skip
     return acc, l_i, m_i
 
@@ -157,20 +174,26 @@ def _attn_borrowed(
     MASK_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    p_pseg=None,
+    p_bseg=None,
+    seg_q=None,
+    HAS_SEGMENTS: tl.constexpr = False,
 ):
-    """The borrowed keys: the pool rows of the visible frames before and after this one, then the bank."""
+    """The borrowed keys: the pool rows of the visible frames before and after this one, then the bank.
+    HAS_SEGMENTS: each key tile's segment ids (pool rows' at ``p_pseg``, the bank's at ``p_bseg``) are
+    compared with the query rows' ``seg_q``."""
     acc, l_i, m_i = _attn_range(
         acc, l_i, m_i, b_q, p_pk, p_pv, stride_pn, stride_pn, before_start, before_end, m_rows, qk_scale,
-        HEAD_DIM, HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION,
+        HEAD_DIM, HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION, p_pseg, seg_q, HAS_SEGMENTS,
     )  # fmt: skip
     acc, l_i, m_i = _attn_range(
         acc, l_i, m_i, b_q, p_pk, p_pv, stride_pn, stride_pn, after_start, after_end, m_rows, qk_scale,
-        HEAD_DIM, HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION,
+        HEAD_DIM, HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION, p_pseg, seg_q, HAS_SEGMENTS,
     )  # fmt: skip
     if HAS_BANK:
         acc, l_i, m_i = _attn_range(
             acc, l_i, m_i, b_q, p_bk, p_bv, stride_bm, stride_bm, 0, M, m_rows, qk_scale,
-            HEAD_DIM, HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION,
+            HEAD_DIM, HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION, p_bseg, seg_q, HAS_SEGMENTS,
         )  # fmt: skip
     return acc, l_i, m_i
 
@@ -186,6 +209,7 @@ def _consistent_attn_fwd(
     stride_ob, stride_oh, stride_on,
     H, N, S, M, frames_per_group, window, row_start, row_end, qk_scale,
     KL, PR, P,  # key lengths (B,), pool ranges (B, 4), pool rows: read only under their flags
+    SEG, PSEG, BSEG,  # int32 segment ids of tokens (B, N), pool rows (P,), banks (G, M): HAS_SEGMENTS only
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -196,6 +220,7 @@ def _consistent_attn_fwd(
     INPUT_PRECISION: tl.constexpr,
     HAS_KEY_LENGTHS: tl.constexpr = False,
     HAS_POOL_RANGES: tl.constexpr = False,
+    HAS_SEGMENTS: tl.constexpr = False,
 ):  # fmt: skip
     i_m = tl.program_id(0)
     # head-major: the frames of one head run next to each other and share its pool and bank rows in L2
@@ -228,17 +253,21 @@ def _consistent_attn_fwd(
     m_rows, borrow_all, borrow_any = _borrowing_rows(o_m, i_m * BLOCK_M, N, row_start, row_end, HAS_ROW_RANGE)
     # after the own keys' loop (the ranges need not stay live across it)
     before_start, before_end, after_start, after_end = _pool_rows(PR, i_b, lo, hi, S, P, HAS_POOL_RANGES)
+    seg_q = _load_segments(SEG + i_b * N, o_m, N, True) if HAS_SEGMENTS else o_m
+    p_bseg = BSEG + i_g * M
     if borrow_all:
         acc, l_i, m_i = _attn_borrowed(
             acc, l_i, m_i, b_q, p_pk, p_pv, BK + o_bank, BV + o_bank, stride_pn, stride_bm,
             before_start, before_end, after_start, after_end, M, m_rows, qk_scale,
             HEAD_DIM, HEAD_DIM_P, BLOCK_N, HAS_BANK, False, DOT_F32, INPUT_PRECISION,
+            PSEG, p_bseg, seg_q, HAS_SEGMENTS,
         )  # fmt: skip
     elif borrow_any:
         acc, l_i, m_i = _attn_borrowed(
             acc, l_i, m_i, b_q, p_pk, p_pv, BK + o_bank, BV + o_bank, stride_pn, stride_bm,
             before_start, before_end, after_start, after_end, M, m_rows, qk_scale,
             HEAD_DIM, HEAD_DIM_P, BLOCK_N, HAS_BANK, True, DOT_F32, INPUT_PRECISION,
+            PSEG, p_bseg, seg_q, HAS_SEGMENTS,
         )  # fmt: skip
 
     acc = acc / l_i[:, None]
@@ -250,7 +279,7 @@ _consistent_attn_fwd_tuned = triton.autotune(
     configs=autotune_configs(),
     # Tile shape depends on the per-frame token count and head dim, hardly on how many reference or bank
     # tokens follow: leaving S, M and the group size out avoids re-tuning for every story layout.
-    key=["N", "HEAD_DIM", "HAS_BANK", "HAS_ROW_RANGE", "HAS_KEY_LENGTHS", "HAS_POOL_RANGES"],
+    key=["N", "HEAD_DIM", "HAS_BANK", "HAS_ROW_RANGE", "HAS_KEY_LENGTHS", "HAS_POOL_RANGES", "HAS_SEGMENTS"],
     prune_configs_by={"early_config_prune": prune},
 )(_consistent_attn_fwd)
 
@@ -259,7 +288,15 @@ _consistent_attn_fwd_tma_tuned = triton.autotune(
         triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=set_block_shapes)
         for c in autotune_configs("tma")
     ],
-    key=["N", "HEAD_DIM_P", "HAS_BANK", "HAS_ROW_RANGE", "HAS_KEY_LENGTHS", "HAS_POOL_RANGES"],
+    key=[
+        "N",
+        "HEAD_DIM_P",
+        "HAS_BANK",
+        "HAS_ROW_RANGE",
+        "HAS_KEY_LENGTHS",
+        "HAS_POOL_RANGES",
+        "HAS_SEGMENTS",
+    ],
     prune_configs_by={"early_config_prune": prune_tma},
 )(_consistent_attn_fwd_tma)
 
@@ -304,11 +341,16 @@ def triton_consistent_attention(
     key_lengths: torch.Tensor | None = None,
     pool: tuple[torch.Tensor, torch.Tensor] | None = None,
     pool_ranges: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
+    bank_segments: torch.Tensor | None = None,
+    pool_segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the fused forward. Inputs are assumed validated (see validation.py). ``pool_k``: (B, H, S, D)
     key pool to use instead of gathering k at ``ref_idx``. ``key_lengths`` (B,): frame b's own keys end at
     key_lengths[b]. ``pool`` ((R, H, D) keys, values) with ``pool_ranges`` (B, 4): the borrowed rows of each
-    frame, in place of the pool gathered at ``ref_idx`` (then (B, 0)) and the window. ``path``: "pointer"
+    frame, in place of the pool gathered at ``ref_idx`` (then (B, 0)) and the window. ``segments`` (B, N),
+    ``bank_segments`` (G, M), ``pool_segments`` (R,): segment ids (any of them given: HAS_SEGMENTS, the others
+    zeros; the gathered pool's are ``segments`` at ``ref_idx``). ``path``: "pointer"
     or "tma" (tensor descriptors; falls back to "pointer" for tensors TMA cannot address); None:
     ``kernel_path(q)``."""
     if q.device.type != "cuda" and not INTERPRETED:
@@ -364,7 +406,14 @@ def triton_consistent_attention(
     def grid(meta):
         return (triton.cdiv(num_tokens, meta["BLOCK_M"]), num_frames * num_heads)
 
-    features = (key_lengths, pool_ranges, num_pool, has_key_lengths, has_pool_ranges)
+    has_segments = any(t is not None for t in (segments, bank_segments, pool_segments))
+    segment_ids = (q, q, q)  # never read without segments
+    if has_segments:
+        segment_ids = _segment_ids(
+            q, ref_idx, segments, bank_segments, pool_segments, num_pool, groups, num_bank, pool
+        )
+    features = (key_lengths, pool_ranges, num_pool, *segment_ids)
+    features += (has_key_lengths, has_pool_ranges, has_segments)
     path = path or kernel_path(q)
     if path == "tma" and tma_compatible(q, k, v, pool_k, pool_v, bank_k, bank_v, out):
         args = (q, k, v, pool_k, pool_v, bank_k, bank_v, out, num_refs, num_bank, has_bank, has_row_range)
@@ -389,7 +438,7 @@ def triton_consistent_attention(
         frames_per_group if window is None else window,
         row_start, row_end,
         scale * LOG2E,
-        key_lengths, pool_ranges, num_pool,
+        key_lengths, pool_ranges, num_pool, *segment_ids,
         HEAD_DIM=head_dim,
         HEAD_DIM_P=head_dim_p,
         HAS_BANK=has_bank,
@@ -398,15 +447,40 @@ def triton_consistent_attention(
         INPUT_PRECISION=input_precision,
         HAS_KEY_LENGTHS=has_key_lengths,
         HAS_POOL_RANGES=has_pool_ranges,
+        HAS_SEGMENTS=has_segments,
         **extra,
     )  # fmt: skip
     return out
 
 
+def _segment_ids(q, ref_idx, segments, bank_segments, pool_segments, num_pool, groups, num_bank, pool):
+    """The kernel's int32 segment ids, contiguous: tokens (B, N), pool rows (the gathered pool's: frame j's
+    sampled tokens' segments at rows j·S.., a caller pool's ``pool_segments``), banks (G, M); a part not
+    given is zeros. Empty parts are the tokens' ids (never read; an empty tensor may have a null data
+    pointer, which launchers reject)."""
+    num_frames, _, num_tokens, _ = q.shape
+
+    def ids(t, shape):
+        if t is None:
+            return torch.zeros(shape, dtype=torch.int32, device=q.device)
+        return t.to(torch.int32).contiguous()
+
+    seg = ids(segments, (num_frames, num_tokens))
+    if num_pool == 0:
+        pool_seg = seg
+    elif pool is not None:
+        pool_seg = ids(pool_segments, (num_pool,))
+    else:
+        pool_seg = seg.gather(1, ref_idx).flatten()
+    bank_seg = ids(bank_segments, (groups, num_bank)) if num_bank else seg
+    return seg, pool_seg, bank_seg
+
+
 def _launch_tma(
     q, k, v, pool_k, pool_v, bank_k, bank_v, out, num_refs, num_bank, has_bank, has_row_range,
     frames_per_group, window, row_start, row_end, scale, head_dim_p, dot_f32, input_precision,
-    key_lengths, pool_ranges, num_pool, has_key_lengths, has_pool_ranges, grid,
+    key_lengths, pool_ranges, num_pool, seg, pool_seg, bank_seg, has_key_lengths, has_pool_ranges,
+    has_segments, grid,
 ) -> None:  # fmt: skip
     """The Hopper kernel over tensor descriptors (triton_tma.py); boxes sized for the config that runs."""
     if INTERPRETED:
@@ -426,7 +500,7 @@ def _launch_tma(
         frames_per_group if window is None else window,
         row_start, row_end,
         scale * LOG2E,
-        key_lengths, pool_ranges, num_pool,
+        key_lengths, pool_ranges, num_pool, seg, pool_seg, bank_seg,
         HEAD_DIM_P=head_dim_p,
         HAS_BANK=has_bank,
         HAS_ROW_RANGE=has_row_range,
@@ -434,6 +508,7 @@ def _launch_tma(
         INPUT_PRECISION=input_precision,
         HAS_KEY_LENGTHS=has_key_lengths,
         HAS_POOL_RANGES=has_pool_ranges,
+        HAS_SEGMENTS=has_segments,
         **config,
     )  # fmt: skip
 
@@ -450,6 +525,7 @@ def compile_for_target(
     has_row_range: bool = False,
     has_key_lengths: bool = False,
     has_pool_ranges: bool = False,
+    has_segments: bool = False,
     arch: int = 90,
     example: tuple[int, int, int, int, int] | None = (4, 8, 1024, 512, 256),
     path: str = "pointer",
@@ -463,12 +539,12 @@ def compile_for_target(
 
     ``example`` = (frames, heads, tokens, refs, bank tokens) of a representative launch (contiguous
     (B, H, N, D) tensors, one group, a full window, query rows (tokens // 4, tokens) when
-    ``has_row_range``; int32 key lengths (``has_key_lengths``) and pool ranges over the gathered pool's
-    frames·refs rows (``has_pool_ranges``) when asked): the kernel gets the specialization that launch gets
-    from the JIT — Triton's own binder decides which integer arguments are divisible by 16 and which
-    pointers are 16-byte aligned (``tt.divisibility``), so the code is what such a launch runs (vector /
-    cp.async loads). ``example=None`` compiles without those hints (scalar loads: not what any real launch
-    runs; kept for comparison).
+    ``has_row_range``; int32 key lengths (``has_key_lengths``), pool ranges over the gathered pool's
+    frames·refs rows (``has_pool_ranges``) and int32 segment ids (``has_segments``) when asked): the kernel
+    gets the specialization that launch gets from the JIT — Triton's own binder decides which integer
+    arguments are divisible by 16 and which pointers are 16-byte aligned (``tt.divisibility``), so the code
+    is what such a launch runs (vector / cp.async loads). ``example=None`` compiles without those hints
+    (scalar loads: not what any real launch runs; kept for comparison).
 
     Returns Triton's compiled kernel: ``.asm["ptx"]`` / ``.asm["ttgir"]`` / ``.asm["cubin"]`` show what the
     GPU would run (e.g. ``wgmma`` instructions on Hopper). Needs the compiled (not interpreted) kernel.
@@ -489,8 +565,9 @@ def compile_for_target(
         "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
         "HAS_KEY_LENGTHS": has_key_lengths,
         "HAS_POOL_RANGES": has_pool_ranges,
+        "HAS_SEGMENTS": has_segments,
     }
-    features = (has_key_lengths, has_pool_ranges)
+    features = (has_key_lengths, has_pool_ranges, has_segments)
     target = GPUTarget("cuda", arch, 32)
     options = {"num_warps": num_warps, "num_stages": num_stages}
     if path == "tma":
@@ -507,6 +584,7 @@ def compile_for_target(
         signature = {name: "i32" for name in names}
         signature.update({name: pointer for name in ("Q", "K", "V", "PK", "PV", "BK", "BV", "Out")})
         signature.update(KL="*i32" if has_key_lengths else pointer, PR="*i32" if has_pool_ranges else pointer)
+        signature.update({name: "*i32" if has_segments else pointer for name in ("SEG", "PSEG", "BSEG")})
         signature.update({name: "constexpr" for name in constexprs}, qk_scale="fp32")
         source = ASTSource(
             fn=_consistent_attn_fwd,
@@ -579,11 +657,12 @@ def _example_tma_args(dtype, head_dim, example, has_bank, has_row_range, block_m
     ]  # fmt: skip
 
 
-def _example_feature_args(dtype, example, has_key_lengths, has_pool_ranges) -> list:
-    """KL, PR, P of a launch: int32 index tensors where the feature is on, else q (never read); the pool's
-    rows (frames·refs of the gathered pool)."""
+def _example_feature_args(dtype, example, has_key_lengths, has_pool_ranges, has_segments) -> list:
+    """KL, PR, P, SEG, PSEG, BSEG of a launch: int32 index tensors where the feature is on, else q (never
+    read); the pool's rows (frames·refs of the gathered pool)."""
     from triton.runtime.jit import MockTensor
 
     frames, _, _, refs, _ = example
     t, index = MockTensor(dtype), MockTensor(torch.int32)
-    return [index if has_key_lengths else t, index if has_pool_ranges else t, frames * refs]
+    segment_ids = [index if has_segments else t] * 3
+    return [index if has_key_lengths else t, index if has_pool_ranges else t, frames * refs, *segment_ids]

@@ -26,7 +26,14 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .triton_common import _borrowing_rows, _own_keys_end, _pool_rows, _program_frame, _softmax_update
+from .triton_common import (
+    _borrowing_rows,
+    _load_segments,
+    _own_keys_end,
+    _pool_rows,
+    _program_frame,
+    _softmax_update,
+)
 
 
 @triton.jit
@@ -49,13 +56,19 @@ def _tma_tile(
     MASK_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    p_seg=None,
+    seg_q=None,
+    MASK_SEG: tl.constexpr = False,
 ):
     b_k = desc_k.load([c0, c1, n0, 0]).reshape(BLOCK_N, HEAD_DIM_P)
     if DOT_F32:
         b_k = b_k.to(tl.float32)
     b_s = tl.dot(b_q, b_k.T, input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
     o_n = n0 + tl.arange(0, BLOCK_N)
-    b_p, alpha, l_i, m_new = _softmax_update(b_s, m_i, l_i, o_n, end, m_rows, qk_scale, MASK_N, MASK_M)
+    seg_k = _load_segments(p_seg, o_n, end, MASK_N) if MASK_SEG else o_n
+    b_p, alpha, l_i, m_new = _softmax_update(
+        b_s, m_i, l_i, o_n, end, m_rows, qk_scale, MASK_N, MASK_M, seg_k, seg_q, MASK_SEG
+    )
     b_v = desc_v.load([c0, c1, n0, 0]).reshape(BLOCK_N, HEAD_DIM_P)
     if MASK_N:  # rows past the range may belong to another frame: p is 0 there, and so must v be
         b_v = tl.where(o_n[:, None] < end, b_v, 0.0)
@@ -85,19 +98,23 @@ def _tma_range(
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr = False,
+    p_seg=None,
+    seg_q=None,
+    MASK_SEG: tl.constexpr = False,
 ):
-    """Token rows [start, end) at (c0, c1): full tiles unmasked, then one masked tail tile if needed."""
+    """Token rows [start, end) at (c0, c1): full tiles unmasked, then one masked tail tile if needed.
+    MASK_SEG: keys hidden from the query rows by segment (ids at ``p_seg`` + row, the rows' ``seg_q``)."""
     full_end = start + (end - start) // BLOCK_N * BLOCK_N
     # WARP_SPECIALIZE: producer warps issue the TMA loads while consumer warpgroups compute
     for n0 in tl.range(start, full_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         acc, l_i, m_i = _tma_tile(
             acc, l_i, m_i, b_q, desc_k, desc_v, c0, c1, n0, end, m_rows, qk_scale,
-            HEAD_DIM_P, BLOCK_N, False, MASK_M, DOT_F32, INPUT_PRECISION,
+            HEAD_DIM_P, BLOCK_N, False, MASK_M, DOT_F32, INPUT_PRECISION, p_seg, seg_q, MASK_SEG,
         )  # fmt: skip
     if full_end < end:
         acc, l_i, m_i = _tma_tile(
             acc, l_i, m_i, b_q, desc_k, desc_v, c0, c1, full_end, end, m_rows, qk_scale,
-            HEAD_DIM_P, BLOCK_N, True, MASK_M, DOT_F32, INPUT_PRECISION,
+            HEAD_DIM_P, BLOCK_N, True, MASK_M, DOT_F32, INPUT_PRECISION, p_seg, seg_q, MASK_SEG,
         )  # fmt: skip
     return acc, l_i, m_i
 
@@ -113,20 +130,27 @@ def _tma_borrowed(
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr = False,
+    p_pseg=None,
+    p_bseg=None,
+    seg_q=None,
+    HAS_SEGMENTS: tl.constexpr = False,
 ):  # fmt: skip
-    """The borrowed keys: the pool rows of the visible frames before and after this one, then the bank."""
+    """The borrowed keys: the pool rows of the visible frames before and after this one, then the bank.
+    HAS_SEGMENTS: each key tile's segment ids (pool rows' at ``p_pseg``, the bank's at ``p_bseg``) are
+    compared with the query rows' ``seg_q``."""
     acc, l_i, m_i = _tma_range(
         acc, l_i, m_i, b_q, desc_pk, desc_pv, 0, i_h, before_start, before_end, m_rows, qk_scale,
-        HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE,
+        HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE, p_pseg, seg_q, HAS_SEGMENTS,
     )  # fmt: skip
     acc, l_i, m_i = _tma_range(
         acc, l_i, m_i, b_q, desc_pk, desc_pv, 0, i_h, after_start, after_end, m_rows, qk_scale,
-        HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE,
+        HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE, p_pseg, seg_q, HAS_SEGMENTS,
     )  # fmt: skip
     if HAS_BANK:
         acc, l_i, m_i = _tma_range(
             acc, l_i, m_i, b_q, desc_bk, desc_bv, i_g, i_h, 0, M, m_rows, qk_scale,
-            HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE,
+            HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE, p_bseg, seg_q,
+            HAS_SEGMENTS,
         )  # fmt: skip
     return acc, l_i, m_i
 
@@ -136,6 +160,7 @@ def _consistent_attn_fwd_tma(
     desc_q, desc_k, desc_v, desc_pk, desc_pv, desc_bk, desc_bv, desc_o,
     B, H, N, S, M, frames_per_group, window, row_start, row_end, qk_scale,
     KL, PR, P,  # key lengths (B,), pool ranges (B, 4), pool rows: read only under their flags
+    SEG, PSEG, BSEG,  # int32 segment ids of tokens (B, N), pool rows (P,), banks (G, M): HAS_SEGMENTS only
     HEAD_DIM_P: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -146,6 +171,7 @@ def _consistent_attn_fwd_tma(
     WARP_SPECIALIZE: tl.constexpr = False,
     HAS_KEY_LENGTHS: tl.constexpr = False,
     HAS_POOL_RANGES: tl.constexpr = False,
+    HAS_SEGMENTS: tl.constexpr = False,
 ):  # fmt: skip
     i_m = tl.program_id(0)
     i_b, i_h, i_g, lo, hi = _program_frame(H, B, frames_per_group, window)
@@ -168,17 +194,21 @@ def _consistent_attn_fwd_tma(
     m_rows, borrow_all, borrow_any = _borrowing_rows(o_m, m0, N, row_start, row_end, HAS_ROW_RANGE)
     # after the own keys' loop (the ranges need not stay live across it)
     before_start, before_end, after_start, after_end = _pool_rows(PR, i_b, lo, hi, S, P, HAS_POOL_RANGES)
+    seg_q = _load_segments(SEG + i_b * N, o_m, N, True) if HAS_SEGMENTS else o_m
+    p_bseg = BSEG + i_g * M
     if borrow_all:
         acc, l_i, m_i = _tma_borrowed(
             acc, l_i, m_i, b_q, desc_pk, desc_pv, desc_bk, desc_bv, i_g, i_h,
             before_start, before_end, after_start, after_end, M, m_rows, qk_scale,
             HEAD_DIM_P, BLOCK_N, HAS_BANK, False, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE,
+            PSEG, p_bseg, seg_q, HAS_SEGMENTS,
         )  # fmt: skip
     elif borrow_any:
         acc, l_i, m_i = _tma_borrowed(
             acc, l_i, m_i, b_q, desc_pk, desc_pv, desc_bk, desc_bv, i_g, i_h,
             before_start, before_end, after_start, after_end, M, m_rows, qk_scale,
             HEAD_DIM_P, BLOCK_N, HAS_BANK, True, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE,
+            PSEG, p_bseg, seg_q, HAS_SEGMENTS,
         )  # fmt: skip
 
     acc = acc / l_i[:, None]

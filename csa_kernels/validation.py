@@ -10,7 +10,7 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DTYPES = (*TRITON_DTYPES, torch.float64)  # float64: torch path only (gradcheck, gold answers)
-INDEX_DTYPES = (torch.int32, torch.int64)  # key_lengths, pool_ranges
+INDEX_DTYPES = (torch.int32, torch.int64)  # key_lengths, pool_ranges, segment ids
 MAX_TRITON_HEAD_DIM = 256
 
 # Triton is optional: it has wheels for Linux only, and CPU-only installs may lack it. Read once at import (a
@@ -59,6 +59,9 @@ def check_inputs(
     key_lengths: torch.Tensor | None = None,
     pool: tuple[torch.Tensor, torch.Tensor] | None = None,
     pool_ranges: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
+    bank_segments: torch.Tensor | None = None,
+    pool_segments: torch.Tensor | None = None,
     check_indices: bool = True,
 ) -> None:
     """Raise ``TypeError``/``ValueError`` naming the bad argument and what was expected.
@@ -136,6 +139,7 @@ def check_inputs(
         check_pool_k(pool_k, k, ref_idx)
     else:
         check_pool(pool, pool_ranges, k, ref_idx, window, pool_k, check_indices)
+    check_segments(segments, bank_segments, pool_segments, q, groups, bank_k, pool, check_indices)
 
 
 def check_ref_idx(ref_idx: torch.Tensor, q: torch.Tensor, check_indices: bool) -> None:
@@ -255,6 +259,47 @@ def check_pool(
                 f"0 <= start <= end <= R={num_rows} (pool rows), got {pool_ranges[frame].tolist()} "
                 f"for frame {frame}"
             )
+
+
+def check_segments(
+    segments: torch.Tensor | None,
+    bank_segments: torch.Tensor | None,
+    pool_segments: torch.Tensor | None,
+    q: torch.Tensor,
+    groups: int,
+    bank_k: torch.Tensor | None,
+    pool: tuple[torch.Tensor, torch.Tensor] | None,
+    check_indices: bool,
+) -> None:
+    """Segment ids, each None or int32/int64 on q's device: ``segments`` (B, N), ``bank_segments``
+    (groups, M) only with a bank, ``pool_segments`` (R,) only with a pool; with ``check_indices``, no
+    negative id."""
+    num_frames, _, num_tokens, _ = q.shape
+    if segments is not None:
+        _check_index_tensor(
+            "segments", segments, (num_frames, num_tokens), f"(B={num_frames}, N={num_tokens})", q
+        )
+    if bank_segments is not None:
+        if bank_k is None:
+            raise ValueError("bank_segments must be None without a bank (bank_k, bank_v): it has no tokens")
+        bank = bank_k.shape[2]
+        _check_index_tensor("bank_segments", bank_segments, (groups, bank), f"(groups={groups}, M={bank})", q)
+    if pool_segments is not None:
+        if pool is None:
+            raise ValueError("pool_segments must be None without pool=(keys, values): it has no rows")
+        rows = pool[0].shape[0]
+        _check_index_tensor("pool_segments", pool_segments, (rows,), f"(R={rows},) (pool rows)", q)
+    if not check_indices:
+        return
+    for name, t in (
+        ("segments", segments),
+        ("bank_segments", bank_segments),
+        ("pool_segments", pool_segments),
+    ):
+        if t is not None and t.numel() and values_readable(t):
+            lowest = int(t.min())
+            if lowest < 0:
+                raise ValueError(f"{name} must be segment ids >= 0 (0: shared), got a minimum of {lowest}")
 
 
 def check_pool_k(pool_k: torch.Tensor | None, k: torch.Tensor, ref_idx: torch.Tensor) -> None:
