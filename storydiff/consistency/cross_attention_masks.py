@@ -20,8 +20,10 @@ by Otsu's method (:func:`otsu_threshold`), and resized to every other level by `
 :class:`SubjectRecordingProcessor` is a plain diffusers processor for cross-attention (UNet ``attn2``,
 ``AttnProcessor2_0``'s math, so its output is the stock output) that feeds a recorder;
 :func:`install_subject_recorder` puts it on a denoiser's cross-attention layers and returns what to restore.
-Joint text+image attention (FLUX, SD3) calls :meth:`SubjectAttentionRecorder.record` with its image rows'
-queries and the whole joint key sequence, the subject columns indexed in it.
+Joint text+image hosts (FLUX, SD3, Qwen-Image) need no processor of their own: their consistent
+processors hand q and k of the joint sequence to ``ConsistencyState.attend``, and
+:meth:`SubjectAttentionRecorder.observe`, as the state's ``observer``, records the image rows' queries
+against the whole joint key sequence.
 
 Under batched CFG ([uncond frames; cond frames]) only the conditional half is recorded: the unconditional
 prompt names no subject.
@@ -35,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from .state import COND, ConsistencyState, LayerInfo, Span
 from .subject_masks import Size, SubjectMasks, level_grid
 
 #: the level (downsampling factor) the recorder aggregates at unless told
@@ -198,10 +201,12 @@ class SubjectAttentionRecorder:
         *,
         scale: float | None = None,
         bias: torch.Tensor | None = None,
+        text_offset: int = 0,
     ) -> bool:
         """Add one layer call: ``query`` (B, H, N, D) image queries, ``key`` (B, H, L, D) every key of the
-        host's softmax, ``scale`` / ``bias`` as the host's (``subject_probability``). Returns whether it was
-        recorded (active, at the recorder's level, characters in the batch)."""
+        host's softmax, ``scale`` / ``bias`` as the host's (``subject_probability``); the prompt's tokens
+        start at key ``text_offset`` (joint sequences). Returns whether it was recorded (active, at the
+        recorder's level, characters in the batch)."""
         tokens = self.grid[0] * self.grid[1]
         if not self.active or query.shape[2] != tokens or not any(self.subjects):
             return False
@@ -216,12 +221,12 @@ class SubjectAttentionRecorder:
         columns = torch.zeros(count, len(characters), key.shape[2], dtype=torch.bool)
         for i, per_character in enumerate(self.subjects):
             for character, cols in per_character.items():
-                if max(cols) >= key.shape[2]:
+                if text_offset + max(cols) >= key.shape[2]:
                     raise ValueError(
                         f"frame {self.frames[i]} ({character}): subject column {max(cols)} past the "
-                        f"{key.shape[2]} keys"
+                        f"{key.shape[2] - text_offset} text keys"
                     )
-                columns[i, characters.index(character), list(cols)] = True
+                columns[i, characters.index(character), [text_offset + j for j in cols]] = True
         if bias is not None and bias.ndim == 4 and bias.shape[0] == query.shape[0]:
             bias = bias[rows]
         prob = subject_probability(
@@ -235,6 +240,32 @@ class SubjectAttentionRecorder:
                 self.sums[entry] = self.sums[entry] + value if entry in self.sums else value.clone()
                 self.calls[entry] = self.calls.get(entry, 0) + 1
         return True
+
+    def observe(
+        self,
+        state: ConsistencyState,
+        layer: LayerInfo,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        image: Span,
+        key_lengths: torch.Tensor | None = None,
+    ) -> None:
+        """``ConsistencyState.observer`` for joint text+image hosts (FLUX, SD3, Qwen-Image): each consistent
+        layer's image query rows ``image`` = [a, b) against the frame's own keys, text and image — the
+        host's own softmax (keys borrowed from other frames are consistency's, not the host's). The prompt
+        is the rest of the sequence: before the image (FLUX) or after it (SD3, Qwen-Image), so subject
+        columns count from the prompt's first token either way. ``key_lengths`` masks text padding
+        (Qwen-Image). Image-only self-attention (no text keys) and the unconditional pass of two-pass CFG
+        are not recorded."""
+        start, stop = image
+        if stop - start == k.shape[2]:  # no text keys: image-only self-attention
+            return
+        if state.current_pass is not None and state.current_pass.group != COND:
+            return
+        bias = None
+        if key_lengths is not None:
+            bias = (torch.arange(k.shape[2], device=k.device) < key_lengths[:, None])[:, None, None, :]
+        self.record(q[:, :, start:stop], k, bias=bias, text_offset=0 if start > 0 else stop)
 
     def maps(self) -> dict[tuple[int, str], torch.Tensor]:
         """(frame, character) -> (h, w) float64: the mean probability over the calls recorded."""

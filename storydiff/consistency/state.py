@@ -123,6 +123,9 @@ class ConsistencyState:
         self.background_share = DEFAULT_BACKGROUND_SHARE
         self.batch_frames: tuple[int, ...] | None = None  # story frames of a joint batch (masks need them)
         self._mask_warned: set[tuple[int, tuple[str, ...]]] = set()  # frames already warned about
+        # sees every attend call's (state, layer, q, k, image span, key lengths) before it runs, e.g. a
+        # cross_attention_masks recorder's ``observe`` on joint text+image hosts; None: nothing extra
+        self.observer: Callable[..., None] | None = None
 
     # -- driven by the pipeline ----------------------------------------------------------------------
     def begin(self, mode: Mode, *, step: int = 0, frames: Sequence[int] | None = None) -> None:
@@ -244,6 +247,8 @@ class ConsistencyState:
         ``key_lengths`` (B,): frame b's own keys are its first ``key_lengths[b]`` tokens (the rest is text
         padding, which nothing attends to: Qwen-Image puts image tokens first); None: all N.
         """
+        if self.observer is not None:
+            self.observer(self, layer, q, k, image or (0, q.shape[2]), key_lengths)
         mode = self.mode
         if mode is None or not self.consistent_now(layer):
             return plain_attention(q, k, v, key_lengths)

@@ -183,7 +183,7 @@ def test_recorder_errors_and_pause():
     recorder.set_batch([0, 1], [{"Bob": [1]}, {"Bob": [9]}])
     with pytest.raises(RuntimeError, match="not a multiple of the 2 frames"):
         recorder.record(torch.randn(3, 1, 16, 4), torch.randn(3, 1, 8, 4))
-    with pytest.raises(ValueError, match=r"frame 1 \(Bob\): subject column 9 past the 8 keys"):
+    with pytest.raises(ValueError, match=r"frame 1 \(Bob\): subject column 9 past the 8 text keys"):
         recorder.record(torch.randn(2, 1, 16, 4), torch.randn(2, 1, 8, 4))
     recorder.active = False
     assert not recorder.record(torch.randn(2, 1, 16, 4), torch.randn(2, 1, 8, 4))
