@@ -78,7 +78,7 @@ def subject_probability(
             f"query (B, H, N, D) and key (B, H, L, D), got {tuple(query.shape)}, {tuple(key.shape)}"
         )
     single = columns.ndim == 2
-    cols = columns[:, None] if single else columns
+    cols = (columns[:, None] if single else columns).cpu()  # a small host-side table: which columns
     batch, heads, tokens, dim = query.shape
     length = key.shape[2]
     if cols.dtype != torch.bool or cols.shape[0] != batch or cols.shape[2] != length:
@@ -86,24 +86,33 @@ def subject_probability(
             f"columns must be ({batch}, [C,] {length}) bool, got {columns.dtype} {tuple(columns.shape)}"
         )
     dtype = torch.promote_types(query.dtype, torch.float32)
+    device = query.device
     q = query.to(dtype) * (dim**-0.5 if scale is None else scale)
     k = key.to(dtype)
     if bias is not None and bias.dtype == torch.bool:
         bias = torch.zeros(bias.shape, dtype=dtype, device=bias.device).masked_fill(~bias, -math.inf)
-    neg_inf = torch.tensor(-math.inf, dtype=dtype, device=q.device)
-    lse_all = torch.full((batch, heads, tokens), -math.inf, dtype=dtype, device=q.device)
-    lse_subject = torch.full((batch, cols.shape[1], heads, tokens), -math.inf, dtype=dtype, device=q.device)
+    # log of the softmax's denominator: a running logsumexp over key blocks, one (N, block) tile at a time
+    lse_all = torch.full((batch, heads, tokens), -math.inf, dtype=dtype, device=device)
     for start in range(0, length, block):
-        stop = min(start + block, length)
-        scores = q @ k[:, :, start:stop].transpose(-1, -2)  # [B, H, N, blk]
+        scores = q @ k[:, :, start : start + block].transpose(-1, -2)  # [B, H, N, blk]
         if bias is not None:
-            scores = scores + bias[..., start:stop].to(dtype)
+            scores = scores + bias[..., start : start + block].to(dtype)
         lse_all = torch.logaddexp(lse_all, torch.logsumexp(scores, dim=-1))
-        chosen = cols[:, :, None, None, start:stop]  # [B, C, 1, 1, blk]
-        if chosen.any():
-            subject = torch.where(chosen, scores[:, None], neg_inf)  # [B, C, H, N, blk]
-            lse_subject = torch.logaddexp(lse_subject, torch.logsumexp(subject, dim=-1))
-    prob = torch.exp(lse_subject - lse_all[:, None])
+    # the subject columns' scores alone: each (row, character)'s columns gathered, padded to the longest
+    chars = cols.shape[1]
+    counts = cols.sum(-1)  # [B, C]
+    width = max(int(counts.max()), 1)
+    index = torch.argsort((~cols).to(torch.uint8), dim=-1, stable=True)[..., :width]  # chosen columns first
+    valid = (torch.arange(width) < counts[..., None]).to(device)  # [B, C, M]
+    index = index.to(device)
+    picked = k[:, None].expand(batch, chars, heads, length, dim)
+    picked = picked.gather(3, index[:, :, None, :, None].expand(batch, chars, heads, width, dim))
+    subject = torch.einsum("bhnd,bchmd->bchnm", q, picked)  # [B, C, H, N, M]
+    if bias is not None:
+        full = bias.to(dtype).expand(batch, heads, tokens, length)[:, None].expand(batch, chars, -1, -1, -1)
+        subject = subject + full.gather(-1, index[:, :, None, None, :].expand(-1, -1, heads, tokens, -1))
+    subject = subject.masked_fill(~valid[:, :, None, None, :], -math.inf)
+    prob = torch.exp(torch.logsumexp(subject, dim=-1) - lse_all[:, None])
     prob = torch.nan_to_num(prob, nan=0.0)  # a row whose keys are all masked
     return prob[:, 0] if single else prob
 
@@ -173,7 +182,7 @@ class SubjectAttentionRecorder:
         self.active = True
         self.frames: tuple[int, ...] = ()
         self.subjects: list[dict[str, tuple[int, ...]]] = []
-        self.sums: dict[tuple[int, str], torch.Tensor] = {}  # (frame, character) -> (h·w,) float64, CPU
+        self.sums: dict[tuple[int, str], torch.Tensor] = {}  # (frame, character) -> (h·w,) float64
         self.calls: dict[tuple[int, str], int] = {}
 
     def set_batch(self, frames: Sequence[int], subjects: Sequence[Mapping[str, Sequence[int]]]) -> None:
@@ -229,10 +238,9 @@ class SubjectAttentionRecorder:
                 columns[i, characters.index(character), [text_offset + j for j in cols]] = True
         if bias is not None and bias.ndim == 4 and bias.shape[0] == query.shape[0]:
             bias = bias[rows]
-        prob = subject_probability(
-            query[rows], key[rows], columns.to(query.device), scale=scale, bias=bias, block=self.block
-        )  # [F, C, H, N]
-        per_token = prob.mean(dim=2).to(torch.float64).cpu()  # heads aggregated: [F, C, N]
+        prob = subject_probability(query[rows], key[rows], columns, scale=scale, bias=bias, block=self.block)
+        # heads aggregated, [F, C, N]; kept where the call ran (no copy to the host per layer call)
+        per_token = prob.mean(dim=2).to(torch.float64)
         for i, per_character in enumerate(self.subjects):
             for character in per_character:
                 entry = (self.frames[i], character)
@@ -269,7 +277,9 @@ class SubjectAttentionRecorder:
 
     def maps(self) -> dict[tuple[int, str], torch.Tensor]:
         """(frame, character) -> (h, w) float64: the mean probability over the calls recorded."""
-        return {entry: (total / self.calls[entry]).view(self.grid) for entry, total in self.sums.items()}
+        return {
+            entry: (total / self.calls[entry]).view(self.grid).cpu() for entry, total in self.sums.items()
+        }
 
     def masks(self, frame_characters: Sequence[Sequence[str]]) -> SubjectMasks:
         """The maps as ``SubjectMasks`` (normalised, Otsu-thresholded; at the recorded level's grid, resized
