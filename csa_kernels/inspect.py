@@ -9,7 +9,10 @@ reports per config:
 - load kind in the steady loop: ``TMA`` (UTMALDG), ``cp.async`` (LDGSTS), ``ldg`` (LDG: scalar or vector
   loads through registers), with the widest access seen (e.g. ``cp.async.128``);
 - MMA kind: ``wgmma`` (HGMMA, sm_90 warpgroup MMA), ``mma`` (HMMA, warp-level), or ``none`` (FMAs);
-- SASS instructions per 1,000 scores in the steady loop.
+- SASS instructions per 1,000 scores in the steady loop (and in every steady loop: the borrowed ranges'
+  loops are where an optional feature such as segment ids adds its work).
+
+``--features segments`` (or row_range, key_lengths, pool_ranges) compiles those optional features on.
 
 **Steady loop.** The innermost loop in the SASS that holds MMA instructions: a backward branch (``BRA``
 whose target address precedes it) closes a loop spanning [target, branch]; of those that contain an MMA,
@@ -141,6 +144,8 @@ def inspect_kernel(arch: int, head_dim: int, dtype: torch.dtype, config: dict, *
         "loop_instructions": len(steady) if loops else None,
         "loops": [len(body) for body in loops],
         "instr_per_1k_scores": round(len(steady) * warps / (bm * bn) * 1000, 1) if loops else None,
+        # every steady loop's (own tokens first, then the borrowed ranges': where HAS_SEGMENTS adds its work)
+        "loops_instr_per_1k_scores": [round(len(body) * warps / (bm * bn) * 1000, 1) for body in loops],
     }
 
 
@@ -165,6 +170,7 @@ COLUMNS = (
     "mma",
 )
 COLUMNS += ("loop_instructions", "instr_per_1k_scores")
+FEATURES = ("row_range", "key_lengths", "pool_ranges", "segments")  # compile_for_target's has_<feature> flags
 
 
 def format_table(rows: list[dict]) -> str:
@@ -190,6 +196,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     configs.add_argument(
         "--pruned", action="store_true", help="every config of the pruned autotune space for the arch"
     )
+    parser.add_argument(
+        "--features",
+        nargs="+",
+        default=[],
+        choices=FEATURES,
+        help="optional kernel features compiled on (their flags: has_<feature>); default none",
+    )
     parser.add_argument("--out", help="folder for a JSON file of the rows (default: none written)")
     args = parser.parse_args(argv)
     from tqdm import tqdm
@@ -213,11 +226,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for arch, head_dim, dtype, config, path in tqdm(
         jobs, desc="compiling", unit="config", disable=len(jobs) < 4
     ):
-        rows.append(inspect_kernel(arch, head_dim, dtype, config, path=path))
+        flags = {f"has_{feature}": True for feature in args.features}
+        rows.append(inspect_kernel(arch, head_dim, dtype, config, path=path, **flags))
     print(format_table(rows))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"inspect_triton{rows[0]['triton']}.json")
+        tag = "".join(f"_{feature}" for feature in args.features)
+        path = os.path.join(args.out, f"inspect{tag}_triton{rows[0]['triton']}.json")
         with open(path + ".tmp", "w") as f:
             json.dump(rows, f, indent=1)
         os.replace(path + ".tmp", path)

@@ -33,6 +33,7 @@ class OpCase:
     cfg: bool = True
     text_tokens: int = 0  # joint text + image sequences (DiTs): text tokens per frame, never borrowed
     text_first: bool = True  # FLUX: [text; image]; SD3: [image; text]
+    characters: int = 0  # > 0: segment ids (bounded attention), that many character blocks per frame
 
     @property
     def batch(self) -> int:
@@ -153,6 +154,16 @@ def cpu_cases() -> list[OpCase]:
         OpCase("tiny-sd15-hd40", 4, 2, 256, 40, 0.5),
         *cpu_dit_cases(),
         *cpu_wan_cases(),
+        *cpu_segment_cases(),
+    ]
+
+
+def cpu_segment_cases() -> list[OpCase]:
+    """Bounded attention (segment ids) beside the same cases without: two characters per frame at the
+    1/16 level, and in a FLUX-like joint sequence (the official variants have no segments: n/a)."""
+    return [
+        OpCase("tiny-1/16-f4-r0.5-seg2", 4, 1, 1024, 64, 0.5, characters=2),
+        OpCase("tiny-flux-f4-r0.5-seg2", 4, 2, 256, 64, 0.5, cfg=False, text_tokens=40, characters=2),
     ]
 
 
@@ -181,7 +192,24 @@ def make_case_inputs(case: OpCase, dtype: torch.dtype, device: torch.device, see
     inputs = {"q": q, "k": k, "v": v, "ref_idx": ref_idx.repeat(case.groups, 1), "groups": case.groups}
     if case.text_tokens:
         inputs["query_rows"] = case.image_span
+    if case.characters:
+        inputs["segments"] = character_segments(case, device)
     return inputs
+
+
+def character_segments(case: OpCase, device: torch.device) -> torch.Tensor:
+    """(batch, sequence) int32 segment ids: each frame's image tokens split into a background quarter (0)
+    and ``case.characters`` equal blocks (ids 1, 2, ...), shifted by a few tokens per frame so block
+    boundaries fall inside tiles; text tokens 0. Both CFG halves alike."""
+    start, stop = case.image_span
+    segments = torch.zeros(case.frames, case.sequence, dtype=torch.int32)
+    background = case.tokens // 4
+    block = (case.tokens - background) // case.characters
+    for frame in range(case.frames):
+        first = start + background + 3 * frame
+        for c in range(case.characters):
+            segments[frame, first + c * block : min(first + (c + 1) * block, stop)] = c + 1
+    return segments.repeat(case.groups, 1).to(device)
 
 
 def case_flops(case: OpCase) -> int:

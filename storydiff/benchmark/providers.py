@@ -44,6 +44,8 @@ def _setup_official(name: str, inputs: dict) -> Callable[[], torch.Tensor]:
     rows = inputs.get("query_rows")
     if inputs.get("window") is not None:
         raise NotImplementedError("the official code has no window")
+    if inputs.get("segments") is not None:
+        raise NotImplementedError("the official code has no segments (bounded attention)")
     keep = keep_from_indices(inputs["ref_idx"], q.shape[2], groups)
     if name == "official_b":
         return lambda: official_b(q, k, v, keep, groups=groups, bank_k=bank_k, bank_v=bank_v, query_rows=rows)

@@ -388,3 +388,35 @@ def test_compiled_kernel_on_a_two_character_layer(dtype, path, poisoned_outputs,
     assert_matches_reference(consistent_attention(**inputs, backend="triton"), inputs)
     plain = consistent_attention(**without_segments(inputs), backend="triton")
     assert torch.equal(consistent_attention(**all_zero(inputs), backend="triton"), plain)
+
+
+def test_op_suite_rows_with_segments():
+    """The op suite's segment cases: the library's providers pass the correctness gate with segment ids,
+    the official variants (which have none) say n/a; the ids split the image tokens into background and
+    characters, text tokens 0."""
+    from storydiff.benchmark import op_suite
+
+    case = op_suite.OpCase("tiny-seg", 2, 1, 40, 16, 0.5, cfg=False, text_tokens=9, characters=2)
+    segments = op_suite.make_case_inputs(case, torch.float32, torch.device("cpu"))["segments"]
+    assert segments.shape == (2, 49) and (segments[:, :9] == 0).all()
+    assert {0, 1, 2} <= set(segments[0].tolist()) and segments[0].tolist() != segments[1].tolist()
+    providers = ["reference", "official_a", "ours_torch"]
+    env = {"device": "cpu"}
+    rows = op_suite.run_op_suite([case], providers, device=torch.device("cpu"), dtype=torch.float32, env=env)
+    status = {row["provider"]: row["status"] for row in rows}
+    assert status["reference"] == status["ours_torch"] == "ok", status
+    assert status["official_a"].startswith("n/a") and "segments" in status["official_a"], status
+
+
+@pytest.mark.slow  # one sm_90 compile (~15 s on 2 cores); the numbers: benchmarks/results/inspect_segments_*
+def test_segments_compile_clean_on_sm90():
+    """The descriptor kernel with segment ids (the default sm_90 config): spill-free, TMA loads, wgmma; the
+    own tokens' loop (the first steady loop) is the plain kernel's."""
+    import test_inspect as ti
+
+    plain = ti.inspect_default(90, "float16", 64, "tma")
+    row = ti.inspect_default(90, "float16", 64, "tma", features={"has_segments": True})
+    assert row["has_segments"] and row["spill_bytes"] == 0 and row["local_bytes"] == 0, row
+    assert row["load"] == "TMA" and row["mma"] == "wgmma", row
+    assert row["instr_per_1k_scores"] == plain["instr_per_1k_scores"], (row, plain)
+    assert len(row["loops"]) == len(plain["loops"]), (row, plain)
