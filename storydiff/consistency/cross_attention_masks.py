@@ -282,17 +282,25 @@ class SubjectAttentionRecorder:
         }
 
     def masks(self, frame_characters: Sequence[Sequence[str]]) -> SubjectMasks:
-        """The maps as ``SubjectMasks`` (normalised, Otsu-thresholded; at the recorded level's grid, resized
-        to any other by the masks' rule). ``frame_characters``: each story frame's characters; a frame
-        showing a character needs its map (ValueError naming it otherwise)."""
-        found: dict[int, dict[str, torch.Tensor]] = {}
-        for (frame, character), subject_map in self.maps().items():
-            found.setdefault(frame, {})[character] = threshold_map(subject_map)
-        for frame, shown in enumerate(frame_characters):
-            missing = [c for c in shown if c not in found.get(frame, {})]
-            if missing:
-                raise ValueError(f"frame {frame}: no cross-attention recorded for {', '.join(missing)}")
-        return SubjectMasks(found, frame_characters, self.size)
+        """The maps so far as ``SubjectMasks`` (:func:`masks_from_maps`)."""
+        return masks_from_maps(self.maps(), frame_characters, self.size)
+
+
+def masks_from_maps(
+    maps: Mapping[tuple[int, str], torch.Tensor], frame_characters: Sequence[Sequence[str]], size: Size
+) -> SubjectMasks:
+    """Accumulated (frame, character) -> (h, w) probability maps → boolean ``SubjectMasks``: each map
+    min-max normalised and Otsu-thresholded (:func:`threshold_map`) on its own grid, then resized to any
+    level's grid by the masks' rule (``SubjectMasks.subject_tokens``, ``level_masks``). ``frame_characters``:
+    each story frame's characters; a frame showing a character needs its map (ValueError naming it)."""
+    found: dict[int, dict[str, torch.Tensor]] = {}
+    for (frame, character), subject_map in maps.items():
+        found.setdefault(frame, {})[character] = threshold_map(subject_map)
+    for frame, shown in enumerate(frame_characters):
+        missing = [c for c in shown if c not in found.get(frame, {})]
+        if missing:
+            raise ValueError(f"frame {frame}: no cross-attention recorded for {', '.join(missing)}")
+    return SubjectMasks(found, frame_characters, size)
 
 
 class SubjectRecordingProcessor:
