@@ -95,11 +95,11 @@ def consistent_attention(
         pool_segments: None (every pool row is segment 0), or (R,) int32/int64: the segments of the rows
             of an explicit ``pool``. Only with ``pool``.
         check_indices: check the values of the index tensors (default): ``ref_idx`` in [0, N) and below
-            ``key_lengths``, ``key_lengths`` in [1, N], ``pool_ranges`` inside the pool, segment ids >= 0.
-            Reading them syncs the host with the GPU, so the check is skipped anyway while tracing or
-            compiling, on fake tensors and during CUDA graph capture; callers whose indices come from
-            ``sample_reference_indices`` (this library's processors) pass False, so a denoising step never
-            waits for the GPU. With False, bad values are the caller's bug: an out-of-range ``ref_idx``
+            ``key_lengths``, ``key_lengths`` in [1, N], ``pool_ranges`` inside the pool, segment ids in
+            [0, 2**31). Reading them syncs the host with the GPU, so the check is skipped anyway while
+            tracing or compiling, on fake tensors and during CUDA graph capture; callers whose indices come
+            from ``sample_reference_indices`` (this library's processors) pass False, so a denoising step
+            never waits for the GPU. With False, bad values are the caller's bug: an out-of-range ``ref_idx``
             makes the torch path raise and the kernel read garbage; ``key_lengths`` past N and
             ``pool_ranges`` outside the pool act as if clamped to them on every path (nothing outside is
             read); a length below 1 gives NaN rows.
@@ -107,7 +107,8 @@ def consistent_attention(
     The keys and values of frame i are its own N tokens (the first ``key_lengths[i]``), plus
     ``k[j, :, ref_idx[j]]`` (or ``pool_k[j]``) / ``v[j, :, ref_idx[j]]`` for every visible frame j != i of its
     group (or, with ``pool``, the pool rows of its two ``pool_ranges``), plus the M bank tokens of its
-    group; one softmax runs over that whole set (for the query rows in ``query_rows``).
+    group; one softmax runs over that whole set (for the query rows in ``query_rows``; with segment ids, a
+    row's set keeps only the borrowed keys of segment 0 and of its own segment).
 
     Autograd: the Triton path is forward-only. If grad is enabled and any input requires grad, the torch
     path is used whatever ``backend`` says, and gradients flow through it. "auto" also takes the torch path

@@ -22,6 +22,11 @@ there every frame gets the same key set, [own N | all R pool rows | its bank M],
 N + R + M) additive mask: -inf outside the frame's two ranges, 0 inside one, log 2 inside both (a row in
 both ranges counts twice, as in the concatenation). Extra memory is B·(N + R + M) rows of K and V, with rows
 outside a frame's ranges zeroed in its copy.
+
+Segment ids (``segments``, ``bank_segments``, ``pool_segments``) give every row of the table an id (own rows
+0: always shown) and every query row one; both forms then mask per (query row, key) — a (frames, 1, N', keys)
+boolean mask, or the additive mask widened to (B, 1, N', N + R + M) — built on the device from the ids (no
+value read on the host). All-zero ids leave the masks all true (all zero): the same result bit for bit.
 """
 
 from __future__ import annotations

@@ -22,6 +22,11 @@ HAS_POOL_RANGES takes ranges 2 and 3 from the frame's row of ``pool_ranges`` ove
 pool instead of computing them from the window. With both flags off the kernel compiles to the code it
 had before they existed (the same SASS instructions, register numbering aside).
 
+HAS_SEGMENTS (bounded attention) loads the query tile's int32 segment ids once, and each borrowed key tile's
+ids beside the tile (the gathered pool's are the sampled tokens' ids, gathered with the pool): a key of
+segment t scores -inf for rows of segment c unless t is 0 or c. Own keys are never masked. Flag off: the
+same SASS instruction sequence as without it (checked on sm_90, both kernels).
+
 Reads top to bottom: tile step → range walk → borrowed ranges → kernel → autotune configs → launcher.
 """
 

@@ -12,6 +12,7 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DTYPES = (*TRITON_DTYPES, torch.float64)  # float64: torch path only (gradcheck, gold answers)
 INDEX_DTYPES = (torch.int32, torch.int64)  # key_lengths, pool_ranges, segment ids
 MAX_TRITON_HEAD_DIM = 256
+MAX_SEGMENT_ID = 2**31 - 1  # segment ids reach the kernels as int32
 
 # Triton is optional: it has wheels for Linux only, and CPU-only installs may lack it. Read once at import (a
 # module constant, so torch.compile treats it as a constant); without it "auto" always takes the torch path.
@@ -272,8 +273,8 @@ def check_segments(
     check_indices: bool,
 ) -> None:
     """Segment ids, each None or int32/int64 on q's device: ``segments`` (B, N), ``bank_segments``
-    (groups, M) only with a bank, ``pool_segments`` (R,) only with a pool; with ``check_indices``, no
-    negative id."""
+    (groups, M) only with a bank, ``pool_segments`` (R,) only with a pool; with ``check_indices``, ids in
+    [0, 2**31) (the kernels read int32; with ``check_indices=False`` larger int64 ids wrap there)."""
     num_frames, _, num_tokens, _ = q.shape
     if segments is not None:
         _check_index_tensor(
@@ -297,9 +298,12 @@ def check_segments(
         ("pool_segments", pool_segments),
     ):
         if t is not None and t.numel() and values_readable(t):
-            lowest = int(t.min())
-            if lowest < 0:
-                raise ValueError(f"{name} must be segment ids >= 0 (0: shared), got a minimum of {lowest}")
+            lowest, highest = int(t.min()), int(t.max())
+            if lowest < 0 or highest > MAX_SEGMENT_ID:
+                raise ValueError(
+                    f"{name} must be segment ids in [0, {MAX_SEGMENT_ID}] (0: shared; the kernels read "
+                    f"int32), got range [{lowest}, {highest}]"
+                )
 
 
 def check_pool_k(pool_k: torch.Tensor | None, k: torch.Tensor, ref_idx: torch.Tensor) -> None:
