@@ -311,23 +311,23 @@ class ConsistencyState:
         rows = []
         count = image[1] - image[0]
         rate = self.config.rate_for(layer.level)
-        for frame in frames:
-            key = ("frame", self.step, layer.level, frame, count)
+        keys = [("frame", self.step, layer.level, frame, count) for frame in frames]
+        if self.subject_masks is not None:  # the frames not drawn yet, in one call (one graph constant)
+            new = [key for key in keys if key not in self._draws]
+            if new:
+                seeds = tuple((key[3], self.seed_for("ref", *key)) for key in new)
+                drawn = draw_frames_from_masks(self, seeds, layer.level, count, rate)
+                for key, row in zip(new, drawn.split(1), strict=True):
+                    self._draws[key] = to_device_async(row, device)
+        for key in keys:
             if key not in self._draws:
-                subject = None
-                if self.subject_masks is not None:
-                    subject = self.subject_masks.subject_tokens(frame, count)
-                if subject is None:
-                    drawn = draw_indices(self.seed_for("ref", *key), 1, count, rate)
-                else:
-                    self._warn_small_mask(frame, layer, subject, rate)
-                    share = self.background_share
-                    drawn = draw_masked_indices(self.seed_for("ref", *key), subject, rate, share)
+                drawn = draw_indices(self.seed_for("ref", *key), 1, count, rate)
                 self._draws[key] = to_device_async(drawn, device)
             rows.append(self._draws[key])
         return torch.cat(rows) + image[0]
 
-    def _warn_small_mask(self, frame: int, layer: LayerInfo, subject: torch.Tensor, rate: float) -> None:
+    def warn_small_mask(self, frame: int, level: int, subject: torch.Tensor, rate: float) -> None:
+        """Warn (once per frame) when ``subject`` holds fewer tokens than the draws to take inside it."""
         inside, _ = masked_sample_counts(subject.numel(), rate, self.background_share)
         held = int(subject.sum())
         characters = self.subject_masks.frame_characters[frame]
@@ -336,9 +336,9 @@ class ConsistencyState:
         self._mask_warned.add((frame, characters))
         warnings.warn(
             f"frame {frame} ({', '.join(characters)}): its subject mask holds {held} of {subject.numel()} "
-            f"tokens at level {layer.level}, fewer than the {inside} to draw: its tokens are drawn from the "
+            f"tokens at level {level}, fewer than the {inside} to draw: its tokens are drawn from the "
             "whole frame there",
-            stacklevel=3,
+            stacklevel=4,
         )
 
     def next_layer(self, layer: LayerInfo) -> tuple[int, LayerInfo]:
@@ -364,13 +364,26 @@ def seed_for(*key) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def draw_masked_indices(
-    seed: int, subject: torch.Tensor, rate: float, background_share: float
+# Like draw_indices: run at trace time inside a traced processor, its result a constant of the graph.
+@torch._dynamo.assume_constant_result
+def draw_frames_from_masks(
+    state: ConsistencyState, frames: tuple[tuple[int, int], ...], level: int, tokens: int, rate: float
 ) -> torch.Tensor:
-    """``sample_masked_reference_indices`` of one frame's (N,) subject mask on the CPU from ``seed``:
-    (1, S), the same values on every device; an all-True mask gives ``draw_indices``'s draw."""
-    gen = torch.Generator().manual_seed(seed)
-    return sample_masked_reference_indices(subject[None], rate, background_share, generator=gen)
+    """(len(frames), S) tokens each (story frame, seed) of ``frames`` offers at ``level`` (``tokens``
+    image tokens) under the state's subject masks, drawn on the CPU from its seed: the frame's own
+    ``sample_masked_reference_indices`` of its subject mask (a warning first when the mask is too small),
+    or ``draw_indices``'s draw for a frame without characters — which an all-True mask also gives."""
+    rows = []
+    for frame, seed in frames:
+        subject = state.subject_masks.subject_tokens(frame, tokens)
+        if subject is None:
+            rows.append(draw_indices(seed, 1, tokens, rate))
+            continue
+        state.warn_small_mask(frame, level, subject, rate)
+        gen = torch.Generator().manual_seed(seed)
+        share = state.background_share
+        rows.append(sample_masked_reference_indices(subject[None], rate, share, generator=gen))
+    return torch.cat(rows)
 
 
 @torch._dynamo.assume_constant_result
