@@ -2,12 +2,15 @@
 
 On tiny-flux (text before the image in each joint sequence) the recorded maps equal an independent float64
 recomputation from the same queries and keys: the full softmax over every joint key, summed over the
-subject's prompt columns, averaged over heads and calls. The image-first layout (SD3, Qwen-Image, with text
-padding masked by key lengths) is checked on constructed queries and keys with a known region.
+subject's prompt columns, averaged over heads and calls; and a known region made to attend to the subject
+token (latents differ inside it; each consistent block's key projection fitted so the subject's key points
+where the region's queries do) is recovered at every level. The image-first layout (SD3, Qwen-Image, with
+text padding masked by key lengths) is checked on constructed queries and keys with a known region.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from storydiff import ConsistencyConfig, apply_consistent_attention, remove_consistent_attention
@@ -31,10 +34,15 @@ def reference_map(captured, frame_row: int, cols: list[int], text_offset) -> tor
     return (total / len(captured)).view(8, 8)
 
 
-def test_tiny_flux_maps_equal_the_full_softmax():
+@pytest.fixture(scope="module")
+def flux():
     from storydiff.families.tiny_models import build_tiny_pipeline
 
-    pipe = build_tiny_pipeline("tiny-flux", progress_bar=False)
+    return build_tiny_pipeline("tiny-flux", progress_bar=False)
+
+
+def test_tiny_flux_maps_equal_the_full_softmax(flux):
+    pipe = flux
     state = apply_consistent_attention(pipe, ConsistencyConfig(rate=0.2, **NO_SKIP))
     recorder = SubjectAttentionRecorder(SIZE)
     subjects = [{"Bob": [0, 1]}, {"Alice": [2]}]
@@ -98,3 +106,80 @@ def test_image_first_layout_with_padding_and_two_pass_cfg():
         grid = level_grid(SIZE, level)
         got, expected = masks.mask(5, "Bob", grid), resize_mask(known, grid)
         assert float((got & expected).sum()) / float((got | expected).sum()) >= 0.9, level
+
+
+def test_tiny_flux_recovers_a_known_region(flux):
+    pipe = flux
+    regions = [torch.zeros(8, 8, dtype=torch.bool) for _ in range(2)]
+    regions[0][:4, :4] = True
+    regions[1][4:] = True
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 64, 16, generator=gen) * 0.3  # packed: 8x8 tokens
+    for frame, known in enumerate(regions):
+        latents[frame] += torch.where(known.flatten()[:, None], 1.5, -1.5)
+    subject = 0  # the subject's prompt token
+    state = apply_consistent_attention(pipe, ConsistencyConfig(rate=0.0, **NO_SKIP))
+    blocks = {
+        layer.name: pipe.transformer.get_submodule(layer.name[: -len(".processor")]) for layer in state.layers
+    }
+    queries, inputs = {}, {}
+    hooks = [
+        attn.to_k.register_forward_pre_hook(
+            lambda m, args, name=name: inputs.__setitem__(name, args[0].clone())
+        )
+        for name, attn in blocks.items()
+    ]
+
+    def call():
+        state.begin_joint(2)
+        pipe(
+            ["Bob walks", "Alice sits"],
+            num_inference_steps=1,
+            height=SIZE[0],
+            width=SIZE[1],
+            max_sequence_length=16,
+            latents=latents.clone(),
+            output_type="latent",
+            callback_on_step_end=state.step_callback,
+        )
+
+    state.observer = lambda st, layer, q, k, image, lengths: queries.__setitem__(
+        layer.name, (q.clone(), image)
+    )
+    target = torch.cat([known.flatten().float() * 2 - 1 for known in regions])  # +1 in the region
+    try:
+        with torch.no_grad():
+            for layer in state.layers:  # forward order: each fit sees what the earlier fits produce
+                call()
+                q, (a, b) = queries[layer.name]
+                heads, dim = q.shape[1], q.shape[3]
+                image_q = q[:, :, a:b].transpose(0, 1).reshape(heads, -1, dim)  # [H, 2·64, D]
+                ones = torch.ones(image_q.shape[1], 1)
+                w = torch.cat(
+                    [
+                        torch.linalg.lstsq(torch.cat([image_q[h], ones], 1), target[:, None]).solution[
+                            :dim, 0
+                        ]
+                        for h in range(heads)
+                    ]
+                )
+                attn = blocks[layer.name]
+                # the subject's key before its RMS norm, so that after it the key points along w
+                wanted = 10 * w / w.norm() / attn.norm_k.weight.repeat(heads)
+                hidden = inputs[layer.name][:, subject]  # [2 frames, C]
+                residual = wanted[None] - attn.to_k(hidden)
+                attn.to_k.weight += residual.T @ torch.linalg.pinv(hidden.T)  # least-norm: both frames exact
+        recorder = SubjectAttentionRecorder(SIZE)
+        recorder.set_batch([0, 1], [{"Bob": [subject]}, {"Alice": [subject]}])
+        state.observer = recorder.observe
+        call()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        remove_consistent_attention(pipe)
+    masks = recorder.masks([("Bob",), ("Alice",)])
+    for level in (8, 16, 32, 64):
+        grid = level_grid(SIZE, level)
+        for frame, character in ((0, "Bob"), (1, "Alice")):
+            got, expected = masks.mask(frame, character, grid), resize_mask(regions[frame], grid)
+            assert float((got & expected).sum()) / float((got | expected).sum()) >= 0.9, (level, frame)
