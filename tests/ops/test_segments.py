@@ -18,7 +18,9 @@ BLOCK_N = 64 by default, 16 in the small-tile cases):
   built by hand, plain SDPA); changing one character's borrowed tokens leaves the other's rows bit-identical;
   a row whose borrowed keys are all hidden is plain attention over its own keys;
 - the reference against the rule, gradients, the custom op (opcheck, torch.compile fullgraph), no host
-  reads with ``check_indices=False``, and the errors naming each argument.
+  reads with ``check_indices=False``, and the errors naming each argument;
+- hypothesis draws (derandomized) of random ids per token with groups, windows, banks, query rows, S = 0
+  (5 on the interpreter, 20 on the torch path); the op suite's segment rows; the sm_90 compile (slow).
 """
 
 import pytest
@@ -27,6 +29,8 @@ import test_pool_ranges as pr
 import torch
 import torch.nn.functional as F
 from helpers import Case, assert_matches_reference, make_inputs
+from hypothesis import given
+from hypothesis import strategies as st
 
 import csa_kernels.torch_path as tp
 import csa_kernels.triton_kernel as tk
@@ -429,3 +433,49 @@ def test_segments_compile_clean_on_sm90():
     assert row["load"] == "TMA" and row["mma"] == "wgmma", row
     assert row["instr_per_1k_scores"] == plain["instr_per_1k_scores"], (row, plain)
     assert len(row["loops"]) == len(plain["loops"]), (row, plain)
+
+
+@st.composite
+def segment_draws(draw, max_tokens: int, max_frames: int):
+    """A case (groups, window, bank, query rows, S = 0 included) with random ids in [0, 3] per token and
+    bank token (not blocks: every tile mixes segments)."""
+    groups = draw(st.integers(1, 2))
+    frames = groups * draw(st.integers(1, max_frames // groups))
+    tokens = draw(st.integers(1, max_tokens))
+    rows = st.tuples(st.integers(0, tokens), st.integers(0, tokens)).map(lambda pair: tuple(sorted(pair)))
+    case = Case(
+        frames=frames,
+        heads=draw(st.integers(1, 2)),
+        tokens=tokens,
+        head_dim=draw(st.sampled_from([8, 16, 24, 40])),
+        refs=draw(st.integers(0, tokens)),
+        groups=groups,
+        window=draw(st.one_of(st.none(), st.integers(1, 2))),
+        bank=draw(st.one_of(st.none(), st.integers(0, 9))),
+        query_rows=draw(st.one_of(st.none(), rows)),
+    )
+    return case, draw(st.integers(0, 2**16))
+
+
+def random_segments(case: Case, dtype: torch.dtype, seed: int) -> dict:
+    inputs = make_inputs(case, dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    inputs["segments"] = torch.randint(0, 4, (case.frames, case.tokens), generator=gen)
+    if case.bank is not None:
+        inputs["bank_segments"] = torch.randint(0, 4, (case.groups, case.bank), generator=gen)
+    return inputs
+
+
+@pr.fuzz(max_examples=5)
+@given(draw=segment_draws(max_tokens=32, max_frames=4), dtype=st.sampled_from(ALL_DTYPES[:2]))
+def test_fuzz_triton_matches_reference(draw, dtype, monkeypatch, poisoned_outputs):
+    monkeypatch.setattr(tk, "INTERPRETER_CONFIG", SMALL)
+    inputs = random_segments(draw[0], dtype, draw[1])
+    assert_matches_reference(consistent_attention(**inputs, backend="triton"), inputs)
+
+
+@pr.fuzz(max_examples=20)
+@given(draw=segment_draws(max_tokens=60, max_frames=6), dtype=st.sampled_from(ALL_DTYPES[:2]))
+def test_fuzz_torch_matches_reference(draw, dtype):
+    inputs = random_segments(draw[0], dtype, draw[1])
+    assert_matches_reference(consistent_attention(**inputs, backend="torch"), inputs)
