@@ -26,6 +26,7 @@ from PIL import Image
 
 from .consistency.bank import signature_differences
 from .consistency.config import ConsistencyConfig, InvalidSetting
+from .consistency.subject_masks import SubjectMasks
 from .families.attach import apply_consistent_attention, remove_consistent_attention, replaced_layers
 from .families.base import SUPPORTED
 from .families.registry import family_of
@@ -195,6 +196,7 @@ class StoryDiffusionPipeline:
         progress: Progress = True,
         reference_images: Mapping[str, Image.Image | str | Path] | None = None,
         keyframes: Sequence[Image.Image | tuple[Image.Image, Image.Image | None]] | None = None,
+        subject_masks: SubjectMasks | Mapping[int, Mapping[str, Any]] | str | Path | None = None,
         **overrides: Any,
     ) -> StoryResult:
         """Generate every frame of ``story`` (a ``Story``, story text, or a path to a story file).
@@ -214,6 +216,10 @@ class StoryDiffusionPipeline:
         joined story video and storyboard pages. Image-to-video models take ``keyframes``: per shot the
         image it starts on, or (first, last) for a clip that also ends on a given image.
 
+        ``subject_masks``: each frame offers only tokens inside its characters' masks
+        (``consistency/subject_masks.py``): a folder in ``storydiff eval --mask-dir``'s layout, a mapping
+        frame -> character -> mask, or ``SubjectMasks``; written to ``out_dir/masks/``. None: whole frames.
+
         Frame i starts from noise seeded with ``seed + i``, so a frame's image does not depend on how the
         frames are batched. Errors in the story or the settings are raised before anything is written.
         """
@@ -229,9 +235,22 @@ class StoryDiffusionPipeline:
             settings = settings.replace(shot_frames=shot_frames, fps=self.family.fps(settings))
         # the scheduler and FreeU asked for hold for this run (timesteps, bank signatures), undone after
         with run_sampler(self.family, settings.scheduler, settings.freeu):
-            return self._run_story(
-                story, settings, out_dir, overwrite, resume, progress, reference_images, keyframes
-            )
+            masks, mask_record = self._subject_masks(story, settings, subject_masks)
+            self.state.set_subject_masks(masks)
+            try:
+                return self._run_story(
+                    story,
+                    settings,
+                    out_dir,
+                    overwrite,
+                    resume,
+                    progress,
+                    reference_images,
+                    keyframes,
+                    mask_record,
+                )
+            finally:
+                self.state.set_subject_masks(None)
 
     def _run_story(
         self,
@@ -243,10 +262,12 @@ class StoryDiffusionPipeline:
         progress,
         reference_images,
         keyframes,
+        mask_record,
     ) -> StoryResult:
         self.family.check_size(settings.height, settings.width)
         self.family.check_settings(settings)
         self._check_steps(settings)
+        masks = self.state.subject_masks  # set by __call__ for this run
         keyframes = self._check_keyframes(story, keyframes)
         config = self.config.resolved(settings.mode)  # window mode's default window filled in
         # characters of this story with a bank already (loaded, or written by an earlier story)
@@ -294,7 +315,11 @@ class StoryDiffusionPipeline:
             identity=identity,
             partition=partition,
             model=self.model_name,
-            extras={**self._reference_summary(reference, adapter), **_keyframe_summary(keyframes)},
+            extras={
+                **self._reference_summary(reference, adapter),
+                **_keyframe_summary(keyframes),
+                **({} if masks is None else {"subject_masks": masks.digest()}),
+            },
             keyframes=keyframes,
         )
         record = StoryRecord(
@@ -314,6 +339,7 @@ class StoryDiffusionPipeline:
             loaded_banks={name: self.loaded_banks[name] for name in banked if name in self.loaded_banks},
             ip_adapter=adapter,
             reference_images={name: image for name, (_, image) in reference.items()},
+            subject_masks=mask_record,
             world_size=partition.world,
             versions=_versions(),
         )
@@ -324,6 +350,8 @@ class StoryDiffusionPipeline:
             def prepare() -> StoryOutput:  # rank 0 checks and prepares the folder; the others then join it
                 prepared = StoryOutput(out_dir, overwrite=overwrite, resume=resume)
                 prepared.start(record)
+                if masks is not None:  # the masks the run used, in --mask-dir's layout (resume, eval)
+                    masks.save(prepared.root)
                 return prepared
 
             output = leader_first(partition, prepare)
@@ -387,6 +415,27 @@ class StoryDiffusionPipeline:
             output.save_pages(pages)
             output.finish(**memory, seconds=metadata["seconds"], pages=len(pages))
         return StoryResult(ordered, captions, pages, metadata, output.root if output else None, bank_bytes)
+
+    def _subject_masks(
+        self, story: Story, settings: RunSettings, given
+    ) -> tuple[SubjectMasks | None, dict | None]:
+        """``given`` (a folder, a mapping or SubjectMasks) as this story's masks, and what metadata records of
+        them; (None, None) when not given."""
+        if given is None:
+            return None, None
+        if self.family.video:
+            raise ValueError("subject masks apply to image stories (video shots have no mask layout yet)")
+        characters = [frame.characters for frame in story.frames]
+        size = (settings.height, settings.width)
+        if isinstance(given, SubjectMasks):
+            if given.frame_characters != [tuple(c) for c in characters] or given.size != size:
+                raise ValueError("subject_masks were made for another story or image size")
+            masks, source = given, "python"
+        elif isinstance(given, (str, Path)):
+            masks, source = SubjectMasks.from_folder(given, characters, size), str(given)
+        else:
+            masks, source = SubjectMasks.from_mapping(given, characters, size), "python"
+        return masks, {"source": source, "sha256": masks.digest()}
 
     def _check_steps(self, settings: RunSettings) -> None:
         """More steps than the scheduler takes (DDIM, DDPM, LCM refuse more than their training timesteps;

@@ -30,6 +30,7 @@ class Job(NamedTuple):
     banks: dict  # character -> (bank file, its header)
     files: dict  # StoryDiffusionPipeline.from_pretrained's model_config and loras
     ip: dict  # {"adapter": {"weights", "image_encoder", "scale"} or None, "references": {name: image path}}
+    masks: str | None = None  # a folder of subject masks (--subject-masks; a resumed run's masks/)
 
 
 def register(subparsers, parents: list) -> None:
@@ -87,7 +88,14 @@ def _from_resume(args: argparse.Namespace) -> Job:
     partition = current_partition()
     check_resume_world(args.resume, partition.world)  # before any model loads
     _warn_no_checkpoint(args.resume, settings, partition)
-    return Job(record.model, args.resume, story, settings, config, {}, files, ip)
+    masks = None
+    if record.subject_masks is not None:
+        if record.subject_masks.get("source") == "python":
+            raise ValueError(
+                f"{args.resume} was made with subject masks given from Python; resume it from Python"
+            )
+        masks = str(Path(args.resume) / "masks")  # the masks the run kept
+    return Job(record.model, args.resume, story, settings, config, {}, files, ip, masks)
 
 
 def _warn_no_checkpoint(folder: str, settings, partition) -> None:
@@ -153,8 +161,10 @@ def _from_flags(args: argparse.Namespace) -> Job:
             )
     files = _model_files(args)
     ip = _reference_images(args, story)
+    if args.subject_masks is not None and not Path(args.subject_masks).is_dir():
+        raise ValueError(f"--subject-masks {args.subject_masks}: no such folder")
     check_output_folder(args.out, overwrite=bool(args.overwrite))
-    return Job(args.model, args.out, story, settings, config, banks, files, ip)
+    return Job(args.model, args.out, story, settings, config, banks, files, ip, args.subject_masks)
 
 
 def _warn_ignored(args: argparse.Namespace, settings, config) -> None:
@@ -425,6 +435,7 @@ def _generate(args, job: Job) -> int:
         resume=bool(args.resume),
         progress=progress,
         reference_images=job.ip["references"],
+        subject_masks=job.masks,
     )
     for name, size in result.bank_bytes.items():
         say(f"identity bank of {name!r}: {size / 2**20:.1f} MiB")

@@ -24,6 +24,7 @@ Reading a mask image: coverage (alpha, else grayscale, ``mask_files.mask_coverag
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -186,6 +187,17 @@ class SubjectMasks:
         for frame in sorted(self.masks):
             write_mask(mask_path(folder, frame), self.frame_mask(frame, self.size))
         return folder
+
+    def digest(self) -> str:
+        """SHA-256 of every mask at the image's size, in frame and character order: what a resumed run
+        must match (the size ``save`` writes, so masks read back from ``masks/`` give the same digest)."""
+        digest = hashlib.sha256()
+        for frame in sorted(self.masks):
+            for character in sorted(self.masks[frame]):
+                mask = self.mask(frame, character, self.size)
+                digest.update(f"{frame}:{character}".encode())
+                digest.update(mask.to(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     # -- on a grid -----------------------------------------------------------------------------------
     def mask(self, frame: int, character: str, grid: Size | None = None) -> torch.Tensor:

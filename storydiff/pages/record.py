@@ -136,6 +136,7 @@ _READ: dict[str, tuple[Callable[[Any], Any], str]] = {
     "loaded_banks": (_dict_of(_mapping), "an object of name: {path, sha256}"),
     "ip_adapter": (_mapping, "an object or null"),
     "reference_images": (_dict_of(_mapping), "an object of name: {sha256, path, ...}"),
+    "subject_masks": (_mapping, "an object or null"),
     "world_size": (_whole, "a whole number"),
     "versions": (_dict_of(_maybe_text), "an object of package: version"),
     "status": (_status, "one of " + ", ".join(map(repr, STATUSES))),
@@ -149,6 +150,8 @@ _READ: dict[str, tuple[Callable[[Any], Any], str]] = {
 }
 # Written only once the run has them (a running run's file has none of these keys).
 _RESULTS = ("started", "bank_bytes", "bank_peak_bytes", "seconds", "pages", "finished", "error")
+# Written only for runs that use them (added after format 2: files without them read the same)
+_WHEN_SET = ("subject_masks",)
 
 
 @dataclass
@@ -177,6 +180,9 @@ class StoryRecord:
     loaded_banks: dict[str, dict] = field(default_factory=dict)  # name -> {"path", "sha256"}
     ip_adapter: dict | None = None  # models.ip_adapter.adapter_metadata
     reference_images: dict[str, dict] = field(default_factory=dict)  # name -> read_reference_image's record
+    subject_masks: dict | None = (
+        None  # {"source": folder given, "sha256": of the masks} (consistency/subject_masks.py)
+    )
     world_size: int = 1
     versions: dict[str, str | None] = field(default_factory=dict)
     # how it went
@@ -196,11 +202,12 @@ class StoryRecord:
     # JSON
 
     def to_dict(self) -> dict[str, Any]:
-        """The file's JSON: ``"format"`` first, then every field (results only once set), then ``extra``."""
+        """The file's JSON: ``"format"`` first, then every field (results only once set, optional features
+        only when used), then ``extra``."""
         data: dict[str, Any] = {FORMAT_KEY: FORMAT}
         for name in _READ:
             value = getattr(self, name)
-            if name in _RESULTS and value is None:
+            if (name in _RESULTS or name in _WHEN_SET) and value is None:
                 continue
             data[name] = [list(pair) for pair in value] if name == "loras" else value
         data.update({key: value for key, value in self.extra.items() if key not in data})

@@ -60,7 +60,7 @@ def run_bank(run: StoryRun, bank_metadata: Callable[[str], dict]) -> dict:
     frame_characters = [frame.characters for frame in plan.story.frames]
 
     def write(name: str, frames: list[int], step: int) -> None:
-        state.begin(JointMode(len(frames), writing=name), step=step)
+        state.begin(JointMode(len(frames), writing=name), step=step, frames=frames)  # masks: per story frame
         denoiser.step(frames, step)
 
     def read(frames: list[int], step: int) -> None:

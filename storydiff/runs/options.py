@@ -428,6 +428,18 @@ OPTIONS: tuple[Option, ...] = (
         suite=True,
     ),
     Option(
+        "subject_masks",
+        "consistency",
+        "a folder of subject masks in `storydiff eval --mask-dir`'s layout (mask_NNN.png per frame showing "
+        "characters): each frame offers only tokens inside its characters' mask (default: off, whole "
+        "frames, as the official code); kept in the output folder's masks/",
+        owner="cli",
+        field=None,
+        metavar="DIR",
+        default=None,
+        metadata="subject_masks",
+    ),
+    Option(
         "level_rate",
         "consistency",
         "per-level rate, LEVEL in 8, 16, 32, 64 (official sa32 = 32, sa64 = 16); repeatable",
