@@ -479,3 +479,16 @@ def test_fuzz_triton_matches_reference(draw, dtype, monkeypatch, poisoned_output
 def test_fuzz_torch_matches_reference(draw, dtype):
     inputs = random_segments(draw[0], dtype, draw[1])
     assert_matches_reference(consistent_attention(**inputs, backend="torch"), inputs)
+
+
+@pytest.mark.parametrize("part", ["bank_segments", "pool_segments"])
+@pytest.mark.parametrize("backend", ["pointer", "torch", "torch-masked"])
+def test_one_part_alone(backend, part, poisoned_outputs, monkeypatch):
+    """Bank or pool ids without ``segments``: every query row is segment 0, so it sees only the shared
+    (id 0) bank tokens or pool rows — the reference's answer, and not the answer without ids."""
+    monkeypatch.setattr(tk, "INTERPRETER_CONFIG", SMALL)
+    full = pool_inputs(torch.float32)
+    inputs = {**without_segments(full), part: full[part]}
+    out = run(inputs, backend, monkeypatch)
+    assert_matches_reference(out, inputs)
+    assert (out - run(without_segments(full), backend, monkeypatch)).abs().max() > 1e-3
