@@ -16,6 +16,7 @@ import copy
 import hashlib
 import platform
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +198,7 @@ class StoryDiffusionPipeline:
         reference_images: Mapping[str, Image.Image | str | Path] | None = None,
         keyframes: Sequence[Image.Image | tuple[Image.Image, Image.Image | None]] | None = None,
         subject_masks: SubjectMasks | Mapping[int, Mapping[str, Any]] | str | Path | None = None,
+        bounded: bool = False,
         **overrides: Any,
     ) -> StoryResult:
         """Generate every frame of ``story`` (a ``Story``, story text, or a path to a story file).
@@ -219,6 +221,8 @@ class StoryDiffusionPipeline:
         ``subject_masks``: each frame offers only tokens inside its characters' masks
         (``consistency/subject_masks.py``): a folder in ``storydiff eval --mask-dir``'s layout, a mapping
         frame -> character -> mask, or ``SubjectMasks``; written to ``out_dir/masks/``. None: whole frames.
+        ``bounded`` (bank mode, with subject masks): each character's tokens attend only to the same
+        character's bank tokens, background tokens only to background ones (StoryBooth's bounded attention).
 
         Frame i starts from noise seeded with ``seed + i``, so a frame's image does not depend on how the
         frames are batched. Errors in the story or the settings are raised before anything is written.
@@ -236,7 +240,10 @@ class StoryDiffusionPipeline:
         # the scheduler and FreeU asked for hold for this run (timesteps, bank signatures), undone after
         with run_sampler(self.family, settings.scheduler, settings.freeu):
             masks, mask_record = self._subject_masks(story, settings, subject_masks)
-            self.state.set_subject_masks(masks)
+            if bounded:
+                self._check_bounded(story, settings, masks)
+                mask_record["bounded"] = True
+            self.state.set_subject_masks(masks, bounded=bounded)
             try:
                 return self._run_story(
                     story,
@@ -436,6 +443,23 @@ class StoryDiffusionPipeline:
         else:
             masks, source = SubjectMasks.from_mapping(given, characters, size), "python"
         return masks, {"source": source, "sha256": masks.digest()}
+
+    def _check_bounded(self, story: Story, settings: RunSettings, masks: SubjectMasks | None) -> None:
+        """Bounded attention needs masks, bank mode and banks written in this run (their tokens'
+        characters); with one character it only keeps the background apart: said, not refused."""
+        if masks is None:
+            raise ValueError("bounded attention needs subject masks (--subject-masks DIR)")
+        if settings.mode != "bank":
+            raise InvalidSetting("mode", "bounded attention works in bank mode for now, not window mode")
+        if self.loaded_banks:
+            raise ValueError(
+                "bounded attention needs banks written in this run: loaded banks carry no token characters"
+            )
+        if len(story.characters) < 2:
+            warnings.warn(
+                "bounded attention with one character only keeps background tokens from reading its bank",
+                stacklevel=3,
+            )
 
     def _check_steps(self, settings: RunSettings) -> None:
         """More steps than the scheduler takes (DDIM, DDPM, LCM refuse more than their training timesteps;

@@ -31,6 +31,7 @@ class Job(NamedTuple):
     files: dict  # StoryDiffusionPipeline.from_pretrained's model_config and loras
     ip: dict  # {"adapter": {"weights", "image_encoder", "scale"} or None, "references": {name: image path}}
     masks: str | None = None  # a folder of subject masks (--subject-masks; a resumed run's masks/)
+    bounded: bool = False  # --bounded
 
 
 def register(subparsers, parents: list) -> None:
@@ -95,7 +96,8 @@ def _from_resume(args: argparse.Namespace) -> Job:
                 f"{args.resume} was made with subject masks given from Python; resume it from Python"
             )
         masks = str(Path(args.resume) / "masks")  # the masks the run kept
-    return Job(record.model, args.resume, story, settings, config, {}, files, ip, masks)
+    bounded = bool(record.subject_masks and record.subject_masks.get("bounded"))
+    return Job(record.model, args.resume, story, settings, config, {}, files, ip, masks, bounded)
 
 
 def _warn_no_checkpoint(folder: str, settings, partition) -> None:
@@ -163,8 +165,17 @@ def _from_flags(args: argparse.Namespace) -> Job:
     ip = _reference_images(args, story)
     if args.subject_masks is not None and not Path(args.subject_masks).is_dir():
         raise ValueError(f"--subject-masks {args.subject_masks}: no such folder")
+    if args.bounded and args.subject_masks is None:
+        raise ValueError("--bounded needs --subject-masks DIR (which tokens are which character's)")
+    if args.bounded and settings.mode != "bank":
+        raise ValueError("--bounded works in bank mode for now (not --mode window)")
+    if args.bounded and banks:
+        raise ValueError(
+            "--bounded needs banks written in this run: --load-bank banks carry no token characters"
+        )
     check_output_folder(args.out, overwrite=bool(args.overwrite))
-    return Job(args.model, args.out, story, settings, config, banks, files, ip, args.subject_masks)
+    masks = args.subject_masks
+    return Job(args.model, args.out, story, settings, config, banks, files, ip, masks, bool(args.bounded))
 
 
 def _warn_ignored(args: argparse.Namespace, settings, config) -> None:
@@ -436,6 +447,7 @@ def _generate(args, job: Job) -> int:
         progress=progress,
         reference_images=job.ip["references"],
         subject_masks=job.masks,
+        bounded=job.bounded,
     )
     for name, size in result.bank_bytes.items():
         say(f"identity bank of {name!r}: {size / 2**20:.1f} MiB")

@@ -25,6 +25,12 @@ def mask_path(directory: str | os.PathLike, frame: int) -> Path:
     return Path(directory) / f"mask_{frame:03d}.png"
 
 
+def character_mask_path(directory: str | os.PathLike, frame: int, character: str) -> Path:
+    """Where one character's own mask in frame ``frame`` may sit: ``mask_007_Bob.png`` (for frames showing
+    several characters; bounded attention needs to know which token is whose)."""
+    return Path(directory) / f"mask_{frame:03d}_{character}.png"
+
+
 def read_mask(path: str | os.PathLike) -> Image.Image:
     """The mask image at ``path``, read now (the file is closed on return)."""
     with Image.open(path) as opened:

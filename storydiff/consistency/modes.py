@@ -117,10 +117,15 @@ class JointMode:
     ) -> torch.Tensor:
         ref_idx = state.reference_indices(layer, image, q.device).repeat(groups, 1)
         pool_k = offered_keys(k, ref_idx, reposition)
+        segments = None
+        if state.bounded:  # bounded attention: each token's character (0: background or shared)
+            segments = state.segments(state.batch_frames, image, q.shape[2], q.device).repeat(groups, 1)
         if ref_idx.shape[1] == 0:  # rate 0 at this level: nothing to borrow, exactly the host's attention
             out = plain_attention(q, k, v, key_lengths)
         else:
             rows = {**rows_kwarg(image, q.shape[2]), **lengths_kwarg(key_lengths)}
+            if segments is not None:
+                rows["segments"] = segments
             window = state.config.window
             # indices from the seeded sampler: no range check, so the step never syncs the host
             out = consistent_attention(
@@ -129,6 +134,10 @@ class JointMode:
         if self.writing is not None:
             # banked as offered: frames that read the bank see the keys this batch's frames saw
             bank_k, bank_v = bank_tokens(k, ref_idx, groups, pool_k), bank_tokens(v, ref_idx, groups)
+            if segments is not None:  # the banked tokens' characters, for bounded reads
+                banked = torch.gather(segments, 1, ref_idx).reshape(groups, -1)
+                key = (self.writing, state.step, layer.level, q.shape[2])
+                state.bank_segments[key] = banked[:1] if state.current_pass is not None else banked
             cfg_pass = state.current_pass
             if cfg_pass is None:
                 state.bank.store(self.writing, state.step, layer.name, bank_k, bank_v)
@@ -189,6 +198,9 @@ class ReadMode:
             if groups != total:  # one pass of two-pass CFG: its group of the bank
                 bank_k, bank_v = bank_k[first : first + groups], bank_v[first : first + groups]
             no_refs = torch.empty(q_.shape[0], 0, dtype=torch.int64, device=q.device)
+            bounded = {}
+            if state.bounded:
+                bounded = self.bounded_segments(state, layer, characters, image, q.shape[2], groups, q.device)
             return consistent_attention(
                 q_,
                 k_,
@@ -199,6 +211,7 @@ class ReadMode:
                 bank_v=bank_v,
                 check_indices=False,  # no sampled indices; key_lengths from the mask: nothing read back
                 **rows,
+                **bounded,
                 **lengths_kwarg(lengths),
             )
 
@@ -207,3 +220,22 @@ class ReadMode:
             for chars, members in self.read_sets.items()
         ]
         return attend_rows(q, k, v, row_sets, read, key_lengths)
+
+    def bounded_segments(self, state, layer, characters, image, tokens, groups, device) -> dict:
+        """The op's ``segments`` for the rows reading ``characters`` (their frames' masks) and
+        ``bank_segments`` for the banks they read (what the writers recorded)."""
+        if state.batch_frames is None:
+            raise RuntimeError(f"{layer.name}: bounded attention needs the read batch's story frames")
+        members = self.read_sets[characters]
+        frames = [state.batch_frames[f] for f in members]
+        segments = state.segments(frames, image, tokens, device).repeat(groups, 1)
+        parts = []
+        for character in characters:
+            banked = state.bank_segments.get((character, state.step, layer.level, tokens))
+            if banked is None:
+                raise RuntimeError(
+                    f"bounded attention: the bank of {character!r} at step {state.step} was not written with "
+                    "subject masks in this run (a loaded bank has no token segments)"
+                )
+            parts.append(banked[:1].expand(groups, -1))  # the same draws in every CFG group
+        return {"segments": segments, "bank_segments": torch.cat(parts, dim=1).to(device)}

@@ -35,6 +35,7 @@ from csa_kernels.sampling import masked_sample_counts
 from .bank import IdBank
 from .config import ConsistencyConfig
 from .modes import JointMode, ReadMode, plain_attention
+from .subject_masks import token_grid
 
 if TYPE_CHECKING:
     from .subject_masks import SubjectMasks
@@ -123,6 +124,11 @@ class ConsistencyState:
         self.background_share = DEFAULT_BACKGROUND_SHARE
         self.batch_frames: tuple[int, ...] | None = None  # story frames of a joint batch (masks need them)
         self._mask_warned: set[tuple[int, tuple[str, ...]]] = set()  # frames already warned about
+        self.bounded = False  # bounded attention (set_subject_masks)
+        self._segments: dict[tuple, torch.Tensor] = {}  # (frame, image span, tokens) -> segment ids
+        # (character, step, level, tokens) -> (groups, M) segment ids of the tokens banked there: the same
+        # draws at every layer of a level, so one entry serves them all
+        self.bank_segments: dict[tuple, torch.Tensor] = {}
         # sees every attend call's (state, layer, q, k, image span, key lengths) before it runs, e.g. a
         # cross_attention_masks recorder's ``observe`` on joint text+image hosts; None: nothing extra
         self.observer: Callable[..., None] | None = None
@@ -150,7 +156,11 @@ class ConsistencyState:
         self.begin(JointMode(num_frames, writing=character), frames=frames)
 
     def set_subject_masks(
-        self, masks: SubjectMasks | None, *, background_share: float = DEFAULT_BACKGROUND_SHARE
+        self,
+        masks: SubjectMasks | None,
+        *,
+        background_share: float = DEFAULT_BACKGROUND_SHARE,
+        bounded: bool = False,
     ) -> None:
         """Draw each frame's offered tokens from its subject mask (``subject_masks.py``): the union of the
         masks of the characters it shows, on the level's token grid, with ``background_share`` of the
@@ -158,21 +168,60 @@ class ConsistencyState:
         same as without masks. Draws become one per (step, level, story frame) in every mode, so a joint
         batch must name its story frames (``begin(..., frames=...)``). A frame without characters draws
         as without masks; one whose mask holds too few tokens at a level draws uniformly, with a warning
-        (once per frame). None: whole frames again, exactly as before."""
+        (once per frame). None: whole frames again, exactly as before.
+
+        ``bounded`` (bank mode): each character's tokens attend only to the same character in the banks
+        (StoryBooth's bounded attention) — a token's segment is the character whose mask holds it (two
+        masks: none), the op's ``segments``; background tokens see only background bank tokens. A frame's
+        own tokens stay visible to all of its rows."""
         share = background_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= float(share) <= 1.0:
             raise ValueError(f"background_share must be a number in [0, 1], got {share!r}")
-        self.subject_masks, self.background_share = masks, float(share)
+        if bounded and masks is None:
+            raise ValueError("bounded attention needs subject masks (which tokens are which character's)")
+        self.subject_masks, self.background_share, self.bounded = masks, float(share), bool(bounded)
         self._draws.clear()
         self._mask_warned.clear()
+        self._segments.clear()
+        self.bank_segments.clear()
 
-    def begin_read(self, frame_characters: list[tuple[str, ...]], *, step: int = 0) -> None:
+    def segments(self, frames: Sequence[int], image: Span, tokens: int, device: torch.device) -> torch.Tensor:
+        """(len(frames), tokens) segment ids of the story ``frames``' tokens (bounded attention): image
+        tokens [a, b) inside exactly one character's mask get that character's id (1 + its place among
+        the story's characters), every other token 0."""
+        rows = []
+        count = image[1] - image[0]
+        for frame in frames:
+            key = (frame, image, tokens)
+            if key not in self._segments:
+                ids = torch.zeros(tokens, dtype=torch.int32)
+                masks = self.subject_masks
+                grid = token_grid(count, masks.size)
+                owners = torch.zeros(count, dtype=torch.int32)
+                for character in masks.masks.get(frame, {}):
+                    inside = masks.mask(frame, character, grid).flatten()
+                    ident = self.character_id(character)
+                    owners = torch.where(inside & (owners == 0), ident, torch.where(inside, -1, owners))
+                ids[image[0] : image[1]] = owners.clamp(min=0)  # in two masks: shared (0)
+                self._segments[key] = ids
+            rows.append(self._segments[key])
+        return to_device_async(torch.stack(rows), device)
+
+    def character_id(self, character: str) -> int:
+        """A character's segment id: 1 + its place among the characters the masks' story shows."""
+        names = list(dict.fromkeys(c for chars in self.subject_masks.frame_characters for c in chars))
+        return 1 + names.index(character)
+
+    def begin_read(
+        self, frame_characters: list[tuple[str, ...]], *, step: int = 0, frames: Sequence[int] | None = None
+    ) -> None:
         """Each frame attends to its own tokens plus the banks of the characters it shows; one entry per
-        frame of the batch (empty for an [NC] frame)."""
+        frame of the batch (empty for an [NC] frame). ``frames``: their story frames (bounded attention
+        looks their masks up)."""
         missing = sorted({c for chars in frame_characters for c in chars if not self.bank.has(c)})
         if missing:
             raise ValueError(f"no identity bank for character(s) {missing}: write or load them first")
-        self.begin(ReadMode(frame_characters), step=step)
+        self.begin(ReadMode(frame_characters), step=step, frames=frames)
 
     def end(self) -> None:
         self.mode = None

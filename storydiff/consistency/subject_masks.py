@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .mask_files import MASKS_FOLDER, mask_coverage, mask_path, read_mask, write_mask
+from .mask_files import MASKS_FOLDER, character_mask_path, mask_coverage, mask_path, read_mask, write_mask
 
 Size = tuple[int, int]  # (height, width)
 
@@ -156,8 +156,10 @@ class SubjectMasks:
         cls, directory: str | os.PathLike, frame_characters: Sequence[Sequence[str]], size: Size
     ) -> SubjectMasks:
         """Masks in ``storydiff eval --mask-dir``'s layout: ``mask_007.png`` for frame 7, shared by every
-        character it shows. Every frame showing a character needs its file; files of [NC] frames or past
-        the story's end are not read (nothing to attach them to)."""
+        character it shows — or, per character, ``mask_007_Bob.png`` (used for Bob where present; a frame
+        whose every character has its own file needs no shared one). Every frame showing a character
+        needs its masks; files of [NC] frames or past the story's end are not read (nothing to attach them
+        to)."""
         directory = Path(directory)
         if not directory.is_dir():
             raise ValueError(f"mask folder {directory} is not a folder")
@@ -165,11 +167,14 @@ class SubjectMasks:
         for frame, shown in enumerate(frame_characters):
             if not shown:
                 continue
-            path = mask_path(directory, frame)
-            if not path.is_file():
-                raise ValueError(f"frame {frame} ({', '.join(shown)}): no mask {path.name} in {directory}")
-            mask = as_mask(read_mask(path), f"frame {frame} ({path})")
-            masks[frame] = dict.fromkeys(shown, mask)
+            masks[frame] = {}
+            for character in shown:
+                path = character_mask_path(directory, frame, character)
+                if not path.is_file():
+                    path = mask_path(directory, frame)
+                if not path.is_file():
+                    raise ValueError(f"frame {frame} ({character}): no mask {path.name} in {directory}")
+                masks[frame][character] = as_mask(read_mask(path), f"frame {frame} ({path})")
         return cls(masks, frame_characters, size)
 
     @classmethod
@@ -180,12 +185,18 @@ class SubjectMasks:
         return cls.from_folder(Path(output_dir) / MASKS_FOLDER, frame_characters, size)
 
     def save(self, output_dir: str | os.PathLike) -> Path:
-        """Write ``output_dir/masks/mask_NNN.png`` per frame with characters: the union of its characters'
-        masks at the image's size, in ``--mask-dir``'s layout (eval reads it as is). Returns the folder."""
+        """Write ``output_dir/masks/mask_NNN.png`` per frame with characters (the union of its characters'
+        masks at the image's size, in ``--mask-dir``'s layout: eval reads it as is) and, in frames with
+        several characters, each one's own ``mask_NNN_Name.png`` (read back as given). Returns the folder."""
         folder = Path(output_dir) / MASKS_FOLDER
         folder.mkdir(parents=True, exist_ok=True)
         for frame in sorted(self.masks):
             write_mask(mask_path(folder, frame), self.frame_mask(frame, self.size))
+            if len(self.masks[frame]) > 1:  # several characters: each one's own mask too (bounded attention)
+                for character in self.masks[frame]:
+                    write_mask(
+                        character_mask_path(folder, frame, character), self.mask(frame, character, self.size)
+                    )
         return folder
 
     def digest(self) -> str:

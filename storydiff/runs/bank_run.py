@@ -64,7 +64,7 @@ def run_bank(run: StoryRun, bank_metadata: Callable[[str], dict]) -> dict:
         denoiser.step(frames, step)
 
     def read(frames: list[int], step: int) -> None:
-        state.begin_read([frame_characters[i] for i in frames], step=step)
+        state.begin_read([frame_characters[i] for i in frames], step=step, frames=frames)
         denoiser.step(frames, step)
 
     def finish(frames: list[int]) -> None:

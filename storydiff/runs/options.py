@@ -440,6 +440,18 @@ OPTIONS: tuple[Option, ...] = (
         metadata="subject_masks",
     ),
     Option(
+        "bounded",
+        "consistency",
+        "bank mode with --subject-masks: each character's tokens attend only to the same character's bank "
+        "tokens, background tokens only to background ones (bounded attention; default: off, as the "
+        "official code)",
+        owner="cli",
+        field=None,
+        action="store_true",
+        default=False,
+        metadata="subject_masks",
+    ),
+    Option(
         "level_rate",
         "consistency",
         "per-level rate, LEVEL in 8, 16, 32, 64 (official sa32 = 32, sa64 = 16); repeatable",

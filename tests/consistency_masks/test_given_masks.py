@@ -119,7 +119,10 @@ def test_save_and_load_under_masks(tmp_path):
     masks = SubjectMasks.from_mapping(given(), FRAMES, SIZE)
     folder = masks.save(tmp_path)
     assert folder == tmp_path / "masks"
-    assert sorted(p.name for p in folder.iterdir()) == ["mask_000.png", "mask_001.png", "mask_002.png"]
+    # frame 2 shows two characters: each one's own mask as well, so bounded attention reads them back
+    names = ["mask_000.png", "mask_001.png", "mask_002.png", *(f"mask_002_{c}.png" for c in FRAMES[2])]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(names)
+    assert SubjectMasks.load(tmp_path, FRAMES, SIZE).digest() == masks.digest()
     with Image.open(folder / "mask_001.png") as image:
         assert image.size == (128, 128)  # at the image's size: eval --mask-dir reads it as is
     loaded = SubjectMasks.load(tmp_path, FRAMES, SIZE)

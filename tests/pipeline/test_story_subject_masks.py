@@ -9,6 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import storydiff.consistency.state as state_module
@@ -158,3 +159,97 @@ def test_video_stories_refuse_masks(tmp_path):
             sp(STORY, subject_masks=str(write_masks(tmp_path / "m")), num_inference_steps=1, progress=False)
     finally:
         sp.close()
+
+
+# ---------------------------------------------------------------------------------- bounded attention
+
+
+def per_character_masks() -> dict:
+    """Alice: the left half, Bob: the right half, each in every frame that shows them."""
+    left = np.zeros((SIDE, SIDE), dtype=bool)
+    left[:, : SIDE // 2] = True
+    side = {"Alice": left, "Bob": ~left}
+    return {f: {c: side[c] for c in chars} for f, chars in enumerate(FRAME_CHARACTERS) if chars}
+
+
+@pytest.mark.parametrize("bounded", [True, False])
+def test_bounded_rows_see_only_their_own_character(pipe, bounded):
+    """A frame showing Alice (left) and Bob (right) reads both banks. Bounded: writing another Bob bank
+    leaves Alice's rows and the background rows bit-identical and moves Bob's; without bounds it moves
+    Alice's rows too (the test can fail)."""
+    from storydiff.families.attach import apply_consistent_attention, remove_consistent_attention
+
+    masks = SubjectMasks.from_mapping(per_character_masks(), FRAME_CHARACTERS, (SIDE, SIDE))
+    state = apply_consistent_attention(pipe, ConsistencyConfig(rate=0.5, seed=1, **NO_SKIP))
+    try:
+        state.set_subject_masks(masks, bounded=bounded)
+        layer = min(state.layers, key=lambda layer: layer.level)  # the most tokens
+        attn = pipe.unet.get_submodule(layer.name.removesuffix(".processor"))
+        tokens = (SIDE // layer.level) ** 2
+
+        def hidden(seed: int):
+            return torch.randn(
+                1, tokens, attn.to_q.in_features, generator=torch.Generator().manual_seed(seed)
+            )
+
+        def read_shared() -> torch.Tensor:
+            state.begin_read([("Alice", "Bob")], step=0, frames=[2])
+            return attn(hidden(2))
+
+        with torch.no_grad():
+            state.begin_write("Alice", 1, frames=[0])
+            attn(hidden(0))
+            state.begin_write("Bob", 1, frames=[1])
+            attn(hidden(1))
+            before = read_shared()
+            state.begin_write("Bob", 1, frames=[1])
+            attn(hidden(3))  # another bank for Bob
+            after = read_shared()
+        state.set_subject_masks(masks, bounded=True)
+        segments = state.segments([2], (0, tokens), tokens, torch.device("cpu"))[0]
+    finally:
+        state.end()
+        remove_consistent_attention(pipe)
+    alice, bob = segments == 1, segments == 2
+    assert alice.any() and bob.any()
+    assert not torch.equal(before[0, bob], after[0, bob])
+    if bounded:
+        assert torch.equal(before[0, alice], after[0, alice])
+        assert torch.equal(before[0, ~(alice | bob)], after[0, ~(alice | bob)])
+    else:
+        assert not torch.equal(before[0, alice], after[0, alice])
+
+
+def test_cli_bounded(tmp_path, capsys):
+    """--subject-masks with per-character files (mask_002_Alice.png, mask_002_Bob.png) and --bounded:
+    runs, same seed gives the same frames, differs from unbounded, resumes from the kept masks; misuse is
+    one line."""
+    story = tmp_path / "story.txt"
+    story.write_text(STORY)
+    folder = write_masks(tmp_path / "masks")
+    for character, columns in (("Alice", slice(0, SIDE // 2)), ("Bob", slice(SIDE // 2, SIDE))):
+        own = np.zeros((SIDE, SIDE), dtype=np.uint8)
+        own[:, columns] = 255
+        Image.fromarray(own).save(folder / f"mask_002_{character}.png")
+    args = ["generate", "--model", "tiny-sd15", "--story", str(story), "--steps", "2", "--id-frames", "1"]
+    args += ["--subject-masks", str(folder), "--height", str(SIDE), "--width", str(SIDE), "--rate", "0.25"]
+    for out in ("a", "b"):
+        assert main([*args, "--bounded", "--out", str(tmp_path / out)]) == 0
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    frames = {
+        out: [(tmp_path / out / f"frames/frame_{i:03d}.png").read_bytes() for i in range(5)] for out in "ab"
+    }
+    assert frames["a"] == frames["b"]
+    plain = [(tmp_path / "plain" / f"frames/frame_{i:03d}.png").read_bytes() for i in range(5)]
+    assert frames["a"][2] != plain[2]  # the shared frame reads the banks bounded
+    record = json.loads((tmp_path / "a" / "metadata.json").read_text())
+    assert record["subject_masks"]["bounded"] is True
+    assert (tmp_path / "a" / "masks" / "mask_002_Bob.png").is_file()
+    capsys.readouterr()
+    base = args[: args.index("--subject-masks")]
+    assert main([*base, "--bounded", "--out", str(tmp_path / "bad")]) == 2
+    assert "--bounded needs --subject-masks" in capsys.readouterr().err
+    window = [a for a in args if a not in ("--id-frames", "1")]
+    assert main([*window, "--bounded", "--mode", "window", "--out", str(tmp_path / "bad")]) == 2
+    assert "bank mode" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
