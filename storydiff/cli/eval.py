@@ -7,6 +7,7 @@ before anything is written, so a missing checkpoint leaves the folder as it was.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .common import check_output_dir, fail, positive_int
 
@@ -72,7 +73,14 @@ def register(subparsers, parents: list) -> None:
         default=None,
         metavar="DIR",
         help="measure identity on masked subjects: DIR/mask_007.png masks frame 7 (white keeps, black "
-        "becomes gray); frames without a mask are measured whole; CLIP-T always sees whole frames",
+        "becomes gray; DIR/mask_007_Bob.png for Bob alone); frames without a mask are measured whole; "
+        "CLIP-T always sees whole frames (default: the story folder's masks/ when its run kept subject "
+        "masks, else none)",
+    )
+    parser.add_argument(
+        "--no-masks",
+        action="store_true",
+        help="measure whole frames even when the story folder keeps subject masks",
     )
     parser.add_argument(
         "--shot-samples",
@@ -108,10 +116,17 @@ def run(args: argparse.Namespace) -> int:
         if args.out is not None:
             check_output_dir(args.out)
         frames = read_story_frames(args.dir, allow_incomplete=args.allow_incomplete)  # before any loading
-        check_video_options(frames, face=args.face, mask=args.mask_dir is not None)
+        mask_dir = args.mask_dir
+        kept = Path(args.dir) / "masks"  # a story run with subject masks keeps them here
+        if mask_dir is None and not args.no_masks and kept.is_dir():
+            mask_dir = kept
+            print(
+                f"identity on masked subjects: the run's subject masks in {kept} (--no-masks: whole frames)"
+            )
+        check_video_options(frames, face=args.face, mask=mask_dir is not None)
         mask_fn = None
-        if args.mask_dir is not None:
-            mask_fn = MaskDir(args.mask_dir)
+        if mask_dir is not None:
+            mask_fn = MaskDir(mask_dir)
             mask_fn.check(frames.indices)
         clip = load_clip(args.clip, device)
         dino = None if args.no_dino else load_dino(args.dino, device)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..consistency.mask_files import mask_coverage, mask_path, read_mask
+from ..consistency.mask_files import character_mask_path, mask_coverage, mask_path, read_mask
 from ..support.progress import Progress, progress_bar
 
 __all__ = ["NEUTRAL_GRAY", "MaskDir", "MaskFn", "apply_mask", "encode_masked", "mask_name", "masked_frame"]
@@ -66,8 +66,9 @@ def masked_frame(path: str | os.PathLike, index: int, character: str, mask_fn: M
 
 
 class MaskDir:
-    """Masks from a folder: ``mask_007.png`` for frame 7 (the frames' own numbering), one per frame and
-    shared by every character in it; a frame without a file is measured whole (the layout:
+    """Masks from a folder: ``mask_007.png`` for frame 7 (the frames' own numbering), shared by every
+    character in it, or ``mask_007_Bob.png`` for Bob alone where present (what a story run with subject
+    masks keeps for frames with several characters); a frame without a file is measured whole (the layout:
     ``consistency/mask_files.py``)."""
 
     def __init__(self, directory: str | os.PathLike) -> None:
@@ -86,7 +87,9 @@ class MaskDir:
             raise ValueError(f"--mask-dir {self.directory} holds no mask for any frame (e.g. {example})")
 
     def __call__(self, image: Image.Image, index: int, character: str) -> Image.Image | None:
-        path = self.path(index)
+        path = character_mask_path(self.directory, index, character)
+        if not path.is_file():
+            path = self.path(index)
         if not path.is_file():
             return None
         return read_mask(path)  # read now: the file closes here

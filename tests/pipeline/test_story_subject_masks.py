@@ -253,3 +253,35 @@ def test_cli_bounded(tmp_path, capsys):
     assert main([*window, "--bounded", "--mode", "window", "--out", str(tmp_path / "bad")]) == 2
     assert "bank mode" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_eval_measures_identity_on_the_runs_masks(pipe, tmp_path, capsys):
+    """`storydiff eval` on a run that kept subject masks measures identity on them (per-character files in
+    shared frames), unless --no-masks; the report names the masks."""
+    folder = write_masks(tmp_path / "given")
+    sp = StoryDiffusionPipeline(pipe, ConsistencyConfig(rate=0.25, seed=1, **NO_SKIP))
+    try:
+        sp(
+            STORY,
+            subject_masks=per_character_masks(),
+            num_inference_steps=1,
+            id_frames=1,
+            progress=False,
+            height=SIDE,
+            width=SIDE,
+            out_dir=tmp_path / "run",
+        )
+    finally:
+        sp.close()
+    assert folder.is_dir() and (tmp_path / "run" / "masks" / "mask_002_Alice.png").is_file()
+    assert main(["eval", "--clip", "tiny", "--dino", "tiny", str(tmp_path / "run")]) == 0
+    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    assert report["mask"] == str(tmp_path / "run" / "masks")
+    assert main(["eval", "--clip", "tiny", "--dino", "tiny", "--no-masks", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "eval" / "report.json").read_text())["mask"] is None
+    from storydiff.evaluation.masks import MaskDir
+
+    kept = MaskDir(tmp_path / "run" / "masks")
+    image = Image.new("RGB", (SIDE, SIDE))
+    alice, bob = (np.asarray(kept(image, 2, name)) > 127 for name in ("Alice", "Bob"))
+    assert alice[:, : SIDE // 2].all() and not alice[:, SIDE // 2 :].any() and np.array_equal(bob, ~alice)
