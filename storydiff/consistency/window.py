@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from csa_kernels import consistent_attention
-from csa_kernels.pool import gather_reference_pool, index_tensor
+from csa_kernels.pool import gather_reference_pool, index_tensor, to_device_async
 from csa_kernels.tiled import tiled_consistent_attention
 
 from .modes import attend_rows, lengths_kwarg, offered_keys, plain_attention, rows_kwarg
@@ -188,6 +188,9 @@ class WindowMode:
             )  # (R, H, D) each
             # made on the host, copied pinned and non-blocking; no range check: nothing is read back
             mine = index_tensor([ranges[i] for i in readers], q.device)
+            bounded = {}
+            if state.bounded:
+                bounded = self._bounded(state, layer, shared, readers, image, q.shape[2], groups, q.device)
             return consistent_attention(
                 q_,
                 k_,
@@ -197,6 +200,7 @@ class WindowMode:
                 pool_ranges=mine,
                 check_indices=False,
                 **rows,
+                **bounded,
                 **lengths_kwarg(lengths),
             )
 
@@ -204,6 +208,20 @@ class WindowMode:
         row_sets = [(False, [i for i in range(groups * count) if i not in reading]), (True, readers)]
         row_sets = [(borrows, members) for borrows, members in row_sets if members]
         return attend_rows(q, k, v, row_sets, read, key_lengths)
+
+    def _bounded(self, state, layer, shared, readers, image, tokens, groups, device) -> dict:
+        """Bounded attention in window mode: the reading rows' ``segments`` and the pool rows'
+        ``pool_segments`` — each shared frame's sampled tokens' characters, read through the same seeded
+        draw (one per story frame), so neighbours from earlier chunks or other ranks get theirs too."""
+        start, stop = self.chunk
+        host = torch.device("cpu")  # made on the host from the seeded draws, then copied: no sync
+        drawn = state.frame_reference_indices(layer, shared, image, host)
+        pool_segments = torch.gather(state.segments(shared, image, tokens, host), 1, drawn).flatten()
+        rows = state.segments(range(start, stop), image, tokens, host).repeat(groups, 1)[readers]
+        return {
+            "segments": to_device_async(rows, device),
+            "pool_segments": to_device_async(pool_segments.repeat(groups), device),
+        }
 
     def _offer(self, layer: LayerInfo, pools: list[torch.Tensor], cfg_pass: int | None) -> None:
         """Keep the sampled tokens of this chunk's frames that frames of later chunks will read (of the CFG
