@@ -27,6 +27,7 @@ from PIL import Image
 
 from .consistency.bank import signature_differences
 from .consistency.config import ConsistencyConfig, InvalidSetting
+from .consistency.cross_attention_masks import AutoSubjectMasks, SubjectAttentionRecorder
 from .consistency.subject_masks import SubjectMasks
 from .families.attach import apply_consistent_attention, remove_consistent_attention, replaced_layers
 from .families.base import SUPPORTED
@@ -57,6 +58,9 @@ from .runs.plan import RunPlan, StoryRun, check_run
 from .runs.settings import DISTRIBUTED_BANK_SHARING, RunSettings
 from .runs.window_run import run_story_window
 from .support.progress import Progress
+
+#: ``subject_masks=AUTO`` (``--subject-masks auto``): masks found from cross-attention during the run
+AUTO = "auto"
 
 
 @dataclass
@@ -221,6 +225,10 @@ class StoryDiffusionPipeline:
         ``subject_masks``: each frame offers only tokens inside its characters' masks
         (``consistency/subject_masks.py``): a folder in ``storydiff eval --mask-dir``'s layout, a mapping
         frame -> character -> mask, or ``SubjectMasks``; written to ``out_dir/masks/``. None: whole frames.
+        ``"auto"`` (bank mode; UNet models and FLUX.1): found during the run from the cross-attention on
+        each character's description (``cross_attention_masks.AutoSubjectMasks``: step 0 unmasked, then
+        each frame's masks from its maps so far); the final masks are written to ``out_dir/masks/`` and
+        recorded as ``{"source": "auto", ...}``. Such a run cannot be resumed.
         ``bounded`` (bank mode, with subject masks): each character's tokens attend only to the same
         character's bank tokens, background tokens only to background ones (StoryBooth's bounded attention).
 
@@ -238,12 +246,18 @@ class StoryDiffusionPipeline:
             shot_frames = settings.shot_frames or self.family.default_shot_frames
             settings = settings.replace(shot_frames=shot_frames, fps=self.family.fps(settings))
         # the scheduler and FreeU asked for hold for this run (timesteps, bank signatures), undone after
+        auto = isinstance(subject_masks, str) and subject_masks == AUTO
         with run_sampler(self.family, settings.scheduler, settings.freeu):
-            masks, mask_record = self._subject_masks(story, settings, subject_masks)
+            if auto:
+                columns = self._auto_columns(story, settings, resume)
+                masks, mask_record = None, {"source": AUTO}
+            else:
+                columns = None
+                masks, mask_record = self._subject_masks(story, settings, subject_masks)
             if bounded:
-                self._check_bounded(story, settings, masks)
+                self._check_bounded(story, settings, masks, auto=auto)
                 mask_record["bounded"] = True
-            self.state.set_subject_masks(masks, bounded=bounded)
+            self.state.set_subject_masks(masks, bounded=bounded and not auto)
             try:
                 return self._run_story(
                     story,
@@ -255,6 +269,8 @@ class StoryDiffusionPipeline:
                     reference_images,
                     keyframes,
                     mask_record,
+                    columns,
+                    bounded,
                 )
             finally:
                 self.state.set_subject_masks(None)
@@ -270,6 +286,8 @@ class StoryDiffusionPipeline:
         reference_images,
         keyframes,
         mask_record,
+        columns=None,
+        bounded=False,
     ) -> StoryResult:
         self.family.check_size(settings.height, settings.width)
         self.family.check_settings(settings)
@@ -326,6 +344,7 @@ class StoryDiffusionPipeline:
                 **self._reference_summary(reference, adapter),
                 **_keyframe_summary(keyframes),
                 **({} if masks is None else {"subject_masks": masks.digest()}),
+                **({} if columns is None else {"subject_masks": AUTO}),
             },
             keyframes=keyframes,
         )
@@ -367,9 +386,16 @@ class StoryDiffusionPipeline:
         start = time.perf_counter()
         self.state.bank.reset_peak()
         installed, self.state.config = self.state.config, config  # this run's, as recorded
+        auto, remove_recorder = None, None
         try:
             run = StoryRun(plan, self.family, self.state, output, resume, progress)
             run.references = self._encode_references(story, reference, adapter)
+            if columns is not None:  # automatic masks: recorded from this run's cross-attention
+                recorder = SubjectAttentionRecorder((settings.height, settings.width))
+                frame_characters = [f.characters for f in story.frames]
+                auto = AutoSubjectMasks(self.state, recorder, frame_characters, columns, bounded=bounded)
+                remove_recorder = self.family.record_subjects(self.state, recorder)
+                run.step_hook = auto
             if settings.mode == "bank":
                 signature = self.run_signature(settings)  # the same for every character's bank
                 metadata.update(run_bank(run, lambda name: self._bank_metadata(plan, name, signature)))
@@ -379,11 +405,19 @@ class StoryDiffusionPipeline:
             images = gather_to_leader(partition, run.images)  # pages and metadata need every frame
             if output is not None:  # every rank's frames are on disk now: the checkpoints are done with
                 output.root.joinpath(checkpoint_name(partition)).unlink(missing_ok=True)
+            if auto is not None:  # the masks each frame ended with: kept, recorded, as given ones are
+                found = auto.current()
+                mask_record = {**mask_record, "sha256": found.digest()}
+                metadata["subject_masks"] = mask_record
+                if output is not None and partition.leader:
+                    found.save(output.root)
         except BaseException as exc:
             if output is not None:
                 output.fail(exc)
             raise
         finally:
+            if remove_recorder is not None:
+                remove_recorder()
             self.state.end()
             self.state.config = installed
         bank = self.state.bank
@@ -420,7 +454,8 @@ class StoryDiffusionPipeline:
             if self.family.video:
                 output.save_story_video(ordered, self.family.fps(settings))
             output.save_pages(pages)
-            output.finish(**memory, seconds=metadata["seconds"], pages=len(pages))
+            extra = {} if auto is None else {"subject_masks": mask_record}
+            output.finish(**memory, **extra, seconds=metadata["seconds"], pages=len(pages))
         return StoryResult(ordered, captions, pages, metadata, output.root if output else None, bank_bytes)
 
     def _subject_masks(
@@ -444,10 +479,52 @@ class StoryDiffusionPipeline:
             masks, source = SubjectMasks.from_mapping(given, characters, size), "python"
         return masks, {"source": source, "sha256": masks.digest()}
 
-    def _check_bounded(self, story: Story, settings: RunSettings, masks: SubjectMasks | None) -> None:
-        """Bounded attention needs masks, bank mode and banks written in this run (their tokens'
-        characters); with one character it only keeps the background apart: said, not refused."""
-        if masks is None:
+    def _auto_columns(self, story: Story, settings: RunSettings, resume: bool) -> list[dict[str, list[int]]]:
+        """``subject_masks="auto"``: checked (before anything is written), and each frame's subject token
+        columns per character — where the character's description (what its [Name] tag became) sits in the
+        frame's styled prompt as the family's tokenizer gives it (``Family.subject_token_columns``; other
+        families refuse in one line). A description truncated away gets no columns there, with a warning.
+
+        Refused: video families, window mode and runs over several processes (the masks are per frame and
+        refined per step in bank mode; window chunks and other ranks' frames are not wired to them yet), and
+        ``resume``: the masks are the maps accumulated over every step done, which a checkpoint does not
+        keep — a resumed run could not recompute them identically, so it is refused rather than resumed
+        differently."""
+        if self.family.video:
+            raise ValueError("subject masks apply to image stories (video shots have no mask layout yet)")
+        self.family.subject_token_columns("", "")  # a family without recording refuses here
+        if resume:
+            raise ValueError(
+                "a run with automatic subject masks cannot be resumed: its masks are accumulated from every "
+                "step's cross-attention, which the checkpoint does not keep; run it again"
+            )
+        if settings.mode != "bank":
+            raise InvalidSetting("mode", "automatic subject masks work in bank mode for now, not window mode")
+        if current_partition().distributed:
+            raise ValueError("automatic subject masks run in one process for now (not over several ranks)")
+        columns = []
+        for frame in story.frames:
+            prompt, _ = apply_style(story.prompt(frame), settings.style, settings.negative_prompt)
+            found = {}
+            for name in frame.characters:
+                description = story.characters[name].description
+                cols = self.family.subject_token_columns(prompt, description)
+                if not cols:
+                    warnings.warn(
+                        f"frame {frame.index} ({name}): its description is not among the prompt's tokens "
+                        "(truncated?): no automatic mask there (its whole frame is offered)",
+                        stacklevel=3,
+                    )
+                found[name] = cols
+            columns.append(found)
+        return columns
+
+    def _check_bounded(
+        self, story: Story, settings: RunSettings, masks: SubjectMasks | None, *, auto: bool = False
+    ) -> None:
+        """Bounded attention needs masks (given or automatic), bank mode and banks written in this run (their
+        tokens' characters); with one character it only keeps the background apart: said, not refused."""
+        if masks is None and not auto:
             raise ValueError("bounded attention needs subject masks (--subject-masks DIR)")
         if settings.mode != "bank":
             raise InvalidSetting("mode", "bounded attention works in bank mode for now, not window mode")

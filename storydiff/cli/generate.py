@@ -65,6 +65,11 @@ def _from_resume(args: argparse.Namespace) -> Job:
     check_output_folder(args.resume, resume=True)
     needs = ("model", "story_text", "settings", "consistency")
     record = read_record(args.resume, need=needs, purpose="a resume")
+    if (record.subject_masks or {}).get("source") == "auto":  # refused first: nothing else matters
+        raise ValueError(
+            f"{args.resume} was made with --subject-masks auto: its masks are accumulated from every "
+            "step's cross-attention, which the checkpoint does not keep; run it again"
+        )
     try:
         settings = RunSettings.from_dict(record.settings)
         config = ConsistencyConfig.from_dict(record.consistency)
@@ -111,6 +116,19 @@ def _warn_no_checkpoint(folder: str, settings, partition) -> None:
             "step",
             stacklevel=2,
         )
+
+
+def _check_auto_masks(model: str, settings) -> None:
+    """--subject-masks auto, refused before any model loads where it cannot run: window mode, and models
+    whose family the name already tells (reserved names) and that record no masks. Other names are
+    checked by the library once loaded, still before the output folder is made."""
+    from ..families.registry import family_of_reserved
+
+    if settings.mode != "bank":
+        raise ValueError("--subject-masks auto works in bank mode for now (not --mode window)")
+    family = family_of_reserved(model)
+    if family is not None:
+        family(None).subject_token_columns("", "")
 
 
 def _from_flags(args: argparse.Namespace) -> Job:
@@ -163,8 +181,11 @@ def _from_flags(args: argparse.Namespace) -> Job:
             )
     files = _model_files(args)
     ip = _reference_images(args, story)
-    if args.subject_masks is not None and not Path(args.subject_masks).is_dir():
+    auto = args.subject_masks == "auto"  # a folder called auto: ./auto
+    if args.subject_masks is not None and not auto and not Path(args.subject_masks).is_dir():
         raise ValueError(f"--subject-masks {args.subject_masks}: no such folder")
+    if auto:
+        _check_auto_masks(args.model, settings)
     if args.bounded and args.subject_masks is None:
         raise ValueError("--bounded needs --subject-masks DIR (which tokens are which character's)")
     if args.bounded and settings.mode != "bank":

@@ -402,3 +402,78 @@ def install_subject_recorder(
 def remove_subject_recorder(denoiser: torch.nn.Module, replaced: Mapping[str, object]) -> None:
     """Put back the processors ``install_subject_recorder`` replaced."""
     denoiser.set_attn_processor({**denoiser.attn_processors, **replaced})
+
+
+class AutoSubjectMasks:
+    """Subject masks found during a story run (``--subject-masks auto``): the recorder's maps of each frame,
+    thresholded after every denoising step of that frame, are the masks its next step draws from.
+
+    The choices, argued:
+
+    - **Per frame, from its own steps.** After a denoiser call computes frames F at step s (:meth:`after`),
+      each frame of F gets the masks of its maps so far (steps 0..s); the next call of a frame sees them
+      (:meth:`before`). A frame's mask at step s thus depends on its own steps before s only, never on
+      which other frames ran in between — so the stored and the lockstep bank schedules, any read batch
+      size and window chunks give each frame the same masks (a global "masks after step s" would differ
+      between schedules: the stored one finishes the identity frames before any read frame starts).
+    - **Step 0 runs without masks** (and unbounded): nothing has been recorded yet, and a mask thresholded
+      from nothing is noise. It is a warm-up step, as ConsiStory's first steps are; from step 1 on every
+      draw lies in the then-current masks.
+    - **Banked tokens keep their characters.** Masks are swapped with ``ConsistencyState.swap_subject_masks``,
+      which keeps ``bank_segments`` (the characters of tokens banked under earlier masks), so a read of an
+      earlier step's bank — every read of the stored schedule — bounds by what was banked.
+    - A character a frame shows whose description has no columns there (truncated away: warned when the
+      columns were found) has no map: its mask is the whole frame. A map with nothing standing out
+      thresholds to an empty mask, and the state then draws that frame uniformly with its usual warning.
+    """
+
+    def __init__(
+        self,
+        state: ConsistencyState,
+        recorder: SubjectAttentionRecorder,
+        frame_characters: Sequence[Sequence[str]],
+        subjects: Sequence[Mapping[str, Sequence[int]]],
+        *,
+        bounded: bool = False,
+    ) -> None:
+        if len(subjects) != len(frame_characters):
+            raise ValueError(
+                f"subject columns for {len(subjects)} frames, the story has {len(frame_characters)}"
+            )
+        self.state, self.recorder, self.bounded = state, recorder, bool(bounded)
+        self.frame_characters = [tuple(chars) for chars in frame_characters]
+        self.subjects = [{c: tuple(cols) for c, cols in s.items() if cols} for s in subjects]
+        self.found: dict[int, dict[str, torch.Tensor]] = {}  # frame -> character -> mask after its last step
+        self._masks: SubjectMasks | None = None  # ``current()``, until ``found`` changes
+
+    def before(self, frames: Sequence[int], step: int) -> None:
+        """Frames ``frames`` are about to take step ``step``: tell the recorder whose words they are, and
+        the state which masks they draw from."""
+        self.recorder.set_batch(frames, [self.subjects[f] for f in frames])
+        if step == 0:
+            self.state.swap_subject_masks(None, bounded=False)
+        else:
+            self.state.swap_subject_masks(self.current(), bounded=self.bounded)
+
+    def after(self, frames: Sequence[int], step: int) -> None:
+        """Frames ``frames`` finished step ``step``: their masks become those of their maps so far."""
+        grid = self.recorder.grid
+        for frame in frames:
+            for character in self.subjects[frame]:
+                entry = (frame, character)
+                if entry in self.recorder.sums:
+                    subject_map = (self.recorder.sums[entry] / self.recorder.calls[entry]).view(grid).cpu()
+                    self.found.setdefault(frame, {})[character] = threshold_map(subject_map)
+                    self._masks = None
+
+    def current(self) -> SubjectMasks:
+        """The masks now: each frame's after its last finished step; the whole frame where none is yet."""
+        if self._masks is None:
+            whole = torch.ones(self.recorder.grid, dtype=torch.bool)
+            masks = {
+                frame: {c: self.found.get(frame, {}).get(c, whole) for c in shown}
+                for frame, shown in enumerate(self.frame_characters)
+                if shown
+            }
+            self._masks = SubjectMasks(masks, self.frame_characters, self.recorder.size)
+        return self._masks

@@ -185,6 +185,21 @@ class ConsistencyState:
         self._segments.clear()
         self.bank_segments.clear()
 
+    def swap_subject_masks(self, masks: SubjectMasks | None, *, bounded: bool | None = None) -> None:
+        """Replace the subject masks mid-run (automatic masks: refined after every step) keeping what
+        writers recorded: ``bank_segments`` are the characters of tokens *already banked*, drawn under the
+        masks of their time, and a later read of that step (the stored schedule reads every step's bank
+        after the identity frames finished) needs exactly those. Only caches derived from the masks are
+        dropped — this step's token draws and the frames' segment ids — and are drawn again from the new
+        masks (draws are keyed by step, so those of later steps are fresh anyway). ``bounded``: None keeps
+        it; bounded needs masks."""
+        bounded = self.bounded if bounded is None else bool(bounded)
+        if bounded and masks is None:
+            raise ValueError("bounded attention needs subject masks (which tokens are which character's)")
+        self.subject_masks, self.bounded = masks, bounded
+        self._draws.clear()
+        self._segments.clear()
+
     def segments(self, frames: Sequence[int], image: Span, tokens: int, device: torch.device) -> torch.Tensor:
         """(len(frames), tokens) segment ids of the story ``frames``' tokens (bounded attention): image
         tokens [a, b) inside exactly one character's mask get that character's id (1 + its place among

@@ -67,6 +67,22 @@ class Family:
     def __init__(self, pipe) -> None:
         self.pipe = pipe
 
+    # -- automatic subject masks (consistency/cross_attention_masks.py) ----------------------------------
+    def subject_token_columns(self, prompt: str, phrase: str) -> list[int]:
+        """The text-key columns of ``phrase`` (a character's description) inside ``prompt`` as this family's
+        denoiser sees the prompt's tokens: what a cross-attention recorder sums over. Families that
+        record subject masks override it; the others refuse (ValueError, one line)."""
+        raise ValueError(
+            "automatic subject masks (--subject-masks auto) work with UNet models (SD1.x/2.x, SDXL) and "
+            f"FLUX.1, not {self.title} models: give a folder of masks"
+        )
+
+    def record_subjects(self, state, recorder) -> Callable[[], None]:
+        """Feed ``recorder`` (a ``SubjectAttentionRecorder``) from this family's denoiser calls; returns
+        what undoes it. Refused where ``subject_token_columns`` is."""
+        self.subject_token_columns("", "")
+        raise NotImplementedError  # a family with columns records too
+
     # -- which family ------------------------------------------------------------------------------------
     @classmethod
     def drives(cls, pipe) -> bool:
@@ -240,6 +256,22 @@ def guide(out: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """Classifier-free guidance on an [uncond; cond] output."""
     uncond, cond = out.chunk(2)
     return uncond + guidance_scale * (cond - uncond)
+
+
+def phrase_columns(tokenizer, prompt: str, phrase: str, max_length: int) -> list[int]:
+    """Where ``phrase``'s tokens sit in ``prompt``'s token sequence as the text encoder gets it (special
+    tokens added, truncated to ``max_length``): the first contiguous run of the phrase's own token ids
+    (tokenized alone, without BOS/EOS). BPE (CLIP) and SentencePiece (T5) tokenize a phrase standing
+    between spaces or punctuation the same alone as inside a sentence, so the run is found whenever the
+    phrase survived truncation; [] otherwise (the caller warns)."""
+    ids = tokenizer(prompt, truncation=True, max_length=max_length).input_ids
+    wanted = tokenizer(phrase, add_special_tokens=False).input_ids
+    if not wanted:
+        return []
+    for start in range(len(ids) - len(wanted) + 1):
+        if ids[start : start + len(wanted)] == wanted:
+            return list(range(start, start + len(wanted)))
+    return []
 
 
 def text_length(pipe, default: int, tokenizer: str) -> int:

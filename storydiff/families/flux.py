@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
@@ -22,7 +24,7 @@ from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProc
 from ..consistency.install import Host
 from ..consistency.rope import RotaryProcessor, Rotation, shift_ids
 from ..support.compat import flux_image_ids, flux_pack, flux_qkv_projections, flux_shift, flux_unpack
-from .base import TransformerFamily, text_length
+from .base import TransformerFamily, phrase_columns, text_length
 from .reserved import FLUX
 
 
@@ -109,6 +111,28 @@ class FluxFamily(TransformerFamily):
         grid_h, grid_w = self._grid(height, width)
         image_ids = flux_image_ids(self.pipe, grid_h // 2, grid_w // 2, self.device, embeds.dtype)
         return embeds, pooled, text_ids, image_ids
+
+    def subject_token_columns(self, prompt: str, phrase: str) -> list[int]:
+        """Columns of ``phrase`` among the joint sequence's text tokens: the T5 tokens (``tokenizer_2``)
+        that ``encode`` feeds as ``encoder_hidden_states``, no BOS, truncated to the sequence length it
+        pads to (CLIP only gives the pooled vector, which has no columns)."""
+        if not phrase:
+            return []
+        return phrase_columns(
+            self.pipe.tokenizer_2, prompt, phrase, text_length(self.pipe, 512, "tokenizer_2")
+        )
+
+    def record_subjects(self, state, recorder) -> Callable[[], None]:
+        """Joint attention has no cross-attention to hook: the consistent processors hand the joint q, k to
+        ``state.attend``, whose ``observer`` the recorder becomes (``SubjectAttentionRecorder.observe``)."""
+        if state.observer is not None:
+            raise ValueError("the consistency state already has an observer: one recorder at a time")
+        state.observer = recorder.observe
+
+        def remove() -> None:
+            state.observer = None
+
+        return remove
 
     def predict(self, scheduler, latents, t, conditioning, guidance_scale, cfg):
         embeds, pooled, text_ids, image_ids, *images = conditioning  # images: with_reference_images'

@@ -16,15 +16,17 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
+from ..consistency.cross_attention_masks import install_subject_recorder, remove_subject_recorder
 from ..consistency.install import Host
 from ..consistency.processors import ConsistentAttnProcessor
 from ..support.compat import sdxl_time_ids
-from .base import Family, guide
+from .base import Family, guide, phrase_columns
 from .reserved import TEXT_TO_IMAGE
 
 _UNET_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^mid_block\.")
@@ -89,6 +91,22 @@ class UNetFamily(Family):
     @property
     def default_size(self) -> int:
         return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    def subject_token_columns(self, prompt: str, phrase: str) -> list[int]:
+        """Columns of ``phrase`` among the cross-attention keys: CLIP's tokens of the prompt, BOS at 0,
+        padded to the tokenizer's length (77). SDXL's second tokenizer is the same BPE over the same
+        vocabulary (only its padding token differs), so it puts the phrase at the same positions: the
+        first tokenizer's positions are those of the concatenated embeddings too."""
+        if not phrase:
+            return []
+        tokenizer = self.pipe.tokenizer
+        return phrase_columns(tokenizer, prompt, phrase, tokenizer.model_max_length)
+
+    def record_subjects(self, state, recorder) -> Callable[[], None]:
+        """The recorder's processor on every cross-attention (``attn2``, where the prompt's tokens are
+        keys); an IP-Adapter's processors there are refused (ValueError), recording would drop them."""
+        replaced = install_subject_recorder(self.pipe.unet, recorder)
+        return lambda: remove_subject_recorder(self.pipe.unet, replaced)
 
     def encode(self, prompts: list[str], negatives: list[str], cfg: bool, height: int, width: int):
         pipe = self.pipe

@@ -48,7 +48,7 @@ def run_bank(run: StoryRun, bank_metadata: Callable[[str], dict]) -> dict:
     identity = plan.identity
     identity_set = {i for frames in identity.values() for i in frames}
     reads = plan.read_batches()
-    denoiser = LockstepDenoiser(run.family.pipe, plan, references=run.references)
+    denoiser = LockstepDenoiser(run.family.pipe, plan, references=run.references, step_hook=run.step_hook)
     steps = settings.num_inference_steps
     owners = bank_owners(partition, list(identity), settings.bank_sharing)
     owned = {i for name, frames in identity.items() if owners[name] == partition.rank for i in frames}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -29,11 +30,29 @@ from .distributed import gather_to_all
 from .plan import Checkpointing, RunPlan
 
 
+class StepHook(Protocol):
+    """What a run may wrap around each denoiser call (``cross_attention_masks.AutoSubjectMasks``)."""
+
+    def before(self, frames: list[int], step: int) -> None: ...
+
+    def after(self, frames: list[int], step: int) -> None: ...
+
+
 class LockstepDenoiser:
     """Latents, timesteps and per-chunk schedulers of frames that are denoised step by step together."""
 
-    def __init__(self, pipe, plan: RunPlan, *, references: ReferenceImages | None = None) -> None:
-        """The frames of ``plan`` (its prompts, negatives, seeds, steps, guidance and size: resolved)."""
+    def __init__(
+        self,
+        pipe,
+        plan: RunPlan,
+        *,
+        references: ReferenceImages | None = None,
+        step_hook: StepHook | None = None,
+    ) -> None:
+        """The frames of ``plan`` (its prompts, negatives, seeds, steps, guidance and size: resolved).
+        ``step_hook``: told before and after every denoiser call which frames take which step (``step``
+        is the one place every mode calls the denoiser: automatic subject masks hook in here)."""
+        self.step_hook = step_hook
         settings = plan.settings
         height, width = settings.height, settings.width
         self.pipe, self.prompts, self.negatives = pipe, plan.prompts, plan.negatives
@@ -89,11 +108,14 @@ class LockstepDenoiser:
         index = torch.tensor(frames)
         latents = self.latents[index].to(self.family.device)
         scheduler = self._scheduler(key)
-        noise = self.family.predict(
-            scheduler, latents, t, self._conditioning(frames), self.guidance_scale, self.cfg
-        )
+        conditioning = self._conditioning(frames)
+        if self.step_hook is not None:
+            self.step_hook.before(frames, step)
+        noise = self.family.predict(scheduler, latents, t, conditioning, self.guidance_scale, self.cfg)
         updated = scheduler.step(noise, t, latents, return_dict=False)[0]
         self.latents[index] = updated.to(self.latents.device, self.latents.dtype)
+        if self.step_hook is not None:
+            self.step_hook.after(frames, step)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:

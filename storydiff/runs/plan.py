@@ -213,6 +213,8 @@ class StoryRun:
     resume: bool = False
     progress: Progress = True
     references: ReferenceImages | None = None  # the characters' encoded reference images (ip_adapter.py)
+    # wrapped around every denoiser call (LockstepDenoiser.step_hook): automatic subject masks; None: nothing
+    step_hook: object | None = None
     # filled as frames finish (this rank's); a video family's: each shot's frames
     images: dict[int, Image.Image | list[Image.Image]] = field(default_factory=dict)
 
