@@ -248,3 +248,17 @@ def test_cli_refusals(tmp_path, capsys, model, extra, says):
     err = capsys.readouterr().err.strip()
     assert says in err and "\n" not in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_python_api_refuses_other_families(tmp_path):
+    """A family without subject columns refuses "auto" in one line before the folder is made."""
+    sp = StoryDiffusionPipeline(
+        build_tiny_pipeline("tiny-sd3", progress_bar=False), ConsistencyConfig(seed=1)
+    )
+    try:
+        with pytest.raises(ValueError, match=r"FLUX\.1, not") as refused:
+            sp(STORY, subject_masks="auto", out_dir=tmp_path / "out", **RUN)
+    finally:
+        sp.close()
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "out").exists()
