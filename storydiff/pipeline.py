@@ -522,12 +522,15 @@ class StoryDiffusionPipeline:
     def _check_bounded(
         self, story: Story, settings: RunSettings, masks: SubjectMasks | None, *, auto: bool = False
     ) -> None:
-        """Bounded attention needs masks (given or automatic), bank mode and banks written in this run (their
-        tokens' characters); with one character it only keeps the background apart: said, not refused."""
+        """Bounded attention needs masks (given or automatic), banks written in this run (their tokens'
+        characters) and not the tiled window form; with one character it only keeps the background apart:
+        said, not refused."""
         if masks is None and not auto:
             raise ValueError("bounded attention needs subject masks (--subject-masks DIR)")
-        if settings.mode != "bank":
-            raise InvalidSetting("mode", "bounded attention works in bank mode for now, not window mode")
+        if self.config.tile is not None:
+            raise InvalidSetting(
+                "tile", "the tiled form averages tiles over whole frames: no bounded attention"
+            )
         if self.loaded_banks:
             raise ValueError(
                 "bounded attention needs banks written in this run: loaded banks carry no token characters"

@@ -188,8 +188,6 @@ def _from_flags(args: argparse.Namespace) -> Job:
         _check_auto_masks(args.model, settings)
     if args.bounded and args.subject_masks is None:
         raise ValueError("--bounded needs --subject-masks DIR (which tokens are which character's)")
-    if args.bounded and settings.mode != "bank":
-        raise ValueError("--bounded works in bank mode for now (not --mode window)")
     if args.bounded and banks:
         raise ValueError(
             "--bounded needs banks written in this run: --load-bank banks carry no token characters"

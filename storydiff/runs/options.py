@@ -444,9 +444,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "bounded",
         "consistency",
-        "bank mode with --subject-masks: each character's tokens attend only to the same character's bank "
-        "tokens, background tokens only to background ones (bounded attention; default: off, as the "
-        "official code)",
+        "with --subject-masks: each character's tokens attend only to the same character's borrowed tokens "
+        "(banks, window neighbours), background tokens only to background ones (bounded attention; "
+        "default: off, as the official code)",
         owner="cli",
         field=None,
         action="store_true",

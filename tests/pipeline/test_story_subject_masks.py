@@ -250,8 +250,10 @@ def test_cli_bounded(tmp_path, capsys):
     assert main([*base, "--bounded", "--out", str(tmp_path / "bad")]) == 2
     assert "--bounded needs --subject-masks" in capsys.readouterr().err
     window = [a for a in args if a not in ("--id-frames", "1")]
-    assert main([*window, "--bounded", "--mode", "window", "--out", str(tmp_path / "bad")]) == 2
-    assert "bank mode" in capsys.readouterr().err
+    assert (
+        main([*window, "--bounded", "--mode", "window", "--tile", "2", "--out", str(tmp_path / "bad")]) == 2
+    )
+    assert "--tile" in capsys.readouterr().err  # the tiled form averages whole frames: no bounds
     assert not (tmp_path / "bad").exists()
 
 
