@@ -181,6 +181,8 @@ def _from_flags(args: argparse.Namespace) -> Job:
             )
     files = _model_files(args)
     ip = _reference_images(args, story)
+    if args.subject_masks == "off":  # the default said out loud (a folder called off: ./off)
+        args.subject_masks = None
     auto = args.subject_masks == "auto"  # a folder called auto: ./auto
     if args.subject_masks is not None and not auto and not Path(args.subject_masks).is_dir():
         raise ValueError(f"--subject-masks {args.subject_masks}: no such folder")

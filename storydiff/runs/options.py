@@ -433,11 +433,11 @@ OPTIONS: tuple[Option, ...] = (
         "a folder of subject masks in `storydiff eval --mask-dir`'s layout (mask_NNN.png per frame showing "
         "characters): each frame offers only tokens inside its characters' mask (default: off, whole "
         "frames, as the official code); `auto`: found during the run from cross-attention on each "
-        "character's description (bank mode, UNet models and FLUX.1; step 0 unmasked); kept in the output "
-        "folder's masks/",
+        "character's description (bank mode, UNet models and FLUX.1; step 0 unmasked); `off`: whole frames; "
+        "kept in the output folder's masks/",
         owner="cli",
         field=None,
-        metavar="DIR",
+        metavar="off|auto|DIR",
         default=None,
         metadata="subject_masks",
     ),

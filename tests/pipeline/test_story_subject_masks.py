@@ -249,6 +249,8 @@ def test_cli_bounded(tmp_path, capsys):
     base = args[: args.index("--subject-masks")]
     assert main([*base, "--bounded", "--out", str(tmp_path / "bad")]) == 2
     assert "--bounded needs --subject-masks" in capsys.readouterr().err
+    assert main([*base, "--subject-masks", "off", "--bounded", "--out", str(tmp_path / "bad")]) == 2
+    assert "--bounded needs --subject-masks" in capsys.readouterr().err  # off: no masks
     window = [a for a in args if a not in ("--id-frames", "1")]
     assert (
         main([*window, "--bounded", "--mode", "window", "--tile", "2", "--out", str(tmp_path / "bad")]) == 2
