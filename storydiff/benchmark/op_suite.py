@@ -138,10 +138,12 @@ def wan_cases() -> list[OpCase]:
 
 
 def headline_cases() -> list[OpCase]:
-    """Issue targets: SDXL 1024², 1/16 level, 4 frames x CFG, rate 0.5, at hd64 (10 heads) and hd128."""
+    """Issue targets: SDXL 1024², 1/16 level, 4 frames x CFG, rate 0.5, at hd64 (10 heads) and hd128; and the
+    hd64 case with two characters per frame (bounded attention's segment ids: their cost on a GPU)."""
     return [
         OpCase("sdxl1024-1/16-f4-r0.5", 4, 10, 4096, 64, 0.5),
         OpCase("sdxl1024-1/16-f4-r0.5-hd128", 4, 5, 4096, 128, 0.5),
+        OpCase("sdxl1024-1/16-f4-r0.5-seg2", 4, 10, 4096, 64, 0.5, characters=2),
     ]
 
 
