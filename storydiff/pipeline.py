@@ -203,6 +203,7 @@ class StoryDiffusionPipeline:
         keyframes: Sequence[Image.Image | tuple[Image.Image, Image.Image | None]] | None = None,
         subject_masks: SubjectMasks | Mapping[int, Mapping[str, Any]] | str | Path | None = None,
         bounded: bool = False,
+        background_share: float = 0.0,
         **overrides: Any,
     ) -> StoryResult:
         """Generate every frame of ``story`` (a ``Story``, story text, or a path to a story file).
@@ -257,7 +258,12 @@ class StoryDiffusionPipeline:
             if bounded:
                 self._check_bounded(story, settings, masks, auto=auto)
                 mask_record["bounded"] = True
-            self.state.set_subject_masks(masks, bounded=bounded and not auto)
+            if background_share:
+                if mask_record is None:
+                    raise ValueError("background_share applies with subject masks (--subject-masks)")
+                mask_record["background_share"] = background_share
+            share = background_share  # checked by the state: a number in [0, 1]
+            self.state.set_subject_masks(masks, background_share=share, bounded=bounded and not auto)
             try:
                 return self._run_story(
                     story,
@@ -343,8 +349,9 @@ class StoryDiffusionPipeline:
             extras={
                 **self._reference_summary(reference, adapter),
                 **_keyframe_summary(keyframes),
-                **({} if masks is None else {"subject_masks": masks.digest()}),
-                **({} if columns is None else {"subject_masks": AUTO}),
+                # what the masks are, not where they came from (a resume reads them from masks/)
+                **({} if masks is None else {"subject_masks": _without(mask_record, "source")}),
+                **({} if columns is None else {"subject_masks": mask_record}),
             },
             keyframes=keyframes,
         )
@@ -635,6 +642,10 @@ class StoryDiffusionPipeline:
                     f"the bank of {name!r} does not fit this run: {'; '.join(differences)}; banks are per "
                     "denoising step: read them with the steps, scheduler and guidance they were written with"
                 )
+
+
+def _without(record: dict, key: str) -> dict:
+    return {k: v for k, v in record.items() if k != key}
 
 
 def _keyframe_summary(keyframes) -> dict:

@@ -32,6 +32,7 @@ class Job(NamedTuple):
     ip: dict  # {"adapter": {"weights", "image_encoder", "scale"} or None, "references": {name: image path}}
     masks: str | None = None  # a folder of subject masks (--subject-masks; a resumed run's masks/)
     bounded: bool = False  # --bounded
+    background_share: float = 0.0  # --background-share
 
 
 def register(subparsers, parents: list) -> None:
@@ -102,7 +103,8 @@ def _from_resume(args: argparse.Namespace) -> Job:
             )
         masks = str(Path(args.resume) / "masks")  # the masks the run kept
     bounded = bool(record.subject_masks and record.subject_masks.get("bounded"))
-    return Job(record.model, args.resume, story, settings, config, {}, files, ip, masks, bounded)
+    share = (record.subject_masks or {}).get("background_share", 0.0)
+    return Job(record.model, args.resume, story, settings, config, {}, files, ip, masks, bounded, share)
 
 
 def _warn_no_checkpoint(folder: str, settings, partition) -> None:
@@ -195,8 +197,15 @@ def _from_flags(args: argparse.Namespace) -> Job:
             "--bounded needs banks written in this run: --load-bank banks carry no token characters"
         )
     check_output_folder(args.out, overwrite=bool(args.overwrite))
+    share = 0.0 if args.background_share is None else args.background_share
+    if args.background_share is not None and args.subject_masks is None:
+        raise ValueError("--background-share applies with --subject-masks")
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"--background-share must be a number in [0, 1], got {share}")
     masks = args.subject_masks
-    return Job(args.model, args.out, story, settings, config, banks, files, ip, masks, bool(args.bounded))
+    return Job(
+        args.model, args.out, story, settings, config, banks, files, ip, masks, bool(args.bounded), share
+    )
 
 
 def _warn_ignored(args: argparse.Namespace, settings, config) -> None:
@@ -469,6 +478,7 @@ def _generate(args, job: Job) -> int:
         reference_images=job.ip["references"],
         subject_masks=job.masks,
         bounded=job.bounded,
+        background_share=job.background_share,
     )
     for name, size in result.bank_bytes.items():
         say(f"identity bank of {name!r}: {size / 2**20:.1f} MiB")

@@ -442,6 +442,17 @@ OPTIONS: tuple[Option, ...] = (
         metadata="subject_masks",
     ),
     Option(
+        "background_share",
+        "consistency",
+        "with --subject-masks: the share of each frame's offered tokens drawn outside its characters' masks "
+        "(0..1; default: 0, the subject only)",
+        owner="cli",
+        field=None,
+        parse=float,
+        default=None,
+        metadata="subject_masks",
+    ),
+    Option(
         "bounded",
         "consistency",
         "with --subject-masks: each character's tokens attend only to the same character's borrowed tokens "

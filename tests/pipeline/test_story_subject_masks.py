@@ -289,3 +289,51 @@ def test_eval_measures_identity_on_the_runs_masks(pipe, tmp_path, capsys):
     image = Image.new("RGB", (SIDE, SIDE))
     alice, bob = (np.asarray(kept(image, 2, name)) > 127 for name in ("Alice", "Bob"))
     assert alice[:, : SIDE // 2].all() and not alice[:, SIDE // 2 :].any() and np.array_equal(bob, ~alice)
+
+
+def test_background_share_draws_that_share_outside_the_masks(pipe, monkeypatch, tmp_path, capsys):
+    folder = write_masks(tmp_path / "masks")
+    masks = SubjectMasks.from_folder(folder, FRAME_CHARACTERS, (SIDE, SIDE))
+    seen = []
+    real = state_module.ConsistencyState.frame_reference_indices
+
+    def spy(self, layer, frames, image, device):
+        rows = real(self, layer, frames, image, device)
+        seen.extend(
+            (frame, image[1] - image[0], row - image[0]) for frame, row in zip(frames, rows, strict=True)
+        )
+        return rows
+
+    monkeypatch.setattr(state_module.ConsistencyState, "frame_reference_indices", spy)
+    sp = StoryDiffusionPipeline(pipe, ConsistencyConfig(rate=0.25, seed=1, **NO_SKIP))
+    try:
+        run = {"num_inference_steps": 1, "progress": False, "height": SIDE, "width": SIDE, "id_frames": 1}
+        sp(STORY, subject_masks=str(folder), background_share=0.5, out_dir=tmp_path / "out", **run)
+    finally:
+        sp.close()
+    checked = 0
+    for frame, tokens, row in seen:
+        subject = masks.subject_tokens(frame, tokens)
+        if subject is None or tokens < 64:  # exact shares need enough draws: the 1/8 level (16 of 64)
+            continue
+        outside = (~subject[row.cpu()]).sum().item()
+        assert outside == round(0.5 * row.numel()), (frame, tokens, outside, row.numel())
+        checked += 1
+    assert checked
+    record = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert record["subject_masks"]["background_share"] == 0.5
+    story = tmp_path / "story.txt"
+    story.write_text(STORY)
+    args = [
+        "generate",
+        "--model",
+        "tiny-sd15",
+        "--story",
+        str(story),
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "x"),
+    ]
+    assert main([*args, "--background-share", "0.3"]) == 2
+    assert "--background-share applies with --subject-masks" in capsys.readouterr().err
