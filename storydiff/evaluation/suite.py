@@ -117,6 +117,18 @@ class SuiteConfig:
     def consistency_config(self, settings: RunSettings) -> ConsistencyConfig:
         return consistency_for(settings, self.consistency)
 
+    @property
+    def story_options(self) -> dict:
+        """What the story call takes besides settings (``StoryDiffusionPipeline.__call__``): subject masks
+        (``auto`` only: benchmark sets have no mask folders), bounded attention, the background share."""
+        masks = self.values.get("subject_masks")
+        options = {} if masks in (None, "off") else {"subject_masks": masks}
+        if self.values.get("bounded"):
+            options["bounded"] = True
+        if self.values.get("background_share") is not None:
+            options["background_share"] = self.values["background_share"]
+        return options
+
 
 def parse_config(text: str, base: RunSettings | None = None) -> SuiteConfig:
     """``NAME`` or ``NAME:KEY=VALUE,KEY=VALUE``, each item a flag of `storydiff generate` as it is typed
@@ -170,6 +182,12 @@ def parse_config(text: str, base: RunSettings | None = None) -> SuiteConfig:
             raise ValueError(f"--config {text!r}: {found.key} is given twice")
         else:
             values[found.name] = parsed
+    masks = values.get("subject_masks")
+    if masks not in (None, "off", "auto"):
+        raise ValueError(
+            f"--config {text!r}: subject-masks takes auto or off in a suite (benchmark sets have no mask "
+            f"folders), got {masks!r}"
+        )
     config = SuiteConfig(name, values, text)
     try:
         config.build(base or RunSettings())
@@ -307,7 +325,8 @@ def generate_set(pipe, job: SuiteJob) -> None:
     shutil.rmtree(job.folder / "eval", ignore_errors=True)  # scores of an earlier, unfinished run
     story_pipe = StoryDiffusionPipeline(pipe, job.consistency, model_name=job.model)
     try:
-        story_pipe(job.story, job.settings, out_dir=job.folder, overwrite=True, progress=False)
+        options = job.config.story_options
+        story_pipe(job.story, job.settings, out_dir=job.folder, overwrite=True, progress=False, **options)
     finally:
         story_pipe.close()
 

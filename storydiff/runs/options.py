@@ -440,6 +440,7 @@ OPTIONS: tuple[Option, ...] = (
         metavar="off|auto|DIR",
         default=None,
         metadata="subject_masks",
+        suite=True,
     ),
     Option(
         "background_share",
@@ -451,6 +452,7 @@ OPTIONS: tuple[Option, ...] = (
         parse=float,
         default=None,
         metadata="subject_masks",
+        suite=True,
     ),
     Option(
         "bounded",
@@ -463,6 +465,7 @@ OPTIONS: tuple[Option, ...] = (
         action="store_true",
         default=False,
         metadata="subject_masks",
+        suite=True,
     ),
     Option(
         "level_rate",
