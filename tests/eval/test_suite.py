@@ -318,3 +318,14 @@ def test_other_encoders_rescore_without_regenerating(suite_dir, tmp_path, monkey
     assert comparison["identity_metrics"] == ["clip_i"] and "dino" not in comparison["configs"][0]
     assert "clip_i,clip_t,clip_t_styled" in (out / "comparison.csv").read_text().splitlines()[0]
     capsys.readouterr()
+
+
+def test_configurations_take_subject_masks_and_bounds():
+    from storydiff.evaluation.suite import parse_config
+
+    config = parse_config("masks:subject-masks=auto,bounded,background-share=0.2")
+    assert config.story_options == {"subject_masks": "auto", "bounded": True, "background_share": 0.2}
+    assert parse_config("off:subject-masks=off").story_options == {}
+    assert parse_config("plain:rate=0.5").story_options == {}
+    with pytest.raises(ValueError, match="subject-masks takes auto or off in a suite"):
+        parse_config("folder:subject-masks=masks/")
