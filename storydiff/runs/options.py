@@ -428,46 +428,6 @@ OPTIONS: tuple[Option, ...] = (
         suite=True,
     ),
     Option(
-        "subject_masks",
-        "consistency",
-        "a folder of subject masks in `storydiff eval --mask-dir`'s layout (mask_NNN.png per frame showing "
-        "characters): each frame offers only tokens inside its characters' mask (default: off, whole "
-        "frames, as the official code); `auto`: found during the run from cross-attention on each "
-        "character's description (bank mode, UNet models and FLUX.1; step 0 unmasked); `off`: whole frames; "
-        "kept in the output folder's masks/",
-        owner="cli",
-        field=None,
-        metavar="off|auto|DIR",
-        default=None,
-        metadata="subject_masks",
-        suite=True,
-    ),
-    Option(
-        "background_share",
-        "consistency",
-        "with --subject-masks: the share of each frame's offered tokens drawn outside its characters' masks "
-        "(0..1; default: 0, the subject only)",
-        owner="cli",
-        field=None,
-        parse=float,
-        default=None,
-        metadata="subject_masks",
-        suite=True,
-    ),
-    Option(
-        "bounded",
-        "consistency",
-        "with --subject-masks: each character's tokens attend only to the same character's borrowed tokens "
-        "(banks, window neighbours), background tokens only to background ones (bounded attention; "
-        "default: off, as the official code)",
-        owner="cli",
-        field=None,
-        action="store_true",
-        default=False,
-        metadata="subject_masks",
-        suite=True,
-    ),
-    Option(
         "level_rate",
         "consistency",
         "per-level rate, LEVEL in 8, 16, 32, 64 (official sa32 = 32, sa64 = 16); repeatable",
@@ -519,6 +479,46 @@ OPTIONS: tuple[Option, ...] = (
         suite=True,
     ),
     # -- bank mode
+    Option(
+        "subject_masks",
+        "consistency",
+        "a folder of subject masks in `storydiff eval --mask-dir`'s layout (mask_NNN.png per frame showing "
+        "characters): each frame offers only tokens inside its characters' mask (default: off, whole "
+        "frames, as the official code); `auto`: found during the run from cross-attention on each "
+        "character's description (bank mode, UNet models and FLUX.1; step 0 unmasked); `off`: whole frames; "
+        "kept in the output folder's masks/",
+        owner="cli",
+        field=None,
+        metavar="off|auto|DIR",
+        default=None,
+        metadata="subject_masks",
+        suite=True,
+    ),
+    Option(
+        "background_share",
+        "consistency",
+        "with --subject-masks: the share of each frame's offered tokens drawn outside its characters' masks "
+        "(0..1; default: 0, the subject only)",
+        owner="cli",
+        field=None,
+        parse=float,
+        default=None,
+        metadata="subject_masks",
+        suite=True,
+    ),
+    Option(
+        "bounded",
+        "consistency",
+        "with --subject-masks: each character's tokens attend only to the same character's borrowed tokens "
+        "(banks, window neighbours), background tokens only to background ones (bounded attention; "
+        "default: off, as the official code)",
+        owner="cli",
+        field=None,
+        action="store_true",
+        default=False,
+        metadata="subject_masks",
+        suite=True,
+    ),
     Option(
         "id_frames",
         "bank mode",
