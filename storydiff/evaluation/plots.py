@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["report_figure"]
+__all__ = ["mask_sheet", "report_figure"]
 
 _HEATMAPS_PER_ROW = 4
 _METRIC_LABELS = {"clip_i": "CLIP-I", "dino": "DINO"}
@@ -85,3 +85,40 @@ def _temporal_axes(ax, report: dict) -> None:
     ax.set_title("temporal stability per shot (consecutive frames; ▼ the lowest)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=4)
+
+
+def mask_sheet(items, masks, *, size: int = 128, columns: int = 6):
+    """What the identity encoders saw: each (frame path, frame index, character) of ``items`` with its mask
+    (``masks[(index, character)]``: an "L" image, or None for a whole frame) as an outline in red, beside the
+    frame masked (the masked-out area neutral gray), captioned "frame i: Name"; a PIL image, ``columns``
+    pairs per row. The masks are the ones the encoding pass got: the mask function runs once per item."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    from .masks import NEUTRAL_GRAY
+
+    cells = []
+    for path, index, character in items:
+        with Image.open(path) as opened:
+            whole = opened.convert("RGB").resize((size, size))
+        mask = masks.get((index, character))
+        outlined, masked = whole.copy(), whole
+        if mask is not None:
+            coverage = mask.resize((size, size))
+            outlined.paste(
+                (220, 30, 30),
+                mask=coverage.point(lambda v: 255 if v >= 128 else 0).filter(ImageFilter.FIND_EDGES),
+            )
+            masked = Image.composite(whole, Image.new("RGB", whole.size, NEUTRAL_GRAY), coverage)
+        pair = Image.new("RGB", (2 * size + 4, size + 16), (255, 255, 255))
+        pair.paste(outlined, (0, 16))
+        pair.paste(masked, (size + 4, 16))
+        ImageDraw.Draw(pair).text((2, 2), f"frame {index}: {character}", fill=(0, 0, 0))
+        cells.append(pair)
+    if not cells:
+        raise ValueError("no masked frame to draw")
+    rows = -(-len(cells) // columns)
+    width, height = cells[0].size
+    sheet = Image.new("RGB", (min(columns, len(cells)) * (width + 8), rows * (height + 8)), (255, 255, 255))
+    for k, cell in enumerate(cells):
+        sheet.paste(cell, ((k % columns) * (width + 8), (k // columns) * (height + 8)))
+    return sheet

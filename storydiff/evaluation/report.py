@@ -29,9 +29,10 @@ import torch
 from ..pages.output import StoryOutput
 from ..pages.record import StoryRecord, read_record
 from ..pages.story import parse_story
+from ..support.atomic import atomic_path
 from ..support.progress import Progress
 from .encoders import TINY, ClipEncoder, DinoEncoder
-from .masks import MaskFn, encode_masked, mask_name
+from .masks import MaskFn, encode_masked, mask_coverage, mask_name
 from .metrics import (
     PairSummary,
     block_mean_matrix,
@@ -40,6 +41,7 @@ from .metrics import (
     paired_cosine,
     summarize_pairs,
 )
+from .plots import mask_sheet
 
 if TYPE_CHECKING:
     from .dreamsim import DreamSimEncoder
@@ -519,14 +521,43 @@ def evaluate_story(
             for name, encoder in others.items()
         }
     else:
-        identity = _masked_identity(frames, {"clip_i": clip, **others}, mask_fn, batch_size, progress)
+        seen: dict = {}  # the masks the encoders got, as thumbnails for the overlay sheet
+        identity = _masked_identity(
+            frames, {"clip_i": clip, **others}, _remembering(mask_fn, seen), batch_size, progress
+        )
     sources = {"clip": clip.source, **{name: encoder.source for name, encoder in others.items()}}
     mask = None if mask_fn is None else mask_name(mask_fn)
     report = build_report(
         frames, clip_images, clip_texts, clip_prompts, sources=sources, identity=identity, mask=mask
     )
-    paths = write_report(report, Path(out_dir) if out_dir is not None else frames.root / "eval")
+    folder = Path(out_dir) if out_dir is not None else frames.root / "eval"
+    paths = write_report(report, folder)
+    if mask_fn is not None:  # what the identity encoders saw, beside each frame with its mask outlined
+        items = [
+            (frames.paths[r], frames.indices[r], name)
+            for r, names in enumerate(frames.characters)
+            for name in names
+        ]
+        if items:
+            sheet = folder / "masks.png"
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(sheet) as tmp:
+                mask_sheet(items, seen).save(tmp, format="PNG")
+            paths["masks_png"] = sheet
     return EvalResult(report, paths)
+
+
+def _remembering(mask_fn: MaskFn, seen: dict, size: int = 128) -> MaskFn:
+    """``mask_fn``, keeping a small copy of each mask it returns in ``seen`` by (frame index, character)."""
+
+    def remember(image, index, character):
+        mask = mask_fn(image, index, character)
+        if mask is not None and hasattr(mask, "convert"):
+            seen[(index, character)] = mask_coverage(mask).resize((size, size))
+        return mask
+
+    remember.source = mask_name(mask_fn)  # what the report records
+    return remember
 
 
 def _masked_identity(

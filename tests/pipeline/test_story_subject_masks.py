@@ -281,6 +281,8 @@ def test_eval_measures_identity_on_the_runs_masks(pipe, tmp_path, capsys):
     assert main(["eval", "--clip", "tiny", "--dino", "tiny", str(tmp_path / "run")]) == 0
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
     assert report["mask"] == str(tmp_path / "run" / "masks")
+    with Image.open(tmp_path / "run" / "eval" / "masks.png") as sheet:  # the overlays: one pair per use
+        assert sheet.width > 2 * SIDE and sheet.height > SIDE
     assert main(["eval", "--clip", "tiny", "--dino", "tiny", "--no-masks", str(tmp_path / "run")]) == 0
     assert json.loads((tmp_path / "run" / "eval" / "report.json").read_text())["mask"] is None
     from storydiff.evaluation.masks import MaskDir
