@@ -124,13 +124,14 @@ def _check_auto_masks(model: str, settings) -> None:
     """--subject-masks auto, refused before any model loads where it cannot run: window mode, and models
     whose family the name already tells (reserved names) and that record no masks. Other names are
     checked by the library once loaded, still before the output folder is made."""
+    from ..families.base import auto_masks_refused
     from ..families.registry import family_of_reserved
 
     if settings.mode != "bank":
         raise ValueError("--subject-masks auto works in bank mode for now (not --mode window)")
     family = family_of_reserved(model)
-    if family is not None:
-        family(None).subject_token_columns("", "")
+    if family is not None and not family.records_subject_masks:
+        raise ValueError(auto_masks_refused(family.title))
 
 
 def _from_flags(args: argparse.Namespace) -> Job:

@@ -63,6 +63,8 @@ class Family:
     video: ClassVar[bool] = False
     #: each shot starts from a given image (image-to-video): ``RunPlan.keyframes``
     needs_keyframes: ClassVar[bool] = False
+    #: automatic subject masks (``subject_token_columns``, ``record_subjects``) work on this family
+    records_subject_masks: ClassVar[bool] = False
 
     def __init__(self, pipe) -> None:
         self.pipe = pipe
@@ -72,10 +74,7 @@ class Family:
         """The text-key columns of ``phrase`` (a character's description) inside ``prompt`` as this family's
         denoiser sees the prompt's tokens: what a cross-attention recorder sums over. Families that
         record subject masks override it; the others refuse (ValueError, one line)."""
-        raise ValueError(
-            "automatic subject masks (--subject-masks auto) work with UNet models (SD1.x/2.x, SDXL) and "
-            f"FLUX.1, not {self.title} models: give a folder of masks"
-        )
+        raise ValueError(auto_masks_refused(self.title))
 
     def record_subjects(self, state, recorder) -> Callable[[], None]:
         """Feed ``recorder`` (a ``SubjectAttentionRecorder``) from this family's denoiser calls; returns
@@ -272,6 +271,27 @@ def phrase_columns(tokenizer, prompt: str, phrase: str, max_length: int) -> list
         if ids[start : start + len(wanted)] == wanted:
             return list(range(start, start + len(wanted)))
     return []
+
+
+def auto_masks_refused(title: str) -> str:
+    return (
+        "automatic subject masks (--subject-masks auto) work with UNet models (SD1.x/2.x, SDXL), FLUX.1 and "
+        f"SD3/SD3.5, not {title} models: give a folder of masks"
+    )
+
+
+def observe_subjects(state, recorder) -> Callable[[], None]:
+    """Subject recording on joint text+image hosts (FLUX, SD3): they have no cross-attention to hook, but
+    their consistent processors hand the joint q, k to ``state.attend``, whose ``observer`` the recorder
+    becomes (``SubjectAttentionRecorder.observe``). Returns what undoes it."""
+    if state.observer is not None:
+        raise ValueError("the consistency state already has an observer: one recorder at a time")
+    state.observer = recorder.observe
+
+    def remove() -> None:
+        state.observer = None
+
+    return remove
 
 
 def text_length(pipe, default: int, tokenizer: str) -> int:

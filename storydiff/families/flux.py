@@ -24,7 +24,7 @@ from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProc
 from ..consistency.install import Host
 from ..consistency.rope import RotaryProcessor, Rotation, shift_ids
 from ..support.compat import flux_image_ids, flux_pack, flux_qkv_projections, flux_shift, flux_unpack
-from .base import TransformerFamily, phrase_columns, text_length
+from .base import TransformerFamily, observe_subjects, phrase_columns, text_length
 from .reserved import FLUX
 
 
@@ -34,6 +34,7 @@ class FluxFamily(TransformerFamily):
     pipelines = (FluxPipeline,)
     denoiser_class = FluxTransformer2DModel
     reserved = FLUX
+    records_subject_masks = True
     single_file = "transformer"
     ip_encoder_argument = "image_encoder_pretrained_model_name_or_path"
 
@@ -123,16 +124,7 @@ class FluxFamily(TransformerFamily):
         )
 
     def record_subjects(self, state, recorder) -> Callable[[], None]:
-        """Joint attention has no cross-attention to hook: the consistent processors hand the joint q, k to
-        ``state.attend``, whose ``observer`` the recorder becomes (``SubjectAttentionRecorder.observe``)."""
-        if state.observer is not None:
-            raise ValueError("the consistency state already has an observer: one recorder at a time")
-        state.observer = recorder.observe
-
-        def remove() -> None:
-            state.observer = None
-
-        return remove
+        return observe_subjects(state, recorder)
 
     def predict(self, scheduler, latents, t, conditioning, guidance_scale, cfg):
         embeds, pooled, text_ids, image_ids, *images = conditioning  # images: with_reference_images'

@@ -16,7 +16,7 @@ from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from ..consistency.install import Host
 from ..consistency.processors import BoundProcessor, ConsistentAttnProcessor, head_projections
 from ..support.compat import flux_shift
-from .base import TransformerFamily, guide, text_length
+from .base import TransformerFamily, guide, observe_subjects, phrase_columns, text_length
 from .reserved import SD3
 
 
@@ -26,7 +26,20 @@ class SD3Family(TransformerFamily):
     pipelines = (StableDiffusion3Pipeline,)
     denoiser_class = SD3Transformer2DModel
     reserved = SD3
+    records_subject_masks = True
     single_file = "transformer"
+
+    def subject_token_columns(self, prompt: str, phrase: str) -> list[int]:
+        """Columns of ``phrase`` among the joint sequence's text tokens: SD3's text is CLIP's 77 tokens
+        (CLIP-L and CLIP-G side by side, one BPE: the same positions) then T5's; the CLIP-L positions, BOS
+        at 0, are where the phrase sits from the prompt's first token."""
+        if not phrase:
+            return []
+        tokenizer = self.pipe.tokenizer
+        return phrase_columns(tokenizer, prompt, phrase, tokenizer.model_max_length)
+
+    def record_subjects(self, state, recorder):
+        return observe_subjects(state, recorder)
 
     @classmethod
     def host(cls, denoiser) -> Host:

@@ -39,6 +39,7 @@ class UNetFamily(Family):
     denoiser_class = UNet2DConditionModel
     denoiser_attribute = "unet"
     reserved = TEXT_TO_IMAGE
+    records_subject_masks = True
     supports_reference_images = True
     official_sampler = True
     official_variants = True

@@ -39,7 +39,8 @@ RUN = {"num_inference_steps": 3, "progress": False, "height": SIDE, "width": SID
 
 @pytest.fixture(scope="module")
 def pipes():
-    return {name: build_tiny_pipeline(name, progress_bar=False) for name in ("tiny-sd15", "tiny-flux")}
+    names = ("tiny-sd15", "tiny-flux", "tiny-sd3")
+    return {name: build_tiny_pipeline(name, progress_bar=False) for name in names}
 
 
 def story_pipeline(pipe) -> StoryDiffusionPipeline:
@@ -50,7 +51,7 @@ def frames_of(result) -> list[bytes]:
     return [image.tobytes() for image in result.images]
 
 
-@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-flux"])
+@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-flux", "tiny-sd3"])
 def test_recorder_sees_each_description_per_frame(pipes, monkeypatch, name):
     """set_batch gets, per frame of each call, every character's description tokens in its prompt."""
     batches = []
@@ -67,7 +68,7 @@ def test_recorder_sees_each_description_per_frame(pipes, monkeypatch, name):
         sp(STORY, subject_masks="auto", **RUN)
     finally:
         sp.close()
-    tokenizer = pipe.tokenizer if name == "tiny-sd15" else pipe.tokenizer_2
+    tokenizer = pipe.tokenizer_2 if name == "tiny-flux" else pipe.tokenizer  # SD3: CLIP-L's positions
     story = parse_story(STORY)
     seen = {}
     for frames, subjects in batches:
@@ -208,7 +209,8 @@ def run_cli(tmp_path, model, out, *extra):
 
 
 @pytest.mark.parametrize(
-    ("model", "bounded"), [("tiny-sd15", False), ("tiny-sd15", True), ("tiny-flux", False)]
+    ("model", "bounded"),
+    [("tiny-sd15", False), ("tiny-sd15", True), ("tiny-flux", False), ("tiny-sd3", True)],
 )
 def test_cli_auto_masks(tmp_path, capsys, model, bounded):
     extra = ("--bounded",) if bounded else ()
@@ -237,8 +239,8 @@ def test_cli_auto_masks(tmp_path, capsys, model, bounded):
 @pytest.mark.parametrize(
     ("model", "extra", "says"),
     [
-        ("tiny-sd3", (), "FLUX.1, not"),
-        ("tiny-pixart", (), "FLUX.1, not"),
+        ("tiny-pixart", (), "SD3/SD3.5, not"),
+        ("tiny-wan", (), "SD3/SD3.5, not"),
         ("tiny-sd15", ("--mode", "window"), "bank mode"),
     ],
 )
@@ -253,10 +255,10 @@ def test_cli_refusals(tmp_path, capsys, model, extra, says):
 def test_python_api_refuses_other_families(tmp_path):
     """A family without subject columns refuses "auto" in one line before the folder is made."""
     sp = StoryDiffusionPipeline(
-        build_tiny_pipeline("tiny-sd3", progress_bar=False), ConsistencyConfig(seed=1)
+        build_tiny_pipeline("tiny-pixart", progress_bar=False), ConsistencyConfig(seed=1)
     )
     try:
-        with pytest.raises(ValueError, match=r"FLUX\.1, not") as refused:
+        with pytest.raises(ValueError, match=r"SD3/SD3\.5, not") as refused:
             sp(STORY, subject_masks="auto", out_dir=tmp_path / "out", **RUN)
     finally:
         sp.close()
