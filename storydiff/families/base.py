@@ -275,8 +275,8 @@ def phrase_columns(tokenizer, prompt: str, phrase: str, max_length: int) -> list
 
 def auto_masks_refused(title: str) -> str:
     return (
-        "automatic subject masks (--subject-masks auto) work with UNet models (SD1.x/2.x, SDXL), FLUX.1 and "
-        f"SD3/SD3.5, not {title} models: give a folder of masks"
+        "automatic subject masks (--subject-masks auto) work with UNet models (SD1.x/2.x, SDXL), FLUX.1, "
+        f"SD3/SD3.5 and PixArt-Σ, not {title} models: give a folder of masks"
     )
 
 

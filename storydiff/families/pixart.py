@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
 
+from ..consistency.cross_attention_masks import install_subject_recorder, remove_subject_recorder
 from ..consistency.install import Host
 from ..consistency.processors import ConsistentAttnProcessor
-from .base import TransformerFamily, guide, text_length
+from .base import TransformerFamily, guide, phrase_columns, text_length
 from .reserved import PIXART
 
 
@@ -24,6 +25,7 @@ class PixArtFamily(TransformerFamily):
     pipelines = (PixArtSigmaPipeline,)
     denoiser_class = PixArtTransformer2DModel
     reserved = PIXART
+    records_subject_masks = True
 
     @classmethod
     def host(cls, denoiser) -> Host:
@@ -38,6 +40,19 @@ class PixArtFamily(TransformerFamily):
     @property
     def default_size(self) -> int:
         return self.denoiser.config.sample_size * self.pipe.vae_scale_factor
+
+    def subject_token_columns(self, prompt: str, phrase: str) -> list[int]:
+        """Columns of ``phrase`` among the cross-attention keys: the T5 tokens ``encode`` feeds, no BOS,
+        truncated to the length it pads to (300, or the tokenizer's)."""
+        if not phrase:
+            return []
+        return phrase_columns(self.pipe.tokenizer, prompt, phrase, text_length(self.pipe, 300, "tokenizer"))
+
+    def record_subjects(self, state, recorder):
+        """The recorder's processor on every block's cross-attention ``attn2`` (the T5 padding mask kept:
+        the probability is normalised over the keys PixArt's softmax sees)."""
+        replaced = install_subject_recorder(self.denoiser, recorder)
+        return lambda: remove_subject_recorder(self.denoiser, replaced)
 
     def encode(self, prompts, negatives, cfg, height, width):
         embeds, mask, negative, negative_mask = self.pipe.encode_prompt(

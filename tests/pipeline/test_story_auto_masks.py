@@ -39,7 +39,7 @@ RUN = {"num_inference_steps": 3, "progress": False, "height": SIDE, "width": SID
 
 @pytest.fixture(scope="module")
 def pipes():
-    names = ("tiny-sd15", "tiny-flux", "tiny-sd3")
+    names = ("tiny-sd15", "tiny-flux", "tiny-sd3", "tiny-pixart")
     return {name: build_tiny_pipeline(name, progress_bar=False) for name in names}
 
 
@@ -51,7 +51,7 @@ def frames_of(result) -> list[bytes]:
     return [image.tobytes() for image in result.images]
 
 
-@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-flux", "tiny-sd3"])
+@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-flux", "tiny-sd3", "tiny-pixart"])
 def test_recorder_sees_each_description_per_frame(pipes, monkeypatch, name):
     """set_batch gets, per frame of each call, every character's description tokens in its prompt."""
     batches = []
@@ -210,7 +210,13 @@ def run_cli(tmp_path, model, out, *extra):
 
 @pytest.mark.parametrize(
     ("model", "bounded"),
-    [("tiny-sd15", False), ("tiny-sd15", True), ("tiny-flux", False), ("tiny-sd3", True)],
+    [
+        ("tiny-sd15", False),
+        ("tiny-sd15", True),
+        ("tiny-flux", False),
+        ("tiny-sd3", True),
+        ("tiny-pixart", False),
+    ],
 )
 def test_cli_auto_masks(tmp_path, capsys, model, bounded):
     extra = ("--bounded",) if bounded else ()
@@ -239,8 +245,8 @@ def test_cli_auto_masks(tmp_path, capsys, model, bounded):
 @pytest.mark.parametrize(
     ("model", "extra", "says"),
     [
-        ("tiny-pixart", (), "SD3/SD3.5, not"),
-        ("tiny-wan", (), "SD3/SD3.5, not"),
+        ("tiny-qwen-image", (), "PixArt-Σ, not"),
+        ("tiny-wan", (), "PixArt-Σ, not"),
         ("tiny-sd15", ("--mode", "window"), "bank mode"),
     ],
 )
@@ -255,10 +261,10 @@ def test_cli_refusals(tmp_path, capsys, model, extra, says):
 def test_python_api_refuses_other_families(tmp_path):
     """A family without subject columns refuses "auto" in one line before the folder is made."""
     sp = StoryDiffusionPipeline(
-        build_tiny_pipeline("tiny-pixart", progress_bar=False), ConsistencyConfig(seed=1)
+        build_tiny_pipeline("tiny-qwen-image", progress_bar=False), ConsistencyConfig(seed=1)
     )
     try:
-        with pytest.raises(ValueError, match=r"SD3/SD3\.5, not") as refused:
+        with pytest.raises(ValueError, match=r"PixArt-Σ, not") as refused:
             sp(STORY, subject_masks="auto", out_dir=tmp_path / "out", **RUN)
     finally:
         sp.close()
