@@ -65,9 +65,25 @@ def spawn(worker, world: int, tmp_path: Path, *args) -> None:
     )
 
 
+# frames and masks of the bounded-attention runs: Alice on the left half, Bob on the right
+BOUNDED_FRAMES = [("Alice",), ("Alice", "Bob"), ("Bob",), ("Alice", "Bob")]
+
+
+def bounded_masks(size: tuple[int, int]):
+    from storydiff.consistency.subject_masks import SubjectMasks
+
+    left = torch.zeros(size, dtype=torch.bool)
+    left[:, : size[1] // 2] = True
+    side = {"Alice": left, "Bob": ~left}
+    given = {f: {c: side[c] for c in chars} for f, chars in enumerate(BOUNDED_FRAMES)}
+    return SubjectMasks.from_mapping(given, BOUNDED_FRAMES, size)
+
+
 def window_latents(
-    model: str, active: list[bool], window: int, steps: int, chunk: int, partition=None
+    model: str, active: list[bool], window: int, steps: int, chunk: int, partition=None, bounded=False
 ) -> torch.Tensor:
+    """Window-mode latents of a tiny story; ``bounded``: with ``bounded_masks`` and bounded attention (the
+    story's frames are ``BOUNDED_FRAMES``)."""
     from storydiff.consistency.config import ConsistencyConfig
     from storydiff.families.attach import apply_consistent_attention, remove_consistent_attention
     from storydiff.families.tiny_models import build_tiny_pipeline
@@ -82,19 +98,24 @@ def window_latents(
         settings = RunSettings(mode="window", num_inference_steps=steps, guidance_scale=5.0, chunk_size=chunk)
         prompts = [f"a man with a red scarf, scene {i}" for i in range(frames)]
         plan = RunPlan.from_prompts(prompts, settings, active=active, partition=partition)
+        if bounded:
+            side = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the size run_window uses
+            state.set_subject_masks(bounded_masks((side, side)), bounded=True)
         with batch_invariant_linear():  # ranks batch their blocks only: see there
             return run_window(pipe, state, plan, progress=False)
     finally:
         remove_consistent_attention(pipe)
 
 
-def window_worker(rank, world, rendezvous, out, model, active, window, steps) -> None:
+def window_worker(rank, world, rendezvous, out, model, active, window, steps, bounded=False) -> None:
     from storydiff.runs.distributed import current_partition
 
     join(rank, world, rendezvous)
     try:
         partition = current_partition()
-        latents = window_latents(model, active, window, steps, chunk=len(active), partition=partition)
+        latents = window_latents(
+            model, active, window, steps, chunk=len(active), partition=partition, bounded=bounded
+        )
         start, stop = partition.block(len(active))
         torch.save({"start": start, "latents": latents[start:stop].clone()}, Path(out) / f"rank{rank}.pt")
     finally:

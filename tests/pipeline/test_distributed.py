@@ -109,6 +109,21 @@ def test_window_mode_equals_the_unchunked_single_process_run(model, world, windo
     assert relative_change(chunked, single) >= MIN_RELATIVE_CHANGE
 
 
+def test_bounded_window_mode_over_two_ranks_equals_one_process(tmp_path):
+    """Subject masks and bounded attention in window mode over 2 ranks: each frame's pool segments come
+    from the same seeded draw on every rank (neighbours from the other rank included), so the latents are
+    the one-process run's bit for bit; without masks and bounds they differ (they act)."""
+    active = [True] * 4
+    spawn(window_worker, 2, tmp_path, str(tmp_path), "tiny-sd15", active, 1, 2, True)
+    single = window_latents("tiny-sd15", active, 1, steps=2, chunk=4, bounded=True)
+    for rank in range(2):
+        part = torch.load(tmp_path / f"rank{rank}.pt")
+        start, latents = part["start"], part["latents"]
+        assert torch.equal(latents, single[start : start + len(latents)]), rank
+    unbounded = window_latents("tiny-sd15", active, 1, steps=2, chunk=4)
+    assert relative_change(unbounded, single) >= MIN_RELATIVE_CHANGE
+
+
 def test_bank_mode_over_two_ranks_is_bit_identical(tmp_path):
     """The characters dealt over the ranks, each bank broadcast by its owner (the default; lockstep and
     stored schedules), or every bank recomputed on every rank: the one-process latents (and frames) every
