@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from csa_kernels import consistent_attention
-from csa_kernels.pool import gather_reference_pool, index_tensor, to_device_async
+from csa_kernels.pool import gather_reference_pool, index_tensor
 from csa_kernels.tiled import tiled_consistent_attention
 
 from .modes import attend_rows, lengths_kwarg, offered_keys, plain_attention, rows_kwarg
@@ -214,13 +214,13 @@ class WindowMode:
         ``pool_segments`` — each shared frame's sampled tokens' characters, read through the same seeded
         draw (one per story frame), so neighbours from earlier chunks or other ranks get theirs too."""
         start, stop = self.chunk
-        host = torch.device("cpu")  # made on the host from the seeded draws, then copied: no sync
-        drawn = state.frame_reference_indices(layer, shared, image, host)
-        pool_segments = torch.gather(state.segments(shared, image, tokens, host), 1, drawn).flatten()
-        rows = state.segments(range(start, stop), image, tokens, host).repeat(groups, 1)[readers]
+        # on the device the draws are cached on (the chunk's own call made them there): no host sync
+        drawn = state.frame_reference_indices(layer, shared, image, device)
+        pool_segments = torch.gather(state.segments(shared, image, tokens, device), 1, drawn).flatten()
+        rows = state.segments(range(start, stop), image, tokens, device).repeat(groups, 1)
         return {
-            "segments": to_device_async(rows, device),
-            "pool_segments": to_device_async(pool_segments.repeat(groups), device),
+            "segments": rows.index_select(0, index_tensor(readers, device)),
+            "pool_segments": pool_segments.repeat(groups),
         }
 
     def _offer(self, layer: LayerInfo, pools: list[torch.Tensor], cfg_pass: int | None) -> None:
