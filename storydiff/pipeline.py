@@ -30,7 +30,7 @@ from .consistency.config import ConsistencyConfig, InvalidSetting
 from .consistency.cross_attention_masks import AutoSubjectMasks, SubjectAttentionRecorder
 from .consistency.subject_masks import SubjectMasks
 from .families.attach import apply_consistent_attention, remove_consistent_attention, replaced_layers
-from .families.base import SUPPORTED
+from .families.base import SUPPORTED, auto_masks_refused
 from .families.registry import family_of
 from .models.ip_adapter import (
     ReferenceImages,
@@ -226,12 +226,14 @@ class StoryDiffusionPipeline:
         ``subject_masks``: each frame offers only tokens inside its characters' masks
         (``consistency/subject_masks.py``): a folder in ``storydiff eval --mask-dir``'s layout, a mapping
         frame -> character -> mask, or ``SubjectMasks``; written to ``out_dir/masks/``. None: whole frames.
-        ``"auto"`` (bank mode; UNet models and FLUX.1): found during the run from the cross-attention on
-        each character's description (``cross_attention_masks.AutoSubjectMasks``: step 0 unmasked, then
-        each frame's masks from its maps so far); the final masks are written to ``out_dir/masks/`` and
-        recorded as ``{"source": "auto", ...}``. Such a run cannot be resumed.
-        ``bounded`` (bank mode, with subject masks): each character's tokens attend only to the same
-        character's bank tokens, background tokens only to background ones (StoryBooth's bounded attention).
+        ``"auto"`` (bank mode; UNet models, FLUX.1, SD3/SD3.5, PixArt-Σ): found during the run from the
+        cross-attention on each character's description (``cross_attention_masks.AutoSubjectMasks``:
+        step 0 unmasked, then each frame's masks from its maps so far); the final masks are written to
+        ``out_dir/masks/`` and recorded as ``{"source": "auto", ...}``. Such a run cannot be resumed.
+        ``bounded`` (with subject masks; not the tiled window form): each character's tokens attend only to
+        the same character's borrowed tokens (bank, or window neighbours), background tokens only to
+        background ones (StoryBooth's bounded attention). ``background_share``: the share of each frame's
+        offered tokens drawn outside its masks (default 0).
 
         Frame i starts from noise seeded with ``seed + i``, so a frame's image does not depend on how the
         frames are batched. Errors in the story or the settings are raised before anything is written.
@@ -248,6 +250,8 @@ class StoryDiffusionPipeline:
             settings = settings.replace(shot_frames=shot_frames, fps=self.family.fps(settings))
         # the scheduler and FreeU asked for hold for this run (timesteps, bank signatures), undone after
         auto = isinstance(subject_masks, str) and subject_masks == AUTO
+        if subject_masks is not None and self.family.video:
+            raise ValueError("subject masks apply to image stories (video shots have no mask layout yet)")
         with run_sampler(self.family, settings.scheduler, settings.freeu):
             if auto:
                 columns = self._auto_columns(story, settings, resume)
@@ -262,8 +266,9 @@ class StoryDiffusionPipeline:
                 if mask_record is None:
                     raise ValueError("background_share applies with subject masks (--subject-masks)")
                 mask_record["background_share"] = background_share
-            share = background_share  # checked by the state: a number in [0, 1]
-            self.state.set_subject_masks(masks, background_share=share, bounded=bounded and not auto)
+            self.state.set_subject_masks(  # the state checks the share: a number in [0, 1]
+                masks, background_share=background_share, bounded=bounded and not auto
+            )
             try:
                 return self._run_story(
                     story,
@@ -472,8 +477,6 @@ class StoryDiffusionPipeline:
         them; (None, None) when not given."""
         if given is None:
             return None, None
-        if self.family.video:
-            raise ValueError("subject masks apply to image stories (video shots have no mask layout yet)")
         characters = [frame.characters for frame in story.frames]
         size = (settings.height, settings.width)
         if isinstance(given, SubjectMasks):
@@ -497,9 +500,8 @@ class StoryDiffusionPipeline:
         ``resume``: the masks are the maps accumulated over every step done, which a checkpoint does not
         keep — a resumed run could not recompute them identically, so it is refused rather than resumed
         differently."""
-        if self.family.video:
-            raise ValueError("subject masks apply to image stories (video shots have no mask layout yet)")
-        self.family.subject_token_columns("", "")  # a family without recording refuses here
+        if not self.family.records_subject_masks:
+            raise ValueError(auto_masks_refused(self.family.title))
         if resume:
             raise ValueError(
                 "a run with automatic subject masks cannot be resumed: its masks are accumulated from every "

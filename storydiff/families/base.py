@@ -294,6 +294,16 @@ def observe_subjects(state, recorder) -> Callable[[], None]:
     return remove
 
 
+def video_vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Decode (B, C, T, h, w) latents of a video VAE that normalises them per channel (Wan's, Qwen-Image's:
+    ``latents_mean``, ``latents_std`` in its config), as their pipelines do."""
+    config = vae.config
+    mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents)
+    std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latents)  # as theirs
+    with torch.no_grad():
+        return vae.decode((latents / std + mean).to(vae.dtype), return_dict=False)[0]
+
+
 def text_length(pipe, default: int, tokenizer: str) -> int:
     """The T5 sequence length the stock pipeline pads to, capped by its tokenizer's (tiny models: 77)."""
     return min(default, getattr(pipe, tokenizer).model_max_length)

@@ -32,7 +32,7 @@ from ..consistency.install import Host
 from ..consistency.rope import RotaryProcessor, Rotation
 from ..consistency.state import ConsistencyState, LayerInfo
 from ..support.compat import flux_pack, flux_shift, flux_unpack
-from .base import TransformerFamily
+from .base import TransformerFamily, video_vae_decode
 
 TINY = ("tiny-qwen-image",)
 
@@ -117,13 +117,8 @@ class QwenImageFamily(TransformerFamily):
         return combined * (cond_norm / torch.norm(combined, dim=-1, keepdim=True))
 
     def decode(self, latent: torch.Tensor, height: int, width: int):
-        vae = self.pipe.vae
         latents = flux_unpack(self.pipe, latent[None].to(self.device), height, width)  # (1, C, 1, h, w)
-        config = vae.config
-        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents)
-        std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latents)
-        with torch.no_grad():
-            image = vae.decode((latents / std + mean).to(vae.dtype), return_dict=False)[0][:, :, 0]
+        image = video_vae_decode(self.pipe.vae, latents)[:, :, 0]
         return self.pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 

@@ -35,7 +35,7 @@ from PIL import Image
 from ..consistency.install import Host, installed_state
 from ..consistency.rope import RotaryProcessor, Rotation, reposition_for
 from ..consistency.state import COND, ConsistencyState, LayerInfo
-from .base import TransformerFamily, text_length
+from .base import TransformerFamily, text_length, video_vae_decode
 
 # a shot offers rate x T·h·w tokens to every other shot (32,760 tokens a shot at 480p / 81 frames): 0.1
 # keeps a 3-shot pool at 6,552 keys, a fifth of a shot's own; images default to 0.5 of ~4,096
@@ -218,13 +218,7 @@ class WanFamily(TransformerFamily):
 
     def decode(self, latent: torch.Tensor, height: int, width: int) -> list[Image.Image]:
         """One shot's final latent (C, T, h, w) → its video frames."""
-        vae = self.pipe.vae
-        latents = latent[None].to(self.device, vae.dtype)
-        config = vae.config
-        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents)
-        std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latents)
-        with torch.no_grad():
-            video = vae.decode(latents / std + mean, return_dict=False)[0]
+        video = video_vae_decode(self.pipe.vae, latent[None].to(self.device, self.pipe.vae.dtype))
         return self.pipe.video_processor.postprocess_video(video, output_type="pil")[0]
 
 
@@ -232,7 +226,7 @@ def clean_prompts_without_ftfy() -> None:
     """diffusers' Wan I2V pipeline cleans prompts with ``ftfy.fix_text`` whether or not ftfy is installed
     (its T2V pipeline only when it is), so without the package every I2V prompt fails with a NameError.
     Without ftfy the I2V pipeline gets the T2V pipeline's behaviour: text as given (ftfy repairs mojibake,
-    which well-formed UTF-8 prompts do not have). ``pip install ftfy`` (the [video] extra) restores it."""
+    which well-formed UTF-8 prompts do not have). ``pip install ftfy`` (the [wan] extra) restores it."""
     from diffusers.pipelines.wan import pipeline_wan_i2v
 
     if not hasattr(pipeline_wan_i2v, "ftfy"):
