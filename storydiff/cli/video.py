@@ -88,14 +88,14 @@ def register(subparsers, parents: list) -> None:
     parser.add_argument(
         "--motion-bucket-id",
         type=int,
-        default=127,
-        help="SVD's amount-of-motion condition (default: %(default)s)",
+        default=None,
+        help="SVD's amount-of-motion condition (default: 127)",
     )
     parser.add_argument(
         "--noise-aug-strength",
         type=float,
-        default=0.02,
-        help="noise SVD adds to the conditioning image (default: %(default)s)",
+        default=None,
+        help="noise SVD adds to the conditioning image (default: 0.02)",
     )
     parser.add_argument(
         "--decode-chunk-size",
@@ -156,23 +156,29 @@ def run(args: argparse.Namespace) -> int:
         return fail(
             f"{flag} applies to Wan image-to-video models; Stable Video Diffusion always makes transitions"
         )
-    if args.fps is None:
-        args.fps = 7
+    # SVD's defaults (None until here: given to a Wan model, these flags are refused, not ignored)
+    defaults = {"fps": 7, "motion_bucket_id": 127, "noise_aug_strength": 0.02}
+    for name, default in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     return run_svd(args)
 
 
 def run_wan(args: argparse.Namespace) -> int:
     """Shots (or transitions) of a Wan I2V model from the story's frames: one story run, consistent."""
-    from ..consistency.config import ConsistencyConfig, InvalidSetting
-    from ..models.loading import ModelLoadError, load_pipeline
+    from ..consistency.config import ConsistencyConfig
+    from ..models.loading import load_pipeline
     from ..motion.keyframe_video import keyframe_story, transition_story
     from ..pipeline import StoryDiffusionPipeline
     from ..runs.settings import RunSettings
     from ..support.progress import default_progress
 
-    svd_only = {"--predictor": args.predictor, "--decode-chunk-size": args.decode_chunk_size}
-    svd_only["--motion-bucket-id"] = args.motion_bucket_id if args.motion_bucket_id != 127 else None
-    svd_only["--noise-aug-strength"] = args.noise_aug_strength if args.noise_aug_strength != 0.02 else None
+    svd_only = {
+        "--predictor": args.predictor,
+        "--decode-chunk-size": args.decode_chunk_size,
+        "--motion-bucket-id": args.motion_bucket_id,
+        "--noise-aug-strength": args.noise_aug_strength,
+    }
     given = [flag for flag, value in svd_only.items() if value is not None]
     if given:
         return fail(f"{given[0]} applies to Stable Video Diffusion, not Wan models")
@@ -192,7 +198,7 @@ def run_wan(args: argparse.Namespace) -> int:
             fps=args.fps,
             style="none",  # the keyframes have their style already; the story's prompts describe them
         )
-        config = ConsistencyConfig() if args.rate is None else ConsistencyConfig(rate=args.rate)
+        config = ConsistencyConfig(rate=args.rate)  # None: the model's (Wan: 0.1)
         pipe = load_pipeline(args.model, device=device, dtype=resolve_dtype(args.dtype))
         story_pipe = StoryDiffusionPipeline(pipe, config, model_name=args.model)
         if not story_pipe.family.needs_keyframes:
@@ -211,7 +217,7 @@ def run_wan(args: argparse.Namespace) -> int:
             keyframes=keyframes,
             progress=default_progress(),
         )
-    except (FileNotFoundError, FileExistsError, ValueError, InvalidSetting, ModelLoadError) as exc:
+    except (OSError, ValueError) as exc:  # ModelLoadError and InvalidSetting are ValueErrors
         return fail(str(exc))
     what = "transition clips" if args.transitions else "shots"
     print(f"{len(result.images)} {what}, the story video and storyboard written to {result.out_dir}")

@@ -123,9 +123,10 @@ def test_keyframe_story_is_the_image_story(image_story):
         (["--model", "tiny-wan"], "storydiff generate"),
         (["--model", "tiny-svd", "--transitions"], "--transitions applies to Wan"),
         (["--model", "tiny-wan2.2-i2v", "--predictor", "p"], "--predictor applies to Stable Video Diffusion"),
+        (["--model", "tiny-wan2.2-i2v", "--motion-bucket-id", "127"], "--motion-bucket-id applies to Stable"),
         (["--model", "tiny-wan2.2-i2v", "--frames", "6"], "4k+1"),
     ],
-    ids=["i2v-cannot-end", "text-to-video", "svd-transitions", "svd-flag", "frames"],
+    ids=["i2v-cannot-end", "text-to-video", "svd-transitions", "svd-flag", "svd-default-value", "frames"],
 )
 def test_refusals(image_story, tmp_path, capsys, args, message):
     assert video(image_story, tmp_path / "out", *args) == 2
