@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..pages.output import StoryOutput
+from ..pages.output import SHOTS_DIR, StoryOutput, shot_frame_path
 from ..pages.record import StoryRecord, read_record
 from ..pages.story import parse_story
 from ..support.atomic import atomic_path
@@ -65,15 +65,11 @@ TINY_NOTE = "tiny random encoders: these numbers only test the plumbing and mean
 # Face similarity is measured only on the frames where a face is found: its own pairs, with the count.
 FACE = "face"
 Embeddings = torch.Tensor | np.ndarray
-# A video story's frames (the layout its output folder is written in): shots/shot_000/frame_0000.png, ...
-SHOTS_DIR = "shots"
+
+
+# A video story's frames are in its output folder's layout (``pages.output.shot_frame_path``).
 #: frames sampled per shot for a video story's identity and CLIP-T: first, middle, last
 DEFAULT_SHOT_SAMPLES = 3
-
-
-def shot_frame_path(root: str | os.PathLike, shot: int, frame: int) -> Path:
-    """Video frame ``frame`` of shot ``shot`` (story frame ``shot``) of a video story folder."""
-    return Path(root) / SHOTS_DIR / f"shot_{shot:03d}" / f"frame_{frame:04d}.png"
 
 
 def sample_positions(frames: int, samples: int) -> list[int]:

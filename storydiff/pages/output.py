@@ -45,6 +45,7 @@ __all__ = [
     "lock_holder",
     "read_metadata",
     "save_image",
+    "shot_frame_path",
 ]
 
 LOCK = "run.lock"
@@ -248,6 +249,14 @@ class RunLock:
         self.release()
 
 
+SHOTS_DIR = "shots"  # a video story's shots
+
+
+def shot_frame_path(root: str | os.PathLike, shot: int, frame: int) -> Path:
+    """Video frame ``frame`` of shot ``shot`` (story frame ``shot``) in a video story folder."""
+    return Path(root) / SHOTS_DIR / f"shot_{shot:03d}" / f"frame_{frame:04d}.png"
+
+
 def read_metadata(root: str | os.PathLike) -> dict:
     """A run folder's ``metadata.json`` as a dict (``StoryRecord.to_dict``), for scripts; storydiff's own
     readers use :func:`~storydiff.pages.record.read_record`. RecordError (a ValueError) if unreadable."""
@@ -350,7 +359,7 @@ class StoryOutput:
         if not self.resume:  # an overwritten run must not keep frames of the previous story
             for stale in [*self.frames_dir.glob("frame_*.png"), *self.pages_dir.glob("page_*.png")]:
                 stale.unlink()
-            shots = self.root / "shots"
+            shots = self.root / SHOTS_DIR
             if shots.is_dir():  # a video story's shots (folders of frames, and their videos)
                 shutil.rmtree(shots)
             for stale in self.root.glob("story.*"):
@@ -365,7 +374,7 @@ class StoryOutput:
         return save_image(image, self.frame_path(index))
 
     def shot_dir(self, index: int) -> Path:
-        return self.root / "shots" / f"shot_{index:03d}"
+        return shot_frame_path(self.root, index, 0).parent
 
     def save_shot(self, index: int, frames: list[Image.Image], fps: float) -> Path:
         """A video story's shot: every frame as ``shots/shot_NNN/frame_NNNN.png`` (lossless, what eval
@@ -375,7 +384,7 @@ class StoryOutput:
         folder = self.shot_dir(index)
         folder.mkdir(parents=True, exist_ok=True)
         for number, frame in enumerate(frames):
-            save_image(frame, folder / f"frame_{number:04d}.png")
+            save_image(frame, shot_frame_path(self.root, index, number))
         self.save_frame(index, frames[0])
         write_video(frames, folder.parent, folder.name, fps)
         return folder
