@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..pages.output import frame_path
 from ..pages.record import read_record
 from ..pages.story import NO_CHARACTER, Frame, Story, parse_story, story_source
 
@@ -35,11 +36,16 @@ def read_image_story(story_dir: str | os.PathLike) -> tuple[Story, list[Image.Im
     if record.settings.get("shot_frames") is not None:
         raise ValueError(f"{root} holds a video story already; animate an image story")
     story = parse_story(record.story_text)
-    paths = [root / "frames" / f"frame_{frame.index:03d}.png" for frame in story.frames]
+    paths = [frame_path(root, frame.index) for frame in story.frames]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"the story in {root} lacks frame image(s): {', '.join(missing[:3])}")
-    return story, [Image.open(p).convert("RGB") for p in paths]
+    return story, [_read_rgb(path) for path in paths]
+
+
+def _read_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as opened:  # read now: the file closes here
+        return opened.convert("RGB")
 
 
 def keyframe_story(story_dir: str | os.PathLike) -> tuple[Story, list[tuple[Image.Image, None]]]:

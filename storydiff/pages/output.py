@@ -42,6 +42,7 @@ __all__ = [
     "RunLock",
     "StoryOutput",
     "check_output_folder",
+    "frame_path",
     "lock_holder",
     "read_metadata",
     "save_image",
@@ -249,6 +250,11 @@ class RunLock:
         self.release()
 
 
+def frame_path(root: str | os.PathLike, index: int) -> Path:
+    """Story frame ``index``'s image in a story folder (a video story's: its shot's first frame)."""
+    return Path(root) / "frames" / f"frame_{index:03d}.png"
+
+
 SHOTS_DIR = "shots"  # a video story's shots
 
 
@@ -368,7 +374,7 @@ class StoryOutput:
         self.record.write(self.root / METADATA)
 
     def frame_path(self, index: int) -> Path:
-        return self.frames_dir / f"frame_{index:03d}.png"
+        return frame_path(self.root, index)
 
     def save_frame(self, index: int, image: Image.Image) -> Path:
         return save_image(image, self.frame_path(index))
