@@ -13,6 +13,7 @@ Either mode can take a reference image per character (UNet models and FLUX, thro
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import platform
 import time
@@ -51,6 +52,7 @@ from .runs.checkpoint import checkpoint_name
 from .runs.distributed import (
     Partition,
     current_partition,
+    gather_to_all,
     gather_to_leader,
     leader_first,
 )
@@ -226,10 +228,11 @@ class StoryDiffusionPipeline:
         ``subject_masks``: each frame offers only tokens inside its characters' masks
         (``consistency/subject_masks.py``): a folder in ``storydiff eval --mask-dir``'s layout, a mapping
         frame -> character -> mask, or ``SubjectMasks``; written to ``out_dir/masks/``. None: whole frames.
-        ``"auto"`` (bank mode; UNet models, FLUX.1, SD3/SD3.5, PixArt-Σ): found during the run from the
+        ``"auto"`` (every family; both modes, over ranks, resumed): found during the run from the
         cross-attention on each character's description (``cross_attention_masks.AutoSubjectMasks``:
-        step 0 unmasked, then each frame's masks from its maps so far); the final masks are written to
-        ``out_dir/masks/`` and recorded as ``{"source": "auto", ...}``. Such a run cannot be resumed.
+        step 0 unmasked, then each frame's masks from its maps up to the step before); the final masks are
+        written to ``out_dir/masks/`` and recorded as ``{"source": "auto", ...}``; checkpoints keep the
+        maps, so a resumed run continues them.
         ``bounded`` (with subject masks; not the tiled window form): each character's tokens attend only to
         the same character's borrowed tokens (bank, or window neighbours), background tokens only to
         background ones (StoryBooth's bounded attention). ``background_share``: the share of each frame's
@@ -250,8 +253,6 @@ class StoryDiffusionPipeline:
             settings = settings.replace(shot_frames=shot_frames, fps=self.family.fps(settings))
         # the scheduler and FreeU asked for hold for this run (timesteps, bank signatures), undone after
         auto = isinstance(subject_masks, str) and subject_masks == AUTO
-        if subject_masks is not None and self.family.video:
-            raise ValueError("subject masks apply to image stories (video shots have no mask layout yet)")
         with run_sampler(self.family, settings.scheduler, settings.freeu):
             if auto:
                 columns = self._auto_columns(story, settings, resume)
@@ -401,11 +402,18 @@ class StoryDiffusionPipeline:
         auto, remove_recorder = None, None
         try:
             run = StoryRun(plan, self.family, self.state, output, resume, progress)
-            run.references = self._encode_references(story, reference, adapter)
+            masked = masks is not None or columns is not None  # subject masks, given or automatic
+            run.references = self._encode_references(story, reference, adapter, masked=masked)
             if columns is not None:  # automatic masks: recorded from this run's cross-attention
                 recorder = SubjectAttentionRecorder((settings.height, settings.width))
                 frame_characters = [f.characters for f in story.frames]
-                auto = AutoSubjectMasks(self.state, recorder, frame_characters, columns, bounded=bounded)
+                # window mode over ranks: every rank steps together and reads other ranks' frames
+                share = None
+                if partition.distributed and settings.mode == "window":
+                    share = functools.partial(gather_to_all, partition)
+                auto = AutoSubjectMasks(
+                    self.state, recorder, frame_characters, columns, bounded=bounded, share=share
+                )
                 remove_recorder = self.family.record_subjects(self.state, recorder)
                 run.step_hook = auto
             if settings.mode == "bank":
@@ -418,7 +426,7 @@ class StoryDiffusionPipeline:
             if output is not None:  # every rank's frames are on disk now: the checkpoints are done with
                 output.root.joinpath(checkpoint_name(partition)).unlink(missing_ok=True)
             if auto is not None:  # the masks each frame ended with: kept, recorded, as given ones are
-                found = auto.current()
+                found = auto.from_latest(gather_to_all(partition, auto.latest()))  # every rank's frames
                 mask_record = {**mask_record, "sha256": found.digest()}
                 metadata["subject_masks"] = mask_record
                 if output is not None and partition.leader:
@@ -495,22 +503,13 @@ class StoryDiffusionPipeline:
         frame's styled prompt as the family's tokenizer gives it (``Family.subject_token_columns``; other
         families refuse in one line). A description truncated away gets no columns there, with a warning.
 
-        Refused: video families, window mode and runs over several processes (the masks are per frame and
-        refined per step in bank mode; window chunks and other ranks' frames are not wired to them yet), and
-        ``resume``: the masks are the maps accumulated over every step done, which a checkpoint does not
-        keep — a resumed run could not recompute them identically, so it is refused rather than resumed
-        differently."""
+        Both modes, both bank schedules, over several ranks and resumed (lockstep checkpoints keep the
+        maps: ``AutoSubjectMasks.state_dict``)."""
         if not self.family.records_subject_masks:
             raise ValueError(auto_masks_refused(self.family.title))
-        if resume:
-            raise ValueError(
-                "a run with automatic subject masks cannot be resumed: its masks are accumulated from every "
-                "step's cross-attention, which the checkpoint does not keep; run it again"
-            )
-        if settings.mode != "bank":
-            raise InvalidSetting("mode", "automatic subject masks work in bank mode for now, not window mode")
-        if current_partition().distributed:
-            raise ValueError("automatic subject masks run in one process for now (not over several ranks)")
+        # a processor the recorder cannot record through is refused now, before the output folder exists:
+        # recording is installed and removed once here (the run installs it again for real)
+        self.family.record_subjects(self.state, SubjectAttentionRecorder((settings.height, settings.width)))()
         columns = []
         for frame in story.frames:
             prompt, _ = apply_style(story.prompt(frame), settings.style, settings.negative_prompt)
@@ -591,15 +590,21 @@ class StoryDiffusionPipeline:
         return pairs
 
     def _encode_references(
-        self, story: Story, reference: dict, adapter: dict | None
+        self, story: Story, reference: dict, adapter: dict | None, *, masked: bool = False
     ) -> ReferenceImages | None:
         """Each character's reference image encoded once; None without images (with an adapter loaded,
-        LockstepDenoiser then masks every image out)."""
+        LockstepDenoiser then masks every image out). ``masked`` (the run has subject masks, given or
+        automatic): each image applies inside its character's subject mask, read from the state at every
+        denoiser call — automatic masks are swapped into it step by step (``ReferenceImages``)."""
         if adapter is None or not reference:
             return None
         pictures = {name: image for name, (image, _) in reference.items()}
         frame_characters = [f.characters for f in story.frames]
-        return ReferenceImages.encode(self.pipe, pictures, frame_characters, self.family.device)
+        state = self.state
+        source = (lambda: state.subject_masks) if masked else None
+        return ReferenceImages.encode(
+            self.pipe, pictures, frame_characters, self.family.device, subject_masks=source
+        )
 
     @staticmethod
     def _reference_summary(reference: dict, adapter: dict | None) -> dict:

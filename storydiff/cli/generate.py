@@ -66,11 +66,6 @@ def _from_resume(args: argparse.Namespace) -> Job:
     check_output_folder(args.resume, resume=True)
     needs = ("model", "story_text", "settings", "consistency")
     record = read_record(args.resume, need=needs, purpose="a resume")
-    if (record.subject_masks or {}).get("source") == "auto":  # refused first: nothing else matters
-        raise ValueError(
-            f"{args.resume} was made with --subject-masks auto: its masks are accumulated from every "
-            "step's cross-attention, which the checkpoint does not keep; run it again"
-        )
     try:
         settings = RunSettings.from_dict(record.settings)
         config = ConsistencyConfig.from_dict(record.consistency)
@@ -96,7 +91,9 @@ def _from_resume(args: argparse.Namespace) -> Job:
     check_resume_world(args.resume, partition.world)  # before any model loads
     _warn_no_checkpoint(args.resume, settings, partition)
     masks = None
-    if record.subject_masks is not None:
+    if (record.subject_masks or {}).get("source") == "auto":  # found again: the checkpoint keeps the maps
+        masks = "auto"
+    elif record.subject_masks is not None:
         if record.subject_masks.get("source") == "python":
             raise ValueError(
                 f"{args.resume} was made with subject masks given from Python; resume it from Python"
@@ -120,15 +117,13 @@ def _warn_no_checkpoint(folder: str, settings, partition) -> None:
         )
 
 
-def _check_auto_masks(model: str, settings) -> None:
-    """--subject-masks auto, refused before any model loads where it cannot run: window mode, and models
-    whose family the name already tells (reserved names) and that record no masks. Other names are
-    checked by the library once loaded, still before the output folder is made."""
+def _check_auto_masks(model: str) -> None:
+    """--subject-masks auto, refused before any model loads where it cannot run: models whose family the
+    name already tells (reserved names) and that record no masks. Other names are checked by the library
+    once loaded, still before the output folder is made."""
     from ..families.base import auto_masks_refused
     from ..families.registry import family_of_reserved
 
-    if settings.mode != "bank":
-        raise ValueError("--subject-masks auto works in bank mode for now (not --mode window)")
     family = family_of_reserved(model)
     if family is not None and not family.records_subject_masks:
         raise ValueError(auto_masks_refused(family.title))
@@ -190,7 +185,7 @@ def _from_flags(args: argparse.Namespace) -> Job:
     if args.subject_masks is not None and not auto and not Path(args.subject_masks).is_dir():
         raise ValueError(f"--subject-masks {args.subject_masks}: no such folder")
     if auto:
-        _check_auto_masks(args.model, settings)
+        _check_auto_masks(args.model)
     if args.bounded and args.subject_masks is None:
         raise ValueError("--bounded needs --subject-masks DIR (which tokens are which character's)")
     if args.bounded and banks:

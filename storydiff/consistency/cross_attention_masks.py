@@ -20,7 +20,9 @@ by Otsu's method (:func:`otsu_threshold`), and resized to every other level by `
 :class:`SubjectRecordingProcessor` is a plain diffusers processor for cross-attention (UNet ``attn2``,
 ``AttnProcessor2_0``'s math, so its output is the stock output) that feeds a recorder;
 :func:`install_subject_recorder` puts it on a denoiser's cross-attention layers and returns what to restore.
-Joint text+image hosts (FLUX, SD3, Qwen-Image) need no processor of their own: their consistent
+An IP-Adapter's cross-attention processor is recorded through, not replaced
+(:class:`IPAdapterRecordingProcessor`: its own output, the text keys recorded). Joint text+image hosts
+(FLUX, SD3, Qwen-Image) need no processor of their own: their consistent
 processors hand q and k of the joint sequence to ``ConsistencyState.attend``, and
 :meth:`SubjectAttentionRecorder.observe`, as the state's ``observer``, records the image rows' queries
 against the whole joint key sequence.
@@ -211,13 +213,22 @@ class SubjectAttentionRecorder:
         scale: float | None = None,
         bias: torch.Tensor | None = None,
         text_offset: int = 0,
+        latent_frames: int = 1,
     ) -> bool:
         """Add one layer call: ``query`` (B, H, N, D) image queries, ``key`` (B, H, L, D) every key of the
         host's softmax, ``scale`` / ``bias`` as the host's (``subject_probability``); the prompt's tokens
         start at key ``text_offset`` (joint sequences). Returns whether it was recorded (active, at the
-        recorder's level, characters in the batch)."""
+        recorder's level, characters in the batch).
+
+        ``latent_frames`` > 1: each row is a video shot whose N = latent_frames·h·w queries are that many
+        latent frames of the level's grid, row-major over (t, h, w) (Wan). A shot gets ONE 2D map, as its
+        masks are one per shot: the probability is averaged over its latent frames (after the heads), so
+        a call adds one (h·w,) map per (shot, character) as an image's call does. The caller says T: a
+        token count alone cannot (4 latent frames of a 4x4 grid are one 8x8 grid's tokens)."""
+        if isinstance(latent_frames, bool) or not isinstance(latent_frames, int) or latent_frames < 1:
+            raise ValueError(f"latent_frames must be an int >= 1, got {latent_frames!r}")
         tokens = self.grid[0] * self.grid[1]
-        if not self.active or query.shape[2] != tokens or not any(self.subjects):
+        if not self.active or query.shape[2] != latent_frames * tokens or not any(self.subjects):
             return False
         count = len(self.frames)
         if count == 0 or query.shape[0] % count:
@@ -241,6 +252,8 @@ class SubjectAttentionRecorder:
         prob = subject_probability(query[rows], key[rows], columns, scale=scale, bias=bias, block=self.block)
         # heads aggregated, [F, C, N]; kept where the call ran (no copy to the host per layer call)
         per_token = prob.mean(dim=2).to(torch.float64)
+        if latent_frames > 1:  # [F, C, T·h·w] -> [F, C, h·w]: a shot's latent frames averaged
+            per_token = per_token.unflatten(2, (latent_frames, tokens)).mean(dim=2)
         for i, per_character in enumerate(self.subjects):
             for character in per_character:
                 entry = (self.frames[i], character)
@@ -367,6 +380,110 @@ class SubjectRecordingProcessor:
 
 #: the processors a recorder may replace: the stock ones, whose math ``SubjectRecordingProcessor`` repeats
 STOCK_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "SubjectRecordingProcessor")
+#: IP-Adapter processors a recorder records through (``IPAdapterRecordingProcessor``), by the scale of their
+#: text branch's scores: None, SDPA's default (``head_dim ** -0.5``); "attn", the module's ``attn.scale``
+#: (``get_attention_scores``)
+IP_ADAPTER_PROCESSORS: dict[str, str | None] = {
+    "IPAdapterAttnProcessor2_0": None,
+    "IPAdapterAttnProcessor": "attn",
+}
+
+
+def prompt_query_key(
+    processor,
+    attn,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states,
+    attention_mask: torch.Tensor | None = None,
+    temb: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(query (B, H, N, D), key (B, H, L, D), bias or None) of an IP-Adapter processor's **text** branch, as
+    diffusers' ``IPAdapterAttnProcessor2_0`` / ``IPAdapterAttnProcessor`` compute them: the image tokens are
+    split off ``encoder_hidden_states`` first (a (text, images) tuple, or the deprecated tensor whose last
+    ``processor.num_tokens[0]`` tokens are the image's), then spatial / group norm, ``to_q``, ``norm_cross``
+    on the text, ``to_k``, and the attention mask prepared for the text length (their math: no
+    ``norm_q`` / ``norm_k``)."""
+    if isinstance(encoder_hidden_states, tuple):
+        text = encoder_hidden_states[0]
+    else:
+        text = encoder_hidden_states[:, : encoder_hidden_states.shape[1] - processor.num_tokens[0]]
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if hidden_states.ndim == 4:
+        batch, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+    batch, length, _ = text.shape
+    bias = None
+    if attention_mask is not None:
+        bias = attn.prepare_attention_mask(attention_mask, length, batch)
+        bias = bias.view(batch, attn.heads, -1, bias.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    if attn.norm_cross:
+        text = attn.norm_encoder_hidden_states(text)
+    key = attn.to_k(text)
+    head_dim = key.shape[-1] // attn.heads
+    query, key = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key))
+    return query, key, bias
+
+
+class IPAdapterRecordingProcessor(torch.nn.Module):
+    """Records through an IP-Adapter's cross-attention processor (``IP_ADAPTER_PROCESSORS``): the output is
+    the wrapped processor's own call, unchanged (bit for bit: it runs as it would without the recorder), and
+    the recorder gets the query and the **text** keys (:func:`prompt_query_key`, one extra ``to_q`` /
+    ``to_k`` on the recorded level only).
+
+    Why the text keys only: an IP-Adapter adds ``scale · softmax(q·k_imageᵀ)·v_image`` to the text
+    attention — a *separate* softmax over the image tokens. The text branch's softmax, whose probability on
+    a character's words the masks are made of, is normalised over the prompt's keys alone, exactly the
+    stock cross-attention's; adding the image keys to the denominator would describe a softmax the host
+    never computes.
+
+    A ``torch.nn.Module`` holding the wrapped processor, so its ``to_k_ip`` / ``to_v_ip`` weights stay in
+    the denoiser's module tree while it is installed (device moves, offload hooks). Its ``__call__`` names
+    ``scale`` and ``ip_adapter_masks``: diffusers' ``Attention.forward`` passes on only the keyword
+    arguments a processor's signature names."""
+
+    def __init__(self, recorder: SubjectAttentionRecorder, processor) -> None:
+        name = type(processor).__name__
+        if name not in IP_ADAPTER_PROCESSORS:
+            raise ValueError(f"processor must be one of {', '.join(IP_ADAPTER_PROCESSORS)}, got {name}")
+        super().__init__()
+        self.recorder = recorder
+        self.processor = processor
+        self.scale_rule = IP_ADAPTER_PROCESSORS[name]
+
+    @torch.compiler.disable  # the recorder's bookkeeping stays eager, as SubjectRecordingProcessor's
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states=None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        scale: float = 1.0,
+        ip_adapter_masks=None,
+    ) -> torch.Tensor:
+        recorder = self.recorder
+        tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states[0, 0].numel()
+        # other levels than the recorder's are skipped before any projection (``record`` would skip them)
+        if encoder_hidden_states is not None and recorder.active and tokens == math.prod(recorder.grid):
+            with torch.no_grad():
+                query, key, bias = prompt_query_key(
+                    self.processor, attn, hidden_states, encoder_hidden_states, attention_mask, temb
+                )
+                score_scale = attn.scale if self.scale_rule == "attn" else None
+                recorder.record(query, key, scale=score_scale, bias=bias)
+        return self.processor(
+            attn,
+            hidden_states,
+            encoder_hidden_states,
+            attention_mask,
+            temb,
+            scale=scale,
+            ip_adapter_masks=ip_adapter_masks,
+        )
 
 
 def is_cross_attention(name: str) -> bool:
@@ -374,28 +491,54 @@ def is_cross_attention(name: str) -> bool:
     return ".attn2." in name
 
 
+def _unwrapped(processor):
+    """The processor a recorder replaced (one left installed is recorded through again, not twice)."""
+    return processor.processor if isinstance(processor, IPAdapterRecordingProcessor) else processor
+
+
+def check_subject_recorder(
+    denoiser: torch.nn.Module, select: Callable[[str], bool] = is_cross_attention
+) -> list[str]:
+    """The processor names ``install_subject_recorder`` would record from (``select``'s); ValueError for
+    none, or for a picked processor it cannot record through: neither a stock one (``STOCK_PROCESSORS``)
+    nor an IP-Adapter's (``IP_ADAPTER_PROCESSORS``) — replacing it would drop what it adds. Callers check
+    before anything is written (the pipeline: before the output folder exists)."""
+    processors = denoiser.attn_processors
+    chosen = [name for name in processors if select(name)]
+    if not chosen:
+        raise ValueError("no cross-attention processor to record from on this denoiser")
+    known = (*STOCK_PROCESSORS, *IP_ADAPTER_PROCESSORS)
+    foreign = [n for n in chosen if type(_unwrapped(processors[n])).__name__ not in known]
+    if foreign:
+        raise ValueError(
+            f"{foreign[0]} runs {type(processors[foreign[0]]).__name__}, not a stock processor nor an "
+            "IP-Adapter's: automatic subject masks cannot record through it (replacing it would drop what it "
+            "adds); give the masks instead (subject_masks=DIR, --subject-masks DIR)"
+        )
+    return chosen
+
+
 def install_subject_recorder(
     denoiser: torch.nn.Module,
     recorder: SubjectAttentionRecorder,
     select: Callable[[str], bool] = is_cross_attention,
 ) -> dict[str, object]:
-    """Put a ``SubjectRecordingProcessor`` feeding ``recorder`` on the processors ``select`` picks (default:
-    every cross-attention); returns the processors it replaced, for :func:`remove_subject_recorder`.
-    ValueError for a picked processor that is not a stock one (an IP-Adapter's: its image branch would be
-    lost)."""
+    """Put a recording processor feeding ``recorder`` on the processors ``select`` picks (default: every
+    cross-attention); returns the processors it replaced, for :func:`remove_subject_recorder`. A stock
+    processor gets ``SubjectRecordingProcessor`` (one shared, the stock math with the recording inside);
+    an IP-Adapter's is wrapped in its own ``IPAdapterRecordingProcessor`` (its output unchanged).
+    ValueError, from :func:`check_subject_recorder`, for any other."""
     processors = dict(denoiser.attn_processors)
-    chosen = [name for name in processors if select(name)]
-    if not chosen:
-        raise ValueError("no cross-attention processor to record from on this denoiser")
-    foreign = [n for n in chosen if type(processors[n]).__name__ not in STOCK_PROCESSORS]
-    if foreign:
-        raise ValueError(
-            f"{foreign[0]} runs {type(processors[foreign[0]]).__name__}, not a stock processor: recording "
-            "would drop what it adds"
-        )
-    replaced = {name: processors[name] for name in chosen}
-    processor = SubjectRecordingProcessor(recorder)
-    denoiser.set_attn_processor({**processors, **dict.fromkeys(chosen, processor)})
+    chosen = check_subject_recorder(denoiser, select)
+    replaced = {name: _unwrapped(processors[name]) for name in chosen}
+    stock = SubjectRecordingProcessor(recorder)
+    installed = {
+        name: IPAdapterRecordingProcessor(recorder, processor)
+        if type(processor).__name__ in IP_ADAPTER_PROCESSORS
+        else stock
+        for name, processor in replaced.items()
+    }
+    denoiser.set_attn_processor({**processors, **installed})
     return replaced
 
 
@@ -410,18 +553,28 @@ class AutoSubjectMasks:
 
     The choices, argued:
 
-    - **Per frame, from its own steps.** After a denoiser call computes frames F at step s (:meth:`after`),
-      each frame of F gets the masks of its maps so far (steps 0..s); the next call of a frame sees them
-      (:meth:`before`). A frame's mask at step s thus depends on its own steps before s only, never on
-      which other frames ran in between — so the stored and the lockstep bank schedules, any read batch
-      size and window chunks give each frame the same masks (a global "masks after step s" would differ
-      between schedules: the stored one finishes the identity frames before any read frame starts).
+    - **Per frame, from its own steps, as of the step before.** After a denoiser call computes frames F at
+      step s (:meth:`after`), each frame of F gets the masks of its maps so far (steps 0..s), kept under
+      step s; a call at step s (:meth:`before`) hands the state every frame's masks as of step s - 1. A
+      frame's mask at step s thus depends on its own steps before s only, never on which other frames ran
+      in between: the stored and the lockstep bank schedules, any read batch size and any window chunking
+      give each frame the same masks. "As of s - 1" rather than "latest" matters in window mode, where a
+      chunk reads the sampled tokens of an earlier chunk of the same step: those were drawn (and their
+      segments taken) under the masks of s - 1, which a later chunk must see too, although the earlier
+      chunk's frames have finished step s by then. So each frame keeps its last two steps' masks.
     - **Step 0 runs without masks** (and unbounded): nothing has been recorded yet, and a mask thresholded
       from nothing is noise. It is a warm-up step, as ConsiStory's first steps are; from step 1 on every
       draw lies in the then-current masks.
     - **Banked tokens keep their characters.** Masks are swapped with ``ConsistencyState.swap_subject_masks``,
       which keeps ``bank_segments`` (the characters of tokens banked under earlier masks), so a read of an
       earlier step's bank — every read of the stored schedule — bounds by what was banked.
+    - **Over several ranks** (``share``: window mode, where every rank steps together), each rank records
+      its own frames and, after each step, every rank's new masks are gathered to every rank (a few KiB a
+      frame): a rank's frames read neighbours of other ranks whose draws and segments follow their masks.
+      In bank mode no rank needs another's masks while it runs (banks carry their tokens' characters), and
+      the run gathers them once at the end (:meth:`latest`).
+    - **Resume**: :meth:`state_dict` (the recorder's sums and the masks kept) goes into lockstep checkpoints,
+      so a resumed run continues with the maps an uninterrupted run had at that step.
     - A character a frame shows whose description has no columns there (truncated away: warned when the
       columns were found) has no map: its mask is the whole frame. A map with nothing standing out
       thresholds to an empty mask, and the state then draws that frame uniformly with its usual warning.
@@ -435,45 +588,103 @@ class AutoSubjectMasks:
         subjects: Sequence[Mapping[str, Sequence[int]]],
         *,
         bounded: bool = False,
+        share: Callable[[dict], list[dict]] | None = None,
     ) -> None:
         if len(subjects) != len(frame_characters):
             raise ValueError(
                 f"subject columns for {len(subjects)} frames, the story has {len(frame_characters)}"
             )
         self.state, self.recorder, self.bounded = state, recorder, bool(bounded)
+        self.share = share  # every rank's item, gathered on every rank (window mode over ranks); None: one
         self.frame_characters = [tuple(chars) for chars in frame_characters]
         self.subjects = [{c: tuple(cols) for c, cols in s.items() if cols} for s in subjects]
-        self.found: dict[int, dict[str, torch.Tensor]] = {}  # frame -> character -> mask after its last step
-        self._masks: SubjectMasks | None = None  # ``current()``, until ``found`` changes
+        # frame -> step -> character -> mask after that step (the frame's last two steps)
+        self.found: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
+        self._made: tuple[tuple, SubjectMasks] | None = None  # the last masks made, by the steps they are of
 
     def before(self, frames: Sequence[int], step: int) -> None:
         """Frames ``frames`` are about to take step ``step``: tell the recorder whose words they are, and
-        the state which masks they draw from."""
+        the state which masks they draw from (every frame's as of step ``step - 1``)."""
         self.recorder.set_batch(frames, [self.subjects[f] for f in frames])
         if step == 0:
-            self.state.swap_subject_masks(None, bounded=False)
-        else:
-            self.state.swap_subject_masks(self.current(), bounded=self.bounded)
+            if self.state.subject_masks is not None:
+                self.state.swap_subject_masks(None, bounded=False)
+            return
+        masks = self.current(step)
+        if masks is not self.state.subject_masks:  # unchanged masks keep this step's draws
+            self.state.swap_subject_masks(masks, bounded=self.bounded)
 
     def after(self, frames: Sequence[int], step: int) -> None:
-        """Frames ``frames`` finished step ``step``: their masks become those of their maps so far."""
+        """Frames ``frames`` finished step ``step``: their masks after it are those of their maps so far."""
         grid = self.recorder.grid
+        new: dict[int, dict[str, torch.Tensor]] = {}
         for frame in frames:
             for character in self.subjects[frame]:
                 entry = (frame, character)
                 if entry in self.recorder.sums:
                     subject_map = (self.recorder.sums[entry] / self.recorder.calls[entry]).view(grid).cpu()
-                    self.found.setdefault(frame, {})[character] = threshold_map(subject_map)
-                    self._masks = None
+                    new.setdefault(frame, {})[character] = threshold_map(subject_map)
+        parts = [new] if self.share is None else self.share(new)
+        for part in parts:
+            for frame, masks in part.items():
+                kept = self.found.setdefault(frame, {})
+                kept[step] = masks
+                for old in sorted(kept)[:-2]:
+                    del kept[old]
 
-    def current(self) -> SubjectMasks:
-        """The masks now: each frame's after its last finished step; the whole frame where none is yet."""
-        if self._masks is None:
-            whole = torch.ones(self.recorder.grid, dtype=torch.bool)
+    def current(self, step: int | None = None) -> SubjectMasks:
+        """Every frame's masks as of its last step before ``step`` (None: its last finished step); the whole
+        frame where it has none yet."""
+        whole = torch.ones(self.recorder.grid, dtype=torch.bool)
+        chosen = {}
+        for frame, kept in self.found.items():
+            steps = [s for s in kept if step is None or s < step]
+            if steps:
+                chosen[frame] = max(steps)
+        key = tuple(sorted(chosen.items()))
+        if self._made is None or self._made[0] != key:
             masks = {
-                frame: {c: self.found.get(frame, {}).get(c, whole) for c in shown}
+                frame: {
+                    c: self.found[frame][chosen[frame]].get(c, whole) if frame in chosen else whole
+                    for c in shown
+                }
                 for frame, shown in enumerate(self.frame_characters)
                 if shown
             }
-            self._masks = SubjectMasks(masks, self.frame_characters, self.recorder.size)
-        return self._masks
+            self._made = key, SubjectMasks(masks, self.frame_characters, self.recorder.size)
+        return self._made[1]
+
+    def latest(self) -> dict[int, dict[str, torch.Tensor]]:
+        """This process's frames' masks after their last finished step (frame -> character -> mask): what a
+        run over several ranks gathers to the leader at its end (``from_latest``)."""
+        return {frame: kept[max(kept)] for frame, kept in self.found.items() if kept}
+
+    def from_latest(self, parts: Sequence[Mapping[int, Mapping[str, torch.Tensor]]]) -> SubjectMasks:
+        """The story's masks from every rank's :meth:`latest` (frames shown by no part: whole frames)."""
+        merged: dict[int, Mapping[str, torch.Tensor]] = {}
+        for part in parts:
+            merged.update(part)
+        whole = torch.ones(self.recorder.grid, dtype=torch.bool)
+        masks = {
+            frame: {c: merged.get(frame, {}).get(c, whole) for c in shown}
+            for frame, shown in enumerate(self.frame_characters)
+            if shown
+        }
+        return SubjectMasks(masks, self.frame_characters, self.recorder.size)
+
+    # -- checkpoints (lockstep runs) --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps: the recorder's sums (on the CPU) and calls, and the masks kept."""
+        return {
+            "sums": {entry: total.cpu() for entry, total in self.recorder.sums.items()},
+            "calls": dict(self.recorder.calls),
+            "found": {frame: dict(kept) for frame, kept in self.found.items()},
+        }
+
+    def load_state_dict(self, data: Mapping, device: torch.device | str = "cpu") -> None:
+        """Continue from :meth:`state_dict`'s ``data``; the sums go back to ``device`` (where the recorder
+        adds the next calls)."""
+        self.recorder.sums = {entry: total.to(device) for entry, total in data["sums"].items()}
+        self.recorder.calls = dict(data["calls"])
+        self.found = {frame: dict(kept) for frame, kept in data["found"].items()}
+        self._made = None

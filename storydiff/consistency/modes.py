@@ -136,7 +136,7 @@ class JointMode:
             bank_k, bank_v = bank_tokens(k, ref_idx, groups, pool_k), bank_tokens(v, ref_idx, groups)
             if segments is not None:  # the banked tokens' characters, for bounded reads
                 banked = torch.gather(segments, 1, ref_idx).reshape(groups, -1)
-                key = (self.writing, state.step, layer.level, q.shape[2])
+                key = (self.writing, state.step, layer.level, image[1] - image[0])  # image tokens
                 state.bank_segments[key] = banked[:1] if state.current_pass is not None else banked
             cfg_pass = state.current_pass
             if cfg_pass is None:
@@ -231,7 +231,8 @@ class ReadMode:
         segments = state.segments(frames, image, tokens, device).repeat(groups, 1)
         parts = []
         for character in characters:
-            banked = state.bank_segments.get((character, state.step, layer.level, tokens))
+            # keyed by the image token count: a joint sequence's text length varies between batches
+            banked = state.bank_segments.get((character, state.step, layer.level, image[1] - image[0]))
             if banked is None:
                 raise RuntimeError(
                     f"bounded attention: the bank of {character!r} at step {state.step} was not written with "

@@ -35,7 +35,6 @@ from csa_kernels.sampling import masked_sample_counts
 from .bank import IdBank
 from .config import ConsistencyConfig
 from .modes import JointMode, ReadMode, plain_attention
-from .subject_masks import token_grid
 
 if TYPE_CHECKING:
     from .subject_masks import SubjectMasks
@@ -125,9 +124,12 @@ class ConsistencyState:
         self.batch_frames: tuple[int, ...] | None = None  # story frames of a joint batch (masks need them)
         self._mask_warned: set[tuple[int, tuple[str, ...]]] = set()  # frames already warned about
         self.bounded = False  # bounded attention (set_subject_masks)
-        self._segments: dict[tuple, torch.Tensor] = {}  # (frame, image span, tokens) -> segment ids
-        # (character, step, level, tokens) -> (groups, M) segment ids of the tokens banked there: the same
-        # draws at every layer of a level, so one entry serves them all
+        # latent frames per story frame for subject masks: 1 (an image), or a video shot's T, which its family
+        # sets (WanFamily.prepare): its N = T·h·w tokens cannot say T themselves (subject_masks.token_grid)
+        self.latent_frames = 1
+        self._segments: dict[tuple, torch.Tensor] = {}  # (frame, image span, tokens, latent frames) -> ids
+        # (character, step, level, image tokens) -> (groups, M) segment ids of the tokens banked there: the
+        # same draws at every layer of a level, so one entry serves them all
         self.bank_segments: dict[tuple, torch.Tensor] = {}
         # sees every attend call's (state, layer, q, k, image span, key lengths) before it runs, e.g. a
         # cross_attention_masks recorder's ``observe`` on joint text+image hosts; None: nothing extra
@@ -203,18 +205,19 @@ class ConsistencyState:
     def segments(self, frames: Sequence[int], image: Span, tokens: int, device: torch.device) -> torch.Tensor:
         """(len(frames), tokens) segment ids of the story ``frames``' tokens (bounded attention): image
         tokens [a, b) inside exactly one character's mask get that character's id (1 + its place among
-        the story's characters), every other token 0."""
+        the story's characters), every other token 0. A video shot's image tokens are ``latent_frames``
+        grids, each with the shot's one mask (``SubjectMasks.character_tokens``)."""
         rows = []
         count = image[1] - image[0]
+        shot = self.latent_frames
         for frame in frames:
-            key = (frame, image, tokens)
+            key = (frame, image, tokens, shot)
             if key not in self._segments:
                 ids = torch.zeros(tokens, dtype=torch.int32)
                 masks = self.subject_masks
-                grid = token_grid(count, masks.size)
                 owners = torch.zeros(count, dtype=torch.int32)
                 for character in masks.masks.get(frame, {}):
-                    inside = masks.mask(frame, character, grid).flatten()
+                    inside = masks.character_tokens(frame, character, count, shot)
                     ident = self.character_id(character)
                     owners = torch.where(inside & (owners == 0), ident, torch.where(inside, -1, owners))
                 ids[image[0] : image[1]] = owners.clamp(min=0)  # in two masks: shared (0)
@@ -436,10 +439,12 @@ def draw_frames_from_masks(
     """(len(frames), S) tokens each (story frame, seed) of ``frames`` offers at ``level`` (``tokens``
     image tokens) under the state's subject masks, drawn on the CPU from its seed: the frame's own
     ``sample_masked_reference_indices`` of its subject mask (a warning first when the mask is too small),
-    or ``draw_indices``'s draw for a frame without characters — which an all-True mask also gives."""
+    or ``draw_indices``'s draw for a frame without characters — which an all-True mask also gives. A
+    video shot's ``tokens`` are ``state.latent_frames`` grids, its mask on each
+    (``SubjectMasks.subject_tokens``)."""
     rows = []
     for frame, seed in frames:
-        subject = state.subject_masks.subject_tokens(frame, tokens)
+        subject = state.subject_masks.subject_tokens(frame, tokens, state.latent_frames)
         if subject is None:
             rows.append(draw_indices(seed, 1, tokens, rate))
             continue

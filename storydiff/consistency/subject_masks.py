@@ -13,6 +13,13 @@ family for its rounding, the grid of N tokens is the factor pair h·w = N whose 
 image's (:func:`token_grid`); an N with no factor pair within one token of the image's aspect is refused
 (it is not an image grid of this size: a video's frames x tokens, another resolution).
 
+Video shots (Wan). A story frame of a video family is a shot: its tokens are T latent frames of one (h, w)
+grid, row-major over (t, h, w). A shot has ONE 2D mask per character (the given layout is the image's:
+``mask_NNN.png`` per shot), applied to every latent frame: token (t, h, w) is subject iff the mask's grid
+cell (h, w) is. The caller says T (``frames``: ``ConsistencyState.latent_frames``, which the family sets)
+— N alone cannot say it: 4 latent frames of a 4x4 grid are as many tokens as one 8x8 grid —, the grid is
+:func:`token_grid` of N / T, and the resized mask is repeated T times (:func:`shot_tokens`).
+
 The resize rule. A mask becomes a grid by area averaging — each grid cell takes the mean of the mask
 pixels it covers (``F.interpolate(mode="area")``, adaptive average pooling: an upsampled mask is repeated)
 — and a cell is subject when that mean is >= 0.5 (:data:`SUBJECT_SHARE`). A mask whose aspect differs from
@@ -45,21 +52,38 @@ SUBJECT_SHARE = 0.5
 PIXEL_THRESHOLD = 128
 
 
-def token_grid(tokens: int, size: Size) -> Size:
+def token_grid(tokens: int, size: Size, frames: int = 1) -> Size:
     """(h, w) with h·w = ``tokens``: the grid of an image of ``size`` (height, width) at some level — the
-    factor pair nearest the image's aspect; ValueError when none is within one token of it."""
+    factor pair nearest the image's aspect; ValueError when none is within one token of it.
+
+    ``frames`` > 1: ``tokens`` are that many whole grids (a video shot's latent frames, row-major over
+    (t, h, w)); the grid of one of them is returned. ValueError when ``tokens`` is not a multiple of
+    ``frames``."""
     height, width = size
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"frames (latent frames of a shot) must be an int >= 1, got {frames!r}")
     if tokens < 1:
         raise ValueError(f"a token grid needs >= 1 token, got {tokens}")
+    if tokens % frames:
+        raise ValueError(f"{tokens} tokens are not {frames} latent frames of one token grid")
+    tokens //= frames
     pairs = [(h, tokens // h) for h in range(1, tokens + 1) if tokens % h == 0]
     aspect = math.log(height / width)
     h, w = min(pairs, key=lambda p: abs(math.log(p[0] / p[1]) - aspect))
     if not _same_aspect((h, w), size):
         raise ValueError(
             f"{tokens} tokens form no grid of a {height}x{width} image's aspect (nearest: {h}x{w}): not an "
-            "image level of this size"
+            f"image level of this size{'' if frames == 1 else f' (per latent frame, of {frames})'}"
         )
     return h, w
+
+
+def shot_tokens(grid_mask: torch.Tensor, frames: int = 1) -> torch.Tensor:
+    """(frames·h·w,) bool: a (h, w) mask on a token grid, flattened row-major and repeated for each of a
+    shot's ``frames`` latent frames — token (t, h, w) is subject iff ``grid_mask[h, w]`` is (one 2D mask
+    per shot: the subject is taken to stay where its mask is for the whole clip)."""
+    flat = grid_mask.flatten()
+    return flat if frames == 1 else flat.repeat(frames)
 
 
 def _same_aspect(shape: Size, size: Size) -> bool:
@@ -226,16 +250,24 @@ class SubjectMasks:
             union |= self.mask(frame, character, grid)
         return union
 
-    def subject_tokens(self, frame: int, tokens: int) -> torch.Tensor | None:
+    def subject_tokens(self, frame: int, tokens: int, frames: int = 1) -> torch.Tensor | None:
         """(tokens,) bool: which of the frame's ``tokens`` image tokens (row-major on ``token_grid``) show
-        one of its characters; None for a frame without characters."""
-        key = (frame, tokens)
+        one of its characters; None for a frame without characters. ``frames`` > 1: the frame is a video
+        shot of that many latent frames, ``tokens`` = frames x grid, its mask repeated on each
+        (:func:`shot_tokens`)."""
+        key = (frame, tokens, frames)
         if key not in self._subjects:
             if frame not in self.masks:
                 self._subjects[key] = None
             else:
-                self._subjects[key] = self.frame_mask(frame, token_grid(tokens, self.size)).flatten()
+                grid = token_grid(tokens, self.size, frames)
+                self._subjects[key] = shot_tokens(self.frame_mask(frame, grid), frames)
         return self._subjects[key]
+
+    def character_tokens(self, frame: int, character: str, tokens: int, frames: int = 1) -> torch.Tensor:
+        """(tokens,) bool: ``character``'s mask in ``frame`` on the grid of ``tokens`` tokens (``frames``
+        latent frames of it, as in :meth:`subject_tokens`) — which tokens are that character's."""
+        return shot_tokens(self.mask(frame, character, token_grid(tokens, self.size, frames)), frames)
 
     def level_masks(self, levels: Iterable[int]) -> dict[int, dict[tuple[int, str], torch.Tensor]]:
         """level -> (frame, character) -> that mask on the level's grid (``level_grid``)."""

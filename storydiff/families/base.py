@@ -276,7 +276,7 @@ def phrase_columns(tokenizer, prompt: str, phrase: str, max_length: int) -> list
 def auto_masks_refused(title: str) -> str:
     return (
         "automatic subject masks (--subject-masks auto) work with UNet models (SD1.x/2.x, SDXL), FLUX.1, "
-        f"SD3/SD3.5 and PixArt-Σ, not {title} models: give a folder of masks"
+        f"SD3/SD3.5, Qwen-Image, Wan 2.x and PixArt-Σ, not {title} models: give a folder of masks"
     )
 
 

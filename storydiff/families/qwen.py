@@ -7,6 +7,9 @@
   (prompts of different lengths share a batch). Only image tokens are offered to other frames and only
   image queries read them; text rows attend to their own frame. When a call borrows nothing (consistency
   off, warm-up, a skipped layer, rate 0) the processor is diffusers' own, bit for bit.
+* Automatic subject masks: the processor hands the joint q, k to the state's observer on every call, those
+  that borrow nothing included (``observe_subjects``); a character's description is found among the text
+  keys through the chat template the pipeline wraps prompts in (``subject_token_columns``).
 * RoPE: image tokens sit at (frame 0, h, w) in every frame of a story, like FLUX's; ``ConsistencyConfig.rope``
   moves borrowed keys to frame 1 ("shift", where Qwen-Image-Edit puts its extra images) or unrotates them
   ("none"); Qwen's rotation is a complex product per channel pair, which ``rope.rotate`` computes with
@@ -20,6 +23,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
@@ -32,7 +37,7 @@ from ..consistency.install import Host
 from ..consistency.rope import RotaryProcessor, Rotation
 from ..consistency.state import ConsistencyState, LayerInfo
 from ..support.compat import flux_pack, flux_shift, flux_unpack
-from .base import TransformerFamily, video_vae_decode
+from .base import TransformerFamily, observe_subjects, video_vae_decode
 
 TINY = ("tiny-qwen-image",)
 
@@ -44,6 +49,7 @@ class QwenImageFamily(TransformerFamily):
     denoiser_class = QwenImageTransformer2DModel
     reserved = TINY
     cfg_passes = 2  # true CFG: the transformer runs once for the prompts, once for the negatives
+    records_subject_masks = True
 
     @classmethod
     def host(cls, denoiser) -> Host:
@@ -91,6 +97,53 @@ class QwenImageFamily(TransformerFamily):
         shapes = [[(1, grid_h // 2, grid_w // 2)]] * len(prompts)
         texts = [negatives, prompts] if cfg else [prompts]
         return shapes, *(self.pipe.encode_prompt(prompt=text, device=self.device) for text in texts)
+
+    def subject_token_columns(self, prompt: str, phrase: str) -> list[int]:
+        """Columns of ``phrase`` among the text keys the transformer gets for ``prompt``.
+
+        ``encode_prompt`` wraps the prompt in the pipeline's chat template, tokenizes it (truncated to
+        ``tokenizer_max_length`` plus the template's head), runs the text encoder and drops the first
+        ``prompt_template_encode_start_idx`` outputs (the system prompt); ``encode`` keeps the rest, padding
+        only at the end. So a column is a token's position in the templated ids minus that head.
+
+        Not ``phrase_columns``: Qwen's byte-level BPE folds the space before a word into the word's token
+        (" girl", not "girl"), so the description tokenized alone is not a run of the prompt's ids. The
+        tokens are found by where they sit in the text instead (the tokenizer's offsets): every token
+        overlapping the description's characters, at its first place in the prompt. [] when the prompt
+        does not hold the description or truncation cut it off (the caller warns)."""
+        if not phrase:
+            return []
+        pipe = self.pipe
+        tokenizer = pipe.tokenizer
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(
+                f"automatic subject masks on {self.title} need a tokenizer that reports token offsets "
+                f"(a tokenizers-backed one), got {type(tokenizer).__name__}"
+            )
+        found = prompt.find(phrase)
+        if found < 0:
+            return []
+        head, _ = pipe.prompt_template_encode.split("{}", 1)
+        start = len(head) + found
+        stop = start + len(phrase)
+        dropped = pipe.prompt_template_encode_start_idx
+        encoded = tokenizer(
+            pipe.prompt_template_encode.format(prompt),
+            max_length=pipe.tokenizer_max_length + dropped,  # as _get_qwen_prompt_embeds truncates
+            truncation=True,
+            return_offsets_mapping=True,
+        )
+        return [
+            position - dropped
+            for position, (first, last) in enumerate(encoded["offset_mapping"])
+            if position >= dropped and first < stop and last > start and last > first
+        ]
+
+    def record_subjects(self, state, recorder) -> Callable[[], None]:
+        """The recorder as the state's observer (``observe_subjects``): ``QwenConsistentProcessor`` hands it
+        every call's joint q, k (image first, text keys after it, padding cut by ``key_lengths``); the
+        negatives' pass of true CFG is skipped by the observer (``state.current_pass``)."""
+        return observe_subjects(state, recorder)
 
     def predict(self, scheduler, latents, t, conditioning, guidance_scale, cfg):
         shapes, *groups = conditioning
@@ -158,7 +211,21 @@ class QwenConsistentProcessor(RotaryProcessor):
     ):
         binding = self.binding(attn)
         state, layer = binding.state, binding.layer
+        if attention_mask is not None or encoder_hidden_states is None:
+            raise ValueError(
+                f"{layer.name}: consistent attention takes the text stream and no attention_mask"
+            )
+        image = hidden_states.shape[1]
+        key_lengths = None
+        if encoder_hidden_states_mask is not None:  # image first: each frame's keys end with its text
+            key_lengths = image + encoder_hidden_states_mask.sum(dim=1)
         if not state.borrows(layer):  # nothing to borrow in this call: the host's own math, bit for bit
+            if state.observer is not None:
+                # what state.attend would show it: automatic masks need these calls too (warm-up and
+                # step 0 of a story borrow nothing, and their maps would stay empty), and the output
+                # stays the stock processor's
+                q, k, _, _ = self.joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+                state.observer(state, layer, q, k, (0, image), key_lengths)
             return self._stock(
                 attn,
                 hidden_states,
@@ -167,12 +234,25 @@ class QwenConsistentProcessor(RotaryProcessor):
                 attention_mask,
                 image_rotary_emb,
             )
-        if attention_mask is not None or encoder_hidden_states is None:
-            raise ValueError(
-                f"{layer.name}: consistent attention takes the text stream and no attention_mask"
-            )
+        q, k, v, rotation = self.joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        reposition = self.reposition(binding, rotation)
+        out = state.attend(layer, q, k, v, image=(0, image), reposition=reposition, key_lengths=key_lengths)
+        out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+        img_out = attn.to_out[0](out[:, :image].contiguous())
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)
+        return img_out, attn.to_add_out(out[:, image:].contiguous())
+
+    @staticmethod
+    def joint_qkv(
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Rotation | None]:
+        """The host's projections, q/k norms and RoPE of both streams, joined image first: (B, H, N, D)
+        q, k, v and the image tokens' rotation (None without RoPE)."""
         head_dim = attn.inner_dim // attn.heads
-        image = hidden_states.shape[1]
         img = [
             proj(hidden_states).unflatten(-1, (-1, head_dim)) for proj in (attn.to_q, attn.to_k, attn.to_v)
         ]
@@ -196,13 +276,4 @@ class QwenConsistentProcessor(RotaryProcessor):
             rotation = _complex_rotation(img_freqs)  # rows of the image tokens, which come first below
         # image first, then text: a frame's text padding ends its sequence
         q, k, v = (torch.cat([i, t], dim=1).transpose(1, 2) for i, t in zip(img, txt, strict=True))
-        key_lengths = None
-        if encoder_hidden_states_mask is not None:
-            key_lengths = image + encoder_hidden_states_mask.sum(dim=1)
-        reposition = self.reposition(binding, rotation)
-        out = state.attend(layer, q, k, v, image=(0, image), reposition=reposition, key_lengths=key_lengths)
-        out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
-        img_out = attn.to_out[0](out[:, :image].contiguous())
-        if len(attn.to_out) > 1:
-            img_out = attn.to_out[1](img_out)
-        return img_out, attn.to_add_out(out[:, image:].contiguous())
+        return q, k, v, rotation

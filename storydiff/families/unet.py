@@ -105,7 +105,10 @@ class UNetFamily(Family):
 
     def record_subjects(self, state, recorder) -> Callable[[], None]:
         """The recorder's processor on every cross-attention (``attn2``, where the prompt's tokens are
-        keys); an IP-Adapter's processors there are refused (ValueError), recording would drop them."""
+        keys): ``SubjectRecordingProcessor`` on stock processors, an ``IPAdapterRecordingProcessor`` around
+        each IP-Adapter processor (its output unchanged; recorded over the text keys, which its text softmax
+        sees). Any other processor there is refused (ValueError): the pipeline tries this once before the
+        output folder exists."""
         replaced = install_subject_recorder(self.pipe.unet, recorder)
         return lambda: remove_subject_recorder(self.pipe.unet, replaced)
 

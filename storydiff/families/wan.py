@@ -17,6 +17,10 @@ video (C, T, h, w), T = (frames - 1) / 4 + 1.
   experts (``transformer`` above ``boundary_ratio`` x 1000, ``transformer_2`` below; both carry the
   processors and share one state). I2V adds the shot's condition — the mask and the VAE latents of its
   first (and, for first–last-frame clips, last) image — and, for 2.1 models, the CLIP image embedding.
+* Subject masks: one 2D mask per character per shot, on every latent frame of it (``subject_masks.py``:
+  the family tells the state the shot's T in ``prepare``). Automatic masks record each block's
+  cross-attention ``attn2`` (``WanSubjectRecordingProcessor``: the stock math, its output bit for bit;
+  both experts of Wan 2.2), averaged over a shot's latent frames into one map per shot.
 * Offline models: ``tiny-wan``, ``tiny-wan2.2`` (two experts), ``tiny-wan-i2v`` (2.1 I2V: CLIP image
   encoder, first frame only), ``tiny-wan-flf2v`` (2.1 FLF2V: first and last frame), ``tiny-wan2.2-i2v``
   (two experts, no image encoder: either); ``tiny_wan.py``.
@@ -24,18 +28,21 @@ video (C, T, h, w), T = (frames - 1) / 4 + 1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import ClassVar
 
 import torch
 from diffusers import WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers import transformer_wan
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from PIL import Image
 
 from ..consistency.install import Host, installed_state
 from ..consistency.rope import RotaryProcessor, Rotation, reposition_for
 from ..consistency.state import COND, ConsistencyState, LayerInfo
-from .base import TransformerFamily, text_length, video_vae_decode
+from .base import TransformerFamily, phrase_columns, text_length, video_vae_decode
 
 # a shot offers rate x T·h·w tokens to every other shot (32,760 tokens a shot at 480p / 81 frames): 0.1
 # keeps a 3-shot pool at 6,552 keys, a fifth of a shot's own; images default to 0.5 of ~4,096
@@ -67,6 +74,7 @@ class WanFamily(TransformerFamily):
     reserved = ("tiny-wan", "tiny-wan2.2")
     cfg_passes = 2  # the stock pipelines run the transformer once for the prompts, once for the negatives
     video: ClassVar[bool] = True
+    records_subject_masks: ClassVar[bool] = True  # from attn2 (WanSubjectRecordingProcessor)
 
     def __init__(self, pipe) -> None:
         if pipe.config.get("expand_timesteps"):
@@ -131,6 +139,9 @@ class WanFamily(TransformerFamily):
             check_shot_frames(frames, self.pipe.vae_scale_factor_temporal)
             self.shot_frames = frames
         self._check_rope(self.latent_frames)
+        state = installed_state(self.denoiser)
+        if state is not None:  # a shot's tokens are T grids: subject masks repeat on each (subject_masks.py)
+            state.latent_frames = self.latent_frames
 
     def _check_rope(self, latent_frames: int) -> None:
         state = installed_state(self.denoiser)
@@ -183,6 +194,43 @@ class WanFamily(TransformerFamily):
         )
         dtype = self.denoiser.dtype
         return embeds.to(dtype), None if negative is None else negative.to(dtype)
+
+    # -- automatic subject masks ----------------------------------------------------------------------------
+    def subject_token_columns(self, prompt: str, phrase: str) -> list[int]:
+        """Columns of ``phrase`` among ``attn2``'s text keys: the UMT5 tokens ``encode`` feeds — the prompt
+        cleaned as the stock pipeline cleans it (``prompt_clean``: ftfy where installed, whitespace
+        collapsed), EOS at its end, no BOS, truncated to and zero-padded up to ``text_length`` (the padding
+        is not masked: Wan's softmax sees it, and the recorder normalises over it too)."""
+        if not phrase:
+            return []
+        return phrase_columns(
+            self.pipe.tokenizer, prompt_clean(prompt), prompt_clean(phrase), self.text_length
+        )
+
+    def record_subjects(self, state, recorder) -> Callable[[], None]:
+        """A ``WanSubjectRecordingProcessor`` feeding ``recorder`` on every block's ``attn2`` of every
+        transformer that denoises steps (Wan 2.2: both experts, so every step is recorded). Returns what
+        puts the replaced processors back."""
+        processor = WanSubjectRecordingProcessor(state, recorder)
+        restores: list[Callable[[], None]] = []
+
+        def remove() -> None:
+            for restore in reversed(restores):
+                restore()
+
+        try:
+            for denoiser in self.transformers():
+                restores.append(install_wan_recorder(denoiser, processor))
+        except BaseException:
+            remove()
+            raise
+        return remove
+
+    def transformers(self) -> tuple[torch.nn.Module, ...]:
+        """Every transformer of the pipeline that denoises steps, once each (Wan 2.2: both experts)."""
+        found = (self.pipe.transformer, getattr(self.pipe, "transformer_2", None))
+        unique = {id(module): module for module in found if module is not None}
+        return tuple(unique.values())
 
     def expert(self, t: torch.Tensor) -> torch.nn.Module:
         """The transformer that denoises timestep ``t`` (Wan 2.2: the high-noise one above the boundary)."""
@@ -418,3 +466,132 @@ class WanConsistentProcessor(RotaryProcessor):
             return tuple(x.to(device) for x in time_shift(rotary_emb, pos_embed))
 
         return reposition_for(binding.state.config.rope, rows, shift)
+
+
+def cross_projections(attn, hidden_states: torch.Tensor, context: torch.Tensor):
+    """q, k, v of Wan's cross-attention (``attn2``): q from the video tokens, k and v from the text, from
+    the fused K/V projection when ``fuse_projections`` made one (diffusers' ``_get_qkv_projections``)."""
+    query = attn.to_q(hidden_states)
+    if getattr(attn, "fused_projections", False):
+        key, value = attn.to_kv(context).chunk(2, dim=-1)
+    else:
+        key, value = attn.to_k(context), attn.to_v(context)
+    return query, key, value
+
+
+class WanSubjectRecordingProcessor(WanAttnProcessor):
+    """For Wan's cross-attention ``attn2``: ``WanAttnProcessor``'s math statement for statement (its output
+    is the stock output, bit for bit: tests compare), feeding a ``SubjectAttentionRecorder`` with each
+    call's video queries against the text keys.
+
+    * A subclass of the stock processor, so an attention backend set on the model reaches it as it reaches
+      the stock one (``_attention_backend``), and the attention runs through the same dispatch.
+    * The recorded softmax is the host's over the text keys (all ``text_length`` of them: Wan pads text
+      with zeros and masks nothing). Wan 2.1 I2V adds image keys in a *separate* softmax whose output is
+      added to the text one's; the text softmax alone is the one that holds the subject's words, so it is
+      recorded as is and the image branch runs untouched.
+    * A call's queries are T latent frames of the shot's grid: ``state.latent_frames``, read per call —
+      the run's family sets it in ``prepare``, after installation, and it is the one T the state's mask
+      draws use too; the recorder averages over them into one map per shot.
+    * Two-pass CFG: only the conditional pass is recorded (``state.current_pass``), as the negative prompt
+      names no subject.
+
+    ``state``: the consistency state shared by the transformers (its CFG pass, the shots' T);
+    ``recorder``: what to feed.
+    """
+
+    def __init__(self, state: ConsistencyState, recorder) -> None:
+        super().__init__()
+        self.state, self.recorder = state, recorder
+
+    @torch.compiler.disable  # the recorder's bookkeeping stays eager, as ConsistentAttnProcessor's
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is None:
+            raise ValueError(
+                "WanSubjectRecordingProcessor is for Wan's cross-attention (attn2): no text given"
+            )
+        image_context = None
+        if attn.add_k_proj is not None:  # 2.1 I2V: image tokens first, then the text (512, as diffusers')
+            split = encoder_hidden_states.shape[1] - TEXT_LENGTH
+            image_context = encoder_hidden_states[:, :split]
+            encoder_hidden_states = encoder_hidden_states[:, split:]
+        query, key, value = cross_projections(attn, hidden_states, encoder_hidden_states)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+        if rotary_emb is not None:  # the blocks pass none to attn2; kept for the stock math's sake
+            query, key = (rotate_as_wan(x, *rotary_emb) for x in (query, key))
+
+        current = self.state.current_pass
+        if current is None or current.group == COND:  # SDPA's default scale, as the host's attention
+            self.recorder.record(
+                query.transpose(1, 2),
+                key.transpose(1, 2),
+                bias=attention_mask,
+                latent_frames=self.state.latent_frames,
+            )
+
+        image_out = None
+        if image_context is not None:
+            if getattr(attn, "fused_projections", False):
+                key_img, value_img = attn.to_added_kv(image_context).chunk(2, dim=-1)
+            else:
+                key_img, value_img = attn.add_k_proj(image_context), attn.add_v_proj(image_context)
+            key_img = attn.norm_added_k(key_img)
+            key_img, value_img = (x.unflatten(2, (attn.heads, -1)) for x in (key_img, value_img))
+            image_out = dispatch_attention_fn(
+                query,
+                key_img,
+                value_img,
+                attn_mask=None,
+                dropout_p=0.0,
+                is_causal=False,
+                backend=self._attention_backend,
+                parallel_config=None,
+            )
+            image_out = image_out.flatten(2, 3).type_as(query)
+        out = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=None,  # the stock one's for cross-attention (a text context is always given)
+        )
+        out = out.flatten(2, 3).type_as(query)
+        if image_out is not None:
+            out = out + image_out
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def install_wan_recorder(
+    denoiser: torch.nn.Module, processor: WanSubjectRecordingProcessor
+) -> Callable[[], None]:
+    """Put ``processor`` on every block's ``attn2`` of one Wan transformer; returns what puts the stock
+    processors back. ValueError when there is none, or one runs another processor than the stock
+    ``WanAttnProcessor`` (recording would drop what it adds, or a recorder is installed already)."""
+    processors = dict(denoiser.attn_processors)
+    chosen = [name for name in processors if name.endswith(".attn2.processor")]
+    if not chosen:
+        raise ValueError("no cross-attention (attn2) on this Wan transformer to record subject masks from")
+    foreign = [name for name in chosen if type(processors[name]) is not WanAttnProcessor]
+    if foreign:
+        raise ValueError(
+            f"{foreign[0]} runs {type(processors[foreign[0]]).__name__}, not Wan's stock processor: "
+            "recording subject masks there would replace it"
+        )
+    replaced = {name: processors[name] for name in chosen}
+    denoiser.set_attn_processor({**processors, **dict.fromkeys(chosen, processor)})
+
+    def restore() -> None:
+        denoiser.set_attn_processor({**denoiser.attn_processors, **replaced})
+
+    return restore

@@ -20,6 +20,9 @@ a frame showing two characters reads both images, a frame showing none reads not
 loaded and no images every mask is zero (the UNet needs ``image_embeds`` once an adapter is loaded), which
 computes the stock cross-attention.
 
+With subject masks (given or automatic) a slot's mask is, instead of 1 over the whole frame, the frame's
+subject mask of that slot's character (``ReferenceImages``): each character's image acts in its own region.
+
 FLUX: diffusers' IP-Adapter processors sit on the double-stream blocks (consistency's default is the
 single-stream ones) and take no masks; ``dit_processors.FluxMaskedIPAdapterProcessor`` replaces them with
 the same weights and per-image masks (B, slots). FLUX has no CFG batch, so no negative embeddings.
@@ -30,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import math
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +41,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..consistency.config import InvalidSetting
+from ..consistency.subject_masks import SubjectMasks
 from ..families.base import SUPPORTED, Family
 from ..families.registry import find_family
 from .errors import ModelLoadError
@@ -303,17 +307,38 @@ def _filler_shape(layer) -> tuple[int, ...]:
 @dataclass
 class ReferenceImages:
     """Each character's encoded reference image and the characters with one each frame shows (in the
-    frame's order); builds the IP-Adapter inputs of any chunk of frames (see the module docstring)."""
+    frame's order); builds the IP-Adapter inputs of any chunk of frames (see the module docstring).
+
+    ``subject_masks``: where the run's current subject masks come from (a callable: ``SubjectMasks`` or
+    None), or None. With masks, a character's image applies inside that character's subject mask in each
+    frame — its slot's IP-Adapter mask is the frame's subject mask for it at the mask size (the resize rule
+    of ``subject_masks.py``) — instead of the whole frame, so two characters sharing a frame each get their
+    own image in their own region (diffusers' documented masked IP-Adapter use). Whole frame where there is
+    no mask yet (the source gives None: automatic masks' warm-up step 0), and where a character's mask is
+    empty at the mask size (nothing found: the image is kept rather than dropped, as the state then draws
+    the frame whole). FLUX's masked processor takes one number per frame and slot (``size`` ()): whole
+    frames there. Without a source the masks are those of no subject masks, bit for bit.
+
+    The source is read at every :meth:`chunk`: ``LockstepDenoiser`` builds a call's reference inputs after
+    its step hook has swapped in that call's masks (automatic masks change them before every call)."""
 
     embeds: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (positive, negative), (*embed)
     frame_slots: Sequence[tuple[str, ...]]
     filler: torch.Tensor  # an empty slot's embedding (zeros, of the embeddings' shape, device and dtype)
+    subject_masks: Callable[[], SubjectMasks | None] | None = None
 
     @classmethod
     def encode(
-        cls, pipe, images: Mapping[str, Image.Image], frame_characters: Sequence[Sequence[str]], device
+        cls,
+        pipe,
+        images: Mapping[str, Image.Image],
+        frame_characters: Sequence[Sequence[str]],
+        device,
+        *,
+        subject_masks: Callable[[], SubjectMasks | None] | None = None,
     ) -> ReferenceImages:
-        """Encode ``images`` (name -> RGB image) once; ``frame_characters``: each frame's characters."""
+        """Encode ``images`` (name -> RGB image) once; ``frame_characters``: each frame's characters;
+        ``subject_masks``: the run's current subject masks (see the class docstring)."""
         family = _family(pipe)
         family.prepare_reference_images(_ip_processor_classes())
         embeds = {name: encode_reference(pipe, image, device) for name, image in images.items()}
@@ -323,7 +348,7 @@ class ReferenceImages:
         else:
             dtype = _denoiser(pipe).dtype
             filler = torch.zeros(_filler_shape(_single_layer(pipe)), device=device, dtype=dtype)
-        return cls(embeds, slots, filler)
+        return cls(embeds, slots, filler, subject_masks)
 
     @classmethod
     def none(cls, pipe, num_frames: int, device) -> ReferenceImages:
@@ -342,9 +367,26 @@ class ReferenceImages:
             for slot, name in enumerate(self.frame_slots[frame]):
                 positive[row, slot], negative[row, slot] = self.embeds[name]
                 mask[row, slot] = 1.0
+        if self.subject_masks is not None and size:  # each image inside its character's subject mask
+            mask = self._masks(frames, slots, size, self.subject_masks())
         if cfg:
             return [torch.cat([negative, positive])], [torch.cat([mask, mask])]
         return [positive], [mask]
+
+    def _masks(
+        self, frames: Sequence[int], slots: int, size: tuple[int, ...], current: SubjectMasks | None
+    ) -> torch.Tensor:
+        """(frames, slots, *size): each slot's region in its frame (the class docstring)."""
+        mask = torch.zeros(len(frames), slots, *size)
+        for row, frame in enumerate(frames):
+            for slot, name in enumerate(self.frame_slots[frame]):
+                mask[row, slot] = 1.0
+                if current is None or not size or name not in current.masks.get(frame, {}):
+                    continue
+                region = current.mask(frame, name, size)
+                if region.any():  # an empty mask found nothing: the whole frame, not no image
+                    mask[row, slot] = region.to(mask.dtype)
+        return mask.to(self.filler.device)
 
 
 def wants_image_inputs(pipe) -> bool:

@@ -88,7 +88,7 @@ def run_bank(run: StoryRun, bank_metadata: Callable[[str], dict]) -> dict:
             finish(frames)
             bar.update(len(frames))
         if broadcast:
-            received = share_banks(partition, state.bank, owners)
+            received = share_banks(partition, state.bank, owners, segments=state.bank_segments)
         if settings.save_banks and run.output is not None and partition.leader:
             for name in identity:
                 state.bank.save(name, run.output.bank_path(name))
@@ -106,7 +106,7 @@ def run_bank(run: StoryRun, bank_metadata: Callable[[str], dict]) -> dict:
         for name, frames in writing.items():
             write(name, frames, step)
         if broadcast:
-            received += share_banks(partition, state.bank, owners, step)
+            received += share_banks(partition, state.bank, owners, step, state.bank_segments)
         for frames in reads:
             read(frames, step)
         state.bank.drop_step(step, identity)  # read by everyone: free it

@@ -32,8 +32,11 @@ def fingerprint(summary: dict) -> str:
     return hashlib.sha256(json.dumps(summary, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def save_checkpoint(path: Path, *, step: int, latents: torch.Tensor, schedulers: dict, summary: dict) -> None:
-    """``schedulers``: chunk key -> scheduler; their state (minus the config) is saved."""
+def save_checkpoint(
+    path: Path, *, step: int, latents: torch.Tensor, schedulers: dict, summary: dict, hook: dict | None = None
+) -> None:
+    """``schedulers``: chunk key -> scheduler; their state (minus the config) is saved. ``hook``: what the
+    run's step hook keeps across steps (automatic subject masks' maps), or None."""
     with atomic_path(path) as tmp:  # a kill during the write leaves the previous checkpoint intact
         torch.save(
             {
@@ -45,6 +48,7 @@ def save_checkpoint(path: Path, *, step: int, latents: torch.Tensor, schedulers:
                     for key, s in schedulers.items()
                 },
                 "rng": torch.get_rng_state(),
+                "hook": hook,
                 "fingerprint": fingerprint(summary),
                 "summary": summary,
             },

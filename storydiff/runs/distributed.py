@@ -355,27 +355,42 @@ def bank_owners(partition: Partition, characters: list[str], sharing: str) -> di
     }
 
 
-def share_banks(partition: Partition, bank, owners: dict[str, int], step: int | None = None) -> int:
+def share_banks(
+    partition: Partition,
+    bank,
+    owners: dict[str, int],
+    step: int | None = None,
+    segments: dict | None = None,
+) -> int:
     """Each character's bank (one ``step``, or every step) from the rank that owns it into every rank's
     ``bank``; returns the bytes this rank received. Per owner the keys and shapes go first (one small
     object), then one flat buffer per character and step, through the backend's device (NCCL: this rank's
-    GPU; gloo: the CPU)."""
+    GPU; gloo: the CPU). ``segments``: the state's ``bank_segments`` (bounded attention: the banked tokens'
+    characters, keyed (character, step, level, tokens)); the owner's entries of the shared banks travel
+    with the keys (small integer tensors), so a rank reading another's bank bounds it as its writer did."""
     transport = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     received = 0
     for source in sorted(set(owners.values())):
         grouped: dict[tuple[str, int], list] = {}  # on the source: (character, step) -> [(layer, k, v)]
+        theirs: dict[tuple, torch.Tensor] = {}  # on the source: the shared banks' token segments
         if partition.rank == source:
-            for name in (name for name, rank in owners.items() if rank == source):
+            mine = {name for name, rank in owners.items() if rank == source}
+            for name in mine:
                 for at, layer, k, v in bank.entries(name, step):
                     grouped.setdefault((name, at), []).append((layer, k, v))
+            for key, ids in (segments or {}).items():
+                if key[0] in mine and (step is None or key[1] == step):
+                    theirs[key] = ids.cpu()
         layout = [
             (name, at, [(layer, tuple(k.shape), tuple(v.shape), _dtype_name(k)) for layer, k, v in pairs])
             for (name, at), pairs in grouped.items()
         ]
-        box = [layout]  # (character, step, [(layer, k shape, v shape, dtype)])
+        box = [layout, theirs]  # (character, step, [(layer, k shape, v shape, dtype)]); token segments
         communicate(
             partition, "sharing the banks", lambda b=box, s=source: dist.broadcast_object_list(b, src=s)
         )
+        if partition.rank != source and segments is not None:
+            segments.update(box[1])
         for name, at, rows in box[0]:
             if partition.rank == source:  # one (character, step) at a time: never a second copy of a bank
                 parts = [t.reshape(-1).view(torch.uint8) for _, k, v in grouped[(name, at)] for t in (k, v)]

@@ -37,6 +37,10 @@ class StepHook(Protocol):
 
     def after(self, frames: list[int], step: int) -> None: ...
 
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, data: dict, device) -> None: ...
+
 
 class LockstepDenoiser:
     """Latents, timesteps and per-chunk schedulers of frames that are denoised step by step together."""
@@ -93,12 +97,14 @@ class LockstepDenoiser:
             conditioning = self.family.encode_frames(
                 frames, prompts, negatives, self.cfg, self.height, self.width
             )
-            if self.references is not None:  # the chunk's characters' reference images (ip_adapter.py)
-                size = self.family.image_mask_size(self.height, self.width)
-                embeds, masks = self.references.chunk(frames, self.cfg, size)
-                conditioning = self.family.with_reference_images(conditioning, embeds, masks)
             self._last = key, conditioning
-        return self._last[1]
+        conditioning = self._last[1]
+        if self.references is not None:  # the chunk's characters' reference images (ip_adapter.py)
+            # built at every call: their masks may follow subject masks, which change between calls
+            size = self.family.image_mask_size(self.height, self.width)
+            embeds, masks = self.references.chunk(frames, self.cfg, size)
+            conditioning = self.family.with_reference_images(conditioning, embeds, masks)
+        return conditioning
 
     @torch.no_grad()
     def step(self, frames: list[int], step: int) -> None:
@@ -108,9 +114,9 @@ class LockstepDenoiser:
         index = torch.tensor(frames)
         latents = self.latents[index].to(self.family.device)
         scheduler = self._scheduler(key)
-        conditioning = self._conditioning(frames)
-        if self.step_hook is not None:
+        if self.step_hook is not None:  # first: it may change what the conditioning reads (subject masks)
             self.step_hook.before(frames, step)
+        conditioning = self._conditioning(frames)
         noise = self.family.predict(scheduler, latents, t, conditioning, self.guidance_scale, self.cfg)
         updated = scheduler.step(noise, t, latents, return_dict=False)[0]
         self.latents[index] = updated.to(self.latents.device, self.latents.dtype)
@@ -119,11 +125,17 @@ class LockstepDenoiser:
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"latents": self.latents, "schedulers": self.schedulers}
+        """What a checkpoint keeps: latents, schedulers and the step hook's state (its maps so far)."""
+        hook = None if self.step_hook is None else self.step_hook.state_dict()
+        return {"latents": self.latents, "schedulers": self.schedulers, "hook": hook}
 
-    def load_state_dict(self, latents: torch.Tensor, schedulers: dict) -> None:
+    def load_state_dict(self, latents: torch.Tensor, schedulers: dict, hook: dict | None = None) -> None:
         self.latents = latents
         self.schedulers, self._saved_schedulers = {}, dict(schedulers)
+        if self.step_hook is not None:
+            if hook is None:  # the fingerprint differs first; a hand-made file could still lack it
+                raise ValueError("the checkpoint keeps no automatic subject masks (written without them)")
+            self.step_hook.load_state_dict(hook, self.family.device)
 
 
 def run_lockstep(
@@ -145,7 +157,7 @@ def run_lockstep(
     if checkpointing.resume and path is not None and path.exists():
         data = load_checkpoint(path, summary, legacy=plan.legacy_summaries(consistency))
         start = data["step"]
-        denoiser.load_state_dict(data["latents"], data["schedulers"])
+        denoiser.load_state_dict(data["latents"], data["schedulers"], data.get("hook"))
         torch.set_rng_state(data["rng"])
     partition = plan.partition
     if partition.distributed:  # ranks exchange tokens at every step: they must all continue from one step

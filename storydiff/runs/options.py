@@ -485,7 +485,7 @@ OPTIONS: tuple[Option, ...] = (
         "a folder of subject masks in `storydiff eval --mask-dir`'s layout (mask_NNN.png per frame showing "
         "characters): each frame offers only tokens inside its characters' mask (default: off, whole "
         "frames, as the official code); `auto`: found during the run from cross-attention on each "
-        "character's description (bank mode, UNet models and FLUX.1; step 0 unmasked); `off`: whole frames; "
+        "character's description (every model family, both modes; step 0 unmasked); `off`: whole frames; "
         "kept in the output folder's masks/",
         owner="cli",
         field=None,

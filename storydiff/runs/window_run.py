@@ -41,7 +41,7 @@ from ..families.registry import family_of
 from ..models.ip_adapter import ReferenceImages
 from ..support.progress import Progress, progress_bar
 from .distributed import HaloExchange, check_frames_per_rank
-from .lockstep import LockstepDenoiser, run_lockstep
+from .lockstep import LockstepDenoiser, StepHook, run_lockstep
 from .plan import Checkpointing, RunPlan, StoryRun
 
 
@@ -60,6 +60,7 @@ def run_window(
     references: ReferenceImages | None = None,
     progress: Progress = True,
     stats: dict | None = None,
+    step_hook: StepHook | None = None,
 ) -> torch.Tensor:
     """Denoise every frame of ``plan`` in window mode; returns the final latents (host memory), story order.
 
@@ -69,7 +70,8 @@ def run_window(
     this rank's block of frames is denoised, as one batch in step with the other ranks
     (``distributed.py``); only its latents are final. ``stats`` (a dict) receives ``halo_bytes_sent``, this
     rank's traffic. ``references``: reference images per character (``ip_adapter.ReferenceImages``), for a
-    pipeline with an IP-Adapter.
+    pipeline with an IP-Adapter. ``step_hook``: wrapped around every denoiser call (automatic subject
+    masks: ``LockstepDenoiser``).
     """
     settings = plan.settings
     chunk_size = settings.chunk_size
@@ -83,7 +85,7 @@ def run_window(
         plan = dataclasses.replace(plan, settings=settings)
     checkpointing = checkpointing or Checkpointing()
     num_frames, partition, active = plan.num_frames, plan.partition, plan.active
-    denoiser = LockstepDenoiser(pipe, plan, references=references)
+    denoiser = LockstepDenoiser(pipe, plan, references=references, step_hook=step_hook)
     halo = None
     if partition.distributed:
         window = state.config.window or 0
@@ -131,6 +133,7 @@ def run_story_window(run: StoryRun) -> dict:
         references=run.references,
         progress=run.progress,
         stats=stats,
+        step_hook=run.step_hook,
     )
     start, stop = plan.partition.block(plan.num_frames)
     bar = progress_bar(stop - start, "decoding frames", "frame", run.progress)

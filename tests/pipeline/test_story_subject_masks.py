@@ -151,16 +151,6 @@ def test_cli_subject_masks_and_resume(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
-def test_video_stories_refuse_masks(tmp_path):
-    pipe = build_tiny_pipeline("tiny-wan", progress_bar=False)
-    sp = StoryDiffusionPipeline(pipe)
-    try:
-        with pytest.raises(ValueError, match="image stories"):
-            sp(STORY, subject_masks=str(write_masks(tmp_path / "m")), num_inference_steps=1, progress=False)
-    finally:
-        sp.close()
-
-
 # ---------------------------------------------------------------------------------- bounded attention
 
 
