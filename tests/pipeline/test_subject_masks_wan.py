@@ -297,11 +297,14 @@ def test_wan22_records_both_experts(monkeypatch):
         assert kinds == {"WanAttnProcessor"}
 
 
-def test_image_to_video_shots_record_masks_too():
-    """Wan 2.2 I2V (two experts, keyframes): automatic masks record whole shots from both experts."""
+@pytest.mark.parametrize("model", ["tiny-wan2.2-i2v", "tiny-wan-i2v"])
+def test_image_to_video_shots_record_masks_too(model):
+    """Image-to-video with keyframes — Wan 2.2 (two experts) and Wan 2.1 (a CLIP image encoder: attn2
+    also holds image keys, a softmax of their own left out of the map): automatic masks record whole
+    shots."""
     from PIL import Image
 
-    pipe = build_tiny_pipeline("tiny-wan2.2-i2v", progress_bar=False)
+    pipe = build_tiny_pipeline(model, progress_bar=False)
     pixels = np.random.default_rng(0).integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
     recorded = []
     real = SubjectAttentionRecorder.record
@@ -321,3 +324,42 @@ def test_image_to_video_shots_record_masks_too():
         sp.close()
     assert recorded and all(r == (True, LATENT_FRAMES) for r in recorded)
     assert result.metadata["subject_masks"]["source"] == "auto" and len(result.images[0]) == SHOT_FRAMES
+
+
+class Stop(Exception):
+    """A run stopped right after its first checkpoint."""
+
+
+def test_window_mode_auto_masks_resume_to_the_whole_run(pipe, tmp_path, monkeypatch):
+    """Window mode, automatic masks, bounded, on shots: a run stopped after its step-1 checkpoint and
+    resumed gives the uninterrupted run's latents and masks (the checkpoint keeps the maps)."""
+    from story_helpers import recorded_latents, stacked
+
+    import storydiff.runs.lockstep as lockstep
+
+    settings = {**RUN, "mode": "window", "chunk_size": 2, "checkpoint_every": 1, "num_inference_steps": 3}
+    settings.update(subject_masks="auto", bounded=True)
+
+    def run(out, **extra):
+        sp = story_pipeline(pipe)
+        try:
+            with recorded_latents() as latents:
+                result = sp(STORY, out_dir=tmp_path / out, **settings, **extra)
+            return result, stacked(latents)
+        finally:
+            sp.close()
+
+    whole, whole_latents = run("whole")
+    save = lockstep.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        save(*args, **kwargs)
+        raise Stop
+
+    monkeypatch.setattr(lockstep, "save_checkpoint", save_then_stop)
+    with pytest.raises(Stop):
+        run("stopped")
+    monkeypatch.setattr(lockstep, "save_checkpoint", save)
+    resumed, resumed_latents = run("stopped", resume=True)
+    assert torch.equal(resumed_latents, whole_latents)
+    assert resumed.metadata["subject_masks"]["sha256"] == whole.metadata["subject_masks"]["sha256"]
