@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .op import consistent_attention_op
-from .torch_path import consistent_attention_torch
+from .torch_path import consistent_attention_torch, int8_attention_torch
 from .validation import TRITON_INSTALLED, check_inputs, check_triton_inputs, triton_supports
 
 
@@ -30,6 +30,7 @@ def consistent_attention(
     segments: torch.Tensor | None = None,
     bank_segments: torch.Tensor | None = None,
     pool_segments: torch.Tensor | None = None,
+    precision: str = "native",
 ) -> torch.Tensor:
     """Consistent self-attention: each frame attends to its own tokens plus sampled tokens of others.
 
@@ -103,6 +104,11 @@ def consistent_attention(
             makes the torch path raise and the kernel read garbage; ``key_lengths`` past N and
             ``pool_ranges`` outside the pool act as if clamped to them on every path (nothing outside is
             read); a length below 1 gives NaN rows.
+        precision: "native" (default: Q·Kᵀ in the inputs' dtype) or "int8": the 8-bit path
+            (``quantize.py``): Q and every key as int8 codes with one float32 scale per row, keys
+            smoothed by the call's key mean (the same vector for every key a query sees: the softmax
+            cancels it), the scores their exact int32 products scaled; softmax and P·V as on the native
+            path. Forward only (autograd raises). Within the accuracy contract of ``quantize.py``.
 
     The keys and values of frame i are its own N tokens (the first ``key_lengths[i]``), plus
     ``k[j, :, ref_idx[j]]`` (or ``pool_k[j]``) / ``v[j, :, ref_idx[j]]`` for every visible frame j != i of its
@@ -127,11 +133,14 @@ def consistent_attention(
     check_inputs(
         q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, backend, query_rows, pool_k,
         key_lengths, pool, pool_ranges, segments, bank_segments, pool_segments, check_indices,
+        precision=precision,
     )  # fmt: skip
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     pool_rows_k, pool_rows_v = (None, None) if pool is None else pool
     tensors = (q, k, v, bank_k, bank_v, pool_k, pool_rows_k, pool_rows_v)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if precision == "int8" and needs_grad:
+        raise ValueError("precision='int8' is forward-only: run it without autograd (torch.no_grad())")
     if backend == "triton" and not needs_grad:
         check_triton_inputs(q)
     use_triton = not needs_grad and (
@@ -145,23 +154,21 @@ def consistent_attention(
         return consistent_attention_op(
             q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, *rows, pool_k,
             key_lengths, pool_rows_k, pool_rows_v, pool_ranges, segments, bank_segments, pool_segments,
+            precision,
         )  # fmt: skip
+    options = {
+        "groups": groups,
+        "window": window,
+        "scale": scale,
+        "query_rows": query_rows,
+        "key_lengths": key_lengths,
+        "pool_ranges": pool_ranges,
+        "segments": segments,
+        "bank_segments": bank_segments,
+        "pool_segments": pool_segments,
+    }
+    if precision == "int8":
+        return int8_attention_torch(q, k, v, ref_idx, bank_k, bank_v, pool_k, pool, **options)
     return consistent_attention_torch(
-        q,
-        k,
-        v,
-        ref_idx,
-        groups=groups,
-        window=window,
-        bank_k=bank_k,
-        bank_v=bank_v,
-        scale=scale,
-        query_rows=query_rows,
-        pool_k=pool_k,
-        key_lengths=key_lengths,
-        pool=pool,
-        pool_ranges=pool_ranges,
-        segments=segments,
-        bank_segments=bank_segments,
-        pool_segments=pool_segments,
+        q, k, v, ref_idx, bank_k=bank_k, bank_v=bank_v, pool_k=pool_k, pool=pool, **options
     )

@@ -36,6 +36,7 @@ def consistent_attention_op(
     segments: Optional[torch.Tensor] = None,  # noqa: UP045
     bank_segments: Optional[torch.Tensor] = None,  # noqa: UP045
     pool_segments: Optional[torch.Tensor] = None,  # noqa: UP045
+    precision: str = "native",
 ) -> torch.Tensor:
     """``consistent_attention``'s arguments, positionally; ``query_rows=(a, b)`` travels as
     ``query_row_start=a, query_row_end=b`` (both None: every row borrows), ``pool=(keys, values)`` as
@@ -49,7 +50,7 @@ def consistent_attention_op(
     return triton_consistent_attention(
         q, k, v, ref_idx, groups, window, bank_k, bank_v, scale, query_rows, pool_k,
         key_lengths=key_lengths, pool=pool, pool_ranges=pool_ranges, segments=segments,
-        bank_segments=bank_segments, pool_segments=pool_segments,
+        bank_segments=bank_segments, pool_segments=pool_segments, precision=precision,
     )  # fmt: skip
 
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .pool import gather_reference_pool, index_tensor, to_device_async, visible_frame_range
+from .quantize import dequantize, quantize_inputs
 
 
 def _key_rows(
@@ -349,3 +350,48 @@ class _Segments:
 
     def for_rows(self, start: int, stop: int) -> _RowSegments:
         return _RowSegments(self.tokens[:, start:stop], self.table)
+
+
+def int8_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ref_idx: torch.Tensor | None,
+    bank_k: torch.Tensor | None,
+    bank_v: torch.Tensor | None,
+    pool_k: torch.Tensor | None,
+    pool: tuple[torch.Tensor, torch.Tensor] | None,
+    **options,
+) -> torch.Tensor:
+    """``precision="int8"`` on the torch path, the 8-bit path's reference implementation: the pre-pass of
+    ``quantize.py`` (per-row int8 codes and scales, keys smoothed by the call's key mean), its rows
+    dequantized in float32, then :func:`consistent_attention_torch` in float32 (values too) — scores equal
+    to the int32 products times the scales up to float32 summation order. Output in q's dtype."""
+    quantized = quantize_inputs(
+        q,
+        k,
+        key_lengths=options.get("key_lengths"),
+        pool_k=pool_k,
+        bank_k=bank_k,
+        pool_keys=None if pool is None else pool[0],
+    )
+
+    def rows(pair):
+        return None if pair is None else dequantize(*pair)
+
+    def wide(t):
+        return None if t is None else t.to(torch.float32)
+
+    explicit = None if pool is None else (rows(quantized.pool_keys), wide(pool[1]))
+    out = consistent_attention_torch(
+        rows(quantized.q),
+        rows(quantized.k),
+        wide(v),
+        ref_idx,
+        bank_k=rows(quantized.bank_k),
+        bank_v=wide(bank_v),
+        pool_k=rows(quantized.pool_k),
+        pool=explicit,
+        **options,
+    )
+    return out.to(q.dtype)

@@ -95,30 +95,46 @@ def _softmax_update(
     seg_k=None,
     seg_q=None,
     MASK_SEG: tl.constexpr = False,
+    ROW_SCALE: tl.constexpr = False,
 ):
-    """Raw scores [BLOCK_M, BLOCK_N] of keys ``o_n`` → (probabilities, rescale of the old accumulator, new
-    row sums, new row maxima), exp2 domain. MASK_N: keys at or past ``end`` score -inf; MASK_M: so do all
-    keys for rows outside ``m_rows`` — their running max comes from the own keys (always walked first), so
-    p = 0 and alpha = 1: their acc and l_i stay bit-exact. MASK_SEG: so do keys of segment ``seg_k``
-    [BLOCK_N] for rows of segment ``seg_q`` [BLOCK_M] unless seg_k is 0 or seg_q (bounded attention). Alone
-    it selects the raw scores and keeps the unmasked arithmetic, so all-zero segments give its bits."""
+    """Raw scores [BLOCK_M, BLOCK_N] of keys ``o_n`` → (probabilities, rescale of the old accumulator, new row
+    sums, new row maxima), exp2 domain. ``qk_scale``: the scores' scale into the exp2 domain, one
+    number, or (ROW_SCALE) one per query row [BLOCK_M] (the 8-bit path: each row's quantization scale
+    times the softmax scale, positive, so a row's maximum is still its largest raw score's). MASK_N:
+    keys at or past ``end`` score -inf; MASK_M: so do all keys for rows outside ``m_rows`` — their
+    running max comes from the own keys (always walked first), so p = 0 and alpha = 1: their acc and l_i
+    stay bit-exact. MASK_SEG: so do keys of segment ``seg_k`` [BLOCK_N] for rows of segment ``seg_q``
+    [BLOCK_M] unless seg_k is 0 or seg_q (bounded attention). Alone it selects the raw scores and keeps
+    the unmasked arithmetic, so all-zero segments give its bits."""
     if MASK_SEG:
         m_seg = (seg_k[None, :] == 0) | (seg_k[None, :] == seg_q[:, None])
+    scale_rows = qk_scale[:, None] if ROW_SCALE else qk_scale  # [BLOCK_M, 1] per row, or one number
     if MASK_N or MASK_M:
         m_s = o_n[None, :] < end
         if MASK_M:
             m_s = m_s & m_rows[:, None]
         if MASK_SEG:
             m_s = m_s & m_seg
-        b_s = tl.where(m_s, b_s * qk_scale, float("-inf"))
+        b_s = tl.where(m_s, b_s * scale_rows, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(b_s, 1))
         b_s = b_s - m_new[:, None]
     else:
         if MASK_SEG:
             b_s = tl.where(m_seg, b_s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
-        b_s = b_s * qk_scale - m_new[:, None]
+        b_s = b_s * scale_rows - m_new[:, None]
     b_p = tl.math.exp2(b_s)
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(b_p, 1)
     return b_p, alpha, l_i, m_new
+
+
+@triton.jit
+def _int8_scores(b_q, b_kt, b_ks):
+    """Raw scores [BLOCK_M, BLOCK_N] of int8 query codes [BLOCK_M, D] and transposed key codes
+    [D, BLOCK_N]: the exact int32 products times each key row's scale — ``quantize.int8_scores`` with
+    unit query scales, bit for bit. The query rows' scales join the softmax scale (``_softmax_update``'s
+    ROW_SCALE), which multiplies every raw score anyway: one multiply per score more than the 16-bit path,
+    not two."""
+    b_s = tl.dot(b_q, b_kt, out_dtype=tl.int32).to(tl.float32)
+    return b_s * b_ks[None, :]

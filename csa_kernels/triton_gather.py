@@ -50,7 +50,7 @@ def gather_pools(
     frames, heads, _, head_dim = v.shape
     samples = ref_idx.shape[1]
     pool_v = torch.empty(frames, samples, heads, head_dim, dtype=v.dtype, device=v.device)
-    pool_k = torch.empty_like(pool_v) if gather_k else None
+    pool_k = torch.empty(pool_v.shape, dtype=k.dtype, device=k.device) if gather_k else None  # int8 codes too
     ref_idx = ref_idx if ref_idx.stride(-1) == 1 else ref_idx.contiguous()
     block_s = 32
     grid = (triton.cdiv(samples, block_s), frames * heads)

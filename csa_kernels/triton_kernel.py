@@ -41,8 +41,10 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .pool import new_output
+from .quantize import quantize_inputs
 from .triton_common import (
     _borrowing_rows,
+    _int8_scores,
     _load_segments,
     _own_keys_end,
     _pool_rows,
@@ -86,6 +88,10 @@ def _attn_tile(
     p_seg=None,
     seg_q=None,
     MASK_SEG: tl.constexpr = False,
+    p_ks=None,
+    stride_ksn=0,
+    b_qs=None,
+    INT8: tl.constexpr = False,
 ):
     o_n = n0 + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, HEAD_DIM_P)
@@ -96,13 +102,22 @@ def _attn_tile(
         m_v = m_v & (o_n[:, None] < end)
     # [HEAD_DIM_P, BLOCK_N]: K loaded transposed so the dot needs no permute
     b_kt = tl.load(p_k + o_n[None, :] * stride_kn + o_d[:, None], mask=m_k, other=0.0)
-    if DOT_F32:
+    if DOT_F32 and not INT8:
         b_kt = b_kt.to(tl.float32)
     # [BLOCK_M, BLOCK_N]
-    b_s = tl.dot(b_q, b_kt, input_precision=INPUT_PRECISION)
+    if INT8:  # int8 codes: exact int32 products, then the rows' scales (quantize.int8_scores)
+        if MASK_N:
+            b_ks = tl.load(p_ks + o_n * stride_ksn, mask=o_n < end, other=0.0)
+        else:
+            b_ks = tl.load(p_ks + o_n * stride_ksn)
+        b_s = _int8_scores(b_q, b_kt, b_ks)
+        # each query row's scale, times the softmax scale (the launcher folds it in), in qk_scale's place
+        qk_scale = b_qs
+    else:
+        b_s = tl.dot(b_q, b_kt, input_precision=INPUT_PRECISION)
     seg_k = _load_segments(p_seg, o_n, end, MASK_N) if MASK_SEG else o_n
     b_p, alpha, l_i, m_new = _softmax_update(
-        b_s, m_i, l_i, o_n, end, m_rows, qk_scale, MASK_N, MASK_M, seg_k, seg_q, MASK_SEG
+        b_s, m_i, l_i, o_n, end, m_rows, qk_scale, MASK_N, MASK_M, seg_k, seg_q, MASK_SEG, INT8
     )
     # [BLOCK_N, HEAD_DIM_P]
     b_v = tl.load(p_v + o_n[:, None] * stride_vn + o_d[None, :], mask=m_v, other=0.0)
@@ -135,20 +150,27 @@ def _attn_range(
     p_seg=None,
     seg_q=None,
     MASK_SEG: tl.constexpr = False,
+    p_ks=None,
+    stride_ksn=0,
+    b_qs=None,
+    INT8: tl.constexpr = False,
 ):
     """Keys/values rows [start, end): full tiles unmasked, then one masked tail tile if needed.
     MASK_M: only the query rows where ``m_rows`` is true attend to them. MASK_SEG: only the query rows of
-    segments ``seg_q`` a key's segment (at ``p_seg`` + row) shows it to."""
+    segments ``seg_q`` a key's segment (at ``p_seg`` + row) shows it to. INT8: keys are int8 codes whose
+    row scales sit at ``p_ks`` + row · ``stride_ksn`` (the queries': ``b_qs``)."""
     full_end = start + (end - start) // BLOCK_N * BLOCK_N
     for n0 in range(start, full_end, BLOCK_N):
         acc, l_i, m_i = _attn_tile(
             acc, l_i, m_i, b_q, p_k, p_v, stride_kn, stride_vn, n0, end, m_rows, qk_scale,
             HEAD_DIM, HEAD_DIM_P, BLOCK_N, False, MASK_M, DOT_F32, INPUT_PRECISION, p_seg, seg_q, MASK_SEG,
+            p_ks, stride_ksn, b_qs, INT8,
         )  # fmt: skip
     if full_end < end:
         acc, l_i, m_i = _attn_tile(
             acc, l_i, m_i, b_q, p_k, p_v, stride_kn, stride_vn, full_end, end, m_rows, qk_scale,
             HEAD_DIM, HEAD_DIM_P, BLOCK_N, True, MASK_M, DOT_F32, INPUT_PRECISION, p_seg, seg_q, MASK_SEG,
+            p_ks, stride_ksn, b_qs, INT8,
         )  # fmt: skip
     return acc, l_i, m_i
 
@@ -183,22 +205,31 @@ def _attn_borrowed(
     p_bseg=None,
     seg_q=None,
     HAS_SEGMENTS: tl.constexpr = False,
+    p_pks=None,
+    p_bks=None,
+    stride_pks=0,
+    b_qs=None,
+    INT8: tl.constexpr = False,
 ):
     """The borrowed keys: the pool rows of the visible frames before and after this one, then the bank.
     HAS_SEGMENTS: each key tile's segment ids (pool rows' at ``p_pseg``, the bank's at ``p_bseg``) are
-    compared with the query rows' ``seg_q``."""
+    compared with the query rows' ``seg_q``. INT8: the pool rows' scales at ``p_pks`` + row ·
+    ``stride_pks``, the bank's at ``p_bks`` + row."""
     acc, l_i, m_i = _attn_range(
         acc, l_i, m_i, b_q, p_pk, p_pv, stride_pn, stride_pn, before_start, before_end, m_rows, qk_scale,
         HEAD_DIM, HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION, p_pseg, seg_q, HAS_SEGMENTS,
+        p_pks, stride_pks, b_qs, INT8,
     )  # fmt: skip
     acc, l_i, m_i = _attn_range(
         acc, l_i, m_i, b_q, p_pk, p_pv, stride_pn, stride_pn, after_start, after_end, m_rows, qk_scale,
         HEAD_DIM, HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION, p_pseg, seg_q, HAS_SEGMENTS,
+        p_pks, stride_pks, b_qs, INT8,
     )  # fmt: skip
     if HAS_BANK:
         acc, l_i, m_i = _attn_range(
             acc, l_i, m_i, b_q, p_bk, p_bv, stride_bm, stride_bm, 0, M, m_rows, qk_scale,
             HEAD_DIM, HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION, p_bseg, seg_q, HAS_SEGMENTS,
+            p_bks, 1, b_qs, INT8,
         )  # fmt: skip
     return acc, l_i, m_i
 
@@ -215,6 +246,7 @@ def _consistent_attn_fwd(
     H, N, S, M, frames_per_group, window, row_start, row_end, qk_scale,
     KL, PR, P,  # key lengths (B,), pool ranges (B, 4), pool rows: read only under their flags
     SEG, PSEG, BSEG,  # int32 segment ids of tokens (B, N), pool rows (P,), banks (G, M): HAS_SEGMENTS only
+    QS, KS, PKS, BKS,  # fp32 row scales of Q, K (B, H, N), pool keys (P, H), bank keys (G, H, M): INT8 only
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -226,6 +258,7 @@ def _consistent_attn_fwd(
     HAS_KEY_LENGTHS: tl.constexpr = False,
     HAS_POOL_RANGES: tl.constexpr = False,
     HAS_SEGMENTS: tl.constexpr = False,
+    INT8: tl.constexpr = False,
 ):  # fmt: skip
     i_m = tl.program_id(0)
     # head-major: the frames of one head run next to each other and share its pool and bank rows in L2
@@ -239,8 +272,11 @@ def _consistent_attn_fwd(
     b_q = tl.load(
         Q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qn + o_d[None, :], mask=m_q, other=0.0
     )
-    if DOT_F32:
+    if DOT_F32 and not INT8:
         b_q = b_q.to(tl.float32)
+    b_qs = o_m  # INT8: the query rows' scales (masked rows: 0, their scores are never stored)
+    if INT8:
+        b_qs = tl.load(QS + (i_b * H + i_h) * N + o_m, mask=o_m < N, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -250,7 +286,8 @@ def _consistent_attn_fwd(
     acc, l_i, m_i = _attn_range(
         acc, l_i, m_i, b_q, K + i_b * stride_kb + i_h * stride_kh, V + i_b * stride_vb + i_h * stride_vh,
         stride_kn, stride_vn, 0, own_end, o_m, qk_scale,
-        HEAD_DIM, HEAD_DIM_P, BLOCK_N, False, DOT_F32, INPUT_PRECISION,
+        HEAD_DIM, HEAD_DIM_P, BLOCK_N, False, DOT_F32, INPUT_PRECISION, None, None, False,
+        KS + (i_b * H + i_h) * N, 1, b_qs, INT8,
     )  # fmt: skip
     p_pk = PK + i_h * stride_ph
     p_pv = PV + i_h * stride_ph
@@ -265,14 +302,14 @@ def _consistent_attn_fwd(
             acc, l_i, m_i, b_q, p_pk, p_pv, BK + o_bank, BV + o_bank, stride_pn, stride_bm,
             before_start, before_end, after_start, after_end, M, m_rows, qk_scale,
             HEAD_DIM, HEAD_DIM_P, BLOCK_N, HAS_BANK, False, DOT_F32, INPUT_PRECISION,
-            PSEG, p_bseg, seg_q, HAS_SEGMENTS,
+            PSEG, p_bseg, seg_q, HAS_SEGMENTS, PKS + i_h, BKS + (i_g * H + i_h) * M, H, b_qs, INT8,
         )  # fmt: skip
     elif borrow_any:
         acc, l_i, m_i = _attn_borrowed(
             acc, l_i, m_i, b_q, p_pk, p_pv, BK + o_bank, BV + o_bank, stride_pn, stride_bm,
             before_start, before_end, after_start, after_end, M, m_rows, qk_scale,
             HEAD_DIM, HEAD_DIM_P, BLOCK_N, HAS_BANK, True, DOT_F32, INPUT_PRECISION,
-            PSEG, p_bseg, seg_q, HAS_SEGMENTS,
+            PSEG, p_bseg, seg_q, HAS_SEGMENTS, PKS + i_h, BKS + (i_g * H + i_h) * M, H, b_qs, INT8,
         )  # fmt: skip
 
     acc = acc / l_i[:, None]
@@ -284,7 +321,16 @@ _consistent_attn_fwd_tuned = triton.autotune(
     configs=autotune_configs(),
     # Tile shape depends on the per-frame token count and head dim, hardly on how many reference or bank
     # tokens follow: leaving S, M and the group size out avoids re-tuning for every story layout.
-    key=["N", "HEAD_DIM", "HAS_BANK", "HAS_ROW_RANGE", "HAS_KEY_LENGTHS", "HAS_POOL_RANGES", "HAS_SEGMENTS"],
+    key=[
+        "N",
+        "HEAD_DIM",
+        "HAS_BANK",
+        "HAS_ROW_RANGE",
+        "HAS_KEY_LENGTHS",
+        "HAS_POOL_RANGES",
+        "HAS_SEGMENTS",
+        "INT8",
+    ],
     prune_configs_by={"early_config_prune": prune},
 )(_consistent_attn_fwd)
 
@@ -349,6 +395,7 @@ def triton_consistent_attention(
     segments: torch.Tensor | None = None,
     bank_segments: torch.Tensor | None = None,
     pool_segments: torch.Tensor | None = None,
+    precision: str = "native",
 ) -> torch.Tensor:
     """Launch the fused forward. Inputs are assumed validated (see validation.py). ``pool_k``: (B, H, S, D)
     key pool to use instead of gathering k at ``ref_idx``. ``key_lengths`` (B,): frame b's own keys end at
@@ -357,7 +404,8 @@ def triton_consistent_attention(
     ``bank_segments`` (G, M), ``pool_segments`` (R,): segment ids (any of them given: HAS_SEGMENTS, the others
     zeros; the gathered pool's are ``segments`` at ``ref_idx``). ``path``: "pointer"
     or "tma" (tensor descriptors; falls back to "pointer" for tensors TMA cannot address); None:
-    ``kernel_path(q)``."""
+    ``kernel_path(q)``. ``precision="int8"``: the pre-pass of ``quantize.py`` first, then the kernel with
+    INT8 on int8 codes and float32 row scales (the pointer path)."""
     if q.device.type != "cuda" and not INTERPRETED:
         raise ValueError(
             f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before csa_kernels' Triton "
@@ -367,6 +415,12 @@ def triton_consistent_attention(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     num_frames, num_heads, num_tokens, head_dim = q.shape
     num_refs = ref_idx.shape[1]
+    int8 = precision == "int8"
+    scales = (q, q, q, q)  # the row scales of Q, K, the pool's keys and the bank's: INT8 only
+    dtype = q.dtype
+    if int8:  # codes in place of Q and every key; the kernel reads their scales beside them
+        q, k, pool_k, bank_k, pool, scales = _quantized(q, k, ref_idx, pool_k, bank_k, pool, key_lengths)
+        path = "pointer"
     # pool_k / pool_v: (rows, H, D) with one set of strides (the kernel reads both with it)
     if pool is not None:
         pool_k, pool_v = pool
@@ -399,8 +453,8 @@ def triton_consistent_attention(
     has_key_lengths, has_pool_ranges = key_lengths is not None, pool_ranges is not None
     key_lengths = key_lengths.contiguous() if has_key_lengths else q
     pool_ranges = pool_ranges.contiguous() if has_pool_ranges else q
-    head_dim_p = max(16, triton.next_power_of_2(head_dim))
-    dtype = q.dtype
+    # int8 MMAs take K in steps of 32 (m16n8k32): the padded head dim of int8 codes is at least 32
+    head_dim_p = max(32 if int8 else 16, triton.next_power_of_2(head_dim))
     # fp32 inputs get true fp32 products (ieee), not TF32, to stay within 2x of PyTorch's fp32 error.
     # The interpreter's tl.dot is wrong on bf16 operands (ARCHITECTURE.md §5): upcast there, loads stay bf16.
     input_precision = "ieee" if dtype == torch.float32 else "tf32"
@@ -444,6 +498,7 @@ def triton_consistent_attention(
         row_start, row_end,
         scale * LOG2E,
         key_lengths, pool_ranges, num_pool, *segment_ids,
+        *(_fold_score_scale(scales, scale * LOG2E) if int8 else scales),
         HEAD_DIM=head_dim,
         HEAD_DIM_P=head_dim_p,
         HAS_BANK=has_bank,
@@ -453,9 +508,52 @@ def triton_consistent_attention(
         HAS_KEY_LENGTHS=has_key_lengths,
         HAS_POOL_RANGES=has_pool_ranges,
         HAS_SEGMENTS=has_segments,
+        INT8=int8,
         **extra,
     )  # fmt: skip
     return out
+
+
+def _quantized(q, k, ref_idx, pool_k, bank_k, pool, key_lengths):
+    """The INT8 path's inputs (``quantize.quantize_inputs``): Q's and K's codes, the borrowed keys' codes
+    in the layouts the launcher takes (``pool_k`` (B, H, S, D), ``bank_k`` (G, H, M, D), an explicit
+    pool's keys (R, H, D)), and the kernel's four contiguous scale tensors: Q and K (B, H, N), the pool
+    rows' (P, H) — the gathered pool's are K's at ``ref_idx``, as its rows are K's — and the bank's
+    (G, H, M). A missing part's scales are Q's (never read)."""
+    has_bank = bank_k is not None and bank_k.shape[2] > 0
+    quantized = quantize_inputs(
+        q,
+        k,
+        key_lengths=key_lengths,
+        pool_k=pool_k,
+        bank_k=bank_k if has_bank else None,
+        pool_keys=None if pool is None else pool[0],
+    )
+    (q_codes, q_scale), (k_codes, k_scale) = quantized.q, quantized.k
+    pool_scale = q_scale
+    if pool is not None:
+        pool = (quantized.pool_keys[0], pool[1])
+        pool_scale = quantized.pool_keys[1].contiguous()
+    elif ref_idx.shape[1]:
+        if pool_k is not None:
+            pool_k, gathered = quantized.pool_k
+        else:  # the kernel's pool rows are K's rows at ref_idx (gather_pools): so are their scales
+            index = ref_idx[:, None, :].expand(-1, k_scale.shape[1], -1)
+            gathered = k_scale.gather(2, index)
+        pool_scale = gathered.transpose(1, 2).contiguous().flatten(0, 1)  # (B·S, H), as the pool rows
+    bank_scale = q_scale
+    if has_bank:
+        bank_k, bank_scale = quantized.bank_k
+        bank_scale = bank_scale.contiguous()
+    scales = (q_scale.contiguous(), k_scale.contiguous(), pool_scale, bank_scale)
+    return q_codes, k_codes, pool_k, bank_k, pool, scales
+
+
+def _fold_score_scale(scales: tuple, qk_scale: float) -> tuple:
+    """The INT8 kernel takes the softmax scale (times log2 e) in the query rows' scales: a score in the
+    exp2 domain is then ``((q8 · k8) · sk) · (sq · qk_scale)`` (``_attn_tile``)."""
+    q_scale, *rest = scales
+    return (q_scale * qk_scale, *rest)
 
 
 def _segment_ids(q, ref_idx, segments, bank_segments, pool_segments, num_pool, groups, num_bank, pool):
@@ -535,8 +633,12 @@ def compile_for_target(
     example: tuple[int, int, int, int, int] | None = (4, 8, 1024, 512, 256),
     path: str = "pointer",
     warp_specialize: bool = False,
+    int8: bool = False,
 ):
     """Compile the kernel ahead of time for an NVIDIA target (default sm_90, Hopper); needs no GPU.
+
+    ``int8``: the 8-bit path (``precision="int8"``: int8 Q and keys with float32 row scales; pointer path
+    only, as launches run it).
 
     ``path``: "pointer" (the kernel of every GPU before sm_90) or "tma" (tensor descriptors, triton_tma.py;
     needs ``example``: a descriptor's specialization comes from its tensor); ``warp_specialize``: its key
@@ -559,9 +661,11 @@ def compile_for_target(
 
     if INTERPRETED:
         raise RuntimeError("compile_for_target needs TRITON_INTERPRET unset when csa_kernels is imported")
+    if int8 and path != "pointer":
+        raise ValueError("the 8-bit path runs on the pointer kernel: compile it with path='pointer'")
     constexprs = {
         "HEAD_DIM": head_dim,
-        "HEAD_DIM_P": max(16, triton.next_power_of_2(head_dim)),
+        "HEAD_DIM_P": max(32 if int8 else 16, triton.next_power_of_2(head_dim)),
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
         "HAS_BANK": has_bank,
@@ -572,7 +676,9 @@ def compile_for_target(
         "HAS_POOL_RANGES": has_pool_ranges,
         "HAS_SEGMENTS": has_segments,
     }
-    features = (has_key_lengths, has_pool_ranges, has_segments)
+    if int8:  # left out otherwise: the 16-bit kernel compiles exactly as before the flag existed
+        constexprs["INT8"] = True
+    features = (has_key_lengths, has_pool_ranges, has_segments, int8)
     target = GPUTarget("cuda", arch, 32)
     options = {"num_warps": num_warps, "num_stages": num_stages}
     if path == "tma":
@@ -582,7 +688,7 @@ def compile_for_target(
         constexprs["WARP_SPECIALIZE"] = warp_specialize
         fn = _consistent_attn_fwd_tma
         args = _example_tma_args(dtype, head_dim, example, has_bank, has_row_range, block_m, block_n)
-        args += _example_feature_args(dtype, example, *features)
+        args += _example_feature_args(dtype, example, *features[:3])
     elif example is None:
         pointer = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
         names = _consistent_attn_fwd.arg_names
@@ -590,6 +696,8 @@ def compile_for_target(
         signature.update({name: pointer for name in ("Q", "K", "V", "PK", "PV", "BK", "BV", "Out")})
         signature.update(KL="*i32" if has_key_lengths else pointer, PR="*i32" if has_pool_ranges else pointer)
         signature.update({name: "*i32" if has_segments else pointer for name in ("SEG", "PSEG", "BSEG")})
+        signature.update({name: "*fp32" if int8 else pointer for name in ("QS", "KS", "PKS", "BKS")})
+        signature.update({name: "*i8" for name in ("Q", "K", "PK", "BK") if int8})
         signature.update({name: "constexpr" for name in constexprs}, qk_scale="fp32")
         source = ASTSource(
             fn=_consistent_attn_fwd,
@@ -599,7 +707,7 @@ def compile_for_target(
         return triton.compile(source, target=target, options=options)
     else:
         fn = _consistent_attn_fwd
-        args = _example_launch_args(dtype, head_dim, example, has_bank, has_row_range)
+        args = _example_launch_args(dtype, head_dim, example, has_bank, has_row_range, int8)
         args += _example_feature_args(dtype, example, *features)
     # What JITFunction.run does for a launch (triton/runtime/jit.py): bind, specialize, pack.
     from triton.runtime.jit import create_function_from_signature
@@ -612,20 +720,22 @@ def compile_for_target(
     return triton.compile(ASTSource(fn, signature, consts, attrs), target=target, options=opts.__dict__)
 
 
-def _example_launch_args(dtype, head_dim, example, has_bank, has_row_range) -> list:
+def _example_launch_args(dtype, head_dim, example, has_bank, has_row_range, int8=False) -> list:
     """The runtime arguments triton_consistent_attention passes for contiguous inputs of shape ``example``;
-    tensors as Triton's MockTensor (its data pointer is 0: 16-byte aligned, as CUDA allocations are)."""
+    tensors as Triton's MockTensor (its data pointer is 0: 16-byte aligned, as CUDA allocations are).
+    ``int8``: Q and the keys (K, pool keys, bank keys) as int8 codes."""
     from triton.runtime.jit import MockTensor
 
     frames, heads, tokens, refs, bank = example
     bank = bank if has_bank else 0  # no bank: the launch passes k's strides and M = 0
     t = MockTensor(dtype)
+    codes = MockTensor(torch.int8) if int8 else t
     qkvo = (heads * tokens * head_dim, tokens * head_dim, head_dim)  # (B, H, N, D) contiguous
     pool = (heads * head_dim, head_dim)  # (B, S, H, D) contiguous, strides of S and H
     bank_strides = (heads * bank * head_dim, bank * head_dim, head_dim) if bank else qkvo
     rows = (tokens // 4, tokens) if has_row_range else (0, tokens)
     return [
-        *[t] * 8, *qkvo, *qkvo, *qkvo, *pool, *bank_strides, *qkvo,
+        codes, codes, t, codes, t, codes, t, t, *qkvo, *qkvo, *qkvo, *pool, *bank_strides, *qkvo,
         heads, tokens, refs, bank, frames, frames, *rows, 0.125 * LOG2E,
     ]  # fmt: skip
 
@@ -662,12 +772,17 @@ def _example_tma_args(dtype, head_dim, example, has_bank, has_row_range, block_m
     ]  # fmt: skip
 
 
-def _example_feature_args(dtype, example, has_key_lengths, has_pool_ranges, has_segments) -> list:
+def _example_feature_args(dtype, example, has_key_lengths, has_pool_ranges, has_segments, int8=None) -> list:
     """KL, PR, P, SEG, PSEG, BSEG of a launch: int32 index tensors where the feature is on, else q (never
-    read); the pool's rows (frames·refs of the gathered pool)."""
+    read); the pool's rows (frames·refs of the gathered pool). ``int8`` (the pointer kernel's arguments:
+    True or False; None for the descriptor kernel, which has none): then QS, KS, PKS, BKS, float32 row
+    scales where on, else q."""
     from triton.runtime.jit import MockTensor
 
     frames, _, _, refs, _ = example
     t, index = MockTensor(dtype), MockTensor(torch.int32)
     segment_ids = [index if has_segments else t] * 3
-    return [index if has_key_lengths else t, index if has_pool_ranges else t, frames * refs, *segment_ids]
+    args = [index if has_key_lengths else t, index if has_pool_ranges else t, frames * refs, *segment_ids]
+    if int8 is not None:
+        args += [MockTensor(torch.float32) if int8 else t] * 4
+    return args

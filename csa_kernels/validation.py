@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from .quantize import PRECISIONS
+
 BACKENDS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DTYPES = (*TRITON_DTYPES, torch.float64)  # float64: torch path only (gradcheck, gold answers)
@@ -64,6 +66,7 @@ def check_inputs(
     bank_segments: torch.Tensor | None = None,
     pool_segments: torch.Tensor | None = None,
     check_indices: bool = True,
+    precision: str = "native",
 ) -> None:
     """Raise ``TypeError``/``ValueError`` naming the bad argument and what was expected.
 
@@ -134,6 +137,8 @@ def check_inputs(
         raise ValueError(f"scale must be None or a finite number > 0, got {scale!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     check_query_rows(query_rows, num_tokens)
     check_key_lengths(key_lengths, q, ref_idx, check_indices)
     if pool is None and pool_ranges is None:

@@ -70,12 +70,12 @@ def op_calls(monkeypatch):
     calls = []
     check = api.check_inputs
 
-    def spy(*args):
+    def spy(*args, **kwargs):  # check_indices: the last positional argument
         frame = sys._getframe(1)
         while frame.f_code.co_filename.endswith("api.py"):
             frame = frame.f_back
         calls.append((f"{frame.f_globals['__name__']}:{frame.f_code.co_name}", args[-1]))
-        return check(*args)
+        return check(*args, **kwargs)
 
     monkeypatch.setattr(api, "check_inputs", spy)
     return calls
