@@ -13,6 +13,9 @@ reports per config:
   loops are where an optional feature such as segment ids adds its work).
 
 ``--features segments`` (or row_range, key_lengths, pool_ranges) compiles those optional features on.
+``--precision int8`` compiles the 8-bit path (int8 Q and keys, float32 row scales): its ``mma`` column then
+names the integer MMA beside the 16-bit one (``mma.s8+mma``: IMMA on sm_80/89; ``wgmma.s8+wgmma``: IGMMA,
+sm_90's warpgroup MMA on s8 operands).
 
 **Steady loop.** The innermost loop in the SASS that holds MMA instructions: a backward branch (``BRA``
 whose target address precedes it) closes a loop spanning [target, branch]; of those that contain an MMA,
@@ -58,7 +61,7 @@ def parse_sass(sass: str) -> list[tuple[int, str, str]]:
 
 
 def _is_mma(op: str) -> bool:
-    return op.split(".")[0] in ("HGMMA", "WGMMA", "HMMA")
+    return op.split(".")[0] in ("HGMMA", "WGMMA", "HMMA", "IGMMA", "IMMA")
 
 
 def steady_loops(instrs: list[tuple[int, str, str]]) -> list[list[tuple[int, str, str]]]:
@@ -90,8 +93,13 @@ def _load_kind(instrs) -> str:
 
 
 def _mma_kind(instrs) -> str:
+    """``wgmma`` (HGMMA), ``mma`` (HMMA) or ``none``; the 8-bit path's integer MMAs join it as
+    ``wgmma.s8`` (IGMMA, sm_90's warpgroup MMA on s8 operands) or ``mma.s8`` (IMMA, sm_80/89), e.g.
+    ``wgmma.s8+wgmma``: Q·Kᵀ in int8, P·V in 16 bits."""
     ops = {op.split(".")[0] for _, op, _ in instrs}
-    return "wgmma" if ops & {"HGMMA", "WGMMA"} else "mma" if "HMMA" in ops else "none"
+    kinds = [name for name, opcode in (("wgmma.s8", "IGMMA"), ("mma.s8", "IMMA")) if opcode in ops]
+    kinds.append("wgmma" if ops & {"HGMMA", "WGMMA"} else "mma" if "HMMA" in ops else "none")
+    return "+".join(kinds) if len(kinds) > 1 else kinds[0]
 
 
 def _ptxas_spills(ptx: str, arch: int) -> int:
@@ -203,8 +211,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         choices=FEATURES,
         help="optional kernel features compiled on (their flags: has_<feature>); default none",
     )
+    parser.add_argument(
+        "--precision",
+        choices=["native", "int8"],
+        default="native",
+        help="the kernel's Q·Kᵀ: native (the inputs' 16-bit type) or int8 (the 8-bit path: int8 Q and keys "
+        "with float32 row scales, P·V in the 16-bit type)",
+    )
     parser.add_argument("--out", help="folder for a JSON file of the rows (default: none written)")
     args = parser.parse_args(argv)
+    int8 = args.precision == "int8"
     from tqdm import tqdm
 
     from csa_kernels.tuning import allowed, as_dict, autotune_configs, fixed_config, shared_memory_limit
@@ -218,20 +234,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if args.pruned:
                     limit = shared_memory_limit(arch)
                     space = [as_dict(c) for c in autotune_configs()]
-                    chosen = [c for c in space if allowed(c, head_dim_p, dtype.itemsize, limit, path)]
+                    chosen = [
+                        c for c in space if allowed(c, head_dim_p, dtype.itemsize, limit, path, int8=int8)
+                    ]
                 else:
-                    chosen = args.config or [fixed_config(head_dim_p, dtype, path)]
+                    chosen = args.config or [fixed_config(head_dim_p, dtype, path, int8=int8)]
                 jobs += [(arch, head_dim, dtype, config, path) for config in chosen]
     rows = []
     for arch, head_dim, dtype, config, path in tqdm(
         jobs, desc="compiling", unit="config", disable=len(jobs) < 4
     ):
         flags = {f"has_{feature}": True for feature in args.features}
+        if int8:  # left out for native rows: their JSON stays as before the flag existed
+            flags["int8"] = True
         rows.append(inspect_kernel(arch, head_dim, dtype, config, path=path, **flags))
     print(format_table(rows))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        tag = "".join(f"_{feature}" for feature in args.features)
+        tag = "".join(f"_{feature}" for feature in args.features) + ("_int8" if int8 else "")
         path = os.path.join(args.out, f"inspect{tag}_triton{rows[0]['triton']}.json")
         with open(path + ".tmp", "w") as f:
             json.dump(rows, f, indent=1)

@@ -347,6 +347,7 @@ _consistent_attn_fwd_tma_tuned = triton.autotune(
         "HAS_KEY_LENGTHS",
         "HAS_POOL_RANGES",
         "HAS_SEGMENTS",
+        "INT8",
     ],
     prune_configs_by={"early_config_prune": prune_tma},
 )(_consistent_attn_fwd_tma)
@@ -404,8 +405,8 @@ def triton_consistent_attention(
     ``bank_segments`` (G, M), ``pool_segments`` (R,): segment ids (any of them given: HAS_SEGMENTS, the others
     zeros; the gathered pool's are ``segments`` at ``ref_idx``). ``path``: "pointer"
     or "tma" (tensor descriptors; falls back to "pointer" for tensors TMA cannot address); None:
-    ``kernel_path(q)``. ``precision="int8"``: the pre-pass of ``quantize.py`` first, then the kernel with
-    INT8 on int8 codes and float32 row scales (the pointer path)."""
+    ``kernel_path(q)``. ``precision="int8"``: the pre-pass of ``quantize.py`` first, then either kernel
+    with INT8 on int8 codes and float32 row scales (the softmax scale folded into the query rows')."""
     if q.device.type != "cuda" and not INTERPRETED:
         raise ValueError(
             f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before csa_kernels' Triton "
@@ -420,7 +421,7 @@ def triton_consistent_attention(
     dtype = q.dtype
     if int8:  # codes in place of Q and every key; the kernel reads their scales beside them
         q, k, pool_k, bank_k, pool, scales = _quantized(q, k, ref_idx, pool_k, bank_k, pool, key_lengths)
-        path = "pointer"
+        scales = _fold_score_scale(scales, scale * LOG2E)
     # pool_k / pool_v: (rows, H, D) with one set of strides (the kernel reads both with it)
     if pool is not None:
         pool_k, pool_v = pool
@@ -471,8 +472,8 @@ def triton_consistent_attention(
         segment_ids = _segment_ids(
             q, ref_idx, segments, bank_segments, pool_segments, num_pool, groups, num_bank, pool
         )
-    features = (key_lengths, pool_ranges, num_pool, *segment_ids)
-    features += (has_key_lengths, has_pool_ranges, has_segments)
+    features = (key_lengths, pool_ranges, num_pool, *segment_ids, *scales)
+    features += (has_key_lengths, has_pool_ranges, has_segments, int8)
     path = path or kernel_path(q)
     if path == "tma" and tma_compatible(q, k, v, pool_k, pool_v, bank_k, bank_v, out):
         args = (q, k, v, pool_k, pool_v, bank_k, bank_v, out, num_refs, num_bank, has_bank, has_row_range)
@@ -484,7 +485,7 @@ def triton_consistent_attention(
     elif AUTOTUNE:
         kernel, extra = _consistent_attn_fwd_tuned, {}
     else:
-        kernel, extra = _consistent_attn_fwd, fixed_config(head_dim_p, dtype)
+        kernel, extra = _consistent_attn_fwd, fixed_config(head_dim_p, dtype, int8=int8)
     kernel[grid](
         q, k, v, pool_k, pool_v, bank_k, bank_v, out,
         q.stride(0), q.stride(1), q.stride(2),
@@ -497,8 +498,7 @@ def triton_consistent_attention(
         frames_per_group if window is None else window,
         row_start, row_end,
         scale * LOG2E,
-        key_lengths, pool_ranges, num_pool, *segment_ids,
-        *(_fold_score_scale(scales, scale * LOG2E) if int8 else scales),
+        key_lengths, pool_ranges, num_pool, *segment_ids, *scales,
         HEAD_DIM=head_dim,
         HEAD_DIM_P=head_dim_p,
         HAS_BANK=has_bank,
@@ -582,8 +582,8 @@ def _segment_ids(q, ref_idx, segments, bank_segments, pool_segments, num_pool, g
 def _launch_tma(
     q, k, v, pool_k, pool_v, bank_k, bank_v, out, num_refs, num_bank, has_bank, has_row_range,
     frames_per_group, window, row_start, row_end, scale, head_dim_p, dot_f32, input_precision,
-    key_lengths, pool_ranges, num_pool, seg, pool_seg, bank_seg, has_key_lengths, has_pool_ranges,
-    has_segments, grid,
+    key_lengths, pool_ranges, num_pool, seg, pool_seg, bank_seg, q_scale, k_scale, pool_scale, bank_scale,
+    has_key_lengths, has_pool_ranges, has_segments, int8, grid,
 ) -> None:  # fmt: skip
     """The Hopper kernel over tensor descriptors (triton_tma.py); boxes sized for the config that runs."""
     if INTERPRETED:
@@ -591,7 +591,7 @@ def _launch_tma(
     elif AUTOTUNE:
         kernel, config = _consistent_attn_fwd_tma_tuned, {}
     else:
-        kernel, config = _consistent_attn_fwd_tma, fixed_config(head_dim_p, q.dtype, path="tma")
+        kernel, config = _consistent_attn_fwd_tma, fixed_config(head_dim_p, v.dtype, path="tma", int8=int8)
     block_m, block_n = config.get("BLOCK_M", 64), config.get("BLOCK_N", 64)  # autotune: set per config
     pools = (describe_pool(pool_k, block_n, head_dim_p), describe_pool(pool_v, block_n, head_dim_p))
     num_frames, num_heads, num_tokens, _ = q.shape
@@ -604,6 +604,7 @@ def _launch_tma(
         row_start, row_end,
         scale * LOG2E,
         key_lengths, pool_ranges, num_pool, seg, pool_seg, bank_seg,
+        q_scale, k_scale, pool_scale, bank_scale,
         HEAD_DIM_P=head_dim_p,
         HAS_BANK=has_bank,
         HAS_ROW_RANGE=has_row_range,
@@ -612,6 +613,7 @@ def _launch_tma(
         HAS_KEY_LENGTHS=has_key_lengths,
         HAS_POOL_RANGES=has_pool_ranges,
         HAS_SEGMENTS=has_segments,
+        INT8=int8,
         **config,
     )  # fmt: skip
 
@@ -637,8 +639,7 @@ def compile_for_target(
 ):
     """Compile the kernel ahead of time for an NVIDIA target (default sm_90, Hopper); needs no GPU.
 
-    ``int8``: the 8-bit path (``precision="int8"``: int8 Q and keys with float32 row scales; pointer path
-    only, as launches run it).
+    ``int8``: the 8-bit path (``precision="int8"``: int8 Q and keys with float32 row scales).
 
     ``path``: "pointer" (the kernel of every GPU before sm_90) or "tma" (tensor descriptors, triton_tma.py;
     needs ``example``: a descriptor's specialization comes from its tensor); ``warp_specialize``: its key
@@ -661,8 +662,6 @@ def compile_for_target(
 
     if INTERPRETED:
         raise RuntimeError("compile_for_target needs TRITON_INTERPRET unset when csa_kernels is imported")
-    if int8 and path != "pointer":
-        raise ValueError("the 8-bit path runs on the pointer kernel: compile it with path='pointer'")
     constexprs = {
         "HEAD_DIM": head_dim,
         "HEAD_DIM_P": max(32 if int8 else 16, triton.next_power_of_2(head_dim)),
@@ -687,8 +686,8 @@ def compile_for_target(
         del constexprs["HEAD_DIM"]  # the descriptors' boxes carry it
         constexprs["WARP_SPECIALIZE"] = warp_specialize
         fn = _consistent_attn_fwd_tma
-        args = _example_tma_args(dtype, head_dim, example, has_bank, has_row_range, block_m, block_n)
-        args += _example_feature_args(dtype, example, *features[:3])
+        args = _example_tma_args(dtype, head_dim, example, has_bank, has_row_range, block_m, block_n, int8)
+        args += _example_feature_args(dtype, example, *features)
     elif example is None:
         pointer = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
         names = _consistent_attn_fwd.arg_names
@@ -740,49 +739,52 @@ def _example_launch_args(dtype, head_dim, example, has_bank, has_row_range, int8
     ]  # fmt: skip
 
 
-def _example_tma_args(dtype, head_dim, example, has_bank, has_row_range, block_m, block_n) -> list:
+def _example_tma_args(
+    dtype, head_dim, example, has_bank, has_row_range, block_m, block_n, int8=False
+) -> list:
     """The runtime arguments _launch_tma passes for contiguous inputs of shape ``example``: descriptors over
-    MockTensors (data pointer 0, 16-byte aligned), boxes of the compiled config."""
+    MockTensors (data pointer 0, 16-byte aligned), boxes of the compiled config. ``int8``: Q's and the
+    keys' descriptors over int8 codes."""
     from triton.runtime.jit import MockTensor
 
     frames, heads, tokens, refs, bank = example
     bank = bank if has_bank else 0
-    head_dim_p = max(16, triton.next_power_of_2(head_dim))
+    head_dim_p = max(32 if int8 else 16, triton.next_power_of_2(head_dim))
     t = MockTensor(dtype)
+    codes = MockTensor(torch.int8) if int8 else t
     shape = [frames, heads, tokens, head_dim]
     strides = [heads * tokens * head_dim, tokens * head_dim, head_dim, 1]
 
-    def desc(rows_shape, rows_strides, block):
-        return TensorDescriptor(t, rows_shape, rows_strides, [1, 1, block, head_dim_p])
+    def desc(rows_shape, rows_strides, block, tensor=t):
+        return TensorDescriptor(tensor, rows_shape, rows_strides, [1, 1, block, head_dim_p])
 
     rows = frames * refs
-    pool = desc([1, heads, rows, head_dim], [rows * heads * head_dim, head_dim, heads * head_dim, 1], block_n)
-    bank_desc = desc(shape, strides, block_n)  # no bank: k's descriptor, never read
+    pool_shape = [1, heads, rows, head_dim]
+    pool_strides = [rows * heads * head_dim, head_dim, heads * head_dim, 1]
+    pools = (desc(pool_shape, pool_strides, block_n, codes), desc(pool_shape, pool_strides, block_n))
+    banks = (desc(shape, strides, block_n, codes), desc(shape, strides, block_n))  # no bank: k's, never read
     if bank:
         bank_shape, bank_strides = (
             [1, heads, bank, head_dim],
             [heads * bank * head_dim, bank * head_dim, head_dim, 1],
         )
-        bank_desc = desc(bank_shape, bank_strides, block_n)
+        banks = (desc(bank_shape, bank_strides, block_n, codes), desc(bank_shape, bank_strides, block_n))
     row_range = (tokens // 4, tokens) if has_row_range else (0, tokens)
     return [
-        desc(shape, strides, block_m), desc(shape, strides, block_n), desc(shape, strides, block_n),
-        pool, pool, bank_desc, bank_desc, desc(shape, strides, block_m),
+        desc(shape, strides, block_m, codes), desc(shape, strides, block_n, codes),
+        desc(shape, strides, block_n), *pools, *banks, desc(shape, strides, block_m),
         frames, heads, tokens, refs, bank, frames, frames, *row_range, 0.125 * LOG2E,
     ]  # fmt: skip
 
 
-def _example_feature_args(dtype, example, has_key_lengths, has_pool_ranges, has_segments, int8=None) -> list:
+def _example_feature_args(dtype, example, has_key_lengths, has_pool_ranges, has_segments, int8=False) -> list:
     """KL, PR, P, SEG, PSEG, BSEG of a launch: int32 index tensors where the feature is on, else q (never
-    read); the pool's rows (frames·refs of the gathered pool). ``int8`` (the pointer kernel's arguments:
-    True or False; None for the descriptor kernel, which has none): then QS, KS, PKS, BKS, float32 row
-    scales where on, else q."""
+    read); the pool's rows (frames·refs of the gathered pool); then QS, KS, PKS, BKS: float32 row scales
+    with ``int8``, else q (never read)."""
     from triton.runtime.jit import MockTensor
 
     frames, _, _, refs, _ = example
     t, index = MockTensor(dtype), MockTensor(torch.int32)
     segment_ids = [index if has_segments else t] * 3
     args = [index if has_key_lengths else t, index if has_pool_ranges else t, frames * refs, *segment_ids]
-    if int8 is not None:
-        args += [MockTensor(torch.float32) if int8 else t] * 4
-    return args
+    return [*args, *[MockTensor(torch.float32) if int8 else t] * 4]

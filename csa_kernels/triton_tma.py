@@ -28,6 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .triton_common import (
     _borrowing_rows,
+    _int8_scores,
     _load_segments,
     _own_keys_end,
     _pool_rows,
@@ -59,15 +60,27 @@ def _tma_tile(
     p_seg=None,
     seg_q=None,
     MASK_SEG: tl.constexpr = False,
+    p_ks=None,
+    stride_ksn=0,
+    b_qs=None,
+    INT8: tl.constexpr = False,
 ):
     b_k = desc_k.load([c0, c1, n0, 0]).reshape(BLOCK_N, HEAD_DIM_P)
-    if DOT_F32:
+    if DOT_F32 and not INT8:
         b_k = b_k.to(tl.float32)
-    b_s = tl.dot(b_q, b_k.T, input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
     o_n = n0 + tl.arange(0, BLOCK_N)
+    if INT8:  # int8 codes: exact int32 products times the key rows' scales (triton_kernel._attn_tile)
+        if MASK_N:
+            b_ks = tl.load(p_ks + o_n * stride_ksn, mask=o_n < end, other=0.0)
+        else:
+            b_ks = tl.load(p_ks + o_n * stride_ksn)
+        b_s = _int8_scores(b_q, b_k.T, b_ks)
+        qk_scale = b_qs  # each query row's scale times the softmax scale
+    else:
+        b_s = tl.dot(b_q, b_k.T, input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
     seg_k = _load_segments(p_seg, o_n, end, MASK_N) if MASK_SEG else o_n
     b_p, alpha, l_i, m_new = _softmax_update(
-        b_s, m_i, l_i, o_n, end, m_rows, qk_scale, MASK_N, MASK_M, seg_k, seg_q, MASK_SEG
+        b_s, m_i, l_i, o_n, end, m_rows, qk_scale, MASK_N, MASK_M, seg_k, seg_q, MASK_SEG, INT8
     )
     b_v = desc_v.load([c0, c1, n0, 0]).reshape(BLOCK_N, HEAD_DIM_P)
     if MASK_N:  # rows past the range may belong to another frame: p is 0 there, and so must v be
@@ -101,20 +114,27 @@ def _tma_range(
     p_seg=None,
     seg_q=None,
     MASK_SEG: tl.constexpr = False,
+    p_ks=None,
+    stride_ksn=0,
+    b_qs=None,
+    INT8: tl.constexpr = False,
 ):
     """Token rows [start, end) at (c0, c1): full tiles unmasked, then one masked tail tile if needed.
-    MASK_SEG: keys hidden from the query rows by segment (ids at ``p_seg`` + row, the rows' ``seg_q``)."""
+    MASK_SEG: keys hidden from the query rows by segment (ids at ``p_seg`` + row, the rows' ``seg_q``).
+    INT8: int8 key codes, their rows' scales at ``p_ks`` + row · ``stride_ksn`` (the queries': ``b_qs``)."""
     full_end = start + (end - start) // BLOCK_N * BLOCK_N
     # WARP_SPECIALIZE: producer warps issue the TMA loads while consumer warpgroups compute
     for n0 in tl.range(start, full_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         acc, l_i, m_i = _tma_tile(
             acc, l_i, m_i, b_q, desc_k, desc_v, c0, c1, n0, end, m_rows, qk_scale,
             HEAD_DIM_P, BLOCK_N, False, MASK_M, DOT_F32, INPUT_PRECISION, p_seg, seg_q, MASK_SEG,
+            p_ks, stride_ksn, b_qs, INT8,
         )  # fmt: skip
     if full_end < end:
         acc, l_i, m_i = _tma_tile(
             acc, l_i, m_i, b_q, desc_k, desc_v, c0, c1, full_end, end, m_rows, qk_scale,
             HEAD_DIM_P, BLOCK_N, True, MASK_M, DOT_F32, INPUT_PRECISION, p_seg, seg_q, MASK_SEG,
+            p_ks, stride_ksn, b_qs, INT8,
         )  # fmt: skip
     return acc, l_i, m_i
 
@@ -134,23 +154,31 @@ def _tma_borrowed(
     p_bseg=None,
     seg_q=None,
     HAS_SEGMENTS: tl.constexpr = False,
+    p_pks=None,
+    p_bks=None,
+    stride_pks=0,
+    b_qs=None,
+    INT8: tl.constexpr = False,
 ):  # fmt: skip
     """The borrowed keys: the pool rows of the visible frames before and after this one, then the bank.
     HAS_SEGMENTS: each key tile's segment ids (pool rows' at ``p_pseg``, the bank's at ``p_bseg``) are
-    compared with the query rows' ``seg_q``."""
+    compared with the query rows' ``seg_q``. INT8: the pool rows' scales at ``p_pks`` + row ·
+    ``stride_pks``, the bank's at ``p_bks`` + row."""
     acc, l_i, m_i = _tma_range(
         acc, l_i, m_i, b_q, desc_pk, desc_pv, 0, i_h, before_start, before_end, m_rows, qk_scale,
         HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE, p_pseg, seg_q, HAS_SEGMENTS,
+        p_pks, stride_pks, b_qs, INT8,
     )  # fmt: skip
     acc, l_i, m_i = _tma_range(
         acc, l_i, m_i, b_q, desc_pk, desc_pv, 0, i_h, after_start, after_end, m_rows, qk_scale,
         HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE, p_pseg, seg_q, HAS_SEGMENTS,
+        p_pks, stride_pks, b_qs, INT8,
     )  # fmt: skip
     if HAS_BANK:
         acc, l_i, m_i = _tma_range(
             acc, l_i, m_i, b_q, desc_bk, desc_bv, i_g, i_h, 0, M, m_rows, qk_scale,
             HEAD_DIM_P, BLOCK_N, MASK_M, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE, p_bseg, seg_q,
-            HAS_SEGMENTS,
+            HAS_SEGMENTS, p_bks, 1, b_qs, INT8,
         )  # fmt: skip
     return acc, l_i, m_i
 
@@ -161,6 +189,7 @@ def _consistent_attn_fwd_tma(
     B, H, N, S, M, frames_per_group, window, row_start, row_end, qk_scale,
     KL, PR, P,  # key lengths (B,), pool ranges (B, 4), pool rows: read only under their flags
     SEG, PSEG, BSEG,  # int32 segment ids of tokens (B, N), pool rows (P,), banks (G, M): HAS_SEGMENTS only
+    QS, KS, PKS, BKS,  # fp32 row scales of Q, K (B, H, N), pool keys (P, H), bank keys (G, H, M): INT8 only
     HEAD_DIM_P: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -172,6 +201,7 @@ def _consistent_attn_fwd_tma(
     HAS_KEY_LENGTHS: tl.constexpr = False,
     HAS_POOL_RANGES: tl.constexpr = False,
     HAS_SEGMENTS: tl.constexpr = False,
+    INT8: tl.constexpr = False,
 ):  # fmt: skip
     i_m = tl.program_id(0)
     i_b, i_h, i_g, lo, hi = _program_frame(H, B, frames_per_group, window)
@@ -180,8 +210,11 @@ def _consistent_attn_fwd_tma(
     m0 = i_m * BLOCK_M
     o_m = m0 + tl.arange(0, BLOCK_M)
     b_q = desc_q.load([i_b, i_h, m0, 0]).reshape(BLOCK_M, HEAD_DIM_P)
-    if DOT_F32:
+    if DOT_F32 and not INT8:
         b_q = b_q.to(tl.float32)
+    b_qs = o_m  # INT8: the query rows' scales (rows past N: 0, never stored)
+    if INT8:
+        b_qs = tl.load(QS + (i_b * H + i_h) * N + o_m, mask=o_m < N, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
@@ -189,7 +222,8 @@ def _consistent_attn_fwd_tma(
     # Own tokens first: every query row then has a finite running max before any masked tile.
     acc, l_i, m_i = _tma_range(
         acc, l_i, m_i, b_q, desc_k, desc_v, i_b, i_h, 0, own_end, o_m, qk_scale,
-        HEAD_DIM_P, BLOCK_N, False, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE,
+        HEAD_DIM_P, BLOCK_N, False, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE, None, None, False,
+        KS + (i_b * H + i_h) * N, 1, b_qs, INT8,
     )  # fmt: skip
     m_rows, borrow_all, borrow_any = _borrowing_rows(o_m, m0, N, row_start, row_end, HAS_ROW_RANGE)
     # after the own keys' loop (the ranges need not stay live across it)
@@ -201,14 +235,14 @@ def _consistent_attn_fwd_tma(
             acc, l_i, m_i, b_q, desc_pk, desc_pv, desc_bk, desc_bv, i_g, i_h,
             before_start, before_end, after_start, after_end, M, m_rows, qk_scale,
             HEAD_DIM_P, BLOCK_N, HAS_BANK, False, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE,
-            PSEG, p_bseg, seg_q, HAS_SEGMENTS,
+            PSEG, p_bseg, seg_q, HAS_SEGMENTS, PKS + i_h, BKS + (i_g * H + i_h) * M, H, b_qs, INT8,
         )  # fmt: skip
     elif borrow_any:
         acc, l_i, m_i = _tma_borrowed(
             acc, l_i, m_i, b_q, desc_pk, desc_pv, desc_bk, desc_bv, i_g, i_h,
             before_start, before_end, after_start, after_end, M, m_rows, qk_scale,
             HEAD_DIM_P, BLOCK_N, HAS_BANK, True, DOT_F32, INPUT_PRECISION, WARP_SPECIALIZE,
-            PSEG, p_bseg, seg_q, HAS_SEGMENTS,
+            PSEG, p_bseg, seg_q, HAS_SEGMENTS, PKS + i_h, BKS + (i_g * H + i_h) * M, H, b_qs, INT8,
         )  # fmt: skip
 
     acc = acc / l_i[:, None]

@@ -22,6 +22,16 @@ Every rule here comes from compiling the kernels for real targets and reading wh
 fp32 inputs take exact (ieee) products, which Triton lowers to FMA loops that keep whole operand tiles in
 registers: they spill at every tile of the space at hd >= 64 (e.g. 64x32, 4 warps, hd64: 9 KB). They are
 the library's correctness path (the GPU runs fp16/bf16); their pruning keeps the smallest tiles only.
+
+**The 8-bit path** (``precision="int8"``: int8 Q and K tiles, a 16-bit V tile, float32 row scales) has its
+own register picture, so its space is the tile shapes that compiled spill-free, read off every (BLOCK_M,
+BLOCK_N, warps) of the space at 2 stages, fp16, Triton 3.9 — the pointer kernel for sm_89 (its 99 KiB and
+mma.sync registers are the tightest of sm_80/86/89), the descriptor kernel for sm_90
+(``benchmarks/results/inspect_int8_space_sm89-pointer_sm90-tma_triton3.9.0.json``). Spilling there:
+pointer hd64 128x128x4 (1,796 bytes); pointer hd128 128x128x4 (21,408), 128x128x8 (496), 128x32x4 (592),
+128x64x4 (4,048), 64x128x4 (1,408); descriptor hd64 128x128x4 (436); descriptor hd128 128x128x4 (9,920),
+128x64x4 (876). Shared memory is bounded above by ``(1 + itemsize)·D·BLOCK_N`` per stage (an int8 K and a
+16-bit V tile; plus the Q tile and 1 KiB on the descriptor path): every compile's figure is below it.
 """
 
 from __future__ import annotations
@@ -48,6 +58,27 @@ FIXED = {
 }
 # head dims past 128 (padded to 256) and fp32 inputs: the smallest tiles of the space
 SMALL = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+
+# The 8-bit path's spill-free (BLOCK_M, BLOCK_N, num_warps), by path and padded head dim (module docstring)
+INT8_SPILL_FREE = {
+    ("pointer", 64): {(64, 32, 4), (64, 64, 4), (64, 128, 4), (64, 128, 8), (128, 32, 4), (128, 64, 4),
+                      (128, 64, 8), (128, 128, 8)},
+    ("pointer", 128): {(64, 32, 4), (64, 64, 4), (64, 128, 8), (128, 64, 8)},
+    ("tma", 64): {(64, 32, 4), (64, 64, 4), (64, 128, 4), (64, 128, 8), (128, 32, 4), (128, 64, 4),
+                  (128, 64, 8), (128, 128, 8)},
+    ("tma", 128): {(64, 32, 4), (64, 64, 4), (64, 128, 4), (64, 128, 8), (128, 32, 4), (128, 64, 8),
+                   (128, 128, 8)},
+}  # fmt: skip
+# The 8-bit path's fixed configs: the fewest instructions per 1,000 scores among its spill-free ones
+# (instructions per 1k scores, the 16-bit fixed config's in brackets):
+#   pointer hd64  128x128x8x2: 225 regs, 337 (293)    tma hd64  64x128x4x2: 186 regs, 299 (231)
+#   pointer hd128 128x64x8x2:  238 regs, 495 (487)    tma hd128 64x128x4x2: 244 regs, 323 (253)
+FIXED_INT8 = {
+    ("tma", 64): {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2},
+    ("tma", 128): {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2},
+    ("pointer", 64): {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    ("pointer", 128): {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+}
 
 
 def autotune_configs(path: str = "pointer") -> list[triton.Config]:
@@ -105,10 +136,23 @@ def register_values(config: dict, head_dim_p: int, itemsize: int, path: str) -> 
     return values
 
 
-def allowed(config: dict, head_dim_p: int, itemsize: int, smem_limit: int, path: str = "tma") -> bool:
+def int8_shared_bytes(block_m: int, block_n: int, num_stages: int, head_dim_p: int, itemsize: int, path: str):
+    """The 8-bit path's shared memory bound (module docstring): per stage an int8 K tile and a V tile of
+    ``itemsize`` bytes, plus the int8 Q tile and 1 KiB on the descriptor path."""
+    pipeline = (1 + itemsize) * head_dim_p * block_n * num_stages
+    return pipeline + (head_dim_p * block_m + 1024 if path == "tma" else 0)
+
+
+def allowed(
+    config: dict, head_dim_p: int, itemsize: int, smem_limit: int, path: str = "tma", *, int8: bool = False
+) -> bool:
     """Whether a config (BLOCK_M, BLOCK_N, num_warps, num_stages) passes the module docstring's rules
-    (fp32: only ``SMALL``)."""
+    (fp32: only ``SMALL``; ``int8``: the 8-bit path's spill-free tiles, ``itemsize`` then V's)."""
     block_m, block_n, warps, stages = (config[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+    if int8:
+        tiles = INT8_SPILL_FREE.get((path, max(64, head_dim_p)), set())
+        bound = int8_shared_bytes(block_m, block_n, stages, head_dim_p, itemsize, path)
+        return (block_m, block_n, warps) in tiles and bound <= smem_limit
     if itemsize == 4 or head_dim_p > 128:
         return config == SMALL and shared_bytes(64, 32, 2, head_dim_p, itemsize, path) <= smem_limit
     accumulator = block_m * head_dim_p // (32 * warps)
@@ -127,12 +171,15 @@ def as_dict(config: triton.Config) -> dict:
 
 
 def prune(configs, named_args, *, path: str = "pointer", **kwargs):
-    """Autotune's early prune: the configs ``allowed`` for this launch's path, head dim, dtype and device."""
-    first = named_args.get("Q", named_args.get("desc_q"))
+    """Autotune's early prune: the configs ``allowed`` for this launch's path, head dim, dtype (V's: the
+    8-bit path's Q is int8), precision and device."""
+    names = ("V", "desc_v", "Q", "desc_q")  # the 16-bit operand (on the 8-bit path Q is int8)
+    first = next((named_args[name] for name in names if name in named_args), None)
     first = getattr(first, "base", first)  # a descriptor's tensor
     itemsize = first.element_size() if hasattr(first, "element_size") else 2
     limit = shared_memory_limit()
-    kept = [c for c in configs if allowed(as_dict(c), kwargs["HEAD_DIM_P"], itemsize, limit, path)]
+    int8 = bool(kwargs.get("INT8", False))
+    kept = [c for c in configs if allowed(as_dict(c), kwargs["HEAD_DIM_P"], itemsize, limit, path, int8=int8)]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
 
 
@@ -142,9 +189,9 @@ def prune_tma(configs, named_args, **kwargs):
     return prune(configs, named_args, path="tma", **kwargs)
 
 
-def fixed_config(head_dim_p: int, dtype: torch.dtype, path: str = "pointer") -> dict:
-    """The config CSA_AUTOTUNE=0 runs: ``FIXED`` for fp16/bf16 at head dims up to 128, else ``SMALL``;
-    always inside the pruned space of its path (tested)."""
+def fixed_config(head_dim_p: int, dtype: torch.dtype, path: str = "pointer", *, int8: bool = False) -> dict:
+    """The config CSA_AUTOTUNE=0 runs: ``FIXED`` (``FIXED_INT8`` for the 8-bit path) for fp16/bf16 at
+    head dims up to 128, else ``SMALL``; always inside the pruned space of its path (tested)."""
     if head_dim_p <= 128 and dtype != torch.float32:
-        return dict(FIXED[(path, 64 if head_dim_p <= 64 else 128)])
+        return dict((FIXED_INT8 if int8 else FIXED)[(path, 64 if head_dim_p <= 64 else 128)])
     return dict(SMALL)

@@ -27,7 +27,7 @@ from csa_kernels.inspect import inspect_kernel
 from csa_kernels.tuning import fixed_config
 arch, dtype, head_dim, path, example, features = json.loads(sys.argv[1])
 dtype = getattr(torch, dtype)
-config = fixed_config(head_dim, dtype, path)
+config = fixed_config(head_dim, dtype, path, int8=features.get("int8", False))
 kwargs = {**features, **({} if example else {"example": None})}
 row = inspect_kernel(arch, head_dim, dtype, config, path=path, **kwargs)
 print(json.dumps(row))
@@ -103,6 +103,32 @@ def test_key_lengths_and_pool_ranges_compile_clean(arch, path, dtype, head_dim, 
     assert row["has_key_lengths"] and row["has_pool_ranges"], row  # the flags reached the compile
     if arch == 90:
         assert row["instr_per_1k_scores"] <= SM90_BAR[head_dim], row
+
+
+@pytest.mark.parametrize(
+    ("arch", "path", "dtype", "head_dim", "load", "mma"),
+    [
+        (90, "tma", "float16", 128, "TMA+cp.async", "wgmma.s8+wgmma"),  # cp.async: the key scales
+        pytest.param(90, "tma", "bfloat16", 64, "TMA+cp.async", "wgmma.s8+wgmma", marks=pytest.mark.slow),
+        pytest.param(89, "pointer", "float16", 64, "cp.async.128", "mma.s8+mma", marks=pytest.mark.slow),
+        pytest.param(89, "pointer", "bfloat16", 128, "cp.async.128", "mma.s8+mma", marks=pytest.mark.slow),
+        pytest.param(80, "pointer", "float16", 128, "cp.async.128", "mma.s8+mma", marks=pytest.mark.slow),
+    ],
+)
+def test_int8_default_configs_compile_clean(arch, path, dtype, head_dim, load, mma):
+    """The 8-bit path's fixed configs: spill-free, integer MMAs for Q·Kᵀ (IGMMA on sm_90, IMMA before)
+    beside the 16-bit MMAs of P·V, shared memory within the arch's limit and under the pruning bound."""
+    import torch
+
+    from csa_kernels.tuning import fixed_config, int8_shared_bytes
+
+    row = inspect_default(arch, dtype, head_dim, path, features={"int8": True})
+    assert row["int8"] and row["spill_bytes"] == 0 and row["local_bytes"] == 0, row
+    assert row["load"] == load and row["mma"] == mma, row
+    config = fixed_config(head_dim, getattr(torch, dtype), path, int8=True)
+    bound = int8_shared_bytes(config["BLOCK_M"], config["BLOCK_N"], config["num_stages"], head_dim, 2, path)
+    assert row["shared_bytes"] <= min(bound, shared_memory_limit(arch)), row
+    assert len(row["loops"]) >= 2 and row["instr_per_1k_scores"] > 0, row
 
 
 @pytest.mark.slow  # compiles a kernel no launch runs, only to show what the hints change

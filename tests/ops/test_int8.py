@@ -154,16 +154,26 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(("label", "build", "tiles"), CASES, ids=[c[0] for c in CASES])
-def test_pointer_kernel_matches_the_quantized_gold(label, build, tiles, dtype, poisoned_outputs, monkeypatch):
+KERNEL_CASES = [
+    pytest.param(label, build, tiles, dtype, path, id=f"{label}-{dtype}-{path}")
+    for label, build, tiles in CASES
+    for path in tk.PATHS
+    for dtype in (torch.float16, torch.bfloat16)
+    if path == "pointer" or dtype == torch.float16  # the descriptor kernel: fp16 suffices here
+]
+
+
+@pytest.mark.parametrize(("label", "build", "tiles", "dtype", "path"), KERNEL_CASES)
+def test_kernels_match_the_quantized_gold(label, build, tiles, dtype, path, poisoned_outputs, monkeypatch):
+    """Both kernels (the descriptor one falls back to the pointer one where TMA cannot address the int8
+    rows: a head dim that is not a multiple of 16)."""
     if tiles is not None:
         monkeypatch.setattr(tk, "INTERPRETER_CONFIG", tiles)
     inputs = build(dtype)
     for name in ("segments", "bank_segments", "pool_segments", "key_lengths", "pool_ranges"):
         if name in inputs:  # the kernel reads int32 ids as well as int64
             inputs[name] = inputs[name].to(torch.int32)
-    assert_matches_quantized_gold(run(inputs, "pointer", monkeypatch), inputs)
+    assert_matches_quantized_gold(run(inputs, path, monkeypatch), inputs)
 
 
 @pytest.mark.parametrize("backend", ["torch", "torch-masked"])
@@ -173,11 +183,17 @@ def test_torch_path_matches_the_quantized_gold(label, build, tiles, backend, mon
     assert_matches_quantized_gold(run(inputs, backend, monkeypatch), inputs)
 
 
-def test_the_descriptor_path_runs_int8_on_the_pointer_kernel(poisoned_outputs, monkeypatch):
-    """CSA_KERNEL_PATH=tma: int8 still runs (the pointer kernel, which sm_90 compiles to wgmma too)."""
+def test_the_descriptor_kernel_runs_int8(monkeypatch):
+    """With TMA-addressable int8 rows (D % 16 == 0) the descriptor kernel itself runs the 8-bit path: a
+    spy on its launch sees INT8 on."""
     monkeypatch.setattr(tk, "INTERPRETER_CONFIG", SMALL)
+    monkeypatch.setattr(tk, "FORCED_PATH", "tma")
+    seen = []
+    launch = tk._launch_tma
+    monkeypatch.setattr(tk, "_launch_tma", lambda *args: seen.append(args[-2]) or launch(*args))
     inputs = make_inputs(Case(3, 1, 40, 32, 8, bank=4), torch.float16, seed=7)
-    assert_matches_quantized_gold(run(inputs, "tma", monkeypatch), inputs)
+    assert_matches_quantized_gold(consistent_attention(**inputs, backend="triton", precision="int8"), inputs)
+    assert seen == [True]
 
 
 # -- the accuracy contract -----------------------------------------------------------------------------------

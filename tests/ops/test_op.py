@@ -115,3 +115,38 @@ def test_fixed_config_lies_in_the_pruned_autotune_space(dtype):
                 assert fixed in [as_dict(c) for c in kept], (path, arch, head_dim_p, fixed)
             if dtype == torch.float32 or head_dim_p > 128:
                 assert fixed == SMALL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_int8_fixed_config_lies_in_its_pruned_space(dtype):
+    """The 8-bit path's fixed configs are in its pruned space on every arch of their path, and that space
+    holds its spill-free tiles (tuning.INT8_SPILL_FREE), not the 16-bit rules' (which drop pointer hd128
+    64x64x4, spill-free in int8) — and never pointer hd128 128x128x8 (496 bytes of spill in int8)."""
+    from csa_kernels.tuning import (
+        INT8_SPILL_FREE,
+        as_dict,
+        autotune_configs,
+        fixed_config,
+        prune,
+        shared_memory_limit,
+    )
+
+    for path, arches in (("tma", (90,)), ("pointer", (80, 86, 89))):
+        for head_dim_p in (32, 64, 128):
+            fixed = fixed_config(head_dim_p, dtype, path, int8=True)
+            for arch in arches:
+                limit = shared_memory_limit(arch)
+                with patch("csa_kernels.tuning.shared_memory_limit", lambda limit=limit: limit):
+                    kept = prune(
+                        autotune_configs(),
+                        {"Q": torch.empty(1, dtype=torch.int8), "V": torch.empty(1, dtype=dtype)},
+                        path=path,
+                        HEAD_DIM_P=head_dim_p,
+                        INT8=True,
+                    )
+                tiles = {(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]) for c in map(as_dict, kept)}
+                assert fixed in [as_dict(c) for c in kept], (path, arch, head_dim_p, fixed)
+                assert tiles <= INT8_SPILL_FREE[(path, max(64, head_dim_p))], (path, arch, head_dim_p)
+                if (path, head_dim_p) == ("pointer", 128):  # int8's own rule: a tile the 16-bit rule drops
+                    assert (64, 64, 4) in tiles, (arch, tiles)
+    assert (128, 128, 8) not in INT8_SPILL_FREE[("pointer", 128)]
