@@ -23,10 +23,14 @@ scale travels with the row wherever it is gathered. A score is ``(q8 · k8) · s
 product of the row pair, scaled by the product of the two rows' scales (the softmax scale is applied after,
 as on the 16-bit path).
 
-**Where: one light pre-pass** (:func:`quantize_inputs`, plain PyTorch): one read of Q and K (and of the
-borrowed and bank keys), int8 rows and float32 scales written; the kernel then reads half the bytes of Q
-and K per tile. Quantizing inside the kernel instead would redo K's rows for every query tile that reads
-them (N / BLOCK_M times) and needs the call-wide mean before the first tile anyway.
+**Where: one light pre-pass** (:func:`quantize_inputs`; on the kernels' path one Triton launch per tensor,
+``triton_quantize.py``, the same codes and scales bit for bit): each of Q and K is read once (2 bytes a
+value) and written as codes (1 byte) plus a float32 scale per row (4 bytes per D values), so at SDXL's
+1/16 level (N = 4096 tokens, D = 64, BLOCK_M = 128) it moves 3.1 bytes per value once, against the 2 bytes
+per value the 16-bit kernel reads K for each of its N / BLOCK_M = 32 query tiles — which the int8 kernel
+then reads at 1 byte. Quantizing inside the kernel instead would redo K's absolute maxima, divisions and
+roundings for every query tile that reads them (32 times here), and would need the call-wide mean before
+the first tile anyway (a pass over K either way).
 
 **Error contract** (``tests/ops/test_int8.py`` enforces it; the bounds are derived there): a per-row
 absmax quantizer errs by at most ``scale / 2`` per element, so a score errs by at most
@@ -42,6 +46,7 @@ summation order (the int32 products are exact in float32: |q8 · k8| ≤ 127² �
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -129,21 +134,30 @@ def quantize_inputs(
     bank_k: torch.Tensor | None = None,
     pool_keys: torch.Tensor | None = None,
     smooth: bool = True,
+    rows: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> QuantizedInputs:
     """The pre-pass: ``q`` (B, H, N, D) per row; ``k`` (B, H, N, D), ``pool_k`` (B, H, S, D), ``bank_k``
     (groups, H, M, D) and an explicit pool's keys ``pool_keys`` (R, H, D) per row after subtracting the
     call's key mean (:func:`key_mean` over the own valid keys and the bank; ``pool_k`` rows are frames'
     own keys re-positioned, an explicit pool's are other frames' keys, and rows of it no frame reads may
     hold anything, NaN included — they are left out, as reading the ranges would sync the host;
-    ``smooth=False``: no subtraction, to show what smoothing buys)."""
+    ``smooth=False``: no subtraction, to show what smoothing buys). ``rows(x, mean)``: what quantizes the
+    rows of a (…, H, rows, D) or (R, H, D) tensor less an (H, D) mean (None: none) — default
+    :func:`quantize_rows`; the kernels' launcher passes its one-launch Triton version
+    (``triton_quantize.py``: the same codes and scales)."""
     heads, dim = k.shape[1], k.shape[3]
     mean = key_mean(k, key_lengths, (bank_k,)) if smooth else torch.zeros(heads, dim, device=k.device)
-    per_head = mean[:, None, :]  # broadcasts over (…, H, rows, D)
+    if rows is None:
+
+        def rows(x: torch.Tensor, m: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            # (…, H, rows, D): the (H, D) mean broadcast per head; (R, H, D): as it is
+            return quantize_rows(x, None if m is None else (m if x.ndim == 3 else m[:, None, :]))
+
     return QuantizedInputs(
         mean=mean,
-        q=quantize_rows(q),
-        k=quantize_rows(k, per_head),
-        pool_k=None if pool_k is None else quantize_rows(pool_k, per_head),
-        bank_k=None if bank_k is None else quantize_rows(bank_k, per_head),
-        pool_keys=None if pool_keys is None else quantize_rows(pool_keys, mean),  # (R, H, D): mean is (H, D)
+        q=rows(q, None),
+        k=rows(k, mean),
+        pool_k=None if pool_k is None else rows(pool_k, mean),
+        bank_k=None if bank_k is None else rows(bank_k, mean),
+        pool_keys=None if pool_keys is None else rows(pool_keys, mean),
     )

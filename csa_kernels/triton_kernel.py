@@ -52,6 +52,7 @@ from .triton_common import (
     _softmax_update,
 )
 from .triton_gather import gather_pools
+from .triton_quantize import quantize_rows_triton
 from .triton_tma import (
     _consistent_attn_fwd_tma,
     describe,
@@ -528,6 +529,7 @@ def _quantized(q, k, ref_idx, pool_k, bank_k, pool, key_lengths):
         pool_k=pool_k,
         bank_k=bank_k if has_bank else None,
         pool_keys=None if pool is None else pool[0],
+        rows=quantize_rows_triton,  # one launch per tensor, the same codes as the PyTorch pre-pass
     )
     (q_codes, q_scale), (k_codes, k_scale) = quantized.q, quantized.k
     pool_scale = q_scale

@@ -42,6 +42,7 @@ import csa_kernels.triton_kernel as tk
 from csa_kernels import consistent_attention, consistent_attention_reference, reference_error_bound
 from csa_kernels.op import consistent_attention_op
 from csa_kernels.triton_common import _int8_scores
+from csa_kernels.triton_quantize import quantize_rows_triton
 
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 16}
 
@@ -82,6 +83,29 @@ def test_quantize_rows_round_trips_within_half_a_step():
     assert (error <= scale[..., None] / 2 * (1 + 1e-6)).all()
     assert torch.equal(codes[0, 0, 0], torch.zeros(40, dtype=torch.int8)) and scale[0, 0, 0] == 1
     assert (codes.abs().amax(-1)[x.abs().amax(-1) > 0] == 127).all()  # every nonzero row uses the range
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout"),
+    [((3, 2, 37, 40), "contiguous"), ((50, 3, 64), "heads-major"), ((2, 4, 5, 128), "contiguous")],
+)
+def test_the_one_launch_pre_pass_equals_quantize_rows(shape, layout):
+    """``triton_quantize.quantize_rows_triton`` (the kernels' pre-pass) gives ``quantize_rows``' codes and
+    scales bit for bit, with and without a mean, for (B, H, N, D) and heads-major (R, H, D) rows — ties
+    (x.5 after scaling) rounded to even as ``torch.round``, padded head dims left out of the maximum."""
+    gen = torch.Generator().manual_seed(len(shape) + shape[-1])
+    x = (torch.randn(*shape, generator=gen) * 3).half()
+    x.view(-1, shape[-1])[0, :6] = torch.tensor([127.0, 2.5, 3.5, -2.5, -3.5, 0.5])  # scale 1: ties
+    if layout == "heads-major":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    mean = torch.randn(shape[-3] if len(shape) == 4 else shape[1], shape[-1], generator=gen)
+    for m in (None, mean):
+        expected = quantize.quantize_rows(x, None if m is None else (m if x.ndim == 3 else m[:, None, :]))
+        got = quantize_rows_triton(x, m)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    ties = quantize_rows_triton(x, None)[0].view(-1, shape[-1])[0, :6] if layout == "contiguous" else None
+    if ties is not None:
+        assert ties.tolist() == [127, 2, 4, -2, -4, 0]
 
 
 def test_key_mean_leaves_padding_out_and_counts_the_bank():
