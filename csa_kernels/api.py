@@ -6,7 +6,13 @@ import torch
 
 from .op import consistent_attention_op
 from .torch_path import consistent_attention_torch, int8_attention_torch
-from .validation import TRITON_INSTALLED, check_inputs, check_triton_inputs, triton_supports
+from .validation import (
+    TRITON_INSTALLED,
+    check_inputs,
+    check_int8_device,
+    check_triton_inputs,
+    triton_supports,
+)
 
 
 def consistent_attention(
@@ -147,6 +153,8 @@ def consistent_attention(
         backend == "triton"
         or (backend == "auto" and q.device.type == "cuda" and TRITON_INSTALLED and triton_supports(q))
     )
+    if use_triton and precision == "int8":
+        check_int8_device(q.device)
     if use_triton:
         if ref_idx is None:  # with a pool: the op's schema takes a tensor
             ref_idx = torch.empty(q.shape[0], 0, dtype=torch.int64, device=q.device)

@@ -36,13 +36,15 @@ def tiled_consistent_attention(
     scale: float | None = None,
     backend: str = "auto",
     check_indices: bool = True,
+    precision: str = "native",
 ) -> torch.Tensor:
     """Tiled consistent attention over each of ``groups`` contiguous groups (e.g. CFG halves).
 
     Args follow ``consistent_attention``; ``tile`` >= 1 frames per tile, ``stride`` >= 1 frames between
-    tile starts (stride < tile makes tiles overlap). ``check_indices`` is passed on to every tile's call:
-    False (this library's window mode, whose indices come from the seeded sampler) reads no value back on
-    the host, so a step never waits for the GPU.
+    tile starts (stride < tile makes tiles overlap). ``check_indices`` and ``precision`` are passed on to
+    every tile's call: check_indices=False (this library's window mode, whose indices come from the seeded
+    sampler) reads no value back on the host, so a step never waits for the GPU; precision="int8" smooths
+    each tile's keys by that tile's own mean (one call: the same vector for every key its queries see).
     """
     for name, value in (("tile", tile), ("stride", stride), ("groups", groups)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -66,6 +68,7 @@ def tiled_consistent_attention(
             scale=scale,
             backend=backend,
             check_indices=check_indices,
+            precision=precision,
         )
         out.index_add_(0, frames, result.to(out.dtype))
         count.index_add_(0, frames, torch.ones(len(frames), device=q.device))

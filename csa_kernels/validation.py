@@ -347,6 +347,24 @@ def check_query_rows(query_rows: tuple[int, int] | None, num_tokens: int) -> Non
         )
 
 
+#: the Triton kernels' int8 Q·Kᵀ is integer MMA: compute capability 8.0 (Ampere) and newer
+INT8_MIN_CAPABILITY = (8, 0)
+
+
+def check_int8_device(device: torch.device) -> None:
+    """ValueError if the Triton kernels cannot run ``precision="int8"`` on ``device``: a CUDA GPU older than
+    compute capability 8.0 (no integer MMA). CPU tensors (interpreter) pass."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    capability = tuple(torch.cuda.get_device_capability(device))
+    if capability < INT8_MIN_CAPABILITY:
+        raise ValueError(
+            f"precision='int8' on the Triton path needs a GPU of compute capability 8.0+ (integer MMA); "
+            f"{device} is {capability[0]}.{capability[1]}: use precision='native', or backend='torch'"
+        )
+
+
 def check_triton_inputs(q: torch.Tensor) -> None:
     """What backend='triton' adds to ``check_inputs`` (not checked when autograd sends it to torch)."""
     if q.dtype not in TRITON_DTYPES:

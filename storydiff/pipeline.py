@@ -303,6 +303,7 @@ class StoryDiffusionPipeline:
     ) -> StoryResult:
         self.family.check_size(settings.height, settings.width)
         self.family.check_settings(settings)
+        self.config.check_device(self.family.device)  # int8 on a pre-Ampere GPU: before any folder exists
         self._check_steps(settings)
         masks = self.state.subject_masks  # set by __call__ for this run
         keyframes = self._check_keyframes(story, keyframes)

@@ -5,10 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
+import torch
+
+from csa_kernels.validation import INT8_MIN_CAPABILITY, TRITON_INSTALLED
+
 # "default": each family's choice (hosts.py); the others exist for some families only
 LAYER_PRESETS = ("default", "all", "up", "up+mid", "single", "double")
 # where borrowed keys sit for RoPE hosts (FLUX): see ConsistencyConfig.rope
 ROPE_POLICIES = ("source", "shift", "none")
+# the op's arithmetic for consistent calls: see ConsistencyConfig.attn_precision (csa_kernels/quantize.py)
+ATTN_PRECISIONS = ("native", "int8")
 # window mode's window when none is given: story neighbours within 2 frames (ConsistencyConfig.resolved)
 WINDOW_MODE_WINDOW = 2
 # the rate when neither the config nor the model family names one: the official one (images); a family's
@@ -64,6 +70,17 @@ class ConsistencyConfig:
             keys carry no rotation. Applies to banked keys too; other hosts accept "source" only.
         offload_bank: keep the identity bank in (pinned) CPU memory and prefetch it layer by layer;
             None means "on when running on CUDA".
+        attn_precision: the arithmetic of every consistent attention call (the ones that borrow tokens:
+            joint and write batches, bank reads, window neighbours): "native" (default: Q·Kᵀ in the
+            model's dtype, as before) or "int8" (the op's 8-bit path, ``csa_kernels/quantize.py``: per-row
+            int8 codes of Q and of every key after subtracting one key mean per head, exact int32 Q·Kᵀ,
+            P·V in the model's dtype; forward only, within the op's accuracy contract). Calls that borrow
+            nothing stay native: those that run the host's plain SDPA (rate 0 in joint batches, [NC]
+            frames, warm-up steps, skipped layers, a window frame without neighbours) and the op's calls
+            with nothing to borrow (a bank or window pool of 0 tokens at rate 0, a one-frame joint batch:
+            ``modes.call_precision``), so a rate-0 run is bit for bit the native one, the stock model's
+            arithmetic. The tiled window form takes it per tile. On CUDA it needs compute capability 8.0+
+            where the Triton kernel runs (:meth:`check_device`); the CPU torch path runs it anywhere.
     """
 
     rate: float | None = None
@@ -78,6 +95,7 @@ class ConsistencyConfig:
     seed: int = 0
     offload_bank: bool | None = None
     rope: str = "source"
+    attn_precision: str = "native"
 
     def __post_init__(self) -> None:
         if self.rate is not None:
@@ -105,6 +123,9 @@ class ConsistencyConfig:
             raise InvalidSetting("tile", f"must be None or a whole number >= 1, got {self.tile!r}")
         if self.rope not in ROPE_POLICIES:
             raise InvalidSetting("rope", f"must be one of {ROPE_POLICIES}, got {self.rope!r}")
+        if self.attn_precision not in ATTN_PRECISIONS:
+            problem = f"must be one of {ATTN_PRECISIONS}, got {self.attn_precision!r}"
+            raise InvalidSetting("attn_precision", problem)
 
     def resolved(self, mode: str) -> ConsistencyConfig:
         """This configuration as a run in ``mode`` ("bank" or "window") uses it: window mode's ``window``
@@ -113,6 +134,27 @@ class ConsistencyConfig:
         if mode == "window" and self.window is None:
             return replace(self, window=WINDOW_MODE_WINDOW)
         return self
+
+    def check_device(self, device: torch.device | str) -> None:
+        """InvalidSetting naming ``attn_precision`` if it cannot run on ``device``: int8 on a CUDA GPU
+        older than compute capability 8.0 when the Triton kernel would run (the op's "auto" backend picks
+        it for CUDA tensors of the dtypes and head dims it supports whenever Triton is installed) — its int8
+        Q·Kᵀ is integer MMA, which pre-Ampere GPUs lack. CPU (the torch path) and "native" pass. Called
+        before a run makes its output folder."""
+        device = torch.device(device)
+        if self.attn_precision != "int8" or device.type != "cuda" or not TRITON_INSTALLED:
+            return
+        if not torch.cuda.is_available():
+            return  # no GPU to ask: the run fails on its own, with torch's message
+        capability = tuple(torch.cuda.get_device_capability(device))
+        if capability < INT8_MIN_CAPABILITY:
+            major, minor = capability
+            need = "{}.{}".format(*INT8_MIN_CAPABILITY)
+            raise InvalidSetting(
+                "attn_precision",
+                f"int8 needs a GPU of compute capability {need}+ (integer MMA); {device} is {major}.{minor}: "
+                "use native, or run on the CPU",
+            )
 
     def rate_for(self, level_factor: int) -> float:
         rate = DEFAULT_RATE if self.rate is None else self.rate
@@ -128,14 +170,21 @@ class ConsistencyConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ConsistencyConfig:
-        """The inverse of ``to_dict`` (level keys back to ints); a predicate ``layers`` cannot come back."""
+        """The inverse of ``to_dict`` (level keys back to ints); a predicate ``layers`` cannot come back.
+        A key an older record lacks takes its field's default (``attn_precision``: "native", what every
+        run made before the setting existed computed)."""
         data = dict(data)
         data["level_rates"] = {int(k): v for k, v in data.get("level_rates", {}).items()}
         return cls(**data)
 
     def to_dict(self) -> dict:
-        """JSON-friendly form for metadata (a predicate ``layers`` is recorded by name)."""
+        """JSON-friendly form for metadata (a predicate ``layers`` is recorded by name). ``attn_precision``
+        only when it is not "native": a native run's dict is the one every run wrote before the setting
+        existed, so their checkpoints (whose fingerprint hashes this dict, ``runs/plan.py``) still resume
+        and eval-suite still finds their finished runs the same; ``from_dict`` reads its absence as native."""
         data = asdict(self)
+        if self.attn_precision == "native":
+            del data["attn_precision"]
         if callable(self.layers):
             data["layers"] = getattr(self.layers, "__name__", repr(self.layers))
         data["level_rates"] = {str(k): v for k, v in self.level_rates.items()}

@@ -35,6 +35,14 @@ def plain_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
 
 
+def call_precision(state: ConsistencyState, borrowed: int) -> str:
+    """The op's ``precision`` for a call whose frames see ``borrowed`` keys from elsewhere (other frames'
+    tokens, a bank, a pool): the run's ``attn_precision``, or "native" when there are none (a bank or pool
+    of 0 tokens at rate 0, a joint batch of one frame): int8 there would only quantize the frame's own
+    attention, so a run that borrows nothing keeps the stock model's arithmetic whatever the setting."""
+    return state.config.attn_precision if borrowed else "native"
+
+
 def lengths_kwarg(key_lengths: torch.Tensor | None) -> dict:
     """The op's ``key_lengths`` keyword, or nothing (every frame's keys are all its N tokens)."""
     return {} if key_lengths is None else {"key_lengths": key_lengths}
@@ -129,7 +137,17 @@ class JointMode:
             window = state.config.window
             # indices from the seeded sampler: no range check, so the step never syncs the host
             out = consistent_attention(
-                q, k, v, ref_idx, groups=groups, window=window, pool_k=pool_k, check_indices=False, **rows
+                q,
+                k,
+                v,
+                ref_idx,
+                groups=groups,
+                window=window,
+                pool_k=pool_k,
+                check_indices=False,
+                # a frame borrows from the others of its group: none in a one-frame batch
+                precision=call_precision(state, q.shape[0] // groups - 1),
+                **rows,
             )
         if self.writing is not None:
             # banked as offered: frames that read the bank see the keys this batch's frames saw
@@ -210,6 +228,7 @@ class ReadMode:
                 bank_k=bank_k,
                 bank_v=bank_v,
                 check_indices=False,  # no sampled indices; key_lengths from the mask: nothing read back
+                precision=call_precision(state, bank_k.shape[2]),  # a bank of 0 tokens at rate 0
                 **rows,
                 **bounded,
                 **lengths_kwarg(lengths),

@@ -27,7 +27,7 @@ from csa_kernels import consistent_attention
 from csa_kernels.pool import gather_reference_pool, index_tensor
 from csa_kernels.tiled import tiled_consistent_attention
 
-from .modes import attend_rows, lengths_kwarg, offered_keys, plain_attention, rows_kwarg
+from .modes import attend_rows, call_precision, lengths_kwarg, offered_keys, plain_attention, rows_kwarg
 
 if TYPE_CHECKING:
     from ..runs.distributed import HaloExchange
@@ -109,8 +109,9 @@ class WindowMode:
             if rows or reposition is not None or key_lengths is not None:
                 raise ValueError("the tiled form (tile) supports image-only self-attention (UNets, PixArt)")
             return tiled_consistent_attention(
-                q, k, v, both_halves, tile=self.tile, stride=1, groups=groups, check_indices=False
-            )
+                q, k, v, both_halves, tile=self.tile, stride=1, groups=groups, check_indices=False,
+                precision=call_precision(state, both_halves.shape[1]),
+            )  # fmt: skip
         # [G, F, H, S, D]: each chunk frame's sampled tokens, per CFG half; keys as offered (re-positioned
         # when the host asks), so the boundary cache hands later chunks the same keys this chunk saw
         pool_k = offered_keys(k, both_halves, reposition)
@@ -199,6 +200,7 @@ class WindowMode:
                 pool=pool,
                 pool_ranges=mine,
                 check_indices=False,
+                precision=call_precision(state, size),  # every frame offers 0 tokens at rate 0
                 **rows,
                 **bounded,
                 **lengths_kwarg(lengths),

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 from dataclasses import field as _field
 from typing import Any
 
-from ..consistency.config import LAYER_PRESETS, ROPE_POLICIES, WINDOW_MODE_WINDOW, InvalidSetting
+from ..consistency.config import (
+    ATTN_PRECISIONS,
+    LAYER_PRESETS,
+    ROPE_POLICIES,
+    WINDOW_MODE_WINDOW,
+    InvalidSetting,
+)
 from ..models.sampler import SCHEDULERS
 from ..pages.comic import CAPTION_STYLES, LAYOUTS
 from ..pages.story import CAPTION_SOURCES
@@ -456,6 +462,20 @@ OPTIONS: tuple[Option, ...] = (
         "none = no rotation",
         owner="consistency",
         choices=ROPE_POLICIES,
+        suite=True,
+    ),
+    Option(
+        "attn_precision",
+        "consistency",
+        "arithmetic of the consistent attention calls: native = the model's dtype (default); int8 = 8-bit "
+        "Q·Kᵀ (smoothed per-row int8 codes, exact integer products; P·V in the model's dtype): forward "
+        "only, not with --tile, GPUs of compute capability 8.0+ (any CPU); calls that borrow nothing stay "
+        "native",
+        owner="consistency",
+        choices=ATTN_PRECISIONS,
+        # in the consistency block only when int8: a native run's block is the one written before the
+        # setting existed (ConsistencyConfig.to_dict), so there is no key to name for every run
+        metadata="consistency",
         suite=True,
     ),
     Option(

@@ -347,6 +347,22 @@ def test_bad_precision_and_autograd_are_refused():
         consistent_attention(**inputs, precision="int8")
 
 
+def test_pre_ampere_gpus_are_refused_for_the_kernels(monkeypatch):
+    """The Triton kernels' int8 needs integer MMA (sm_80+): an older CUDA device is refused in one line
+    naming the precision and the way out; sm_80 and CPU tensors (the interpreter) pass."""
+    from csa_kernels.validation import check_int8_device
+
+    for capability, refused in (((7, 5), True), ((8, 0), False), ((9, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        if refused:
+            with pytest.raises(ValueError, match=r"precision='int8'.*8\.0\+.*cuda:0 is 7\.5") as info:
+                check_int8_device(torch.device("cuda", 0))
+            assert "\n" not in str(info.value)
+        else:
+            check_int8_device(torch.device("cuda", 0))
+    check_int8_device(torch.device("cpu"))
+
+
 def test_native_precision_is_the_default_bit_for_bit(poisoned_outputs, monkeypatch):
     """``precision="native"`` is today's path: the same bits as leaving it out, on both backends."""
     monkeypatch.setattr(tk, "INTERPRETER_CONFIG", SMALL)
