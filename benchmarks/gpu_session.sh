@@ -27,19 +27,44 @@
 #                stories of 81 frames, lockstep and stored banks at rate 0.1, 4 steps (estimated ~4 minutes)
 #   wan14b-dit   one Wan-14B step (28.6 GB of bf16 weights), same story as wan-dit (estimated ~5 minutes: a call of
 #                its own)
+#   int8         op suite, the 8-bit path (issue #25; storydiff bench --suite op --size int8, fp16): ours_int8_triton
+#                (precision="int8") vs ours_triton (16-bit) vs torch SDPA with the flash backend forced and the
+#                sageattention package's Triton kernel, both dense over the same key length, at the headline SDXL
+#                case (hd64, hd128), FLUX.1-dev 1024² 4 frames and Wan-1.3B 3 shots 480p rate 0.1 (hd128), with
+#                cosine / relative L1 / max error against the float64 reference (estimated ~3 minutes, from FLOP
+#                counts and autotuning both precisions per case: fits one call beside "tests headline"). The
+#                machine has no network, so SageAttention's wheel travels with the working tree: put it in
+#                benchmarks/wheels/ (a pure-Triton sageattention-1.x py3-none-any wheel, or a 2.x wheel built
+#                for the machine's torch/CUDA) and the section runs
+#                "pip install --no-deps benchmarks/wheels/sageattention-*.whl" first; without one it says so and
+#                the sageattention rows read "n/a: ... does not import".
 # One device call runs at most 10 minutes: all of it does not fit in one. Run "tests headline headline-pointer" first
-# (the rows not measured yet), the rest in later calls ("wan-dit wan-op", then "vram-wan", then "wan14b-dit"). No GPU
-# run has timed these sections yet; the Wan estimates are from FLOP counts, not measured.
+# (the rows not measured yet), the rest in later calls ("wan-dit wan-op", then "vram-wan", then "wan14b-dit"); "tests
+# headline int8" is sized for one call. No GPU run has timed these sections yet; the Wan and int8 estimates are from
+# FLOP counts, not measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-ALL=(tests headline headline-pointer dit-op dit unet motion vram vram-window vram-flux wan-dit wan-op vram-wan wan14b-dit)
+ALL=(tests headline headline-pointer dit-op dit unet motion vram vram-window vram-flux wan-dit wan-op vram-wan wan14b-dit int8)
 if [ $# -gt 0 ]; then SECTIONS=("$@"); else SECTIONS=("${ALL[@]}"); fi
 for name in "${SECTIONS[@]}"; do  # a typo fails now, not after the long sections before it
     case " ${ALL[*]} " in *" $name "*) ;; *) echo "unknown section '$name'; choose from: ${ALL[*]}"; exit 2 ;; esac
 done
 LOG="${OUT:+$OUT/session.log}"
 LOG="${LOG:-/dev/null}"
+
+# SageAttention for the int8 section, from a wheel carried in benchmarks/wheels/ (never downloaded: no network)
+install_sageattention() {
+    local wheels=(benchmarks/wheels/sageattention-*.whl)
+    if [ ! -e "${wheels[0]}" ]; then
+        echo "no benchmarks/wheels/sageattention-*.whl: the sageattention rows will say it is not installed"
+        return
+    fi
+    # the newest version when several are there (one pip call with two would conflict)
+    local wheel
+    wheel=$(printf '%s\n' "${wheels[@]}" | sort -V | tail -1)
+    python3 -m pip install --no-deps --no-index "$wheel" 2>&1 | tail -2
+}
 
 section() {
     case "$1" in
@@ -57,6 +82,7 @@ section() {
         wan-op) python3 benchmarks/bench_wan.py op ;;
         vram-wan) python3 benchmarks/bench_wan.py vram random-wan 4 ;;
         wan14b-dit) python3 benchmarks/bench_wan.py dit wan14b 81 ;;
+        int8) install_sageattention; python3 -m storydiff.cli bench --suite op --size int8 ;;
     esac
 }
 

@@ -8,6 +8,13 @@ Joint text + image inputs (``inputs["query_rows"] = (a, b)``, the DiT cases) go 
 the same row range: variant A's dense mask over all frames' joint tokens keeps text rows to their own frame,
 variant B's per-frame loop masks text rows from the concatenated borrowed keys, and flex's ``mask_mod``
 applies the same rule. The official code has no DiT support; these are its algorithm on joint sequences.
+
+The 8-bit path (issue #25): ``ours_int8_torch`` / ``ours_int8_triton`` are our op with ``precision="int8"``
+on either backend, judged by the accuracy contract rather than the 16-bit rounding bound (``INT8``). Its
+speed anchors compute another function (``UNGATED``): dense attention over as many keys per query as the
+consistent call, with torch SDPA's flash backend forced (``sdpa_flash``) and with the ``sageattention``
+package's Triton INT8 kernel (``sageattention``), which is optional (``OPTIONAL``): without it, or where it
+cannot run, its row says why.
 """
 
 from __future__ import annotations
@@ -135,11 +142,62 @@ def _dense_keys(inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(2, frames, heads, length, dim, dtype=q.dtype, device=q.device).unbind(0)
 
 
+def _setup_sdpa_flash(inputs: dict) -> Callable[[], torch.Tensor]:
+    """Dense SDPA of the same key length with the flash backend forced (the issue's 16-bit anchor), not
+    whatever backend SDPA would pick: raises NotImplementedError where flash cannot take the inputs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = inputs["q"]
+    if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
+        raise NotImplementedError(f"SDPA's flash backend takes float16 / bfloat16 on CUDA, not {q.dtype}")
+    k, v = _dense_keys(inputs)
+
+    def run() -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return run
+
+
+def sageattention_kernel() -> Callable[..., torch.Tensor]:
+    """The ``sageattention`` package's Triton kernel: ``sageattn_qk_int8_pv_fp16_triton`` in 2.x (whose
+    ``sageattn`` dispatches to CUDA kernels by GPU), ``sageattn`` in 1.x (Triton only). Raises whatever
+    importing the package raises."""
+    import sageattention
+
+    return getattr(sageattention, "sageattn_qk_int8_pv_fp16_triton", None) or sageattention.sageattn
+
+
+def _setup_sageattention(inputs: dict) -> Callable[[], torch.Tensor]:
+    """SageAttention on dense q/k/v of the same key length (a speed anchor: the same dense shape as
+    ``sdpa_flash``), K smoothed by its mean as the package does by default."""
+    q = inputs["q"]
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128):
+        raise NotImplementedError(
+            f"sageattention's Triton kernel takes fp16/bf16 at hd64/hd128, not {q.dtype} hd{q.shape[-1]}"
+        )
+    kernel = sageattention_kernel()
+    k, v = _dense_keys(inputs)
+
+    def run() -> torch.Tensor:
+        return kernel(q, k, v, tensor_layout="HND", is_causal=False)
+
+    try:  # a third-party wheel built for another torch / Triton fails in its own ways: a row, not a crash
+        run()
+    except Exception as exc:  # any failure of the optional package becomes the row's reason
+        raise NotImplementedError(f"sageattention failed: {type(exc).__name__}: {exc}") from exc
+    return run
+
+
 def setup_provider(name: str, inputs: dict) -> Callable[[], torch.Tensor]:
     """A zero-argument callable computing the layer with provider ``name``; setup work is not timed."""
     if name == "sdpa_dense":  # speed of light: plain SDPA over dense keys of the same length
         k, v = _dense_keys(inputs)
         return lambda: F.scaled_dot_product_attention(inputs["q"], k, v)
+    if name == "sdpa_flash":
+        return _setup_sdpa_flash(inputs)
+    if name == "sageattention":
+        return _setup_sageattention(inputs)
     if name in ("official_a", "official_b", "flex"):
         return _setup_official(name, inputs)
     fn = {
@@ -147,27 +205,76 @@ def setup_provider(name: str, inputs: dict) -> Callable[[], torch.Tensor]:
         # timed as the library calls it: indices from the seeded sampler, no range check (no host sync)
         "ours_torch": functools.partial(consistent_attention, backend="torch", check_indices=False),
         "ours_triton": functools.partial(consistent_attention, backend="triton", check_indices=False),
+        "ours_int8_torch": functools.partial(
+            consistent_attention, backend="torch", check_indices=False, precision="int8"
+        ),
+        "ours_int8_triton": functools.partial(
+            consistent_attention, backend="triton", check_indices=False, precision="int8"
+        ),
     }[name]
     return lambda: fn(**inputs)
 
 
-PROVIDERS = ("reference", "official_a", "official_b", "flex", "sdpa_dense", "ours_torch", "ours_triton")
-UNGATED = {"sdpa_dense"}  # computes another function: timed as the ceiling, never compared
+PROVIDERS = (
+    "reference",
+    "official_a",
+    "official_b",
+    "flex",
+    "sdpa_dense",
+    "ours_torch",
+    "ours_triton",
+    "ours_int8_torch",
+    "ours_int8_triton",
+    "sdpa_flash",
+    "sageattention",
+)
+# compute another function (dense attention over keys of the same length): timed as anchors, never compared
+UNGATED = {"sdpa_dense", "sdpa_flash", "sageattention"}
+# the 8-bit path: held to its accuracy contract (op_suite.INT8_CONTRACT), not to the 16-bit rounding bound
+INT8 = {"ours_int8_torch", "ours_int8_triton"}
+# optional third-party providers: when one cannot run, its rows say why (n/a) and the suite goes on
+OPTIONAL = {"sageattention"}
+# the sizes (``storydiff bench --size``) whose cases the 8-bit path's providers are timed on
+INT8_SIZES = ("int8", "cpu-int8")
 
 
 def unavailable(name: str, device: torch.device) -> str | None:
     """Why provider ``name`` cannot run on ``device`` (None: it can)."""
     import os
 
-    if name == "ours_triton":
+    if name in ("ours_triton", "ours_int8_triton"):
         if not TRITON_INSTALLED:
             return "needs Triton, which is not installed"
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             return "needs a CUDA device (or TRITON_INTERPRET=1 to interpret the kernel on the CPU)"
+        # the int8 kernel's integer MMAs (IMMA) exist from Ampere on; the API refuses older GPUs too
+        if (
+            name == "ours_int8_triton"
+            and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) < (8, 0)
+        ):
+            return "needs an sm_80 or newer GPU (integer tensor-core MMA)"
+    if name == "sageattention":
+        try:  # checked before the device, so a CPU run still says whether the package is there
+            sageattention_kernel()
+        except Exception as exc:  # ImportError, or a wheel built for another torch / CUDA failing
+            return (
+                f"the sageattention package does not import ({type(exc).__name__}: {exc}); put its wheel in "
+                "benchmarks/wheels/ for gpu_session.sh, or pip install sageattention"
+            )
+        if device.type != "cuda":
+            return "needs a CUDA device (its kernel is Triton-compiled for GPUs)"
     return None
 
 
 def default_providers(device: torch.device, size: str = "cpu") -> list[str]:
+    """The providers ``storydiff bench`` runs by default at ``size`` on ``device``: the 8-bit sizes
+    (``INT8_SIZES``) time our 16-bit and 8-bit op beside the dense anchors; the others compare our op with
+    the official variants."""
+    if size in INT8_SIZES:
+        path = "triton" if device.type == "cuda" and TRITON_INSTALLED else "torch"
+        names = [f"ours_{path}", f"ours_int8_{path}", "sdpa_flash", "sageattention"]
+        return names if device.type == "cuda" else ["reference", *names]
     names = ["official_a", "official_b", "flex", "sdpa_dense", "ours_torch"]
     if device.type == "cuda":
         if TRITON_INSTALLED:  # optional (Linux wheels only): without it, "ours" is the torch path alone

@@ -42,14 +42,14 @@ def load_rows(path: Path) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     """Case x provider table of median ms and TFLOP/s (status text where a provider did not run)."""
-    header = f"{'case':<28} {'provider':<12} {'ms':>10} {'TFLOP/s':>9} {'peak MiB':>9}  status"
+    header = f"{'case':<28} {'provider':<16} {'ms':>10} {'TFLOP/s':>9} {'peak MiB':>9}  status"
     lines = [header, "-" * len(header)]
     for row in rows:
         ms = f"{row['ms']:.3f}" if row["ms"] else "-"
         tflops = f"{row['tflops']:.3g}" if row["tflops"] else "-"
         peak = f"{row['peak_extra_mib']:.0f}" if row["peak_extra_mib"] is not None else "-"
         name, provider = row["name"], row["provider"]
-        lines.append(f"{name:<28} {provider:<12} {ms:>10} {tflops:>9} {peak:>9}  {row['status']}")
+        lines.append(f"{name:<28} {provider:<16} {ms:>10} {tflops:>9} {peak:>9}  {row['status']}")
     return "\n".join(lines)
 
 

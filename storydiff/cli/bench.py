@@ -35,10 +35,13 @@ def register(subparsers, parents: list) -> None:
     )
     bench.add_argument(
         "--size",
-        choices=("auto", "cpu", "full", "headline", "dit"),
+        choices=("auto", "cpu", "full", "headline", "dit", "int8", "cpu-int8"),
         default="auto",
         help="auto: full on a GPU, cpu otherwise; headline: the op cases the README quotes; dit: the op "
-        "suite's FLUX / SD3.5 joint-attention cases only (default: auto)",
+        "suite's FLUX / SD3.5 joint-attention cases only; int8: the 8-bit path (precision='int8') vs our "
+        "16-bit op, SDPA's flash backend and SageAttention on the same key length, at the headline SDXL "
+        "(hd64, hd128), FLUX and Wan shapes, with accuracy columns; cpu-int8: those rows at CPU sizes "
+        "(default: auto)",
     )
     bench.add_argument(
         "--model",
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..benchmark import dit_suite, op_suite, unet_suite
     from ..benchmark.environment import environment
-    from ..benchmark.providers import PROVIDERS, default_providers, unavailable
+    from ..benchmark.providers import OPTIONAL, PROVIDERS, default_providers, unavailable
     from ..benchmark.results import DIT_PANELS, UNET_PANELS, format_table, plot_rows, save_rows
 
     try:
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"unknown provider(s) {unknown}; choose from {list(PROVIDERS)}")
     for name in providers:
         reason = unavailable(name, device)
-        if reason and args.suite in ("op", "all"):
+        if reason and args.suite in ("op", "all") and name not in OPTIONAL:  # optional: its rows say why
             return fail(f"--providers {name} {reason}")
     ignored = [
         flag
@@ -125,15 +128,19 @@ def run(args: argparse.Namespace) -> int:
             "full": op_suite.gpu_cases,
             "headline": op_suite.headline_cases,
             "dit": op_suite.dit_cases,
+            "int8": op_suite.int8_cases,
+            "cpu-int8": op_suite.cpu_int8_cases,
         }[size]()
         print(f"op suite: {len(cases)} cases x {len(providers)} providers on {env['device']} ({dtype})")
         rows = op_suite.run_op_suite(cases, providers, device=device, dtype=dtype, env=env)
         print(format_table(rows))
+        if size in ("int8", "cpu-int8"):  # the 8-bit path is judged by these as much as by its speed
+            print(op_suite.format_accuracy(rows))
         written += [*save_rows(rows, out, f"op-{size}", env["device"])]
         if not args.no_plot:
             written.append(plot_rows(rows, written[-2].with_suffix(".png")))
     if args.suite in ("unet", "all"):
-        model = "tiny" if size == "cpu" else "full"
+        model = "tiny" if size in ("cpu", "cpu-int8") else "full"
         cases = unet_suite.cpu_cases() if model == "tiny" else unet_suite.gpu_cases()
         print(f"unet suite: {model} SDXL UNet, {len(cases)} cases on {env['device']} ({dtype})")
         rows = unet_suite.run_unet_suite(

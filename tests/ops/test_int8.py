@@ -222,11 +222,7 @@ def test_the_descriptor_kernel_runs_int8(monkeypatch):
 
 # -- the accuracy contract -----------------------------------------------------------------------------------
 #: per input type: (least cosine similarity, most relative L1, most max error) against the float64 reference
-CONTRACT = {
-    "gaussian": (0.9999, 1.5e-2, 3e-2),
-    "outlier": (0.9999, 1.5e-2, 3e-2),
-    "offset": (0.9998, 2.5e-2, 5e-2),
-}
+CONTRACT = quantize.ACCURACY_CONTRACT
 # SDXL (hd64, rate 0.5), FLUX (hd128), Wan (hd128, rate 0.1) scaled down: frames, heads, tokens, dim, refs
 SHAPES = {"sdxl": (4, 2, 256, 64, 128), "flux": (3, 2, 256, 128, 128), "wan": (2, 2, 512, 128, 51)}
 
