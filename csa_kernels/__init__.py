@@ -6,7 +6,7 @@ correctness rule of tests and benchmarks) sits on the reference.
 
 # One version for the whole distribution (storydiff-csa), here at the bottom of the dependency order:
 # setup.py reads it, storydiff re-exports it. Log changes in CHANGELOG.md.
-__version__ = "0.8.0"
+__version__ = "0.9.0"
 
 from .api import consistent_attention
 from .reference import attended_keys, consistent_attention_reference
