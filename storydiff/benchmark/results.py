@@ -6,6 +6,7 @@ import csv
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,33 @@ def save_rows(rows: list[dict], out_dir: Path, suite: str, device: str) -> tuple
         writer.writeheader()
         writer.writerows(rows)
     return json_path, csv_path
+
+
+def write_results(
+    rows: list[dict],
+    out_dir: Path,
+    suite: str,
+    device: str,
+    plot: Callable[[list[dict], Path], Path] | None = None,
+) -> list[Path]:
+    """``save_rows``, then ``plot(rows, <the JSON path>.png)`` unless ``plot`` is None; every path written.
+
+    The one writer of ``storydiff bench``'s suites: a single process calls it with its rows, a torchrun
+    run calls it on rank 0 only, with every rank's rows (``ranks.gather_device_rows``)."""
+    written = [*save_rows(rows, out_dir, suite, device)]
+    if plot is not None and written:
+        written.append(plot(rows, written[0].with_suffix(".png")))
+    return written
+
+
+def devices_label(rows: list[dict]) -> str:
+    """What a merged file's name and titles say about the devices behind its rows: "NVIDIA H100 80GB HBM3
+    x8 ranks" (one kind of card), "mixed devices x3 ranks", or a single process's device."""
+    ranks = list(dict.fromkeys(row.get("rank") for row in rows))
+    names = list(dict.fromkeys(row.get("device", "?") for row in rows))
+    if len(ranks) <= 1 or None in ranks:
+        return names[0] if len(names) == 1 else "mixed devices"
+    return f"{names[0] if len(names) == 1 else 'mixed devices'} x{len(ranks)} ranks"
 
 
 def write_json_file(path: Path, data) -> Path:
@@ -62,12 +90,16 @@ def rows_figure(
 
     Returns the matplotlib Figure (one ``BarContainer`` per provider in each axes, labelled with the
     provider; a missing or None value draws a zero-height bar), so tests can read back what is drawn.
+    Rows of several ranks (a torchrun run: a ``rank`` column) draw one group per (case, rank), labelled
+    "case r<rank>", the ranks of a case side by side.
     """
     # A bare Figure on an Agg canvas: no pyplot, so no global backend switch and no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    cases = list(dict.fromkeys(row["name"] for row in rows))
+    several = len({row.get("rank") for row in rows}) > 1
+    groups = list(dict.fromkeys(_group(row, several) for row in rows))
+    cases = [f"{name} r{rank}" if several else name for name, rank in groups]
     providers = list(dict.fromkeys(row["provider"] for row in rows))
     width = 0.8 / max(len(providers), 1)
     fig = Figure(figsize=(max(6.0, 1.2 * len(cases) + 2), 4.0 * len(panels)))
@@ -75,16 +107,18 @@ def rows_figure(
     axes = fig.subplots(len(panels), 1, squeeze=False)
     for ax, (key, label) in zip(axes[:, 0], panels, strict=True):
         for p, provider in enumerate(providers):
-            values = {row["name"]: row.get(key) or 0.0 for row in rows if row["provider"] == provider}
+            values = {
+                _group(row, several): row.get(key) or 0.0 for row in rows if row["provider"] == provider
+            }
             xs = [c + (p - (len(providers) - 1) / 2) * width for c in range(len(cases))]
-            ax.bar(xs, [values.get(case, 0.0) for case in cases], width, label=provider)
+            ax.bar(xs, [values.get(group, 0.0) for group in groups], width, label=provider)
         ax.set_xticks(range(len(cases)), cases, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     first = rows[0] if rows else {}
     axes[0, 0].set_title(
-        title or f"consistent attention, {first.get('device', '?')} ({first.get('dtype', '?')})"
+        title or f"consistent attention, {devices_label(rows) if rows else '?'} ({first.get('dtype', '?')})"
     )
     if any(CASE_NAMES.search(case) for case in cases):
         fig.text(0.01, 0.005, CASE_LEGEND, fontsize=7, color="dimgray", ha="left", va="bottom")
@@ -92,6 +126,11 @@ def rows_figure(
     else:
         fig.tight_layout()
     return fig
+
+
+def _group(row: dict, several: bool) -> tuple:
+    """A row's bar group: its case, and its rank when the rows come from several ranks."""
+    return (row["name"], row.get("rank") if several else None)
 
 
 # Op-suite case names: "<model><resolution>[-1/<level>]-f<frames>-r<rate>[-hd<head dim>]".

@@ -1,12 +1,26 @@
-"""``storydiff bench``: the op, UNet, DiT and motion-predictor benchmark suites."""
+"""``storydiff bench``: the op, UNet, DiT and motion-predictor benchmark suites.
+
+Under torchrun (``torchrun --nproc_per_node N -m storydiff.cli bench --suite op|unet|dit|all``) every rank
+runs the same suites on its own GPU (``cuda:LOCAL_RANK``) and rank 0 writes one file per suite with a row
+per (case, provider, device) (``benchmark/ranks.py``); on CPUs that is refused, since ranks sharing cores
+would time each other.
+"""
 
 from __future__ import annotations
 
 import argparse
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .common import DTYPES, check_environment, check_output_dir, fail, resolve_device
+from .common import DTYPES, EXIT_USAGE, check_environment, check_output_dir, fail, resolve_device
+
+if TYPE_CHECKING:  # torch is imported when a command runs, so `storydiff --help` stays instant
+    import torch
+
+    from ..runs.distributed import Partition
 
 
 def register(subparsers, parents: list) -> None:
@@ -70,13 +84,49 @@ def register(subparsers, parents: list) -> None:
     bench.set_defaults(run=run)
 
 
+# The suites a torchrun run may measure on every rank: "dist" starts its own process groups, "motion"
+# times torch.compile, whose compile workers the ranks of one node would share.
+RANK_SUITES = ("op", "unet", "dit", "all")
+CPU_RANKS_REFUSED = (
+    "bench under torchrun times each rank's own GPU; CPU ranks share this machine's cores and would time "
+    "each other: run it under torchrun on GPUs, or in one process on the CPU"
+)
+
+
+@dataclass(frozen=True)
+class BenchJob:
+    """A bench command's validated settings (``prepare``): what runs where, and where results go."""
+
+    suite: str
+    size: str  # the op suite's case set, "auto" resolved
+    model: str  # the DiT suite's model(s)
+    device: torch.device
+    dtype: torch.dtype
+    providers: list[str]
+    ranks: list[int] | None  # the dist suite's world sizes (None: its default)
+    gpus: int  # visible CUDA devices (0 on a CPU)
+    out: Path
+    plot: bool
+
+
+@dataclass(frozen=True)
+class SuiteRun:
+    """One suite of a job: its result files' prefix, what it prints before measuring, how it measures,
+    and how its rows are shown and plotted (``plot(rows, png path, devices)``; None: data only)."""
+
+    stem: str
+    header: str  # "": the suite prints its own progress lines
+    measure: Callable[[], list[dict]]
+    table: Callable[[list[dict]], str]
+    plot: Callable[[list[dict], Path, str], Path] | None = None
+
+
 def run(args: argparse.Namespace) -> int:
+    import os
+
     import torch
 
-    from ..benchmark import dit_suite, op_suite, unet_suite
-    from ..benchmark.environment import environment
-    from ..benchmark.providers import OPTIONAL, PROVIDERS, default_providers, unavailable
-    from ..benchmark.results import DIT_PANELS, UNET_PANELS, format_table, plot_rows, save_rows
+    from ..runs.distributed import Partition, launched_by_torchrun
 
     try:
         check_environment()
@@ -84,6 +134,60 @@ def run(args: argparse.Namespace) -> int:
         check_output_dir(args.out)
     except ValueError as exc:
         return fail(str(exc))
+    if not launched_by_torchrun():
+        try:
+            job = prepare(args, device)
+        except ValueError as exc:
+            return fail(str(exc))
+        return run_job(job, Partition())
+    # under torchrun: refused before anything is measured or any group is joined where it cannot mean much;
+    # the ranks of a node (same flags, same GPUs) reach the same verdict, so its first rank alone says it
+    if device.type != "cuda":
+        return fail_once(CPU_RANKS_REFUSED)
+    if args.suite not in RANK_SUITES:
+        return fail_once(
+            f"--suite {args.suite} does not run under torchrun (each rank measures "
+            f"{', '.join(RANK_SUITES)} on its own GPU): run it in one process"
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if local_rank >= torch.cuda.device_count():
+        return fail(  # this rank's own problem
+            f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) visible on this node"
+        )
+    try:
+        job = prepare(args, torch.device("cuda", local_rank))
+    except ValueError as exc:
+        return fail_once(str(exc))
+    import torch.distributed as dist
+
+    from ..benchmark.ranks import GATHER_TIMEOUT
+    from ..runs.distributed import init_from_environment
+
+    try:
+        partition = init_from_environment(None, job.device, GATHER_TIMEOUT.total_seconds())
+    except (RuntimeError, ValueError) as exc:
+        return fail(f"cannot join the torchrun process group: {exc}")
+    try:
+        return run_job(job, partition)
+    finally:
+        dist.destroy_process_group()
+
+
+def fail_once(message: str) -> int:
+    """``fail(message)`` on each node's first torchrun rank (``LOCAL_RANK`` 0): one line per node, not one
+    per GPU; the other ranks exit with the same code silently."""
+    import os
+
+    return fail(message) if os.environ.get("LOCAL_RANK", "0").strip() == "0" else EXIT_USAGE
+
+
+def prepare(args: argparse.Namespace, device: torch.device) -> BenchJob:
+    """The job ``args`` ask for on ``device``; ValueError (one line) for what cannot run, before anything
+    is measured. Warns about flags the suite ignores."""
+    import torch
+
+    from ..benchmark.providers import OPTIONAL, PROVIDERS, default_providers, unavailable
+
     size = args.size if args.size != "auto" else ("full" if device.type == "cuda" else "cpu")
     dit = args.suite == "dit" or size == "dit"
     gpu_dtype = "bfloat16" if dit else "float16"
@@ -91,11 +195,11 @@ def run(args: argparse.Namespace) -> int:
     providers = args.providers.split(",") if args.providers else default_providers(device, size)
     unknown = [p for p in providers if p not in PROVIDERS]
     if unknown:
-        return fail(f"unknown provider(s) {unknown}; choose from {list(PROVIDERS)}")
+        raise ValueError(f"unknown provider(s) {unknown}; choose from {list(PROVIDERS)}")
     for name in providers:
         reason = unavailable(name, device)
         if reason and args.suite in ("op", "all") and name not in OPTIONAL:  # optional: its rows say why
-            return fail(f"--providers {name} {reason}")
+            raise ValueError(f"--providers {name} {reason}")
     ignored = [
         flag
         for flag, given, suites in (
@@ -107,22 +211,95 @@ def run(args: argparse.Namespace) -> int:
     ]
     if ignored:
         warnings.warn(f"{', '.join(ignored)} do(es) not apply to --suite {args.suite}: ignored", stacklevel=1)
-    args.model = args.model or "all"
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     ranks = None
     if args.ranks is not None:  # checked before any suite runs
         try:
             ranks = [int(n) for n in args.ranks.split(",")]
         except ValueError:
-            return fail(f"--ranks expects world sizes such as 1,2,4, got {args.ranks!r}")
+            raise ValueError(f"--ranks expects world sizes such as 1,2,4, got {args.ranks!r}") from None
         if any(n < 1 for n in ranks):
-            return fail(f"--ranks must be world sizes >= 1, got {args.ranks}")
+            raise ValueError(f"--ranks must be world sizes >= 1, got {args.ranks}")
         if gpus and max(ranks) > gpus:
-            return fail(f"--ranks {args.ranks}: at most the {gpus} visible GPUs")
-    env = environment(device)
-    out = Path(args.out)
-    written = []
-    if args.suite in ("op", "all"):
+            raise ValueError(f"--ranks {args.ranks}: at most the {gpus} visible GPUs")
+    return BenchJob(
+        suite=args.suite,
+        size=size,
+        model=args.model or "all",
+        device=device,
+        dtype=dtype,
+        providers=providers,
+        ranks=ranks,
+        gpus=gpus,
+        out=Path(args.out),
+        plot=not args.no_plot,
+    )
+
+
+def run_job(job: BenchJob, partition: Partition) -> int:
+    """Measure ``job``'s suites on this rank's device and write their results.
+
+    One process (``partition.world == 1``): each suite's table is printed and its files written as soon as
+    it is measured. Several ranks: every rank measures every suite, then one gather brings all rows to rank
+    0 (``ranks.gather_device_rows``), which prints a table per device and writes one file per suite; the
+    other ranks write nothing. Tests run the ranks on gloo/CPU with an injected timer (the CPU refusal is
+    ``run``'s, not this function's).
+    """
+    from ..benchmark.environment import environment
+    from ..benchmark.ranks import by_device, describe_device, device_info, gather_device_rows
+    from ..benchmark.results import devices_label
+
+    env = environment(job.device)
+    suites = plan_suites(job, env)
+    written: list[Path] = []
+    if not partition.distributed:
+        for suite in suites:
+            if suite.header:
+                print(suite.header)
+            rows = suite.measure()
+            print(suite.table(rows))
+            written += write_suite(suite, rows, job, env["device"])
+    else:
+        measured = {}
+        for suite in suites:
+            if partition.leader and suite.header:  # the ranks run the same suites: one header, not one each
+                print(f"{suite.header}, on each of {partition.world} ranks")
+            measured[suite.stem] = suite.measure()
+        merged = gather_device_rows(partition, measured, device_info(job.device, partition))
+        if not partition.leader:
+            return 0
+        for suite in suites:
+            rows = merged.get(suite.stem, [])
+            for info, device_rows in by_device(rows):
+                print(describe_device(info))
+                print(suite.table(device_rows))
+            written += write_suite(suite, rows, job, devices_label(rows) if rows else env["device"])
+    print("written:\n  " + "\n  ".join(str(p) for p in written))
+    return 0
+
+
+def write_suite(suite: SuiteRun, rows: list[dict], job: BenchJob, devices: str) -> list[Path]:
+    """``suite``'s rows as JSON + CSV (+ PNG unless --no-plot) in ``job.out``, named after ``devices``."""
+    from ..benchmark.results import write_results
+
+    plot = None
+    if job.plot and suite.plot is not None:
+        draw = suite.plot
+
+        def plot(rows: list[dict], path: Path) -> Path:
+            return draw(rows, path, devices)
+
+    return write_results(rows, job.out, suite.stem, devices, plot)
+
+
+def plan_suites(job: BenchJob, env: dict) -> list[SuiteRun]:
+    """The suites ``job.suite`` names, in the order they run, each ready to measure on ``job.device``."""
+    from ..benchmark import dit_suite, op_suite, unet_suite
+    from ..benchmark.results import DIT_PANELS, UNET_PANELS, format_table, plot_rows
+
+    device, dtype, size = job.device, job.dtype, job.size
+    suites = []
+    if job.suite in ("op", "all"):
         cases = {
             "cpu": op_suite.cpu_cases,
             "full": op_suite.gpu_cases,
@@ -131,43 +308,76 @@ def run(args: argparse.Namespace) -> int:
             "int8": op_suite.int8_cases,
             "cpu-int8": op_suite.cpu_int8_cases,
         }[size]()
-        print(f"op suite: {len(cases)} cases x {len(providers)} providers on {env['device']} ({dtype})")
-        rows = op_suite.run_op_suite(cases, providers, device=device, dtype=dtype, env=env)
-        print(format_table(rows))
-        if size in ("int8", "cpu-int8"):  # the 8-bit path is judged by these as much as by its speed
-            print(op_suite.format_accuracy(rows))
-        written += [*save_rows(rows, out, f"op-{size}", env["device"])]
-        if not args.no_plot:
-            written.append(plot_rows(rows, written[-2].with_suffix(".png")))
-    if args.suite in ("unet", "all"):
-        model = "tiny" if size in ("cpu", "cpu-int8") else "full"
-        cases = unet_suite.cpu_cases() if model == "tiny" else unet_suite.gpu_cases()
-        print(f"unet suite: {model} SDXL UNet, {len(cases)} cases on {env['device']} ({dtype})")
-        rows = unet_suite.run_unet_suite(
-            cases, list(unet_suite.PROVIDERS), size=model, device=device, dtype=dtype, env=env
-        )
-        print(unet_suite.format_unet_table(rows))
-        written += [*save_rows(rows, out, f"unet-{model}", env["device"])]
-        if not args.no_plot:
-            title = f"SDXL UNet ({model}) step, 4 identity frames, {env['device']}"
-            written.append(plot_rows(rows, written[-2].with_suffix(".png"), title, UNET_PANELS))
-    if args.suite == "dit":
-        model = "tiny" if size == "cpu" else "full"
-        models = ("flux", "sd3") if args.model == "all" else (args.model,)
-        cases = dit_suite.cpu_cases(models) if model == "tiny" else dit_suite.gpu_cases(models)
-        print(f"dit suite: {model} {', '.join(models)}, {len(cases)} cases on {env['device']} ({dtype})")
-        rows = dit_suite.run_dit_suite(cases, size=model, device=device, dtype=dtype, env=env)
-        print(dit_suite.format_dit_table(rows))
-        written += [*save_rows(rows, out, f"dit-{model}-{args.model}", env["device"])]
-        if not args.no_plot:
-            title = f"DiT step ({model}), {cases[0].frames} frames, stock vs ours, {env['device']}"
-            written.append(plot_rows(rows, written[-2].with_suffix(".png"), title, DIT_PANELS))
-    if args.suite == "dist":
-        from ..benchmark.dist_scaling import format_scaling_table, plot_scaling, run_scaling
 
-        ranks = ranks or ([n for n in (1, 2, 4) if n <= gpus] if gpus else [1, 2])
-        model = "random-sdxl" if device.type == "cuda" else "tiny-sd15"
-        frames, steps = (16, 10) if device.type == "cuda" else (12, 3)
+        def op_table(rows: list[dict]) -> str:
+            if size in ("int8", "cpu-int8"):  # the 8-bit path is judged by these as much as by its speed
+                return format_table(rows) + "\n" + op_suite.format_accuracy(rows)
+            return format_table(rows)
+
+        suites.append(
+            SuiteRun(
+                f"op-{size}",
+                f"op suite: {len(cases)} cases x {len(job.providers)} providers on {env['device']} ({dtype})",
+                lambda: op_suite.run_op_suite(cases, job.providers, device=device, dtype=dtype, env=env),
+                op_table,
+                lambda rows, path, devices: plot_rows(rows, path),  # its title names the rows' devices
+            )
+        )
+    if job.suite in ("unet", "all"):
+        unet_model = "tiny" if size in ("cpu", "cpu-int8") else "full"
+        unet_cases = unet_suite.cpu_cases() if unet_model == "tiny" else unet_suite.gpu_cases()
+        suites.append(
+            SuiteRun(
+                f"unet-{unet_model}",
+                f"unet suite: {unet_model} SDXL UNet, {len(unet_cases)} cases on {env['device']} ({dtype})",
+                lambda: unet_suite.run_unet_suite(
+                    unet_cases,
+                    list(unet_suite.PROVIDERS),
+                    size=unet_model,
+                    device=device,
+                    dtype=dtype,
+                    env=env,
+                ),
+                unet_suite.format_unet_table,
+                lambda rows, path, devices: plot_rows(
+                    rows, path, f"SDXL UNet ({unet_model}) step, 4 identity frames, {devices}", UNET_PANELS
+                ),
+            )
+        )
+    if job.suite == "dit":
+        dit_model = "tiny" if size == "cpu" else "full"
+        models = ("flux", "sd3") if job.model == "all" else (job.model,)
+        dit_cases = dit_suite.cpu_cases(models) if dit_model == "tiny" else dit_suite.gpu_cases(models)
+        title = f"DiT step ({dit_model}), {dit_cases[0].frames} frames, stock vs ours"
+        suites.append(
+            SuiteRun(
+                f"dit-{dit_model}-{job.model}",
+                f"dit suite: {dit_model} {', '.join(models)}, {len(dit_cases)} cases on {env['device']} "
+                f"({dtype})",
+                lambda: dit_suite.run_dit_suite(
+                    dit_cases, size=dit_model, device=device, dtype=dtype, env=env
+                ),
+                dit_suite.format_dit_table,
+                lambda rows, path, devices: plot_rows(rows, path, f"{title}, {devices}", DIT_PANELS),
+            )
+        )
+    if job.suite == "dist":
+        suites.append(_dist_suite(job, env))
+    if job.suite == "motion":
+        suites.append(_motion_suite(job, env))
+    return suites
+
+
+def _dist_suite(job: BenchJob, env: dict) -> SuiteRun:
+    """A story over 1, 2, ... processes (the suite starts its own process groups)."""
+    from ..benchmark.dist_scaling import format_scaling_table, plot_scaling, run_scaling
+
+    gpus, device = job.gpus, job.device
+    ranks = job.ranks or ([n for n in (1, 2, 4) if n <= gpus] if gpus else [1, 2])
+    model = "random-sdxl" if device.type == "cuda" else "tiny-sd15"
+    frames, steps = (16, 10) if device.type == "cuda" else (12, 3)
+
+    def measure() -> list[dict]:
         rows = []
         for mode in ("window", "bank-recompute", "bank-broadcast"):
             sizes = [n for n in ranks if n > 1] if mode == "bank-broadcast" else ranks  # 1 rank: the same run
@@ -177,12 +387,22 @@ def run(args: argparse.Namespace) -> int:
             rows += run_scaling(
                 model=model, world_sizes=sizes, mode=mode, frames=frames, steps=steps, device=device.type
             )
-        rows = [{**row, **env} for row in rows]
-        print(format_scaling_table(rows))
-        written += [*save_rows(rows, out, f"dist-{model}", env["device"])]
-        if not args.no_plot:
-            written.append(plot_scaling(rows, written[-2].with_suffix(".png")))
-    if args.suite == "motion":
+        return [{**row, **env} for row in rows]
+
+    return SuiteRun(
+        f"dist-{model}",
+        "",
+        measure,
+        format_scaling_table,
+        lambda r, p, d: plot_scaling(r, p),
+    )
+
+
+def _motion_suite(job: BenchJob, env: dict) -> SuiteRun:
+    """The Semantic Motion Predictor, compiled vs eager, at batch 1 and 8 (data only, no plot)."""
+    device = job.device
+
+    def measure() -> list[dict]:
         from ..motion.compiled import benchmark_compiled
         from ..motion.model import SemanticMotionPredictor
 
@@ -191,13 +411,13 @@ def run(args: argparse.Namespace) -> int:
         cpu_size = {"embed_dim": 64, "hidden_dim": 64, "num_layers": 2, "num_heads": 4}
         size = gpu_size if device.type == "cuda" else cpu_size
         model = SemanticMotionPredictor(num_frames=14, **size)
-        rows = [{**row, **env} for row in benchmark_compiled(model, (1, 8), device)]
-        for row in rows:
-            eager, compiled, speedup = row["eager_ms"], row["compiled_ms"], row["speedup"]
-            print(
-                f"motion predictor batch {row['batch_size']}: eager {eager:.2f} ms, "
-                f"compiled {compiled:.2f} ms ({speedup:.2f}x, outputs match: {row['match']})"
-            )
-        written += [*save_rows(rows, out, "motion-compiled", env["device"])]
-    print("written:\n  " + "\n  ".join(str(p) for p in written))
-    return 0
+        return [{**row, **env} for row in benchmark_compiled(model, (1, 8), device)]
+
+    def table(rows: list[dict]) -> str:
+        return "\n".join(
+            f"motion predictor batch {row['batch_size']}: eager {row['eager_ms']:.2f} ms, compiled "
+            f"{row['compiled_ms']:.2f} ms ({row['speedup']:.2f}x, outputs match: {row['match']})"
+            for row in rows
+        )
+
+    return SuiteRun("motion-compiled", "", measure, table)
