@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +42,10 @@ __all__ = [
     "build_comparison",
     "evaluate_set",
     "generate_set",
+    "job_state",
     "parse_config",
     "plan_suite",
+    "read_job_report",
     "run_suite",
 ]
 
@@ -60,7 +63,7 @@ _BY_KEY = {option.key: option for option in SUITE_OPTIONS}
 _KINDS = {int: "a whole number", float: "a number"}
 _CONFIG_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,63}")
 # what the suite itself writes into OUT beside the configurations' folders
-RESERVED_NAMES = ("comparison.json", "comparison.csv", "tradeoff.png")
+RESERVED_NAMES = ("comparison.json", "comparison.csv", "tradeoff.png", "suite.json")
 # keys of the old syntax (RunSettings / ConsistencyConfig field names) that no flag sets
 _NO_FLAG = ("skip_prob_early", "skip_prob_late", "skip_switch_step")
 
@@ -312,6 +315,20 @@ def _evaluated(job: SuiteJob, encoders: dict[str, str | None]) -> bool:
     return whole and all(used.get(kind) == source for kind, source in encoders.items())
 
 
+def job_state(job: SuiteJob, encoders: dict[str, str | None]) -> str:
+    """The job's state on disk, by the rules ``run_suite`` resumes by: "finished" (generated and evaluated
+    by ``encoders``), "generated" (only to be scored) or "todo" (no complete run: generated again from
+    scratch); ValueError for a finished run of other settings (``_generated``)."""
+    if not _generated(job):
+        return "todo"
+    return "finished" if _evaluated(job, encoders) else "generated"
+
+
+def read_job_report(job: SuiteJob) -> dict:
+    """The job's ``eval/report.json``, as ``run_suite`` reports it."""
+    return json.loads((job.folder / "eval" / "report.json").read_text("utf-8"))
+
+
 # ------------------------------------------------------------------------------------------------------
 # The work of one job (module functions, so a test can count or interrupt them)
 
@@ -363,18 +380,24 @@ def run_suite(
     encoders: dict[str, str | None],
     batch_size: int = 16,
     progress: Progress = True,
+    on_done: Callable[[SuiteJob, str, float], None] | None = None,
+    desc: str = "eval-suite",
 ) -> SuiteResult:
     """Run every job not done yet (module docstring); ``load_pipe()`` and ``load_encoders()`` (→ clip,
     dino or None) are called once, when first needed; ``encoders`` names their sources ({"clip", "dino"}),
     which a finished evaluation must match. Raises what a job raises (KeyboardInterrupt included): the
-    jobs finished until then stay finished, and a run again continues after them."""
+    jobs finished until then stay finished, and a run again continues after them. ``on_done(job, action,
+    seconds)`` is called after each job this call finished ("generated" or "evaluated", not "skipped"),
+    with the seconds it took (the first one's include loading what it needed): the ranks of a sharded
+    suite write their done markers there (``suite_ranks.py``)."""
     result = SuiteResult()
     # every folder is read first, so that a finished run of other settings stops the suite before it works
     generated = {job.label: _generated(job) for job in jobs}
     pipe = models = None
-    bar = progress_bar(len(jobs), "eval-suite", "story", progress)
+    bar = progress_bar(len(jobs), desc, "story", progress)
     try:
         for job in jobs:
+            started = time.perf_counter()
             if generated[job.label] and _evaluated(job, encoders):
                 action = "skipped"
                 bar.set_postfix_str(f"{job.label}: done earlier, skipped")
@@ -389,7 +412,9 @@ def run_suite(
                 action = "evaluated" if generated[job.label] else "generated"
                 bar.set_postfix_str(f"{job.label}: {action}")
             result.actions[job.label] = action
-            result.reports[job.label] = json.loads((job.folder / "eval" / "report.json").read_text("utf-8"))
+            result.reports[job.label] = read_job_report(job)
+            if on_done is not None and action != "skipped":
+                on_done(job, action, time.perf_counter() - started)
             bar.update()
     finally:
         bar.close()
