@@ -25,7 +25,6 @@ by the deal; ``suite.json`` and the merged comparison are rank 0's.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import math
@@ -36,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..runs.distributed import Partition, communicate, current_partition
+from ..runs.distributed import Partition, communicate, current_partition, init_from_environment
 from ..support.atomic import write_json
 from ..support.progress import Progress, progress_bar
 from .suite import SuiteJob, job_state
@@ -160,21 +159,15 @@ def join_group(device, timeout_s: float = 1800.0) -> Partition:
     device: the one message is a small Python object, so no NCCL communicator takes GPU memory. A CUDA
     rank takes device ``LOCAL_RANK``. A group already joined (a test's forked ranks) is kept.
 
-    The group's keys go under a prefix of torchrun's attempt (``TORCHELASTIC_RESTART_COUNT``): after a
-    ``--max-restarts`` restart torchrun hands the workers the store of the attempt before, and gloo would
-    read the dead rank 0's address there (measured: "connectFullMesh failed ... Connection refused")."""
+    Restarts under ``--max-restarts`` join a fresh group: ``runs.distributed.init_from_environment``."""
     import torch
     import torch.distributed as dist
 
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=timeout_s)
-        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"storydiff/eval-suite/attempt-{attempt}", store)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
-    return current_partition()
+    if dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return current_partition()
+    return init_from_environment("gloo", device, timeout_s)
 
 
 def broadcast_deal(partition: Partition, make: Callable[[], Deal]) -> Deal:

@@ -78,11 +78,19 @@ def launched_by_torchrun() -> bool:
 def init_from_environment(backend: str | None, device: torch.device, timeout_s: float) -> Partition:
     """Join the process group ``torchrun`` describes in the environment (``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``...). ``backend`` None: NCCL on CUDA, gloo otherwise. Each CUDA rank takes the device
-    ``LOCAL_RANK``."""
+    ``LOCAL_RANK``.
+
+    The group's keys go under a prefix of torchrun's attempt (``TORCHELASTIC_RESTART_COUNT``): after a
+    ``--max-restarts`` restart torchrun hands the workers the store of the attempt before, where gloo would
+    read the dead rank 0's address (measured: "connectFullMesh failed ... Connection refused")."""
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"storydiff/attempt-{attempt}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return current_partition()
 
 
