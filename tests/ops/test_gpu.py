@@ -45,6 +45,62 @@ def test_both_kernel_paths(case, dtype, path, poisoned_outputs, monkeypatch):
     assert_matches_reference(consistent_attention(**inputs, backend="triton"), inputs)
 
 
+INT8_CASES = [REAL_CASES[0], REAL_CASES[2], REAL_CASES[6]]  # SDXL 1/16, SDXL with a bank, hd128
+
+
+@pytest.mark.parametrize("path", ["pointer", "tma"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", INT8_CASES, ids=lambda c: c.id)
+def test_int8_kernels_match_the_quantized_gold(case, dtype, path, poisoned_outputs, monkeypatch):
+    """The 8-bit path compiled (not interpreted): each kernel equals the float64 attention over the
+    dequantized rows within the native rounding bound (``test_int8.assert_matches_quantized_gold``)."""
+    import test_int8
+
+    import csa_kernels.triton_kernel as tk
+
+    if path == "tma" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors (TMA) need compute capability 9.0")
+    monkeypatch.setattr(tk, "FORCED_PATH", path)
+    inputs = make_inputs(case, dtype, device="cuda")
+    out = consistent_attention(**inputs, backend="triton", precision="int8")
+    test_int8.assert_matches_quantized_gold(out, inputs)
+
+
+def test_int8_pre_pass_and_scores_are_exact_on_the_gpu():
+    """On the hardware: the one-launch pre-pass gives quantize_rows' codes and scales bit for bit (IEEE
+    divisions, ties to even), and the kernels' int8 MMA products equal torch's integer matmul."""
+    import test_int8
+
+    from csa_kernels import quantize
+    from csa_kernels.triton_quantize import quantize_rows_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4, 8, 1024, 128, generator=gen, device="cuda").half() * 3
+    mean = torch.randn(8, 128, generator=gen, device="cuda")
+    codes, scales = quantize_rows_triton(x, mean)
+    expected = quantize.quantize_rows(x, mean[:, None, :])
+    assert torch.equal(codes, expected[0]) and torch.equal(scales, expected[1])
+    q8, k8 = codes[0, 0, :64, :64].contiguous(), codes[1, 0, :64, :64].contiguous()
+    ks = scales[1, 0, :64].contiguous()
+    out = torch.full((64, 64), float("nan"), device="cuda")
+    test_int8._scores_kernel[(1,)](q8, k8, ks, out, M=64, N=64, D=64)
+    products = (q8.cpu().to(torch.int32) @ k8.cpu().to(torch.int32).T).to(torch.float32)
+    assert torch.equal(out.cpu(), products * ks.cpu()[None, :])
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "outlier", "offset"])
+def test_int8_contract_at_sdxl_size(kind):
+    """The accuracy contract's cosine and relative L1 at SDXL's real 1/16 shape (4 frames, 10 heads, 4096
+    tokens, hd64, rate 0.5) on the compiled kernel (the max error of 10⁷ outputs is not gated here)."""
+    import test_int8
+
+    inputs = {name: t.cuda() for name, t in test_int8.diffusion_like((4, 10, 4096, 64, 2048), kind).items()}
+    out = consistent_attention(**inputs, backend="triton", precision="int8")
+    cosine, l1, _ = test_int8.accuracy(out, inputs)
+    least_cosine, most_l1, _ = test_int8.CONTRACT[kind]
+    assert cosine >= least_cosine and l1 <= most_l1, (cosine, l1)
+
+
 def test_bit_identical_runs():
     inputs = make_inputs(REAL_CASES[0], torch.bfloat16, device="cuda")
     first = consistent_attention(**inputs)

@@ -35,7 +35,7 @@ import test_segments as seg
 import torch
 import triton
 import triton.language as tl
-from helpers import Case, make_inputs
+from helpers import Case, as_float64, make_inputs
 
 import csa_kernels.quantize as quantize
 import csa_kernels.triton_kernel as tk
@@ -247,8 +247,9 @@ def diffusion_like(shape: tuple[int, ...], kind: str, *, seed: int = 0, bank: in
 
 
 def accuracy(out: torch.Tensor, inputs: dict) -> tuple[float, float, float]:
-    """(cosine similarity, relative L1, max error) of ``out`` against the float64 reference."""
-    gold = consistent_attention_reference(**inputs).double().flatten()
+    """(cosine similarity, relative L1, max error) of ``out`` against the float64 reference (float64 inputs
+    and float64 math: not rounded to the inputs' 16 bits)."""
+    gold = consistent_attention_reference(**as_float64(inputs), upcast=False).flatten()
     ours = out.double().flatten()
     cosine = torch.nn.functional.cosine_similarity(ours, gold, dim=0).item()
     return cosine, ((ours - gold).abs().sum() / gold.abs().sum()).item(), (ours - gold).abs().max().item()
