@@ -183,7 +183,8 @@ def broadcast_deal(partition: Partition, make: Callable[[], Deal]) -> Deal:
             error = exc
     box = [None if deal is None else deal.to_dict(), None if error is None else str(error)]
     if partition.distributed:
-        communicate(partition, "dealing the stories", lambda: dist.broadcast_object_list(box, src=0))
+        hint = "the process group's timeout passed; no story has started"
+        communicate(partition, "dealing the stories", lambda: dist.broadcast_object_list(box, src=0), hint)
     if error is not None:
         raise error
     if box[1] is not None:

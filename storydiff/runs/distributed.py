@@ -337,14 +337,18 @@ def leader_first(partition: Partition, action):
     return result
 
 
-def communicate(partition: Partition, what: str, call):
-    """``call()`` (a collective or point-to-point exchange), with a clear error when a peer is gone."""
+STORY_HINT = "the exchange passed its timeout (--dist-timeout); finished frames stay on disk"
+
+
+def communicate(partition: Partition, what: str, call, hint: str = STORY_HINT):
+    """``call()`` (a collective or point-to-point exchange), with a clear error when a peer is gone;
+    ``hint``: what else may have happened and what is kept (default: a story run's)."""
     try:
         return call()
     except (RuntimeError, dist.DistError) as exc:
         raise RuntimeError(
-            f"rank {partition.rank} of {partition.world}: {what} failed — another rank stopped or the "
-            f"exchange passed its timeout (--dist-timeout); finished frames stay on disk ({exc})"
+            f"rank {partition.rank} of {partition.world}: {what} failed — another rank stopped or {hint} "
+            f"({exc})"
         ) from exc
 
 
