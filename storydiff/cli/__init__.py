@@ -33,10 +33,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_rank() -> bool:
+    """Whether this process is a torchrun rank other than its node's first: every rank parses the same
+    arguments, so a usage error (several lines) is printed by each node's first rank only."""
+    import os
+
+    # no int(): a malformed WORLD_SIZE is the command's to report, in its own words
+    return (
+        os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")
+        and os.environ.get("LOCAL_RANK", "0") != "0"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit code (see the module docstring)."""
+    import contextlib
+    import io
+
+    quiet = contextlib.redirect_stderr(io.StringIO()) if _quiet_rank() else contextlib.nullcontext()
     try:
-        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        with quiet:
+            args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
         return exc.code if isinstance(exc.code, int) else 2
     try:

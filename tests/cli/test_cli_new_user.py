@@ -360,3 +360,14 @@ def test_importing_the_library_prints_nothing():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stderr == "[transformers] another line\n"
+
+
+def test_a_usage_error_under_torchrun_is_printed_by_each_nodes_first_rank_only(monkeypatch, capsys):
+    """Every torchrun rank parses the same arguments: argparse's usage error (several lines) comes from
+    LOCAL_RANK 0 alone; the other ranks exit 2 silently."""
+    for local_rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert main(["generate", "--no-such-flag"]) == 2
+        err = capsys.readouterr().err
+        assert ("--no-such-flag" in err) is printed, (local_rank, err)
