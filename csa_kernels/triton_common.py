@@ -130,11 +130,16 @@ def _softmax_update(
 
 
 @triton.jit
-def _int8_scores(b_q, b_kt, b_ks):
+def _int8_scores(b_q, b_kt, p_ks, stride_ksn, o_n, end, MASK_N: tl.constexpr):
     """Raw scores [BLOCK_M, BLOCK_N] of int8 query codes [BLOCK_M, D] and transposed key codes
-    [D, BLOCK_N]: the exact int32 products times each key row's scale — ``quantize.int8_scores`` with
-    unit query scales, bit for bit. The query rows' scales join the softmax scale (``_softmax_update``'s
-    ROW_SCALE), which multiplies every raw score anyway: one multiply per score more than the 16-bit path,
-    not two."""
+    [D, BLOCK_N]: the exact int32 products times each key row's scale (loaded at ``p_ks`` + row ·
+    ``stride_ksn`` for rows ``o_n``; MASK_N: rows at or past ``end`` read 0) — ``quantize.int8_scores``
+    with unit query scales, bit for bit. The query rows' scales join the softmax scale
+    (``_softmax_update``'s ROW_SCALE), which multiplies every raw score anyway: one multiply per score
+    more than the 16-bit path, not two. Both kernels' tiles call it."""
+    if MASK_N:
+        b_ks = tl.load(p_ks + o_n * stride_ksn, mask=o_n < end, other=0.0)
+    else:
+        b_ks = tl.load(p_ks + o_n * stride_ksn)
     b_s = tl.dot(b_q, b_kt, out_dtype=tl.int32).to(tl.float32)
     return b_s * b_ks[None, :]

@@ -107,11 +107,7 @@ def _attn_tile(
         b_kt = b_kt.to(tl.float32)
     # [BLOCK_M, BLOCK_N]
     if INT8:  # int8 codes: exact int32 products, then the rows' scales (quantize.int8_scores)
-        if MASK_N:
-            b_ks = tl.load(p_ks + o_n * stride_ksn, mask=o_n < end, other=0.0)
-        else:
-            b_ks = tl.load(p_ks + o_n * stride_ksn)
-        b_s = _int8_scores(b_q, b_kt, b_ks)
+        b_s = _int8_scores(b_q, b_kt, p_ks, stride_ksn, o_n, end, MASK_N)
         # each query row's scale, times the softmax scale (the launcher folds it in), in qk_scale's place
         qk_scale = b_qs
     else:

@@ -70,11 +70,7 @@ def _tma_tile(
         b_k = b_k.to(tl.float32)
     o_n = n0 + tl.arange(0, BLOCK_N)
     if INT8:  # int8 codes: exact int32 products times the key rows' scales (triton_kernel._attn_tile)
-        if MASK_N:
-            b_ks = tl.load(p_ks + o_n * stride_ksn, mask=o_n < end, other=0.0)
-        else:
-            b_ks = tl.load(p_ks + o_n * stride_ksn)
-        b_s = _int8_scores(b_q, b_k.T, b_ks)
+        b_s = _int8_scores(b_q, b_k.T, p_ks, stride_ksn, o_n, end, MASK_N)
         qk_scale = b_qs  # each query row's scale times the softmax scale
     else:
         b_s = tl.dot(b_q, b_k.T, input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]

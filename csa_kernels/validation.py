@@ -351,17 +351,26 @@ def check_query_rows(query_rows: tuple[int, int] | None, num_tokens: int) -> Non
 INT8_MIN_CAPABILITY = (8, 0)
 
 
-def check_int8_device(device: torch.device) -> None:
-    """ValueError if the Triton kernels cannot run ``precision="int8"`` on ``device``: a CUDA GPU older than
-    compute capability 8.0 (no integer MMA). CPU tensors (interpreter) pass."""
+def int8_device_problem(device: torch.device | str) -> str | None:
+    """Why the Triton kernels cannot run ``precision="int8"`` on ``device`` (a CUDA GPU older than compute
+    capability 8.0: no integer MMA), as "needs ...; <device> is <major>.<minor>"; None where they can
+    (CPU tensors: the interpreter)."""
     device = torch.device(device)
     if device.type != "cuda":
-        return
+        return None
     capability = tuple(torch.cuda.get_device_capability(device))
-    if capability < INT8_MIN_CAPABILITY:
+    if capability >= INT8_MIN_CAPABILITY:
+        return None
+    need, has = ("{}.{}".format(*c) for c in (INT8_MIN_CAPABILITY, capability))
+    return f"needs a GPU of compute capability {need}+ (integer MMA); {device} is {has}"
+
+
+def check_int8_device(device: torch.device) -> None:
+    """ValueError (one line) if the Triton kernels cannot run ``precision="int8"`` on ``device``."""
+    problem = int8_device_problem(device)
+    if problem is not None:
         raise ValueError(
-            f"precision='int8' on the Triton path needs a GPU of compute capability 8.0+ (integer MMA); "
-            f"{device} is {capability[0]}.{capability[1]}: use precision='native', or backend='torch'"
+            f"precision='int8' on the Triton path {problem}: use precision='native', or backend='torch'"
         )
 
 

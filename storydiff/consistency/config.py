@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from csa_kernels.validation import INT8_MIN_CAPABILITY, TRITON_INSTALLED
+from csa_kernels.validation import TRITON_INSTALLED, int8_device_problem
 
 # "default": each family's choice (hosts.py); the others exist for some families only
 LAYER_PRESETS = ("default", "all", "up", "up+mid", "single", "double")
@@ -146,15 +146,9 @@ class ConsistencyConfig:
             return
         if not torch.cuda.is_available():
             return  # no GPU to ask: the run fails on its own, with torch's message
-        capability = tuple(torch.cuda.get_device_capability(device))
-        if capability < INT8_MIN_CAPABILITY:
-            major, minor = capability
-            need = "{}.{}".format(*INT8_MIN_CAPABILITY)
-            raise InvalidSetting(
-                "attn_precision",
-                f"int8 needs a GPU of compute capability {need}+ (integer MMA); {device} is {major}.{minor}: "
-                "use native, or run on the CPU",
-            )
+        problem = int8_device_problem(device)  # the op's own rule
+        if problem is not None:
+            raise InvalidSetting("attn_precision", f"int8 {problem}: use native, or run on the CPU")
 
     def rate_for(self, level_factor: int) -> float:
         rate = DEFAULT_RATE if self.rate is None else self.rate

@@ -635,7 +635,6 @@ class AutoSubjectMasks:
     def current(self, step: int | None = None) -> SubjectMasks:
         """Every frame's masks as of its last step before ``step`` (None: its last finished step); the whole
         frame where it has none yet."""
-        whole = torch.ones(self.recorder.grid, dtype=torch.bool)
         chosen = {}
         for frame, kept in self.found.items():
             steps = [s for s in kept if step is None or s < step]
@@ -643,15 +642,7 @@ class AutoSubjectMasks:
                 chosen[frame] = max(steps)
         key = tuple(sorted(chosen.items()))
         if self._made is None or self._made[0] != key:
-            masks = {
-                frame: {
-                    c: self.found[frame][chosen[frame]].get(c, whole) if frame in chosen else whole
-                    for c in shown
-                }
-                for frame, shown in enumerate(self.frame_characters)
-                if shown
-            }
-            self._made = key, SubjectMasks(masks, self.frame_characters, self.recorder.size)
+            self._made = key, self._story_masks({f: self.found[f][s] for f, s in chosen.items()})
         return self._made[1]
 
     def latest(self) -> dict[int, dict[str, torch.Tensor]]:
@@ -664,9 +655,14 @@ class AutoSubjectMasks:
         merged: dict[int, Mapping[str, torch.Tensor]] = {}
         for part in parts:
             merged.update(part)
+        return self._story_masks(merged)
+
+    def _story_masks(self, found: Mapping[int, Mapping[str, torch.Tensor]]) -> SubjectMasks:
+        """``SubjectMasks`` of every frame that shows characters: ``found``'s mask of each, else the whole
+        frame."""
         whole = torch.ones(self.recorder.grid, dtype=torch.bool)
         masks = {
-            frame: {c: merged.get(frame, {}).get(c, whole) for c in shown}
+            frame: {c: found.get(frame, {}).get(c, whole) for c in shown}
             for frame, shown in enumerate(self.frame_characters)
             if shown
         }

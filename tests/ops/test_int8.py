@@ -53,7 +53,7 @@ def _scores_kernel(Q, K, KS, Out, M: tl.constexpr, N: tl.constexpr, D: tl.conste
     o_m, o_n, o_d = tl.arange(0, M), tl.arange(0, N), tl.arange(0, D)
     b_q = tl.load(Q + o_m[:, None] * D + o_d[None, :])
     b_kt = tl.load(K + o_n[None, :] * D + o_d[:, None])
-    tl.store(Out + o_m[:, None] * N + o_n[None, :], _int8_scores(b_q, b_kt, tl.load(KS + o_n)))
+    tl.store(Out + o_m[:, None] * N + o_n[None, :], _int8_scores(b_q, b_kt, KS, 1, o_n, N, False))
 
 
 @pytest.mark.parametrize(("rows", "keys", "dim"), [(16, 16, 32), (32, 64, 64), (64, 16, 128)])
